@@ -1,0 +1,16 @@
+//! IO-free domain model of AMS-Build: pipeline.json and the private configs, web_conf.json,
+//! `{variables}`, build statuses, docker argument policy, the in-container stage protocol and the
+//! queue's decisions. Nothing here touches files, sockets, clocks or processes.
+
+pub mod docker_args;
+pub mod error;
+pub mod names;
+pub mod pipeline;
+pub mod private_config;
+pub mod protocol;
+pub mod queue;
+pub mod status;
+pub mod vars;
+pub mod webconf;
+
+pub use error::ConfigError;

@@ -1,0 +1,119 @@
+//! Rules for names that become paths or container names.
+
+/// Longest project name accepted.
+pub const MAX_PROJECT_NAME: usize = 64;
+
+/// Checks a project name. It becomes a folder name, part of URLs and of container names, so it
+/// may not contain `/`, `\`, `..`, white space or control characters, nor start with `.` or `-`.
+pub fn validate_project_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("project name is empty".into());
+    }
+    if name.chars().count() > MAX_PROJECT_NAME {
+        return Err(format!(
+            "project name is longer than {MAX_PROJECT_NAME} characters"
+        ));
+    }
+    if name.contains("..") {
+        return Err("project name may not contain `..`".into());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("project name may not start with `.` or `-`".into());
+    }
+    for c in name.chars() {
+        if c == '/' || c == '\\' {
+            return Err("project name may not contain `/` or `\\`".into());
+        }
+        if c.is_whitespace() {
+            return Err("project name may not contain spaces".into());
+        }
+        if c.is_control() {
+            return Err("project name may not contain control characters".into());
+        }
+        if matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%' | '#' | '&' | '{' | '}') {
+            return Err(format!("project name may not contain `{c}`"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a build name produced by build-name-format: it becomes a folder name.
+pub fn validate_build_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err("build name must be 1 to 200 bytes long".into());
+    }
+    if name == "." || name == ".." || name.starts_with('.') {
+        return Err("build name may not start with `.`".into());
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control() || c == '\0')
+    {
+        return Err("build name may not contain `/`, `\\` or control characters".into());
+    }
+    Ok(())
+}
+
+/// Makes a Docker container name from any text: Docker accepts `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+pub fn sanitize_container_name(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !out.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        out.insert(0, 'b');
+    }
+    out.truncate(200);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for n in ["exampleProject", "my-app_2", "a", "x.y", &"a".repeat(64)] {
+            assert!(validate_project_name(n).is_ok(), "{n}");
+        }
+    }
+
+    #[test]
+    fn refuses_dangerous_names() {
+        for n in [
+            "",
+            "a/b",
+            "..",
+            "a..b",
+            "a b",
+            "a\tb",
+            "a\u{7}b",
+            ".hidden",
+            "-rf",
+            "a\\b",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_project_name(n).is_err(), "{n:?} accepted");
+        }
+    }
+
+    #[test]
+    fn container_names_are_docker_safe() {
+        assert_eq!(sanitize_container_name("my proj/x"), "my_proj_x");
+        assert_eq!(sanitize_container_name("_x"), "b_x");
+    }
+
+    #[test]
+    fn build_names_cannot_escape() {
+        assert!(validate_build_name("p_abc_build_1").is_ok());
+        assert!(validate_build_name("../x").is_err());
+        assert!(validate_build_name("a/b").is_err());
+        assert!(validate_build_name("..").is_err());
+    }
+}

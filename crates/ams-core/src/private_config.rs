@@ -1,0 +1,81 @@
+//! pipeline-config.json: the project's private, trusted settings. It lives in
+//! `master/config/`, never in the repository, so only the host's operator can change it.
+
+use crate::docker_args::trust_key;
+use crate::error::ConfigError;
+use serde::Deserialize;
+
+/// How `master/project_source` is copied into a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceCopy {
+    /// Hard links for files (fast; a build that writes into a tracked file in place also changes
+    /// the master copy until the next update restores it).
+    #[default]
+    Hardlink,
+    /// A full byte copy (slow, fully isolated).
+    Copy,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default, rename_all = "kebab-case")]
+pub struct PrivateConfig {
+    /// Run prepare-build commands of pipeline.json on the host.
+    pub trust_host_commands: bool,
+    /// docker.args flags that break isolation but are allowed for this project,
+    /// written as in docker.args: `"--privileged"`, `"--network host"`, `"-v"`.
+    pub allow_docker_args: Vec<String>,
+    /// A newer queued build of the same branch supersedes an older pending one (SKIP).
+    pub only_build_latest: bool,
+    /// Name of an SSH private key file in `master/config/` used for git.
+    pub ssh_key: Option<String>,
+    /// Default branch to build when a trigger names none.
+    pub branch: Option<String>,
+    /// How the source is copied into each build.
+    pub source_copy: SourceCopy,
+}
+
+impl PrivateConfig {
+    pub const FILE: &'static str = "pipeline-config.json";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: PrivateConfig =
+            serde_json::from_str(text).map_err(|e| ConfigError::json(Self::FILE, &e))?;
+        if let Some(k) = &cfg.ssh_key {
+            if k.contains('/') || k.contains("..") || k.is_empty() {
+                return Err(ConfigError::field(
+                    Self::FILE,
+                    "ssh-key",
+                    "must be the name of a file in master/config/, without a path",
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The trusted docker flags as keys comparable with the docker args parser.
+    pub fn trusted_docker_keys(&self) -> Vec<String> {
+        self.allow_docker_args.iter().map(|s| trust_key(s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_unknown_keys() {
+        let c = PrivateConfig::parse(
+            r#"{"trust-host-commands": true, "allow-docker-args": ["--network host"],
+                "only-build-latest": true, "source-copy": "copy"}"#,
+        )
+        .unwrap();
+        assert!(c.trust_host_commands && c.only_build_latest);
+        assert_eq!(c.trusted_docker_keys(), vec!["network=host".to_string()]);
+        assert_eq!(c.source_copy, SourceCopy::Copy);
+        let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();
+        assert!(e.message.contains("trust_host_commands"), "{e}");
+        assert!(PrivateConfig::parse(r#"{"ssh-key": "../id"}"#).is_err());
+        assert_eq!(PrivateConfig::parse("{}").unwrap(), PrivateConfig::default());
+    }
+}

@@ -1,0 +1,146 @@
+//! web_conf.json: the host's configuration, with the described system's keys and ours.
+
+use crate::docker_args::parse_size;
+use crate::error::ConfigError;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SslConf {
+    pub cert_file: Option<String>,
+    pub ca_bundle_file: Option<String>,
+    pub private_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConf {
+    pub webhook_ip: String,
+    pub webhook_port: u16,
+    pub web_interface_ip: String,
+    pub web_interface_port: u16,
+    pub web_address: String,
+    pub web_root: String,
+    pub use_ssl: bool,
+    pub ssl: SslConf,
+    /// Builds that may run at once.
+    pub max_active_builds: usize,
+    /// Default build timeout; pipeline.json `timeout` overrides it.
+    pub build_timeout_secs: u64,
+    /// A build log is cut with a marker past this many bytes.
+    pub log_max_bytes: u64,
+    /// Container limits applied unless docker.args sets them.
+    pub container_memory: String,
+    pub container_cpus: f64,
+    pub container_pids_limit: i64,
+}
+
+impl Default for WebConf {
+    fn default() -> Self {
+        WebConf {
+            webhook_ip: "0.0.0.0".into(),
+            webhook_port: 8081,
+            web_interface_ip: "0.0.0.0".into(),
+            web_interface_port: 8080,
+            web_address: "localhost".into(),
+            web_root: "ams-build".into(),
+            use_ssl: false,
+            ssl: SslConf::default(),
+            max_active_builds: 2,
+            build_timeout_secs: 3600,
+            log_max_bytes: 64 << 20,
+            container_memory: "2g".into(),
+            container_cpus: 2.0,
+            container_pids_limit: 4096,
+        }
+    }
+}
+
+impl WebConf {
+    pub const FILE: &'static str = "web_conf.json";
+
+    /// Parses the file's text. `file` is the path shown in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let cfg: WebConf = serde_json::from_str(text).map_err(|e| {
+            let mut ce = ConfigError::json(file, &e);
+            if ce.message.starts_with("unknown field") {
+                ce.message = format!(
+                    "{}; remove the key or correct its spelling",
+                    ce.message.replacen("unknown field", "unknown key", 1)
+                );
+            }
+            ce
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |field: &str, msg: &str| Err(ConfigError::field(file, field, msg));
+        if self.max_active_builds == 0 || self.max_active_builds > 256 {
+            return bad("max_active_builds", "must be from 1 to 256");
+        }
+        if self.build_timeout_secs == 0 {
+            return bad("build_timeout_secs", "must be at least 1");
+        }
+        if self.log_max_bytes < 4096 {
+            return bad("log_max_bytes", "must be at least 4096");
+        }
+        if self.web_root.contains('/') || self.web_root.contains("..") {
+            return bad("web_root", "must be a single path segment such as \"ams-build\"");
+        }
+        if let Err(e) = parse_size(&self.container_memory) {
+            return bad("container_memory", &e);
+        }
+        if !(self.container_cpus > 0.0 && self.container_cpus.is_finite()) {
+            return bad("container_cpus", "must be a positive number");
+        }
+        if self.container_pids_limit <= 0 {
+            return bad("container_pids_limit", "must be a positive number");
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> i64 {
+        parse_size(&self.container_memory).unwrap_or(2 << 30)
+    }
+
+    pub fn to_pretty_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip() {
+        let d = WebConf::default();
+        assert_eq!(WebConf::parse(&d.to_pretty_json(), "w").unwrap(), d);
+        assert_eq!(WebConf::parse("{}", "w").unwrap(), d);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = WebConf::parse("{\n  \"web_port\": 1\n}", "/x/web_conf.json").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("/x/web_conf.json: line 2"), "{s}");
+        assert!(s.contains("`web_port`"), "{s}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = WebConf::parse("{\n\"use_ssl\": true,,\n}", "w").unwrap_err();
+        assert_eq!(e.position.unwrap().0, 2);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        assert_eq!(
+            WebConf::parse(r#"{"max_active_builds": 0}"#, "w").unwrap_err().field,
+            "max_active_builds"
+        );
+        assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());
+    }
+}
