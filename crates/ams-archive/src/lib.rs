@@ -1,1 +1,277 @@
-//! placeholder
+//! 7z archives of build output, written in-process (no 7z program at run time), and the five
+//! archive hashes 7-Zip offers: CRC32, CRC64, SHA1, SHA256 and BLAKE2sp, as upper-case hex.
+//!
+//! Symbolic links are stored as links (7-Zip's Unix extension), never followed, so an archive can
+//! never pull in files from outside the folder being packed.
+
+use ams_core::pipeline::HashKind;
+use sevenz_rust2::encoder_options::Lzma2Options;
+use sevenz_rust2::{ArchiveEntry, ArchiveWriter, EncoderConfiguration, NtTime};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("7z writer: {0}")]
+    SevenZ(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// 7-Zip marks attributes that carry a Unix mode in their high 16 bits with this flag.
+const UNIX_EXTENSION: u32 = 0x8000;
+const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
+const FILE_ATTRIBUTE_ARCHIVE: u32 = 0x20;
+
+/// What was packed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PackSummary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sockets, FIFOs and devices, which are left out.
+    pub skipped: u64,
+    pub bytes: u64,
+}
+
+fn mtime(meta: &fs::Metadata) -> Option<NtTime> {
+    meta.modified().ok().and_then(|m| NtTime::try_from(m).ok())
+}
+
+fn entry(name: String, meta: &fs::Metadata, is_dir: bool) -> ArchiveEntry {
+    let mut e = if is_dir {
+        ArchiveEntry::new_directory(&name)
+    } else {
+        ArchiveEntry::new_file(&name)
+    };
+    if let Some(t) = mtime(meta) {
+        e.last_modified_date = t;
+        e.has_last_modified_date = true;
+    }
+    let mode = meta.mode() & 0xFFFF;
+    e.has_windows_attributes = true;
+    e.windows_attributes = UNIX_EXTENSION
+        | (mode << 16)
+        | if is_dir {
+            FILE_ATTRIBUTE_DIRECTORY
+        } else {
+            FILE_ATTRIBUTE_ARCHIVE
+        };
+    e
+}
+
+/// Packs the contents of `dir` into a new 7z file at `dest` (LZMA2). Paths inside the archive are
+/// relative to `dir`. The archive is written to a temporary name and renamed when complete, so a
+/// crash never leaves a truncated archive under the final name.
+pub fn pack_dir(dir: &Path, dest: &Path) -> Result<PackSummary, ArchiveError> {
+    let tmp = dest.with_extension("7z.partial");
+    let result = (|| {
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = ArchiveWriter::new(file).map_err(|e| ArchiveError::SevenZ(e.to_string()))?;
+        w.set_content_methods(vec![EncoderConfiguration::from(Lzma2Options::from_level(
+            5,
+        ))]);
+        let mut summary = PackSummary::default();
+        walk(dir, "", &mut w, &mut summary)?;
+        w.finish().map_err(io_err(&tmp))?;
+        Ok(summary)
+    })();
+    match result {
+        Ok(s) => {
+            fs::rename(&tmp, dest).map_err(io_err(dest))?;
+            Ok(s)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    w: &mut ArchiveWriter<File>,
+    summary: &mut PackSummary,
+) -> Result<(), ArchiveError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_err(dir))?;
+    names.sort_by_key(|e| e.file_name());
+    for de in names {
+        let path = de.path();
+        let name = format!("{prefix}{}", de.file_name().to_string_lossy());
+        // symlink_metadata: a link is described, never followed.
+        let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        let ft = meta.file_type();
+        let sz = |e: sevenz_rust2::Error| ArchiveError::SevenZ(format!("{name}: {e}"));
+        if ft.is_symlink() {
+            let target = fs::read_link(&path).map_err(io_err(&path))?;
+            let bytes = target.as_os_str().as_encoded_bytes().to_vec();
+            let e = entry(name.clone(), &meta, false);
+            w.push_archive_entry(e, Some(io::Cursor::new(bytes)))
+                .map_err(sz)?;
+            summary.symlinks += 1;
+        } else if ft.is_dir() {
+            w.push_archive_entry::<&[u8]>(entry(name.clone(), &meta, true), None)
+                .map_err(sz)?;
+            summary.dirs += 1;
+            walk(&path, &format!("{name}/"), w, summary)?;
+        } else if ft.is_file() {
+            let f = File::open(&path).map_err(io_err(&path))?;
+            w.push_archive_entry(entry(name.clone(), &meta, false), Some(f))
+                .map_err(sz)?;
+            summary.files += 1;
+            summary.bytes += meta.len();
+        } else {
+            summary.skipped += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Hashes a file with one of 7-Zip's hash methods; upper-case hex as 7-Zip prints it.
+pub fn hash_file(path: &Path, kind: HashKind) -> Result<String, ArchiveError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = Hasher::new(kind);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// Incremental hasher over any of the five methods.
+pub enum Hasher {
+    Crc32(crc32fast::Hasher),
+    Crc64(crc64fast::Digest),
+    Sha1(sha1::Sha1),
+    Sha256(sha2::Sha256),
+    Blake2sp(blake2s_simd::blake2sp::State),
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+impl Hasher {
+    pub fn new(kind: HashKind) -> Self {
+        use sha1::Digest;
+        match kind {
+            HashKind::Crc32 => Hasher::Crc32(crc32fast::Hasher::new()),
+            HashKind::Crc64 => Hasher::Crc64(crc64fast::Digest::new()),
+            HashKind::Sha1 => Hasher::Sha1(sha1::Sha1::new()),
+            HashKind::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            HashKind::Blake2sp => Hasher::Blake2sp(blake2s_simd::blake2sp::State::new()),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        use sha1::Digest;
+        match self {
+            Hasher::Crc32(h) => h.update(data),
+            Hasher::Crc64(h) => h.write(data),
+            Hasher::Sha1(h) => h.update(data),
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Blake2sp(h) => {
+                h.update(data);
+            }
+        }
+    }
+
+    pub fn finish(self) -> String {
+        use sha1::Digest;
+        let bytes: Vec<u8> = match self {
+            Hasher::Crc32(h) => h.finalize().to_be_bytes().to_vec(),
+            Hasher::Crc64(h) => h.sum64().to_be_bytes().to_vec(),
+            Hasher::Sha1(h) => h.finalize().to_vec(),
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Blake2sp(h) => h.finalize().as_bytes().to_vec(),
+        };
+        bytes.iter().map(|b| format!("{b:02X}")).collect()
+    }
+}
+
+/// Sets the file mode helper used by tests and callers that restore permissions.
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_bytes(kind: HashKind, data: &[u8]) -> String {
+        let mut h = Hasher::new(kind);
+        h.update(data);
+        h.finish()
+    }
+
+    #[test]
+    fn reference_values_from_formats_md() {
+        let d = b"123456789";
+        assert_eq!(hash_bytes(HashKind::Crc32, d), "CBF43926");
+        assert_eq!(hash_bytes(HashKind::Crc64, d), "995DC9BBDF1939FA");
+        assert_eq!(
+            hash_bytes(HashKind::Sha1, d),
+            "F7C3BC1D808E04732ADF679965CCC34CA7AE3441"
+        );
+        assert_eq!(
+            hash_bytes(HashKind::Sha256, d),
+            "15E2B0D3C33891EBB0F1EF609EC419420C20E320CE94C65FBC8C3312448EB225"
+        );
+        assert_eq!(
+            hash_bytes(HashKind::Blake2sp, d),
+            "D6D3157BD4E809982E0EEA22C5AF5CDDF05473F6ECBE353119591E6CDCB7127E"
+        );
+    }
+
+    #[test]
+    fn streaming_equals_one_shot() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        for kind in [
+            HashKind::Crc32,
+            HashKind::Crc64,
+            HashKind::Sha1,
+            HashKind::Blake2sp,
+        ] {
+            let mut h = Hasher::new(kind);
+            for c in data.chunks(777) {
+                h.update(c);
+            }
+            assert_eq!(h.finish(), hash_bytes(kind, &data));
+        }
+    }
+
+    #[test]
+    fn packs_files_dirs_and_links_without_following() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("out");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("a.txt"), b"hello").unwrap();
+        fs::write(src.join("sub/b.bin"), vec![1u8; 10_000]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", src.join("escape")).unwrap();
+        let dest = t.path().join("out.7z");
+        let s = pack_dir(&src, &dest).unwrap();
+        assert_eq!((s.files, s.dirs, s.symlinks), (2, 1, 1));
+        assert_eq!(s.bytes, 10_005, "the link target was not read");
+        assert!(dest.exists());
+        assert!(!t.path().join("out.7z.partial").exists());
+    }
+}

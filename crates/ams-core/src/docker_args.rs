@@ -288,7 +288,10 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(o.env, vec![("A".into(), "1".into()), ("B".into(), "x y".into())]);
+        assert_eq!(
+            o.env,
+            vec![("A".into(), "1".into()), ("B".into(), "x y".into())]
+        );
         assert_eq!(o.workdir.as_deref(), Some("/src"));
         assert_eq!(o.user.as_deref(), Some("1000"));
         assert_eq!(o.memory, Some(512 << 20));

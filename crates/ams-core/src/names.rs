@@ -30,7 +30,10 @@ pub fn validate_project_name(name: &str) -> Result<(), String> {
         if c.is_control() {
             return Err("project name may not contain control characters".into());
         }
-        if matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%' | '#' | '&' | '{' | '}') {
+        if matches!(
+            c,
+            ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%' | '#' | '&' | '{' | '}'
+        ) {
             return Err(format!("project name may not contain `{c}`"));
         }
     }

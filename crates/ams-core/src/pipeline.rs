@@ -277,8 +277,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         .string("build-name-format", false)?
         .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
     check_vars("build-name-format", &build_name_format, vars::NAME_VARS)?;
-    if !build_name_format.contains("{build_hash}") && !build_name_format.contains("{build_index}")
-    {
+    if !build_name_format.contains("{build_hash}") && !build_name_format.contains("{build_index}") {
         return Err(err(
             "build-name-format",
             "must contain {build_hash} or {build_index} so that every build gets its own name",
@@ -410,7 +409,9 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                 Some(Value::String(s)) => Some(HashKind::parse(s).ok_or_else(|| {
                     err(
                         "cleanup.7z_hash",
-                        format!("unknown hash `{s}`; use null, crc32, crc64, sha1, sha256 or blake2sp"),
+                        format!(
+                            "unknown hash `{s}`; use null, crc32, crc64, sha1, sha256 or blake2sp"
+                        ),
                     )
                 })?),
                 Some(other) => {
@@ -456,7 +457,11 @@ impl Pipeline {
         check_vars("docker.image", &self.docker.image, k)?;
         check_vars("docker.args", &self.docker.args, k)?;
         check_vars("docker.project-dest", &self.docker.project_dest, k)?;
-        check_vars("docker.build-output-dest", &self.docker.build_output_dest, k)?;
+        check_vars(
+            "docker.build-output-dest",
+            &self.docker.build_output_dest,
+            k,
+        )?;
         for (i, c) in self.prepare.master_dir_commands.iter().enumerate() {
             check_vars(&format!("prepare-build.master-dir-commands[{i}]"), c, k)?;
         }
@@ -521,12 +526,28 @@ mod tests {
     fn wrong_types_name_the_field_path() {
         let base: serde_json::Value = serde_json::from_str(GOOD).unwrap();
         let cases: Vec<(&str, serde_json::Value, &str)> = vec![
-            ("/pipeline/0/commands", serde_json::json!("ls"), "pipeline[0].commands"),
-            ("/pipeline/1/commands/0", serde_json::json!(5), "pipeline[1].commands[0]"),
+            (
+                "/pipeline/0/commands",
+                serde_json::json!("ls"),
+                "pipeline[0].commands",
+            ),
+            (
+                "/pipeline/1/commands/0",
+                serde_json::json!(5),
+                "pipeline[1].commands[0]",
+            ),
             ("/docker/image", serde_json::json!(1), "docker.image"),
             ("/docker/args", serde_json::json!(["x"]), "docker.args"),
-            ("/cleanup/7z_hash", serde_json::json!("md5"), "cleanup.7z_hash"),
-            ("/pipeline/0/exit-line", serde_json::json!(true), "pipeline[0].exit-line"),
+            (
+                "/cleanup/7z_hash",
+                serde_json::json!("md5"),
+                "cleanup.7z_hash",
+            ),
+            (
+                "/pipeline/0/exit-line",
+                serde_json::json!(true),
+                "pipeline[0].exit-line",
+            ),
             ("/environment", serde_json::json!([1]), "environment"),
             ("/pipeline", serde_json::json!([]), "pipeline"),
         ];
@@ -560,7 +581,10 @@ mod tests {
 
     #[test]
     fn build_name_format_may_not_use_late_variables() {
-        let t = GOOD.replace("{project}_{build_hash}", "{project}_{git_hash}_{build_hash}");
+        let t = GOOD.replace(
+            "{project}_{build_hash}",
+            "{project}_{git_hash}_{build_hash}",
+        );
         assert_eq!(parse(&t).unwrap_err().field, "build-name-format");
     }
 

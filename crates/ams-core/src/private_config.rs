@@ -55,7 +55,10 @@ impl PrivateConfig {
 
     /// The trusted docker flags as keys comparable with the docker args parser.
     pub fn trusted_docker_keys(&self) -> Vec<String> {
-        self.allow_docker_args.iter().map(|s| trust_key(s)).collect()
+        self.allow_docker_args
+            .iter()
+            .map(|s| trust_key(s))
+            .collect()
     }
 }
 
@@ -76,6 +79,9 @@ mod tests {
         let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();
         assert!(e.message.contains("trust_host_commands"), "{e}");
         assert!(PrivateConfig::parse(r#"{"ssh-key": "../id"}"#).is_err());
-        assert_eq!(PrivateConfig::parse("{}").unwrap(), PrivateConfig::default());
+        assert_eq!(
+            PrivateConfig::parse("{}").unwrap(),
+            PrivateConfig::default()
+        );
     }
 }

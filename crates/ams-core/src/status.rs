@@ -92,10 +92,22 @@ mod tests {
 
     #[test]
     fn stage_rules() {
-        assert_eq!(BuildStatus::from_stage_results(&[true, true]), BuildStatus::Pass);
-        assert_eq!(BuildStatus::from_stage_results(&[false, false]), BuildStatus::Fail);
-        assert_eq!(BuildStatus::from_stage_results(&[true, false]), BuildStatus::Warn);
-        assert_eq!(BuildStatus::from_stage_results(&[false, true]), BuildStatus::Warn);
+        assert_eq!(
+            BuildStatus::from_stage_results(&[true, true]),
+            BuildStatus::Pass
+        );
+        assert_eq!(
+            BuildStatus::from_stage_results(&[false, false]),
+            BuildStatus::Fail
+        );
+        assert_eq!(
+            BuildStatus::from_stage_results(&[true, false]),
+            BuildStatus::Warn
+        );
+        assert_eq!(
+            BuildStatus::from_stage_results(&[false, true]),
+            BuildStatus::Warn
+        );
         assert_eq!(BuildStatus::from_stage_results(&[]), BuildStatus::Fail);
     }
 

@@ -87,7 +87,10 @@ impl WebConf {
             return bad("log_max_bytes", "must be at least 4096");
         }
         if self.web_root.contains('/') || self.web_root.contains("..") {
-            return bad("web_root", "must be a single path segment such as \"ams-build\"");
+            return bad(
+                "web_root",
+                "must be a single path segment such as \"ams-build\"",
+            );
         }
         if let Err(e) = parse_size(&self.container_memory) {
             return bad("container_memory", &e);
@@ -138,7 +141,9 @@ mod tests {
     #[test]
     fn invalid_values_are_refused() {
         assert_eq!(
-            WebConf::parse(r#"{"max_active_builds": 0}"#, "w").unwrap_err().field,
+            WebConf::parse(r#"{"max_active_builds": 0}"#, "w")
+                .unwrap_err()
+                .field,
             "max_active_builds"
         );
         assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());

@@ -1,1 +1,466 @@
-//! placeholder
+//! SQLite state through sqlx: projects' info, build records and the persistent queue (the
+//! builds whose status is pending or running). This is the only crate that contains SQL.
+
+use ams_core::status::BuildStatus;
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One stage's recorded result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub name: String,
+    pub exit_code: Option<i32>,
+    pub passed: bool,
+    /// Unix seconds.
+    pub started_at: f64,
+    pub duration_secs: f64,
+}
+
+/// A build as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: i64,
+    pub project: String,
+    pub build_index: i64,
+    pub name: String,
+    pub hash: String,
+    pub git_hash: Option<String>,
+    pub status: BuildStatus,
+    pub reason: Option<String>,
+    pub trigger: String,
+    pub branch: Option<String>,
+    pub commit: Option<String>,
+    pub created_by: String,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub canceled_by: Option<String>,
+    pub canceled_at: Option<f64>,
+    /// File name of the 7z archive in the project's builds folder.
+    pub archive_name: Option<String>,
+    pub archive_hash: Option<String>,
+    pub archive_hash_kind: Option<String>,
+    pub output_deleted_at: Option<f64>,
+    pub stages: Vec<StageResult>,
+}
+
+/// The described system's project info.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectInfo {
+    pub name: String,
+    pub latest_build_index: i64,
+    pub latest_build_key: Option<String>,
+    pub last_created_time: Option<f64>,
+    pub last_execute_time: Option<f64>,
+    pub last_complete_time: Option<f64>,
+}
+
+/// What a trigger knows about a new build.
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub project: String,
+    pub hash: String,
+    pub trigger: String,
+    pub branch: Option<String>,
+    pub commit: Option<String>,
+    pub created_by: String,
+    pub created_at: f64,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
+    pub status: Option<BuildStatus>,
+    pub reason: Option<String>,
+    pub finished_at: f64,
+    pub git_hash: Option<String>,
+    pub stages: Vec<StageResult>,
+    pub archive_name: Option<String>,
+    pub archive_hash: Option<String>,
+    pub archive_hash_kind: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
+    let status: String = r.try_get("status")?;
+    let stages: String = r.try_get("stages")?;
+    Ok(BuildRecord {
+        id: r.try_get("id")?,
+        project: r.try_get("project")?,
+        build_index: r.try_get("build_index")?,
+        name: r.try_get("name")?,
+        hash: r.try_get("hash")?,
+        git_hash: r.try_get("git_hash")?,
+        status: BuildStatus::from_str(&status).map_err(StoreError::Invalid)?,
+        reason: r.try_get("reason")?,
+        trigger: r.try_get("trigger_kind")?,
+        branch: r.try_get("branch")?,
+        commit: r.try_get("commit_req")?,
+        created_by: r.try_get("created_by")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        canceled_by: r.try_get("canceled_by")?,
+        canceled_at: r.try_get("canceled_at")?,
+        archive_name: r.try_get("archive_name")?,
+        archive_hash: r.try_get("archive_hash")?,
+        archive_hash_kind: r.try_get("archive_hash_kind")?,
+        output_deleted_at: r.try_get("output_deleted_at")?,
+        stages: serde_json::from_str(&stages).unwrap_or_default(),
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .idle_timeout(None)
+            .connect_with(opts)
+            .await?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the schema migrations this binary knows and the database has not seen yet,
+    /// tracked in SQLite's `user_version`.
+    async fn migrate(&self) -> Result<()> {
+        const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_builds.sql")];
+        let mut tx = self.pool.begin().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::Invalid(format!(
+                "the database has schema version {version}, newer than this amsbuild knows ({}); \
+                 use a newer amsbuild",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a new pending build. `name_of(index)` names it once its index is allocated; the
+    /// index and the name are allocated in one transaction.
+    pub async fn create_build(
+        &self,
+        nb: &NewBuild,
+        name_of: impl FnOnce(i64) -> std::result::Result<String, String>,
+    ) -> Result<BuildRecord> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO projects (name) VALUES (?) ON CONFLICT(name) DO NOTHING")
+            .bind(&nb.project)
+            .execute(&mut *tx)
+            .await?;
+        let index: i64 = sqlx::query_scalar(
+            "UPDATE projects SET latest_build_index = latest_build_index + 1 WHERE name = ? \
+             RETURNING latest_build_index",
+        )
+        .bind(&nb.project)
+        .fetch_one(&mut *tx)
+        .await?;
+        let name = name_of(index).map_err(StoreError::Invalid)?;
+        let row = sqlx::query(
+            "INSERT INTO builds (project, build_index, name, hash, status, trigger_kind, branch, \
+             commit_req, created_by, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) \
+             RETURNING *",
+        )
+        .bind(&nb.project)
+        .bind(index)
+        .bind(&name)
+        .bind(&nb.hash)
+        .bind(&nb.trigger)
+        .bind(&nb.branch)
+        .bind(&nb.commit)
+        .bind(&nb.created_by)
+        .bind(nb.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE projects SET latest_build_key = ?, last_created_time = ? WHERE name = ?",
+        )
+        .bind(&name)
+        .bind(nb.created_at)
+        .bind(&nb.project)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row_to_build(&row)
+    }
+
+    pub async fn build_by_id(&self, id: i64) -> Result<Option<BuildRecord>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
+    pub async fn build_by_name(&self, name: &str) -> Result<Option<BuildRecord>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
+    /// The project's builds, newest first.
+    pub async fn builds_of(
+        &self,
+        project: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<BuildRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM builds WHERE project = ? ORDER BY id DESC LIMIT ? OFFSET ?")
+                .bind(project)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(row_to_build).collect()
+    }
+
+    /// Pending and running builds in queue order: the persistent queue.
+    pub async fn unfinished(&self) -> Result<Vec<BuildRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM builds WHERE status IN ('pending', 'running') ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(row_to_build).collect()
+    }
+
+    pub async fn mark_running(&self, id: i64, at: f64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let project: String = sqlx::query_scalar(
+            "UPDATE builds SET status = 'running', started_at = ? WHERE id = ? RETURNING project",
+        )
+        .bind(at)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE projects SET last_execute_time = ? WHERE name = ?")
+            .bind(at)
+            .bind(project)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_git_hash(&self, id: i64, git_hash: &str) -> Result<()> {
+        sqlx::query("UPDATE builds SET git_hash = ? WHERE id = ?")
+            .bind(git_hash)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the final state of a build. Only a live build can be finished, so a late report
+    /// never overwrites a result (for example a cancel recorded first).
+    pub async fn finish(&self, id: i64, f: &Finish) -> Result<bool> {
+        let status = f.status.unwrap_or(BuildStatus::Fail);
+        if !status.is_final() {
+            return Err(StoreError::Invalid(format!(
+                "{status} is not a final status"
+            )));
+        }
+        let mut tx = self.pool.begin().await?;
+        let project: Option<String> = sqlx::query_scalar(
+            "UPDATE builds SET status = ?, reason = ?, finished_at = ?, \
+             git_hash = COALESCE(?, git_hash), stages = ?, archive_name = ?, archive_hash = ?, \
+             archive_hash_kind = ? WHERE id = ? AND status IN ('pending', 'running') \
+             RETURNING project",
+        )
+        .bind(status.as_str())
+        .bind(&f.reason)
+        .bind(f.finished_at)
+        .bind(&f.git_hash)
+        .bind(serde_json::to_string(&f.stages).unwrap_or_else(|_| "[]".into()))
+        .bind(&f.archive_name)
+        .bind(&f.archive_hash)
+        .bind(&f.archive_hash_kind)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(project) = &project {
+            sqlx::query("UPDATE projects SET last_complete_time = ? WHERE name = ?")
+                .bind(f.finished_at)
+                .bind(project)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(project.is_some())
+    }
+
+    /// Records who canceled a build and when (the status is set by [`Store::finish`]).
+    pub async fn set_canceled(&self, id: i64, by: &str, at: f64) -> Result<()> {
+        sqlx::query("UPDATE builds SET canceled_by = ?, canceled_at = ? WHERE id = ?")
+            .bind(by)
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_output_deleted(&self, id: i64, at: f64) -> Result<()> {
+        sqlx::query("UPDATE builds SET output_deleted_at = ?, archive_name = NULL WHERE id = ?")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn project_info(&self, name: &str) -> Result<Option<ProjectInfo>> {
+        let row = sqlx::query("SELECT * FROM projects WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| -> Result<ProjectInfo> {
+            Ok(ProjectInfo {
+                name: r.try_get("name")?,
+                latest_build_index: r.try_get("latest_build_index")?,
+                latest_build_key: r.try_get("latest_build_key")?,
+                last_created_time: r.try_get("last_created_time")?,
+                last_execute_time: r.try_get("last_execute_time")?,
+                last_complete_time: r.try_get("last_complete_time")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nb(project: &str) -> NewBuild {
+        NewBuild {
+            project: project.into(),
+            hash: "h".repeat(40),
+            trigger: "cli".into(),
+            branch: Some("main".into()),
+            commit: None,
+            created_by: "alice".into(),
+            created_at: 1000.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn builds_get_increasing_indexes_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ams.db");
+        let s = Store::open(&db).await.unwrap();
+        let a = s
+            .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let b = s
+            .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let c = s
+            .create_build(&nb("q"), |i| Ok(format!("q_{i}")))
+            .await
+            .unwrap();
+        assert_eq!((a.build_index, b.build_index, c.build_index), (1, 2, 1));
+        assert_eq!(a.status, BuildStatus::Pending);
+        s.mark_running(a.id, 1001.0).await.unwrap();
+        let stages = vec![StageResult {
+            name: "s".into(),
+            exit_code: Some(0),
+            passed: true,
+            started_at: 1001.0,
+            duration_secs: 0.5,
+        }];
+        let done = Finish {
+            status: Some(BuildStatus::Pass),
+            finished_at: 1002.0,
+            stages: stages.clone(),
+            ..Default::default()
+        };
+        assert!(s.finish(a.id, &done).await.unwrap());
+        assert!(
+            !s.finish(a.id, &done).await.unwrap(),
+            "a final build is not finished twice"
+        );
+        s.close().await;
+
+        let s = Store::open(&db).await.unwrap();
+        let a2 = s.build_by_name("p_1").await.unwrap().unwrap();
+        assert_eq!(a2.status, BuildStatus::Pass);
+        assert_eq!(a2.stages, stages);
+        let live: Vec<_> = s
+            .unfinished()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(live, vec!["p_2", "q_1"]);
+        let info = s.project_info("p").await.unwrap().unwrap();
+        assert_eq!(info.latest_build_index, 2);
+        assert_eq!(info.latest_build_key.as_deref(), Some("p_2"));
+        assert_eq!(info.last_complete_time, Some(1002.0));
+        assert_eq!(s.builds_of("p", 10, 0).await.unwrap()[0].name, "p_2");
+    }
+
+    #[tokio::test]
+    async fn a_failed_naming_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        assert!(s
+            .create_build(&nb("p"), |_| Err("bad".into()))
+            .await
+            .is_err());
+        let a = s
+            .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        assert_eq!(a.build_index, 1);
+    }
+}
