@@ -589,6 +589,12 @@ mod tests {
     }
 
     #[test]
+    fn build_name_format_cannot_make_paths() {
+        let t = GOOD.replace("{project}_{build_hash}_build", "../{project}_{build_hash}_build");
+        assert_eq!(parse(&t).unwrap_err().field, "build-name-format");
+    }
+
+    #[test]
     fn unknown_keys_warn() {
         let t = GOOD.replace("\"environment\"", "\"colour\": 1, \"environment\"");
         let p = parse(&t).unwrap();

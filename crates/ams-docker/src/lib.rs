@@ -1,1 +1,458 @@
-//! placeholder
+//! The Executor seam: how a build's container is run. [`DockerExecutor`] implements it over the
+//! Docker Engine API (bollard); nothing else in the workspace talks to Docker.
+//!
+//! One call to [`Executor::run`] owns one container from creation to removal: it removes a
+//! leftover of the same name, creates the container with its labels and limits, attaches to its
+//! output before starting it, streams the output to a bounded channel, stops it (SIGTERM, then
+//! SIGKILL after the stop timeout) when told to, and removes it whatever happened.
+
+use ams_core::docker_args::DockerOptions;
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptions, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Label put on every container AMS-Build creates; its value is the data directory's id.
+pub const LABEL_HOST: &str = "io.ams-build.host";
+/// Label holding the build's database id.
+pub const LABEL_BUILD_ID: &str = "io.ams-build.build-id";
+/// Label holding the build's name.
+pub const LABEL_BUILD_NAME: &str = "io.ams-build.build-name";
+/// Label holding the project.
+pub const LABEL_PROJECT: &str = "io.ams-build.project";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the Docker engine is not reachable ({0}); start dockerd or check DOCKER_HOST")]
+    Unreachable(String),
+    #[error("image `{image}` is not present and could not be pulled: {message}")]
+    ImagePull { image: String, message: String },
+    #[error("docker: {0}")]
+    Docker(String),
+}
+
+fn docker_err(e: BollardError) -> ExecError {
+    match e {
+        BollardError::IOError { err } => ExecError::Unreachable(err.to_string()),
+        BollardError::HyperResponseError { err } => ExecError::Unreachable(err.to_string()),
+        other => ExecError::Docker(other.to_string()),
+    }
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Everything needed to run one build container.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub labels: HashMap<String, String>,
+    /// `NAME=value` pairs.
+    pub env: Vec<String>,
+    pub cmd: Vec<String>,
+    pub workdir: Option<String>,
+    /// `host:container[:ro]` bind mounts made by AMS-Build itself.
+    pub mounts: Vec<String>,
+    /// Options from docker.args, with host defaults already applied.
+    pub options: DockerOptions,
+    /// Seconds between SIGTERM and SIGKILL when stopped.
+    pub stop_timeout_secs: u64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The main process exited with this code by itself.
+    Exited(i64),
+    /// It was stopped because `stop` fired; the code it ended with.
+    Stopped(i64),
+}
+
+/// Runs build containers. Implemented by [`DockerExecutor`]; tests may use a fake.
+pub trait Executor: Send + Sync + 'static {
+    /// Makes sure the image is present, pulling it if not. `progress` gets pull messages.
+    fn ensure_image<'a>(
+        &'a self,
+        image: &'a str,
+        progress: &'a (dyn Fn(String) + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), ExecError>>;
+
+    /// Runs the container to its end, sending its output (stdout and stderr, in order of
+    /// arrival) to `output`. When `stop` fires, the container is stopped gracefully. The
+    /// container is removed before this returns, whatever the outcome.
+    fn run<'a>(
+        &'a self,
+        spec: ContainerSpec,
+        output: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, Result<RunEnd, ExecError>>;
+
+    /// Removes every container carrying `label=value`, running or not. Returns their names.
+    fn remove_labelled<'a>(
+        &'a self,
+        label: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ExecError>>;
+}
+
+/// The Docker Engine API executor.
+#[derive(Debug, Clone)]
+pub struct DockerExecutor {
+    docker: Docker,
+}
+
+impl DockerExecutor {
+    /// Connects with the usual defaults (DOCKER_HOST or the local socket) and negotiates the
+    /// API version, so an engine older than bollard's default still works.
+    pub async fn connect() -> Result<Self, ExecError> {
+        let docker = Docker::connect_with_local_defaults().map_err(docker_err)?;
+        let docker = docker.negotiate_version().await.map_err(docker_err)?;
+        docker.ping().await.map_err(docker_err)?;
+        Ok(DockerExecutor { docker })
+    }
+
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn force_remove(&self, name: &str) -> Result<(), ExecError> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // "removal already in progress" is answered with 409.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(docker_err(e)),
+        }
+    }
+
+    fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+        let o = &spec.options;
+        let mut binds = spec.mounts.clone();
+        binds.extend(o.binds.iter().cloned());
+        binds.extend(o.volumes.iter().cloned());
+        let mut env = spec.env.clone();
+        env.extend(o.env.iter().map(|(k, v)| format!("{k}={v}")));
+        let devices: Vec<DeviceMapping> = o
+            .devices
+            .iter()
+            .map(|d| {
+                let mut parts = d.splitn(3, ':');
+                let host = parts.next().unwrap_or("").to_string();
+                let cont = parts.next().map(str::to_string).unwrap_or(host.clone());
+                let perm = parts.next().unwrap_or("rwm").to_string();
+                DeviceMapping {
+                    path_on_host: Some(host),
+                    path_in_container: Some(cont),
+                    cgroup_permissions: Some(perm),
+                }
+            })
+            .collect();
+        let tmpfs: HashMap<String, String> = o
+            .tmpfs
+            .iter()
+            .map(|t| match t.split_once(':') {
+                Some((p, opts)) => (p.to_string(), opts.to_string()),
+                None => (t.clone(), String::new()),
+            })
+            .collect();
+        let mut security_opt = o.security_opt.clone();
+        if !o.privileged && !security_opt.iter().any(|s| s.starts_with("no-new-privileges")) {
+            security_opt.push("no-new-privileges:true".into());
+        }
+        let host = HostConfig {
+            binds: Some(binds),
+            memory: o.memory,
+            // No swap beyond the memory limit.
+            memory_swap: o.memory,
+            nano_cpus: o.nano_cpus,
+            pids_limit: o.pids_limit,
+            network_mode: o.network.clone(),
+            shm_size: o.shm_size,
+            privileged: Some(o.privileged),
+            cap_add: (!o.cap_add.is_empty()).then(|| o.cap_add.clone()),
+            cap_drop: (!o.cap_drop.is_empty()).then(|| o.cap_drop.clone()),
+            devices: (!devices.is_empty()).then_some(devices),
+            pid_mode: o.pid_mode.clone(),
+            ipc_mode: o.ipc_mode.clone(),
+            uts_mode: o.uts_mode.clone(),
+            security_opt: Some(security_opt),
+            readonly_rootfs: Some(o.read_only),
+            tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
+            // Output is streamed by attach; the engine keeps no second copy of it.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: Some(spec.cmd.clone()),
+            entrypoint: Some(Vec::new()),
+            env: Some(env),
+            labels: Some(spec.labels.clone()),
+            working_dir: o.workdir.clone().or_else(|| spec.workdir.clone()),
+            user: o.user.clone(),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            open_stdin: Some(false),
+            stop_timeout: Some(spec.stop_timeout_secs as i64),
+            host_config: Some(host),
+            ..Default::default()
+        }
+    }
+
+    async fn run_inner(
+        &self,
+        spec: &ContainerSpec,
+        output: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> Result<RunEnd, ExecError> {
+        let create = CreateContainerOptionsBuilder::new().name(&spec.name).build();
+        self.docker
+            .create_container(Some(create), Self::create_body(spec))
+            .await
+            .map_err(docker_err)?;
+        let attach = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            logs: false,
+            ..Default::default()
+        };
+        let mut attached = self
+            .docker
+            .attach_container(&spec.name, Some(attach))
+            .await
+            .map_err(docker_err)?;
+        self.docker
+            .start_container(&spec.name, None)
+            .await
+            .map_err(docker_err)?;
+
+        let mut stopping = false;
+        let stop_req = async {
+            stop.cancelled().await;
+            let opts = StopContainerOptionsBuilder::new()
+                .t(spec.stop_timeout_secs.min(i32::MAX as u64) as i32)
+                .build();
+            // The engine sends SIGTERM, waits t seconds, then SIGKILL.
+            let _ = self.docker.stop_container(&spec.name, Some(opts)).await;
+        };
+        tokio::pin!(stop_req);
+        let mut stop_done = false;
+        loop {
+            tokio::select! {
+                item = attached.output.next() => match item {
+                    Some(Ok(frame)) => {
+                        let bytes = frame.into_bytes();
+                        // The receiver applies back-pressure; if it is gone, keep draining.
+                        let _ = output.send(bytes).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(container = %spec.name, "attach stream error: {e}");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = &mut stop_req, if !stop_done => {
+                    stop_done = true;
+                    stopping = true;
+                }
+            }
+        }
+        if stop.is_cancelled() {
+            stopping = true;
+        }
+        let mut wait = self.docker.wait_container(&spec.name, None);
+        let code = match wait.next().await {
+            Some(Ok(r)) => r.status_code,
+            Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(docker_err(e)),
+            None => -1,
+        };
+        Ok(if stopping {
+            RunEnd::Stopped(code)
+        } else {
+            RunEnd::Exited(code)
+        })
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn ensure_image<'a>(
+        &'a self,
+        image: &'a str,
+        progress: &'a (dyn Fn(String) + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), ExecError>> {
+        Box::pin(async move {
+            match self.docker.inspect_image(image).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(docker_err(e)),
+            }
+            progress(format!("image {image} is not present; pulling it"));
+            let (repo, tag) = split_image(image);
+            let opts = CreateImageOptionsBuilder::new()
+                .from_image(repo)
+                .tag(tag)
+                .build();
+            let mut stream = self.docker.create_image(Some(opts), None, None);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(info) => {
+                        if let Some(status) = info.status {
+                            progress(status);
+                        }
+                    }
+                    Err(e) => {
+                        let message = match e {
+                            BollardError::DockerResponseServerError { message, .. } => message,
+                            BollardError::DockerStreamError { error } => error,
+                            other => other.to_string(),
+                        };
+                        return Err(ExecError::ImagePull {
+                            image: image.to_string(),
+                            message,
+                        });
+                    }
+                }
+            }
+            match self.docker.inspect_image(image).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(ExecError::ImagePull {
+                    image: image.to_string(),
+                    message: e.to_string(),
+                }),
+            }
+        })
+    }
+
+    fn run<'a>(
+        &'a self,
+        spec: ContainerSpec,
+        output: mpsc::Sender<Bytes>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, Result<RunEnd, ExecError>> {
+        Box::pin(async move {
+            // A container of the same name can only be a leftover of this very build.
+            self.force_remove(&spec.name).await?;
+            let result = self.run_inner(&spec, output, stop).await;
+            let removed = self.force_remove(&spec.name).await;
+            match (result, removed) {
+                (Ok(end), Ok(())) => Ok(end),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(e),
+            }
+        })
+    }
+
+    fn remove_labelled<'a>(
+        &'a self,
+        label: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ExecError>> {
+        Box::pin(async move {
+            let mut filters = HashMap::new();
+            filters.insert("label", vec![format!("{label}={value}")]);
+            let opts = ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build();
+            let list = self
+                .docker
+                .list_containers(Some(opts))
+                .await
+                .map_err(docker_err)?;
+            let mut removed = Vec::new();
+            for c in list {
+                let name = c
+                    .names
+                    .and_then(|n| n.first().cloned())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .or(c.id)
+                    .unwrap_or_default();
+                if name.is_empty() {
+                    continue;
+                }
+                self.force_remove(&name).await?;
+                removed.push(name);
+            }
+            Ok(removed)
+        })
+    }
+}
+
+/// Splits `repo[:tag][@digest]` into the repository and the tag (`latest` when none).
+pub fn split_image(image: &str) -> (&str, &str) {
+    if image.contains('@') {
+        return (image, "");
+    }
+    match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => (&image[..i], &image[i + 1..]),
+        _ => (image, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_image_names() {
+        assert_eq!(split_image("busybox"), ("busybox", "latest"));
+        assert_eq!(split_image("busybox:1.36"), ("busybox", "1.36"));
+        assert_eq!(split_image("reg:5000/x"), ("reg:5000/x", "latest"));
+        assert_eq!(split_image("reg:5000/x:v2"), ("reg:5000/x", "v2"));
+    }
+
+    #[test]
+    fn create_body_applies_limits_and_hardening() {
+        let spec = ContainerSpec {
+            name: "p1".into(),
+            image: "img".into(),
+            mounts: vec!["/a:/b".into()],
+            options: DockerOptions {
+                memory: Some(1 << 20),
+                pids_limit: Some(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let body = DockerExecutor::create_body(&spec);
+        let h = body.host_config.unwrap();
+        assert_eq!(h.memory, Some(1 << 20));
+        assert_eq!(h.pids_limit, Some(10));
+        assert_eq!(h.privileged, Some(false));
+        assert!(h
+            .security_opt
+            .unwrap()
+            .contains(&"no-new-privileges:true".to_string()));
+        assert_eq!(h.binds.unwrap(), vec!["/a:/b".to_string()]);
+    }
+}
