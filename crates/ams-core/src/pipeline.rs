@@ -277,6 +277,19 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         .string("build-name-format", false)?
         .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
     check_vars("build-name-format", &build_name_format, vars::NAME_VARS)?;
+    for piece in vars::parse(&build_name_format) {
+        if let vars::Piece::Text(t) = piece {
+            if t.contains(['/', '\\']) || t.chars().any(char::is_control) {
+                return Err(err(
+                    "build-name-format",
+                    "may not contain `/`, `\\` or control characters: the name becomes a folder",
+                ));
+            }
+        }
+    }
+    if build_name_format.starts_with('.') {
+        return Err(err("build-name-format", "may not start with `.`"));
+    }
     if !build_name_format.contains("{build_hash}") && !build_name_format.contains("{build_index}") {
         return Err(err(
             "build-name-format",
