@@ -9,7 +9,7 @@ use sevenz_rust2::encoder_options::Lzma2Options;
 use sevenz_rust2::{ArchiveEntry, ArchiveWriter, EncoderConfiguration, NtTime};
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,7 @@ pub enum Hasher {
     Crc64(crc64fast::Digest),
     Sha1(sha1::Sha1),
     Sha256(sha2::Sha256),
-    Blake2sp(blake2s_simd::blake2sp::State),
+    Blake2sp(Box<blake2s_simd::blake2sp::State>),
 }
 
 impl std::fmt::Debug for Hasher {
@@ -178,7 +178,7 @@ impl Hasher {
             HashKind::Crc64 => Hasher::Crc64(crc64fast::Digest::new()),
             HashKind::Sha1 => Hasher::Sha1(sha1::Sha1::new()),
             HashKind::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            HashKind::Blake2sp => Hasher::Blake2sp(blake2s_simd::blake2sp::State::new()),
+            HashKind::Blake2sp => Hasher::Blake2sp(Box::new(blake2s_simd::blake2sp::State::new())),
         }
     }
 
@@ -206,11 +206,6 @@ impl Hasher {
         };
         bytes.iter().map(|b| format!("{b:02X}")).collect()
     }
-}
-
-/// Sets the file mode helper used by tests and callers that restore permissions.
-pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
 #[cfg(test)]

@@ -603,7 +603,10 @@ mod tests {
 
     #[test]
     fn build_name_format_cannot_make_paths() {
-        let t = GOOD.replace("{project}_{build_hash}_build", "../{project}_{build_hash}_build");
+        let t = GOOD.replace(
+            "{project}_{build_hash}_build",
+            "../{project}_{build_hash}_build",
+        );
         assert_eq!(parse(&t).unwrap_err().field, "build-name-format");
     }
 

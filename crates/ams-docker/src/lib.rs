@@ -8,7 +8,9 @@
 
 use ams_core::docker_args::DockerOptions;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig, HostConfigLogConfig};
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, HostConfig, HostConfigLogConfig, Mount, MountType,
+};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     ListContainersOptionsBuilder, RemoveContainerOptions, StopContainerOptionsBuilder,
@@ -68,12 +70,20 @@ pub struct ContainerSpec {
     pub env: Vec<String>,
     pub cmd: Vec<String>,
     pub workdir: Option<String>,
-    /// `host:container[:ro]` bind mounts made by AMS-Build itself.
-    pub mounts: Vec<String>,
+    /// Bind mounts made by AMS-Build itself.
+    pub mounts: Vec<BindMount>,
     /// Options from docker.args, with host defaults already applied.
     pub options: DockerOptions,
     /// Seconds between SIGTERM and SIGKILL when stopped.
     pub stop_timeout_secs: u64,
+}
+
+/// A host folder mounted into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub host: String,
+    pub container: String,
+    pub read_only: bool,
 }
 
 /// How a run ended.
@@ -112,24 +122,37 @@ pub trait Executor: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<String>, ExecError>>;
 }
 
-/// The Docker Engine API executor.
-#[derive(Debug, Clone)]
+/// The Docker Engine API executor. It connects on first use and keeps the connection; an
+/// engine that is down makes each call fail with [`ExecError::Unreachable`] until it is back,
+/// so a dead engine fails builds with a clear message instead of stopping the host.
+#[derive(Debug, Default)]
 pub struct DockerExecutor {
-    docker: Docker,
+    cell: tokio::sync::Mutex<Option<Docker>>,
 }
 
 impl DockerExecutor {
-    /// Connects with the usual defaults (DOCKER_HOST or the local socket) and negotiates the
-    /// API version, so an engine older than bollard's default still works.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connects now (DOCKER_HOST or the local socket) and negotiates the API version, so an
+    /// engine older than bollard's default still works.
     pub async fn connect() -> Result<Self, ExecError> {
+        let e = Self::new();
+        e.docker().await?;
+        Ok(e)
+    }
+
+    async fn docker(&self) -> Result<Docker, ExecError> {
+        let mut cell = self.cell.lock().await;
+        if let Some(d) = cell.as_ref() {
+            return Ok(d.clone());
+        }
         let docker = Docker::connect_with_local_defaults().map_err(docker_err)?;
         let docker = docker.negotiate_version().await.map_err(docker_err)?;
         docker.ping().await.map_err(docker_err)?;
-        Ok(DockerExecutor { docker })
-    }
-
-    pub fn client(&self) -> &Docker {
-        &self.docker
+        *cell = Some(docker.clone());
+        Ok(docker)
     }
 
     async fn force_remove(&self, name: &str) -> Result<(), ExecError> {
@@ -138,7 +161,12 @@ impl DockerExecutor {
             v: true,
             ..Default::default()
         };
-        match self.docker.remove_container(name, Some(opts)).await {
+        match self
+            .docker()
+            .await?
+            .remove_container(name, Some(opts))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // "removal already in progress" is answered with 409.
@@ -151,8 +179,7 @@ impl DockerExecutor {
 
     fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         let o = &spec.options;
-        let mut binds = spec.mounts.clone();
-        binds.extend(o.binds.iter().cloned());
+        let mut binds = o.binds.clone();
         binds.extend(o.volumes.iter().cloned());
         let mut env = spec.env.clone();
         env.extend(o.env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -180,11 +207,27 @@ impl DockerExecutor {
             })
             .collect();
         let mut security_opt = o.security_opt.clone();
-        if !o.privileged && !security_opt.iter().any(|s| s.starts_with("no-new-privileges")) {
+        if !o.privileged
+            && !security_opt
+                .iter()
+                .any(|s| s.starts_with("no-new-privileges"))
+        {
             security_opt.push("no-new-privileges:true".into());
         }
         let host = HostConfig {
             binds: Some(binds),
+            mounts: Some(
+                spec.mounts
+                    .iter()
+                    .map(|m| Mount {
+                        target: Some(m.container.clone()),
+                        source: Some(m.host.clone()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(m.read_only),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             memory: o.memory,
             // No swap beyond the memory limit.
             memory_swap: o.memory,
@@ -233,8 +276,11 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         stop: CancellationToken,
     ) -> Result<RunEnd, ExecError> {
-        let create = CreateContainerOptionsBuilder::new().name(&spec.name).build();
-        self.docker
+        let create = CreateContainerOptionsBuilder::new()
+            .name(&spec.name)
+            .build();
+        self.docker()
+            .await?
             .create_container(Some(create), Self::create_body(spec))
             .await
             .map_err(docker_err)?;
@@ -246,11 +292,13 @@ impl DockerExecutor {
             ..Default::default()
         };
         let mut attached = self
-            .docker
+            .docker()
+            .await?
             .attach_container(&spec.name, Some(attach))
             .await
             .map_err(docker_err)?;
-        self.docker
+        self.docker()
+            .await?
             .start_container(&spec.name, None)
             .await
             .map_err(docker_err)?;
@@ -262,7 +310,9 @@ impl DockerExecutor {
                 .t(spec.stop_timeout_secs.min(i32::MAX as u64) as i32)
                 .build();
             // The engine sends SIGTERM, waits t seconds, then SIGKILL.
-            let _ = self.docker.stop_container(&spec.name, Some(opts)).await;
+            if let Ok(d) = self.docker().await {
+                let _ = d.stop_container(&spec.name, Some(opts)).await;
+            }
         };
         tokio::pin!(stop_req);
         let mut stop_done = false;
@@ -289,7 +339,8 @@ impl DockerExecutor {
         if stop.is_cancelled() {
             stopping = true;
         }
-        let mut wait = self.docker.wait_container(&spec.name, None);
+        let docker = self.docker().await?;
+        let mut wait = docker.wait_container(&spec.name, None);
         let code = match wait.next().await {
             Some(Ok(r)) => r.status_code,
             Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
@@ -311,7 +362,7 @@ impl Executor for DockerExecutor {
         progress: &'a (dyn Fn(String) + Send + Sync),
     ) -> BoxFuture<'a, Result<(), ExecError>> {
         Box::pin(async move {
-            match self.docker.inspect_image(image).await {
+            match self.docker().await?.inspect_image(image).await {
                 Ok(_) => return Ok(()),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(docker_err(e)),
@@ -322,7 +373,8 @@ impl Executor for DockerExecutor {
                 .from_image(repo)
                 .tag(tag)
                 .build();
-            let mut stream = self.docker.create_image(Some(opts), None, None);
+            let docker = self.docker().await?;
+            let mut stream = docker.create_image(Some(opts), None, None);
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(info) => {
@@ -343,7 +395,7 @@ impl Executor for DockerExecutor {
                     }
                 }
             }
-            match self.docker.inspect_image(image).await {
+            match self.docker().await?.inspect_image(image).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(ExecError::ImagePull {
                     image: image.to_string(),
@@ -385,7 +437,8 @@ impl Executor for DockerExecutor {
                 .filters(&filters)
                 .build();
             let list = self
-                .docker
+                .docker()
+                .await?
                 .list_containers(Some(opts))
                 .await
                 .map_err(docker_err)?;
@@ -436,7 +489,11 @@ mod tests {
         let spec = ContainerSpec {
             name: "p1".into(),
             image: "img".into(),
-            mounts: vec!["/a:/b".into()],
+            mounts: vec![BindMount {
+                host: "/a".into(),
+                container: "/b".into(),
+                read_only: true,
+            }],
             options: DockerOptions {
                 memory: Some(1 << 20),
                 pids_limit: Some(10),
@@ -453,6 +510,8 @@ mod tests {
             .security_opt
             .unwrap()
             .contains(&"no-new-privileges:true".to_string()));
-        assert_eq!(h.binds.unwrap(), vec!["/a:/b".to_string()]);
+        let m = &h.mounts.unwrap()[0];
+        assert_eq!(m.source.as_deref(), Some("/a"));
+        assert_eq!(m.read_only, Some(true));
     }
 }

@@ -1,1 +1,15 @@
-//! placeholder
+//! The host: the loop that owns the queue, the build workers that prepare, run and clean up
+//! builds, git, build logs with live subscribers, and the local control socket the CLI uses.
+
+pub mod control;
+pub mod copy;
+pub mod git;
+pub mod host;
+pub mod log;
+pub mod paths;
+pub mod project;
+pub mod timefmt;
+pub mod worker;
+
+pub use host::{Host, HostConfig, HostHandle};
+pub use paths::DataDir;

@@ -1,1 +1,453 @@
-fn main() {}
+//! The `amsbuild` binary: command line, configuration loading and wiring. The logic lives in
+//! the library crates; this file only parses arguments and connects the pieces.
+
+use ams_core::pipeline;
+use ams_core::private_config::PrivateConfig;
+use ams_core::status::BuildStatus;
+use ams_core::webconf::WebConf;
+use ams_docker::DockerExecutor;
+use ams_host::control;
+use ams_host::host::{Host, HostConfig};
+use ams_host::log::BuildLog;
+use ams_host::worker::{self, ExecRequest, StopReason, StopSignal};
+use ams_host::{project, timefmt, DataDir};
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "amsbuild",
+    version,
+    about = "A lightweight self-hosted CI server"
+)]
+struct Cli {
+    /// The data directory (web_conf.json, ams.db, projects/).
+    #[arg(
+        long,
+        global = true,
+        env = "AMSBUILD_HOME",
+        default_value = "./ams-data"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the host: the build queue, workers and the local control socket.
+    Serve,
+    /// Create and list projects.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Ask the running host to queue a build.
+    Build {
+        project: String,
+        #[arg(long, conflicts_with = "commit")]
+        branch: Option<String>,
+        #[arg(long)]
+        commit: Option<String>,
+        /// Follow the log to the end; exit 0 only for PASS.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List a project's builds, newest first.
+    Builds {
+        project: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending or running build.
+    Cancel { build: String },
+    /// Delete a finished build's folder, log and archive.
+    DeleteOutput { build: String },
+    /// Show the active and pending builds.
+    Status,
+    /// Follow a build's log to its end.
+    Log { build: String },
+    /// Run ./pipeline.json once, without a host, through the same executor.
+    Run {
+        /// Directory holding pipeline.json (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCmd {
+    /// Create a project and clone its source.
+    Add {
+        name: String,
+        #[arg(long)]
+        git: String,
+        #[arg(long)]
+        branch: Option<String>,
+    },
+    /// Create a blank project skeleton with an example pipeline.json.
+    Init { name: String },
+    /// List the projects.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AMSBUILD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amsbuild: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("amsbuild: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn actor() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "cli".into())
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let data = DataDir::new(cli.data_dir.clone());
+    let sock = data.socket();
+    match cli.cmd {
+        Cmd::Serve => serve(data).await,
+        Cmd::Project(ProjectCmd::Init { name }) => {
+            let p = project::init(&data, &name).map_err(|e| anyhow!(e))?;
+            println!("created project {name} at {}", p.root.display());
+            println!(
+                "edit {} and {}",
+                p.master_source().join("pipeline.json").display(),
+                p.config().join(PrivateConfig::FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Project(ProjectCmd::Add { name, git, branch }) => {
+            let p = project::add(&data, &name, &git, branch.as_deref())
+                .await
+                .map_err(|e| anyhow!(e))?;
+            println!("created project {name} at {}", p.root.display());
+            if !p.master_source().join("pipeline.json").exists() {
+                println!("note: the repository has no pipeline.json at its root yet; builds fail until it has one");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Project(ProjectCmd::List) => {
+            for n in project::list(&data) {
+                println!("{n}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Build {
+            project,
+            branch,
+            commit,
+            wait,
+        } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "build", "project": project, "branch": branch,
+                        "commit": commit, "actor": actor()}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            let name = v["build"]["name"].as_str().unwrap_or_default().to_string();
+            eprintln!("queued build {name}");
+            if !wait {
+                println!("{name}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow(&sock, &name).await
+        }
+        Cmd::Log { build } => follow(&sock, &build).await,
+        Cmd::Builds {
+            project,
+            limit,
+            json: as_json,
+        } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "builds", "project": project, "limit": limit}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            let builds = v["builds"].as_array().cloned().unwrap_or_default();
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&builds)?);
+            } else {
+                for b in builds {
+                    print_build(&b);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cancel { build } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "cancel", "build": build, "actor": actor()}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            println!(
+                "cancel requested for {}",
+                v["build"]["name"].as_str().unwrap_or(&build)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DeleteOutput { build } => {
+            control::request(
+                &sock,
+                &json!({"cmd": "delete-output", "build": build, "actor": actor()}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            println!("deleted the output of {build}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => {
+            let v = control::request(&sock, &json!({"cmd": "status"}))
+                .await
+                .map_err(|e| anyhow!(e))?;
+            for list in ["active", "pending"] {
+                println!("{list}:");
+                for b in v[list].as_array().cloned().unwrap_or_default() {
+                    print_build(&b);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { dir } => run_local(&dir).await,
+    }
+}
+
+fn print_build(b: &Value) {
+    let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
+    println!(
+        "{:<8} {}  {}  by {}  git {}{}",
+        s("status").to_uppercase(),
+        s("name"),
+        b["created_at"]
+            .as_f64()
+            .map(timefmt::legacy)
+            .unwrap_or_default(),
+        s("created_by"),
+        b["git_hash"]
+            .as_str()
+            .map(|h| &h[..h.len().min(12)])
+            .unwrap_or("-"),
+        b["reason"]
+            .as_str()
+            .map(|r| format!("  ({r})"))
+            .unwrap_or_default()
+    );
+}
+
+async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
+    use std::io::Write;
+    let status = control::follow_log(sock, name, &mut |t| {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(t.as_bytes());
+        let _ = o.flush();
+    })
+    .await
+    .map_err(|e| anyhow!(e))?;
+    eprintln!("build {name}: {}", status.to_uppercase());
+    Ok(if status == "pass" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Loads web_conf.json, writing the defaults on first start.
+fn load_conf(data: &DataDir) -> Result<WebConf> {
+    let path = data.web_conf();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => WebConf::parse(&text, &path.display().to_string()).map_err(|e| anyhow!(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let conf = WebConf::default();
+            std::fs::write(&path, conf.to_pretty_json() + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            tracing::info!("wrote default configuration to {}", path.display());
+            Ok(conf)
+        }
+        Err(e) => Err(anyhow!("{}: {e}", path.display())),
+    }
+}
+
+async fn serve(data: DataDir) -> Result<ExitCode> {
+    std::fs::create_dir_all(data.root())
+        .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
+    let conf = load_conf(&data)?;
+    let listener = control::bind(&data.socket())
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let executor = Arc::new(DockerExecutor::new());
+    let (host, handle) = Host::start(
+        HostConfig {
+            data: data.clone(),
+            conf: conf.clone(),
+        },
+        executor,
+    )
+    .await
+    .context("cannot start the host")?;
+    tracing::info!(
+        "amsbuild {} serving data directory {} ({} build slots); control socket {}",
+        env!("CARGO_PKG_VERSION"),
+        data.root().display(),
+        conf.max_active_builds,
+        data.socket().display()
+    );
+    let shutdown = CancellationToken::new();
+    let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
+    let host_task = tokio::spawn(host.run());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
+    }
+    shutdown.cancel();
+    handle.shutdown().await;
+    let _ = host_task.await;
+    let _ = control_task.await;
+    let _ = std::fs::remove_file(data.socket());
+    tracing::info!("stopped; pending builds stay queued for the next start");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `amsbuild run`: one pipeline, no host, no database. The source is mounted as it is.
+async fn run_local(dir: &Path) -> Result<ExitCode> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", dir.display()))?;
+    let file = dir.join("pipeline.json");
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{}: cannot read it; run this in a folder with a pipeline.json",
+            file.display()
+        )
+    })?;
+    let p = pipeline::parse(&text).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+    for w in &p.warnings {
+        eprintln!("warning: {w}");
+    }
+    let conf = WebConf::default();
+    let private = PrivateConfig::default();
+    let project = ams_core::names::sanitize_container_name(
+        &dir.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or("local".into()),
+    );
+    let work = std::env::temp_dir().join(format!("amsbuild-run-{}", worker::random_hex(6)));
+    let output_dir = work.join("build");
+    std::fs::create_dir_all(&output_dir)?;
+    let hash = worker::random_hex(20);
+    let git_hash = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(&dir)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let mut values = std::collections::BTreeMap::new();
+    for (k, v) in [
+        ("project", project.clone()),
+        ("build_name", format!("{project}_local")),
+        ("build_hash", hash.clone()),
+        ("build_index", "0".into()),
+        ("git_hash", git_hash),
+        ("actor", actor()),
+        ("created", timefmt::compact(timefmt::now())),
+        ("project_dir", s(&dir)),
+        ("build_dir", s(&work)),
+        ("master_source_dir", s(&dir)),
+        ("build_source_dir", s(&dir)),
+        ("master_build_name", "master".into()),
+    ] {
+        values.insert(k, v);
+    }
+    let mut log = BuildLog::stdout(conf.log_max_bytes);
+    if !p.prepare.master_dir_commands.is_empty() || !p.prepare.build_dir_commands.is_empty() {
+        log.line("prepare-build host commands are not run by `amsbuild run`");
+    }
+    if p.dummy_build {
+        log.line("dummy build: no container is run");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = Arc::new(StopSignal::default());
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop2.stop(StopReason::Cancel {
+                by: "interrupt".into(),
+            });
+        }
+    });
+    let timeout = p.timeout_secs.unwrap_or(conf.build_timeout_secs);
+    let mut labels = HashMap::new();
+    labels.insert(ams_docker::LABEL_PROJECT.to_string(), project.clone());
+    let executor = DockerExecutor::new();
+    let started = Instant::now();
+    let req = ExecRequest {
+        pipeline: &p,
+        vars: &values,
+        private: &private,
+        conf: &conf,
+        container_name: ams_core::names::sanitize_container_name(&format!("{project}{hash}")),
+        labels,
+        source_dir: dir.clone(),
+        output_dir: output_dir.clone(),
+        ci_dir: work.join(".ams-ci"),
+        deadline: started + Duration::from_secs(timeout),
+        timeout_secs: timeout,
+    };
+    let outcome = worker::execute(&executor, req, &mut log, &stop).await;
+    let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
+    eprintln!(
+        "{}{} in {:.2} s; build output kept in {}",
+        outcome.status,
+        outcome
+            .reason
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        started.elapsed().as_secs_f64(),
+        output_dir.display()
+    );
+    if outcome.status == BuildStatus::Pass {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,256 @@
+//! The local control socket: how `amsbuild build`, `builds`, `cancel`, `delete-output` and
+//! `status` reach a running host without touching its files.
+//!
+//! A Unix socket `amsbuild.sock` in the data directory, mode 0600, so only the host's own user
+//! (and root) can use it. One JSON object per line in each direction: a request, then one
+//! answer, or for `follow` a stream of `{"log": …}` lines closed by `{"ok": true, "status": …}`.
+
+use crate::host::{BuildRequest, HostHandle};
+use crate::log;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Binds the socket, refusing to start a second host on the same data directory.
+pub async fn bind(path: &Path) -> Result<UnixListener, String> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "another amsbuild host is already running with this data directory (its socket \
+                 {} answers); stop it first",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// Serves the socket until `shutdown` fires.
+pub async fn serve(handle: HostHandle, listener: UnixListener, shutdown: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            a = listener.accept() => match a {
+                Ok((stream, _)) => {
+                    let h = handle.clone();
+                    let stop = shutdown.clone();
+                    conns.spawn(async move {
+                        tokio::select! {
+                            _ = connection(h, stream) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("control socket: {e}"),
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    conns.abort_all();
+}
+
+fn err(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_string)
+}
+
+async fn connection(h: HostHandle, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r).take(MAX_REQUEST);
+    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return;
+    }
+    let req: Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = send(&mut w, &err(format!("bad request: {e}"))).await;
+            return;
+        }
+    };
+    let cmd = str_field(&req, "cmd").unwrap_or_default();
+    let actor = str_field(&req, "actor").unwrap_or_else(|| "cli".into());
+    let answer = match cmd.as_str() {
+        "ping" => json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}),
+        "build" => {
+            let Some(project) = str_field(&req, "project") else {
+                let _ = send(&mut w, &err("`project` is required")).await;
+                return;
+            };
+            let r = BuildRequest {
+                project,
+                branch: str_field(&req, "branch"),
+                commit: str_field(&req, "commit"),
+                actor,
+                trigger: str_field(&req, "trigger").unwrap_or_else(|| "cli".into()),
+            };
+            match h.build(r).await {
+                Ok(b) => json!({"ok": true, "build": b}),
+                Err(e) => err(e),
+            }
+        }
+        "builds" => {
+            let project = str_field(&req, "project").unwrap_or_default();
+            let limit = req
+                .get("limit")
+                .and_then(Value::as_i64)
+                .unwrap_or(20)
+                .clamp(1, 1000);
+            if !crate::project::exists(&h.data, &project) {
+                err(format!("no project named `{project}`"))
+            } else {
+                match h.store.builds_of(&project, limit, 0).await {
+                    Ok(b) => json!({"ok": true, "builds": b}),
+                    Err(e) => err(e.to_string()),
+                }
+            }
+        }
+        "cancel" => match h
+            .cancel(&str_field(&req, "build").unwrap_or_default(), &actor)
+            .await
+        {
+            Ok(b) => json!({"ok": true, "build": b}),
+            Err(e) => err(e),
+        },
+        "delete-output" => {
+            match h
+                .delete_output(&str_field(&req, "build").unwrap_or_default(), &actor)
+                .await
+            {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => err(e),
+            }
+        }
+        "status" => match h.snapshot().await {
+            Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
+            Err(e) => err(e),
+        },
+        "follow" => {
+            follow(&h, &str_field(&req, "build").unwrap_or_default(), &mut w).await;
+            return;
+        }
+        other => err(format!("unknown command `{other}`")),
+    };
+    let _ = send(&mut w, &answer).await;
+}
+
+async fn send(w: &mut (impl AsyncWriteExt + Unpin), v: &Value) -> std::io::Result<()> {
+    let mut s = v.to_string();
+    s.push('\n');
+    w.write_all(s.as_bytes()).await
+}
+
+async fn follow(h: &HostHandle, build: &str, w: &mut (impl AsyncWriteExt + Unpin)) {
+    let b = match h.store.build_by_name(build).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            let _ = send(w, &err(format!("no build named `{build}`"))).await;
+            return;
+        }
+        Err(e) => {
+            let _ = send(w, &err(e.to_string())).await;
+            return;
+        }
+    };
+    let path = h.data.project(&b.project).build(&b.name).log();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+    let hub = h.hub.clone();
+    let id = b.id;
+    let reader = tokio::spawn(async move { log::follow(&hub, id, &path, &tx).await });
+    // Carry partial UTF-8 sequences over chunk boundaries.
+    let mut carry: Vec<u8> = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        carry.extend_from_slice(&chunk);
+        let cut = match std::str::from_utf8(&carry) {
+            Ok(_) => carry.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => carry.len(),
+        };
+        let text = String::from_utf8_lossy(&carry[..cut]).to_string();
+        carry.drain(..cut);
+        if send(w, &json!({ "log": text })).await.is_err() {
+            return;
+        }
+    }
+    if !carry.is_empty() {
+        let _ = send(w, &json!({"log": String::from_utf8_lossy(&carry)})).await;
+    }
+    let status = match reader.await {
+        Ok(Ok(Some(s))) => s,
+        _ => match h.store.build_by_id(id).await {
+            Ok(Some(b)) => b.status.as_str().to_string(),
+            _ => "unknown".into(),
+        },
+    };
+    let _ = send(w, &json!({"ok": true, "status": status})).await;
+}
+
+/// Client side: sends one request and returns the one answer.
+pub async fn request(socket: &Path, req: &Value) -> Result<Value, String> {
+    let stream = connect(socket).await?;
+    let (r, mut w) = stream.into_split();
+    send(&mut w, req).await.map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(r)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad answer from host: {e}"))?;
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok(v)
+    } else {
+        Err(str_field(&v, "error").unwrap_or_else(|| "the host refused".into()))
+    }
+}
+
+/// Client side: follows a build's log, calling `out` with each piece of text.
+/// Returns the final status.
+pub async fn follow_log(
+    socket: &Path,
+    build: &str,
+    out: &mut dyn FnMut(&str),
+) -> Result<String, String> {
+    let stream = connect(socket).await?;
+    let (r, mut w) = stream.into_split();
+    send(&mut w, &json!({"cmd": "follow", "build": build}))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let v: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        if let Some(text) = v.get("log").and_then(Value::as_str) {
+            out(text);
+        } else if let Some(s) = str_field(&v, "status") {
+            return Ok(s);
+        } else if let Some(e) = str_field(&v, "error") {
+            return Err(e);
+        }
+    }
+    Err("the host closed the connection before the build ended".into())
+}
+
+async fn connect(socket: &Path) -> Result<UnixStream, String> {
+    UnixStream::connect(socket).await.map_err(|_| {
+        format!(
+            "no amsbuild host is running for this data directory (nothing answers on {}); \
+             start one with `amsbuild serve`",
+            socket.display()
+        )
+    })
+}

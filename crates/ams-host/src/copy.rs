@@ -1,0 +1,92 @@
+//! Copies master/project_source into a build cheaply.
+//!
+//! `Hardlink` links every regular file (one `link(2)` per file instead of reading and writing
+//! its bytes), recreates directories, and recreates symbolic links as links without following
+//! them. `Copy` writes every byte. Neither ever follows a link out of the tree.
+
+use ams_core::private_config::SourceCopy;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub links: u64,
+    /// Files that had to be copied because linking failed (another filesystem).
+    pub copied: u64,
+}
+
+/// Copies the tree at `src` to `dst` (which must not exist).
+pub fn copy_tree(src: &Path, dst: &Path, mode: SourceCopy) -> io::Result<CopyStats> {
+    let mut stats = CopyStats::default();
+    fs::create_dir(dst)?;
+    walk(src, dst, mode, &mut stats)?;
+    Ok(stats)
+}
+
+fn walk(src: &Path, dst: &Path, mode: SourceCopy, st: &mut CopyStats) -> io::Result<()> {
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        let ft = entry.file_type()?;
+        if ft.is_symlink() {
+            symlink(fs::read_link(&from)?, &to)?;
+            st.links += 1;
+        } else if ft.is_dir() {
+            fs::create_dir(&to)?;
+            let perm = fs::symlink_metadata(&from)?.permissions();
+            walk(&from, &to, mode, st)?;
+            fs::set_permissions(&to, perm)?;
+            st.dirs += 1;
+        } else if ft.is_file() {
+            st.files += 1;
+            let linked = mode == SourceCopy::Hardlink && fs::hard_link(&from, &to).is_ok();
+            if !linked {
+                fs::copy(&from, &to)?;
+                st.copied += 1;
+            }
+        }
+        // Sockets, FIFOs and devices are not copied.
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn hardlinks_files_and_keeps_links_as_links() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/b/f.txt"), b"x").unwrap();
+        symlink("/etc", src.join("out")).unwrap();
+        let dst = t.path().join("dst");
+        let st = copy_tree(&src, &dst, SourceCopy::Hardlink).unwrap();
+        assert_eq!((st.files, st.dirs, st.links, st.copied), (1, 2, 1, 0));
+        let a = fs::metadata(src.join("a/b/f.txt")).unwrap();
+        let b = fs::metadata(dst.join("a/b/f.txt")).unwrap();
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(fs::read_link(dst.join("out")).unwrap(), Path::new("/etc"));
+    }
+
+    #[test]
+    fn copy_mode_writes_new_inodes() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), b"x").unwrap();
+        let dst = t.path().join("dst");
+        copy_tree(&src, &dst, SourceCopy::Copy).unwrap();
+        let a = fs::metadata(src.join("f")).unwrap();
+        let b = fs::metadata(dst.join("f")).unwrap();
+        assert_ne!(a.ino(), b.ino());
+        assert_eq!(fs::read(dst.join("f")).unwrap(), b"x");
+    }
+}

@@ -1,0 +1,551 @@
+//! The host loop: the one owner of the pending and active lists.
+//!
+//! Clients (the control socket today, the web interface and webhooks later) hold a cheap
+//! [`HostHandle`] and send [`Command`]s; the loop handles them one at a time, starts workers when
+//! slots are free, and records what they report. State changes of the queue happen nowhere
+//! else. Every worker is tracked, and shutdown waits for them.
+
+use crate::log::LogHub;
+use crate::paths::DataDir;
+use crate::project;
+use crate::timefmt;
+use crate::worker::{self, StopReason, StopSignal, WorkerContext};
+use ams_core::names::validate_build_name;
+use ams_core::pipeline::{self, DEFAULT_NAME_FORMAT};
+use ams_core::queue::{Queue, Queued};
+use ams_core::status::BuildStatus;
+use ams_core::vars;
+use ams_core::webconf::WebConf;
+use ams_docker::Executor;
+use ams_store::{BuildRecord, Finish, NewBuild, Store};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+/// A request to queue a build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub project: String,
+    pub branch: Option<String>,
+    pub commit: Option<String>,
+    pub actor: String,
+    /// `cli`, `web`, `webhook`, `api`.
+    pub trigger: String,
+}
+
+/// The live lists, for status views.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueSnapshot {
+    pub active: Vec<BuildRecord>,
+    pub pending: Vec<BuildRecord>,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// Everything the loop handles.
+#[derive(Debug)]
+pub enum Command {
+    Build(BuildRequest, Reply<BuildRecord>),
+    Cancel {
+        build: String,
+        by: String,
+        reply: Reply<BuildRecord>,
+    },
+    DeleteOutput {
+        build: String,
+        by: String,
+        reply: Reply<()>,
+    },
+    Complete {
+        id: i64,
+        finish: Box<Finish>,
+    },
+    Snapshot(oneshot::Sender<QueueSnapshot>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub data: DataDir,
+    pub conf: WebConf,
+}
+
+/// A cheap, cloneable handle on the running host.
+#[derive(Clone)]
+pub struct HostHandle {
+    tx: mpsc::Sender<Command>,
+    pub store: Store,
+    pub hub: LogHub,
+    pub data: DataDir,
+}
+
+impl std::fmt::Debug for HostHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostHandle")
+    }
+}
+
+const GONE: &str = "the host is shutting down";
+
+impl HostHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| GONE.to_string())?;
+        rx.await.map_err(|_| GONE.to_string())?
+    }
+
+    pub async fn build(&self, req: BuildRequest) -> Result<BuildRecord, String> {
+        self.ask(|r| Command::Build(req, r)).await
+    }
+
+    pub async fn cancel(&self, build: &str, by: &str) -> Result<BuildRecord, String> {
+        let (build, by) = (build.to_string(), by.to_string());
+        self.ask(|reply| Command::Cancel { build, by, reply }).await
+    }
+
+    pub async fn delete_output(&self, build: &str, by: &str) -> Result<(), String> {
+        let (build, by) = (build.to_string(), by.to_string());
+        self.ask(|reply| Command::DeleteOutput { build, by, reply })
+            .await
+    }
+
+    pub async fn snapshot(&self) -> Result<QueueSnapshot, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Snapshot(tx))
+            .await
+            .map_err(|_| GONE.to_string())?;
+        rx.await.map_err(|_| GONE.to_string())
+    }
+
+    /// Stops the host: active builds are stopped and recorded as interrupted, pending builds
+    /// stay queued in the database for the next start.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Active {
+    stop: Arc<StopSignal>,
+}
+
+/// The host loop and its state.
+pub struct Host {
+    ctx: Arc<WorkerContext>,
+    store: Store,
+    hub: LogHub,
+    queue: Queue,
+    active: HashMap<i64, Active>,
+    workers: JoinSet<()>,
+    tx: mpsc::Sender<Command>,
+    rx: mpsc::Receiver<Command>,
+}
+
+/// Reads or creates the data directory's random id.
+fn host_id(data: &DataDir) -> std::io::Result<String> {
+    let path = data.host_id_file();
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = worker::random_hex(16);
+            std::fs::write(&path, &id)?;
+            Ok(id)
+        }
+    }
+}
+
+impl Host {
+    /// Opens the state, recovers from an earlier stop or crash, and returns the loop (to run
+    /// with [`Host::run`]) and a handle on it.
+    pub async fn start(
+        cfg: HostConfig,
+        executor: Arc<dyn Executor>,
+    ) -> anyhow::Result<(Host, HostHandle)> {
+        std::fs::create_dir_all(cfg.data.projects())?;
+        let store = Store::open(&cfg.data.db()).await?;
+        let host_id = host_id(&cfg.data)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let hub = LogHub::default();
+        let ctx = Arc::new(WorkerContext {
+            data: cfg.data.clone(),
+            conf: Arc::new(cfg.conf.clone()),
+            executor,
+            host_id,
+            master_locks: Mutex::new(HashMap::new()),
+        });
+        let mut host = Host {
+            queue: Queue::new(cfg.conf.max_active_builds),
+            ctx,
+            store: store.clone(),
+            hub: hub.clone(),
+            active: HashMap::new(),
+            workers: JoinSet::new(),
+            tx: tx.clone(),
+            rx,
+        };
+        host.recover().await?;
+        let handle = HostHandle {
+            tx,
+            store,
+            hub,
+            data: cfg.data,
+        };
+        Ok((host, handle))
+    }
+
+    /// Ends builds a previous run left running, removes their containers, requeues the pending.
+    async fn recover(&mut self) -> anyhow::Result<()> {
+        match self
+            .ctx
+            .executor
+            .remove_labelled(ams_docker::LABEL_HOST, &self.ctx.host_id)
+            .await
+        {
+            Ok(names) => {
+                for n in names {
+                    tracing::warn!("removed container {n} left by an interrupted build");
+                }
+            }
+            Err(e) => tracing::error!("cannot remove leftover containers now: {e}"),
+        }
+        for b in self.store.unfinished().await? {
+            match b.status {
+                BuildStatus::Running => {
+                    let reason = "interrupted by host restart";
+                    let bd = self.ctx.data.project(&b.project).build(&b.name);
+                    if let Ok(mut log) = crate::log::BuildLog::open(&bd.log(), u64::MAX, None) {
+                        log.line(&format!("build {} ended: FAIL ({reason})", b.name));
+                    }
+                    let _ = std::fs::remove_dir_all(bd.ci());
+                    let fin = Finish {
+                        status: Some(BuildStatus::Fail),
+                        reason: Some(reason.into()),
+                        finished_at: timefmt::now(),
+                        stages: b.stages.clone(),
+                        ..Default::default()
+                    };
+                    self.store.finish(b.id, &fin).await?;
+                    tracing::warn!("build {} was interrupted by a host restart: FAIL", b.name);
+                }
+                _ => {
+                    self.hub.sender(b.id);
+                    let only_latest = self.only_latest(&b.project);
+                    let skipped = self.queue.push(Queued {
+                        id: b.id,
+                        project: b.project.clone(),
+                        branch: b.branch.clone(),
+                        only_latest,
+                    });
+                    self.skip(skipped, &b.name).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn only_latest(&self, project: &str) -> bool {
+        project::private_config(&self.ctx.data.project(project))
+            .map(|c| c.only_build_latest)
+            .unwrap_or(false)
+    }
+
+    async fn skip(&mut self, ids: Vec<i64>, by_name: &str) {
+        for id in ids {
+            let fin = Finish {
+                status: Some(BuildStatus::Skip),
+                reason: Some(format!("superseded by {by_name}")),
+                finished_at: timefmt::now(),
+                ..Default::default()
+            };
+            if let Err(e) = self.store.finish(id, &fin).await {
+                tracing::error!("cannot record skipped build {id}: {e}");
+            }
+            self.hub.end(id, "skip");
+        }
+    }
+
+    /// Runs the loop until shutdown.
+    pub async fn run(mut self) {
+        self.start_ready().await;
+        while let Some(cmd) = self.rx.recv().await {
+            match cmd {
+                Command::Build(req, reply) => {
+                    let r = self.queue_build(req).await;
+                    let _ = reply.send(r);
+                    self.start_ready().await;
+                }
+                Command::Cancel { build, by, reply } => {
+                    let _ = reply.send(self.cancel(&build, &by).await);
+                }
+                Command::DeleteOutput { build, by, reply } => {
+                    self.delete_output(&build, &by, reply).await
+                }
+                Command::Complete { id, finish } => {
+                    self.complete(id, &finish).await;
+                    self.start_ready().await;
+                }
+                Command::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot().await);
+                }
+                Command::Shutdown(done) => {
+                    self.shutdown().await;
+                    let _ = done.send(());
+                    return;
+                }
+            }
+            // Reap finished worker tasks so the set stays small.
+            while let Some(r) = self.workers.try_join_next() {
+                if let Err(e) = r {
+                    tracing::error!("a build worker ended abnormally: {e}");
+                }
+            }
+        }
+    }
+
+    fn name_for(
+        &self,
+        project: &str,
+        hash: &str,
+        index: i64,
+        created: f64,
+    ) -> Result<String, String> {
+        let src = self.ctx.data.project(project).master_source();
+        let format = std::fs::read_to_string(src.join("pipeline.json"))
+            .ok()
+            .and_then(|t| pipeline::parse(&t).ok())
+            .map(|p| p.build_name_format)
+            .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
+        let mut values = BTreeMap::new();
+        values.insert("project", project.to_string());
+        values.insert("build_hash", hash.to_string());
+        values.insert("build_index", index.to_string());
+        values.insert("created", timefmt::compact(created));
+        let name = vars::expand(&format, &values)
+            .or_else(|_| vars::expand(DEFAULT_NAME_FORMAT, &values))
+            .map_err(|v| format!("unknown variable {v}"))?;
+        validate_build_name(&name).map(|_| name)
+    }
+
+    async fn queue_build(&mut self, req: BuildRequest) -> Result<BuildRecord, String> {
+        if !project::exists(&self.ctx.data, &req.project) {
+            return Err(format!("no project named `{}`", req.project));
+        }
+        if let Some(b) = &req.branch {
+            if !crate::git::valid_branch(b) {
+                return Err(format!("`{b}` is not a valid branch name"));
+            }
+        }
+        if let Some(c) = &req.commit {
+            if !crate::git::valid_commit(c) {
+                return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
+            }
+        }
+        let created = timefmt::now();
+        let hash = worker::random_hex(20);
+        let nb = NewBuild {
+            project: req.project.clone(),
+            hash: hash.clone(),
+            trigger: req.trigger.clone(),
+            branch: req.branch.clone(),
+            commit: req.commit.clone(),
+            created_by: req.actor.clone(),
+            created_at: created,
+        };
+        let project = req.project.clone();
+        let record = self
+            .store
+            .create_build(&nb, |i| self.name_for(&project, &hash, i, created))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.hub.sender(record.id);
+        let skipped = self.queue.push(Queued {
+            id: record.id,
+            project: record.project.clone(),
+            branch: record.branch.clone(),
+            only_latest: self.only_latest(&record.project),
+        });
+        self.skip(skipped, &record.name).await;
+        tracing::info!(
+            "queued build {} ({} by {})",
+            record.name,
+            record.trigger,
+            record.created_by
+        );
+        Ok(record)
+    }
+
+    async fn start_ready(&mut self) {
+        while let Some(q) = self.queue.start_next() {
+            let now = timefmt::now();
+            let record = match self.store.mark_running(q.id, now).await {
+                Ok(()) => self.store.build_by_id(q.id).await.ok().flatten(),
+                Err(e) => {
+                    tracing::error!("cannot start build {}: {e}", q.id);
+                    None
+                }
+            };
+            let Some(record) = record else {
+                self.queue.finish(q.id);
+                continue;
+            };
+            let stop = Arc::new(StopSignal::default());
+            self.active.insert(q.id, Active { stop: stop.clone() });
+            let ctx = self.ctx.clone();
+            let tx = self.tx.clone();
+            let log_tx = self.hub.sender(q.id);
+            self.workers.spawn(async move {
+                tracing::info!("build {} started", record.name);
+                let fin = worker::run_build(&ctx, &record, &stop, log_tx).await;
+                let _ = tx
+                    .send(Command::Complete {
+                        id: record.id,
+                        finish: Box::new(fin),
+                    })
+                    .await;
+            });
+        }
+    }
+
+    async fn complete(&mut self, id: i64, fin: &Finish) {
+        self.queue.finish(id);
+        self.active.remove(&id);
+        if let Err(e) = self.store.finish(id, fin).await {
+            tracing::error!("cannot record the end of build {id}: {e}");
+        }
+        let status = fin.status.unwrap_or(BuildStatus::Fail);
+        tracing::info!("build {id} finished: {status}");
+        self.hub.end(id, status.as_str());
+    }
+
+    async fn find(&self, build: &str) -> Result<BuildRecord, String> {
+        let found = match build.parse::<i64>() {
+            Ok(id) => self.store.build_by_id(id).await,
+            Err(_) => self.store.build_by_name(build).await,
+        };
+        found
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no build named `{build}`"))
+    }
+
+    async fn cancel(&mut self, build: &str, by: &str) -> Result<BuildRecord, String> {
+        let b = self.find(build).await?;
+        let now = timefmt::now();
+        if self.queue.remove_pending(b.id) {
+            self.store
+                .set_canceled(b.id, by, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            let fin = Finish {
+                status: Some(BuildStatus::Cancel),
+                reason: Some(format!("canceled by {by} before it started")),
+                finished_at: now,
+                ..Default::default()
+            };
+            self.store
+                .finish(b.id, &fin)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.hub.end(b.id, "cancel");
+        } else if let Some(a) = self.active.get(&b.id) {
+            self.store
+                .set_canceled(b.id, by, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            a.stop.stop(StopReason::Cancel { by: by.to_string() });
+        } else {
+            return Err(format!(
+                "build `{}` is already finished ({})",
+                b.name, b.status
+            ));
+        }
+        self.find(&b.id.to_string()).await
+    }
+
+    async fn delete_output(&mut self, build: &str, by: &str, reply: crate::host::Reply<()>) {
+        let b = match self.find(build).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if !b.status.is_final() {
+            let _ = reply.send(Err(format!(
+                "build `{}` is {}; cancel it before deleting its output",
+                b.name, b.status
+            )));
+            return;
+        }
+        let bd = self.ctx.data.project(&b.project).build(&b.name);
+        let store = self.store.clone();
+        let by = by.to_string();
+        self.workers.spawn(async move {
+            let removed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                for r in [
+                    std::fs::remove_dir_all(&bd.root),
+                    std::fs::remove_file(&bd.archive),
+                ] {
+                    match r {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            })
+            .await;
+            let r = match removed {
+                Ok(Ok(())) => store
+                    .mark_output_deleted(b.id, timefmt::now())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(format!("cannot delete the output of {}: {e}", b.name)),
+                Err(e) => Err(e.to_string()),
+            };
+            if r.is_ok() {
+                tracing::info!("output of build {} deleted by {by}", b.name);
+            }
+            let _ = reply.send(r);
+        });
+    }
+
+    async fn snapshot(&self) -> QueueSnapshot {
+        let mut s = QueueSnapshot::default();
+        for id in self.queue.active() {
+            if let Ok(Some(b)) = self.store.build_by_id(*id).await {
+                s.active.push(b);
+            }
+        }
+        for q in self.queue.pending() {
+            if let Ok(Some(b)) = self.store.build_by_id(q.id).await {
+                s.pending.push(b);
+            }
+        }
+        s
+    }
+
+    async fn shutdown(&mut self) {
+        for a in self.active.values() {
+            a.stop.stop(StopReason::Shutdown);
+        }
+        // Wait for the workers to report; each stops its container within its stop timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !self.active.is_empty() {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
+                Ok(Some(Command::Build(_, r))) => {
+                    let _ = r.send(Err(GONE.into()));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.workers.abort_all();
+        while self.workers.join_next().await.is_some() {}
+        self.store.close().await;
+    }
+}

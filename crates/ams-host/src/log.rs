@@ -1,0 +1,316 @@
+//! Build logs: `output.txt` plus live subscribers.
+//!
+//! [`BuildLog`] appends to the file and publishes the very same bytes, each chunk tagged with
+//! its offset in the file, on a bounded broadcast channel. Past the configured size it writes one
+//! visible truncation marker and drops the rest. A subscriber that falls behind loses chunks from
+//! the channel, never memory: it catches up by reading the file from its own offset, so memory
+//! stays bounded whatever a build prints and however slow a reader is.
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{broadcast, mpsc};
+
+/// Chunks a live subscriber may lag behind before it is told to read the file instead.
+const CHANNEL_CAPACITY: usize = 256;
+
+#[derive(Debug, Clone)]
+pub enum LogMsg {
+    /// Bytes written at this offset of output.txt.
+    Chunk { offset: u64, data: Bytes },
+    /// The build is over with this status text (lower-case, as in the API).
+    End { status: String },
+}
+
+/// Live log channels of the builds that are not finished yet.
+#[derive(Debug, Clone, Default)]
+pub struct LogHub {
+    inner: Arc<Mutex<HashMap<i64, broadcast::Sender<LogMsg>>>>,
+}
+
+impl LogHub {
+    /// The channel of a live build, created on first use.
+    pub fn sender(&self, id: i64) -> broadcast::Sender<LogMsg> {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(id)
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .clone()
+    }
+
+    /// Subscribes to a live build; `None` when the build is finished or unknown.
+    pub fn subscribe(&self, id: i64) -> Option<broadcast::Receiver<LogMsg>> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&id).map(|s| s.subscribe())
+    }
+
+    /// Ends a build's channel: subscribers get `End`, then the channel is dropped.
+    pub fn end(&self, id: i64, status: &str) {
+        let s = {
+            let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            m.remove(&id)
+        };
+        if let Some(s) = s {
+            let _ = s.send(LogMsg::End {
+                status: status.to_string(),
+            });
+        }
+    }
+}
+
+/// The writer side of one build's log.
+#[derive(Debug)]
+pub struct BuildLog {
+    file: Option<std::fs::File>,
+    path: Option<PathBuf>,
+    offset: u64,
+    limit: u64,
+    truncated: bool,
+    tx: Option<broadcast::Sender<LogMsg>>,
+    echo: bool,
+}
+
+impl BuildLog {
+    /// Opens (appending to) the log file at `path`. Writes go straight to the file (the page
+    /// cache), unbuffered, so the file always holds every byte already published: a follower
+    /// can always fill a gap from it.
+    pub fn open(
+        path: &Path,
+        limit: u64,
+        tx: Option<broadcast::Sender<LogMsg>>,
+    ) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let offset = f.metadata()?.len();
+        Ok(BuildLog {
+            file: Some(f),
+            path: Some(path.to_path_buf()),
+            offset,
+            limit,
+            truncated: false,
+            tx,
+            echo: false,
+        })
+    }
+
+    /// A log that only prints to standard output (for `amsbuild run`).
+    pub fn stdout(limit: u64) -> Self {
+        BuildLog {
+            file: None,
+            path: None,
+            offset: 0,
+            limit,
+            truncated: false,
+            tx: None,
+            echo: true,
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    fn put(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if let Some(f) = &mut self.file {
+            if let Err(e) = f.write_all(data) {
+                tracing::error!("cannot write build log: {e}");
+            }
+        }
+        if self.echo {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data);
+            let _ = out.flush();
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(LogMsg::Chunk {
+                offset: self.offset,
+                data: Bytes::copy_from_slice(data),
+            });
+        }
+        self.offset += data.len() as u64;
+    }
+
+    /// Appends build output, honouring the size limit.
+    pub fn write(&mut self, data: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.offset) as usize;
+        if data.len() <= room {
+            self.put(data);
+        } else {
+            self.put(&data[..room]);
+            self.truncated = true;
+            let marker = format!(
+                "\n[amsbuild] log truncated: it reached log_max_bytes ({} bytes, web_conf.json); \
+                 further output is dropped, the build goes on\n",
+                self.limit
+            );
+            self.put(marker.as_bytes());
+        }
+    }
+
+    /// Writes a line of AMS-Build's own (banners, results); never dropped by the size limit.
+    pub fn line(&mut self, text: &str) {
+        let mut s = String::with_capacity(text.len() + 12);
+        s.push_str("[amsbuild] ");
+        s.push_str(text);
+        s.push('\n');
+        self.put(s.as_bytes());
+    }
+}
+
+/// The reader went away.
+#[derive(Debug)]
+pub struct Gone;
+
+/// Reads `path` from `offset` up to `end` (or its end), sending each piece to `out`.
+/// Returns the new offset.
+pub async fn read_range(
+    path: &Path,
+    offset: u64,
+    end: Option<u64>,
+    out: &mpsc::Sender<Bytes>,
+) -> Result<u64, Gone> {
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Ok(offset);
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Ok(offset);
+    }
+    let mut pos = offset;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let want = match end {
+            Some(e) if e <= pos => break,
+            Some(e) => ((e - pos) as usize).min(buf.len()),
+            None => buf.len(),
+        };
+        let n = match f.read(&mut buf[..want]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pos += n as u64;
+        out.send(Bytes::copy_from_slice(&buf[..n]))
+            .await
+            .map_err(|_| Gone)?;
+    }
+    Ok(pos)
+}
+
+/// Follows a build's log from its first byte to its end: what is in the file, then the live
+/// channel, catching up from the file whenever the channel skipped. Sends each piece to `out`
+/// (bounded: a slow reader slows only itself) and returns the final status text, or `None` when
+/// the build had no live channel (it was already finished).
+pub async fn follow(
+    hub: &LogHub,
+    id: i64,
+    path: &Path,
+    out: &mpsc::Sender<Bytes>,
+) -> Result<Option<String>, Gone> {
+    let Some(mut rx) = hub.subscribe(id) else {
+        read_range(path, 0, None, out).await?;
+        return Ok(None);
+    };
+    let mut pos = read_range(path, 0, None, out).await?;
+    loop {
+        match rx.recv().await {
+            Ok(LogMsg::Chunk { offset, data }) => {
+                let end = offset + data.len() as u64;
+                if end <= pos {
+                    continue;
+                }
+                if offset > pos {
+                    // A gap the channel never carried to us: read it from the file.
+                    pos = read_range(path, pos, Some(offset), out).await?;
+                }
+                if pos >= offset && pos < end {
+                    let skip = (pos - offset) as usize;
+                    out.send(data.slice(skip..)).await.map_err(|_| Gone)?;
+                    pos = end;
+                }
+            }
+            Ok(LogMsg::End { status }) => {
+                read_range(path, pos, None, out).await?;
+                return Ok(Some(status));
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                pos = read_range(path, pos, None, out).await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                read_range(path, pos, None, out).await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn truncates_with_a_visible_marker() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("output.txt");
+        let mut log = BuildLog::open(&p, 4096, None).unwrap();
+        for _ in 0..100 {
+            log.write(&[b'x'; 100]);
+        }
+        log.line("stage done");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(log.truncated());
+        assert!(text.contains("log truncated"));
+        assert!(text.ends_with("[amsbuild] stage done\n"));
+        assert!(text.len() < 4096 + 400, "{}", text.len());
+    }
+
+    #[tokio::test]
+    async fn a_slow_follower_sees_every_byte_in_order() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("output.txt");
+        let hub = LogHub::default();
+        let mut log = BuildLog::open(&p, u64::MAX, Some(hub.sender(7))).unwrap();
+        log.write(b"before subscribe\n");
+        let path = p.clone();
+        let hub2 = hub.clone();
+        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+        let reader = tokio::spawn(async move { follow(&hub2, 7, &path, &tx).await.unwrap() });
+        let collector = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(b) = rx.recv().await {
+                got.extend_from_slice(&b);
+            }
+            got
+        });
+        let mut want = b"before subscribe\n".to_vec();
+        // Far more chunks than the channel holds, so the follower must catch up from the file.
+        for i in 0..5000 {
+            let line = format!("line {i}\n");
+            log.write(line.as_bytes());
+            want.extend_from_slice(line.as_bytes());
+            if i % 1000 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        hub.end(7, "pass");
+        let status = reader.await.unwrap();
+        let got = collector.await.unwrap();
+        assert_eq!(status.as_deref(), Some("pass"));
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
+    }
+}

@@ -1,0 +1,818 @@
+//! One build, from its queue slot to its final record: prepare (git update of master, copy into
+//! the build folder, trusted host commands), execute (the stages in one container through the
+//! Executor), clean up (7z, hash, source removal). Every failure becomes a FAIL with a reason
+//! written to the build's log; nothing here panics on input or touches the queue.
+
+use crate::copy::copy_tree;
+use crate::git::{self, GitAuth};
+use crate::log::{BuildLog, LogMsg};
+use crate::paths::DataDir;
+use crate::project;
+use crate::timefmt;
+use ams_core::docker_args::{self, DockerOptions};
+use ams_core::pipeline::{self, Pipeline};
+use ams_core::private_config::PrivateConfig;
+use ams_core::protocol::{self, Event, Splitter};
+use ams_core::status::BuildStatus;
+use ams_core::vars;
+use ams_core::webconf::WebConf;
+use ams_docker::{BindMount, ContainerSpec, Executor, RunEnd};
+use ams_store::{BuildRecord, Finish, StageResult};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Why a build is being stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Cancel { by: String },
+    Timeout { secs: u64 },
+    Shutdown,
+}
+
+/// Tells a running build to stop, and why. The first reason wins.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    reason: Mutex<Option<StopReason>>,
+}
+
+impl StopSignal {
+    pub fn stop(&self, reason: StopReason) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+/// What every worker shares.
+pub struct WorkerContext {
+    pub data: DataDir,
+    pub conf: Arc<WebConf>,
+    pub executor: Arc<dyn Executor>,
+    pub host_id: String,
+    /// One lock per project around the update and copy of master.
+    pub master_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl WorkerContext {
+    fn master_lock(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.master_locks.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(project.to_string()).or_default().clone()
+    }
+}
+
+/// What the stages of one execution need.
+pub struct ExecRequest<'a> {
+    pub pipeline: &'a Pipeline,
+    pub vars: &'a BTreeMap<&'static str, String>,
+    pub private: &'a PrivateConfig,
+    pub conf: &'a WebConf,
+    pub container_name: String,
+    pub labels: HashMap<String, String>,
+    pub source_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub ci_dir: PathBuf,
+    pub deadline: Instant,
+    pub timeout_secs: u64,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone)]
+pub struct ExecOutcome {
+    pub status: BuildStatus,
+    pub reason: Option<String>,
+    pub stages: Vec<StageResult>,
+}
+
+impl ExecOutcome {
+    fn fail(reason: impl Into<String>) -> Self {
+        ExecOutcome {
+            status: BuildStatus::Fail,
+            reason: Some(reason.into()),
+            stages: Vec::new(),
+        }
+    }
+}
+
+/// The outcome of a build stopped early, or `None` when it was not stopped.
+pub fn stopped_outcome(stop: &StopSignal) -> Option<(BuildStatus, String)> {
+    stop.reason().map(|r| match r {
+        StopReason::Cancel { by } => (BuildStatus::Cancel, format!("canceled by {by}")),
+        StopReason::Timeout { secs } => (
+            BuildStatus::Fail,
+            format!("timed out after {secs} s (build timeout)"),
+        ),
+        StopReason::Shutdown => (BuildStatus::Fail, "interrupted by host restart".to_string()),
+    })
+}
+
+fn expand(field: &str, s: &str, values: &BTreeMap<&'static str, String>) -> Result<String, String> {
+    vars::expand(s, values)
+        .map_err(|v| format!("pipeline.json: field `{field}`: variable `{{{v}}}` has no value"))
+}
+
+/// Container options from docker.args plus the host's default limits.
+pub fn container_options(
+    args: &str,
+    private: &PrivateConfig,
+    conf: &WebConf,
+) -> Result<DockerOptions, String> {
+    let mut o = docker_args::parse(args, &private.trusted_docker_keys())
+        .map_err(|e| format!("pipeline.json: field `docker.args`: {e}"))?;
+    o.memory.get_or_insert(conf.memory_bytes());
+    o.nano_cpus
+        .get_or_insert((conf.container_cpus * 1e9) as i64);
+    o.pids_limit.get_or_insert(conf.container_pids_limit);
+    Ok(o)
+}
+
+/// Runs the stages of a pipeline in one container and reports each stage into the log.
+pub async fn execute(
+    executor: &dyn Executor,
+    req: ExecRequest<'_>,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> ExecOutcome {
+    let p = req.pipeline;
+    let v = req.vars;
+    let prepared = (|| -> Result<_, String> {
+        let image = expand("docker.image", &p.docker.image, v)?;
+        let args = expand("docker.args", &p.docker.args, v)?;
+        let project_dest = expand("docker.project-dest", &p.docker.project_dest, v)?;
+        let output_dest = expand("docker.build-output-dest", &p.docker.build_output_dest, v)?;
+        let mut env = vec!["CI=true".to_string()];
+        for (k, val) in &p.environment {
+            env.push(format!(
+                "{k}={}",
+                expand(&format!("environment.{k}"), val, v)?
+            ));
+        }
+        let mut scripts = Vec::new();
+        for (i, s) in p.stages.iter().enumerate() {
+            let cmds = s
+                .commands
+                .iter()
+                .enumerate()
+                .map(|(j, c)| expand(&format!("pipeline[{i}].commands[{j}]"), c, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            scripts.push(protocol::stage_script(&cmds));
+        }
+        let options = container_options(&args, req.private, req.conf)?;
+        Ok((image, project_dest, output_dest, env, scripts, options))
+    })();
+    let (image, project_dest, output_dest, env, scripts, options) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            log.line(&e);
+            return ExecOutcome::fail(e);
+        }
+    };
+
+    log.line(&format!("image {image}"));
+    let progress_lines = Mutex::new((0u32, String::new()));
+    let progress = |msg: String| {
+        let mut g = progress_lines.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 < 50 && g.1 != msg {
+            g.0 += 1;
+            g.1 = msg;
+        }
+    };
+    let ensured = tokio::select! {
+        r = executor.ensure_image(&image, &progress) => r,
+        _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
+    };
+    if let Err(e) = ensured {
+        let msg = e.to_string();
+        log.line(&msg);
+        return ExecOutcome::fail(msg);
+    }
+
+    // Stage scripts and the driver live in a folder of their own, mounted read-only.
+    let nonce = random_hex(16);
+    let written = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&req.ci_dir)?;
+        for (i, s) in scripts.iter().enumerate() {
+            std::fs::write(req.ci_dir.join(format!("stage-{i}.sh")), s)?;
+        }
+        std::fs::write(
+            req.ci_dir.join("driver.sh"),
+            protocol::driver_script("/.ams-ci", &nonce, scripts.len()),
+        )
+    })();
+    if let Err(e) = written {
+        let msg = format!(
+            "cannot write stage scripts to {}: {e}",
+            req.ci_dir.display()
+        );
+        log.line(&msg);
+        return ExecOutcome::fail(msg);
+    }
+
+    let path_str = |p: &Path| p.to_string_lossy().to_string();
+    let spec = ContainerSpec {
+        name: req.container_name.clone(),
+        image,
+        labels: req.labels.clone(),
+        env,
+        cmd: vec!["/bin/sh".into(), "/.ams-ci/driver.sh".into()],
+        workdir: Some(project_dest.clone()),
+        mounts: vec![
+            BindMount {
+                host: path_str(&req.source_dir),
+                container: project_dest,
+                read_only: false,
+            },
+            BindMount {
+                host: path_str(&req.output_dir),
+                container: output_dest,
+                read_only: false,
+            },
+            BindMount {
+                host: path_str(&req.ci_dir),
+                container: "/.ams-ci".into(),
+                read_only: true,
+            },
+        ],
+        options,
+        stop_timeout_secs: p.docker.stop_timeout_secs,
+    };
+
+    log.line(&format!("container {}", req.container_name));
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    let run = executor.run(spec, tx, stop.token().clone());
+    tokio::pin!(run);
+    let deadline = tokio::time::sleep_until(req.deadline.into());
+    tokio::pin!(deadline);
+
+    let mut splitter = Splitter::new(&nonce);
+    let mut stages: Vec<StageResult> = Vec::new();
+    let mut current: Option<(usize, Instant, f64)> = None;
+    let mut events = Vec::new();
+    let mut run_result = None;
+    let mut rx_open = true;
+    let handle = |events: &mut Vec<Event>,
+                  log: &mut BuildLog,
+                  stages: &mut Vec<StageResult>,
+                  current: &mut Option<(usize, Instant, f64)>| {
+        let mut pending: Vec<u8> = Vec::new();
+        for ev in events.drain(..) {
+            match ev {
+                Event::Output(b) => pending.extend_from_slice(&b),
+                Event::Begin(i) => {
+                    log.write(&pending);
+                    pending.clear();
+                    let name = p.stages.get(i).map(|s| s.name.as_str()).unwrap_or("?");
+                    log.line(&format!("==> stage {}/{}: {name}", i + 1, p.stages.len()));
+                    *current = Some((i, Instant::now(), timefmt::now()));
+                }
+                Event::End {
+                    stage,
+                    code,
+                    last_line,
+                } => {
+                    log.write(&pending);
+                    pending.clear();
+                    let Some(def) = p.stages.get(stage) else {
+                        continue;
+                    };
+                    let (started, started_at) = match current.take() {
+                        Some((i, t, at)) if i == stage => (t, at),
+                        _ => (Instant::now(), timefmt::now()),
+                    };
+                    let passed = protocol::stage_passed(code, &last_line, def.exit_line.as_deref());
+                    let secs = started.elapsed().as_secs_f64();
+                    let how = match &def.exit_line {
+                        Some(want) => format!(", last line {last_line:?}, exit-line {want:?}"),
+                        None => String::new(),
+                    };
+                    log.line(&format!(
+                        "<== stage {}/{}: {} exit code {code}{how}: {} in {secs:.2} s",
+                        stage + 1,
+                        p.stages.len(),
+                        def.name,
+                        if passed { "PASS" } else { "FAIL" }
+                    ));
+                    stages.push(StageResult {
+                        name: def.name.clone(),
+                        exit_code: Some(code),
+                        passed,
+                        started_at,
+                        duration_secs: secs,
+                    });
+                }
+            }
+        }
+        log.write(&pending);
+    };
+    loop {
+        tokio::select! {
+            r = &mut run, if run_result.is_none() => run_result = Some(r),
+            chunk = rx.recv(), if rx_open => match chunk {
+                Some(c) => {
+                    splitter.feed(&c, &mut events);
+                    handle(&mut events, log, &mut stages, &mut current);
+                }
+                None => rx_open = false,
+            },
+            _ = &mut deadline, if !stop.token().is_cancelled() => {
+                stop.stop(StopReason::Timeout { secs: req.timeout_secs });
+            }
+        }
+        if run_result.is_some() && !rx_open {
+            break;
+        }
+    }
+    splitter.finish(&mut events);
+    handle(&mut events, log, &mut stages, &mut current);
+
+    let end = match run_result {
+        Some(Ok(end)) => end,
+        Some(Err(e)) => {
+            let msg = e.to_string();
+            log.line(&msg);
+            return ExecOutcome {
+                status: BuildStatus::Fail,
+                reason: Some(msg),
+                stages,
+            };
+        }
+        None => RunEnd::Exited(-1),
+    };
+    if let Some((i, t, at)) = current.take() {
+        // The stage was cut off (stopped, or the container died).
+        let def = &p.stages[i.min(p.stages.len() - 1)];
+        stages.push(StageResult {
+            name: def.name.clone(),
+            exit_code: None,
+            passed: false,
+            started_at: at,
+            duration_secs: t.elapsed().as_secs_f64(),
+        });
+    }
+    match end {
+        RunEnd::Stopped(_) if stop.reason().is_some() => stopped(stop, stages, log),
+        RunEnd::Exited(code) | RunEnd::Stopped(code) => {
+            let mut passed: Vec<bool> = stages.iter().map(|s| s.passed).collect();
+            let mut reason = None;
+            if stages.len() < p.stages.len() {
+                let msg = format!(
+                    "the container ended with code {code} after {} of {} stages{}",
+                    stages.len(),
+                    p.stages.len(),
+                    if code == 137 {
+                        " (killed: out of memory?)"
+                    } else {
+                        ""
+                    }
+                );
+                log.line(&msg);
+                reason = Some(msg);
+                passed.resize(p.stages.len(), false);
+            }
+            ExecOutcome {
+                status: BuildStatus::from_stage_results(&passed),
+                reason,
+                stages,
+            }
+        }
+    }
+}
+
+fn stopped(stop: &StopSignal, stages: Vec<StageResult>, log: &mut BuildLog) -> ExecOutcome {
+    let (status, reason) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
+    log.line(&reason);
+    ExecOutcome {
+        status,
+        reason: Some(reason),
+        stages,
+    }
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Values of the pipeline variables for a build.
+pub fn build_vars(
+    data: &DataDir,
+    b: &BuildRecord,
+    git_hash: &str,
+) -> BTreeMap<&'static str, String> {
+    let pd = data.project(&b.project);
+    let bd = pd.build(&b.name);
+    let s = |p: PathBuf| p.to_string_lossy().to_string();
+    let mut m = BTreeMap::new();
+    m.insert("project", b.project.clone());
+    m.insert("build_name", b.name.clone());
+    m.insert("build_hash", b.hash.clone());
+    m.insert("build_index", b.build_index.to_string());
+    m.insert("git_hash", git_hash.to_string());
+    m.insert("actor", b.created_by.clone());
+    m.insert("created", timefmt::compact(b.created_at));
+    m.insert("project_dir", s(pd.root.clone()));
+    m.insert("build_dir", s(bd.root.clone()));
+    m.insert("master_source_dir", s(pd.master_source()));
+    m.insert("build_source_dir", s(bd.source()));
+    m.insert("master_build_name", "master".to_string());
+    m
+}
+
+/// Runs trusted host commands one by one in `dir`, streaming their output into the log.
+async fn host_commands(
+    what: &str,
+    commands: &[String],
+    dir: &Path,
+    values: &BTreeMap<&'static str, String>,
+    trusted: bool,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> Result<(), String> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    if !trusted {
+        log.line(&format!(
+            "refused {} host command(s) of prepare-build.{what}: the project's private \
+             config/pipeline-config.json does not set \"trust-host-commands\": true; the built-in \
+             git update prepared the source instead",
+            commands.len()
+        ));
+        return Ok(());
+    }
+    for (i, c) in commands.iter().enumerate() {
+        let cmd = expand(&format!("prepare-build.{what}[{i}]"), c, values)?;
+        log.line(&format!("host $ {cmd}"));
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 2>&1\n{cmd}"))
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run host command: {e}"))?;
+        let mut out = child.stdout.take().ok_or("no stdout")?;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            use tokio::io::AsyncReadExt;
+            tokio::select! {
+                n = out.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => log.write(&buf[..n]),
+                },
+                _ = stop.token().cancelled() => return Err("stopped".into()),
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| format!("host command: {e}"))?;
+        if !status.success() {
+            return Err(format!("prepare-build.{what}[{i}] failed with {status}"));
+        }
+    }
+    Ok(())
+}
+
+/// Everything before the stages: the private config, the git update, pipeline.json, the copy.
+struct Prepared {
+    pipeline: Pipeline,
+    private: PrivateConfig,
+    git_hash: Option<String>,
+}
+
+async fn prepare(
+    ctx: &WorkerContext,
+    b: &BuildRecord,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> Result<Prepared, String> {
+    let pd = ctx.data.project(&b.project);
+    let bd = pd.build(&b.name);
+    if !project::exists(&ctx.data, &b.project) {
+        return Err(format!("project `{}` no longer exists", b.project));
+    }
+    let private = project::private_config(&pd)?;
+    let auth = GitAuth {
+        ssh_key: private.ssh_key.as_ref().map(|k| pd.config().join(k)),
+    };
+    let lock = ctx.master_lock(&b.project);
+    let _guard = lock.lock().await;
+    let src = pd.master_source();
+    let git_hash = if src.join(".git").exists() {
+        let branch = b.branch.clone().or_else(|| private.branch.clone());
+        log.line(&format!(
+            "updating master: {}",
+            match (&b.commit, &branch) {
+                (Some(c), _) => format!("commit {c}"),
+                (None, Some(br)) => format!("head of branch {br}"),
+                (None, None) => "head of the default branch".to_string(),
+            }
+        ));
+        let h = git::update(
+            &src,
+            branch.as_deref(),
+            b.commit.as_deref(),
+            &auth,
+            stop.token(),
+        )
+        .await?;
+        log.line(&format!("git_hash {h}"));
+        Some(h)
+    } else {
+        log.line("master/project_source is not a git checkout: building it as it is");
+        None
+    };
+    let pipeline_path = src.join("pipeline.json");
+    let text = std::fs::read_to_string(&pipeline_path).map_err(|e| {
+        format!(
+            "{}: {e}; add a pipeline.json at the root of the source",
+            pipeline_path.display()
+        )
+    })?;
+    let pipeline = pipeline::parse(&text).map_err(|e| e.to_string())?;
+    for w in &pipeline.warnings {
+        log.line(w);
+    }
+    let values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
+    host_commands(
+        "master-dir-commands",
+        &pipeline.prepare.master_dir_commands,
+        &src,
+        &values,
+        private.trust_host_commands,
+        log,
+        stop,
+    )
+    .await?;
+
+    // Copy master into the build, so later updates of master cannot touch it.
+    let started = Instant::now();
+    let (from_src, to_src) = (src.clone(), bd.source());
+    let (from_out, to_out) = (pd.master_build(), bd.output());
+    let mode = private.source_copy;
+    let stats = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        for p in [&to_src, &to_out] {
+            if p.exists() {
+                std::fs::remove_dir_all(p)?;
+            }
+        }
+        let st = copy_tree(&from_src, &to_src, mode)?;
+        if from_out.is_dir() {
+            copy_tree(
+                &from_out,
+                &to_out,
+                ams_core::private_config::SourceCopy::Copy,
+            )?;
+        } else {
+            std::fs::create_dir_all(&to_out)?;
+        }
+        Ok(st)
+    })
+    .await
+    .map_err(|e| format!("copy task: {e}"))?
+    .map_err(|e| format!("cannot copy master into the build folder: {e}"))?;
+    log.line(&format!(
+        "copied master into builds/{} ({} files, {} linked, {} copied) in {:.2} s",
+        b.name,
+        stats.files,
+        stats.files - stats.copied,
+        stats.copied,
+        started.elapsed().as_secs_f64()
+    ));
+    drop(_guard);
+
+    host_commands(
+        "build-dir-commands",
+        &pipeline.prepare.build_dir_commands,
+        &bd.source(),
+        &values,
+        private.trust_host_commands,
+        log,
+        stop,
+    )
+    .await?;
+    Ok(Prepared {
+        pipeline,
+        private,
+        git_hash,
+    })
+}
+
+/// Runs a whole build and returns its final record. `log_tx` publishes the live log.
+pub async fn run_build(
+    ctx: &WorkerContext,
+    b: &BuildRecord,
+    stop: &StopSignal,
+    log_tx: broadcast::Sender<LogMsg>,
+) -> Finish {
+    let started = Instant::now();
+    let pd = ctx.data.project(&b.project);
+    let bd = pd.build(&b.name);
+    let mut fin = Finish {
+        status: Some(BuildStatus::Fail),
+        ..Default::default()
+    };
+    if let Err(e) = std::fs::create_dir_all(&bd.root) {
+        fin.reason = Some(format!("cannot create {}: {e}", bd.root.display()));
+        fin.finished_at = timefmt::now();
+        return fin;
+    }
+    let mut log = match BuildLog::open(&bd.log(), ctx.conf.log_max_bytes, Some(log_tx)) {
+        Ok(l) => l,
+        Err(e) => {
+            fin.reason = Some(format!("cannot write {}: {e}", bd.log().display()));
+            fin.finished_at = timefmt::now();
+            return fin;
+        }
+    };
+    log.line(&format!(
+        "AMS-Build {}: build {} of project {} (trigger {}, by {}, queued {})",
+        env!("CARGO_PKG_VERSION"),
+        b.name,
+        b.project,
+        b.trigger,
+        b.created_by,
+        timefmt::iso(b.created_at)
+    ));
+
+    // One deadline covers preparation and stages.
+    let timeout_secs = ctx.conf.build_timeout_secs;
+    let prepared = tokio::select! {
+        r = prepare(ctx, b, &mut log, stop) => Some(r),
+        _ = tokio::time::sleep(Duration::from_secs(timeout_secs)) => {
+            stop.stop(StopReason::Timeout { secs: timeout_secs });
+            None
+        }
+        _ = stop.token().cancelled() => None,
+    };
+    let mut cleanup_pipeline: Option<Pipeline> = None;
+    let outcome = match prepared {
+        None => {
+            let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
+            log.line(&r);
+            ExecOutcome {
+                status: s,
+                reason: Some(r),
+                stages: Vec::new(),
+            }
+        }
+        Some(Err(e)) => {
+            let (status, reason) = match stopped_outcome(stop) {
+                Some(x) => x,
+                None => (BuildStatus::Fail, e),
+            };
+            log.line(&format!("build failed before its stages: {reason}"));
+            ExecOutcome {
+                status,
+                reason: Some(reason),
+                stages: Vec::new(),
+            }
+        }
+        Some(Ok(prep)) => {
+            fin.git_hash = prep.git_hash.clone();
+            cleanup_pipeline = Some(prep.pipeline.clone());
+            let p = &prep.pipeline;
+            if p.dummy_build {
+                log.line("dummy build: no container is run");
+                ExecOutcome {
+                    status: BuildStatus::Dummy,
+                    reason: None,
+                    stages: Vec::new(),
+                }
+            } else {
+                let timeout = p.timeout_secs.unwrap_or(timeout_secs);
+                let values = build_vars(&ctx.data, b, prep.git_hash.as_deref().unwrap_or(""));
+                let mut labels = HashMap::new();
+                labels.insert(ams_docker::LABEL_HOST.to_string(), ctx.host_id.clone());
+                labels.insert(ams_docker::LABEL_BUILD_ID.to_string(), b.id.to_string());
+                labels.insert(ams_docker::LABEL_BUILD_NAME.to_string(), b.name.clone());
+                labels.insert(ams_docker::LABEL_PROJECT.to_string(), b.project.clone());
+                let req = ExecRequest {
+                    pipeline: p,
+                    vars: &values,
+                    private: &prep.private,
+                    conf: &ctx.conf,
+                    container_name: ams_core::names::sanitize_container_name(&format!(
+                        "{}{}",
+                        b.project, b.hash
+                    )),
+                    labels,
+                    source_dir: bd.source(),
+                    output_dir: bd.output(),
+                    ci_dir: bd.ci(),
+                    deadline: started + Duration::from_secs(timeout),
+                    timeout_secs: timeout,
+                };
+                execute(ctx.executor.as_ref(), req, &mut log, stop).await
+            }
+        }
+    };
+    fin.status = Some(outcome.status);
+    fin.reason = outcome.reason;
+    fin.stages = outcome.stages;
+    let _ = std::fs::remove_dir_all(bd.ci());
+
+    if stop.reason() != Some(StopReason::Shutdown) {
+        if let Some(p) = &cleanup_pipeline {
+            cleanup(&bd, &b.name, p, &mut fin, &mut log).await;
+        }
+    }
+    fin.finished_at = timefmt::now();
+    log.line(&format!(
+        "build {} finished: {}{} in {:.2} s",
+        b.name,
+        outcome.status,
+        fin.reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        started.elapsed().as_secs_f64()
+    ));
+    fin
+}
+
+async fn cleanup(
+    bd: &crate::paths::BuildDir,
+    name: &str,
+    p: &Pipeline,
+    fin: &mut Finish,
+    log: &mut BuildLog,
+) {
+    let c = p.cleanup.clone();
+    if c.archive && bd.output().is_dir() {
+        let (out, archive) = (bd.output(), bd.archive.clone());
+        let started = Instant::now();
+        let packed = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let summary = ams_archive::pack_dir(&out, &archive).map_err(|e| e.to_string())?;
+            let hash = match c.hash {
+                Some(k) => Some((
+                    k.name().to_string(),
+                    ams_archive::hash_file(&archive, k).map_err(|e| e.to_string())?,
+                )),
+                None => None,
+            };
+            std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok((summary, hash))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match packed {
+            Ok((s, hash)) => {
+                log.line(&format!(
+                    "archived build output to {name}.7z ({} files, {} links, {} bytes) in {:.2} s",
+                    s.files,
+                    s.symlinks,
+                    s.bytes,
+                    started.elapsed().as_secs_f64()
+                ));
+                fin.archive_name = Some(format!("{name}.7z"));
+                if let Some((kind, h)) = hash {
+                    log.line(&format!("7z_hash {kind} {h}"));
+                    fin.archive_hash = Some(h);
+                    fin.archive_hash_kind = Some(kind);
+                }
+            }
+            Err(e) => {
+                let msg =
+                    format!("archiving the build output failed: {e}; the output folder is kept");
+                log.line(&msg);
+                let _ = std::fs::remove_file(bd.archive.with_extension("7z.partial"));
+                fin.reason = Some(match fin.reason.take() {
+                    Some(r) => format!("{r}; {msg}"),
+                    None => msg,
+                });
+            }
+        }
+    }
+    if p.cleanup.remove_build_source {
+        if let Err(e) = std::fs::remove_dir_all(bd.source()) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log.line(&format!("could not remove the build source: {e}"));
+            }
+        }
+    }
+}
