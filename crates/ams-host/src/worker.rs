@@ -258,7 +258,7 @@ pub async fn execute(
     };
 
     log.line(&format!("container {}", req.container_name));
-    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
     let run = executor.run(spec, tx, stop.token().clone());
     tokio::pin!(run);
     let deadline = tokio::time::sleep_until(req.deadline.into());

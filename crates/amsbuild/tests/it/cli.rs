@@ -1,0 +1,138 @@
+//! The command line without builds: data directory creation, configuration errors, names,
+//! and what the commands say when no host runs.
+
+use crate::harness::*;
+use serde_json::json;
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn commands_say_when_no_host_runs() {
+    let h = TestHost::new();
+    for args in [
+        vec!["build", "x"],
+        vec!["builds", "x"],
+        vec!["cancel", "x"],
+        vec!["delete-output", "x"],
+        vec!["status"],
+    ] {
+        let o = h.cli(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            text(&o).contains("no amsbuild host is running"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("fresh");
+    let mut child = std::process::Command::new(bin())
+        .arg("serve")
+        .env("AMSBUILD_HOME", &data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the socket", std::time::Duration::from_secs(30), || {
+        data.join("amsbuild.sock").exists().then_some(())
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("web_conf.json")).unwrap())
+            .unwrap();
+    assert_eq!(conf["web_interface_port"], 8080);
+    assert_eq!(conf["webhook_port"], 8081);
+    assert_eq!(conf["web_root"], "ams-build");
+    assert_eq!(conf["max_active_builds"], 2);
+    assert!(data.join("ams.db").exists());
+    assert!(data.join("projects").is_dir());
+    assert!(
+        !data.join("amsbuild.sock").exists(),
+        "the socket is removed at stop"
+    );
+
+    // A second start reuses the directory and keeps an edited configuration.
+    std::fs::write(data.join("web_conf.json"), r#"{"max_active_builds": 3}"#).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .arg("serve")
+        .env("AMSBUILD_HOME", &data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the socket", std::time::Duration::from_secs(30), || {
+        data.join("amsbuild.sock").exists().then_some(())
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let again = std::fs::read_to_string(data.join("web_conf.json")).unwrap();
+    assert_eq!(again, r#"{"max_active_builds": 3}"#);
+}
+
+#[test]
+fn a_bad_web_conf_stops_the_start_naming_file_line_and_key() {
+    let h = TestHost::new();
+    std::fs::write(
+        h.data.join("web_conf.json"),
+        "{\n  \"web_root\": \"ams-build\",\n  \"max_active_bulds\": 2\n}\n",
+    )
+    .unwrap();
+    let o = h.cli(&["serve"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("web_conf.json"), "{t}");
+    assert!(t.contains("line 3"), "{t}");
+    assert!(t.contains("max_active_bulds"), "{t}");
+
+    std::fs::write(h.data.join("web_conf.json"), "{\n \"use_ssl\": tru e\n}").unwrap();
+    let t = text(&h.cli(&["serve"]));
+    assert!(t.contains("web_conf.json: line 2"), "{t}");
+}
+
+#[test]
+fn bad_project_names_are_refused() {
+    let h = TestHost::new();
+    let long = "a".repeat(65);
+    for name in ["a/b", "..", "a b", "a\u{1}b", long.as_str(), "../x"] {
+        let o = h.cli(&["project", "init", name]);
+        assert!(!o.status.success(), "{name:?} accepted");
+        assert!(text(&o).contains("project name"), "{}", text(&o));
+    }
+    assert!(!h.data.join("x").exists());
+    let o = h.cli(&["project", "init", &"a".repeat(64)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn project_add_with_a_bad_url_leaves_nothing() {
+    let h = TestHost::new();
+    let missing = h.tmp.path().join("no-such-repo");
+    let o = h.cli(&["project", "add", "p", "--git", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot add project"), "{}", text(&o));
+    assert!(!h.data.join("projects/p").exists());
+}
+
+#[test]
+fn run_refuses_a_malformed_pipeline_with_its_field() {
+    let h = TestHost::new();
+    let dir = h.tmp.path().join("src");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pipeline.json"), pipeline(json!([]))).unwrap();
+    let o = h.cmd().args(["run", "--dir"]).arg(&dir).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("field `pipeline`"), "{}", text(&o));
+}

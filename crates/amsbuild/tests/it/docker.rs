@@ -1,0 +1,685 @@
+//! The Docker suite: real builds in real containers through the Docker Engine API.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+fn one_build(h: &TestHost, project: &str, pipeline_json: &str) -> (Value, String) {
+    h.project(project, pipeline_json);
+    let name = h.build(project);
+    let r = h.wait_status(project, &name, T);
+    let log = h.log(project, &name);
+    (r, log)
+}
+
+#[test]
+fn pass_fail_and_warn_follow_the_stages() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "pass",
+        &pipeline_with(
+            json!([
+                stage("one", &["echo first $MODE"]),
+                stage("two", &["test -f /.ams-ci/driver.sh", "echo second"])
+            ]),
+            json!({"environment": {"MODE": "release"}}),
+        ),
+    );
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("first release"), "{log}");
+    let stages = r["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0]["name"], "one");
+    assert_eq!(stages[1]["exit_code"], 0);
+    assert!(stages[0]["duration_secs"].as_f64().unwrap() >= 0.0);
+    assert!(r["started_at"].as_f64().unwrap() >= r["created_at"].as_f64().unwrap());
+    assert!(r["finished_at"].as_f64().unwrap() >= r["started_at"].as_f64().unwrap());
+
+    let (r, log) = one_build(
+        &h,
+        "fail",
+        &pipeline(json!([stage("a", &["exit 3"]), stage("b", &["false"])])),
+    );
+    assert_eq!(r["status"], "fail", "{log}");
+    assert_eq!(r["stages"][0]["exit_code"], 3);
+    assert!(log.contains("exit code 3"), "{log}");
+
+    let (r, log) = one_build(
+        &h,
+        "warn",
+        &pipeline(json!([
+            stage("ok", &["true"]),
+            stage("bad", &["echo nope; exit 1"]),
+            stage("ok2", &["true"])
+        ])),
+    );
+    assert_eq!(r["status"], "warn", "{log}");
+    let passed: Vec<bool> = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["passed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(passed, vec![true, false, true]);
+
+    // exit-line: the described system's rule, the last printed line decides.
+    let (r, log) = one_build(
+        &h,
+        "exitline",
+        &pipeline(json!([
+            {"name": "by-line", "commands": ["echo done; echo 0; exit 1"], "exit-line": "0"},
+            {"name": "by-line-bad", "commands": ["echo 1"], "exit-line": "0"}
+        ])),
+    );
+    assert_eq!(r["status"], "warn", "{log}");
+    assert_eq!(r["stages"][0]["passed"], true);
+    assert_eq!(r["stages"][1]["passed"], false);
+    assert!(h.containers().is_empty(), "containers left behind");
+}
+
+#[test]
+fn each_stage_gets_a_fresh_shell_and_containers_are_unprivileged() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "iso",
+        &pipeline(json!([
+            stage("set", &["export LEAK=yes", "cd /tmp"]),
+            stage("check", &[
+                "test -z \"$LEAK\"",
+                "test \"$(pwd)\" = /root/project",
+                "grep -q 'NoNewPrivs:\t1' /proc/self/status",
+                "test ! -e /var/run/docker.sock",
+                "test \"$(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)\" = 4096",
+                "echo isolated"
+            ]),
+        ])),
+    );
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("isolated"));
+}
+
+#[test]
+fn canceling_pending_and_active_builds() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    h.start();
+    h.project(
+        "c",
+        &pipeline(json!([stage(
+            "trap",
+            &[
+                "trap 'echo got TERM' TERM",
+                "echo waiting",
+                "while true; do sleep 1; done"
+            ]
+        )])),
+    );
+    let first = h.build("c");
+    let second = h.build("c");
+    h.wait_running("c", &first);
+
+    // The pending build leaves the queue at once.
+    let a = h.req(json!({"cmd": "cancel", "build": second, "actor": "carol"}));
+    assert_eq!(a["ok"], true, "{a}");
+    let r = h.record("c", &second);
+    assert_eq!(r["status"], "cancel");
+    assert_eq!(r["canceled_by"], "carol");
+    assert!(r["canceled_at"].as_f64().is_some());
+
+    // The active build's stage traps SIGTERM: it hears it, then is killed after stop-timeout.
+    let t0 = Instant::now();
+    let a = h.req(json!({"cmd": "cancel", "build": first, "actor": "dave"}));
+    assert_eq!(a["ok"], true, "{a}");
+    let r = h.wait_status("c", &first, Duration::from_secs(30));
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert_eq!(r["status"], "cancel");
+    assert_eq!(r["canceled_by"], "dave");
+    let log = h.log("c", &first);
+    assert!(
+        log.contains("got TERM"),
+        "the stage never saw SIGTERM:\n{log}"
+    );
+    assert!(log.contains("canceled by dave"), "{log}");
+    assert!(h.containers().is_empty(), "container left behind");
+    // A finished build cannot be canceled.
+    let a = h.req(json!({"cmd": "cancel", "build": first}));
+    assert_eq!(a["ok"], false);
+}
+
+#[test]
+fn a_hung_build_times_out_with_its_own_reason() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "hang",
+        &pipeline_with(
+            json!([stage("hang", &["sleep 600"])]),
+            json!({"timeout": 2}),
+        ),
+    );
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 2 s"),
+        "{r}"
+    );
+    assert!(h.containers().is_empty());
+}
+
+#[test]
+fn a_missing_image_fails_with_the_pull_error() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let p = pipeline(json!([stage("x", &["true"])])).replace(IMAGE, "ams-no-such-image:never");
+    let (r, log) = one_build(&h, "noimg", &p);
+    assert_eq!(r["status"], "fail");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not be pulled"),
+        "{r}"
+    );
+    assert!(log.contains("ams-no-such-image:never"), "{log}");
+}
+
+#[test]
+fn malformed_pipelines_fail_at_once_and_the_next_build_runs() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    h.start();
+    let good = pipeline(json!([stage("s", &["echo fine"])]));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "syntax",
+            "{\n  \"docker\": {\n    \"image\": \"x\",,\n  }\n}".into(),
+            "line 3 column",
+        ),
+        (
+            "wrongtype",
+            good.replace(
+                "\"commands\": [\n        \"echo fine\"\n      ]",
+                "\"commands\": 5",
+            ),
+            "pipeline[0].commands",
+        ),
+        (
+            "nodocker",
+            serde_json::to_string(&json!({"pipeline": [stage("s", &["true"])]})).unwrap(),
+            "field `docker`",
+        ),
+        ("empty", pipeline(json!([])), "field `pipeline`: is empty"),
+        (
+            "unknownvar",
+            pipeline(json!([stage("s", &["echo {no_such_var}"])])),
+            "pipeline[0].commands[0]",
+        ),
+        (
+            "badargs",
+            pipeline_with(
+                json!([stage("s", &["true"])]),
+                json!({"docker": {"image": IMAGE, "args": "--privileged", "project-dest": "/p", "build-output-dest": "/o"}}),
+            ),
+            "--privileged",
+        ),
+        (
+            "unknownflag",
+            pipeline_with(
+                json!([stage("s", &["true"])]),
+                json!({"docker": {"image": IMAGE, "args": "--frobnicate", "project-dest": "/p", "build-output-dest": "/o"}}),
+            ),
+            "--frobnicate",
+        ),
+    ];
+    let mut names = Vec::new();
+    for (project, text, _) in &cases {
+        h.project(project, text);
+        names.push(h.build(project));
+    }
+    h.project("after", &good);
+    let after = h.build("after");
+    for ((project, _, want), name) in cases.iter().zip(&names) {
+        let r = h.wait_status(project, name, T);
+        let log = h.log(project, name);
+        assert_eq!(r["status"], "fail", "{project}: {log}");
+        assert!(log.contains("pipeline.json"), "{project}: {log}");
+        assert!(log.contains(want), "{project}: want {want:?} in\n{log}");
+        assert!(r["stages"].as_array().unwrap().is_empty(), "{project}");
+    }
+    assert_eq!(h.wait_status("after", &after, T)["status"], "pass");
+}
+
+#[test]
+fn trusted_docker_args_and_host_commands() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let p = pipeline_with(
+        json!([stage(
+            "s",
+            &["echo net=$(ls /sys/class/net | tr '\\n' ' ')"]
+        )]),
+        json!({
+            "docker": {"image": IMAGE, "args": "-it --rm --network none -e X=1 --memory 64m --cpus 0.5 --pids-limit 50",
+                       "project-dest": "/root/project", "build-output-dest": "/root/project/Builds"},
+            "prepare-build": {"master-dir-commands": ["touch host-ran.txt"], "build-dir-commands": []}
+        }),
+    );
+    let (r, log) = one_build(&h, "args", &p);
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("net=lo") && !log.contains("eth0"), "{log}");
+    assert!(log.contains("refused 1 host command"), "{log}");
+    assert!(!h.source("args").join("host-ran.txt").exists());
+
+    h.private_config("args", json!({"trust-host-commands": true}));
+    let name = h.build("args");
+    let r = h.wait_status("args", &name, T);
+    assert_eq!(r["status"], "pass", "{}", h.log("args", &name));
+    assert!(h.source("args").join("host-ran.txt").exists());
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .args(["-c", "user.email=t@example.com", "-c", "user.name=T"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn git_sources_build_the_exact_commit_or_branch_head() {
+    require_docker();
+    let mut h = TestHost::new();
+    let repo = h.tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        repo.join("pipeline.json"),
+        pipeline(json!([stage(
+            "show",
+            &["echo version=$(cat version.txt) git={git_hash}"]
+        )])),
+    )
+    .unwrap();
+    std::fs::write(repo.join("version.txt"), "one").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("version.txt"), "two").unwrap();
+    git(&repo, &["commit", "-q", "-am", "two"]);
+    let c2 = git(&repo, &["rev-parse", "HEAD"]);
+    let evil = "$(touch${IFS}/tmp/ams-pwned-by-branch)";
+    git(&repo, &["checkout", "-q", "-b", evil]);
+    std::fs::write(repo.join("version.txt"), "evil").unwrap();
+    git(&repo, &["commit", "-q", "-am", "evil"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    let _ = std::fs::remove_file("/tmp/ams-pwned-by-branch");
+
+    let o = h.cli(&[
+        "project",
+        "add",
+        "g",
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "main",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h.start();
+
+    let b = h.build_with("g", json!({"commit": c1}));
+    let name = b["name"].as_str().unwrap();
+    let r = h.wait_status("g", name, T);
+    let log = h.log("g", name);
+    assert_eq!(r["status"], "pass", "{log}");
+    assert_eq!(r["git_hash"], c1);
+    assert!(log.contains(&format!("version=one git={c1}")), "{log}");
+
+    let name = h.build("g");
+    let r = h.wait_status("g", &name, T);
+    assert_eq!(r["git_hash"], c2, "{}", h.log("g", &name));
+    assert!(h.log("g", &name).contains("version=two"));
+
+    let b = h.build_with("g", json!({"branch": evil}));
+    let name = b["name"].as_str().unwrap();
+    let r = h.wait_status("g", name, T);
+    assert_eq!(r["status"], "pass", "{}", h.log("g", name));
+    assert!(h.log("g", name).contains("version=evil"));
+    assert!(!std::path::Path::new("/tmp/ams-pwned-by-branch").exists());
+
+    // A bad branch name is refused before anything is queued.
+    let a = h.req(json!({"cmd": "build", "project": "g", "branch": "--upload-pack=x"}));
+    assert_eq!(a["ok"], false);
+}
+
+fn sevenz(args: &[&str]) -> String {
+    let o = Command::new("7z")
+        .args(args)
+        .output()
+        .expect("7z (p7zip-full) is installed");
+    assert!(
+        o.status.success(),
+        "7z {args:?}: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn archives_pass_7z_t_and_hashes_match_7zip() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    for kind in ["crc32", "crc64", "sha1", "sha256", "blake2sp", "BLAKE2ep"] {
+        let project = format!("z{}", kind.to_lowercase());
+        let p = pipeline_with(
+            json!([stage(
+                "out",
+                &[
+                    "mkdir -p Builds/sub",
+                    "echo hello > Builds/a.txt",
+                    "head -c 200000 /dev/urandom > Builds/sub/r.bin",
+                    "ln -s /etc/passwd Builds/escape",
+                ]
+            )]),
+            json!({"cleanup": {"remove_build_source": true, "7z_build": true, "7z_hash": kind}}),
+        );
+        let (r, log) = one_build(&h, &project, &p);
+        assert_eq!(r["status"], "pass", "{log}");
+        let name = r["name"].as_str().unwrap();
+        let archive = h.build_dir(&project).join(format!("{name}.7z"));
+        assert_eq!(r["archive_name"], format!("{name}.7z"));
+        assert!(
+            !h.build_dir(&project).join(name).join("build").exists(),
+            "output folder kept"
+        );
+        assert!(
+            !h.build_dir(&project)
+                .join(name)
+                .join("project_source")
+                .exists(),
+            "source kept"
+        );
+        let a = archive.to_str().unwrap();
+        assert!(sevenz(&["t", a]).contains("Everything is Ok"));
+        // An independent implementation: p7zip's own hash of the archive file.
+        let method = match kind {
+            "crc32" => "CRC32",
+            "crc64" => "CRC64",
+            "sha1" => "SHA1",
+            "sha256" => "SHA256",
+            _ => "BLAKE2sp",
+        };
+        let out = sevenz(&["h", &format!("-scrc{method}"), a]);
+        let want = out
+            .lines()
+            .find(|l| l.contains("for data"))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap()
+            .to_uppercase();
+        assert_eq!(r["archive_hash"].as_str().unwrap(), want, "{kind}");
+        // The link is stored as a link, never followed.
+        let x = h.tmp.path().join(format!("x-{kind}"));
+        sevenz(&["x", &format!("-o{}", x.display()), a]);
+        assert_eq!(std::fs::read_to_string(x.join("a.txt")).unwrap(), "hello\n");
+        assert_eq!(
+            std::fs::metadata(x.join("sub/r.bin")).unwrap().len(),
+            200000
+        );
+        let link = std::fs::symlink_metadata(x.join("escape")).unwrap();
+        assert!(link.file_type().is_symlink(), "{kind}: link was followed");
+    }
+}
+
+#[test]
+fn delete_output_removes_folder_log_and_archive_and_refuses_active_builds() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, _) = one_build(
+        &h,
+        "del",
+        &pipeline(json!([stage("s", &["echo x > Builds/f"])])),
+    );
+    let name = r["name"].as_str().unwrap().to_string();
+    assert!(h.build_dir("del").join(format!("{name}.7z")).exists());
+    let o = h.cli(&["delete-output", &name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!h.build_dir("del").join(&name).exists());
+    assert!(!h.build_dir("del").join(format!("{name}.7z")).exists());
+    let r = h.record("del", &name);
+    assert!(r["output_deleted_at"].as_f64().is_some());
+    assert!(r["archive_name"].is_null());
+
+    std::fs::write(
+        h.source("del").join("pipeline.json"),
+        pipeline(json!([stage("s", &["sleep 600"])])),
+    )
+    .unwrap();
+    let active = h.build("del");
+    h.wait_running("del", &active);
+    let a = h.req(json!({"cmd": "delete-output", "build": active}));
+    assert_eq!(a["ok"], false);
+    assert!(a["error"].as_str().unwrap().contains("cancel it"), "{a}");
+    assert!(h.build_dir("del").join(&active).exists());
+    h.req(json!({"cmd": "cancel", "build": active}));
+    h.wait_status("del", &active, T);
+}
+
+#[test]
+fn a_newer_build_of_the_same_branch_supersedes_a_pending_one() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    h.start();
+    h.project("latest", &pipeline(json!([stage("s", &["sleep 1"])])));
+    h.private_config("latest", json!({"only-build-latest": true}));
+    let a = h.build("latest");
+    let b = h.build("latest");
+    let c = h.build("latest");
+    let rb = h.wait_status("latest", &b, T);
+    assert_eq!(rb["status"], "skip");
+    assert!(rb["reason"].as_str().unwrap().contains(&c));
+    assert_eq!(h.wait_status("latest", &a, T)["status"], "pass");
+    assert_eq!(h.wait_status("latest", &c, T)["status"], "pass");
+}
+
+fn restart_recovery(kill: bool) {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    h.start();
+    h.project(
+        "r",
+        &pipeline(json!([stage("s", &["echo started", "sleep 600"])])),
+    );
+    let running = h.build("r");
+    h.wait_running("r", &running);
+    std::fs::write(
+        h.source("r").join("pipeline.json"),
+        pipeline(json!([stage("s", &["echo quick"])])),
+    )
+    .unwrap();
+    let pending = h.build("r");
+    assert_eq!(h.record("r", &pending)["status"], "pending");
+    if kill {
+        h.kill();
+        assert_eq!(
+            h.containers().len(),
+            1,
+            "the container outlives a SIGKILLed host"
+        );
+    } else {
+        h.term();
+    }
+    h.start();
+    let r = h.wait_status("r", &running, T);
+    assert_eq!(r["status"], "fail");
+    assert_eq!(r["reason"], "interrupted by host restart");
+    assert!(h.log("r", &running).contains("interrupted by host restart"));
+    let r = h.wait_status("r", &pending, T);
+    assert_eq!(r["status"], "pass", "{}", h.log("r", &pending));
+    assert!(h.containers().is_empty(), "a container was left behind");
+    // No slot leaked: another build still runs.
+    let again = h.build("r");
+    assert_eq!(h.wait_status("r", &again, T)["status"], "pass");
+    let st = h.req(json!({"cmd": "status"}));
+    assert!(st["active"].as_array().unwrap().is_empty(), "{st}");
+}
+
+#[test]
+fn restart_after_sigkill_mid_build() {
+    restart_recovery(true);
+}
+
+#[test]
+fn restart_after_sigterm_mid_build() {
+    restart_recovery(false);
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn memory_stays_bounded_under_huge_output() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"log_max_bytes": 400_000_000u64}));
+    h.start();
+    // Warm up: one ordinary build, so the baseline includes everything a build touches.
+    let (r, _) = one_build(&h, "warm", &pipeline(json!([stage("s", &["echo hi"])])));
+    assert_eq!(r["status"], "pass");
+    let before = rss_kb(h.pid(), "VmHWM:");
+    let (r, _) = one_build(
+        &h,
+        "huge",
+        &pipeline(json!([
+            stage(
+                "lines",
+                &["head -c 100000000 /dev/zero | tr '\\0' a | fold -w 99"]
+            ),
+            stage("oneline", &["head -c 50000000 /dev/zero | tr '\\0' b"]),
+        ])),
+    );
+    assert_eq!(r["status"], "pass");
+    let after = rss_kb(h.pid(), "VmHWM:");
+    let log_len = std::fs::metadata(
+        h.build_dir("huge")
+            .join(r["name"].as_str().unwrap())
+            .join("output.txt"),
+    )
+    .unwrap()
+    .len();
+    assert!(
+        log_len > 150_000_000,
+        "the whole output was logged: {log_len}"
+    );
+    let grew_mb = (after.saturating_sub(before)) as f64 / 1024.0;
+    eprintln!("peak RSS before {before} kB, after {after} kB: +{grew_mb:.1} MB");
+    assert!(grew_mb < 6.0, "the host grew by {grew_mb:.1} MB");
+}
+
+#[test]
+fn the_log_limit_truncates_with_a_marker() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"log_max_bytes": 100_000}));
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "trunc",
+        &pipeline(json!([
+            stage("s", &["yes line | head -n 100000", "echo tail-marker"]),
+            stage("t", &["true"])
+        ])),
+    );
+    assert_eq!(r["status"], "pass");
+    assert!(log.contains("log truncated"), "no marker");
+    assert!(!log.contains("tail-marker"));
+    assert!(log.len() < 102_000, "{}", log.len());
+    assert!(
+        log.contains("stage 2/2"),
+        "AMS-Build's own lines still appear"
+    );
+}
+
+#[test]
+fn build_wait_follows_the_log_and_exits_by_status() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    h.project(
+        "w",
+        &pipeline(json!([stage("s", &["echo from-the-container"])])),
+    );
+    let o = h.cli(&["build", "w", "--wait"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("from-the-container"));
+    assert!(out.contains("finished: PASS"));
+    std::fs::write(
+        h.source("w").join("pipeline.json"),
+        pipeline(json!([stage("s", &["exit 1"])])),
+    )
+    .unwrap();
+    let o = h.cli(&["build", "w", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = h.cli(&["builds", "w"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("PASS") && out.contains("FAIL"), "{out}");
+}
+
+#[test]
+fn run_executes_a_local_pipeline_without_a_host() {
+    require_docker();
+    let h = TestHost::new();
+    let dir = h.tmp.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("input.txt"), "local-source").unwrap();
+    std::fs::write(
+        dir.join("pipeline.json"),
+        pipeline(json!([stage(
+            "s",
+            &["cat input.txt", "echo made > Builds/out.txt"]
+        )])),
+    )
+    .unwrap();
+    let o = h.cmd().args(["run", "--dir"]).arg(&dir).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("local-source"));
+    std::fs::write(
+        dir.join("pipeline.json"),
+        pipeline(json!([stage("s", &["exit 4"])])),
+    )
+    .unwrap();
+    let o = h.cmd().args(["run", "--dir"]).arg(&dir).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}

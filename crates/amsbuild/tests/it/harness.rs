@@ -1,0 +1,327 @@
+//! Test harness: a host with its own data directory, started as the real binary, driven
+//! through its control socket and command line. Waits are conditions with deadlines.
+
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "ams-busybox:latest";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_amsbuild")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+static DOCKER: Once = Once::new();
+
+/// Makes sure a Docker engine answers and the test image exists. Fails (never skips) otherwise.
+pub fn require_docker() {
+    DOCKER.call_once(|| {
+        let ok = Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "the Docker suite needs a running Docker engine: run scripts/test.sh, which starts one"
+        );
+        let st = Command::new("bash")
+            .arg(repo_root().join("scripts/image.sh"))
+            .status()
+            .expect("run scripts/image.sh");
+        assert!(st.success(), "building the test image failed");
+    });
+}
+
+/// Polls `f` until it returns Some, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+    }
+}
+
+/// A pipeline.json with the test image and the given stages.
+pub fn pipeline(stages: Value) -> String {
+    pipeline_with(stages, json!({}))
+}
+
+/// A pipeline.json whose top level is merged with `extra`.
+pub fn pipeline_with(stages: Value, extra: Value) -> String {
+    let mut p = json!({
+        "docker": {"image": IMAGE, "project-dest": "/root/project",
+                   "build-output-dest": "/root/project/Builds", "stop-timeout": 2},
+        "pipeline": stages,
+        "cleanup": {"remove_build_source": true, "7z_build": true, "7z_hash": "sha1"}
+    });
+    if let (Some(o), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::to_string_pretty(&p).unwrap()
+}
+
+pub fn stage(name: &str, commands: &[&str]) -> Value {
+    json!({"name": name, "commands": commands})
+}
+
+pub struct TestHost {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestHost {
+    pub fn new() -> Self {
+        Self::with_conf(json!({}))
+    }
+
+    /// A data directory whose web_conf.json holds `conf` (the rest defaults).
+    pub fn with_conf(conf: Value) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("web_conf.json"), conf.to_string()).unwrap();
+        TestHost {
+            tmp,
+            data,
+            child: None,
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--data-dir")
+            .arg(&self.data)
+            .env_remove("AMSBUILD_HOME");
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    pub fn host_log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("host.log")).unwrap_or_default()
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("host.log"))
+            .unwrap();
+        let child = self
+            .cmd()
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for(
+            "the host to answer on its socket",
+            Duration::from_secs(30),
+            || {
+                if let Some(c) = self.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        panic!("the host exited at start ({st}):\n{}", self.host_log());
+                    }
+                }
+                self.try_req(&json!({"cmd": "ping"})).ok()
+            },
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn signal(&mut self, sig: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "host did not exit after {sig}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+    }
+
+    pub fn term(&mut self) {
+        self.signal("-TERM");
+    }
+
+    pub fn try_req(&self, v: &Value) -> Result<Value, String> {
+        let mut s =
+            UnixStream::connect(self.data.join("amsbuild.sock")).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        writeln!(s, "{v}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))
+    }
+
+    pub fn req(&self, v: Value) -> Value {
+        self.try_req(&v).unwrap()
+    }
+
+    /// `project init NAME`, then its pipeline.json replaced by `pipeline`.
+    pub fn project(&self, name: &str, pipeline: &str) {
+        let out = self.cli(&["project", "init", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(self.source(name).join("pipeline.json"), pipeline).unwrap();
+    }
+
+    pub fn source(&self, project: &str) -> PathBuf {
+        self.data
+            .join("projects")
+            .join(project)
+            .join("master/project_source")
+    }
+
+    pub fn private_config(&self, project: &str, v: Value) {
+        let p = self
+            .data
+            .join("projects")
+            .join(project)
+            .join("master/config/pipeline-config.json");
+        std::fs::write(p, v.to_string()).unwrap();
+    }
+
+    /// Queues a build and returns its record.
+    pub fn build_with(&self, project: &str, extra: Value) -> Value {
+        let mut r = json!({"cmd": "build", "project": project, "actor": "tester"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        let a = self.req(r);
+        assert_eq!(a["ok"], true, "{a}");
+        a["build"].clone()
+    }
+
+    pub fn build(&self, project: &str) -> String {
+        self.build_with(project, json!({}))["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn record(&self, project: &str, name: &str) -> Value {
+        let a = self.req(json!({"cmd": "builds", "project": project, "limit": 1000}));
+        a["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no build {name} in {a}"))
+    }
+
+    pub fn wait_status(&self, project: &str, name: &str, timeout: Duration) -> Value {
+        wait_for(&format!("build {name} to finish"), timeout, || {
+            let r = self.record(project, name);
+            let s = r["status"].as_str().unwrap_or("");
+            (s != "pending" && s != "running").then_some(r)
+        })
+    }
+
+    pub fn wait_running(&self, project: &str, name: &str) {
+        wait_for(
+            &format!("build {name} to run its stage"),
+            Duration::from_secs(60),
+            || (self.log(project, name).contains("==> stage")).then_some(()),
+        );
+    }
+
+    pub fn build_dir(&self, project: &str) -> PathBuf {
+        self.data.join("projects").join(project).join("builds")
+    }
+
+    pub fn log(&self, project: &str, name: &str) -> String {
+        std::fs::read_to_string(self.build_dir(project).join(name).join("output.txt"))
+            .unwrap_or_default()
+    }
+
+    pub fn host_id(&self) -> String {
+        std::fs::read_to_string(self.data.join("host-id")).unwrap_or_default()
+    }
+
+    /// Containers of this host, running or not.
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "-q",
+                "--filter",
+                &format!("label=io.ams-build.host={}", self.host_id()),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let id = self.host_id();
+        if !id.is_empty() {
+            let out = Command::new("docker")
+                .args([
+                    "ps",
+                    "-a",
+                    "-q",
+                    "--filter",
+                    &format!("label=io.ams-build.host={id}"),
+                ])
+                .output();
+            if let Ok(o) = out {
+                for c in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["rm", "-f", c]).output();
+                }
+            }
+        }
+    }
+}

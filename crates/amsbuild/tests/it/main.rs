@@ -1,0 +1,7 @@
+//! Integration tests of the real `amsbuild` binary: one test binary, a small harness, and the
+//! Docker suite, which runs against a real engine and never skips itself.
+
+mod harness;
+
+mod cli;
+mod docker;
