@@ -510,6 +510,7 @@ async fn prepare(
     log: &mut BuildLog,
     stop: &StopSignal,
 ) -> Result<Prepared, String> {
+    let prep_started = Instant::now();
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
     if !project::exists(&ctx.data, &b.project) {
@@ -596,7 +597,7 @@ async fn prepare(
     .map_err(|e| format!("copy task: {e}"))?
     .map_err(|e| format!("cannot copy master into the build folder: {e}"))?;
     log.line(&format!(
-        "copied master into builds/{} ({} files, {} linked, {} copied) in {:.2} s",
+        "copied master into builds/{} ({} files, {} linked, {} copied) in {:.3} s",
         b.name,
         stats.files,
         stats.files - stats.copied,
@@ -604,6 +605,10 @@ async fn prepare(
         started.elapsed().as_secs_f64()
     ));
     drop(_guard);
+    log.line(&format!(
+        "source prepared in {:.3} s",
+        prep_started.elapsed().as_secs_f64()
+    ));
 
     host_commands(
         "build-dir-commands",

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
+# static busybox for the local test image, p7zip to check archives independently, git), starts
+# a Docker engine when none answers, and builds the local test image. Idempotent; run as root
+# (or with sudo available).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
+command -v git >/dev/null 2>&1 || need+=(git)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  echo "setup: starting dockerd (log in /tmp/amsbuild-dockerd.log)"
+  $SUDO sh -c 'nohup dockerd >/tmp/amsbuild-dockerd.log 2>&1 &'
+  for _ in $(seq 1 120); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not come up; see /tmp/amsbuild-dockerd.log" >&2; exit 1; }
+fi
+
+bash scripts/image.sh
