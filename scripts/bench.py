@@ -156,8 +156,9 @@ def bench_b(host, tmp, runs):
     prep, copy, cp = [], [], []
     for i in range(runs + 1):
         name = host.build("big")
-        assert follow(host.sock, name) == "pass"
+        status = follow(host.sock, name)
         log = host.log("big", name)
+        assert status == "pass", log
         p = float(log.split("source prepared in ")[1].split(" s")[0])
         c = float(log.split("copied master into")[1].split(" in ")[1].split(" s")[0])
         dest = os.path.join(tmp, f"cpa{i}")
@@ -193,22 +194,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--only", choices=["a", "b", "c"], help="run one benchmark, print it, write nothing")
     args = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "image.sh")], check=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         host = Host(os.path.join(tmp, "data"), {"max_active_builds": 1})
         host.start()
         try:
-            a = bench_a(host, args.runs)
+            a = bench_a(host, args.runs) if args.only in (None, "a") else None
             print("a", a, flush=True)
-            b = bench_b(host, tmp, 5)
+            b = bench_b(host, tmp, 5) if args.only in (None, "b") else None
             print("b", b, flush=True)
-            c = bench_c(host, 1000)
+            c = bench_c(host, 1000) if args.only in (None, "c") else None
             print("c", c, flush=True)
         finally:
             host.stop()
+    if args.only:
+        return
     docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"],
                             capture_output=True, text=True).stdout.strip()
     out = f"""# Benchmarks

@@ -46,6 +46,9 @@ fn docker_err(e: BollardError) -> ExecError {
     match e {
         BollardError::IOError { err } => ExecError::Unreachable(err.to_string()),
         BollardError::HyperResponseError { err } => ExecError::Unreachable(err.to_string()),
+        BollardError::HyperLegacyError { err } => ExecError::Unreachable(err.to_string()),
+        BollardError::SocketNotFoundError(s) => ExecError::Unreachable(format!("no socket at {s}")),
+        BollardError::RequestTimeoutError => ExecError::Unreachable("request timed out".into()),
         other => ExecError::Docker(other.to_string()),
     }
 }

@@ -46,7 +46,13 @@ async fn git(
     cancel: &CancellationToken,
 ) -> Result<String, String> {
     let mut cmd = Command::new("git");
-    cmd.args(args)
+    // Hard-linking master's files into builds changes their ctime; with ctime trusted, git would
+    // re-read every file of master on each update. Size, mtime and inode still catch changes.
+    // Automatic gc and maintenance run in the foreground, under the master lock: detached, they
+    // would repack .git/objects while the tree is being copied into a build.
+    cmd.args(["-c", "core.trustctime=false"])
+        .args(["-c", "gc.autoDetach=false", "-c", "maintenance.autoDetach=false"])
+        .args(args)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "true")

@@ -683,3 +683,36 @@ fn run_executes_a_local_pipeline_without_a_host() {
     let o = h.cmd().args(["run", "--dir"]).arg(&dir).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn dummy_builds_run_no_container_and_sources_can_be_kept() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "dummy",
+        &pipeline_with(json!([stage("s", &["exit 1"])]), json!({"dummy-build": true})),
+    );
+    assert_eq!(r["status"], "dummy", "{log}");
+    assert!(r["stages"].as_array().unwrap().is_empty());
+    assert!(!log.contains("container "), "{log}");
+
+    let (r, log) = one_build(
+        &h,
+        "keep",
+        &pipeline_with(
+            json!([stage("s", &["echo made > in-source.txt"])]),
+            json!({"cleanup": {"remove_build_source": false, "7z_build": false, "7z_hash": null}}),
+        ),
+    );
+    assert_eq!(r["status"], "pass", "{log}");
+    let name = r["name"].as_str().unwrap();
+    let dir = h.build_dir("keep").join(name);
+    assert_eq!(std::fs::read_to_string(dir.join("project_source/in-source.txt")).unwrap(), "made\n");
+    assert!(dir.join("build").is_dir(), "no 7z: the output folder stays");
+    assert!(!h.build_dir("keep").join(format!("{name}.7z")).exists());
+    assert!(r["archive_hash"].is_null());
+    // The build wrote a new file into its source; master is untouched.
+    assert!(!h.source("keep").join("in-source.txt").exists());
+}

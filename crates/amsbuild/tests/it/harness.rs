@@ -86,6 +86,8 @@ pub fn stage(name: &str, commands: &[&str]) -> Value {
 pub struct TestHost {
     pub tmp: tempfile::TempDir,
     pub data: PathBuf,
+    /// Extra environment for the host process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -103,6 +105,7 @@ impl TestHost {
         TestHost {
             tmp,
             data,
+            env: Vec::new(),
             child: None,
         }
     }
