@@ -151,7 +151,7 @@ impl DockerExecutor {
         if let Some(d) = cell.as_ref() {
             return Ok(d.clone());
         }
-        let docker = Docker::connect_with_local_defaults().map_err(docker_err)?;
+        let docker = Docker::connect_with_defaults().map_err(docker_err)?;
         let docker = docker.negotiate_version().await.map_err(docker_err)?;
         docker.ping().await.map_err(docker_err)?;
         *cell = Some(docker.clone());

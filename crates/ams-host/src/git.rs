@@ -51,7 +51,12 @@ async fn git(
     // Automatic gc and maintenance run in the foreground, under the master lock: detached, they
     // would repack .git/objects while the tree is being copied into a build.
     cmd.args(["-c", "core.trustctime=false"])
-        .args(["-c", "gc.autoDetach=false", "-c", "maintenance.autoDetach=false"])
+        .args([
+            "-c",
+            "gc.autoDetach=false",
+            "-c",
+            "maintenance.autoDetach=false",
+        ])
         .args(args)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")

@@ -70,6 +70,8 @@ pub enum Command {
 pub struct HostConfig {
     pub data: DataDir,
     pub conf: WebConf,
+    /// See [`WorkerContext::packer`].
+    pub packer: Option<std::path::PathBuf>,
 }
 
 /// A cheap, cloneable handle on the running host.
@@ -177,6 +179,7 @@ impl Host {
             executor,
             host_id,
             master_locks: Mutex::new(HashMap::new()),
+            packer: cfg.packer.clone(),
         });
         let mut host = Host {
             queue: Queue::new(cfg.conf.max_active_builds),

@@ -72,6 +72,9 @@ pub struct WorkerContext {
     pub host_id: String,
     /// One lock per project around the update and copy of master.
     pub master_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// A program that packs and hashes in a child process (`amsbuild __pack`), so the LZMA
+    /// encoder's large buffers never stay in the host's heap. `None`: pack in-process.
+    pub packer: Option<PathBuf>,
 }
 
 impl WorkerContext {
@@ -189,18 +192,25 @@ pub async fn execute(
     };
 
     log.line(&format!("image {image}"));
-    let progress_lines = Mutex::new((0u32, String::new()));
+    // Pull progress is kept (distinct messages, at most 50) and written once the pull ends.
+    let progress_lines: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let progress = |msg: String| {
         let mut g = progress_lines.lock().unwrap_or_else(|e| e.into_inner());
-        if g.0 < 50 && g.1 != msg {
-            g.0 += 1;
-            g.1 = msg;
+        if g.len() < 50 && g.last() != Some(&msg) {
+            g.push(msg);
         }
     };
     let ensured = tokio::select! {
         r = executor.ensure_image(&image, &progress) => r,
         _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
     };
+    for line in progress_lines
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+    {
+        log.line(&format!("pull: {line}"));
+    }
     if let Err(e) = ensured {
         let msg = e.to_string();
         log.line(&msg);
@@ -743,7 +753,7 @@ pub async fn run_build(
 
     if stop.reason() != Some(StopReason::Shutdown) {
         if let Some(p) = &cleanup_pipeline {
-            cleanup(&bd, &b.name, p, &mut fin, &mut log).await;
+            cleanup(ctx.packer.as_deref(), &bd, &b.name, p, &mut fin, &mut log).await;
         }
     }
     fin.finished_at = timefmt::now();
@@ -760,7 +770,57 @@ pub async fn run_build(
     fin
 }
 
+/// What packing reported: (files, symlinks, bytes) and the hash as (method, hex).
+type Packed = ((u64, u64, u64), Option<(String, String)>);
+
+/// Packs `out` into `archive` and hashes it, in a child process when `packer` is set.
+pub async fn pack(
+    packer: Option<&Path>,
+    out: PathBuf,
+    archive: PathBuf,
+    hash: Option<ams_core::pipeline::HashKind>,
+) -> Result<Packed, String> {
+    if let Some(exe) = packer {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("__pack").arg(&out).arg(&archive);
+        if let Some(k) = hash {
+            cmd.arg(k.name());
+        }
+        let o = cmd
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run the packer {}: {e}", exe.display()))?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .map_err(|e| format!("the packer answered badly: {e}"))?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let hash = match (v["hash_kind"].as_str(), v["hash"].as_str()) {
+            (Some(k), Some(h)) => Some((k.to_string(), h.to_string())),
+            _ => None,
+        };
+        return Ok(((n("files"), n("symlinks"), n("bytes")), hash));
+    }
+    tokio::task::spawn_blocking(move || -> Result<Packed, String> {
+        let s = ams_archive::pack_dir(&out, &archive).map_err(|e| e.to_string())?;
+        let hash = match hash {
+            Some(k) => Some((
+                k.name().to_string(),
+                ams_archive::hash_file(&archive, k).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        Ok(((s.files, s.symlinks, s.bytes), hash))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 async fn cleanup(
+    packer: Option<&Path>,
     bd: &crate::paths::BuildDir,
     name: &str,
     p: &Pipeline,
@@ -771,27 +831,16 @@ async fn cleanup(
     if c.archive && bd.output().is_dir() {
         let (out, archive) = (bd.output(), bd.archive.clone());
         let started = Instant::now();
-        let packed = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let summary = ams_archive::pack_dir(&out, &archive).map_err(|e| e.to_string())?;
-            let hash = match c.hash {
-                Some(k) => Some((
-                    k.name().to_string(),
-                    ams_archive::hash_file(&archive, k).map_err(|e| e.to_string())?,
-                )),
-                None => None,
-            };
-            std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-            Ok((summary, hash))
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        let packed = pack(packer, out.clone(), archive, c.hash)
+            .await
+            .and_then(|r| {
+                std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+                Ok(r)
+            });
         match packed {
-            Ok((s, hash)) => {
+            Ok(((files, links, bytes), hash)) => {
                 log.line(&format!(
-                    "archived build output to {name}.7z ({} files, {} links, {} bytes) in {:.2} s",
-                    s.files,
-                    s.symlinks,
-                    s.bytes,
+                    "archived build output to {name}.7z ({files} files, {links} links, {bytes} bytes) in {:.2} s",
                     started.elapsed().as_secs_f64()
                 ));
                 fin.archive_name = Some(format!("{name}.7z"));

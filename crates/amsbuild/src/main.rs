@@ -75,6 +75,14 @@ enum Cmd {
     Status,
     /// Follow a build's log to its end.
     Log { build: String },
+    /// Internal: pack a folder into a 7z archive and hash it, printing JSON (used by the host so
+    /// that the encoder's memory is returned to the system when it exits).
+    #[command(name = "__pack", hide = true)]
+    Pack {
+        src: PathBuf,
+        dest: PathBuf,
+        hash: Option<String>,
+    },
     /// Run ./pipeline.json once, without a host, through the same executor.
     Run {
         /// Directory holding pipeline.json (default: the current directory).
@@ -245,6 +253,26 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run { dir } => run_local(&dir).await,
+        Cmd::Pack { src, dest, hash } => {
+            let kind = match hash.as_deref() {
+                None => None,
+                Some(h) => Some(
+                    pipeline::HashKind::parse(h).ok_or_else(|| anyhow!("unknown hash `{h}`"))?,
+                ),
+            };
+            let s = ams_archive::pack_dir(&src, &dest)?;
+            let hash = match kind {
+                Some(k) => Some(ams_archive::hash_file(&dest, k)?),
+                None => None,
+            };
+            println!(
+                "{}",
+                json!({"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks,
+                       "skipped": s.skipped, "bytes": s.bytes,
+                       "hash_kind": kind.map(|k| k.name()), "hash": hash})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -304,6 +332,9 @@ fn load_conf(data: &DataDir) -> Result<WebConf> {
 }
 
 async fn serve(data: DataDir) -> Result<ExitCode> {
+    // Signal handlers first, so a SIGTERM during start-up is a clean stop, not a kill.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     std::fs::create_dir_all(data.root())
         .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
     let conf = load_conf(&data)?;
@@ -315,6 +346,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         HostConfig {
             data: data.clone(),
             conf: conf.clone(),
+            packer: std::env::current_exe().ok(),
         },
         executor,
     )
@@ -331,10 +363,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
     let host_task = tokio::spawn(host.run());
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
+        _ = int.recv() => tracing::info!("interrupt: stopping"),
     }
     shutdown.cancel();
     handle.shutdown().await;

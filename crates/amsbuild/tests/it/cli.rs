@@ -141,7 +141,8 @@ fn run_refuses_a_malformed_pipeline_with_its_field() {
 fn a_dead_docker_engine_fails_the_build_not_the_host() {
     let mut h = TestHost::new();
     let dead = h.tmp.path().join("no-docker.sock");
-    h.env.push(("DOCKER_HOST".into(), format!("unix://{}", dead.display())));
+    h.env
+        .push(("DOCKER_HOST".into(), format!("unix://{}", dead.display())));
     h.start();
     h.project("p", &pipeline(json!([stage("s", &["true"])])));
     for _ in 0..2 {
@@ -149,12 +150,23 @@ fn a_dead_docker_engine_fails_the_build_not_the_host() {
         let r = h.wait_status("p", &name, std::time::Duration::from_secs(60));
         assert_eq!(r["status"], "fail");
         let reason = r["reason"].as_str().unwrap();
-        assert!(reason.contains("Docker engine is not reachable"), "{reason}");
+        assert!(
+            reason.contains("Docker engine is not reachable"),
+            "{reason}"
+        );
     }
     let dir = h.tmp.path().join("src");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("pipeline.json"), pipeline(json!([stage("s", &["true"])]))).unwrap();
+    std::fs::write(
+        dir.join("pipeline.json"),
+        pipeline(json!([stage("s", &["true"])])),
+    )
+    .unwrap();
     let o = h.cmd().args(["run", "--dir"]).arg(&dir).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("Docker engine is not reachable"), "{}", text(&o));
+    assert!(
+        text(&o).contains("Docker engine is not reachable"),
+        "{}",
+        text(&o)
+    );
 }

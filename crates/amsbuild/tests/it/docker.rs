@@ -692,11 +692,14 @@ fn dummy_builds_run_no_container_and_sources_can_be_kept() {
     let (r, log) = one_build(
         &h,
         "dummy",
-        &pipeline_with(json!([stage("s", &["exit 1"])]), json!({"dummy-build": true})),
+        &pipeline_with(
+            json!([stage("s", &["exit 1"])]),
+            json!({"dummy-build": true}),
+        ),
     );
     assert_eq!(r["status"], "dummy", "{log}");
     assert!(r["stages"].as_array().unwrap().is_empty());
-    assert!(!log.contains("container "), "{log}");
+    assert!(!log.contains("[amsbuild] container "), "{log}");
 
     let (r, log) = one_build(
         &h,
@@ -709,7 +712,10 @@ fn dummy_builds_run_no_container_and_sources_can_be_kept() {
     assert_eq!(r["status"], "pass", "{log}");
     let name = r["name"].as_str().unwrap();
     let dir = h.build_dir("keep").join(name);
-    assert_eq!(std::fs::read_to_string(dir.join("project_source/in-source.txt")).unwrap(), "made\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("project_source/in-source.txt")).unwrap(),
+        "made\n"
+    );
     assert!(dir.join("build").is_dir(), "no 7z: the output folder stays");
     assert!(!h.build_dir("keep").join(format!("{name}.7z")).exists());
     assert!(r["archive_hash"].is_null());

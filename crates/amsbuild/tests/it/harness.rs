@@ -115,6 +115,9 @@ impl TestHost {
         c.arg("--data-dir")
             .arg(&self.data)
             .env_remove("AMSBUILD_HOME");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 
