@@ -144,7 +144,10 @@ fn actor() -> String {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let data = DataDir::new(cli.data_dir.clone());
+    // Paths go into container mounts and child processes: always absolute.
+    let root = std::path::absolute(&cli.data_dir)
+        .with_context(|| format!("bad data directory {}", cli.data_dir.display()))?;
+    let data = DataDir::new(root);
     let sock = data.socket();
     match cli.cmd {
         Cmd::Serve => serve(data).await,

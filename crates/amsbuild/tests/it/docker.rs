@@ -722,3 +722,41 @@ fn dummy_builds_run_no_container_and_sources_can_be_kept() {
     // The build wrote a new file into its source; master is untouched.
     assert!(!h.source("keep").join("in-source.txt").exists());
 }
+
+#[test]
+fn a_relative_data_directory_works() {
+    require_docker();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .current_dir(tmp.path())
+            .env("AMSBUILD_HOME", "rel-data")
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["project", "init", "p"]).status.success());
+    let src = tmp
+        .path()
+        .join("rel-data/projects/p/master/project_source/pipeline.json");
+    std::fs::write(&src, pipeline(json!([stage("s", &["echo relative-ok"])]))).unwrap();
+    let mut host = Command::new(bin())
+        .arg("serve")
+        .current_dir(tmp.path())
+        .env("AMSBUILD_HOME", "rel-data")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the socket", Duration::from_secs(30), || {
+        tmp.path()
+            .join("rel-data/amsbuild.sock")
+            .exists()
+            .then_some(())
+    });
+    let o = run(&["build", "p", "--wait"]);
+    let _ = host.kill();
+    let _ = host.wait();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("relative-ok"), "{out}");
+}
