@@ -290,10 +290,14 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     if build_name_format.starts_with('.') {
         return Err(err("build-name-format", "may not start with `.`"));
     }
-    if !build_name_format.contains("{build_hash}") && !build_name_format.contains("{build_index}") {
+    // Build names are unique across all projects (they name folders and are what `cancel`
+    // takes), so the format must tell every build of every project apart.
+    let has = |v: &str| build_name_format.contains(v);
+    if !has("{build_hash}") && !(has("{project}") && has("{build_index}")) {
         return Err(err(
             "build-name-format",
-            "must contain {build_hash} or {build_index} so that every build gets its own name",
+            "must contain {build_hash}, or both {project} and {build_index}, so that every build \
+             of every project gets its own name",
         ));
     }
 
@@ -599,6 +603,20 @@ mod tests {
             "{project}_{git_hash}_{build_hash}",
         );
         assert_eq!(parse(&t).unwrap_err().field, "build-name-format");
+    }
+
+    #[test]
+    fn build_name_format_must_be_unique_across_projects() {
+        let t = GOOD.replace(
+            "{project}_{build_hash}_build_{build_index}",
+            "build_{build_index}",
+        );
+        assert_eq!(parse(&t).unwrap_err().field, "build-name-format");
+        let t = GOOD.replace(
+            "{project}_{build_hash}_build_{build_index}",
+            "{project}-{build_index}",
+        );
+        assert!(parse(&t).is_ok());
     }
 
     #[test]
