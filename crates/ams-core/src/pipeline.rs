@@ -293,7 +293,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     // Build names are unique across all projects (they name folders and are what `cancel`
     // takes), so the format must tell every build of every project apart.
     let has = |v: &str| build_name_format.contains(v);
-    if !has("{build_hash}") && !(has("{project}") && has("{build_index}")) {
+    if !(has("{build_hash}") || (has("{project}") && has("{build_index}"))) {
         return Err(err(
             "build-name-format",
             "must contain {build_hash}, or both {project} and {build_index}, so that every build \
