@@ -200,7 +200,8 @@ def main():
         sys.exit("build first: cargo build --release")
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "image.sh")], check=True)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        host = Host(os.path.join(tmp, "data"), {"max_active_builds": 1})
+        host = Host(os.path.join(tmp, "data"), {"max_active_builds": 1, "webhook_ip": "127.0.0.1",
+                                                "webhook_port": 0})
         host.start()
         try:
             a = bench_a(host, args.runs) if args.only in (None, "a") else None

@@ -12,5 +12,6 @@ pub mod queue;
 pub mod status;
 pub mod vars;
 pub mod webconf;
+pub mod webhooks;
 
 pub use error::ConfigError;

@@ -121,6 +121,22 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 }
             }
         }
+        "deliveries" => {
+            let project = str_field(&req, "project").unwrap_or_default();
+            let limit = req
+                .get("limit")
+                .and_then(Value::as_i64)
+                .unwrap_or(50)
+                .clamp(1, 1000);
+            if !crate::project::exists(&h.data, &project) {
+                err(format!("no project named `{project}`"))
+            } else {
+                match h.store.deliveries_of(&project, limit).await {
+                    Ok(d) => json!({"ok": true, "deliveries": d}),
+                    Err(e) => err(e.to_string()),
+                }
+            }
+        }
         "cancel" => match h
             .cancel(&str_field(&req, "build").unwrap_or_default(), &actor)
             .await

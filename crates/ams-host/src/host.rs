@@ -17,7 +17,7 @@ use ams_core::status::BuildStatus;
 use ams_core::vars;
 use ams_core::webconf::WebConf;
 use ams_docker::Executor;
-use ams_store::{BuildRecord, Finish, NewBuild, Store};
+use ams_store::{BuildRecord, Finish, NewBuild, NewDelivery, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +44,15 @@ pub struct QueueSnapshot {
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// What became of a webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// Builds were queued (their names).
+    Queued(Vec<String>),
+    /// The same delivery id was accepted before: nothing was built.
+    Duplicate,
+}
+
 /// Everything the loop handles.
 #[derive(Debug)]
 pub enum Command {
@@ -61,6 +70,13 @@ pub enum Command {
     Complete {
         id: i64,
         finish: Box<Finish>,
+    },
+    /// A verified webhook delivery: queue its builds unless its id was accepted before, and
+    /// record it. Serial in the loop, so two copies of one delivery cannot both build.
+    Webhook {
+        delivery: Box<NewDelivery>,
+        requests: Vec<BuildRequest>,
+        reply: Reply<WebhookOutcome>,
     },
     Snapshot(oneshot::Sender<QueueSnapshot>),
     Shutdown(oneshot::Sender<()>),
@@ -111,6 +127,20 @@ impl HostHandle {
         let (build, by) = (build.to_string(), by.to_string());
         self.ask(|reply| Command::DeleteOutput { build, by, reply })
             .await
+    }
+
+    /// Queues the builds of a verified delivery and records it (see [`Command::Webhook`]).
+    pub async fn webhook(
+        &self,
+        delivery: NewDelivery,
+        requests: Vec<BuildRequest>,
+    ) -> Result<WebhookOutcome, String> {
+        self.ask(|reply| Command::Webhook {
+            delivery: Box::new(delivery),
+            requests,
+            reply,
+        })
+        .await
     }
 
     pub async fn snapshot(&self) -> Result<QueueSnapshot, String> {
@@ -295,6 +325,14 @@ impl Host {
                 Command::Snapshot(reply) => {
                     let _ = reply.send(self.snapshot().await);
                 }
+                Command::Webhook {
+                    delivery,
+                    requests,
+                    reply,
+                } => {
+                    let _ = reply.send(self.webhook(*delivery, requests).await);
+                    self.start_ready().await;
+                }
                 Command::Shutdown(done) => {
                     self.shutdown().await;
                     let _ = done.send(());
@@ -380,6 +418,56 @@ impl Host {
             record.created_by
         );
         Ok(record)
+    }
+
+    async fn webhook(
+        &mut self,
+        mut d: NewDelivery,
+        requests: Vec<BuildRequest>,
+    ) -> Result<WebhookOutcome, String> {
+        if let Some(id) = &d.delivery_id {
+            if self
+                .store
+                .delivery_accepted(&d.project, id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                d.verdict = "duplicate".into();
+                d.reason = Some("this delivery id was accepted before".into());
+                d.body.clear();
+                self.store
+                    .record_delivery(&d)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(WebhookOutcome::Duplicate);
+            }
+        }
+        let mut names = Vec::new();
+        let mut errors = Vec::new();
+        for r in requests {
+            match self.queue_build(r).await {
+                Ok(b) => names.push(b.name),
+                Err(e) => errors.push(e),
+            }
+        }
+        if names.is_empty() && !errors.is_empty() {
+            d.verdict = "refused".into();
+            d.reason = Some(errors.join("; "));
+        } else {
+            d.verdict = "accepted".into();
+            if !errors.is_empty() {
+                d.reason = Some(errors.join("; "));
+            }
+        }
+        d.builds = names.clone();
+        if let Err(e) = self.store.record_delivery(&d).await {
+            tracing::error!("cannot record webhook delivery: {e}");
+        }
+        if names.is_empty() {
+            Err(d.reason.unwrap_or_default())
+        } else {
+            Ok(WebhookOutcome::Queued(names))
+        }
     }
 
     async fn start_ready(&mut self) {
@@ -542,6 +630,9 @@ impl Host {
                 Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
                 Ok(Some(Command::Build(_, r))) => {
                     let _ = r.send(Err(GONE.into()));
+                }
+                Ok(Some(Command::Webhook { reply, .. })) => {
+                    let _ = reply.send(Err(GONE.into()));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,

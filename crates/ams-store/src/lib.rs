@@ -96,6 +96,40 @@ pub struct Finish {
     pub archive_hash_kind: Option<String>,
 }
 
+/// A webhook delivery as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: i64,
+    /// The sender's id (`X-GitHub-Delivery`, `X-Request-UUID`, `X-Request-Id`).
+    pub delivery_id: Option<String>,
+    pub project: String,
+    pub webhook: String,
+    pub received_at: f64,
+    pub sender: String,
+    pub event: String,
+    /// accepted, ignored, ping, refused or duplicate.
+    pub verdict: String,
+    pub reason: Option<String>,
+    /// Names of the builds it queued.
+    pub builds: Vec<String>,
+}
+
+/// A delivery to record; `headers` (JSON) and `body` are kept for replay.
+#[derive(Debug, Clone, Default)]
+pub struct NewDelivery {
+    pub delivery_id: Option<String>,
+    pub project: String,
+    pub webhook: String,
+    pub received_at: f64,
+    pub sender: String,
+    pub event: String,
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub builds: Vec<String>,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -154,7 +188,10 @@ impl Store {
     /// Applies the schema migrations this binary knows and the database has not seen yet,
     /// tracked in SQLite's `user_version`.
     async fn migrate(&self) -> Result<()> {
-        const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_builds.sql")];
+        const MIGRATIONS: &[&str] = &[
+            include_str!("../migrations/0001_builds.sql"),
+            include_str!("../migrations/0002_deliveries.sql"),
+        ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *tx)
@@ -367,6 +404,70 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Whether a delivery with this id was already accepted for the project.
+    pub async fn delivery_accepted(&self, project: &str, delivery_id: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deliveries WHERE project = ? AND delivery_id = ? \
+             AND verdict = 'accepted'",
+        )
+        .bind(project)
+        .bind(delivery_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn record_delivery(&self, d: &NewDelivery) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO deliveries (delivery_id, project, webhook, received_at, sender, event, \
+             verdict, reason, builds, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(&d.delivery_id)
+        .bind(&d.project)
+        .bind(&d.webhook)
+        .bind(d.received_at)
+        .bind(&d.sender)
+        .bind(&d.event)
+        .bind(&d.verdict)
+        .bind(&d.reason)
+        .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
+        .bind(&d.headers)
+        .bind(&d.body)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// A project's deliveries, newest first.
+    pub async fn deliveries_of(&self, project: &str, limit: i64) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "SELECT id, delivery_id, project, webhook, received_at, sender, event, verdict, \
+             reason, builds FROM deliveries WHERE project = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(project)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let builds: String = r.try_get("builds")?;
+                Ok(Delivery {
+                    id: r.try_get("id")?,
+                    delivery_id: r.try_get("delivery_id")?,
+                    project: r.try_get("project")?,
+                    webhook: r.try_get("webhook")?,
+                    received_at: r.try_get("received_at")?,
+                    sender: r.try_get("sender")?,
+                    event: r.try_get("event")?,
+                    verdict: r.try_get("verdict")?,
+                    reason: r.try_get("reason")?,
+                    builds: serde_json::from_str(&builds).unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 
     pub async fn close(&self) {

@@ -67,6 +67,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List a project's webhook deliveries, newest first.
+    Deliveries {
+        project: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a pending or running build.
     Cancel { build: String },
     /// Delete a finished build's folder, log and archive.
@@ -220,6 +229,51 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Deliveries {
+            project,
+            limit,
+            json: as_json,
+        } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "deliveries", "project": project, "limit": limit}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            let list = v["deliveries"].as_array().cloned().unwrap_or_default();
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for d in list {
+                    let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{}  {:<9} {} {} via {}  id {}  {}{}",
+                        d["received_at"]
+                            .as_f64()
+                            .map(timefmt::legacy)
+                            .unwrap_or_default(),
+                        s("verdict"),
+                        s("sender"),
+                        s("event"),
+                        s("webhook"),
+                        s("delivery_id"),
+                        d["builds"]
+                            .as_array()
+                            .map(|b| b
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                        d["reason"]
+                            .as_str()
+                            .map(|r| format!("  ({r})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Cancel { build } => {
             let v = control::request(
                 &sock,
@@ -364,6 +418,31 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     );
     let shutdown = CancellationToken::new();
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
+
+    let hook_addr = format!("{}:{}", conf.webhook_ip, conf.webhook_port);
+    let hook_listener = tokio::net::TcpListener::bind(&hook_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for webhooks on {hook_addr}; change webhook_ip/webhook_port in {}",
+                data.web_conf().display()
+            )
+        })?;
+    tracing::info!(
+        "webhooks listening on http://{}/{}/request",
+        hook_listener.local_addr()?,
+        conf.web_root
+    );
+    for w in ams_web::webhook::startup_warnings(&handle) {
+        tracing::warn!("{w}");
+    }
+    let hooks = ams_web::webhook::router(
+        ams_web::webhook::WebhookState {
+            host: handle.clone(),
+        },
+        &conf.web_root,
+    );
+    let web_task = tokio::spawn(ams_web::serve(hook_listener, hooks, shutdown.clone()));
     let host_task = tokio::spawn(host.run());
 
     tokio::select! {
@@ -374,6 +453,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     handle.shutdown().await;
     let _ = host_task.await;
     let _ = control_task.await;
+    let _ = web_task.await;
     let _ = std::fs::remove_file(data.socket());
     tracing::info!("stopped; pending builds stay queued for the next start");
     Ok(ExitCode::SUCCESS)

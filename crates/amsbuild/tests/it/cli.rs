@@ -64,7 +64,8 @@ fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
     );
 
     // A second start reuses the directory and keeps an edited configuration.
-    std::fs::write(data.join("web_conf.json"), r#"{"max_active_builds": 3}"#).unwrap();
+    let edited = r#"{"max_active_builds": 3, "webhook_ip": "127.0.0.1", "webhook_port": 0}"#;
+    std::fs::write(data.join("web_conf.json"), edited).unwrap();
     let mut child = std::process::Command::new(bin())
         .arg("serve")
         .env("AMSBUILD_HOME", &data)
@@ -79,7 +80,7 @@ fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
         .status();
     assert!(child.wait().unwrap().success());
     let again = std::fs::read_to_string(data.join("web_conf.json")).unwrap();
-    assert_eq!(again, r#"{"max_active_builds": 3}"#);
+    assert_eq!(again, edited);
 }
 
 #[test]

@@ -735,6 +735,12 @@ fn a_relative_data_directory_works() {
             .output()
             .unwrap()
     };
+    std::fs::create_dir_all(tmp.path().join("rel-data")).unwrap();
+    std::fs::write(
+        tmp.path().join("rel-data/web_conf.json"),
+        r#"{"webhook_ip": "127.0.0.1", "webhook_port": 0}"#,
+    )
+    .unwrap();
     assert!(run(&["project", "init", "p"]).status.success());
     let src = tmp
         .path()

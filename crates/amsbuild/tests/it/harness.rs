@@ -101,7 +101,12 @@ impl TestHost {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
-        std::fs::write(data.join("web_conf.json"), conf.to_string()).unwrap();
+        // Loopback and a port of the system's choosing, so hosts of parallel tests never clash.
+        let mut full = json!({"webhook_ip": "127.0.0.1", "webhook_port": 0});
+        for (k, v) in conf.as_object().unwrap() {
+            full[k] = v.clone();
+        }
+        std::fs::write(data.join("web_conf.json"), full.to_string()).unwrap();
         TestHost {
             tmp,
             data,
@@ -156,6 +161,18 @@ impl TestHost {
                 self.try_req(&json!({"cmd": "ping"})).ok()
             },
         );
+    }
+
+    /// The webhook listener's address, as the host logged it at start.
+    pub fn webhook_addr(&self) -> String {
+        let log = self.host_log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("webhooks listening on http://"))
+            .unwrap_or_else(|| panic!("no webhook listener in the host log:\n{log}"));
+        let rest = line.split("http://").nth(1).unwrap();
+        rest.split('/').next().unwrap().to_string()
     }
 
     pub fn pid(&self) -> u32 {

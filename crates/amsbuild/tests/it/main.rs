@@ -6,3 +6,4 @@ mod harness;
 mod cli;
 mod docker;
 mod tidy;
+mod webhooks;

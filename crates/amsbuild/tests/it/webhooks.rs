@@ -1,0 +1,483 @@
+//! The webhook listener over real HTTP, with the senders' own example payloads.
+
+use crate::harness::*;
+use hmac::{KeyInit, Mac};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const SECRET: &str = "It's a Secret to Everybody";
+
+fn fixture(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/webhooks")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (shared/ must sit beside the repository)",
+            p.display()
+        )
+    })
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    m.update(body);
+    let bytes = m.finalize().into_bytes();
+    format!(
+        "sha256={}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// A raw HTTP/1.1 POST; returns the status and the JSON body (Null if not JSON).
+fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+struct Hooked {
+    h: TestHost,
+    addr: String,
+}
+
+impl Hooked {
+    fn new(webhooks: Value) -> Self {
+        let mut h = TestHost::new();
+        h.project(
+            "p",
+            &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+        );
+        std::fs::write(
+            h.data.join("projects/p/master/config/webhooks.json"),
+            webhooks.to_string(),
+        )
+        .unwrap();
+        h.start();
+        let addr = h.webhook_addr();
+        Hooked { h, addr }
+    }
+
+    fn send(&self, query: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
+        post(
+            &self.addr,
+            &format!("/ams-build/request?{query}"),
+            headers,
+            body,
+        )
+    }
+
+    fn github(&self, event: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
+        self.send(
+            "name=gh&project=p",
+            &[
+                ("Content-Type", "application/json".into()),
+                ("X-GitHub-Event", event.into()),
+                ("X-GitHub-Delivery", delivery.into()),
+                ("X-Hub-Signature-256", sign(body)),
+            ],
+            body,
+        )
+    }
+
+    fn builds(&self) -> Vec<Value> {
+        self.h
+            .req(json!({"cmd": "builds", "project": "p", "limit": 1000}))["builds"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn deliveries(&self) -> Vec<Value> {
+        self.h
+            .req(json!({"cmd": "deliveries", "project": "p", "limit": 1000}))["deliveries"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn gh_hook(extra: Value) -> Value {
+    let mut w = json!({"name": "gh", "repository": "Hello-World", "branch": "master",
+                       "authorized-actors": ["codertocat"], "secret": SECRET});
+    for (k, v) in extra.as_object().unwrap() {
+        w[k] = v.clone();
+    }
+    json!({"in-webhooks": [w], "out-webhooks": []})
+}
+
+#[test]
+fn a_signed_github_push_builds_once_per_delivery() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let body = fixture("github_push_new_branch.json");
+    let (st, v) = t.github("push", "d-1", &body);
+    assert_eq!(st, 202, "{v}");
+    let names = v["builds"].as_array().unwrap();
+    assert_eq!(names.len(), 1);
+    let name = names[0].as_str().unwrap();
+    let r = t.h.wait_status("p", name, Duration::from_secs(60));
+    assert_eq!(r["status"], "dummy");
+    assert_eq!(r["trigger"], "webhook");
+    assert_eq!(r["created_by"], "Codertocat");
+    assert_eq!(r["branch"], "master");
+    assert_eq!(r["commit"], "6113728f27ae82c7b1a177c8d03f9e96e0adf246");
+
+    // The same delivery again builds nothing.
+    let (st, v) = t.github("push", "d-1", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["duplicate"], true);
+    assert_eq!(t.builds().len(), 1);
+    let d = t.deliveries();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[0]["verdict"], "duplicate");
+    assert_eq!(d[1]["verdict"], "accepted");
+    assert_eq!(d[1]["delivery_id"], "d-1");
+    assert_eq!(d[1]["builds"][0], name);
+}
+
+#[test]
+fn forged_missing_and_legacy_signatures_are_refused_without_a_trace() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let body = fixture("github_push_new_branch.json");
+    let base = |sig: Option<(&'static str, String)>| {
+        let mut h = vec![
+            ("Content-Type", "application/json".to_string()),
+            ("X-GitHub-Event", "push".to_string()),
+            ("X-GitHub-Delivery", "forged".to_string()),
+        ];
+        if let Some(s) = sig {
+            h.push(s);
+        }
+        h
+    };
+    let mut tampered = body.clone();
+    tampered[10] ^= 1;
+    for (headers, payload) in [
+        (base(None), body.clone()),
+        (
+            base(Some(("X-Hub-Signature-256", sign(b"something else")))),
+            body.clone(),
+        ),
+        (base(Some(("X-Hub-Signature-256", sign(&body)))), tampered),
+        (
+            base(Some((
+                "X-Hub-Signature",
+                "sha1=0123456789abcdef0123456789abcdef01234567".into(),
+            ))),
+            body.clone(),
+        ),
+        (
+            base(Some(("X-Hub-Signature-256", "sha256=nothex".into()))),
+            body.clone(),
+        ),
+    ] {
+        let (st, v) = t.send("name=gh&project=p", &headers, &payload);
+        assert_eq!(st, 401, "{v}");
+    }
+    assert!(t.builds().is_empty());
+    assert!(t.deliveries().is_empty(), "a forged delivery left a record");
+}
+
+#[test]
+fn repository_actor_and_branch_filters() {
+    // Wrong repository and unauthorized actor are refused; another branch is acknowledged.
+    let t = Hooked::new(json!({"in-webhooks": [
+        {"name": "gh", "repository": "other-repo", "authorized-actors": ["codertocat"], "secret": SECRET},
+        {"name": "actor", "authorized-actors": ["alice"], "secret": SECRET},
+        {"name": "branch", "branch": "main", "authorized-actors": ["Codertocat"], "secret": SECRET}
+    ]}));
+    let body = fixture("github_push_new_branch.json");
+    let (st, v) = t.github("push", "a", &body);
+    assert_eq!(st, 403, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("repository"));
+    let hdr = |d: &str| {
+        vec![
+            ("Content-Type", "application/json".to_string()),
+            ("X-GitHub-Event", "push".to_string()),
+            ("X-GitHub-Delivery", d.to_string()),
+            ("X-Hub-Signature-256", sign(&body)),
+        ]
+    };
+    let (st, v) = t.send("name=actor&project=p", &hdr("b"), &body);
+    assert_eq!(st, 403, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("Codertocat"));
+    let (st, v) = t.send("name=branch&project=p", &hdr("c"), &body);
+    assert_eq!(st, 200, "{v}");
+    assert!(v["ignored"].as_str().unwrap().contains("master"));
+    assert!(t.builds().is_empty());
+    let verdicts: Vec<String> = t
+        .deliveries()
+        .iter()
+        .map(|d| d["verdict"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(verdicts, vec!["ignored", "refused", "refused"]);
+}
+
+#[test]
+fn pings_tags_deletions_and_other_events_build_nothing() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let (st, v) = t.github("ping", "p1", &fixture("github_ping.json"));
+    assert_eq!((st, v["ping"].clone()), (200, json!(true)), "{v}");
+    let (st, v) = t.github("push", "p2", &fixture("github_push_tag_deleted.json"));
+    assert_eq!(st, 200, "{v}");
+    assert!(v["ignored"].is_string());
+    let (st, v) = t.github(
+        "pull_request",
+        "p3",
+        &fixture("github_pull_request_opened.json"),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(v["ignored"].as_str().unwrap().contains("pull_request"));
+    assert!(t.builds().is_empty());
+}
+
+#[test]
+fn bitbucket_cloud_and_data_center_pushes() {
+    let t = Hooked::new(json!({"in-webhooks": [
+        {"name": "cloud", "repository": "repo_name", "authorized-actors": ["emma"], "secret": SECRET},
+        {"name": "dc", "repository": "test-repo", "branch": "master", "authorized-actors": ["John"], "secret": SECRET}
+    ]}));
+    let body = fixture("bitbucket_cloud_repo_push.json");
+    let (st, v) = t.send(
+        "name=cloud&project=p",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-Event-Key", "repo:push".into()),
+            ("X-Request-UUID", "u-1".into()),
+            ("X-Hub-Signature", sign(&body)),
+        ],
+        &body,
+    );
+    assert_eq!(st, 202, "{v}");
+    let name = v["builds"][0].as_str().unwrap().to_string();
+    let r = t.h.wait_status("p", &name, Duration::from_secs(60));
+    assert_eq!(r["branch"], "name-of-branch");
+    assert_eq!(r["commit"], "709d658dc5b6d6afcd46049c2f332ee3f515a67d");
+    assert_eq!(r["created_by"], "Emma");
+
+    let body = fixture("bitbucket_server_refs_changed_update.json");
+    let (st, v) = t.send(
+        "name=dc&project=p",
+        &[
+            ("Content-Type", "application/json; charset=UTF-8".into()),
+            ("X-Event-Key", "repo:refs_changed".into()),
+            ("X-Request-Id", "r-1".into()),
+            ("X-Hub-Signature", sign(&body)),
+        ],
+        &body,
+    );
+    assert_eq!(st, 202, "{v}");
+    let name = v["builds"][0].as_str().unwrap().to_string();
+    let r = t.h.wait_status("p", &name, Duration::from_secs(60));
+    assert_eq!(r["commit"], "22671f0349857934857983457983475ec39f196b");
+    assert_eq!(r["created_by"], "john");
+
+    let ping = br#"{"test": true}"#;
+    let (st, _) = t.send(
+        "name=dc&project=p",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-Event-Key", "diagnostics:ping".into()),
+            ("X-Hub-Signature", sign(ping)),
+        ],
+        ping,
+    );
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn malformed_requests_and_unknown_targets() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let bad = b"{not json";
+    let (st, _) = t.github("push", "m1", bad);
+    assert_eq!(st, 400);
+    let body = fixture("github_push_new_branch.json");
+    let (st, _) = t.send(
+        "name=gh&project=p",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded".into()),
+            ("X-GitHub-Event", "push".into()),
+            ("X-Hub-Signature-256", sign(&body)),
+        ],
+        &body,
+    );
+    assert_eq!(st, 415);
+    let (st, _) = t.send(
+        "project=p",
+        &[("Content-Type", "application/json".into())],
+        &body,
+    );
+    assert_eq!(st, 400);
+    // 26 MB: refused with 413 before the body is read.
+    let huge = vec![b' '; 26 * 1024 * 1024];
+    let (st, _) = t.github("push", "m2", &huge);
+    assert_eq!(st, 413);
+    // An unknown project and an unknown webhook look the same.
+    let hdr = [
+        ("Content-Type", "application/json".to_string()),
+        ("X-GitHub-Event", "push".to_string()),
+        ("X-Hub-Signature-256", sign(&body)),
+    ];
+    let a = t.send("name=gh&project=nope", &hdr, &body);
+    let b = t.send("name=nope&project=p", &hdr, &body);
+    let c = t.send("name=gh&project=..%2Fp", &hdr, &body);
+    assert_eq!(a.0, 404);
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert!(t.builds().is_empty());
+}
+
+#[test]
+fn unsigned_webhooks_need_saying_and_are_warned_about() {
+    let t = Hooked::new(json!({"in-webhooks": [
+        {"name": "open", "authorized-actors": ["codertocat"], "allow-unsigned": true}
+    ]}));
+    assert!(
+        t.h.host_log().contains("accepts unsigned deliveries"),
+        "{}",
+        t.h.host_log()
+    );
+    let body = fixture("github_push_new_branch.json");
+    let (st, v) = t.send(
+        "name=open&project=p",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-GitHub-Event", "push".into()),
+        ],
+        &body,
+    );
+    assert_eq!(st, 202, "{v}");
+}
+
+#[test]
+fn a_custom_sender_uses_webhook_fields_json() {
+    let t = Hooked::new(json!({"in-webhooks": [
+        {"name": "custom", "authorized-actors": ["bot"], "secret": SECRET}
+    ]}));
+    std::fs::write(
+        t.h.data
+            .join("projects/p/master/config/webhook_fields.json"),
+        r#"{"actor": ["who"], "repository": ["repo"], "branch": ["where", 0], "hash": ["what"]}"#,
+    )
+    .unwrap();
+    let body = br#"{"who": "Bot", "repo": "r", "where": ["refs/heads/dev"], "what": "abcdef12"}"#;
+    let (st, v) = t.send(
+        "name=custom&project=p",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-Hub-Signature-256", sign(body)),
+        ],
+        body,
+    );
+    assert_eq!(st, 202, "{v}");
+    let name = v["builds"][0].as_str().unwrap().to_string();
+    let r = t.h.wait_status("p", &name, Duration::from_secs(60));
+    assert_eq!(
+        (r["branch"].clone(), r["commit"].clone()),
+        (json!("dev"), json!("abcdef12"))
+    );
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("git")
+        .args(["-c", "user.email=t@example.com", "-c", "user.name=T"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn a_webhook_build_checks_out_the_pushed_commit_and_never_runs_the_branch_name() {
+    require_docker();
+    let mut h = TestHost::new();
+    let repo = h.tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        repo.join("pipeline.json"),
+        pipeline(json!([stage("show", &["echo version=$(cat v.txt)"])])),
+    )
+    .unwrap();
+    std::fs::write(repo.join("v.txt"), "one").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("v.txt"), "two").unwrap();
+    git(&repo, &["commit", "-q", "-am", "two"]);
+    let evil = "$(touch${IFS}/tmp/ams-pwned-by-webhook)";
+    git(&repo, &["checkout", "-q", "-b", evil]);
+    std::fs::write(repo.join("v.txt"), "evil").unwrap();
+    git(&repo, &["commit", "-q", "-am", "evil"]);
+    let c_evil = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    let _ = std::fs::remove_file("/tmp/ams-pwned-by-webhook");
+    let o = h.cli(&["project", "add", "g", "--git", repo.to_str().unwrap()]);
+    assert!(o.status.success());
+    std::fs::write(
+        h.data.join("projects/g/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh", "authorized-actors": ["alice"], "secret": SECRET}]})
+            .to_string(),
+    )
+    .unwrap();
+    h.start();
+    let addr = h.webhook_addr();
+    for (branch, commit, want) in [
+        ("main", &c1, "version=one"),
+        (evil, &c_evil, "version=evil"),
+    ] {
+        let body = json!({"ref": format!("refs/heads/{branch}"), "after": commit,
+                          "repository": {"name": "repo"}, "pusher": {"name": "alice"}})
+        .to_string();
+        let (st, v) = post(
+            &addr,
+            "/ams-build/request?name=gh&project=g",
+            &[
+                ("Content-Type", "application/json".into()),
+                ("X-GitHub-Event", "push".into()),
+                ("X-Hub-Signature-256", sign(body.as_bytes())),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(st, 202, "{v}");
+        let name = v["builds"][0].as_str().unwrap().to_string();
+        let r = h.wait_status("g", &name, Duration::from_secs(120));
+        let log = h.log("g", &name);
+        assert_eq!(r["status"], "pass", "{log}");
+        assert_eq!(
+            &r["git_hash"],
+            &json!(commit),
+            "the pushed commit, not the branch head"
+        );
+        assert!(log.contains(want), "{log}");
+    }
+    assert!(!std::path::Path::new("/tmp/ams-pwned-by-webhook").exists());
+}
