@@ -176,6 +176,38 @@ pub struct Host {
     workers: JoinSet<()>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
+    /// A command taken from the channel while batching, handled next.
+    deferred: Option<Command>,
+}
+
+/// The build-name-format of a project's master pipeline.json, or the default when it cannot be
+/// read (the build then fails with the real error when it runs).
+fn name_format(data: &DataDir, project: &str) -> String {
+    let src = data.project(project).master_source();
+    std::fs::read_to_string(src.join("pipeline.json"))
+        .ok()
+        .and_then(|t| pipeline::parse(&t).ok())
+        .map(|p| p.build_name_format)
+        .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string())
+}
+
+/// Names a build from a format.
+fn build_name(
+    format: &str,
+    project: &str,
+    hash: &str,
+    index: i64,
+    created: f64,
+) -> Result<String, String> {
+    let mut values = BTreeMap::new();
+    values.insert("project", project.to_string());
+    values.insert("build_hash", hash.to_string());
+    values.insert("build_index", index.to_string());
+    values.insert("created", timefmt::compact(created));
+    let name = vars::expand(format, &values)
+        .or_else(|_| vars::expand(DEFAULT_NAME_FORMAT, &values))
+        .map_err(|v| format!("unknown variable {v}"))?;
+    validate_build_name(&name).map(|_| name)
 }
 
 /// Reads or creates the data directory's random id.
@@ -220,6 +252,7 @@ impl Host {
             workers: JoinSet::new(),
             tx: tx.clone(),
             rx,
+            deferred: None,
         };
         host.recover().await?;
         let handle = HostHandle {
@@ -305,7 +338,14 @@ impl Host {
     /// Runs the loop until shutdown.
     pub async fn run(mut self) {
         self.start_ready().await;
-        while let Some(cmd) = self.rx.recv().await {
+        loop {
+            let cmd = match self.deferred.take() {
+                Some(c) => c,
+                None => match self.rx.recv().await {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
             match cmd {
                 Command::Build(req, reply) => {
                     let r = self.queue_build(req).await;
@@ -330,7 +370,23 @@ impl Host {
                     requests,
                     reply,
                 } => {
-                    let _ = reply.send(self.webhook(*delivery, requests).await);
+                    // Group commit: take every delivery already waiting into one transaction.
+                    let mut batch = vec![(*delivery, requests, reply)];
+                    while batch.len() < 512 {
+                        match self.rx.try_recv() {
+                            Ok(Command::Webhook {
+                                delivery,
+                                requests,
+                                reply,
+                            }) => batch.push((*delivery, requests, reply)),
+                            Ok(other) => {
+                                self.deferred = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.webhook_batch(batch).await;
                     self.start_ready().await;
                 }
                 Command::Shutdown(done) => {
@@ -348,44 +404,8 @@ impl Host {
         }
     }
 
-    fn name_for(
-        &self,
-        project: &str,
-        hash: &str,
-        index: i64,
-        created: f64,
-    ) -> Result<String, String> {
-        let src = self.ctx.data.project(project).master_source();
-        let format = std::fs::read_to_string(src.join("pipeline.json"))
-            .ok()
-            .and_then(|t| pipeline::parse(&t).ok())
-            .map(|p| p.build_name_format)
-            .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
-        let mut values = BTreeMap::new();
-        values.insert("project", project.to_string());
-        values.insert("build_hash", hash.to_string());
-        values.insert("build_index", index.to_string());
-        values.insert("created", timefmt::compact(created));
-        let name = vars::expand(&format, &values)
-            .or_else(|_| vars::expand(DEFAULT_NAME_FORMAT, &values))
-            .map_err(|v| format!("unknown variable {v}"))?;
-        validate_build_name(&name).map(|_| name)
-    }
-
     async fn queue_build(&mut self, req: BuildRequest) -> Result<BuildRecord, String> {
-        if !project::exists(&self.ctx.data, &req.project) {
-            return Err(format!("no project named `{}`", req.project));
-        }
-        if let Some(b) = &req.branch {
-            if !crate::git::valid_branch(b) {
-                return Err(format!("`{b}` is not a valid branch name"));
-            }
-        }
-        if let Some(c) = &req.commit {
-            if !crate::git::valid_commit(c) {
-                return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
-            }
-        }
+        self.check_request(&req)?;
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
@@ -397,10 +417,12 @@ impl Host {
             created_by: req.actor.clone(),
             created_at: created,
         };
-        let project = req.project.clone();
+        let format = name_format(&self.ctx.data, &req.project);
         let record = self
             .store
-            .create_build(&nb, |i| self.name_for(&project, &hash, i, created))
+            .create_build(&nb, |i| {
+                build_name(&format, &req.project, &hash, i, created)
+            })
             .await
             .map_err(|e| e.to_string())?;
         self.hub.sender(record.id);
@@ -420,53 +442,126 @@ impl Host {
         Ok(record)
     }
 
-    async fn webhook(
+    /// Checks a build request without touching anything.
+    fn check_request(&self, req: &BuildRequest) -> Result<(), String> {
+        if !project::exists(&self.ctx.data, &req.project) {
+            return Err(format!("no project named `{}`", req.project));
+        }
+        if let Some(b) = &req.branch {
+            if !crate::git::valid_branch(b) {
+                return Err(format!("`{b}` is not a valid branch name"));
+            }
+        }
+        if let Some(c) = &req.commit {
+            if !crate::git::valid_commit(c) {
+                return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a batch of verified deliveries and queues their builds, in one transaction.
+    /// Each sender is answered only after the commit, so an answered delivery is never lost.
+    async fn webhook_batch(
         &mut self,
-        mut d: NewDelivery,
-        requests: Vec<BuildRequest>,
-    ) -> Result<WebhookOutcome, String> {
-        if let Some(id) = &d.delivery_id {
-            if self
-                .store
-                .delivery_accepted(&d.project, id)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                d.verdict = "duplicate".into();
-                d.reason = Some("this delivery id was accepted before".into());
-                d.body.clear();
-                self.store
-                    .record_delivery(&d)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                return Ok(WebhookOutcome::Duplicate);
+        batch: Vec<(NewDelivery, Vec<BuildRequest>, Reply<WebhookOutcome>)>,
+    ) {
+        let created = timefmt::now();
+        let mut items = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (mut d, requests, reply) in batch {
+            let mut builds = Vec::new();
+            let mut errors = Vec::new();
+            for r in requests {
+                match self.check_request(&r) {
+                    Ok(()) => builds.push(NewBuild {
+                        project: r.project,
+                        hash: worker::random_hex(20),
+                        trigger: r.trigger,
+                        branch: r.branch,
+                        commit: r.commit,
+                        created_by: r.actor,
+                        created_at: created,
+                    }),
+                    Err(e) => errors.push(e),
+                }
             }
-        }
-        let mut names = Vec::new();
-        let mut errors = Vec::new();
-        for r in requests {
-            match self.queue_build(r).await {
-                Ok(b) => names.push(b.name),
-                Err(e) => errors.push(e),
+            if builds.is_empty() {
+                d.verdict = "refused".into();
+                d.reason = Some(if errors.is_empty() {
+                    "nothing to build".into()
+                } else {
+                    errors.join("; ")
+                });
+            } else {
+                d.verdict = "accepted".into();
+                if !errors.is_empty() {
+                    d.reason = Some(errors.join("; "));
+                }
             }
+            replies.push((reply, d.reason.clone()));
+            items.push(ams_store::DeliveryBatchItem {
+                delivery: d,
+                builds,
+            });
         }
-        if names.is_empty() && !errors.is_empty() {
-            d.verdict = "refused".into();
-            d.reason = Some(errors.join("; "));
-        } else {
-            d.verdict = "accepted".into();
-            if !errors.is_empty() {
-                d.reason = Some(errors.join("; "));
+        let data = self.ctx.data.clone();
+        let mut formats: HashMap<String, String> = HashMap::new();
+        let outcomes = self
+            .store
+            .accept_deliveries(items, |b, index| {
+                let f = formats
+                    .entry(b.project.clone())
+                    .or_insert_with(|| name_format(&data, &b.project));
+                build_name(f, &b.project, &b.hash, index, b.created_at)
+            })
+            .await;
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("cannot record webhook deliveries: {e}");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(format!("cannot record the delivery: {e}")));
+                }
+                return;
             }
+        };
+        let mut skipped: Vec<(i64, String)> = Vec::new();
+        let mut only_latest: HashMap<String, bool> = HashMap::new();
+        for ((reply, reason), outcome) in replies.into_iter().zip(outcomes) {
+            let answer = match outcome {
+                ams_store::DeliveryOutcome::Accepted(records) if !records.is_empty() => {
+                    let mut names = Vec::new();
+                    for r in records {
+                        self.hub.sender(r.id);
+                        let latest = *only_latest
+                            .entry(r.project.clone())
+                            .or_insert_with(|| self.only_latest(&r.project));
+                        for id in self.queue.push(Queued {
+                            id: r.id,
+                            project: r.project.clone(),
+                            branch: r.branch.clone(),
+                            only_latest: latest,
+                        }) {
+                            skipped.push((id, format!("superseded by {}", r.name)));
+                        }
+                        tracing::info!("queued build {} (webhook by {})", r.name, r.created_by);
+                        names.push(r.name);
+                    }
+                    Ok(WebhookOutcome::Queued(names))
+                }
+                ams_store::DeliveryOutcome::Duplicate => Ok(WebhookOutcome::Duplicate),
+                _ => Err(reason.unwrap_or_else(|| "nothing to build".into())),
+            };
+            let _ = reply.send(answer);
         }
-        d.builds = names.clone();
-        if let Err(e) = self.store.record_delivery(&d).await {
-            tracing::error!("cannot record webhook delivery: {e}");
-        }
-        if names.is_empty() {
-            Err(d.reason.unwrap_or_default())
-        } else {
-            Ok(WebhookOutcome::Queued(names))
+        if !skipped.is_empty() {
+            if let Err(e) = self.store.skip_builds(&skipped, timefmt::now()).await {
+                tracing::error!("cannot record superseded builds: {e}");
+            }
+            for (id, _) in skipped {
+                self.hub.end(id, "skip");
+            }
         }
     }
 

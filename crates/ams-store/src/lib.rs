@@ -7,6 +7,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -128,6 +129,32 @@ pub struct NewDelivery {
     pub builds: Vec<String>,
     pub headers: String,
     pub body: Vec<u8>,
+}
+
+/// One delivery of a batch and the builds it asks for.
+#[derive(Debug, Clone)]
+pub struct DeliveryBatchItem {
+    pub delivery: NewDelivery,
+    pub builds: Vec<NewBuild>,
+}
+
+/// What became of one delivery of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// Recorded as accepted; these builds are pending.
+    Accepted(Vec<BuildRecord>),
+    /// The same delivery id was accepted before (or earlier in the batch): recorded, nothing built.
+    Duplicate,
+    /// Recorded with the verdict it came with (refused, ignored…); nothing built.
+    Recorded,
+}
+
+const BUILD_COLS: usize = 10;
+const DELIVERY_COLS: usize = 11;
+
+fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row; rows].join(", ")
 }
 
 #[derive(Debug, Clone)]
@@ -406,6 +433,193 @@ impl Store {
         .transpose()
     }
 
+    /// Records a batch of webhook deliveries and creates their builds, all in one transaction
+    /// with a handful of statements whatever the batch size (group commit): duplicates by
+    /// delivery id are detected against the database and within the batch, build indexes are
+    /// allocated per project, and `name_of(build, index)` names each build.
+    pub async fn accept_deliveries(
+        &self,
+        items: Vec<DeliveryBatchItem>,
+        mut name_of: impl FnMut(&NewBuild, i64) -> std::result::Result<String, String>,
+    ) -> Result<Vec<DeliveryOutcome>> {
+        let mut tx = self.pool.begin().await?;
+        // Duplicates: ids accepted before (looked up through the (project, delivery_id)
+        // index, one query per project), then repeats inside the batch.
+        let mut by_project: HashMap<&str, Vec<&str>> = HashMap::new();
+        for i in items.iter().filter(|i| i.delivery.verdict == "accepted") {
+            if let Some(id) = i.delivery.delivery_id.as_deref() {
+                by_project
+                    .entry(i.delivery.project.as_str())
+                    .or_default()
+                    .push(id);
+            }
+        }
+        let mut seen: std::collections::HashSet<(String, String)> = Default::default();
+        for (project, ids) in by_project {
+            for chunk in ids.chunks(500) {
+                let sql = format!(
+                    "SELECT delivery_id FROM deliveries WHERE project = ? AND delivery_id IN ({}) \
+                     AND verdict = 'accepted'",
+                    vec!["?"; chunk.len()].join(", ")
+                );
+                let mut q = sqlx::query_scalar::<_, String>(&sql).bind(project);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                for id in q.fetch_all(&mut *tx).await? {
+                    seen.insert((project.to_string(), id));
+                }
+            }
+        }
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut deliveries: Vec<NewDelivery> = Vec::with_capacity(items.len());
+        let mut wanted: Vec<(usize, NewBuild)> = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let mut d = item.delivery;
+            if d.verdict == "accepted" {
+                if let Some(id) = &d.delivery_id {
+                    if !seen.insert((d.project.clone(), id.clone())) {
+                        d.verdict = "duplicate".into();
+                        d.reason = Some("this delivery id was accepted before".into());
+                        d.body.clear();
+                        outcomes.push(DeliveryOutcome::Duplicate);
+                        deliveries.push(d);
+                        continue;
+                    }
+                }
+                outcomes.push(DeliveryOutcome::Accepted(Vec::new()));
+                wanted.extend(item.builds.into_iter().map(|b| (i, b)));
+            } else {
+                outcomes.push(DeliveryOutcome::Recorded);
+            }
+            deliveries.push(d);
+        }
+
+        // Allocate indexes per project, then name the builds.
+        let mut next: HashMap<String, i64> = HashMap::new();
+        for (_, b) in &wanted {
+            if !next.contains_key(&b.project) {
+                let latest: i64 = sqlx::query_scalar(
+                    "INSERT INTO projects (name) VALUES (?) ON CONFLICT(name) DO UPDATE SET \
+                     name = excluded.name RETURNING latest_build_index",
+                )
+                .bind(&b.project)
+                .fetch_one(&mut *tx)
+                .await?;
+                next.insert(b.project.clone(), latest);
+            }
+        }
+        let mut rows: Vec<(usize, NewBuild, i64, String)> = Vec::with_capacity(wanted.len());
+        let mut last: HashMap<String, (i64, String, f64)> = HashMap::new();
+        for (i, b) in wanted {
+            let Some(n) = next.get_mut(&b.project) else {
+                continue;
+            };
+            let index = *n + 1;
+            let name = match name_of(&b, index) {
+                Ok(name) => name,
+                Err(e) => {
+                    let d = &mut deliveries[i];
+                    d.reason = Some(e);
+                    continue;
+                }
+            };
+            *n = index;
+            last.insert(b.project.clone(), (index, name.clone(), b.created_at));
+            rows.push((i, b, index, name));
+        }
+        let mut created: HashMap<String, BuildRecord> = HashMap::new();
+        for chunk in rows.chunks(50) {
+            let sql = format!(
+                "INSERT INTO builds (project, build_index, name, hash, status, trigger_kind, \
+                 branch, commit_req, created_by, created_at) VALUES {} RETURNING *",
+                placeholders(chunk.len(), BUILD_COLS)
+            );
+            let mut q = sqlx::query(&sql);
+            for (_, b, index, name) in chunk {
+                q = q
+                    .bind(&b.project)
+                    .bind(*index)
+                    .bind(name)
+                    .bind(&b.hash)
+                    .bind("pending")
+                    .bind(&b.trigger)
+                    .bind(&b.branch)
+                    .bind(&b.commit)
+                    .bind(&b.created_by)
+                    .bind(b.created_at);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                let rec = row_to_build(&r)?;
+                created.insert(rec.name.clone(), rec);
+            }
+        }
+        for (project, (index, key, at)) in &last {
+            sqlx::query(
+                "UPDATE projects SET latest_build_index = ?, latest_build_key = ?, \
+                 last_created_time = ? WHERE name = ?",
+            )
+            .bind(index)
+            .bind(key)
+            .bind(at)
+            .bind(project)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (i, _, _, name) in &rows {
+            if let Some(rec) = created.remove(name) {
+                deliveries[*i].builds.push(rec.name.clone());
+                if let DeliveryOutcome::Accepted(list) = &mut outcomes[*i] {
+                    list.push(rec);
+                }
+            }
+        }
+        for chunk in deliveries.chunks(50) {
+            let sql = format!(
+                "INSERT INTO deliveries (delivery_id, project, webhook, received_at, sender, \
+                 event, verdict, reason, builds, headers, body) VALUES {}",
+                placeholders(chunk.len(), DELIVERY_COLS)
+            );
+            let mut q = sqlx::query(&sql);
+            for d in chunk {
+                q = q
+                    .bind(&d.delivery_id)
+                    .bind(&d.project)
+                    .bind(&d.webhook)
+                    .bind(d.received_at)
+                    .bind(&d.sender)
+                    .bind(&d.event)
+                    .bind(&d.verdict)
+                    .bind(&d.reason)
+                    .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
+                    .bind(&d.headers)
+                    .bind(&d.body);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Ends pending builds as SKIP, each with its reason, in one statement.
+    pub async fn skip_builds(&self, skipped: &[(i64, String)], at: f64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in skipped.chunks(200) {
+            let sql = format!(
+                "UPDATE builds SET status = 'skip', reason = v.column2, finished_at = ? \
+                 FROM (VALUES {}) AS v WHERE builds.id = v.column1 AND builds.status = 'pending'",
+                placeholders(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(&sql).bind(at);
+            for (id, reason) in chunk {
+                q = q.bind(id).bind(reason);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Whether a delivery with this id was already accepted for the project.
     pub async fn delivery_accepted(&self, project: &str, delivery_id: &str) -> Result<bool> {
         let n: i64 = sqlx::query_scalar(
@@ -548,6 +762,60 @@ mod tests {
         assert_eq!(info.latest_build_key.as_deref(), Some("p_2"));
         assert_eq!(info.last_complete_time, Some(1002.0));
         assert_eq!(s.builds_of("p", 10, 0).await.unwrap()[0].name, "p_2");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_batch_is_deduplicated_and_indexed_in_one_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let item = |id: &str, n: usize| DeliveryBatchItem {
+            delivery: NewDelivery {
+                delivery_id: Some(id.into()),
+                project: "p".into(),
+                webhook: "w".into(),
+                verdict: "accepted".into(),
+                ..Default::default()
+            },
+            builds: vec![nb("p"); n],
+        };
+        let out = s
+            .accept_deliveries(vec![item("a", 1), item("b", 2), item("a", 1)], |_, i| {
+                Ok(format!("p_{i}"))
+            })
+            .await
+            .unwrap();
+        let names = |o: &DeliveryOutcome| match o {
+            DeliveryOutcome::Accepted(b) => b.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+            _ => vec![],
+        };
+        assert_eq!(names(&out[0]), vec!["p_2"]);
+        assert_eq!(names(&out[1]), vec!["p_3", "p_4"]);
+        assert_eq!(out[2], DeliveryOutcome::Duplicate);
+        let again = s
+            .accept_deliveries(vec![item("b", 1)], |_, i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        assert_eq!(again[0], DeliveryOutcome::Duplicate);
+        assert_eq!(
+            s.project_info("p")
+                .await
+                .unwrap()
+                .unwrap()
+                .latest_build_index,
+            4
+        );
+        let d = s.deliveries_of("p", 10).await.unwrap();
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[3].builds, vec!["p_2".to_string()]);
+        s.skip_builds(&[(3, "superseded".into())], 5.0)
+            .await
+            .unwrap();
+        let b = s.build_by_name("p_3").await.unwrap().unwrap();
+        assert_eq!(b.status, BuildStatus::Skip);
+        assert_eq!(b.reason.as_deref(), Some("superseded"));
     }
 
     #[tokio::test]
