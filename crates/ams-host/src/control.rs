@@ -127,7 +127,7 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 .get("limit")
                 .and_then(Value::as_i64)
                 .unwrap_or(50)
-                .clamp(1, 1000);
+                .clamp(1, 10_000);
             if !crate::project::exists(&h.data, &project) {
                 err(format!("no project named `{project}`"))
             } else {

@@ -481,3 +481,209 @@ fn a_webhook_build_checks_out_the_pushed_commit_and_never_runs_the_branch_name()
     }
     assert!(!std::path::Path::new("/tmp/ams-pwned-by-webhook").exists());
 }
+
+fn try_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Option<(u16, Value)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+type Answer = (String, u16, Vec<String>, Duration);
+
+#[test]
+fn a_burst_of_signed_pushes_loses_nothing_across_a_restart() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    // A fixed port, so that senders find the host again after its restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut h = TestHost::with_conf(json!({"webhook_port": port}));
+    h.project(
+        "p",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    h.private_config("p", json!({"only-build-latest": true}));
+    std::fs::write(
+        h.data.join("projects/p/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh", "authorized-actors": ["codertocat"], "secret": SECRET}]}).to_string(),
+    )
+    .unwrap();
+    h.start();
+    let addr = format!("127.0.0.1:{port}");
+    let body = Arc::new(fixture("github_push_new_branch.json"));
+    let sig = sign(&body);
+    let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, body, sig, answers, sent) = (
+                addr.clone(),
+                body.clone(),
+                sig.clone(),
+                answers.clone(),
+                sent.clone(),
+            );
+            std::thread::spawn(move || {
+                for i in 0..250 {
+                    let id = format!("burst-{t}-{i}");
+                    let headers = [
+                        ("Content-Type", "application/json".to_string()),
+                        ("X-GitHub-Event", "push".to_string()),
+                        ("X-GitHub-Delivery", id.clone()),
+                        ("X-Hub-Signature-256", sig.clone()),
+                    ];
+                    // Like a sender's redelivery: the same id again until it is answered.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let t0 = std::time::Instant::now();
+                        if let Some((st, v)) = try_post(
+                            &addr,
+                            "/ams-build/request?name=gh&project=p",
+                            &headers,
+                            &body,
+                        ) {
+                            let builds = v["builds"]
+                                .as_array()
+                                .map(|b| {
+                                    b.iter().map(|x| x.as_str().unwrap().to_string()).collect()
+                                })
+                                .unwrap_or_default();
+                            answers
+                                .lock()
+                                .unwrap()
+                                .push((id.clone(), st, builds, t0.elapsed()));
+                            break;
+                        }
+                        assert!(std::time::Instant::now() < deadline, "{id} never answered");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(35));
+                }
+            })
+        })
+        .collect();
+    wait_for("half of the burst", Duration::from_secs(60), || {
+        (sent.load(Ordering::SeqCst) >= 500).then_some(())
+    });
+    h.kill();
+    h.start();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    assert_eq!(answers.len(), 1000);
+    let slowest = answers.iter().map(|a| a.3).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest answer {slowest:?}"
+    );
+    let mut accepted = Vec::new();
+    for (id, st, builds, _) in &answers {
+        match st {
+            202 => {
+                assert_eq!(builds.len(), 1, "{id}");
+                accepted.push((id.clone(), builds[0].clone()));
+            }
+            // An answer lost in the kill: the redelivery is recognised.
+            200 => {}
+            other => panic!("{id}: status {other}"),
+        }
+    }
+    assert!(accepted.len() >= 990, "only {} accepted", accepted.len());
+    // Every accepted delivery's build reaches a final, recorded state.
+    wait_for("the queue to drain", Duration::from_secs(120), || {
+        let st = h.req(json!({"cmd": "status"}));
+        (st["active"].as_array().unwrap().is_empty()
+            && st["pending"].as_array().unwrap().is_empty())
+        .then_some(())
+    });
+    let builds = h.req(json!({"cmd": "builds", "project": "p", "limit": 1000}))["builds"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let status: std::collections::HashMap<String, String> = builds
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (id, name) in &accepted {
+        let s = status
+            .get(name)
+            .unwrap_or_else(|| panic!("{id}: build {name} lost"));
+        assert!(
+            ["dummy", "skip", "fail"].contains(&s.as_str()),
+            "{id}: {name} is {s}"
+        );
+    }
+    // Each of the 1,000 delivery ids was accepted exactly once.
+    let d = h.req(json!({"cmd": "deliveries", "project": "p", "limit": 5000}))["deliveries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut once: std::collections::HashMap<String, usize> = Default::default();
+    for x in d.iter().filter(|x| x["verdict"] == "accepted") {
+        *once
+            .entry(x["delivery_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(once.len(), 1000, "accepted ids");
+    assert!(once.values().all(|n| *n == 1));
+    let peak_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", h.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    eprintln!(
+        "accepted {}, slowest {slowest:?}, peak RSS {peak_kb} kB",
+        accepted.len()
+    );
+    assert!(peak_kb < 64 * 1024, "host peak RSS {peak_kb} kB");
+}
+
+#[test]
+fn a_slow_sender_is_cut_off() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let mut s = TcpStream::connect(&t.addr).unwrap();
+    s.write_all(b"POST /ams-build/request?name=gh&project=p HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // Never finish the headers: the server must close the connection on its own.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = s.read_to_end(&mut buf);
+    assert!(r.is_ok(), "the connection was still open after 20 s: {r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    // And the listener still answers others.
+    let (st, _) = t.github("ping", "after-slow", &fixture("github_ping.json"));
+    assert_eq!(st, 200);
+}
