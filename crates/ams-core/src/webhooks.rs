@@ -405,6 +405,72 @@ pub fn intent(
     }
 }
 
+/// What to do with an authentic delivery, after the webhook's filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Ping,
+    /// Acknowledge, build nothing.
+    Ignore(String),
+    /// Refuse: the HTTP status and the reason.
+    Refuse(u16, String),
+    /// Build these branch heads.
+    Build(Vec<Push>),
+}
+
+/// Applies a webhook's filters to what a delivery asks for: the repository (when given) must
+/// match, the actor must be authorized (case-insensitive), and pushes to other branches (when
+/// a branch is given) are acknowledged and ignored.
+pub fn decide(
+    hook: &InWebhook,
+    sender: Sender,
+    event: &str,
+    body: &Value,
+    fields: Option<&WebhookFields>,
+) -> Decision {
+    let pushes = match intent(sender, event, body, fields) {
+        Ok(Intent::Ping) => return Decision::Ping,
+        Ok(Intent::Ignore(r)) => return Decision::Ignore(r),
+        Ok(Intent::Pushes(p)) => p,
+        Err(r) => return Decision::Refuse(400, r),
+    };
+    let mut build = Vec::new();
+    let mut other_branches = Vec::new();
+    for p in pushes {
+        if let Some(repo) = &hook.repository {
+            if !p.repositories.iter().any(|r| r.eq_ignore_ascii_case(repo)) {
+                return Decision::Refuse(
+                    403,
+                    format!(
+                        "repository `{}` is not the webhook's repository",
+                        p.repositories.first().map(String::as_str).unwrap_or("?")
+                    ),
+                );
+            }
+        }
+        if !hook.actor_allowed(&p.actors) {
+            return Decision::Refuse(
+                403,
+                format!(
+                    "actor `{}` is not among the webhook's authorized-actors",
+                    p.actors.first().map(String::as_str).unwrap_or("?")
+                ),
+            );
+        }
+        match &hook.branch {
+            Some(b) if *b != p.branch => other_branches.push(p.branch.clone()),
+            _ => build.push(p),
+        }
+    }
+    if build.is_empty() {
+        Decision::Ignore(format!(
+            "branch {} does not match the webhook's branch",
+            other_branches.join(", ")
+        ))
+    } else {
+        Decision::Build(build)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +521,33 @@ mod tests {
         assert_eq!(p[0].branch, "dev");
         assert_eq!(p[0].commit, "abc123");
         assert_eq!(p[0].actors, vec!["Emma".to_string()]);
+    }
+
+    #[test]
+    fn decisions_apply_the_filters() {
+        let hook = |repo: Option<&str>, branch: Option<&str>| InWebhook {
+            name: "w".into(),
+            repository: repo.map(str::to_string),
+            branch: branch.map(str::to_string),
+            authorized_actors: vec!["Alice".into()],
+            secret: Some("s".into()),
+            allow_unsigned: false,
+        };
+        let body = serde_json::json!({"ref": "refs/heads/main", "after": "abc1",
+            "repository": {"name": "r", "full_name": "o/r"}, "pusher": {"name": "alice"}});
+        let d = |h: &InWebhook| decide(h, Sender::GitHub, "push", &body, None);
+        assert!(matches!(
+            d(&hook(Some("o/r"), Some("main"))),
+            Decision::Build(_)
+        ));
+        assert!(matches!(
+            d(&hook(Some("x"), None)),
+            Decision::Refuse(403, _)
+        ));
+        assert!(matches!(d(&hook(None, Some("dev"))), Decision::Ignore(_)));
+        let mut h = hook(None, None);
+        h.authorized_actors = vec!["bob".into()];
+        assert!(matches!(d(&h), Decision::Refuse(403, _)));
     }
 
     #[test]

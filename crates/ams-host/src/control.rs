@@ -137,6 +137,13 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 }
             }
         }
+        "replay" => {
+            let id = req.get("id").and_then(Value::as_i64).unwrap_or(0);
+            match replay(&h, id, &actor).await {
+                Ok(v) => v,
+                Err(e) => err(e),
+            }
+        }
         "cancel" => match h
             .cancel(&str_field(&req, "build").unwrap_or_default(), &actor)
             .await
@@ -164,6 +171,64 @@ async fn connection(h: HostHandle, stream: UnixStream) {
         other => err(format!("unknown command `{other}`")),
     };
     let _ = send(&mut w, &answer).await;
+}
+
+/// Replays a recorded delivery: its body and headers go through the webhook's current filters
+/// again and, if they still ask for builds, queue them, recorded as a new delivery.
+async fn replay(h: &HostHandle, id: i64, actor: &str) -> Result<Value, String> {
+    use ams_core::webhooks::{decide, Decision, Sender};
+    let (d, headers, body) = h
+        .store
+        .delivery_payload(id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no delivery {id}"))?;
+    if body.is_empty() {
+        return Err(format!(
+            "delivery {id} kept no body to replay ({})",
+            d.verdict
+        ));
+    }
+    let (cfg, fields) = crate::project::webhooks(&h.data.project(&d.project))?;
+    let hook = cfg.in_webhook(&d.webhook).ok_or_else(|| {
+        format!(
+            "project {} has no webhook `{}` any more",
+            d.project, d.webhook
+        )
+    })?;
+    let hv: Value = serde_json::from_str(&headers).unwrap_or(Value::Null);
+    let sender = Sender::detect(
+        hv.get("x-github-event").and_then(Value::as_str),
+        hv.get("x-event-key").and_then(Value::as_str),
+    );
+    let parsed: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let pushes = match decide(hook, sender, &d.event, &parsed, fields.as_ref()) {
+        Decision::Build(p) => p,
+        Decision::Ping => return Ok(json!({"ok": true, "builds": [], "ping": true})),
+        Decision::Ignore(r) => return Ok(json!({"ok": true, "builds": [], "ignored": r})),
+        Decision::Refuse(_, r) => return Err(r),
+    };
+    let delivery = ams_store::NewDelivery {
+        delivery_id: None,
+        project: d.project.clone(),
+        webhook: d.webhook.clone(),
+        received_at: crate::timefmt::now(),
+        sender: d.sender.clone(),
+        event: d.event.clone(),
+        verdict: "accepted".into(),
+        reason: Some(format!("replay of delivery {id} by {actor}")),
+        headers,
+        body,
+        ..Default::default()
+    };
+    match h
+        .webhook(delivery, crate::host::build_requests(&d.project, pushes))
+        .await?
+    {
+        crate::host::WebhookOutcome::Queued(names) => Ok(json!({"ok": true, "builds": names})),
+        crate::host::WebhookOutcome::Duplicate => Ok(json!({"ok": true, "builds": []})),
+    }
 }
 
 async fn send(w: &mut (impl AsyncWriteExt + Unpin), v: &Value) -> std::io::Result<()> {

@@ -35,6 +35,24 @@ pub struct BuildRequest {
     pub trigger: String,
 }
 
+/// Build requests for the pushes a webhook accepted: the exact commit, the actor as creator.
+pub fn build_requests(project: &str, pushes: Vec<ams_core::webhooks::Push>) -> Vec<BuildRequest> {
+    pushes
+        .into_iter()
+        .map(|p| BuildRequest {
+            project: project.to_string(),
+            branch: Some(p.branch),
+            commit: Some(p.commit),
+            actor: p
+                .actors
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| "webhook".into()),
+            trigger: "webhook".into(),
+        })
+        .collect()
+}
+
 /// The live lists, for status views.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueSnapshot {

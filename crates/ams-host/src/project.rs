@@ -144,6 +144,35 @@ pub fn private_config(p: &ProjectDir) -> Result<PrivateConfig, String> {
     }
 }
 
+/// Loads a project's webhooks.json and, if present, webhook_fields.json. Errors name the file.
+pub fn webhooks(
+    p: &ProjectDir,
+) -> Result<
+    (
+        ams_core::webhooks::WebhooksConfig,
+        Option<ams_core::webhooks::WebhookFields>,
+    ),
+    String,
+> {
+    use ams_core::webhooks::{WebhookFields, WebhooksConfig};
+    let dir = p.config();
+    let path = dir.join(WebhooksConfig::FILE);
+    let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = WebhooksConfig::parse(&text).map_err(|mut e| {
+        e.file = path.display().to_string();
+        e.to_string()
+    })?;
+    let fpath = dir.join(WebhookFields::FILE);
+    let fields = match fs::read_to_string(&fpath) {
+        Ok(t) => Some(WebhookFields::parse(&t).map_err(|mut e| {
+            e.file = fpath.display().to_string();
+            e.to_string()
+        })?),
+        Err(_) => None,
+    };
+    Ok((cfg, fields))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -655,6 +655,31 @@ impl Store {
         Ok(id)
     }
 
+    /// A recorded delivery with the headers (JSON) and body kept for replay.
+    pub async fn delivery_payload(&self, id: i64) -> Result<Option<(Delivery, String, Vec<u8>)>> {
+        let row = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        let builds: String = r.try_get("builds")?;
+        let d = Delivery {
+            id: r.try_get("id")?,
+            delivery_id: r.try_get("delivery_id")?,
+            project: r.try_get("project")?,
+            webhook: r.try_get("webhook")?,
+            received_at: r.try_get("received_at")?,
+            sender: r.try_get("sender")?,
+            event: r.try_get("event")?,
+            verdict: r.try_get("verdict")?,
+            reason: r.try_get("reason")?,
+            builds: serde_json::from_str(&builds).unwrap_or_default(),
+        };
+        let headers: String = r.try_get("headers")?;
+        let body: Option<Vec<u8>> = r.try_get("body")?;
+        Ok(Some((d, headers, body.unwrap_or_default())))
+    }
+
     /// A project's deliveries, newest first.
     pub async fn deliveries_of(&self, project: &str, limit: i64) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(

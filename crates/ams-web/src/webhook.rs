@@ -7,8 +7,8 @@
 //! An unknown project and an unknown webhook get the same answer.
 
 use ams_core::names::validate_project_name;
-use ams_core::webhooks::{intent, Intent, Sender, WebhookFields, WebhooksConfig};
-use ams_host::host::{BuildRequest, WebhookOutcome};
+use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig};
+use ams_host::host::{build_requests, WebhookOutcome};
 use ams_host::{timefmt, HostHandle};
 use ams_store::NewDelivery;
 use axum::body::Bytes;
@@ -80,32 +80,21 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Loads a project's webhooks.json and webhook_fields.json; `None` when the project or file
-/// does not exist (and the caller must not tell which).
+/// Loads a project's webhook configuration; `None` when the project or file does not exist
+/// or is broken (logged), and the caller must not tell which.
 fn load(host: &HostHandle, project: &str) -> Option<(WebhooksConfig, Option<WebhookFields>)> {
     if validate_project_name(project).is_err() || !ams_host::project::exists(&host.data, project) {
         return None;
     }
-    let dir = host.data.project(project).config();
-    let text = std::fs::read_to_string(dir.join(WebhooksConfig::FILE)).ok()?;
-    let cfg = match WebhooksConfig::parse(&text) {
-        Ok(c) => c,
+    match ams_host::project::webhooks(&host.data.project(project)) {
+        Ok(x) => Some(x),
         Err(e) => {
-            tracing::error!("project {project}: {e}");
-            return None;
-        }
-    };
-    let fields = match std::fs::read_to_string(dir.join(WebhookFields::FILE)) {
-        Ok(t) => match WebhookFields::parse(&t) {
-            Ok(f) => Some(f),
-            Err(e) => {
+            if !e.contains("No such file") {
                 tracing::error!("project {project}: {e}");
-                return None;
             }
-        },
-        Err(_) => None,
-    };
-    Some((cfg, fields))
+            None
+        }
+    }
 }
 
 const KEPT_HEADERS: &[&str] = &[
@@ -208,75 +197,26 @@ async fn handle(
             return refuse(StatusCode::BAD_REQUEST, &reason);
         }
     };
-    let pushes = match intent(sender, &event, &parsed, fields.as_ref()) {
-        Ok(Intent::Ping) => {
+    let pushes = match decide(hook, sender, &event, &parsed, fields.as_ref()) {
+        Decision::Ping => {
             record(delivery, "ping", None).await;
             return answer(StatusCode::OK, json!({"ok": true, "ping": true}));
         }
-        Ok(Intent::Ignore(reason)) => {
+        Decision::Ignore(reason) => {
             record(delivery, "ignored", Some(reason.clone())).await;
             return answer(
                 StatusCode::OK,
                 json!({"ok": true, "builds": [], "ignored": reason}),
             );
         }
-        Ok(Intent::Pushes(p)) => p,
-        Err(reason) => {
+        Decision::Refuse(code, reason) => {
             record(delivery, "refused", Some(reason.clone())).await;
-            return refuse(StatusCode::BAD_REQUEST, &reason);
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+            return refuse(code, &reason);
         }
+        Decision::Build(p) => p,
     };
-
-    let mut requests = Vec::new();
-    let mut skipped = Vec::new();
-    for p in pushes {
-        if let Some(repo) = &hook.repository {
-            if !p.repositories.iter().any(|r| r.eq_ignore_ascii_case(repo)) {
-                let reason = format!(
-                    "repository `{}` is not the webhook's repository",
-                    p.repositories.first().map(String::as_str).unwrap_or("?")
-                );
-                record(delivery, "refused", Some(reason.clone())).await;
-                return refuse(StatusCode::FORBIDDEN, &reason);
-            }
-        }
-        if !hook.actor_allowed(&p.actors) {
-            let reason = format!(
-                "actor `{}` is not among the webhook's authorized-actors",
-                p.actors.first().map(String::as_str).unwrap_or("?")
-            );
-            record(delivery, "refused", Some(reason.clone())).await;
-            return refuse(StatusCode::FORBIDDEN, &reason);
-        }
-        if let Some(b) = &hook.branch {
-            if *b != p.branch {
-                skipped.push(p.branch.clone());
-                continue;
-            }
-        }
-        requests.push(BuildRequest {
-            project: project.clone(),
-            branch: Some(p.branch.clone()),
-            commit: Some(p.commit.clone()),
-            actor: p
-                .actors
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "webhook".into()),
-            trigger: "webhook".into(),
-        });
-    }
-    if requests.is_empty() {
-        let reason = format!(
-            "branch {} does not match the webhook's branch",
-            skipped.join(", ")
-        );
-        record(delivery, "ignored", Some(reason.clone())).await;
-        return answer(
-            StatusCode::OK,
-            json!({"ok": true, "builds": [], "ignored": reason}),
-        );
-    }
+    let requests = build_requests(project, pushes);
     delivery.verdict = "accepted".into();
     match st.host.webhook(delivery, requests).await {
         Ok(WebhookOutcome::Queued(names)) => {

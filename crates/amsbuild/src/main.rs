@@ -76,6 +76,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replay a recorded webhook delivery (by the id `deliveries` shows) through the webhook's
+    /// current filters.
+    Replay { delivery: i64 },
     /// Cancel a pending or running build.
     Cancel { build: String },
     /// Delete a finished build's folder, log and archive.
@@ -271,6 +274,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                             .unwrap_or_default()
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Replay { delivery } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "replay", "id": delivery, "actor": actor()}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            match v["builds"].as_array() {
+                Some(b) if !b.is_empty() => {
+                    for n in b {
+                        println!("{}", n.as_str().unwrap_or_default());
+                    }
+                }
+                _ => println!(
+                    "nothing to build{}",
+                    v["ignored"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -155,6 +155,23 @@ fn a_signed_github_push_builds_once_per_delivery() {
     assert_eq!(d[1]["verdict"], "accepted");
     assert_eq!(d[1]["delivery_id"], "d-1");
     assert_eq!(d[1]["builds"][0], name);
+
+    // An admin replays the accepted delivery: it builds again, recorded as a replay.
+    let o = t.h.cli(&["replay", &d[1]["id"].to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let replayed = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_ne!(replayed, name);
+    assert_eq!(t.builds().len(), 2);
+    let d = t.deliveries();
+    assert_eq!(d[0]["verdict"], "accepted");
+    assert!(d[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("replay of delivery"));
+    assert_eq!(d[0]["builds"][0], replayed.as_str());
+    // A duplicate kept no body and cannot be replayed.
+    let o = t.h.cli(&["replay", &d[1]["id"].to_string()]);
+    assert!(!o.status.success());
 }
 
 #[test]
