@@ -5,6 +5,7 @@
 pub mod docker_args;
 pub mod error;
 pub mod names;
+pub mod notify;
 pub mod pipeline;
 pub mod private_config;
 pub mod protocol;

@@ -33,6 +33,10 @@ pub struct WebConf {
     pub container_memory: String,
     pub container_cpus: f64,
     pub container_pids_limit: i64,
+    /// Let notifications reach loopback, private and link-local addresses (tests, LAN chat).
+    pub notify_allow_private: bool,
+    /// Timeout of one notification request, 1 to 10 seconds.
+    pub notify_timeout_secs: u64,
 }
 
 impl Default for WebConf {
@@ -52,6 +56,8 @@ impl Default for WebConf {
             container_memory: "2g".into(),
             container_cpus: 2.0,
             container_pids_limit: 4096,
+            notify_allow_private: false,
+            notify_timeout_secs: 10,
         }
     }
 }
@@ -98,6 +104,9 @@ impl WebConf {
         if !(self.container_cpus > 0.0 && self.container_cpus.is_finite()) {
             return bad("container_cpus", "must be a positive number");
         }
+        if !(1..=10).contains(&self.notify_timeout_secs) {
+            return bad("notify_timeout_secs", "must be from 1 to 10");
+        }
         if self.container_pids_limit <= 0 {
             return bad("container_pids_limit", "must be a positive number");
         }
@@ -106,6 +115,15 @@ impl WebConf {
 
     pub fn memory_bytes(&self) -> i64 {
         parse_size(&self.container_memory).unwrap_or(2 << 30)
+    }
+
+    /// `http(s)://{web_address}:{web_interface_port}/{web_root}/`, the base of every link.
+    pub fn base_web_address(&self) -> String {
+        let scheme = if self.use_ssl { "https" } else { "http" };
+        format!(
+            "{scheme}://{}:{}/{}/",
+            self.web_address, self.web_interface_port, self.web_root
+        )
     }
 
     pub fn to_pretty_json(&self) -> String {

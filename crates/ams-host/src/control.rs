@@ -137,6 +137,22 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 }
             }
         }
+        "notifications" => {
+            let project = str_field(&req, "project").unwrap_or_default();
+            let limit = req
+                .get("limit")
+                .and_then(Value::as_i64)
+                .unwrap_or(50)
+                .clamp(1, 10_000);
+            if !crate::project::exists(&h.data, &project) {
+                err(format!("no project named `{project}`"))
+            } else {
+                match h.store.notifications_of(&project, limit).await {
+                    Ok(n) => json!({"ok": true, "notifications": n}),
+                    Err(e) => err(e.to_string()),
+                }
+            }
+        }
         "replay" => {
             let id = req.get("id").and_then(Value::as_i64).unwrap_or(0);
             match replay(&h, id, &actor).await {

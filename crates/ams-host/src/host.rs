@@ -53,6 +53,19 @@ pub fn build_requests(project: &str, pushes: Vec<ams_core::webhooks::Push>) -> V
         .collect()
 }
 
+/// What a build did, for listeners such as the notifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Started,
+    Finished,
+}
+
+/// Hears about builds starting and finishing. Called from the host loop, so an implementation
+/// must return at once (hand the event to its own bounded queue) and never fail a build.
+pub trait BuildEvents: Send + Sync + 'static {
+    fn event(&self, build_id: i64, kind: EventKind);
+}
+
 /// The live lists, for status views.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueSnapshot {
@@ -100,12 +113,20 @@ pub enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone, Debug)]
 pub struct HostConfig {
     pub data: DataDir,
     pub conf: WebConf,
     /// See [`WorkerContext::packer`].
     pub packer: Option<std::path::PathBuf>,
+    /// Told when builds start and finish.
+    pub events: Option<Arc<dyn BuildEvents>>,
+}
+
+impl std::fmt::Debug for dyn BuildEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuildEvents")
+    }
 }
 
 /// A cheap, cloneable handle on the running host.
@@ -196,6 +217,7 @@ pub struct Host {
     rx: mpsc::Receiver<Command>,
     /// A command taken from the channel while batching, handled next.
     deferred: Option<Command>,
+    events: Option<Arc<dyn BuildEvents>>,
 }
 
 /// The build-name-format of a project's master pipeline.json, or the default when it cannot be
@@ -271,6 +293,7 @@ impl Host {
             tx: tx.clone(),
             rx,
             deferred: None,
+            events: cfg.events.clone(),
         };
         host.recover().await?;
         let handle = HostHandle {
@@ -602,6 +625,9 @@ impl Host {
             let ctx = self.ctx.clone();
             let tx = self.tx.clone();
             let log_tx = self.hub.sender(q.id);
+            if let Some(e) = &self.events {
+                e.event(q.id, EventKind::Started);
+            }
             self.workers.spawn(async move {
                 tracing::info!("build {} started", record.name);
                 let fin = worker::run_build(&ctx, &record, &stop, log_tx).await;
@@ -624,6 +650,9 @@ impl Host {
         let status = fin.status.unwrap_or(BuildStatus::Fail);
         tracing::info!("build {id} finished: {status}");
         self.hub.end(id, status.as_str());
+        if let Some(e) = &self.events {
+            e.event(id, EventKind::Finished);
+        }
     }
 
     async fn find(&self, build: &str) -> Result<BuildRecord, String> {

@@ -131,6 +131,32 @@ pub struct NewDelivery {
     pub body: Vec<u8>,
 }
 
+/// One try to deliver a notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: f64,
+    /// The HTTP status, or what went wrong (`timeout`, `connect: …`, `refused: …`).
+    pub outcome: String,
+    pub millis: u64,
+}
+
+/// A notification as recorded. The target is only its host: the URL may carry a token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub id: i64,
+    pub project: String,
+    pub build_name: String,
+    pub hook: String,
+    pub kind: String,
+    pub target_host: String,
+    pub event: String,
+    /// `sent`, or `failed: …`.
+    pub outcome: String,
+    pub attempts: Vec<Attempt>,
+    pub created_at: f64,
+    pub finished_at: f64,
+}
+
 /// One delivery of a batch and the builds it asks for.
 #[derive(Debug, Clone)]
 pub struct DeliveryBatchItem {
@@ -218,6 +244,7 @@ impl Store {
         const MIGRATIONS: &[&str] = &[
             include_str!("../migrations/0001_builds.sql"),
             include_str!("../migrations/0002_deliveries.sql"),
+            include_str!("../migrations/0003_notifications.sql"),
         ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -653,6 +680,70 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(id)
+    }
+
+    pub async fn record_notification(&self, n: &Notification) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO notifications (project, build_name, hook, kind, target_host, event, \
+             outcome, attempts, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(&n.project)
+        .bind(&n.build_name)
+        .bind(&n.hook)
+        .bind(&n.kind)
+        .bind(&n.target_host)
+        .bind(&n.event)
+        .bind(&n.outcome)
+        .bind(serde_json::to_string(&n.attempts).unwrap_or_else(|_| "[]".into()))
+        .bind(n.created_at)
+        .bind(n.finished_at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// A project's notifications, newest first.
+    pub async fn notifications_of(&self, project: &str, limit: i64) -> Result<Vec<Notification>> {
+        let rows =
+            sqlx::query("SELECT * FROM notifications WHERE project = ? ORDER BY id DESC LIMIT ?")
+                .bind(project)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let attempts: String = r.try_get("attempts")?;
+                Ok(Notification {
+                    id: r.try_get("id")?,
+                    project: r.try_get("project")?,
+                    build_name: r.try_get("build_name")?,
+                    hook: r.try_get("hook")?,
+                    kind: r.try_get("kind")?,
+                    target_host: r.try_get("target_host")?,
+                    event: r.try_get("event")?,
+                    outcome: r.try_get("outcome")?,
+                    attempts: serde_json::from_str(&attempts).unwrap_or_default(),
+                    created_at: r.try_get("created_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The status of the newest finished PASS/FAIL/WARN build of the same project and branch
+    /// before build `id` (for build-fixed).
+    pub async fn previous_status(&self, b: &BuildRecord) -> Result<Option<BuildStatus>> {
+        let s: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM builds WHERE project = ? AND branch IS ? AND id < ? \
+             AND status IN ('pass', 'fail', 'warn') ORDER BY id DESC LIMIT 1",
+        )
+        .bind(&b.project)
+        .bind(&b.branch)
+        .bind(b.id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(s.and_then(|s| BuildStatus::from_str(&s).ok()))
     }
 
     /// A recorded delivery with the headers (JSON) and body kept for replay.

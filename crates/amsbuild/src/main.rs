@@ -76,6 +76,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List a project's notifications and their attempts, newest first.
+    Notifications {
+        project: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replay a recorded webhook delivery (by the id `deliveries` shows) through the webhook's
     /// current filters.
     Replay { delivery: i64 },
@@ -121,6 +130,8 @@ enum ProjectCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (for outbound notifications).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AMSBUILD_LOG")
@@ -277,6 +288,46 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Notifications {
+            project,
+            limit,
+            json: as_json,
+        } => {
+            let v = control::request(
+                &sock,
+                &json!({"cmd": "notifications", "project": project, "limit": limit}),
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+            let list = v["notifications"].as_array().cloned().unwrap_or_default();
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for n in list {
+                    let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
+                    let tries: Vec<String> = n["attempts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| a["outcome"].as_str().unwrap_or("?").to_string())
+                        .collect();
+                    println!(
+                        "{}  {} {} `{}` to {}  {}  [{}]",
+                        n["created_at"]
+                            .as_f64()
+                            .map(timefmt::legacy)
+                            .unwrap_or_default(),
+                        s("build_name"),
+                        s("event"),
+                        s("hook"),
+                        s("target_host"),
+                        s("outcome"),
+                        tries.join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay { delivery } => {
             let v = control::request(
                 &sock,
@@ -425,11 +476,25 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         .await
         .map_err(|e| anyhow!(e))?;
     let executor = Arc::new(DockerExecutor::new());
+    let shutdown = CancellationToken::new();
+    let store = ams_store::Store::open(&data.db())
+        .await
+        .context("cannot open the database")?;
+    let (notifier, notify_task) = ams_notify::start(
+        data.clone(),
+        Arc::new(conf.clone()),
+        store,
+        shutdown.clone(),
+    );
+    for p in ams_notify::startup_problems(&data) {
+        tracing::error!("{p}");
+    }
     let (host, handle) = Host::start(
         HostConfig {
             data: data.clone(),
             conf: conf.clone(),
             packer: std::env::current_exe().ok(),
+            events: Some(notifier),
         },
         executor,
     )
@@ -442,7 +507,6 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         conf.max_active_builds,
         data.socket().display()
     );
-    let shutdown = CancellationToken::new();
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
 
     let hook_addr = format!("{}:{}", conf.webhook_ip, conf.webhook_port);
@@ -480,6 +544,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let _ = host_task.await;
     let _ = control_task.await;
     let _ = web_task.await;
+    let _ = notify_task.await;
     let _ = std::fs::remove_file(data.socket());
     tracing::info!("stopped; pending builds stay queued for the next start");
     Ok(ExitCode::SUCCESS)

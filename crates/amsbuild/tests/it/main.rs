@@ -5,5 +5,6 @@ mod harness;
 
 mod cli;
 mod docker;
+mod notify;
 mod tidy;
 mod webhooks;

@@ -1,0 +1,416 @@
+//! Outbound notifications: Discord and signed JSON webhooks when builds start and finish.
+//!
+//! The host loop hands each event to [`Notifier`], which only queues it (bounded; a full queue
+//! drops the event with a warning), so a slow or broken receiver never delays the loop or a
+//! build. A worker sends at most [`CONCURRENCY`] notifications at once, each request with a
+//! timeout of at most 10 s, no redirects, and an SSRF guard that refuses internal addresses
+//! unless web_conf.json allows them. 429 answers are retried after `retry_after`, 5xx answers
+//! and network errors with backoff, a bounded number of times. Every attempt is recorded; a
+//! target is only ever shown or logged by its host, since webhook URLs carry tokens.
+
+use ams_core::notify::{self, BuildEvent, HookType, OutWebhook};
+use ams_core::webconf::WebConf;
+use ams_host::host::{BuildEvents, EventKind};
+use ams_host::{timefmt, DataDir};
+use ams_store::{Attempt, BuildRecord, Notification, Store};
+use hmac::{KeyInit, Mac};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Notifications sent at once.
+pub const CONCURRENCY: usize = 4;
+/// Events waiting to be sent; past this they are dropped with a warning.
+pub const QUEUE: usize = 1024;
+/// Tries per notification.
+pub const MAX_ATTEMPTS: u32 = 4;
+/// Longest wait a 429 may ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The host's side: queues events, never blocks.
+#[derive(Debug)]
+pub struct Notifier {
+    tx: mpsc::Sender<(i64, EventKind)>,
+}
+
+impl BuildEvents for Notifier {
+    fn event(&self, build_id: i64, kind: EventKind) {
+        if self.tx.try_send((build_id, kind)).is_err() {
+            tracing::warn!(
+                "notification queue full: dropped the {kind:?} notification of build {build_id}"
+            );
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    data: DataDir,
+    conf: Arc<WebConf>,
+    store: Store,
+}
+
+/// Starts the notifier's worker; it stops when `shutdown` fires.
+pub fn start(
+    data: DataDir,
+    conf: Arc<WebConf>,
+    store: Store,
+    shutdown: CancellationToken,
+) -> (Arc<Notifier>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<(i64, EventKind)>(QUEUE);
+    let ctx = Ctx { data, conf, store };
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(CONCURRENCY));
+        let mut jobs = JoinSet::new();
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some((id, kind)) = ev else { break };
+                    let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                    let ctx = ctx.clone();
+                    jobs.spawn(async move {
+                        let _permit = permit;
+                        handle(&ctx, id, kind).await;
+                    });
+                }
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        jobs.abort_all();
+    });
+    (Arc::new(Notifier { tx }), task)
+}
+
+/// Loads and validates a project's out-webhooks; errors name the file and field.
+pub fn out_webhooks(data: &DataDir, project: &str) -> Result<Vec<OutWebhook>, String> {
+    let (cfg, _) = ams_host::project::webhooks(&data.project(project))?;
+    notify::parse_out_webhooks(&cfg.out_webhooks).map_err(|e| e.to_string())
+}
+
+/// Problems to report at start: out-webhooks that do not load.
+pub fn startup_problems(data: &DataDir) -> Vec<String> {
+    ams_host::project::list(data)
+        .into_iter()
+        .filter(|p| data.project(p).config().join("webhooks.json").exists())
+        .filter_map(|p| {
+            out_webhooks(data, &p)
+                .err()
+                .map(|e| format!("project {p}: {e}"))
+        })
+        .collect()
+}
+
+const QUOTES: &[&str] = &[
+    "It works on my container.",
+    "Green is my favourite colour.",
+    "Have you tried turning it off and on again?",
+    "Compiling… the universe takes a while.",
+    "Ship it!",
+];
+
+fn link(base: &str, path: &str) -> String {
+    let enc: String = path
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("{base}?page_redirect={enc}")
+}
+
+/// The variables of a build for message templates. Links go through the login page.
+pub fn variables(conf: &WebConf, b: &BuildRecord) -> BTreeMap<&'static str, String> {
+    use rand::Rng;
+    let base = conf.base_web_address();
+    let mut m = BTreeMap::new();
+    m.insert("app_name", "AMS-Build".to_string());
+    m.insert("app_version", env!("CARGO_PKG_VERSION").to_string());
+    m.insert(
+        "quote",
+        QUOTES[rand::rng().random_range(0..QUOTES.len())].to_string(),
+    );
+    m.insert("base_web_address", base.clone());
+    m.insert("project", b.project.clone());
+    m.insert("build_name", b.name.clone());
+    m.insert("build_index", b.build_index.to_string());
+    m.insert("build_hash", b.hash.clone());
+    m.insert("git_hash", b.git_hash.clone().unwrap_or_default());
+    m.insert("7z_hash", b.archive_hash.clone().unwrap_or_default());
+    m.insert("trigger_method", b.trigger.clone());
+    m.insert("actor", b.created_by.clone());
+    m.insert("created", timefmt::legacy(b.created_at));
+    m.insert("status", b.status.to_string());
+    m.insert("canceled_by", b.canceled_by.clone().unwrap_or_default());
+    m.insert(
+        "7z_link",
+        if b.archive_name.is_some() {
+            link(&base, &format!("dl/{}/{}", b.project, b.name))
+        } else {
+            String::new()
+        },
+    );
+    m.insert(
+        "output_log",
+        link(&base, &format!("output/{}/{}", b.project, b.name)),
+    );
+    m
+}
+
+async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
+    let b = match ctx.store.build_by_id(id).await {
+        Ok(Some(b)) => b,
+        _ => return,
+    };
+    let hooks = match out_webhooks(&ctx.data, &b.project) {
+        Ok(h) => h,
+        Err(e) if e.contains("No such file") => return,
+        Err(e) => {
+            tracing::error!("project {}: notifications not sent: {e}", b.project);
+            return;
+        }
+    };
+    if hooks.is_empty() {
+        return;
+    }
+    let event = match kind {
+        EventKind::Started => BuildEvent::Started,
+        EventKind::Finished => BuildEvent::Finished {
+            status: b.status,
+            previous: ctx.store.previous_status(&b).await.ok().flatten(),
+        },
+    };
+    let values = variables(&ctx.conf, &b);
+    for hook in hooks {
+        let Some(trigger) = hook.triggers.iter().copied().find(|t| t.fires(event)) else {
+            continue;
+        };
+        let body = match hook.kind {
+            HookType::Discord => notify::discord_message(&hook.data, &values),
+            HookType::Json => json!({
+                "event": trigger.name(),
+                "build": b,
+                "status": b.status.as_str(),
+                "links": {"output_log": values["output_log"], "7z_link": values["7z_link"]},
+            }),
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let created_at = timefmt::now();
+        let (outcome, attempts) = deliver(&ctx.conf, &hook, bytes).await;
+        let host = notify::url_host(&hook.url);
+        if outcome != "sent" {
+            tracing::warn!(
+                "notification `{}` of build {} to {host}: {outcome}",
+                hook.name,
+                b.name
+            );
+        }
+        let n = Notification {
+            id: 0,
+            project: b.project.clone(),
+            build_name: b.name.clone(),
+            hook: hook.name.clone(),
+            kind: match hook.kind {
+                HookType::Discord => "discord".into(),
+                HookType::Json => "json".into(),
+            },
+            target_host: host,
+            event: trigger.name().into(),
+            outcome,
+            attempts,
+            created_at,
+            finished_at: timefmt::now(),
+        };
+        if let Err(e) = ctx.store.record_notification(&n).await {
+            tracing::error!("cannot record a notification: {e}");
+        }
+    }
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let Ok(mut m) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        return String::new();
+    };
+    m.update(body);
+    let bytes = m.finalize().into_bytes();
+    format!(
+        "sha256={}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Resolves the target and applies the SSRF guard. Returns the address to connect to.
+async fn resolve(conf: &WebConf, url: &reqwest::Url) -> Result<Option<SocketAddr>, String> {
+    let host = url.host_str().ok_or("the URL has no host")?.to_string();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((bare, port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect(),
+    };
+    let first = *addrs
+        .first()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    if !conf.notify_allow_private {
+        if let Some(bad) = addrs.iter().find(|a| notify::ip_is_internal(a.ip())) {
+            return Err(format!(
+                "refused: {host} resolves to the internal address {}; set \
+                 \"notify_allow_private\": true in web_conf.json to allow it",
+                bad.ip()
+            ));
+        }
+    }
+    // Connect to the address that was checked, never to a second lookup's answer.
+    Ok(if bare.parse::<std::net::IpAddr>().is_ok() {
+        None
+    } else {
+        Some(first)
+    })
+}
+
+fn describe(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connect error".into()
+    } else {
+        // Never the URL: it carries the webhook's token.
+        format!("request error: {}", e.without_url())
+    }
+}
+
+/// Sends one notification with retries. Returns the outcome and every attempt.
+async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, Vec<Attempt>) {
+    let mut attempts = Vec::new();
+    let url = match reqwest::Url::parse(&hook.url) {
+        Ok(u) => u,
+        Err(_) => return ("failed: the URL does not parse".into(), attempts),
+    };
+    let pinned = match resolve(conf, &url).await {
+        Ok(p) => p,
+        Err(e) => {
+            attempts.push(Attempt {
+                at: timefmt::now(),
+                outcome: e.clone(),
+                millis: 0,
+            });
+            return (format!("failed: {e}"), attempts);
+        }
+    };
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(conf.notify_timeout_secs.clamp(1, 10)))
+        .user_agent(concat!("AMS-Build/", env!("CARGO_PKG_VERSION")));
+    if let (Some(addr), Some(host)) = (pinned, url.host_str()) {
+        builder = builder.resolve(host, addr);
+    }
+    let client = match builder.build() {
+        Ok(c) => c,
+        Err(e) => return (format!("failed: {}", describe(e)), attempts),
+    };
+    let signature = match (hook.kind, &hook.secret) {
+        (HookType::Json, Some(s)) => Some(sign(s, &body)),
+        _ => None,
+    };
+    for n in 0..MAX_ATTEMPTS {
+        let t0 = Instant::now();
+        let mut req = client
+            .post(url.clone())
+            .header("Content-Type", "application/json")
+            .body(body.clone());
+        if let Some(sig) = &signature {
+            req = req.header("X-AMS-Signature-256", sig);
+        }
+        let res = req.send().await;
+        let millis = t0.elapsed().as_millis() as u64;
+        let at = timefmt::now();
+        let last = n + 1 == MAX_ATTEMPTS;
+        let wait = match res {
+            Ok(resp) => {
+                let status = resp.status();
+                attempts.push(Attempt {
+                    at,
+                    outcome: status.as_u16().to_string(),
+                    millis,
+                });
+                if status.is_success() {
+                    return ("sent".into(), attempts);
+                }
+                if status.as_u16() == 429 {
+                    let header = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<f64>().ok());
+                    let bytes = resp.bytes().await.unwrap_or_default();
+                    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    let secs = body["retry_after"].as_f64().or(header).unwrap_or(1.0);
+                    Duration::from_secs_f64(secs.clamp(0.0, MAX_RETRY_AFTER.as_secs_f64()))
+                } else if status.is_server_error() {
+                    Duration::from_secs(1 << n)
+                } else if status.is_redirection() {
+                    return (
+                        format!("failed: answered {status}; redirects are not followed"),
+                        attempts,
+                    );
+                } else {
+                    return (format!("failed: answered {status}"), attempts);
+                }
+            }
+            Err(e) => {
+                attempts.push(Attempt {
+                    at,
+                    outcome: describe(e),
+                    millis,
+                });
+                Duration::from_secs(1 << n)
+            }
+        };
+        if last {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+    }
+    let what = attempts
+        .last()
+        .map(|a| a.outcome.clone())
+        .unwrap_or_default();
+    (
+        format!("failed after {} attempts: {what}", attempts.len()),
+        attempts,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_go_through_the_login_page() {
+        assert_eq!(
+            link("http://h:8080/ams-build/", "output/p/p_1"),
+            "http://h:8080/ams-build/?page_redirect=output/p/p_1"
+        );
+        assert_eq!(link("b/", "dl/a b&c"), "b/?page_redirect=dl/a%20b%26c");
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256() {
+        assert_eq!(
+            sign("It's a Secret to Everybody", b"Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+    }
+}
