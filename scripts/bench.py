@@ -199,7 +199,8 @@ def bench_d(tmp, seconds=10):
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
                        stdout=subprocess.DEVNULL)
     host = Host(os.path.join(tmp, "hooks"), {"max_active_builds": 2, "webhook_ip": "127.0.0.1",
-                                             "webhook_port": 0})
+                                             "webhook_port": 0,
+                                                "web_interface_ip": "127.0.0.1", "web_interface_port": 0})
     host.project("p", pipeline([{"name": "s", "commands": ["true"]}], **{"dummy-build": True}))
     cfg = os.path.join(host.data, "projects", "p", "master", "config")
     with open(os.path.join(cfg, "pipeline-config.json"), "w") as f:
@@ -276,7 +277,8 @@ def main():
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "image.sh")], check=True)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         host = Host(os.path.join(tmp, "data"), {"max_active_builds": 1, "webhook_ip": "127.0.0.1",
-                                                "webhook_port": 0})
+                                                "webhook_port": 0,
+                                                "web_interface_ip": "127.0.0.1", "web_interface_port": 0})
         host.start()
         try:
             a = bench_a(host, args.runs) if args.only in (None, "a") else None

@@ -2,6 +2,7 @@
 //! `{variables}`, build statuses, docker argument policy, the in-container stage protocol and the
 //! queue's decisions. Nothing here touches files, sockets, clocks or processes.
 
+pub mod access;
 pub mod docker_args;
 pub mod error;
 pub mod names;

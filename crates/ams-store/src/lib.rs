@@ -131,6 +131,40 @@ pub struct NewDelivery {
     pub body: Vec<u8>,
 }
 
+/// A user of the web interface and API. The password is stored only as its argon2id hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    #[serde(skip_serializing)]
+    pub password_hash: String,
+    pub level: u8,
+    pub projects: Vec<String>,
+    pub created_at: f64,
+    pub password_changed_at: f64,
+}
+
+/// An API token as listed (its secret is never stored, only its hash).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub id: i64,
+    pub user: String,
+    pub label: String,
+    pub created_at: f64,
+    pub last_used: Option<f64>,
+}
+
+fn row_to_user(r: &SqliteRow) -> Result<User> {
+    let projects: String = r.try_get("projects")?;
+    Ok(User {
+        name: r.try_get("name")?,
+        password_hash: r.try_get("password_hash")?,
+        level: r.try_get::<i64, _>("level")? as u8,
+        projects: serde_json::from_str(&projects).unwrap_or_default(),
+        created_at: r.try_get("created_at")?,
+        password_changed_at: r.try_get("password_changed_at")?,
+    })
+}
+
 /// One try to deliver a notification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -245,6 +279,7 @@ impl Store {
             include_str!("../migrations/0001_builds.sql"),
             include_str!("../migrations/0002_deliveries.sql"),
             include_str!("../migrations/0003_notifications.sql"),
+            include_str!("../migrations/0004_users.sql"),
         ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -744,6 +779,181 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(s.and_then(|s| BuildStatus::from_str(&s).ok()))
+    }
+
+    pub async fn user_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Creates a user; fails when the name is taken.
+    pub async fn create_user(&self, u: &User) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (name, password_hash, level, projects, created_at, \
+             password_changed_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&u.name)
+        .bind(&u.password_hash)
+        .bind(u.level as i64)
+        .bind(serde_json::to_string(&u.projects).unwrap_or_else(|_| "[]".into()))
+        .bind(u.created_at)
+        .bind(u.password_changed_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Invalid(format!("user `{}` already exists", u.name))
+            }
+            other => StoreError::Db(other),
+        })?;
+        Ok(())
+    }
+
+    pub async fn user(&self, name: &str) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_user).transpose()
+    }
+
+    pub async fn users(&self) -> Result<Vec<User>> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_user).collect()
+    }
+
+    /// Sets a new password hash and ends every session of the user.
+    pub async fn set_password(&self, name: &str, hash: &str, at: f64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE name = ?",
+        )
+        .bind(hash)
+        .bind(at)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM sessions WHERE user = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub async fn set_grant(
+        &self,
+        name: &str,
+        level: Option<u8>,
+        projects: Option<&[String]>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        if let Some(l) = level {
+            n += sqlx::query("UPDATE users SET level = ? WHERE name = ?")
+                .bind(l as i64)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if let Some(p) = projects {
+            n += sqlx::query("UPDATE users SET projects = ? WHERE name = ?")
+                .bind(serde_json::to_string(p).unwrap_or_else(|_| "[]".into()))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Removes a user with its sessions and tokens.
+    pub async fn remove_user(&self, name: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM sessions WHERE user = ?",
+            "DELETE FROM api_tokens WHERE user = ?",
+        ] {
+            sqlx::query(sql).bind(name).execute(&mut *tx).await?;
+        }
+        let n = sqlx::query("DELETE FROM users WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Stores a new API token by its hash.
+    pub async fn create_token(
+        &self,
+        user: &str,
+        label: &str,
+        token_hash: &str,
+        at: f64,
+    ) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO api_tokens (token_hash, user, label, created_at) VALUES (?, ?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(token_hash)
+        .bind(user)
+        .bind(label)
+        .bind(at)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The user a token hash belongs to, noting its use.
+    pub async fn token_user(&self, token_hash: &str, at: f64) -> Result<Option<User>> {
+        let name: Option<String> = sqlx::query_scalar(
+            "UPDATE api_tokens SET last_used = ? WHERE token_hash = ? RETURNING user",
+        )
+        .bind(at)
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        match name {
+            Some(n) => self.user(&n).await,
+            None => Ok(None),
+        }
+    }
+
+    pub async fn tokens_of(&self, user: &str) -> Result<Vec<ApiToken>> {
+        let rows = sqlx::query("SELECT * FROM api_tokens WHERE user = ? ORDER BY id")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ApiToken {
+                    id: r.try_get("id")?,
+                    user: r.try_get("user")?,
+                    label: r.try_get("label")?,
+                    created_at: r.try_get("created_at")?,
+                    last_used: r.try_get("last_used")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn revoke_token(&self, user: &str, id: i64) -> Result<bool> {
+        Ok(
+            sqlx::query("DELETE FROM api_tokens WHERE user = ? AND id = ?")
+                .bind(user)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                == 1,
+        )
     }
 
     /// A recorded delivery with the headers (JSON) and body kept for replay.

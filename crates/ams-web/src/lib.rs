@@ -1,6 +1,8 @@
 //! HTTP for AMS-Build. Today: the webhook listener. Each area owns a `router()`; [`serve`] runs
 //! a router on a listener until shutdown, with the limits an exposed port needs.
 
+pub mod api;
+pub mod auth;
 pub mod webhook;
 
 use axum::Router;

@@ -47,6 +47,12 @@ enum Cmd {
     /// Create and list projects.
     #[command(subcommand)]
     Project(ProjectCmd),
+    /// Manage the users of the web interface and API.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage API tokens (`Authorization: Bearer …`).
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Ask the running host to queue a build.
     Build {
         project: String,
@@ -109,6 +115,62 @@ enum Cmd {
         /// Directory holding pipeline.json (default: the current directory).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Add a user. The password comes from a prompt that does not echo, or --password-stdin.
+    Add {
+        name: String,
+        /// 1 USER, 2 WEBHOOK, 3 MODERATOR, 4 ADMIN, 5 SERVER ADMIN.
+        #[arg(long)]
+        level: u8,
+        /// Comma-separated projects.
+        #[arg(long, default_value = "")]
+        projects: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a user's password; the user's sessions end.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List the users.
+    List,
+    /// Change a user's level or projects.
+    Set {
+        name: String,
+        #[arg(long)]
+        level: Option<u8>,
+        #[arg(long)]
+        projects: Option<String>,
+    },
+    /// Remove a user, with its sessions and tokens.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create an API token for a user; it is printed once.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "cli")]
+        label: String,
+    },
+    /// List a user's tokens (never their secrets).
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        #[arg(long)]
+        user: String,
+        id: i64,
     },
 }
 
@@ -387,6 +449,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run { dir } => run_local(&dir).await,
+        Cmd::User(u) => users(&data, u).await,
+        Cmd::Token(t) => tokens(&data, t).await,
         Cmd::Pack { src, dest, hash } => {
             let kind = match hash.as_deref() {
                 None => None,
@@ -449,6 +513,165 @@ async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
     })
 }
 
+fn read_password(from_stdin: bool) -> Result<String> {
+    let pw = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        let a = rpassword::prompt_password("password: ")?;
+        let b = rpassword::prompt_password("again: ")?;
+        if a != b {
+            anyhow::bail!("the passwords differ");
+        }
+        a
+    };
+    if pw.chars().count() < ams_web::auth::MIN_PASSWORD {
+        anyhow::bail!(
+            "the password is too short: use at least {} characters",
+            ams_web::auth::MIN_PASSWORD
+        );
+    }
+    Ok(pw)
+}
+
+fn parse_level(n: u8) -> Result<ams_core::access::Level> {
+    ams_core::access::Level::try_from(n).map_err(|e| anyhow!(e))
+}
+
+fn parse_projects(data: &DataDir, list: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    for n in &names {
+        if !project::exists(data, n) {
+            anyhow::bail!("no project named `{n}`");
+        }
+    }
+    Ok(names)
+}
+
+async fn open_store(data: &DataDir) -> Result<ams_store::Store> {
+    std::fs::create_dir_all(data.root())?;
+    ams_store::Store::open(&data.db())
+        .await
+        .with_context(|| format!("cannot open {}", data.db().display()))
+}
+
+async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
+    let store = open_store(data).await?;
+    match cmd {
+        UserCmd::Add {
+            name,
+            level,
+            projects,
+            password_stdin,
+        } => {
+            ams_core::names::validate_project_name(&name)
+                .map_err(|e| anyhow!("{}", e.replace("project name", "user name")))?;
+            let level = parse_level(level)?;
+            let projects = parse_projects(data, &projects)?;
+            let pw = read_password(password_stdin)?;
+            let now = timefmt::now();
+            store
+                .create_user(&ams_store::User {
+                    name: name.clone(),
+                    password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
+                    level: level.into(),
+                    projects,
+                    created_at: now,
+                    password_changed_at: now,
+                })
+                .await?;
+            println!("added user {name} ({})", level.name());
+        }
+        UserCmd::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let pw = read_password(password_stdin)?;
+            let hash = ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?;
+            if !store.set_password(&name, &hash, timefmt::now()).await? {
+                anyhow::bail!("no user named `{name}`");
+            }
+            println!("changed the password of {name}; its sessions have ended");
+        }
+        UserCmd::List => {
+            for u in store.users().await? {
+                let level = parse_level(u.level).map(|l| l.name()).unwrap_or("?");
+                println!("{:<24} {:<12} {}", u.name, level, u.projects.join(","));
+            }
+        }
+        UserCmd::Set {
+            name,
+            level,
+            projects,
+        } => {
+            let level = level.map(parse_level).transpose()?.map(u8::from);
+            let projects = projects.map(|p| parse_projects(data, &p)).transpose()?;
+            if level.is_none() && projects.is_none() {
+                anyhow::bail!("give --level or --projects");
+            }
+            if !store.set_grant(&name, level, projects.as_deref()).await? {
+                anyhow::bail!("no user named `{name}`");
+            }
+            println!("updated user {name}");
+        }
+        UserCmd::Remove { name } => {
+            if !store.remove_user(&name).await? {
+                anyhow::bail!("no user named `{name}`");
+            }
+            println!("removed user {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
+    let store = open_store(data).await?;
+    match cmd {
+        TokenCmd::Create { user, label } => {
+            if store.user(&user).await?.is_none() {
+                anyhow::bail!("no user named `{user}`");
+            }
+            let token = format!("ams_{}", ams_web::auth::random_secret(32));
+            let id = store
+                .create_token(
+                    &user,
+                    &label,
+                    &ams_web::auth::token_hash(&token),
+                    timefmt::now(),
+                )
+                .await?;
+            eprintln!("token {id} for {user}; it is shown only now:");
+            println!("{token}");
+        }
+        TokenCmd::List { user } => {
+            for t in store.tokens_of(&user).await? {
+                println!(
+                    "{:<4} {:<20} created {}  last used {}",
+                    t.id,
+                    t.label,
+                    timefmt::legacy(t.created_at),
+                    t.last_used
+                        .map(timefmt::legacy)
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+        }
+        TokenCmd::Revoke { user, id } => {
+            if !store.revoke_token(&user, id).await? {
+                anyhow::bail!("no token {id} of user `{user}`");
+            }
+            println!("revoked token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Loads web_conf.json, writing the defaults on first start.
 fn load_conf(data: &DataDir) -> Result<WebConf> {
     let path = data.web_conf();
@@ -500,6 +723,25 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     )
     .await
     .context("cannot start the host")?;
+    if handle.store.user_count().await.unwrap_or(1) == 0 {
+        let pw = ams_web::auth::random_password();
+        let now = timefmt::now();
+        handle
+            .store
+            .create_user(&ams_store::User {
+                name: "admin".into(),
+                password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
+                level: ams_core::access::Level::ServerAdmin.into(),
+                projects: Vec::new(),
+                created_at: now,
+                password_changed_at: now,
+            })
+            .await?;
+        println!(
+            "first start: created the user `admin` (SERVER ADMIN) with the password {pw}\n\
+             it is shown only now; change it with `amsbuild user passwd admin`"
+        );
+    }
     tracing::info!(
         "amsbuild {} serving data directory {} ({} build slots); control socket {}",
         env!("CARGO_PKG_VERSION"),
@@ -509,20 +751,6 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     );
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
 
-    let hook_addr = format!("{}:{}", conf.webhook_ip, conf.webhook_port);
-    let hook_listener = tokio::net::TcpListener::bind(&hook_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for webhooks on {hook_addr}; change webhook_ip/webhook_port in {}",
-                data.web_conf().display()
-            )
-        })?;
-    tracing::info!(
-        "webhooks listening on http://{}/{}/request",
-        hook_listener.local_addr()?,
-        conf.web_root
-    );
     for w in ams_web::webhook::startup_warnings(&handle) {
         tracing::warn!("{w}");
     }
@@ -532,7 +760,70 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         },
         &conf.web_root,
     );
-    let web_task = tokio::spawn(ams_web::serve(hook_listener, hooks, shutdown.clone()));
+    let web = ams_web::api::router(
+        ams_web::api::ApiState {
+            host: handle.clone(),
+        },
+        &conf.web_root,
+    );
+    let bind = |ip: &str, port: u16, what: &'static str| {
+        let addr = format!("{ip}:{port}");
+        let file = data.web_conf();
+        async move {
+            tokio::net::TcpListener::bind(&addr).await.with_context(|| {
+                format!(
+                    "cannot listen for {what} on {addr}; change it in {}",
+                    file.display()
+                )
+            })
+        }
+    };
+    let shared = conf.webhook_port != 0
+        && conf.webhook_port == conf.web_interface_port
+        && conf.webhook_ip == conf.web_interface_ip;
+    let mut web_tasks = Vec::new();
+    if shared {
+        let l = bind(
+            &conf.web_interface_ip,
+            conf.web_interface_port,
+            "the web interface",
+        )
+        .await?;
+        let addr = l.local_addr()?;
+        tracing::info!(
+            "web interface listening on http://{addr}/{}/",
+            conf.web_root
+        );
+        tracing::info!(
+            "webhooks listening on http://{addr}/{}/request",
+            conf.web_root
+        );
+        web_tasks.push(tokio::spawn(ams_web::serve(
+            l,
+            web.merge(hooks),
+            shutdown.clone(),
+        )));
+    } else {
+        let l = bind(&conf.webhook_ip, conf.webhook_port, "webhooks").await?;
+        tracing::info!(
+            "webhooks listening on http://{}/{}/request",
+            l.local_addr()?,
+            conf.web_root
+        );
+        web_tasks.push(tokio::spawn(ams_web::serve(l, hooks, shutdown.clone())));
+        let l = bind(
+            &conf.web_interface_ip,
+            conf.web_interface_port,
+            "the web interface",
+        )
+        .await?;
+        tracing::info!(
+            "web interface listening on http://{}/{}/",
+            l.local_addr()?,
+            conf.web_root
+        );
+        web_tasks.push(tokio::spawn(ams_web::serve(l, web, shutdown.clone())));
+    }
     let host_task = tokio::spawn(host.run());
 
     tokio::select! {
@@ -543,7 +834,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     handle.shutdown().await;
     let _ = host_task.await;
     let _ = control_task.await;
-    let _ = web_task.await;
+    for t in web_tasks {
+        let _ = t.await;
+    }
     let _ = notify_task.await;
     let _ = std::fs::remove_file(data.socket());
     tracing::info!("stopped; pending builds stay queued for the next start");

@@ -36,9 +36,10 @@ fn commands_say_when_no_host_runs() {
 fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("fresh");
-    let mut child = std::process::Command::new(bin())
+    let child = std::process::Command::new(bin())
         .arg("serve")
         .env("AMSBUILD_HOME", &data)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -48,7 +49,13 @@ fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    assert!(child.wait().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        console.contains("created the user `admin` (SERVER ADMIN) with the password"),
+        "{console}"
+    );
     let conf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("web_conf.json")).unwrap())
             .unwrap();
@@ -64,11 +71,12 @@ fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
     );
 
     // A second start reuses the directory and keeps an edited configuration.
-    let edited = r#"{"max_active_builds": 3, "webhook_ip": "127.0.0.1", "webhook_port": 0}"#;
+    let edited = r#"{"max_active_builds": 3, "webhook_ip": "127.0.0.1", "webhook_port": 0, "web_interface_ip": "127.0.0.1", "web_interface_port": 0}"#;
     std::fs::write(data.join("web_conf.json"), edited).unwrap();
-    let mut child = std::process::Command::new(bin())
+    let child = std::process::Command::new(bin())
         .arg("serve")
         .env("AMSBUILD_HOME", &data)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -78,7 +86,12 @@ fn first_start_creates_the_data_directory_and_a_second_reuses_it() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    assert!(child.wait().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("password"),
+        "printed twice"
+    );
     let again = std::fs::read_to_string(data.join("web_conf.json")).unwrap();
     assert_eq!(again, edited);
 }

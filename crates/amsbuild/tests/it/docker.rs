@@ -738,7 +738,7 @@ fn a_relative_data_directory_works() {
     std::fs::create_dir_all(tmp.path().join("rel-data")).unwrap();
     std::fs::write(
         tmp.path().join("rel-data/web_conf.json"),
-        r#"{"webhook_ip": "127.0.0.1", "webhook_port": 0}"#,
+        r#"{"webhook_ip": "127.0.0.1", "webhook_port": 0, "web_interface_ip": "127.0.0.1", "web_interface_port": 0}"#,
     )
     .unwrap();
     assert!(run(&["project", "init", "p"]).status.success());

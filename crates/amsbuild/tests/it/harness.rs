@@ -102,7 +102,8 @@ impl TestHost {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         // Loopback and a port of the system's choosing, so hosts of parallel tests never clash.
-        let mut full = json!({"webhook_ip": "127.0.0.1", "webhook_port": 0});
+        let mut full = json!({"webhook_ip": "127.0.0.1", "webhook_port": 0,
+                              "web_interface_ip": "127.0.0.1", "web_interface_port": 0});
         for (k, v) in conf.as_object().unwrap() {
             full[k] = v.clone();
         }
@@ -161,6 +162,12 @@ impl TestHost {
                 self.try_req(&json!({"cmd": "ping"})).ok()
             },
         );
+        // Started means every listener is up, and the last one logs last.
+        wait_for("the web listener", Duration::from_secs(30), || {
+            self.host_log()
+                .contains("web interface listening on http://")
+                .then_some(())
+        });
     }
 
     /// The webhook listener's address, as the host logged it at start.
@@ -171,6 +178,18 @@ impl TestHost {
             .rev()
             .find(|l| l.contains("webhooks listening on http://"))
             .unwrap_or_else(|| panic!("no webhook listener in the host log:\n{log}"));
+        let rest = line.split("http://").nth(1).unwrap();
+        rest.split('/').next().unwrap().to_string()
+    }
+
+    /// The web interface's address, as the host logged it at start.
+    pub fn web_addr(&self) -> String {
+        let log = self.host_log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("web interface listening on http://"))
+            .unwrap_or_else(|| panic!("no web listener in the host log:\n{log}"));
         let rest = line.split("http://").nth(1).unwrap();
         rest.split('/').next().unwrap().to_string()
     }
@@ -347,4 +366,37 @@ impl Drop for TestHost {
             }
         }
     }
+}
+
+/// A raw HTTP/1.1 request; returns the status and the JSON body (Null if not JSON).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, Value) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }

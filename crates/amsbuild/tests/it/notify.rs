@@ -153,7 +153,7 @@ fn notifications(h: &TestHost, n: usize) -> Vec<Value> {
 }
 
 fn allow() -> Value {
-    json!({"notify_allow_private": true, "notify_timeout_secs": 1})
+    json!({"notify_allow_private": true, "notify_timeout_secs": 1, "web_address": "ci.example.com"})
 }
 
 #[test]
@@ -205,7 +205,7 @@ fn discord_gets_a_valid_message_within_its_limits_and_the_token_stays_secret() {
     let log_link = e["fields"][1]["value"].as_str().unwrap();
     assert_eq!(
         log_link,
-        format!("http://localhost:8080/ams-build/?page_redirect=output/n/{name}")
+        format!("http://ci.example.com:0/ams-build/?page_redirect=output/n/{name}")
     );
     assert_eq!(e["url"], log_link);
     // The token never appears in the host's log or the recorded notification.

@@ -1,0 +1,427 @@
+//! The JSON API under `/{web_root}/api/`, with the described system's paths and shapes
+//! (FORMATS.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
+//! as path pairs, and the current user; plus POSTs to trigger, cancel and delete output.
+//!
+//! Authentication is by API token (`Authorization: Bearer …`). Errors are consistent: 401 when
+//! not logged in, 403 when logged in without the right, 404 when unknown or not visible, so the
+//! existence of a project never leaks to a user without access to it.
+
+use crate::auth;
+use ams_core::access::{Action, Grant, Level};
+use ams_host::host::BuildRequest;
+use ams_host::{timefmt, HostHandle};
+use ams_store::{BuildRecord, User};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub host: HostHandle,
+}
+
+/// An API error with its status; never shows internals.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    Forbidden(String),
+    NotFound,
+    Bad(String),
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, msg) = match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "not logged in".to_string()),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not found".to_string()),
+            ApiError::Bad(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error".to_string(),
+            ),
+        };
+        let mut r = (code, Json(json!({"error": msg}))).into_response();
+        if code == StatusCode::UNAUTHORIZED {
+            if let Ok(v) = "Bearer".parse() {
+                r.headers_mut().insert("WWW-Authenticate", v);
+            }
+        }
+        r
+    }
+}
+
+/// The authenticated caller.
+pub struct Caller {
+    pub user: User,
+    pub grant: Grant,
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &ApiState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let user = st
+            .host
+            .store
+            .token_user(&auth::token_hash(token), timefmt::now())
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .ok_or(ApiError::Unauthorized)?;
+        let level = Level::try_from(user.level).unwrap_or(Level::NoAuth);
+        let grant = Grant {
+            level,
+            projects: user.projects.clone(),
+        };
+        if !grant.can_log_in() {
+            return Err(ApiError::Forbidden(format!(
+                "{} accounts cannot use the API",
+                level.name()
+            )));
+        }
+        Ok(Caller { user, grant })
+    }
+}
+
+pub fn router(state: ApiState, web_root: &str) -> Router {
+    let api = Router::new()
+        .route("/user", get(user))
+        .route("/tasks", get(tasks))
+        .route("/tasks/{*rest}", get(tasks_filtered))
+        .route("/projects", get(projects))
+        .route("/projects/name/{name}", get(project))
+        .route("/projects/name/{name}/build", post(trigger))
+        .route("/projects/name/{name}/{*rest}", get(project_part))
+        .route("/builds/{name}/cancel", post(cancel))
+        .route("/builds/{name}/delete-output", post(delete_output))
+        .with_state(state);
+    Router::new().nest(&format!("/{web_root}/api"), api)
+}
+
+fn legacy_opt(t: Option<f64>) -> Value {
+    t.map(|t| json!(timefmt::legacy(t))).unwrap_or(Value::Null)
+}
+
+fn iso_opt(t: Option<f64>) -> Value {
+    t.map(|t| json!(timefmt::iso(t))).unwrap_or(Value::Null)
+}
+
+/// A build in the described system's shape, with ISO 8601 times and our fields beside it.
+pub fn build_json(b: &BuildRecord) -> Value {
+    json!({
+        "name": b.name, "hash": b.hash, "git_hash": b.git_hash, "build_id": b.build_index,
+        "status": b.status.as_str(), "created_by": b.created_by,
+        "created_at": timefmt::legacy(b.created_at), "canceled_by": b.canceled_by,
+        "canceled_at": legacy_opt(b.canceled_at),
+        "7z_link": b.archive_name.as_ref().map(|_| format!("dl/{}/{}", b.project, b.name)),
+        "7z_hash": b.archive_hash,
+        "output_log": format!("output/{}/{}", b.project, b.name),
+        "project": b.project, "trigger": b.trigger, "branch": b.branch, "commit": b.commit,
+        "reason": b.reason, "stages": b.stages,
+        "created_at_iso": timefmt::iso(b.created_at), "started_at_iso": iso_opt(b.started_at),
+        "finished_at_iso": iso_opt(b.finished_at), "canceled_at_iso": iso_opt(b.canceled_at),
+    })
+}
+
+fn task_json(b: &BuildRecord) -> Value {
+    json!({
+        "task_name": b.name, "task_hash": b.hash, "project": b.project,
+        "created_by": b.created_by, "created_at": timefmt::legacy(b.created_at),
+        "started_at": b.started_at.map(|t| json!(t)).unwrap_or(json!(-1)),
+        "created_at_iso": timefmt::iso(b.created_at), "started_at_iso": iso_opt(b.started_at),
+    })
+}
+
+/// Keeps the items whose fields equal the values of `pairs` (`field/value/field/value`).
+fn filter(items: Vec<Value>, pairs: &[&str]) -> Result<Vec<Value>, ApiError> {
+    if !pairs.len().is_multiple_of(2) {
+        return Err(ApiError::Bad("filters come in field/value pairs".into()));
+    }
+    Ok(items
+        .into_iter()
+        .filter(|it| {
+            pairs.chunks(2).all(|p| match it.get(p[0]) {
+                Some(Value::String(s)) => s == p[1],
+                Some(Value::Null) => p[1] == "null",
+                Some(Value::Number(n)) => n.to_string() == p[1],
+                Some(Value::Bool(b)) => b.to_string() == p[1],
+                Some(_) => false,
+                None => false,
+            })
+        })
+        .collect())
+}
+
+fn segments(rest: &str) -> Vec<&str> {
+    rest.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+async fn user(c: Caller) -> Json<Value> {
+    let level = Level::try_from(c.user.level).unwrap_or(Level::NoAuth);
+    Json(
+        json!({"name": c.user.name, "level": c.user.level, "level_name": level.name(),
+                "projects": c.user.projects}),
+    )
+}
+
+async fn visible_tasks(st: &ApiState, c: &Caller) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
+    let snap = st.host.snapshot().await.map_err(|_| ApiError::Internal)?;
+    let vis = |b: &&BuildRecord| c.grant.may(Action::View, &b.project);
+    Ok((
+        snap.active.iter().filter(vis).map(task_json).collect(),
+        snap.pending.iter().filter(vis).map(task_json).collect(),
+    ))
+}
+
+async fn tasks(State(st): State<ApiState>, c: Caller) -> Result<Json<Value>, ApiError> {
+    let (active, pending) = visible_tasks(&st, &c).await?;
+    Ok(Json(json!({"active": active, "pending": pending})))
+}
+
+async fn tasks_filtered(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(rest): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seg = segments(&rest);
+    let (active, pending) = visible_tasks(&st, &c).await?;
+    let list = match seg.first() {
+        Some(&"active") => active,
+        Some(&"queued") | Some(&"pending") => pending,
+        _ => return Err(ApiError::NotFound),
+    };
+    Ok(Json(Value::Array(filter(list, &seg[1..])?)))
+}
+
+async fn projects(State(st): State<ApiState>, c: Caller) -> Json<Value> {
+    let list: Vec<Value> = ams_host::project::list(&st.host.data)
+        .into_iter()
+        .filter(|p| c.grant.may(Action::View, p))
+        .map(|p| json!({"name": p, "base_path": st.host.data.project(&p).root}))
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// The project if the caller may see it; otherwise 404, whether it exists or not.
+fn visible(st: &ApiState, c: &Caller, name: &str) -> Result<(), ApiError> {
+    if ams_host::project::exists(&st.host.data, name) && c.grant.may(Action::View, name) {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+async fn project_info(st: &ApiState, name: &str) -> Result<Value, ApiError> {
+    let info = st
+        .host
+        .store
+        .project_info(name)
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    Ok(match info {
+        Some(i) => json!({"ProjectName": name, "latest_build_index": i.latest_build_index,
+            "latest_build_key": i.latest_build_key, "last_created_time": i.last_created_time,
+            "last_execute_time": i.last_execute_time, "last_complete_time": i.last_complete_time}),
+        None => json!({"ProjectName": name, "latest_build_index": 0, "latest_build_key": null,
+            "last_created_time": null, "last_execute_time": null, "last_complete_time": null}),
+    })
+}
+
+async fn project_tasks(st: &ApiState, c: &Caller, name: &str) -> Result<Value, ApiError> {
+    let (active, pending) = visible_tasks(st, c).await?;
+    let mine =
+        |l: Vec<Value>| -> Vec<Value> { l.into_iter().filter(|t| t["project"] == name).collect() };
+    Ok(json!({"active": mine(active), "pending": mine(pending)}))
+}
+
+/// Builds newest first, a page at a time: `?page=1&per_page=50&fields=name,status`.
+async fn builds(
+    st: &ApiState,
+    name: &str,
+    q: &HashMap<String, String>,
+    pairs: &[&str],
+) -> Result<Value, ApiError> {
+    let per_page: i64 = q
+        .get("per_page")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+        .clamp(1, 500);
+    let page: i64 = q
+        .get("page")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let list: Vec<Value> = if pairs.is_empty() {
+        st.host
+            .store
+            .builds_of(name, per_page, (page - 1) * per_page)
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .iter()
+            .map(build_json)
+            .collect()
+    } else {
+        // Filters apply to the whole list, then the page is cut.
+        let all: Vec<Value> = st
+            .host
+            .store
+            .builds_of(name, i64::MAX, 0)
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .iter()
+            .map(build_json)
+            .collect();
+        filter(all, pairs)?
+            .into_iter()
+            .skip(((page - 1) * per_page) as usize)
+            .take(per_page as usize)
+            .collect()
+    };
+    Ok(Value::Array(match q.get("fields") {
+        Some(f) => {
+            let keep: Vec<&str> = f.split(',').map(str::trim).collect();
+            list.into_iter()
+                .map(|b| {
+                    let m: Map<String, Value> = b
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| keep.contains(&k.as_str()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    Value::Object(m)
+                })
+                .collect()
+        }
+        None => list,
+    }))
+}
+
+async fn project(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    visible(&st, &c, &name)?;
+    Ok(Json(json!({
+        "name": name,
+        "base_path": st.host.data.project(&name).root,
+        "project_info": project_info(&st, &name).await?,
+        "builds": builds(&st, &name, &q, &[]).await?,
+        "tasks": project_tasks(&st, &c, &name).await?,
+    })))
+}
+
+async fn project_part(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((name, rest)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    visible(&st, &c, &name)?;
+    let seg = segments(&rest);
+    Ok(Json(match seg.first() {
+        Some(&"project_info") if seg.len() == 1 => project_info(&st, &name).await?,
+        Some(&"builds") | Some(&"build") => builds(&st, &name, &q, &seg[1..]).await?,
+        Some(&"tasks") if seg.len() == 1 => project_tasks(&st, &c, &name).await?,
+        Some(&"tasks") => {
+            let t = project_tasks(&st, &c, &name).await?;
+            let list = match seg.get(1) {
+                Some(&"active") => t["active"].clone(),
+                Some(&"queued") | Some(&"pending") => t["pending"].clone(),
+                _ => return Err(ApiError::NotFound),
+            };
+            Value::Array(filter(
+                list.as_array().cloned().unwrap_or_default(),
+                &seg[2..],
+            )?)
+        }
+        _ => return Err(ApiError::NotFound),
+    }))
+}
+
+fn operate(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
+    visible(st, c, project)?;
+    if c.grant.may(Action::Operate, project) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "{} accounts may not trigger, cancel or delete builds",
+            c.grant.level.name()
+        )))
+    }
+}
+
+async fn trigger(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    body: Option<Json<Value>>,
+) -> Result<Response, ApiError> {
+    operate(&st, &c, &name)?;
+    let b = body.map(|Json(v)| v).unwrap_or(Value::Null);
+    let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
+    let req = BuildRequest {
+        project: name,
+        branch: s("branch"),
+        commit: s("commit"),
+        actor: c.user.name.clone(),
+        trigger: "api".into(),
+    };
+    let r = st.host.build(req).await.map_err(ApiError::Bad)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())
+}
+
+async fn find_build(st: &ApiState, c: &Caller, name: &str) -> Result<BuildRecord, ApiError> {
+    let b = st
+        .host
+        .store
+        .build_by_name(name)
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .ok_or(ApiError::NotFound)?;
+    operate(st, c, &b.project)?;
+    Ok(b)
+}
+
+async fn cancel(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    find_build(&st, &c, &name).await?;
+    let b = st
+        .host
+        .cancel(&name, &c.user.name)
+        .await
+        .map_err(ApiError::Bad)?;
+    Ok(Json(json!({"build": build_json(&b)})))
+}
+
+async fn delete_output(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    find_build(&st, &c, &name).await?;
+    st.host
+        .delete_output(&name, &c.user.name)
+        .await
+        .map_err(ApiError::Bad)?;
+    Ok(Json(json!({"ok": true})))
+}

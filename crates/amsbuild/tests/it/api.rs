@@ -1,0 +1,337 @@
+//! The JSON API over real HTTP: the access matrix (each level, own and other project), the
+//! described system's shapes and filters, pagination and field selection, tokens.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Api {
+    h: TestHost,
+    addr: String,
+    tokens: std::collections::HashMap<&'static str, String>,
+}
+
+impl Api {
+    fn new() -> Self {
+        let mut h = TestHost::new();
+        for p in ["mine", "other"] {
+            h.project(
+                p,
+                &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+            );
+        }
+        let mut tokens = std::collections::HashMap::new();
+        for (name, level, projects) in [
+            ("u_user", "1", "mine"),
+            ("u_webhook", "2", "mine"),
+            ("u_mod", "3", "mine"),
+            ("u_admin", "4", "mine"),
+            ("u_server", "5", ""),
+        ] {
+            let o = h
+                .cmd()
+                .args([
+                    "user",
+                    "add",
+                    name,
+                    "--level",
+                    level,
+                    "--projects",
+                    projects,
+                    "--password-stdin",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(b"a long password\n")?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let o = h.cli(&["token", "create", "--user", name]);
+            assert!(o.status.success());
+            tokens.insert(name, String::from_utf8_lossy(&o.stdout).trim().to_string());
+        }
+        h.start();
+        let addr = h.web_addr();
+        Api { h, addr, tokens }
+    }
+
+    fn call(&self, who: Option<&str>, method: &str, path: &str) -> (u16, Value) {
+        let mut headers = vec![("Content-Type", "application/json".to_string())];
+        if let Some(w) = who {
+            headers.push(("Authorization", format!("Bearer {}", self.tokens[w])));
+        }
+        let body: &[u8] = if method == "POST" { b"{}" } else { b"" };
+        http(
+            &self.addr,
+            method,
+            &format!("/ams-build/api{path}"),
+            &headers,
+            body,
+        )
+    }
+}
+
+#[test]
+fn the_access_matrix_of_the_api() {
+    let a = Api::new();
+    // (user, sees mine, operates mine, sees other)
+    let rows = [
+        ("u_user", true, false, false),
+        ("u_mod", true, true, false),
+        ("u_admin", true, true, false),
+        ("u_server", true, true, true),
+    ];
+    let missing = a.call(Some("u_user"), "GET", "/projects/name/no-such-project");
+    assert_eq!(missing.0, 404);
+    for (who, see, op, other) in rows {
+        let (st, list) = a.call(Some(who), "GET", "/projects");
+        assert_eq!(st, 200);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.contains(&"mine"), see, "{who}");
+        assert_eq!(names.contains(&"other"), other, "{who}");
+        assert_eq!(
+            a.call(Some(who), "GET", "/projects/name/mine").0,
+            if see { 200 } else { 404 },
+            "{who}"
+        );
+        let o = a.call(Some(who), "GET", "/projects/name/other");
+        if other {
+            assert_eq!(o.0, 200, "{who}");
+        } else {
+            // Indistinguishable from a project that does not exist.
+            assert_eq!(o, missing, "{who}");
+        }
+        let (st, v) = a.call(Some(who), "POST", "/projects/name/mine/build");
+        assert_eq!(st, if op { 202 } else { 403 }, "{who}: {v}");
+        let (st, _) = a.call(Some(who), "POST", "/projects/name/other/build");
+        assert_eq!(st, if other { 202 } else { 404 }, "{who}");
+        let (st, _) = a.call(Some(who), "GET", "/projects/name/other/builds");
+        assert_eq!(st, if other { 200 } else { 404 }, "{who}");
+    }
+    // WEBHOOK accounts cannot use the API at all; no token or a bad one is 401.
+    assert_eq!(a.call(Some("u_webhook"), "GET", "/projects").0, 403);
+    assert_eq!(a.call(None, "GET", "/projects").0, 401);
+    let (st, _) = http(
+        &a.addr,
+        "GET",
+        "/ams-build/api/projects",
+        &[("Authorization", "Bearer nope".into())],
+        b"",
+    );
+    assert_eq!(st, 401);
+    // A user who may view cannot cancel or delete.
+    let (_, v) = a.call(Some("u_mod"), "POST", "/projects/name/mine/build");
+    let name = v["build"]["name"].as_str().unwrap().to_string();
+    a.h.wait_status("mine", &name, Duration::from_secs(60));
+    assert_eq!(
+        a.call(
+            Some("u_user"),
+            "POST",
+            &format!("/builds/{name}/delete-output")
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        a.call(
+            Some("u_mod"),
+            "POST",
+            &format!("/builds/{name}/delete-output")
+        )
+        .0,
+        200
+    );
+}
+
+#[test]
+fn shapes_filters_pages_and_fields() {
+    let a = Api::new();
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let (st, v) = a.call(Some("u_mod"), "POST", "/projects/name/mine/build");
+        assert_eq!(st, 202, "{v}");
+        names.push(v["build"]["name"].as_str().unwrap().to_string());
+    }
+    for n in &names {
+        a.h.wait_status("mine", n, Duration::from_secs(60));
+    }
+    let (st, p) = a.call(Some("u_user"), "GET", "/projects/name/mine");
+    assert_eq!(st, 200);
+    assert_eq!(p["name"], "mine");
+    assert_eq!(p["project_info"]["ProjectName"], "mine");
+    assert_eq!(p["project_info"]["latest_build_index"], 3);
+    let b = &p["builds"][0];
+    assert_eq!(b["name"], names[2].as_str());
+    for k in [
+        "hash",
+        "git_hash",
+        "build_id",
+        "status",
+        "created_by",
+        "created_at",
+        "canceled_by",
+        "canceled_at",
+        "7z_link",
+        "7z_hash",
+        "output_log",
+    ] {
+        assert!(b.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(b["created_by"], "u_mod");
+    assert_eq!(b["output_log"], format!("output/mine/{}", names[2]));
+    assert!(b["created_at"].as_str().unwrap().contains(" @ "));
+    assert!(p["tasks"]["active"].is_array() && p["tasks"]["pending"].is_array());
+    let (_, t) = a.call(Some("u_user"), "GET", "/tasks");
+    assert!(t["active"].is_array() && t["pending"].is_array());
+    assert!(a
+        .call(Some("u_user"), "GET", "/tasks/queued/project/mine")
+        .1
+        .is_array());
+
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/status/dummy",
+    );
+    assert_eq!(f.as_array().unwrap().len(), 3);
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/status/pass",
+    );
+    assert!(f.as_array().unwrap().is_empty());
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/created_by/u_mod/status/dummy",
+    );
+    assert_eq!(f.as_array().unwrap().len(), 3);
+    let (_, page) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds?per_page=1&page=2&fields=name,status",
+    );
+    let page = page.as_array().unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["name"], names[1].as_str());
+    assert_eq!(
+        page[0].as_object().unwrap().len(),
+        2,
+        "only the named fields"
+    );
+    let (_, info) = a.call(Some("u_user"), "GET", "/projects/name/mine/project_info");
+    assert_eq!(info["latest_build_key"], names[2].as_str());
+    let (_, me) = a.call(Some("u_admin"), "GET", "/user");
+    assert_eq!(me["name"], "u_admin");
+    assert_eq!(me["level_name"], "ADMIN");
+
+    // A revoked token stops working.
+    let o = a.h.cli(&["token", "revoke", "--user", "u_user", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.call(Some("u_user"), "GET", "/projects").0, 401);
+}
+
+#[test]
+fn user_commands_keep_passwords_hashed_and_refuse_bad_input() {
+    let h = TestHost::new();
+    h.cli(&["project", "init", "p"]);
+    let add = |args: &[&str], pw: &str| {
+        let mut c = h
+            .cmd()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(pw.as_bytes()).unwrap();
+        }
+        c.wait_with_output().unwrap()
+    };
+    let ok = add(
+        &[
+            "user",
+            "add",
+            "alice",
+            "--level",
+            "3",
+            "--projects",
+            "p",
+            "--password-stdin",
+        ],
+        "a secret password\n",
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!add(
+        &["user", "add", "bob", "--level", "3", "--password-stdin"],
+        "short\n"
+    )
+    .status
+    .success());
+    assert!(!add(
+        &["user", "add", "carol", "--level", "9", "--password-stdin"],
+        "a secret password\n"
+    )
+    .status
+    .success());
+    assert!(!add(
+        &[
+            "user",
+            "add",
+            "dave",
+            "--level",
+            "1",
+            "--projects",
+            "nope",
+            "--password-stdin"
+        ],
+        "a secret password\n"
+    )
+    .status
+    .success());
+    assert!(!add(
+        &["user", "add", "alice", "--level", "1", "--password-stdin"],
+        "a secret password\n"
+    )
+    .status
+    .success());
+    for f in ["ams.db", "ams.db-wal"] {
+        let db = std::fs::read(h.data.join(f)).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&db).contains("a secret password"),
+            "password stored in the clear in {f}"
+        );
+    }
+    let list = String::from_utf8_lossy(&h.cli(&["user", "list"]).stdout).to_string();
+    assert!(
+        list.contains("alice") && list.contains("MODERATOR"),
+        "{list}"
+    );
+    assert!(h
+        .cli(&["user", "set", "alice", "--level", "4"])
+        .status
+        .success());
+    assert!(String::from_utf8_lossy(&h.cli(&["user", "list"]).stdout).contains("ADMIN"));
+    assert!(add(
+        &["user", "passwd", "alice", "--password-stdin"],
+        "another long one\n"
+    )
+    .status
+    .success());
+    assert!(h.cli(&["user", "remove", "alice"]).status.success());
+    assert!(!h.cli(&["user", "remove", "alice"]).status.success());
+}
