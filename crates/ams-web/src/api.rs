@@ -425,3 +425,88 @@ async fn delete_output(
         .map_err(ApiError::Bad)?;
     Ok(Json(json!({"ok": true})))
 }
+
+/// Downloads: `/{web_root}/output/{project}/{build}` (the log, text/plain) and
+/// `/{web_root}/dl/{project}/{build}` (the 7z, as an attachment). The file's path comes from the
+/// database record, never from the URL: a URL that names no recorded build of a visible project
+/// answers 404, whatever `..`, encodings, backslashes or NUL bytes it holds.
+pub fn files_router(state: ApiState, web_root: &str) -> Router {
+    Router::new()
+        .route(
+            &format!("/{web_root}/output/{{project}}/{{build}}"),
+            get(output_log),
+        )
+        .route(
+            &format!("/{web_root}/dl/{{project}}/{{build}}"),
+            get(archive),
+        )
+        .with_state(state)
+}
+
+async fn recorded(
+    st: &ApiState,
+    c: &Caller,
+    project: &str,
+    build: &str,
+) -> Result<(BuildRecord, ams_host::paths::BuildDir), ApiError> {
+    visible(st, c, project)?;
+    let b = st
+        .host
+        .store
+        .build_by_name(build)
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .filter(|b| b.project == project)
+        .ok_or(ApiError::NotFound)?;
+    let dir = st.host.data.project(&b.project).build(&b.name);
+    Ok((b, dir))
+}
+
+async fn output_log(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, build)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (_, dir) = recorded(&st, &c, &project, &build).await?;
+    let file = tokio::fs::File::open(dir.log())
+        .await
+        .map_err(|_| ApiError::NotFound)?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("x-content-type-options", "nosniff"),
+            ("content-security-policy", "default-src 'none'; sandbox"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn archive(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, build)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (b, dir) = recorded(&st, &c, &project, &build).await?;
+    if b.archive_name.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let file = tokio::fs::File::open(&dir.archive)
+        .await
+        .map_err(|_| ApiError::NotFound)?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let disposition = format!(
+        "attachment; filename=\"{}.7z\"",
+        b.name.replace(['"', '\\'], "_")
+    );
+    Ok((
+        [
+            ("content-type", "application/x-7z-compressed".to_string()),
+            ("content-disposition", disposition),
+            ("x-content-type-options", "nosniff".to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}

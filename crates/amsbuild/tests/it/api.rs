@@ -335,3 +335,72 @@ fn user_commands_keep_passwords_hashed_and_refuse_bad_input() {
     assert!(h.cli(&["user", "remove", "alice"]).status.success());
     assert!(!h.cli(&["user", "remove", "alice"]).status.success());
 }
+
+#[test]
+fn logs_and_archives_are_served_only_to_those_who_may_see_them() {
+    let a = Api::new();
+    let (_, v) = a.call(Some("u_mod"), "POST", "/projects/name/mine/build");
+    let name = v["build"]["name"].as_str().unwrap().to_string();
+    a.h.wait_status("mine", &name, Duration::from_secs(60));
+    let auth = |w: &str| vec![("Authorization", format!("Bearer {}", a.tokens[w]))];
+    let (st, head, body) = http_raw(
+        &a.addr,
+        &format!("/ams-build/output/mine/{name}"),
+        &auth("u_user"),
+    );
+    assert_eq!(st, 200);
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("dummy build"));
+    let (st, head, body) = http_raw(
+        &a.addr,
+        &format!("/ams-build/dl/mine/{name}"),
+        &auth("u_user"),
+    );
+    assert_eq!(st, 200);
+    assert!(head.contains("content-disposition: attachment"), "{head}");
+    assert!(body.starts_with(b"7z\xBC\xAF\x27\x1C"), "not a 7z file");
+    // No token: 401. A project the user may not see, or a build of another project: 404.
+    assert_eq!(
+        http_raw(&a.addr, &format!("/ams-build/output/mine/{name}"), &[]).0,
+        401
+    );
+    let (_, v) = a.call(Some("u_server"), "POST", "/projects/name/other/build");
+    let theirs = v["build"]["name"].as_str().unwrap().to_string();
+    a.h.wait_status("other", &theirs, Duration::from_secs(60));
+    assert_eq!(
+        http_raw(
+            &a.addr,
+            &format!("/ams-build/output/other/{theirs}"),
+            &auth("u_user")
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        http_raw(
+            &a.addr,
+            &format!("/ams-build/output/mine/{theirs}"),
+            &auth("u_user")
+        )
+        .0,
+        404
+    );
+    // Traversal in every form answers 404.
+    for path in [
+        "/ams-build/output/mine/..%2F..%2F..%2Fweb_conf.json",
+        "/ams-build/output/mine/%2e%2e%2f%2e%2e%2fweb_conf.json",
+        "/ams-build/output/mine/..%5C..%5Cweb_conf.json",
+        "/ams-build/output/mine/../../web_conf.json",
+        "/ams-build/output/..%2Fmine/x",
+        "/ams-build/dl/mine/name%00.7z",
+        "/ams-build/dl/mine/..",
+        "/ams-build/output/mine/output.txt",
+    ] {
+        let (st, _, body) = http_raw(&a.addr, path, &auth("u_server"));
+        assert_eq!(st, 404, "{path}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("webhook_port"),
+            "{path} leaked web_conf.json"
+        );
+    }
+}
