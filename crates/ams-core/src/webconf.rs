@@ -37,6 +37,10 @@ pub struct WebConf {
     pub notify_allow_private: bool,
     /// Timeout of one notification request, 1 to 10 seconds.
     pub notify_timeout_secs: u64,
+    /// A web session ends after this long without use…
+    pub session_idle_secs: u64,
+    /// …and after this long in any case.
+    pub session_max_secs: u64,
 }
 
 impl Default for WebConf {
@@ -58,6 +62,8 @@ impl Default for WebConf {
             container_pids_limit: 4096,
             notify_allow_private: false,
             notify_timeout_secs: 10,
+            session_idle_secs: 8 * 3600,
+            session_max_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -106,6 +112,12 @@ impl WebConf {
         }
         if !(1..=10).contains(&self.notify_timeout_secs) {
             return bad("notify_timeout_secs", "must be from 1 to 10");
+        }
+        if self.session_idle_secs == 0 || self.session_max_secs < self.session_idle_secs {
+            return bad(
+                "session_max_secs",
+                "sessions need session_idle_secs ≥ 1 and session_max_secs ≥ session_idle_secs",
+            );
         }
         if self.container_pids_limit <= 0 {
             return bad("container_pids_limit", "must be a positive number");

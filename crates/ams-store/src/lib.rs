@@ -891,6 +891,65 @@ impl Store {
         Ok(n == 1)
     }
 
+    pub async fn create_session(
+        &self,
+        id_hash: &str,
+        user: &str,
+        csrf: &str,
+        at: f64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id_hash, user, csrf, created_at, last_seen) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id_hash)
+        .bind(user)
+        .bind(csrf)
+        .bind(at)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A live session: ends it (and answers `None`) when idle or too old, else marks it used.
+    /// Returns the user and the session's CSRF token.
+    pub async fn session(
+        &self,
+        id_hash: &str,
+        now: f64,
+        idle_secs: f64,
+        max_secs: f64,
+    ) -> Result<Option<(User, String)>> {
+        let row =
+            sqlx::query("SELECT user, csrf, created_at, last_seen FROM sessions WHERE id_hash = ?")
+                .bind(id_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(r) = row else { return Ok(None) };
+        let created: f64 = r.try_get("created_at")?;
+        let last: f64 = r.try_get("last_seen")?;
+        if now - last > idle_secs || now - created > max_secs {
+            self.end_session(id_hash).await?;
+            return Ok(None);
+        }
+        sqlx::query("UPDATE sessions SET last_seen = ? WHERE id_hash = ?")
+            .bind(now)
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await?;
+        let user: String = r.try_get("user")?;
+        let csrf: String = r.try_get("csrf")?;
+        Ok(self.user(&user).await?.map(|u| (u, csrf)))
+    }
+
+    pub async fn end_session(&self, id_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE id_hash = ?")
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Stores a new API token by its hash.
     pub async fn create_token(
         &self,
@@ -1142,6 +1201,58 @@ mod tests {
         let b = s.build_by_name("p_3").await.unwrap().unwrap();
         assert_eq!(b.status, BuildStatus::Skip);
         assert_eq!(b.reason.as_deref(), Some("superseded"));
+    }
+
+    #[tokio::test]
+    async fn sessions_end_when_idle_or_too_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let u = User {
+            name: "u".into(),
+            password_hash: "h".into(),
+            level: 3,
+            projects: vec![],
+            created_at: 0.0,
+            password_changed_at: 0.0,
+        };
+        s.create_user(&u).await.unwrap();
+        s.create_session("a", "u", "c", 1000.0).await.unwrap();
+        // Used within the idle limit: alive, and the use counts.
+        assert!(s
+            .session("a", 1050.0, 100.0, 500.0)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(s
+            .session("a", 1140.0, 100.0, 500.0)
+            .await
+            .unwrap()
+            .is_some());
+        // Idle too long: gone, for good.
+        assert!(s
+            .session("a", 1241.0, 100.0, 500.0)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s.session("a", 1242.0, 1e9, 1e9).await.unwrap().is_none());
+        // Used all the time, but past the absolute limit: gone.
+        s.create_session("b", "u", "c", 1000.0).await.unwrap();
+        for t in [1090.0, 1180.0, 1270.0, 1360.0, 1450.0] {
+            assert!(s.session("b", t, 100.0, 500.0).await.unwrap().is_some());
+        }
+        assert!(s
+            .session("b", 1501.0, 100.0, 500.0)
+            .await
+            .unwrap()
+            .is_none());
+        // A password change ends every session of the user.
+        s.create_session("c", "u", "c", 1000.0).await.unwrap();
+        s.set_password("u", "h2", 1001.0).await.unwrap();
+        assert!(s
+            .session("c", 1002.0, 100.0, 500.0)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

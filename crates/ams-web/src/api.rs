@@ -6,7 +6,7 @@
 //! not logged in, 403 when logged in without the right, 404 when unknown or not visible, so the
 //! existence of a project never leaks to a user without access to it.
 
-use crate::auth;
+use crate::{auth, session};
 use ams_core::access::{Action, Grant, Level};
 use ams_host::host::BuildRequest;
 use ams_host::{timefmt, HostHandle};
@@ -23,6 +23,8 @@ use std::collections::HashMap;
 #[derive(Clone)]
 pub struct ApiState {
     pub host: HostHandle,
+    pub conf: std::sync::Arc<ams_core::webconf::WebConf>,
+    pub guard: std::sync::Arc<crate::session::LoginGuard>,
 }
 
 /// An API error with its status; never shows internals.
@@ -67,21 +69,52 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &ApiState) -> Result<Self, Self::Rejection> {
-        let token = parts
+        let bearer = parts
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized)?;
-        let user = st
-            .host
-            .store
-            .token_user(&auth::token_hash(token), timefmt::now())
-            .await
-            .map_err(|_| ApiError::Internal)?
-            .ok_or(ApiError::Unauthorized)?;
+            .filter(|t| !t.is_empty());
+        let user = if let Some(token) = bearer {
+            st.host
+                .store
+                .token_user(&auth::token_hash(token), timefmt::now())
+                .await
+                .map_err(|_| ApiError::Internal)?
+                .ok_or(ApiError::Unauthorized)?
+        } else {
+            let tls = st.conf.use_ssl;
+            let id = session::cookie(&parts.headers, session::cookie_name(tls))
+                .ok_or(ApiError::Unauthorized)?;
+            let (user, csrf) = st
+                .host
+                .store
+                .session(
+                    &auth::token_hash(&id),
+                    timefmt::now(),
+                    st.conf.session_idle_secs as f64,
+                    st.conf.session_max_secs as f64,
+                )
+                .await
+                .map_err(|_| ApiError::Internal)?
+                .ok_or(ApiError::Unauthorized)?;
+            // A cookie is sent by the browser on its own: changes need the CSRF token too.
+            if !matches!(parts.method.as_str(), "GET" | "HEAD") {
+                let sent = parts
+                    .headers
+                    .get("x-csrf-token")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !session::secrets_equal(sent, &csrf)
+                    || !session::same_origin(&parts.headers, tls)
+                {
+                    return Err(ApiError::Forbidden("missing or wrong CSRF token".into()));
+                }
+            }
+            parts.extensions.insert(CsrfToken(csrf));
+            user
+        };
         let level = Level::try_from(user.level).unwrap_or(Level::NoAuth);
         let grant = Grant {
             level,
@@ -97,6 +130,10 @@ impl FromRequestParts<ApiState> for Caller {
     }
 }
 
+/// The session's CSRF token, for pages that render forms.
+#[derive(Debug, Clone)]
+pub struct CsrfToken(pub String);
+
 pub fn router(state: ApiState, web_root: &str) -> Router {
     let api = Router::new()
         .route("/user", get(user))
@@ -110,6 +147,61 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
         .route("/builds/{name}/delete-output", post(delete_output))
         .with_state(state);
     Router::new().nest(&format!("/{web_root}/api"), api)
+}
+
+/// Login, logout and the start page.
+pub fn pages_router(state: ApiState, web_root: &str) -> Router {
+    Router::new()
+        .route(
+            &format!("/{web_root}/login"),
+            get(session::login_page).post(session::login),
+        )
+        .route(&format!("/{web_root}/logout"), post(session::logout))
+        .route(&format!("/{web_root}/"), get(home))
+        .with_state(state)
+}
+
+/// The start page: the caller's projects (the live dashboard comes with the web interface).
+async fn home(
+    State(st): State<ApiState>,
+    c: Result<Caller, ApiError>,
+    parts: axum::http::request::Parts,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let c = match c {
+        Ok(c) => c,
+        Err(_) => {
+            return (
+                StatusCode::SEE_OTHER,
+                [("location", format!("/{root}/login"))],
+            )
+                .into_response();
+        }
+    };
+    let csrf = parts
+        .extensions
+        .get::<CsrfToken>()
+        .map(|t| t.0.clone())
+        .unwrap_or_default();
+    let level = Level::try_from(c.user.level).unwrap_or(Level::NoAuth);
+    let mut body = format!(
+        "<h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({})</p>\
+         <form method=\"post\" action=\"/{root}/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button type=\"submit\">Log out</button></form><h2>Projects</h2><ul>",
+        session::esc(&c.user.name),
+        level.name(),
+        session::esc(&csrf)
+    );
+    for p in ams_host::project::list(&st.host.data) {
+        if c.grant.may(Action::View, &p) {
+            body.push_str(&format!(
+                "<li><a href=\"/{root}/api/projects/name/{0}\">{0}</a></li>",
+                session::esc(&p)
+            ));
+        }
+    }
+    body.push_str("</ul>");
+    session::page(StatusCode::OK, "Dashboard", &body)
 }
 
 fn legacy_opt(t: Option<f64>) -> Value {

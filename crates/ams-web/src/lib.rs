@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod session;
 pub mod webhook;
 
 use axum::Router;
@@ -34,7 +35,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
             },
             _ = shutdown.cancelled() => break,
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -45,7 +46,10 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
             _ = shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let svc = TowerToHyperService::new(app.clone());
+        let svc = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(session::ClientAddr(peer))),
+        );
         let stop = shutdown.clone();
         conns.spawn(async move {
             let _permit = permit;

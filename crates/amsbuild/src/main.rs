@@ -762,9 +762,15 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     );
     let api_state = ams_web::api::ApiState {
         host: handle.clone(),
+        conf: Arc::new(conf.clone()),
+        guard: Arc::default(),
     };
     let web = ams_web::api::router(api_state.clone(), &conf.web_root)
-        .merge(ams_web::api::files_router(api_state, &conf.web_root));
+        .merge(ams_web::api::files_router(
+            api_state.clone(),
+            &conf.web_root,
+        ))
+        .merge(ams_web::api::pages_router(api_state, &conf.web_root));
     let bind = |ip: &str, port: u16, what: &'static str| {
         let addr = format!("{ip}:{port}");
         let file = data.web_conf();

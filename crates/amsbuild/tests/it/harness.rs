@@ -403,15 +403,30 @@ pub fn http(
 
 /// A raw HTTP/1.1 GET; returns the status, the header block (lower-cased) and the body bytes.
 pub fn http_raw(addr: &str, path: &str, headers: &[(&str, String)]) -> (u16, String, Vec<u8>) {
+    http_full(addr, "GET", path, headers, b"")
+}
+
+/// Any raw HTTP/1.1 request; returns the status, the header block (lower-cased) and the body.
+pub fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    payload: &[u8],
+) -> (u16, String, Vec<u8>) {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        payload.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
+    let _ = s.write_all(payload);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let split = out

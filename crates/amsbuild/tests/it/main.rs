@@ -8,4 +8,5 @@ mod cli;
 mod docker;
 mod notify;
 mod tidy;
+mod web;
 mod webhooks;

@@ -1,0 +1,415 @@
+//! Browser sessions: login, logout, the session cookie, CSRF and login throttling.
+//!
+//! A session id is 256 random bits, stored only as its SHA-256. The cookie is HttpOnly,
+//! SameSite=Lax, Path=/, and under TLS also Secure with the `__Host-` prefix. Login always makes
+//! a new id. Sessions end when idle and at an absolute limit, at logout, and when the password
+//! changes. A state-changing request made with the cookie must carry the session's CSRF token
+//! (`csrf` form field or `X-CSRF-Token` header) and, when it sends an Origin, the site's own.
+//! Failed logins are counted per account and per client address; an unknown user costs the
+//! same argon2 work as a wrong password, and argon2 runs at most [`HASHING`] at a time.
+
+use crate::api::ApiState;
+use crate::auth;
+use ams_host::timefmt;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// argon2 computations at once (each takes 19 MiB and tens of ms).
+pub const HASHING: usize = 2;
+/// Failed logins allowed per account, and per client address, in [`WINDOW`].
+pub const PER_USER: u32 = 5;
+pub const PER_ADDRESS: u32 = 20;
+pub const WINDOW: Duration = Duration::from_secs(15 * 60);
+const MAX_TRACKED: usize = 10_000;
+
+/// The client's address, added to each request by [`crate::serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Login throttling and the argon2 budget.
+#[derive(Debug)]
+pub struct LoginGuard {
+    fails: Mutex<HashMap<String, (u32, Instant)>>,
+    hashing: Semaphore,
+}
+
+impl Default for LoginGuard {
+    fn default() -> Self {
+        LoginGuard {
+            fails: Mutex::new(HashMap::new()),
+            hashing: Semaphore::new(HASHING),
+        }
+    }
+}
+
+impl LoginGuard {
+    fn count(&self, key: &str) -> u32 {
+        let m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key)
+            .filter(|(_, since)| since.elapsed() < WINDOW)
+            .map(|(n, _)| *n)
+            .unwrap_or(0)
+    }
+
+    fn blocked(&self, user: &str, addr: &str) -> bool {
+        self.count(&format!("u:{}", user.to_lowercase())) >= PER_USER
+            || self.count(&format!("a:{addr}")) >= PER_ADDRESS
+    }
+
+    fn fail(&self, user: &str, addr: &str) {
+        let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > MAX_TRACKED {
+            m.retain(|_, (_, since)| since.elapsed() < WINDOW);
+        }
+        for key in [format!("u:{}", user.to_lowercase()), format!("a:{addr}")] {
+            let e = m.entry(key).or_insert((0, Instant::now()));
+            if e.1.elapsed() >= WINDOW {
+                *e = (0, Instant::now());
+            }
+            e.0 += 1;
+        }
+    }
+
+    fn succeed(&self, user: &str) {
+        let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&format!("u:{}", user.to_lowercase()));
+    }
+
+    /// Verifies a password within the hashing budget, off the async threads.
+    async fn verify(&self, hash: String, password: String) -> bool {
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// A hash to check unknown users against, so that they cost what a wrong password costs.
+fn decoy_hash() -> String {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY
+        .get_or_init(|| auth::hash_password(&auth::random_secret(16)).unwrap_or_default())
+        .clone()
+}
+
+pub fn cookie_name(tls: bool) -> &'static str {
+    if tls {
+        "__Host-ams_session"
+    } else {
+        "ams_session"
+    }
+}
+
+/// The value of a cookie in the request.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Whether the request's Origin (when it sends one) is this site.
+pub fn same_origin(headers: &HeaderMap, tls: bool) -> bool {
+    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let scheme = if tls { "https" } else { "http" };
+    origin == format!("{scheme}://{host}")
+}
+
+/// Constant-time equality of two secrets.
+pub fn secrets_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// A `page_redirect` that stays on this site: a relative path, nothing else.
+pub fn safe_redirect(target: &str) -> Option<&str> {
+    let ok = !target.is_empty()
+        && target.len() <= 512
+        && !target.starts_with(['/', '\\'])
+        && !target.contains("..")
+        && !target.contains("://")
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~/?=&%+".contains(&b));
+    ok.then_some(target)
+}
+
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+                       frame-ancestors 'none'; base-uri 'none'";
+
+pub fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · AMS-Build</title>\
+         </head><body>{body}</body></html>",
+        esc(title)
+    );
+    (
+        status,
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("content-security-policy", CSP),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "same-origin"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+fn login_form(root: &str, redirect: &str, message: &str) -> String {
+    format!(
+        "<h1>AMS-Build</h1>{}<form method=\"post\" action=\"/{root}/login\">\
+         <input type=\"hidden\" name=\"page_redirect\" value=\"{}\">\
+         <label>User <input name=\"username\" autocomplete=\"username\" required></label>\
+         <label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
+         <button type=\"submit\">Log in</button></form>",
+        if message.is_empty() { String::new() } else { format!("<p role=\"alert\">{}</p>", esc(message)) },
+        esc(redirect)
+    )
+}
+
+pub async fn login_page(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let redirect = q
+        .get("page_redirect")
+        .and_then(|r| safe_redirect(r))
+        .unwrap_or("");
+    page(
+        StatusCode::OK,
+        "Log in",
+        &login_form(&st.conf.web_root, redirect, ""),
+    )
+}
+
+const GENERIC: &str = "wrong user name or password";
+
+pub async fn login(
+    State(st): State<ApiState>,
+    addr: Option<axum::Extension<ClientAddr>>,
+    headers: HeaderMap,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    if !same_origin(&headers, st.conf.use_ssl) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Log in",
+            &login_form(&root, "", "cross-site login refused"),
+        );
+    }
+    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
+    let user = f
+        .get("username")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let password = f.get("password").cloned().unwrap_or_default();
+    let redirect = f
+        .get("page_redirect")
+        .and_then(|r| safe_redirect(r))
+        .unwrap_or("")
+        .to_string();
+    if st.guard.blocked(&user, &ip) {
+        return page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Log in",
+            &login_form(&root, &redirect, "too many failed logins; try again later"),
+        );
+    }
+    let record = st.host.store.user(&user).await.ok().flatten();
+    let hash = record
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(decoy_hash);
+    let good = st.guard.verify(hash, password).await;
+    let allowed = record
+        .as_ref()
+        .and_then(|u| ams_core::access::Level::try_from(u.level).ok())
+        .map(|l| {
+            !matches!(
+                l,
+                ams_core::access::Level::NoAuth | ams_core::access::Level::Webhook
+            )
+        })
+        .unwrap_or(false);
+    let Some(u) = record.filter(|_| good && allowed) else {
+        st.guard.fail(&user, &ip);
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Log in",
+            &login_form(&root, &redirect, GENERIC),
+        );
+    };
+    st.guard.succeed(&user);
+    // A fresh id at every login; an old session of this browser ends.
+    if let Some(old) = cookie(&headers, cookie_name(st.conf.use_ssl)) {
+        let _ = st.host.store.end_session(&auth::token_hash(&old)).await;
+    }
+    let id = auth::random_secret(32);
+    let csrf = auth::random_secret(32);
+    if st
+        .host
+        .store
+        .create_session(&auth::token_hash(&id), &u.name, &csrf, timefmt::now())
+        .await
+        .is_err()
+    {
+        return page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Log in",
+            "<p>internal error</p>",
+        );
+    }
+    let secure = if st.conf.use_ssl { "; Secure" } else { "" };
+    let set = format!(
+        "{}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        cookie_name(st.conf.use_ssl),
+        st.conf.session_max_secs
+    );
+    let target = format!("/{root}/{redirect}");
+    (
+        StatusCode::SEE_OTHER,
+        [("set-cookie", set), ("location", target)],
+    )
+        .into_response()
+}
+
+pub async fn logout(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let name = cookie_name(st.conf.use_ssl);
+    let Some(id) = cookie(&headers, name) else {
+        return (
+            StatusCode::SEE_OTHER,
+            [("location", format!("/{}/login", st.conf.web_root))],
+        )
+            .into_response();
+    };
+    let hash = auth::token_hash(&id);
+    let now = timefmt::now();
+    let live = st
+        .host
+        .store
+        .session(
+            &hash,
+            now,
+            st.conf.session_idle_secs as f64,
+            st.conf.session_max_secs as f64,
+        )
+        .await
+        .ok()
+        .flatten();
+    if let Some((_, csrf)) = live {
+        let sent = f.get("csrf").map(String::as_str).unwrap_or("");
+        if !secrets_equal(sent, &csrf) || !same_origin(&headers, st.conf.use_ssl) {
+            return page(
+                StatusCode::FORBIDDEN,
+                "Log out",
+                "<p>missing or wrong CSRF token</p>",
+            );
+        }
+        let _ = st.host.store.end_session(&hash).await;
+    }
+    let secure = if st.conf.use_ssl { "; Secure" } else { "" };
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (
+                "set-cookie",
+                format!("{name}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{secure}"),
+            ),
+            ("location", format!("/{}/login", st.conf.web_root)),
+        ],
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_stay_on_the_site() {
+        assert_eq!(safe_redirect("output/p/b_1"), Some("output/p/b_1"));
+        for bad in [
+            "//evil.com",
+            "/x",
+            "https://evil.com",
+            "\\\\evil",
+            "a/../b",
+            "x\"y",
+            "",
+            "a b",
+        ] {
+            assert_eq!(safe_redirect(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+    }
+
+    #[test]
+    fn throttling_counts_per_user_and_address() {
+        let g = LoginGuard::default();
+        for _ in 0..PER_USER {
+            assert!(!g.blocked("Alice", "1.2.3.4"));
+            g.fail("alice", "1.2.3.4");
+        }
+        assert!(
+            g.blocked("ALICE", "9.9.9.9"),
+            "per account, whatever the address"
+        );
+        assert!(!g.blocked("bob", "1.2.3.4"));
+        g.succeed("alice");
+        assert!(!g.blocked("alice", "5.5.5.5"));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(secrets_equal("abc", "abc"));
+        assert!(!secrets_equal("abc", "abd"));
+        assert!(!secrets_equal("abc", "ab"));
+    }
+}
