@@ -136,6 +136,8 @@ pub struct HostHandle {
     pub store: Store,
     pub hub: LogHub,
     pub data: DataDir,
+    /// Ticks whenever the queue or a build's state may have changed (for live views).
+    pub changes: tokio::sync::broadcast::Sender<()>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -217,6 +219,7 @@ pub struct Host {
     rx: mpsc::Receiver<Command>,
     /// A command taken from the channel while batching, handled next.
     deferred: Option<Command>,
+    changes: tokio::sync::broadcast::Sender<()>,
     events: Option<Arc<dyn BuildEvents>>,
 }
 
@@ -275,6 +278,7 @@ impl Host {
         let host_id = host_id(&cfg.data)?;
         let (tx, rx) = mpsc::channel(1024);
         let hub = LogHub::default();
+        let (changes, _) = tokio::sync::broadcast::channel(16);
         let ctx = Arc::new(WorkerContext {
             data: cfg.data.clone(),
             conf: Arc::new(cfg.conf.clone()),
@@ -293,6 +297,7 @@ impl Host {
             tx: tx.clone(),
             rx,
             deferred: None,
+            changes: changes.clone(),
             events: cfg.events.clone(),
         };
         host.recover().await?;
@@ -301,6 +306,7 @@ impl Host {
             store,
             hub,
             data: cfg.data,
+            changes,
         };
         Ok((host, handle))
     }
@@ -436,6 +442,7 @@ impl Host {
                     return;
                 }
             }
+            let _ = self.changes.send(());
             // Reap finished worker tasks so the set stays small.
             while let Some(r) = self.workers.try_join_next() {
                 if let Err(e) = r {

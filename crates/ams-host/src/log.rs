@@ -219,11 +219,22 @@ pub async fn follow(
     path: &Path,
     out: &mpsc::Sender<Bytes>,
 ) -> Result<Option<String>, Gone> {
+    follow_from(hub, id, path, 0, out).await
+}
+
+/// [`follow`] from byte `offset` of the log (a page that already shows the start).
+pub async fn follow_from(
+    hub: &LogHub,
+    id: i64,
+    path: &Path,
+    offset: u64,
+    out: &mpsc::Sender<Bytes>,
+) -> Result<Option<String>, Gone> {
     let Some(mut rx) = hub.subscribe(id) else {
-        read_range(path, 0, None, out).await?;
+        read_range(path, offset, None, out).await?;
         return Ok(None);
     };
-    let mut pos = read_range(path, 0, None, out).await?;
+    let mut pos = read_range(path, offset, None, out).await?;
     loop {
         match rx.recv().await {
             Ok(LogMsg::Chunk { offset, data }) => {

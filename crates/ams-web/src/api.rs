@@ -157,51 +157,7 @@ pub fn pages_router(state: ApiState, web_root: &str) -> Router {
             get(session::login_page).post(session::login),
         )
         .route(&format!("/{web_root}/logout"), post(session::logout))
-        .route(&format!("/{web_root}/"), get(home))
         .with_state(state)
-}
-
-/// The start page: the caller's projects (the live dashboard comes with the web interface).
-async fn home(
-    State(st): State<ApiState>,
-    c: Result<Caller, ApiError>,
-    parts: axum::http::request::Parts,
-) -> Response {
-    let root = st.conf.web_root.clone();
-    let c = match c {
-        Ok(c) => c,
-        Err(_) => {
-            return (
-                StatusCode::SEE_OTHER,
-                [("location", format!("/{root}/login"))],
-            )
-                .into_response();
-        }
-    };
-    let csrf = parts
-        .extensions
-        .get::<CsrfToken>()
-        .map(|t| t.0.clone())
-        .unwrap_or_default();
-    let level = Level::try_from(c.user.level).unwrap_or(Level::NoAuth);
-    let mut body = format!(
-        "<h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({})</p>\
-         <form method=\"post\" action=\"/{root}/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <button type=\"submit\">Log out</button></form><h2>Projects</h2><ul>",
-        session::esc(&c.user.name),
-        level.name(),
-        session::esc(&csrf)
-    );
-    for p in ams_host::project::list(&st.host.data) {
-        if c.grant.may(Action::View, &p) {
-            body.push_str(&format!(
-                "<li><a href=\"/{root}/api/projects/name/{0}\">{0}</a></li>",
-                session::esc(&p)
-            ));
-        }
-    }
-    body.push_str("</ul>");
-    session::page(StatusCode::OK, "Dashboard", &body)
 }
 
 fn legacy_opt(t: Option<f64>) -> Value {

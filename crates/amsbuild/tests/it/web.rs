@@ -327,7 +327,168 @@ fn pages_escape_what_users_control_and_set_a_strict_csp() {
         head.contains("content-security-policy: default-src 'none'"),
         "{head}"
     );
-    assert!(!page.contains("<script"));
+    // Scripts only from our own files, never inline.
+    assert!(
+        page.matches("<script").count() == page.matches("<script src=\"/ams-build/static/").count(),
+        "{page}"
+    );
+    assert!(
+        head.contains("script-src 'self'") && !head.contains("unsafe-inline"),
+        "{head}"
+    );
     let (_, _, login) = w.get("/ams-build/login?page_redirect=%22%3E%3Cscript%3E", "");
     assert!(!login.contains("<script>"), "{login}");
+}
+
+/// Reads server-sent events from `path` until an `end` event or the deadline; returns the
+/// `log` data in order and the end status.
+fn sse(addr: &str, path: &str, cookie: &str, timeout: Duration) -> (String, Option<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let (mut log, mut event, mut data) = (String::new(), String::new(), Vec::<String>::new());
+    let deadline = std::time::Instant::now() + timeout;
+    let mut line = String::new();
+    while std::time::Instant::now() < deadline {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        // Chunked framing lines (sizes) are not SSE fields; skip them.
+        if let Some(v) = l
+            .strip_prefix("event: ")
+            .or_else(|| l.strip_prefix("event:"))
+        {
+            event = v.to_string();
+        } else if let Some(v) = l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")) {
+            data.push(v.to_string());
+        } else if l.is_empty() && !event.is_empty() {
+            let d = data.join("\n");
+            if event == "log" {
+                log.push_str(&d);
+            } else if event == "end" {
+                return (log, Some(d));
+            }
+            event.clear();
+            data.clear();
+        }
+    }
+    (log, None)
+}
+
+#[test]
+fn the_dashboard_triggers_and_the_build_page_streams_the_log_live() {
+    require_docker();
+    let w = Web::new(json!({}));
+    std::fs::write(
+        w.h.source("mine").join("pipeline.json"),
+        pipeline(json!([stage(
+            "s",
+            &[
+                "echo first-line",
+                "sleep 2",
+                "printf '\\033[32mgreen <b>&</b>\\033[0m\\n'",
+                "echo second-line"
+            ]
+        )])),
+    )
+    .unwrap();
+    let (_, head) = w.login("mod", "correct horse battery", "", None);
+    let cookie = Web::cookie(&head);
+    let csrf = w.csrf(&cookie);
+    let (st, _, dash) = w.get("/ams-build/", &cookie);
+    assert_eq!(st, 200);
+    assert!(
+        dash.contains("id=\"trigger-mine\""),
+        "a moderator sees the build form"
+    );
+    assert!(dash.contains("data-events=\"/ams-build/events\""));
+    // Trigger from the form: a 303 to the new build's page.
+    let (st, head, _) = http_full(
+        &w.addr,
+        "POST",
+        "/ams-build/projects/mine/build",
+        &[
+            ("Cookie", cookie.clone()),
+            ("Content-Type", "application/x-www-form-urlencoded".into()),
+        ],
+        &form(&[("csrf", &csrf), ("branch", ""), ("commit", "")]),
+    );
+    assert_eq!(st, 303, "{head}");
+    let loc = head.lines().find(|l| l.starts_with("location:")).unwrap()["location:".len()..]
+        .trim()
+        .to_string();
+    let name = loc.rsplit('/').next().unwrap().to_string();
+    let (st, _, page) = w.get(&loc, &cookie);
+    assert_eq!(st, 200);
+    assert!(page.contains("id=\"status\""));
+    // Follow the log live from its first line to the end.
+    let (log, end) = sse(
+        &w.addr,
+        &format!("/ams-build/build/mine/{name}/stream?from=0"),
+        &cookie,
+        Duration::from_secs(60),
+    );
+    assert_eq!(end.as_deref(), Some("pass"), "{log}");
+    let a = log.find("first-line").expect("first line streamed");
+    let b = log.find("second-line").expect("second line streamed");
+    assert!(a < b);
+    // The finished page escapes the log and renders colours as classes.
+    let (_, _, page) = w.get(&loc, &cookie);
+    assert!(
+        page.contains("<span class=\"c2\">green &lt;b&gt;&amp;&lt;/b&gt;</span>"),
+        "{page}"
+    );
+    assert!(!page.contains("<b>&</b>"));
+}
+
+#[test]
+fn webhook_actors_and_log_lines_with_markup_are_escaped_everywhere() {
+    let w = Web::new(json!({}));
+    std::fs::write(
+        w.h.data.join("projects/mine/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "c", "authorized-actors": ["<img src=x onerror=alert(1)>"], "allow-unsigned": true}]}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        w.h.data
+            .join("projects/mine/master/config/webhook_fields.json"),
+        r#"{"actor": ["a"], "repository": ["r"], "branch": ["b"], "hash": ["h"]}"#,
+    )
+    .unwrap();
+    let hook = w.h.webhook_addr();
+    let body = br#"{"a": "<img src=x onerror=alert(1)>", "r": "r", "b": "main", "h": "abcdef12"}"#;
+    let (st, v) = http(
+        &hook,
+        "POST",
+        "/ams-build/request?name=c&project=mine",
+        &[("Content-Type", "application/json".into())],
+        body,
+    );
+    assert_eq!(st, 202, "{v}");
+    let name = v["builds"][0].as_str().unwrap().to_string();
+    w.h.wait_status("mine", &name, Duration::from_secs(60));
+    let (_, head) = w.login("mod", "correct horse battery", "", None);
+    let cookie = Web::cookie(&head);
+    for path in [
+        "/ams-build/".to_string(),
+        "/ams-build/panels".to_string(),
+        format!("/ams-build/build/mine/{name}"),
+    ] {
+        let (st, head, page) = w.get(&path, &cookie);
+        assert_eq!(st, 200, "{path}");
+        assert!(
+            !page.contains("<img src=x"),
+            "{path} renders markup from a webhook"
+        );
+        assert!(
+            head.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{head}"
+        );
+    }
+    let (_, _, page) = w.get("/ams-build/", &cookie);
+    assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;"));
 }

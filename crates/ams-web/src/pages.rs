@@ -1,0 +1,676 @@
+//! Server-rendered pages: the dashboard (message panel, active and queued tasks, projects and
+//! builds) with panels pushed live over server-sent events, the build page with its stages and
+//! a live log, and the forms that trigger, cancel and delete. Everything user-controlled is
+//! escaped on the server; the page script sets text only with `textContent`; no inline script.
+
+use crate::api::ApiState;
+use crate::auth;
+use crate::session::{self, esc, secrets_equal};
+use ams_core::access::{Action, Grant, Level};
+use ams_host::host::BuildRequest;
+use ams_host::timefmt;
+use ams_store::{BuildRecord, User};
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// How much of a log the build page shows at first; the rest is a download.
+pub const TAIL: u64 = 256 * 1024;
+
+pub const CSP: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                       img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn router(state: ApiState, root: &str) -> Router {
+    Router::new()
+        .route(&format!("/{root}/"), get(dashboard))
+        .route(&format!("/{root}/panels"), get(panels))
+        .route(&format!("/{root}/events"), get(events))
+        .route(&format!("/{root}/static/app.js"), get(js))
+        .route(&format!("/{root}/static/app.css"), get(css))
+        .route(
+            &format!("/{root}/build/{{project}}/{{name}}"),
+            get(build_page),
+        )
+        .route(
+            &format!("/{root}/build/{{project}}/{{name}}/stages"),
+            get(stages_fragment),
+        )
+        .route(
+            &format!("/{root}/build/{{project}}/{{name}}/stream"),
+            get(stream),
+        )
+        .route(
+            &format!("/{root}/build/{{project}}/{{name}}/cancel"),
+            post(cancel_form),
+        )
+        .route(
+            &format!("/{root}/build/{{project}}/{{name}}/delete-output"),
+            post(delete_form),
+        )
+        .route(
+            &format!("/{root}/projects/{{project}}/build"),
+            post(trigger_form),
+        )
+        .with_state(state)
+}
+
+async fn js() -> Response {
+    (
+        [
+            ("content-type", "text/javascript; charset=utf-8"),
+            ("cache-control", "no-cache"),
+        ],
+        include_str!("../static/app.js"),
+    )
+        .into_response()
+}
+
+async fn css() -> Response {
+    (
+        [
+            ("content-type", "text/css; charset=utf-8"),
+            ("cache-control", "no-cache"),
+        ],
+        include_str!("../static/app.css"),
+    )
+        .into_response()
+}
+
+fn html(status: StatusCode, title: &str, root: &str, body: &str) -> Response {
+    let doc = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>{} · AMS-Build</title>\
+         <link rel=\"stylesheet\" href=\"/{root}/static/app.css\">\
+         <script src=\"/{root}/static/app.js\" defer></script></head><body>{body}</body></html>",
+        esc(title)
+    );
+    (
+        status,
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("content-security-policy", CSP),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "same-origin"),
+            ("cache-control", "no-store"),
+        ],
+        doc,
+    )
+        .into_response()
+}
+
+fn fragment(body: String) -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("content-security-policy", CSP),
+            ("cache-control", "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The logged-in browser user, with the session's CSRF token.
+pub struct Viewer {
+    pub user: User,
+    pub grant: Grant,
+    pub csrf: String,
+}
+
+async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
+    let id = session::cookie(headers, session::cookie_name(st.conf.use_ssl))?;
+    let (user, csrf) = st
+        .host
+        .store
+        .session(
+            &auth::token_hash(&id),
+            timefmt::now(),
+            st.conf.session_idle_secs as f64,
+            st.conf.session_max_secs as f64,
+        )
+        .await
+        .ok()??;
+    let level = Level::try_from(user.level).ok()?;
+    let grant = Grant {
+        level,
+        projects: user.projects.clone(),
+    };
+    grant.can_log_in().then_some(Viewer { user, grant, csrf })
+}
+
+fn to_login(root: &str, back: &str) -> Response {
+    let target = match session::safe_redirect(back) {
+        Some(b) => format!("/{root}/login?page_redirect={b}"),
+        None => format!("/{root}/login"),
+    };
+    (StatusCode::SEE_OTHER, [("location", target)]).into_response()
+}
+
+/// ANSI colour codes to spans (classes only); every other escape sequence is dropped.
+pub fn ansi_to_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut open = false;
+    let mut rest = text;
+    while let Some(i) = rest.find('\u{1b}') {
+        out.push_str(&esc(&rest[..i]));
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(r.len());
+            let (params, tail) = r.split_at(end);
+            let cmd = tail.chars().next();
+            rest = tail.get(1..).unwrap_or("");
+            if cmd == Some('m') {
+                if open {
+                    out.push_str("</span>");
+                    open = false;
+                }
+                let classes: Vec<String> = params
+                    .split(';')
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .filter_map(|c| match c {
+                        1 => Some("b".to_string()),
+                        30..=37 => Some(format!("c{}", c - 30)),
+                        90..=97 => Some(format!("c{}", c - 90)),
+                        _ => None,
+                    })
+                    .collect();
+                if !classes.is_empty() {
+                    out.push_str(&format!("<span class=\"{}\">", classes.join(" ")));
+                    open = true;
+                }
+            }
+        }
+    }
+    out.push_str(&esc(rest));
+    if open {
+        out.push_str("</span>");
+    }
+    out
+}
+
+fn status_badge(s: &str) -> String {
+    format!(
+        "<span class=\"status {0}\">{1}</span>",
+        esc(s),
+        esc(&s.to_uppercase())
+    )
+}
+
+async fn panels_html(st: &ApiState, v: &Viewer) -> String {
+    let root = &st.conf.web_root;
+    let snap = st.host.snapshot().await.unwrap_or_default();
+    let mut s = String::new();
+    s.push_str("<div class=\"panel\" id=\"messages\"><h2>Messages</h2><p>No messages.</p></div>");
+    for (title, list) in [
+        ("Active tasks", &snap.active),
+        ("Queued tasks", &snap.pending),
+    ] {
+        s.push_str(&format!("<div class=\"panel\"><h2>{title}</h2><table><tr><th>Task</th><th>Project</th><th>Created by</th><th>Created at</th></tr>"));
+        for b in list
+            .iter()
+            .filter(|b| v.grant.may(Action::View, &b.project))
+        {
+            s.push_str(&format!(
+                "<tr><td><a href=\"/{root}/build/{p}/{n}\">{n}</a></td><td>{p}</td><td>{by}</td><td>{at}</td></tr>",
+                p = esc(&b.project),
+                n = esc(&b.name),
+                by = esc(&b.created_by),
+                at = esc(&timefmt::legacy(b.created_at))
+            ));
+        }
+        s.push_str("</table></div>");
+    }
+    for p in ams_host::project::list(&st.host.data) {
+        if !v.grant.may(Action::View, &p) {
+            continue;
+        }
+        let pe = esc(&p);
+        s.push_str(&format!("<div class=\"panel project\"><h2>{pe}</h2>"));
+        if v.grant.may(Action::Operate, &p) {
+            s.push_str(&format!(
+                "<form class=\"inline\" method=\"post\" action=\"/{root}/projects/{pe}/build\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                 <input name=\"branch\" placeholder=\"branch\" size=\"12\">\
+                 <input name=\"commit\" placeholder=\"commit\" size=\"12\">\
+                 <button type=\"submit\" id=\"trigger-{pe}\">Build</button></form>",
+                csrf = esc(&v.csrf)
+            ));
+        }
+        s.push_str("<table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Git hash</th><th>Log</th><th>7z</th><th>Hash</th></tr>");
+        let builds = st.host.store.builds_of(&p, 20, 0).await.unwrap_or_default();
+        for b in &builds {
+            let n = esc(&b.name);
+            s.push_str(&format!(
+                "<tr><td><a href=\"/{root}/build/{pe}/{n}\">{n}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td><a href=\"/{root}/output/{pe}/{n}\">output</a></td><td>{}</td><td>{}</td></tr>",
+                status_badge(b.status.as_str()),
+                esc(&b.created_by),
+                esc(&timefmt::legacy(b.created_at)),
+                esc(b.git_hash.as_deref().map(|h| &h[..h.len().min(12)]).unwrap_or("")),
+                if b.archive_name.is_some() {
+                    format!("<a href=\"/{root}/dl/{pe}/{n}\">7z</a>")
+                } else {
+                    String::new()
+                },
+                esc(b.archive_hash.as_deref().unwrap_or(""))
+            ));
+        }
+        s.push_str("</table></div>");
+    }
+    s
+}
+
+async fn dashboard(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, "");
+    };
+    let level = v.grant.level.name();
+    let body = format!(
+        "<header><h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({level})\
+         <form class=\"inline\" method=\"post\" action=\"/{root}/logout\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\">Log out</button></form></p></header>\
+         <main id=\"panels\" data-src=\"/{root}/panels\" data-events=\"/{root}/events\">{}</main>",
+        esc(&v.user.name),
+        esc(&v.csrf),
+        panels_html(&st, &v).await
+    );
+    html(StatusCode::OK, "Dashboard", &root, &body)
+}
+
+async fn panels(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    match viewer(&st, &headers).await {
+        Some(v) => fragment(panels_html(&st, &v).await),
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
+/// Server push of "something changed" to the dashboard (coalesced, with keep-alives).
+async fn events(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    if viewer(&st, &headers).await.is_none() {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut rx = st.host.changes.subscribe();
+    let stream = async_stream(move |tx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if tx
+                        .send(Event::default().event("change").data("1"))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(20)))
+        .into_response()
+}
+
+/// A stream fed by a task through a small bounded channel.
+fn async_stream<F, Fut>(f: F) -> impl futures_core::Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
+    tokio::spawn(f(tx));
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok)))
+}
+
+async fn find(st: &ApiState, v: &Viewer, project: &str, name: &str) -> Option<BuildRecord> {
+    if !v.grant.may(Action::View, project) {
+        return None;
+    }
+    st.host
+        .store
+        .build_by_name(name)
+        .await
+        .ok()
+        .flatten()
+        .filter(|b| b.project == project)
+}
+
+fn stages_html(b: &BuildRecord) -> String {
+    let mut s = String::from("<table><tr><th>Stage</th><th>Result</th><th>Exit code</th><th>Started</th><th>Duration</th></tr>");
+    for st in &b.stages {
+        s.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2} s</td></tr>",
+            esc(&st.name),
+            status_badge(if st.passed { "pass" } else { "fail" }),
+            st.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            esc(&timefmt::iso(st.started_at)),
+            st.duration_secs
+        ));
+    }
+    s.push_str("</table>");
+    if let Some(r) = &b.reason {
+        s.push_str(&format!("<p>{}</p>", esc(r)));
+    }
+    s
+}
+
+async fn build_page(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, &format!("build/{project}/{name}"));
+    };
+    let Some(b) = find(&st, &v, &project, &name).await else {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &root,
+            "<h1>Not found</h1>",
+        );
+    };
+    let bd = st.host.data.project(&b.project).build(&b.name);
+    let len = tokio::fs::metadata(bd.log())
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let from = len.saturating_sub(TAIL);
+    let mut text = Vec::new();
+    if let Ok(mut f) = tokio::fs::File::open(bd.log()).await {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        if f.seek(std::io::SeekFrom::Start(from)).await.is_ok() {
+            let _ = (&mut f).take(len - from).read_to_end(&mut text).await;
+        }
+    }
+    let (p, n) = (esc(&b.project), esc(&b.name));
+    let mut body = format!(
+        "<p><a href=\"/{root}/\">Dashboard</a></p><h1>{n}</h1>\
+         <p>Status <span id=\"status\" class=\"status {st}\">{stu}</span> · project {p} · by {by} · {trig} · git {git}</p>",
+        st = esc(b.status.as_str()),
+        stu = esc(&b.status.as_str().to_uppercase()),
+        by = esc(&b.created_by),
+        trig = esc(&b.trigger),
+        git = esc(b.git_hash.as_deref().unwrap_or("-"))
+    );
+    if v.grant.may(Action::Operate, &b.project) {
+        let csrf = esc(&v.csrf);
+        if !b.status.is_final() {
+            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/cancel\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"cancel\">Cancel</button></form>"));
+        } else {
+            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/delete-output\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Delete output</button></form>"));
+        }
+    }
+    body.push_str(&format!(
+        "<h2>Stages</h2><div id=\"stages\" data-src=\"/{root}/build/{p}/{n}/stages\">{}</div>\
+         <h2>Log</h2><p><a href=\"/{root}/output/{p}/{n}\" download>Download the whole log</a>{}\
+         {} <label><input type=\"checkbox\" id=\"follow\" checked> follow</label></p>",
+        stages_html(&b),
+        if from > 0 {
+            format!(" · showing the last {} KiB", TAIL / 1024)
+        } else {
+            String::new()
+        },
+        if b.archive_name.is_some() {
+            format!(" · <a id=\"archive\" href=\"/{root}/dl/{p}/{n}\">7z</a>")
+        } else {
+            String::new()
+        },
+    ));
+    let stream = if b.status.is_final() {
+        String::new()
+    } else {
+        format!(" data-stream=\"/{root}/build/{p}/{n}/stream?from={len}\"")
+    };
+    body.push_str(&format!(
+        "<pre id=\"log\"{stream}>{}</pre>",
+        ansi_to_html(&String::from_utf8_lossy(&text))
+    ));
+    html(StatusCode::OK, &b.name, &root, &body)
+}
+
+async fn stages_fragment(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+) -> Response {
+    let Some(v) = viewer(&st, &headers).await else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    match find(&st, &v, &project, &name).await {
+        Some(b) => fragment(stages_html(&b)),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The live log from byte `from`, as `log` events, then one `end` event with the status.
+async fn stream(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(v) = viewer(&st, &headers).await else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let Some(b) = find(&st, &v, &project, &name).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let from: u64 = q.get("from").and_then(|f| f.parse().ok()).unwrap_or(0);
+    let path = st.host.data.project(&b.project).build(&b.name).log();
+    let hub = st.host.hub.clone();
+    let store = st.host.store.clone();
+    let events = async_stream(move |tx| async move {
+        let (btx, mut brx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(8);
+        let id = b.id;
+        let follower =
+            tokio::spawn(
+                async move { ams_host::log::follow_from(&hub, id, &path, from, &btx).await },
+            );
+        let mut carry: Vec<u8> = Vec::new();
+        while let Some(chunk) = brx.recv().await {
+            carry.extend_from_slice(&chunk);
+            let cut = match std::str::from_utf8(&carry) {
+                Ok(_) => carry.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => carry.len(),
+            };
+            let text = String::from_utf8_lossy(&carry[..cut]).to_string();
+            carry.drain(..cut);
+            if tx
+                .send(Event::default().event("log").data(text))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let status = match follower.await {
+            Ok(Ok(Some(s))) => s,
+            _ => store
+                .build_by_id(id)
+                .await
+                .ok()
+                .flatten()
+                .map(|b| b.status.as_str().to_string())
+                .unwrap_or_default(),
+        };
+        let _ = tx.send(Event::default().event("end").data(status)).await;
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(20)))
+        .into_response()
+}
+
+/// A form post from a page: a session, its CSRF token in the form, and our own Origin.
+async fn form_viewer(
+    st: &ApiState,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<Viewer, Response> {
+    let root = &st.conf.web_root;
+    let v = viewer(st, headers)
+        .await
+        .ok_or_else(|| to_login(root, ""))?;
+    let sent = form.get("csrf").map(String::as_str).unwrap_or("");
+    if !secrets_equal(sent, &v.csrf) || !session::same_origin(headers, st.conf.use_ssl) {
+        return Err(html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            root,
+            "<p>missing or wrong CSRF token</p>",
+        ));
+    }
+    Ok(v)
+}
+
+fn back(to: String) -> Response {
+    (StatusCode::SEE_OTHER, [("location", to)]).into_response()
+}
+
+async fn trigger_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match form_viewer(&st, &headers, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if !v.grant.may(Action::View, &project) {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &root,
+            "<h1>Not found</h1>",
+        );
+    }
+    if !v.grant.may(Action::Operate, &project) {
+        return html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            &root,
+            "<p>you may not trigger builds of this project</p>",
+        );
+    }
+    let opt = |k: &str| {
+        f.get(k)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let req = BuildRequest {
+        project: project.clone(),
+        branch: opt("branch"),
+        commit: opt("commit"),
+        actor: v.user.name.clone(),
+        trigger: "web".into(),
+    };
+    match st.host.build(req).await {
+        Ok(b) => back(format!("/{root}/build/{}/{}", b.project, b.name)),
+        Err(e) => html(
+            StatusCode::BAD_REQUEST,
+            "Refused",
+            &root,
+            &format!("<p>{}</p>", esc(&e)),
+        ),
+    }
+}
+
+async fn build_action(
+    st: ApiState,
+    headers: HeaderMap,
+    project: String,
+    name: String,
+    f: HashMap<String, String>,
+    delete: bool,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match form_viewer(&st, &headers, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(b) = find(&st, &v, &project, &name).await else {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &root,
+            "<h1>Not found</h1>",
+        );
+    };
+    if !v.grant.may(Action::Operate, &b.project) {
+        return html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            &root,
+            "<p>you may not do that</p>",
+        );
+    }
+    let r = if delete {
+        st.host.delete_output(&b.name, &v.user.name).await
+    } else {
+        st.host.cancel(&b.name, &v.user.name).await.map(|_| ())
+    };
+    match r {
+        Ok(()) => back(format!("/{root}/build/{}/{}", b.project, b.name)),
+        Err(e) => html(
+            StatusCode::CONFLICT,
+            "Refused",
+            &root,
+            &format!("<p>{}</p>", esc(&e)),
+        ),
+    }
+}
+
+async fn cancel_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    build_action(st, headers, project, name, f, false).await
+}
+
+async fn delete_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    build_action(st, headers, project, name, f, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ansi_becomes_classes_and_markup_is_escaped() {
+        assert_eq!(
+            ansi_to_html("\u{1b}[1;31mred <b>\u{1b}[0m plain & \u{1b}[2Kgone"),
+            "<span class=\"b c1\">red &lt;b&gt;</span> plain &amp; gone"
+        );
+        assert_eq!(
+            ansi_to_html("<script>alert(1)</script>"),
+            "&lt;script&gt;alert(1)&lt;/script&gt;"
+        );
+    }
+}
