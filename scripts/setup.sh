@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
-# static busybox for the local test image, p7zip to check archives independently, git), starts
+# static busybox for the local test image, p7zip to check archives independently, git, Chromium
+# and its WebDriver for the browser test), starts
 # a Docker engine when none answers, and builds the local test image. Idempotent; run as root
 # (or with sudo available).
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 command -v git >/dev/null 2>&1 || need+=(git)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   $SUDO apt-get update -qq

@@ -1,0 +1,270 @@
+//! A real browser: headless Chromium driven over WebDriver (Debian's chromium-driver). It logs
+//! in, triggers a build, watches the live log reach PASS without a reload, and downloads the 7z.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// One WebDriver request. chromedriver keeps connections open, so the answer is read by its
+/// Content-Length rather than to the end of the stream.
+fn wd(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).unwrap();
+    (status, serde_json::from_slice(&buf).unwrap_or(Value::Null))
+}
+
+struct Driver {
+    child: Child,
+    addr: String,
+    session: String,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver) is installed; run scripts/setup.sh");
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("chromedriver", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        });
+        // No network here: keep Chromium from reaching for Google's services.
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome",
+            "pageLoadStrategy": "eager",
+            "goog:chromeOptions": {"binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--no-first-run", "--disable-background-networking", "--disable-sync",
+                         "--disable-component-update", "--disable-default-apps", "--disable-extensions",
+                         "--no-proxy-server", "--dns-prefetch-disable"]}}}});
+        let (st, v) = wd(&addr, "POST", "/session", &caps.to_string());
+        assert_eq!(st, 200, "new session: {v}");
+        let session = v["value"]["sessionId"].as_str().unwrap().to_string();
+        Driver {
+            child,
+            addr,
+            session,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let (st, v) = wd(
+            &self.addr,
+            method,
+            &format!("/session/{}{path}", self.session),
+            &body.to_string(),
+        );
+        assert_eq!(st, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn go(&self, url: &str) {
+        self.call("POST", "/url", json!({"url": url}));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    fn try_text(&self, css: &str) -> Option<String> {
+        let (st, v) = wd(
+            &self.addr,
+            "POST",
+            &format!("/session/{}/element", self.session),
+            &json!({"using": "css selector", "value": css}).to_string(),
+        );
+        if st != 200 {
+            return None;
+        }
+        let id = v["value"][ELEMENT].as_str()?.to_string();
+        self.call("GET", &format!("/element/{id}/text"), json!({}))
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css);
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.find(css);
+        self.call("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.call("POST", "/execute/sync", json!({"script": js, "args": []}))
+    }
+
+    fn script_async(&self, js: &str) -> Value {
+        self.call("POST", "/execute/async", json!({"script": js, "args": []}))
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = wd(
+            &self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            "",
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "demo",
+        &pipeline(json!([stage(
+            "s",
+            &[
+                "echo starting",
+                "sleep 3",
+                "echo made > Builds/out.txt",
+                "echo finished-ok"
+            ]
+        )])),
+    );
+    {
+        use std::io::Write;
+        let mut c = h
+            .cmd()
+            .args([
+                "user",
+                "add",
+                "carol",
+                "--level",
+                "3",
+                "--projects",
+                "demo",
+                "--password-stdin",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(b"correct horse battery\n")
+            .unwrap();
+        assert!(c.wait().unwrap().success());
+    }
+    h.start();
+    let web = format!("http://{}/ams-build", h.web_addr());
+    let d = Driver::start();
+    d.go(&format!("{web}/login"));
+    d.type_into("input[name=username]", "carol");
+    d.type_into("input[name=password]", "correct horse battery");
+    d.click("button[type=submit]");
+    wait_for("the dashboard", Duration::from_secs(30), || {
+        d.try_text("#trigger-demo").map(|_| ())
+    });
+    d.click("#trigger-demo");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if d.try_text("#status")
+            .is_some_and(|s| s == "RUNNING" || s == "PENDING")
+        {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let src = d.call("GET", "/source", json!({}));
+            let url = d.call("GET", "/url", json!({}));
+            panic!(
+                "no running build page at {url}:\n{}",
+                src.as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(3000)
+                    .collect::<String>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Mark this page: if it were reloaded, the mark would be gone.
+    d.script("window.amsMark = 42; return 1;");
+    wait_for("the build to pass, live", Duration::from_secs(90), || {
+        d.try_text("#status").filter(|s| s == "PASS").map(|_| ())
+    });
+    assert_eq!(
+        d.script("return window.amsMark;"),
+        json!(42),
+        "the page was reloaded"
+    );
+    let log = d.try_text("#log").unwrap();
+    assert!(
+        log.contains("starting") && log.contains("finished-ok"),
+        "{log}"
+    );
+    // Download the archive through the browser's own session.
+    let url = d
+        .script("return location.href;")
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.go(&url);
+    let href = d.script("return document.getElementById('archive').href;");
+    let head = d.script_async(&format!(
+        "const done = arguments[arguments.length - 1];\
+         fetch({href}, {{credentials: 'same-origin'}}).then(r => r.arrayBuffer())\
+         .then(b => done(Array.from(new Uint8Array(b).slice(0, 6)))).catch(e => done(String(e)));"
+    ));
+    assert_eq!(
+        head,
+        json!([0x37, 0x7a, 0xbc, 0xaf, 0x27, 0x1c]),
+        "not a 7z archive: {head}"
+    );
+}
