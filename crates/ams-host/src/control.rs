@@ -191,7 +191,7 @@ async fn connection(h: HostHandle, stream: UnixStream) {
 
 /// Replays a recorded delivery: its body and headers go through the webhook's current filters
 /// again and, if they still ask for builds, queue them, recorded as a new delivery.
-async fn replay(h: &HostHandle, id: i64, actor: &str) -> Result<Value, String> {
+pub async fn replay(h: &HostHandle, id: i64, actor: &str) -> Result<Value, String> {
     use ams_core::webhooks::{decide, Decision, Sender};
     let (d, headers, body) = h
         .store

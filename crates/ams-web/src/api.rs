@@ -143,6 +143,9 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
         .route("/projects/name/{name}", get(project))
         .route("/projects/name/{name}/build", post(trigger))
         .route("/projects/name/{name}/{*rest}", get(project_part))
+        .route("/projects/name/{name}/deliveries", get(deliveries))
+        .route("/projects/name/{name}/notifications", get(notifications))
+        .route("/deliveries/{id}/replay", post(replay))
         .route("/builds/{name}/cancel", post(cancel))
         .route("/builds/{name}/delete-output", post(delete_output))
         .with_state(state);
@@ -401,6 +404,76 @@ async fn project_part(
         }
         _ => return Err(ApiError::NotFound),
     }))
+}
+
+/// ADMIN and SERVER ADMIN see a project's webhook deliveries and notifications.
+fn admin(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
+    visible(st, c, project)?;
+    if c.grant.may(Action::SeeDeliveries, project) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "only ADMIN and SERVER ADMIN see deliveries and notifications".into(),
+        ))
+    }
+}
+
+fn limit(q: &HashMap<String, String>) -> i64 {
+    q.get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+        .clamp(1, 1000)
+}
+
+async fn deliveries(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&st, &c, &name)?;
+    let d = st
+        .host
+        .store
+        .deliveries_of(&name, limit(&q))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    Ok(Json(json!(d)))
+}
+
+async fn notifications(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&st, &c, &name)?;
+    let n = st
+        .host
+        .store
+        .notifications_of(&name, limit(&q))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    Ok(Json(json!(n)))
+}
+
+async fn replay(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let (d, _, _) = st
+        .host
+        .store
+        .delivery_payload(id)
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .ok_or(ApiError::NotFound)?;
+    admin(&st, &c, &d.project)?;
+    let v = ams_host::control::replay(&st.host, id, &c.user.name)
+        .await
+        .map_err(ApiError::Bad)?;
+    Ok(Json(v))
 }
 
 fn operate(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {

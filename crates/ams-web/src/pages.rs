@@ -58,6 +58,11 @@ pub fn router(state: ApiState, root: &str) -> Router {
             &format!("/{root}/projects/{{project}}/build"),
             post(trigger_form),
         )
+        .route(&format!("/{root}/admin/{{project}}"), get(admin_page))
+        .route(
+            &format!("/{root}/admin/{{project}}/replay/{{id}}"),
+            post(replay_form),
+        )
         .with_state(state)
 }
 
@@ -241,6 +246,11 @@ async fn panels_html(st: &ApiState, v: &Viewer) -> String {
                  <input name=\"commit\" placeholder=\"commit\" size=\"12\">\
                  <button type=\"submit\" id=\"trigger-{pe}\">Build</button></form>",
                 csrf = esc(&v.csrf)
+            ));
+        }
+        if v.grant.may(Action::SeeDeliveries, &p) {
+            s.push_str(&format!(
+                " <a href=\"/{root}/admin/{pe}\">Deliveries and notifications</a>"
             ));
         }
         s.push_str("<table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Git hash</th><th>Log</th><th>7z</th><th>Hash</th></tr>");
@@ -656,6 +666,131 @@ async fn delete_form(
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
     build_action(st, headers, project, name, f, true).await
+}
+
+/// ADMIN and SERVER ADMIN: a project's webhook deliveries (with replay) and notifications.
+async fn admin_page(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, &format!("admin/{project}"));
+    };
+    if !v.grant.may(Action::View, &project) || !ams_host::project::exists(&st.host.data, &project) {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &root,
+            "<h1>Not found</h1>",
+        );
+    }
+    if !v.grant.may(Action::SeeDeliveries, &project) {
+        return html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            &root,
+            "<p>only ADMIN and SERVER ADMIN see this page</p>",
+        );
+    }
+    let pe = esc(&project);
+    let csrf = esc(&v.csrf);
+    let mut body = format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: deliveries and notifications</h1><h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>");
+    for d in st
+        .host
+        .store
+        .deliveries_of(&project, 200)
+        .await
+        .unwrap_or_default()
+    {
+        let builds: Vec<String> = d
+            .builds
+            .iter()
+            .map(|b| format!("<a href=\"/{root}/build/{pe}/{0}\">{0}</a>", esc(b)))
+            .collect();
+        body.push_str(&format!(
+            "<tr><td>{id}</td><td>{at}</td><td>{sender}</td><td>{event}</td><td>{did}</td><td>{verdict}{reason}</td><td>{builds}</td>\
+             <td><form class=\"inline\" method=\"post\" action=\"/{root}/admin/{pe}/replay/{id}\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Replay</button></form></td></tr>",
+            id = d.id,
+            at = esc(&timefmt::legacy(d.received_at)),
+            sender = esc(&d.sender),
+            event = esc(&d.event),
+            did = esc(d.delivery_id.as_deref().unwrap_or("")),
+            verdict = esc(&d.verdict),
+            reason = d.reason.as_deref().map(|r| format!(": {}", esc(r))).unwrap_or_default(),
+            builds = builds.join(" ")
+        ));
+    }
+    body.push_str("</table><h2>Notifications</h2><table><tr><th>Sent</th><th>Build</th><th>Hook</th><th>Event</th><th>To</th><th>Outcome</th><th>Attempts</th></tr>");
+    for n in st
+        .host
+        .store
+        .notifications_of(&project, 200)
+        .await
+        .unwrap_or_default()
+    {
+        let tries: Vec<String> = n
+            .attempts
+            .iter()
+            .map(|a| format!("{} ({} ms)", esc(&a.outcome), a.millis))
+            .collect();
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&timefmt::legacy(n.created_at)),
+            esc(&n.build_name),
+            esc(&n.hook),
+            esc(&n.event),
+            esc(&n.target_host),
+            esc(&n.outcome),
+            tries.join(", ")
+        ));
+    }
+    body.push_str("</table>");
+    html(
+        StatusCode::OK,
+        &format!("{project} deliveries"),
+        &root,
+        &body,
+    )
+}
+
+async fn replay_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, id)): Path<(String, i64)>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match form_viewer(&st, &headers, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let owned = st
+        .host
+        .store
+        .delivery_payload(id)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|(d, _, _)| d.project == project);
+    if !owned || !v.grant.may(Action::SeeDeliveries, &project) {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &root,
+            "<h1>Not found</h1>",
+        );
+    }
+    match ams_host::control::replay(&st.host, id, &v.user.name).await {
+        Ok(_) => back(format!("/{root}/admin/{project}")),
+        Err(e) => html(
+            StatusCode::CONFLICT,
+            "Refused",
+            &root,
+            &format!("<p>{}</p>", esc(&e)),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -404,3 +404,123 @@ fn logs_and_archives_are_served_only_to_those_who_may_see_them() {
         );
     }
 }
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/webhooks")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn admins_see_deliveries_and_notifications_and_replay() {
+    let a = Api::new();
+    std::fs::write(
+        a.h.data.join("projects/mine/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh", "authorized-actors": ["codertocat"], "allow-unsigned": true}],
+               "out-webhooks": [{"hook-name": "local", "type": "json", "trigger": "build-complete",
+                                 "url": "http://10.255.255.1/hook/SECRET"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let (st, v) = http(
+        &a.h.webhook_addr(),
+        "POST",
+        "/ams-build/request?name=gh&project=mine",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-GitHub-Event", "push".into()),
+            ("X-GitHub-Delivery", "x1".into()),
+        ],
+        &fixture("github_push_new_branch.json"),
+    );
+    assert_eq!(st, 202, "{v}");
+    let build = v["builds"][0].as_str().unwrap().to_string();
+    a.h.wait_status("mine", &build, Duration::from_secs(60));
+    let (st, d) = a.call(Some("u_admin"), "GET", "/projects/name/mine/deliveries");
+    assert_eq!(st, 200);
+    let id = d[0]["id"].as_i64().unwrap();
+    assert_eq!(d[0]["verdict"], "accepted");
+    assert_eq!(
+        a.call(Some("u_mod"), "GET", "/projects/name/mine/deliveries")
+            .0,
+        403
+    );
+    assert_eq!(
+        a.call(Some("u_user"), "GET", "/projects/name/mine/deliveries")
+            .0,
+        403
+    );
+    assert_eq!(
+        a.call(Some("u_admin"), "GET", "/projects/name/other/deliveries")
+            .0,
+        404
+    );
+    assert_eq!(
+        a.call(Some("u_server"), "GET", "/projects/name/mine/deliveries")
+            .0,
+        200
+    );
+    // The notification to a private address was refused, visible to admins with its host only.
+    let n = wait_for("the notification record", Duration::from_secs(30), || {
+        let (_, n) = a.call(Some("u_admin"), "GET", "/projects/name/mine/notifications");
+        n.as_array().filter(|l| !l.is_empty()).cloned()
+    });
+    assert!(
+        n[0]["outcome"].as_str().unwrap().contains("refused"),
+        "{}",
+        n[0]
+    );
+    assert_eq!(n[0]["target_host"], "10.255.255.1");
+    assert!(!n[0].to_string().contains("SECRET"));
+    // Replay: admins only.
+    assert_eq!(
+        a.call(Some("u_mod"), "POST", &format!("/deliveries/{id}/replay"))
+            .0,
+        403
+    );
+    let (st, r) = a.call(Some("u_admin"), "POST", &format!("/deliveries/{id}/replay"));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["builds"].as_array().unwrap().len(), 1);
+    assert_ne!(r["builds"][0], build.as_str());
+}
+
+#[test]
+fn webhooks_and_the_web_interface_can_share_one_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut h = TestHost::with_conf(json!({"webhook_port": port, "web_interface_port": port}));
+    h.project(
+        "p",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    std::fs::write(
+        h.data.join("projects/p/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh", "authorized-actors": ["codertocat"], "allow-unsigned": true}]}).to_string(),
+    )
+    .unwrap();
+    h.start();
+    let addr = format!("127.0.0.1:{port}");
+    assert_eq!(h.web_addr(), addr);
+    assert_eq!(h.webhook_addr(), addr);
+    let (st, _) = http(
+        &addr,
+        "POST",
+        "/ams-build/request?name=gh&project=p",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-GitHub-Event", "ping".into()),
+        ],
+        b"{}",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(
+        http(&addr, "GET", "/ams-build/api/projects", &[], b"").0,
+        401
+    );
+}

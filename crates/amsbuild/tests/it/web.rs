@@ -492,3 +492,22 @@ fn webhook_actors_and_log_lines_with_markup_are_escaped_everywhere() {
     let (_, _, page) = w.get("/ams-build/", &cookie);
     assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;"));
 }
+
+#[test]
+fn the_deliveries_page_is_for_admins() {
+    let w = Web::new(json!({}));
+    add_user(&w.h, "boss", "4", "mine", "correct horse battery");
+    let (_, head) = w.login("boss", "correct horse battery", "", None);
+    let boss = Web::cookie(&head);
+    let (st, _, page) = w.get("/ams-build/admin/mine", &boss);
+    assert_eq!(st, 200);
+    assert!(page.contains("Webhook deliveries") && page.contains("Notifications"));
+    let (_, _, dash) = w.get("/ams-build/", &boss);
+    assert!(dash.contains("/ams-build/admin/mine"));
+    let (_, head) = w.login("mod", "correct horse battery", "", None);
+    let moderator = Web::cookie(&head);
+    assert_eq!(w.get("/ams-build/admin/mine", &moderator).0, 403);
+    assert_eq!(w.get("/ams-build/admin/nope", &boss).0, 404);
+    let (_, _, dash) = w.get("/ams-build/", &moderator);
+    assert!(!dash.contains("/ams-build/admin/mine"));
+}
