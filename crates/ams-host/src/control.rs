@@ -273,14 +273,7 @@ async fn follow(h: &HostHandle, build: &str, w: &mut (impl AsyncWriteExt + Unpin
     // Carry partial UTF-8 sequences over chunk boundaries.
     let mut carry: Vec<u8> = Vec::new();
     while let Some(chunk) = rx.recv().await {
-        carry.extend_from_slice(&chunk);
-        let cut = match std::str::from_utf8(&carry) {
-            Ok(_) => carry.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => carry.len(),
-        };
-        let text = String::from_utf8_lossy(&carry[..cut]).to_string();
-        carry.drain(..cut);
+        let text = log::take_utf8(&mut carry, &chunk);
         if send(w, &json!({ "log": text })).await.is_err() {
             return;
         }

@@ -171,6 +171,20 @@ impl BuildLog {
     }
 }
 
+/// Appends `chunk` to `carry` and takes out the longest prefix that is whole UTF-8, so that a
+/// character split across chunks is never mangled (invalid bytes become U+FFFD).
+pub fn take_utf8(carry: &mut Vec<u8>, chunk: &[u8]) -> String {
+    carry.extend_from_slice(chunk);
+    let cut = match std::str::from_utf8(carry) {
+        Ok(_) => carry.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => carry.len(),
+    };
+    let text = String::from_utf8_lossy(&carry[..cut]).to_string();
+    carry.drain(..cut);
+    text
+}
+
 /// The reader went away.
 #[derive(Debug)]
 pub struct Gone;
@@ -270,6 +284,19 @@ pub async fn follow_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_split_across_chunks_survives() {
+        let text = "héllo ✓";
+        let bytes = text.as_bytes();
+        let mut carry = Vec::new();
+        let mut out = String::new();
+        for b in bytes {
+            out.push_str(&take_utf8(&mut carry, std::slice::from_ref(b)));
+        }
+        assert_eq!(out, text);
+        assert!(carry.is_empty());
+    }
 
     #[tokio::test]
     async fn truncates_with_a_visible_marker() {

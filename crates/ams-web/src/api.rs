@@ -85,19 +85,8 @@ impl FromRequestParts<ApiState> for Caller {
                 .ok_or(ApiError::Unauthorized)?
         } else {
             let tls = st.conf.use_ssl;
-            let id = session::cookie(&parts.headers, session::cookie_name(tls))
-                .ok_or(ApiError::Unauthorized)?;
-            let (user, csrf) = st
-                .host
-                .store
-                .session(
-                    &auth::token_hash(&id),
-                    timefmt::now(),
-                    st.conf.session_idle_secs as f64,
-                    st.conf.session_max_secs as f64,
-                )
+            let (user, csrf) = session::lookup(st, &parts.headers)
                 .await
-                .map_err(|_| ApiError::Internal)?
                 .ok_or(ApiError::Unauthorized)?;
             // A cookie is sent by the browser on its own: changes need the CSRF token too.
             if !matches!(parts.method.as_str(), "GET" | "HEAD") {

@@ -4,7 +4,6 @@
 //! escaped on the server; the page script sets text only with `textContent`; no inline script.
 
 use crate::api::ApiState;
-use crate::auth;
 use crate::session::{self, esc, secrets_equal};
 use ams_core::access::{Action, Grant, Level};
 use ams_host::host::BuildRequest;
@@ -130,18 +129,7 @@ pub struct Viewer {
 }
 
 async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
-    let id = session::cookie(headers, session::cookie_name(st.conf.use_ssl))?;
-    let (user, csrf) = st
-        .host
-        .store
-        .session(
-            &auth::token_hash(&id),
-            timefmt::now(),
-            st.conf.session_idle_secs as f64,
-            st.conf.session_max_secs as f64,
-        )
-        .await
-        .ok()??;
+    let (user, csrf) = session::lookup(st, headers).await?;
     let level = Level::try_from(user.level).ok()?;
     let grant = Grant {
         level,
@@ -496,14 +484,7 @@ async fn stream(
             );
         let mut carry: Vec<u8> = Vec::new();
         while let Some(chunk) = brx.recv().await {
-            carry.extend_from_slice(&chunk);
-            let cut = match std::str::from_utf8(&carry) {
-                Ok(_) => carry.len(),
-                Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                Err(_) => carry.len(),
-            };
-            let text = String::from_utf8_lossy(&carry[..cut]).to_string();
-            carry.drain(..cut);
+            let text = ams_host::log::take_utf8(&mut carry, &chunk);
             if tx
                 .send(Event::default().event("log").data(text))
                 .await

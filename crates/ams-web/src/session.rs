@@ -120,6 +120,21 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// The live session named by the request's cookie: its user and CSRF token.
+pub async fn lookup(st: &ApiState, headers: &HeaderMap) -> Option<(ams_store::User, String)> {
+    let id = cookie(headers, cookie_name(st.conf.use_ssl))?;
+    st.host
+        .store
+        .session(
+            &auth::token_hash(&id),
+            timefmt::now(),
+            st.conf.session_idle_secs as f64,
+            st.conf.session_max_secs as f64,
+        )
+        .await
+        .ok()?
+}
+
 /// Whether the request's Origin (when it sends one) is this site.
 pub fn same_origin(headers: &HeaderMap, tls: bool) -> bool {
     let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {

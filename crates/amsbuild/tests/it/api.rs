@@ -405,15 +405,6 @@ fn logs_and_archives_are_served_only_to_those_who_may_see_them() {
     }
 }
 
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/webhooks")
-            .join(name),
-    )
-    .unwrap()
-}
-
 #[test]
 fn admins_see_deliveries_and_notifications_and_replay() {
     let a = Api::new();

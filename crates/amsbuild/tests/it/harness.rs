@@ -457,3 +457,16 @@ pub fn http_full(
     }
     (status, head, body)
 }
+
+/// A payload from `shared/fixtures/webhooks/`, which CI lays beside the repository.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/webhooks")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the shared/ folder must sit beside the repository)",
+            p.display()
+        )
+    })
+}
