@@ -21,7 +21,10 @@ for _ in $(seq 1 100); do
 done
 "$AMS" build demo --wait
 echo
-echo "The host is running with data directory $AMSBUILD_HOME. Try, in another terminal:"
+echo "The host is running with data directory $AMSBUILD_HOME."
+echo "Web interface: http://localhost:8080/ams-build/ (user admin; its password was printed once"
+echo "above at the first start; set another with: amsbuild user passwd admin)."
+echo "Try, in another terminal:"
 echo "  AMSBUILD_HOME=$AMSBUILD_HOME $AMS build demo --wait"
 echo "  AMSBUILD_HOME=$AMSBUILD_HOME $AMS builds demo"
 echo "Press Ctrl-C to stop it."
