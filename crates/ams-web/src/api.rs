@@ -125,6 +125,7 @@ pub struct CsrfToken(pub String);
 
 pub fn router(state: ApiState, web_root: &str) -> Router {
     let api = Router::new()
+        .route("/openapi.json", get(openapi))
         .route("/user", get(user))
         .route("/tasks", get(tasks))
         .route("/tasks/{*rest}", get(tasks_filtered))
@@ -150,6 +151,32 @@ pub fn pages_router(state: ApiState, web_root: &str) -> Router {
         )
         .route(&format!("/{web_root}/logout"), post(session::logout))
         .with_state(state)
+}
+
+/// Every (method, path) the API router serves, as the OpenAPI document names them. A unit
+/// test holds the document to this list, and an integration test calls every path.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/openapi.json"),
+    ("get", "/user"),
+    ("get", "/tasks"),
+    ("get", "/tasks/{list}"),
+    ("get", "/projects"),
+    ("get", "/projects/name/{name}"),
+    ("get", "/projects/name/{name}/project_info"),
+    ("get", "/projects/name/{name}/builds"),
+    ("get", "/projects/name/{name}/tasks"),
+    ("get", "/projects/name/{name}/deliveries"),
+    ("get", "/projects/name/{name}/notifications"),
+    ("post", "/projects/name/{name}/build"),
+    ("post", "/builds/{name}/cancel"),
+    ("post", "/builds/{name}/delete-output"),
+    ("post", "/deliveries/{id}/replay"),
+];
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
 }
 
 fn legacy_opt(t: Option<f64>) -> Value {
@@ -619,4 +646,27 @@ async fn archive(
         body,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                documented.push((method.clone(), path.clone()));
+            }
+        }
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
 }

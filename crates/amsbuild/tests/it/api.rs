@@ -515,3 +515,60 @@ fn webhooks_and_the_web_interface_can_share_one_port() {
         401
     );
 }
+
+#[test]
+fn every_path_of_the_openapi_document_is_served() {
+    let a = Api::new();
+    std::fs::write(
+        a.h.data.join("projects/mine/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh", "authorized-actors": ["codertocat"], "allow-unsigned": true}]}).to_string(),
+    )
+    .unwrap();
+    let (st, v) = http(
+        &a.h.webhook_addr(),
+        "POST",
+        "/ams-build/request?name=gh&project=mine",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("X-GitHub-Event", "push".into()),
+        ],
+        &fixture("github_push_new_branch.json"),
+    );
+    assert_eq!(st, 202, "{v}");
+    let build = v["builds"][0].as_str().unwrap().to_string();
+    a.h.wait_status("mine", &build, Duration::from_secs(60));
+    let (_, d) = a.call(Some("u_server"), "GET", "/projects/name/mine/deliveries");
+    let id = d[0]["id"].as_i64().unwrap().to_string();
+    let (st, doc) = http(&a.addr, "GET", "/ams-build/api/openapi.json", &[], b"");
+    assert_eq!(st, 200, "the document is public");
+    let mut ops: Vec<(String, String)> = Vec::new();
+    for (path, o) in doc["paths"].as_object().unwrap() {
+        for m in o.as_object().unwrap().keys() {
+            ops.push((m.to_uppercase(), path.clone()));
+        }
+    }
+    // Deleting last, so the other calls still find the build.
+    ops.sort_by_key(|(_, p)| p.ends_with("delete-output"));
+    for (method, path) in ops {
+        let concrete = path
+            .replace("/builds/{name}", &format!("/builds/{build}"))
+            .replace("{name}", "mine")
+            .replace("{list}", "active")
+            .replace("{id}", &id);
+        let (st, v) = a.call(Some("u_server"), &method, &concrete);
+        assert!(
+            st != 404 && st != 405 && st < 500,
+            "{method} {path} -> {st} {v}"
+        );
+        let documented: Vec<u16> = doc["paths"][&path][method.to_lowercase()]["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter_map(|k| k.parse().ok())
+            .collect();
+        assert!(
+            documented.contains(&st) || st == 400,
+            "{method} {path} answered {st}, documented {documented:?}"
+        );
+    }
+}
