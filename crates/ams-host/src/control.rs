@@ -105,54 +105,18 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 Err(e) => err(e),
             }
         }
-        "builds" => {
-            let project = str_field(&req, "project").unwrap_or_default();
-            let limit = req
-                .get("limit")
-                .and_then(Value::as_i64)
-                .unwrap_or(20)
-                .clamp(1, 1000);
-            if !crate::project::exists(&h.data, &project) {
-                err(format!("no project named `{project}`"))
-            } else {
-                match h.store.builds_of(&project, limit, 0).await {
-                    Ok(b) => json!({"ok": true, "builds": b}),
-                    Err(e) => err(e.to_string()),
-                }
-            }
-        }
-        "deliveries" => {
-            let project = str_field(&req, "project").unwrap_or_default();
-            let limit = req
-                .get("limit")
-                .and_then(Value::as_i64)
-                .unwrap_or(50)
-                .clamp(1, 10_000);
-            if !crate::project::exists(&h.data, &project) {
-                err(format!("no project named `{project}`"))
-            } else {
-                match h.store.deliveries_of(&project, limit).await {
-                    Ok(d) => json!({"ok": true, "deliveries": d}),
-                    Err(e) => err(e.to_string()),
-                }
-            }
-        }
-        "notifications" => {
-            let project = str_field(&req, "project").unwrap_or_default();
-            let limit = req
-                .get("limit")
-                .and_then(Value::as_i64)
-                .unwrap_or(50)
-                .clamp(1, 10_000);
-            if !crate::project::exists(&h.data, &project) {
-                err(format!("no project named `{project}`"))
-            } else {
-                match h.store.notifications_of(&project, limit).await {
-                    Ok(n) => json!({"ok": true, "notifications": n}),
-                    Err(e) => err(e.to_string()),
-                }
-            }
-        }
+        "builds" => match list_args(&h, &req, 20, 1000) {
+            Ok((p, limit)) => listed("builds", h.store.builds_of(&p, limit, 0).await),
+            Err(e) => e,
+        },
+        "deliveries" => match list_args(&h, &req, 50, 10_000) {
+            Ok((p, limit)) => listed("deliveries", h.store.deliveries_of(&p, limit).await),
+            Err(e) => e,
+        },
+        "notifications" => match list_args(&h, &req, 50, 10_000) {
+            Ok((p, limit)) => listed("notifications", h.store.notifications_of(&p, limit).await),
+            Err(e) => e,
+        },
         "replay" => {
             let id = req.get("id").and_then(Value::as_i64).unwrap_or(0);
             match replay(&h, id, &actor).await {
@@ -187,6 +151,29 @@ async fn connection(h: HostHandle, stream: UnixStream) {
         other => err(format!("unknown command `{other}`")),
     };
     let _ = send(&mut w, &answer).await;
+}
+
+/// The project and limit of a list request; an error answer when the project is unknown.
+fn list_args(h: &HostHandle, req: &Value, default: i64, max: i64) -> Result<(String, i64), Value> {
+    let project = str_field(req, "project").unwrap_or_default();
+    let limit = req
+        .get("limit")
+        .and_then(Value::as_i64)
+        .unwrap_or(default)
+        .clamp(1, max);
+    if crate::project::exists(&h.data, &project) {
+        Ok((project, limit))
+    } else {
+        Err(err(format!("no project named `{project}`")))
+    }
+}
+
+/// The answer to a list request.
+fn listed<T: serde::Serialize>(key: &str, r: Result<Vec<T>, ams_store::StoreError>) -> Value {
+    match r {
+        Ok(items) => json!({"ok": true, key: items}),
+        Err(e) => err(e.to_string()),
+    }
 }
 
 /// Replays a recorded delivery: its body and headers go through the webhook's current filters

@@ -292,21 +292,6 @@ fn trusted_docker_args_and_host_commands() {
     assert!(h.source("args").join("host-ran.txt").exists());
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let o = Command::new("git")
-        .args(["-c", "user.email=t@example.com", "-c", "user.name=T"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 #[test]
 fn git_sources_build_the_exact_commit_or_branch_head() {
     require_docker();

@@ -19,32 +19,6 @@ fn sign(body: &[u8]) -> String {
     )
 }
 
-/// A raw HTTP/1.1 POST; returns the status and the JSON body (Null if not JSON).
-fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
 struct Hooked {
     h: TestHost,
     addr: String,
@@ -68,8 +42,9 @@ impl Hooked {
     }
 
     fn send(&self, query: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
-        post(
+        http(
             &self.addr,
+            "POST",
             &format!("/ams-build/request?{query}"),
             headers,
             body,
@@ -404,21 +379,6 @@ fn a_custom_sender_uses_webhook_fields_json() {
     );
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let o = std::process::Command::new("git")
-        .args(["-c", "user.email=t@example.com", "-c", "user.name=T"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 #[test]
 fn a_webhook_build_checks_out_the_pushed_commit_and_never_runs_the_branch_name() {
     require_docker();
@@ -461,8 +421,9 @@ fn a_webhook_build_checks_out_the_pushed_commit_and_never_runs_the_branch_name()
         let body = json!({"ref": format!("refs/heads/{branch}"), "after": commit,
                           "repository": {"name": "repo"}, "pusher": {"name": "alice"}})
         .to_string();
-        let (st, v) = post(
+        let (st, v) = http(
             &addr,
+            "POST",
             "/ams-build/request?name=gh&project=g",
             &[
                 ("Content-Type", "application/json".into()),
