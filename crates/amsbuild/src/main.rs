@@ -695,6 +695,17 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     std::fs::create_dir_all(data.root())
         .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
     let conf = load_conf(&data)?;
+    // HTTPS problems stop the start before anything listens: never fall back to plain HTTP.
+    let certs = if conf.use_ssl {
+        let files = ams_web::tls::CertFiles::from_conf(&conf.ssl, data.root(), &data.web_conf())
+            .map_err(|e| anyhow!(e))?;
+        Some(ams_web::tls::Certs::load(files).map_err(|e| anyhow!(e))?)
+    } else {
+        None
+    };
+    let tls = certs.as_ref().map(|c| c.acceptor());
+    let scheme = if conf.use_ssl { "https" } else { "http" };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let listener = control::bind(&data.socket())
         .await
         .map_err(|e| anyhow!(e))?;
@@ -800,26 +811,32 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         .await?;
         let addr = l.local_addr()?;
         tracing::info!(
-            "web interface listening on http://{addr}/{}/",
+            "web interface listening on {scheme}://{addr}/{}/",
             conf.web_root
         );
         tracing::info!(
-            "webhooks listening on http://{addr}/{}/request",
+            "webhooks listening on {scheme}://{addr}/{}/request",
             conf.web_root
         );
         web_tasks.push(tokio::spawn(ams_web::serve(
             l,
             web.merge(hooks),
+            tls.clone(),
             shutdown.clone(),
         )));
     } else {
         let l = bind(&conf.webhook_ip, conf.webhook_port, "webhooks").await?;
         tracing::info!(
-            "webhooks listening on http://{}/{}/request",
+            "webhooks listening on {scheme}://{}/{}/request",
             l.local_addr()?,
             conf.web_root
         );
-        web_tasks.push(tokio::spawn(ams_web::serve(l, hooks, shutdown.clone())));
+        web_tasks.push(tokio::spawn(ams_web::serve(
+            l,
+            hooks,
+            tls.clone(),
+            shutdown.clone(),
+        )));
         let l = bind(
             &conf.web_interface_ip,
             conf.web_interface_port,
@@ -827,17 +844,27 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         )
         .await?;
         tracing::info!(
-            "web interface listening on http://{}/{}/",
+            "web interface listening on {scheme}://{}/{}/",
             l.local_addr()?,
             conf.web_root
         );
-        web_tasks.push(tokio::spawn(ams_web::serve(l, web, shutdown.clone())));
+        web_tasks.push(tokio::spawn(ams_web::serve(l, web, tls, shutdown.clone())));
     }
     let host_task = tokio::spawn(host.run());
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("interrupt: stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("interrupt: stopping"); break; }
+            _ = hup.recv() => match &certs {
+                // A renewed certificate is taken up without a restart.
+                Some(c) => match c.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
+                    Err(e) => tracing::error!("SIGHUP: kept the old TLS certificate: {e}"),
+                },
+                None => tracing::info!("SIGHUP: nothing to reload (use_ssl is false)"),
+            },
+        }
     }
     shutdown.cancel();
     handle.shutdown().await;

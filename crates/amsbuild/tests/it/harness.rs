@@ -165,7 +165,7 @@ impl TestHost {
         // Started means every listener is up, and the last one logs last.
         wait_for("the web listener", Duration::from_secs(30), || {
             self.host_log()
-                .contains("web interface listening on http://")
+                .contains("web interface listening on ")
                 .then_some(())
         });
     }
@@ -176,9 +176,9 @@ impl TestHost {
         let line = log
             .lines()
             .rev()
-            .find(|l| l.contains("webhooks listening on http://"))
+            .find(|l| l.contains("webhooks listening on "))
             .unwrap_or_else(|| panic!("no webhook listener in the host log:\n{log}"));
-        let rest = line.split("http://").nth(1).unwrap();
+        let rest = line.split("://").nth(1).unwrap();
         rest.split('/').next().unwrap().to_string()
     }
 
@@ -188,9 +188,9 @@ impl TestHost {
         let line = log
             .lines()
             .rev()
-            .find(|l| l.contains("web interface listening on http://"))
+            .find(|l| l.contains("web interface listening on "))
             .unwrap_or_else(|| panic!("no web listener in the host log:\n{log}"));
-        let rest = line.split("http://").nth(1).unwrap();
+        let rest = line.split("://").nth(1).unwrap();
         rest.split('/').next().unwrap().to_string()
     }
 
@@ -414,9 +414,20 @@ pub fn http_full(
     headers: &[(&str, String)],
     payload: &[u8],
 ) -> (u16, String, Vec<u8>) {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    exchange(s, addr, method, path, headers, payload)
+}
+
+/// One request and its whole answer over any stream (plain TCP or TLS).
+pub fn exchange<S: std::io::Read + Write>(
+    mut s: S,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    payload: &[u8],
+) -> (u16, String, Vec<u8>) {
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         payload.len()
@@ -456,6 +467,67 @@ pub fn http_full(
         body = plain;
     }
     (status, head, body)
+}
+
+/// Adds a user through the CLI, the password on stdin.
+pub fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str) {
+    let mut c = h
+        .cmd()
+        .args([
+            "user",
+            "add",
+            name,
+            "--level",
+            level,
+            "--projects",
+            projects,
+            "--password-stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{pw}\n").as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
+/// An application/x-www-form-urlencoded body.
+pub fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+        .into_bytes()
+}
+
+/// The `name=value` of a response's first Set-Cookie.
+pub fn set_cookie(head: &str) -> String {
+    let line = head
+        .lines()
+        .find(|l| l.starts_with("set-cookie:"))
+        .expect("a cookie");
+    line["set-cookie:".len()..]
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// A payload from `shared/fixtures/webhooks/`, which CI lays beside the repository.

@@ -9,5 +9,6 @@ mod cli;
 mod docker;
 mod notify;
 mod tidy;
+mod tls;
 mod web;
 mod webhooks;

@@ -5,52 +5,6 @@ use crate::harness::*;
 use serde_json::json;
 use std::time::Duration;
 
-fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str) {
-    use std::io::Write;
-    let mut c = h
-        .cmd()
-        .args([
-            "user",
-            "add",
-            name,
-            "--level",
-            level,
-            "--projects",
-            projects,
-            "--password-stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{pw}\n").as_bytes())
-        .unwrap();
-    assert!(c.wait().unwrap().success());
-}
-
-fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            let enc: String = v
-                .bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect();
-            format!("{k}={enc}")
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-        .into_bytes()
-}
-
 struct Web {
     h: TestHost,
     addr: String,
@@ -93,16 +47,7 @@ impl Web {
     }
 
     fn cookie(head: &str) -> String {
-        let line = head
-            .lines()
-            .find(|l| l.starts_with("set-cookie:"))
-            .expect("a cookie");
-        line["set-cookie:".len()..]
-            .trim()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string()
+        set_cookie(head)
     }
 
     fn get(&self, path: &str, cookie: &str) -> (u16, String, String) {
