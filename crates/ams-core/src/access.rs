@@ -93,6 +93,60 @@ impl Grant {
     pub fn is_server_admin(&self) -> bool {
         self.level == Level::ServerAdmin
     }
+
+    /// Whether this user has a user management page at all.
+    pub fn manages_users(&self) -> bool {
+        self.can_log_in() && self.level >= Level::Admin
+    }
+
+    /// The projects whose membership this user manages (every project for SERVER ADMIN, which
+    /// the caller supplies as `all`).
+    pub fn managed_projects(&self, all: &[String]) -> Vec<String> {
+        match self.level {
+            Level::ServerAdmin => all.to_vec(),
+            Level::Admin => self
+                .projects
+                .iter()
+                .filter(|p| all.contains(p))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether this user may see and change `target`: SERVER ADMIN anyone; ADMIN the users below
+    /// its level that share one of its projects.
+    pub fn may_manage(&self, target: &Grant) -> bool {
+        match self.level {
+            Level::ServerAdmin => true,
+            Level::Admin => {
+                target.level < Level::Admin
+                    && target.projects.iter().any(|p| self.projects.contains(p))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this user may give `level` with `projects`: SERVER ADMIN anything; ADMIN levels
+    /// below its own and only its own projects.
+    pub fn may_grant(&self, level: Level, projects: &[String]) -> Result<(), String> {
+        match self.level {
+            Level::ServerAdmin => Ok(()),
+            Level::Admin => {
+                if level >= Level::Admin {
+                    return Err(format!(
+                        "an ADMIN may give MODERATOR at most, not {}",
+                        level.name()
+                    ));
+                }
+                match projects.iter().find(|p| !self.projects.contains(p)) {
+                    Some(p) => Err(format!("you do not manage project `{p}`")),
+                    None => Ok(()),
+                }
+            }
+            _ => Err("only ADMIN and SERVER ADMIN manage users".into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +183,36 @@ mod tests {
         assert!(!g(Level::Webhook).can_log_in());
         assert!(g(Level::ServerAdmin).is_server_admin());
         assert!(!g(Level::Admin).is_server_admin());
+    }
+
+    #[test]
+    fn admins_manage_only_users_below_them_on_their_own_projects() {
+        let admin = g(Level::Admin);
+        let all = vec!["mine".to_string(), "other".to_string()];
+        assert_eq!(admin.managed_projects(&all), vec!["mine".to_string()]);
+        assert_eq!(g(Level::ServerAdmin).managed_projects(&all), all);
+        assert!(g(Level::Moderator).managed_projects(&all).is_empty());
+        let on = |level, p: &str| Grant {
+            level,
+            projects: vec![p.to_string()],
+        };
+        assert!(admin.may_manage(&on(Level::Moderator, "mine")));
+        assert!(!admin.may_manage(&on(Level::Moderator, "other")));
+        assert!(
+            !admin.may_manage(&on(Level::Admin, "mine")),
+            "peers are not managed"
+        );
+        assert!(!admin.may_manage(&on(Level::ServerAdmin, "mine")));
+        assert!(g(Level::ServerAdmin).may_manage(&on(Level::Admin, "other")));
+        assert!(!g(Level::Moderator).may_manage(&on(Level::User, "mine")));
+        assert!(admin.may_grant(Level::Moderator, &["mine".into()]).is_ok());
+        assert!(admin.may_grant(Level::Admin, &["mine".into()]).is_err());
+        assert!(admin.may_grant(Level::User, &["other".into()]).is_err());
+        assert!(g(Level::ServerAdmin)
+            .may_grant(Level::ServerAdmin, &[])
+            .is_ok());
+        assert!(g(Level::Moderator).may_grant(Level::User, &[]).is_err());
+        assert!(admin.manages_users() && !g(Level::Moderator).manages_users());
     }
 
     #[test]

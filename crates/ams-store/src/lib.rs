@@ -153,6 +153,21 @@ pub struct ApiToken {
     pub last_used: Option<f64>,
 }
 
+/// A line of a user's message panel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: i64,
+    pub at: f64,
+    /// `ok`, `error`, `info`, or a build's final status.
+    pub kind: String,
+    pub text: String,
+    pub project: Option<String>,
+    pub build: Option<String>,
+}
+
+/// Messages kept per user; older ones are dropped.
+pub const MESSAGES_KEPT: i64 = 100;
+
 fn row_to_user(r: &SqliteRow) -> Result<User> {
     let projects: String = r.try_get("projects")?;
     Ok(User {
@@ -280,6 +295,7 @@ impl Store {
             include_str!("../migrations/0002_deliveries.sql"),
             include_str!("../migrations/0003_notifications.sql"),
             include_str!("../migrations/0004_users.sql"),
+            include_str!("../migrations/0005_messages.sql"),
         ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -1015,6 +1031,73 @@ impl Store {
         )
     }
 
+    /// Adds a message to a user's panel (and drops the oldest beyond [`MESSAGES_KEPT`]).
+    pub async fn add_message(
+        &self,
+        user: &str,
+        kind: &str,
+        text: &str,
+        project: Option<&str>,
+        build: Option<&str>,
+        at: f64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO messages (user, at, kind, text, project, build) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM users WHERE name = ?)",
+        )
+        .bind(user)
+        .bind(at)
+        .bind(kind)
+        .bind(text)
+        .bind(project)
+        .bind(build)
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM messages WHERE user = ? AND id <= (SELECT id FROM messages \
+             WHERE user = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        )
+        .bind(user)
+        .bind(user)
+        .bind(MESSAGES_KEPT)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A user's messages, newest first.
+    pub async fn messages_of(&self, user: &str, limit: i64) -> Result<Vec<Message>> {
+        let rows = sqlx::query("SELECT * FROM messages WHERE user = ? ORDER BY id DESC LIMIT ?")
+            .bind(user)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Message {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    text: r.try_get("text")?,
+                    project: r.try_get("project")?,
+                    build: r.try_get("build")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Empties a user's message panel.
+    pub async fn clear_messages(&self, user: &str) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM messages WHERE user = ?")
+            .bind(user)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     /// A recorded delivery with the headers (JSON) and body kept for replay.
     pub async fn delivery_payload(&self, id: i64) -> Result<Option<(Delivery, String, Vec<u8>)>> {
         let row = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
@@ -1088,6 +1171,91 @@ mod tests {
             created_by: "alice".into(),
             created_at: 1000.0,
         }
+    }
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            password_hash: "x".into(),
+            level: 4,
+            projects: vec!["p".into()],
+            created_at: 1.0,
+            password_changed_at: 1.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn builds_of_web_and_api_users_leave_a_message_however_they_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        s.create_user(&user("alice")).await.unwrap();
+        let mut web = nb("p");
+        web.trigger = "web".into();
+        let a = s
+            .create_build(&web, |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let b = s
+            .create_build(&web, |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let cli = s
+            .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let mut stranger = web.clone();
+        stranger.created_by = "nobody".into();
+        let d = s
+            .create_build(&stranger, |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let fin = Finish {
+            status: Some(BuildStatus::Fail),
+            reason: Some("stage `s` failed".into()),
+            finished_at: 5.0,
+            ..Default::default()
+        };
+        s.finish(a.id, &fin).await.unwrap();
+        s.skip_builds(&[(b.id, "superseded".into())], 6.0)
+            .await
+            .unwrap();
+        s.finish(cli.id, &fin).await.unwrap();
+        s.finish(d.id, &fin).await.unwrap();
+        let m = s.messages_of("alice", 10).await.unwrap();
+        let texts: Vec<_> = m.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            vec![
+                "Build p_2 ended SKIP: superseded",
+                "Build p_1 ended FAIL: stage `s` failed"
+            ],
+            "CLI builds and unknown users leave nothing"
+        );
+        assert_eq!(m[1].kind, "fail");
+        assert_eq!(m[1].build.as_deref(), Some("p_1"));
+        // Kept bounded, newest kept.
+        for i in 0..(MESSAGES_KEPT + 10) {
+            s.add_message("alice", "ok", &format!("m{i}"), None, None, 7.0)
+                .await
+                .unwrap();
+        }
+        let m = s.messages_of("alice", 1000).await.unwrap();
+        assert_eq!(m.len() as i64, MESSAGES_KEPT);
+        assert_eq!(m[0].text, format!("m{}", MESSAGES_KEPT + 9));
+        // Messages to unknown users are dropped; removing a user removes theirs.
+        s.add_message("ghost", "ok", "x", None, None, 7.0)
+            .await
+            .unwrap();
+        assert!(s.messages_of("ghost", 10).await.unwrap().is_empty());
+        assert_eq!(
+            s.clear_messages("alice").await.unwrap() as i64,
+            MESSAGES_KEPT
+        );
+        s.add_message("alice", "ok", "again", None, None, 8.0)
+            .await
+            .unwrap();
+        assert!(s.remove_user("alice").await.unwrap());
+        assert!(s.messages_of("alice", 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

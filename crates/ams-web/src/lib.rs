@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod manage;
 pub mod pages;
 pub mod session;
 pub mod tls;

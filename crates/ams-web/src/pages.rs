@@ -4,6 +4,7 @@
 //! escaped on the server; the page script sets text only with `textContent`; no inline script.
 
 use crate::api::ApiState;
+use crate::manage::note;
 use crate::session::{self, esc, secrets_equal};
 use ams_core::access::{Action, Grant, Level};
 use ams_host::host::BuildRequest;
@@ -87,7 +88,7 @@ async fn css() -> Response {
         .into_response()
 }
 
-fn html(status: StatusCode, title: &str, root: &str, body: &str) -> Response {
+pub(crate) fn html(status: StatusCode, title: &str, root: &str, body: &str) -> Response {
     let doc = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width\"><title>{} · AMS-Build</title>\
@@ -109,7 +110,7 @@ fn html(status: StatusCode, title: &str, root: &str, body: &str) -> Response {
         .into_response()
 }
 
-fn fragment(body: String) -> Response {
+pub(crate) fn fragment(body: String) -> Response {
     (
         [
             ("content-type", "text/html; charset=utf-8"),
@@ -128,7 +129,7 @@ pub struct Viewer {
     pub csrf: String,
 }
 
-async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
+pub(crate) async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
     let (user, csrf) = session::lookup(st, headers).await?;
     let level = Level::try_from(user.level).ok()?;
     let grant = Grant {
@@ -138,7 +139,7 @@ async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
     grant.can_log_in().then_some(Viewer { user, grant, csrf })
 }
 
-fn to_login(root: &str, back: &str) -> Response {
+pub(crate) fn to_login(root: &str, back: &str) -> Response {
     let target = match session::safe_redirect(back) {
         Some(b) => format!("/{root}/login?page_redirect={b}"),
         None => format!("/{root}/login"),
@@ -188,7 +189,7 @@ pub fn ansi_to_html(text: &str) -> String {
     out
 }
 
-fn status_badge(s: &str) -> String {
+pub(crate) fn status_badge(s: &str) -> String {
     format!(
         "<span class=\"status {0}\">{1}</span>",
         esc(s),
@@ -200,7 +201,7 @@ async fn panels_html(st: &ApiState, v: &Viewer) -> String {
     let root = &st.conf.web_root;
     let snap = st.host.snapshot().await.unwrap_or_default();
     let mut s = String::new();
-    s.push_str("<div class=\"panel\" id=\"messages\"><h2>Messages</h2><p>No messages.</p></div>");
+    s.push_str(&crate::manage::messages_html(st, v).await);
     for (title, list) in [
         ("Active tasks", &snap.active),
         ("Queued tasks", &snap.pending),
@@ -272,13 +273,19 @@ async fn dashboard(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     };
     let level = v.grant.level.name();
     let body = format!(
-        "<header><h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({level})\
+        "<header><h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({level}) · \
+         <a href=\"/{root}/account\">Account</a>{users} \
          <form class=\"inline\" method=\"post\" action=\"/{root}/logout\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\">Log out</button></form></p></header>\
          <main id=\"panels\" data-src=\"/{root}/panels\" data-events=\"/{root}/events\">{}</main>",
         esc(&v.user.name),
         esc(&v.csrf),
-        panels_html(&st, &v).await
+        panels_html(&st, &v).await,
+        users = if v.grant.manages_users() {
+            format!(" · <a href=\"/{root}/users\">Users</a>")
+        } else {
+            String::new()
+        },
     );
     html(StatusCode::OK, "Dashboard", &root, &body)
 }
@@ -511,7 +518,7 @@ async fn stream(
 }
 
 /// A form post from a page: a session, its CSRF token in the form, and our own Origin.
-async fn form_viewer(
+pub(crate) async fn form_viewer(
     st: &ApiState,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
@@ -532,8 +539,30 @@ async fn form_viewer(
     Ok(v)
 }
 
-fn back(to: String) -> Response {
+pub(crate) fn back(to: String) -> Response {
     (StatusCode::SEE_OTHER, [("location", to)]).into_response()
+}
+
+pub(crate) fn not_found(root: &str) -> Response {
+    html(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        root,
+        "<h1>Not found</h1><p>There is nothing here, or you may not see it.</p>",
+    )
+}
+
+/// A refused form, with the reason and the way back.
+pub(crate) fn refused(root: &str, status: StatusCode, why: &str) -> Response {
+    html(
+        status,
+        "Refused",
+        root,
+        &format!(
+            "<h1>Refused</h1><p class=\"error\">{}</p><p><a href=\"/{root}/\">Dashboard</a></p>",
+            esc(why)
+        ),
+    )
 }
 
 async fn trigger_form(
@@ -576,13 +605,24 @@ async fn trigger_form(
         trigger: "web".into(),
     };
     match st.host.build(req).await {
-        Ok(b) => back(format!("/{root}/build/{}/{}", b.project, b.name)),
-        Err(e) => html(
-            StatusCode::BAD_REQUEST,
-            "Refused",
-            &root,
-            &format!("<p>{}</p>", esc(&e)),
-        ),
+        Ok(b) => {
+            let text = format!("Queued build {}", b.name);
+            note(
+                &st,
+                &v.user.name,
+                "pending",
+                &text,
+                Some(&b.project),
+                Some(&b.name),
+            )
+            .await;
+            back(format!("/{root}/build/{}/{}", b.project, b.name))
+        }
+        Err(e) => {
+            let text = format!("Could not trigger a build of {project}: {e}");
+            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
+            refused(&root, StatusCode::BAD_REQUEST, &e)
+        }
     }
 }
 
@@ -620,14 +660,42 @@ async fn build_action(
     } else {
         st.host.cancel(&b.name, &v.user.name).await.map(|_| ())
     };
+    let what = if delete {
+        "delete the output of"
+    } else {
+        "cancel"
+    };
     match r {
-        Ok(()) => back(format!("/{root}/build/{}/{}", b.project, b.name)),
-        Err(e) => html(
-            StatusCode::CONFLICT,
-            "Refused",
-            &root,
-            &format!("<p>{}</p>", esc(&e)),
-        ),
+        Ok(()) => {
+            let text = if delete {
+                format!("Deleted the output of {}", b.name)
+            } else {
+                format!("Asked build {} to cancel", b.name)
+            };
+            note(
+                &st,
+                &v.user.name,
+                "ok",
+                &text,
+                Some(&b.project),
+                Some(&b.name),
+            )
+            .await;
+            back(format!("/{root}/build/{}/{}", b.project, b.name))
+        }
+        Err(e) => {
+            let text = format!("Could not {what} {}: {e}", b.name);
+            note(
+                &st,
+                &v.user.name,
+                "error",
+                &text,
+                Some(&b.project),
+                Some(&b.name),
+            )
+            .await;
+            refused(&root, StatusCode::CONFLICT, &e)
+        }
     }
 }
 
@@ -764,13 +832,16 @@ async fn replay_form(
         );
     }
     match ams_host::control::replay(&st.host, id, &v.user.name).await {
-        Ok(_) => back(format!("/{root}/admin/{project}")),
-        Err(e) => html(
-            StatusCode::CONFLICT,
-            "Refused",
-            &root,
-            &format!("<p>{}</p>", esc(&e)),
-        ),
+        Ok(_) => {
+            let text = format!("Replayed delivery {id} of {project}");
+            note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
+            back(format!("/{root}/admin/{project}"))
+        }
+        Err(e) => {
+            let text = format!("Could not replay delivery {id} of {project}: {e}");
+            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
+            refused(&root, StatusCode::CONFLICT, &e)
+        }
     }
 }
 

@@ -81,8 +81,20 @@ impl LoginGuard {
         m.remove(&format!("u:{}", user.to_lowercase()));
     }
 
+    /// Hashes a new password within the hashing budget, off the async threads.
+    pub async fn hash(&self, password: String) -> Result<String, String> {
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|_| "the host is stopping".to_string())?;
+        tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
     /// Verifies a password within the hashing budget, off the async threads.
-    async fn verify(&self, hash: String, password: String) -> bool {
+    pub async fn verify(&self, hash: String, password: String) -> bool {
         let Ok(_permit) = self.hashing.acquire().await else {
             return false;
         };
