@@ -7,6 +7,7 @@ mod api;
 mod browser;
 mod cli;
 mod docker;
+mod manage;
 mod notify;
 mod tidy;
 mod tls;

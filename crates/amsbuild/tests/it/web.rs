@@ -5,13 +5,13 @@ use crate::harness::*;
 use serde_json::json;
 use std::time::Duration;
 
-struct Web {
-    h: TestHost,
-    addr: String,
+pub struct Web {
+    pub h: TestHost,
+    pub addr: String,
 }
 
 impl Web {
-    fn new(conf: serde_json::Value) -> Self {
+    pub fn new(conf: serde_json::Value) -> Self {
         let mut h = TestHost::with_conf(conf);
         h.project(
             "mine",
@@ -24,7 +24,13 @@ impl Web {
         Web { h, addr }
     }
 
-    fn login(&self, user: &str, pw: &str, redirect: &str, origin: Option<String>) -> (u16, String) {
+    pub fn login(
+        &self,
+        user: &str,
+        pw: &str,
+        redirect: &str,
+        origin: Option<String>,
+    ) -> (u16, String) {
         let mut headers = vec![(
             "Content-Type",
             "application/x-www-form-urlencoded".to_string(),
@@ -46,16 +52,47 @@ impl Web {
         (st, head)
     }
 
-    fn cookie(head: &str) -> String {
+    pub fn cookie(head: &str) -> String {
         set_cookie(head)
     }
 
-    fn get(&self, path: &str, cookie: &str) -> (u16, String, String) {
+    pub fn get(&self, path: &str, cookie: &str) -> (u16, String, String) {
         let (st, head, body) = http_raw(&self.addr, path, &[("Cookie", cookie.to_string())]);
         (st, head, String::from_utf8_lossy(&body).to_string())
     }
 
-    fn csrf(&self, cookie: &str) -> String {
+    /// A form POST from our own pages: the cookie, the CSRF token and our Origin.
+    pub fn post_form(
+        &self,
+        path: &str,
+        cookie: &str,
+        pairs: &[(&str, &str)],
+    ) -> (u16, String, String) {
+        let csrf = self.csrf(cookie);
+        let mut all = vec![("csrf", csrf.as_str())];
+        all.extend_from_slice(pairs);
+        let (st, head, body) = http_full(
+            &self.addr,
+            "POST",
+            path,
+            &[
+                ("Cookie", cookie.to_string()),
+                ("Content-Type", "application/x-www-form-urlencoded".into()),
+                ("Origin", format!("http://{}", self.addr)),
+            ],
+            &form(&all),
+        );
+        (st, head, String::from_utf8_lossy(&body).to_string())
+    }
+
+    /// Logs in and returns the session cookie.
+    pub fn session(&self, user: &str, pw: &str) -> String {
+        let (st, head) = self.login(user, pw, "", None);
+        assert_eq!(st, 303, "login of {user}: {head}");
+        Self::cookie(&head)
+    }
+
+    pub fn csrf(&self, cookie: &str) -> String {
         let (_, _, page) = self.get("/ams-build/", cookie);
         let i = page.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
         page[i..i + 64].to_string()
