@@ -119,6 +119,30 @@ pub async fn clone(
         .map(|_| ())
 }
 
+/// The message of `commit` in the checkout at `dir`, cut at 4 KiB (on a character boundary).
+pub async fn message(dir: &Path, commit: &str, cancel: &CancellationToken) -> Option<String> {
+    if !valid_commit(commit) {
+        return None;
+    }
+    let out = git(
+        dir,
+        &["log", "-1", "--format=%B", commit, "--"],
+        &GitAuth::default(),
+        cancel,
+    )
+    .await
+    .ok()?;
+    let mut m = out.trim_end().to_string();
+    if m.len() > 4096 {
+        let mut cut = 4096;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+    }
+    Some(m)
+}
+
 /// Brings the checkout at `dir` to the requested commit (or the head of `branch`, or of the
 /// remote's default branch), discarding local changes and untracked files. Returns the commit.
 pub async fn update(

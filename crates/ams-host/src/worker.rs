@@ -512,6 +512,7 @@ struct Prepared {
     pipeline: Pipeline,
     private: PrivateConfig,
     git_hash: Option<String>,
+    commit_message: Option<String>,
 }
 
 async fn prepare(
@@ -556,6 +557,10 @@ async fn prepare(
     } else {
         log.line("master/project_source is not a git checkout: building it as it is");
         None
+    };
+    let commit_message = match &git_hash {
+        Some(h) => git::message(&src, h, stop.token()).await,
+        None => None,
     };
     let pipeline_path = src.join("pipeline.json");
     let text = std::fs::read_to_string(&pipeline_path).map_err(|e| {
@@ -634,6 +639,7 @@ async fn prepare(
         pipeline,
         private,
         git_hash,
+        commit_message,
     })
 }
 
@@ -709,6 +715,7 @@ pub async fn run_build(
         }
         Some(Ok(prep)) => {
             fin.git_hash = prep.git_hash.clone();
+            fin.commit_message = prep.commit_message.clone();
             cleanup_pipeline = Some(prep.pipeline.clone());
             let p = &prep.pipeline;
             if p.dummy_build {

@@ -42,6 +42,8 @@ pub struct BuildRecord {
     pub name: String,
     pub hash: String,
     pub git_hash: Option<String>,
+    /// The built commit's message (first 4 KiB), once known.
+    pub commit_message: Option<String>,
     pub status: BuildStatus,
     pub reason: Option<String>,
     pub trigger: String,
@@ -91,6 +93,7 @@ pub struct Finish {
     pub reason: Option<String>,
     pub finished_at: f64,
     pub git_hash: Option<String>,
+    pub commit_message: Option<String>,
     pub stages: Vec<StageResult>,
     pub archive_name: Option<String>,
     pub archive_hash: Option<String>,
@@ -247,6 +250,7 @@ fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
         name: r.try_get("name")?,
         hash: r.try_get("hash")?,
         git_hash: r.try_get("git_hash")?,
+        commit_message: r.try_get("commit_message")?,
         status: BuildStatus::from_str(&status).map_err(StoreError::Invalid)?,
         reason: r.try_get("reason")?,
         trigger: r.try_get("trigger_kind")?,
@@ -296,6 +300,7 @@ impl Store {
             include_str!("../migrations/0003_notifications.sql"),
             include_str!("../migrations/0004_users.sql"),
             include_str!("../migrations/0005_messages.sql"),
+            include_str!("../migrations/0006_commit_message.sql"),
         ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -447,7 +452,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let project: Option<String> = sqlx::query_scalar(
             "UPDATE builds SET status = ?, reason = ?, finished_at = ?, \
-             git_hash = COALESCE(?, git_hash), stages = ?, archive_name = ?, archive_hash = ?, \
+             git_hash = COALESCE(?, git_hash), commit_message = COALESCE(?, commit_message), \
+             stages = ?, archive_name = ?, archive_hash = ?, \
              archive_hash_kind = ? WHERE id = ? AND status IN ('pending', 'running') \
              RETURNING project",
         )
@@ -455,6 +461,7 @@ impl Store {
         .bind(&f.reason)
         .bind(f.finished_at)
         .bind(&f.git_hash)
+        .bind(&f.commit_message)
         .bind(serde_json::to_string(&f.stages).unwrap_or_else(|_| "[]".into()))
         .bind(&f.archive_name)
         .bind(&f.archive_hash)

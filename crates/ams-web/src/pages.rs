@@ -47,6 +47,10 @@ pub fn router(state: ApiState, root: &str) -> Router {
             get(stream),
         )
         .route(
+            &format!("/{root}/build/{{project}}/{{name}}/log"),
+            get(log_chunk),
+        )
+        .route(
             &format!("/{root}/build/{{project}}/{{name}}/cancel"),
             post(cancel_form),
         )
@@ -153,7 +157,7 @@ pub fn ansi_to_html(text: &str) -> String {
     let mut open = false;
     let mut rest = text;
     while let Some(i) = rest.find('\u{1b}') {
-        out.push_str(&esc(&rest[..i]));
+        out.push_str(&esc_links(&rest[..i]));
         rest = &rest[i + 1..];
         if let Some(r) = rest.strip_prefix('[') {
             let end = r.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(r.len());
@@ -182,11 +186,61 @@ pub fn ansi_to_html(text: &str) -> String {
             }
         }
     }
-    out.push_str(&esc(rest));
+    out.push_str(&esc_links(rest));
     if open {
         out.push_str("</span>");
     }
     out
+}
+
+/// Escapes text and makes its http(s) URLs links; no other scheme ever becomes a link.
+pub fn esc_links(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let next = ["http://", "https://"]
+            .iter()
+            .filter_map(|p| rest.find(p))
+            .min();
+        let Some(i) = next else {
+            out.push_str(&esc(rest));
+            return out;
+        };
+        out.push_str(&esc(&rest[..i]));
+        let tail = &rest[i..];
+        let mut end = tail
+            .find(|c: char| c.is_whitespace() || c.is_control() || "<>\"'`".contains(c))
+            .unwrap_or(tail.len());
+        // Sentence punctuation after a URL is not part of it (the scheme always stays, so the
+        // loop moves forward).
+        while end > 0 && ".,;:!?)]".contains(tail[..end].chars().last().unwrap_or(' ')) {
+            end -= 1;
+        }
+        let url = &tail[..end];
+        let host_part = url.split("://").nth(1).unwrap_or("");
+        if host_part.is_empty() {
+            out.push_str(&esc(url));
+        } else {
+            out.push_str(&format!(
+                "<a href=\"{0}\" rel=\"noopener noreferrer nofollow\" target=\"_blank\">{0}</a>",
+                esc(url)
+            ));
+        }
+        rest = &tail[end..];
+    }
+}
+
+/// A commit message's first line, cut to 60 characters; the start of the message (300
+/// characters, to keep the dashboard small) is the tooltip.
+fn commit_line(m: Option<&str>) -> String {
+    let Some(m) = m else {
+        return String::new();
+    };
+    let first = m.lines().next().unwrap_or("");
+    let short: String = first.chars().take(60).collect();
+    let more = if short.len() < first.len() { "…" } else { "" };
+    let tip: String = m.chars().take(300).collect();
+    format!("<span title=\"{}\">{}{more}</span>", esc(&tip), esc(&short))
 }
 
 pub(crate) fn status_badge(s: &str) -> String {
@@ -242,17 +296,19 @@ async fn panels_html(st: &ApiState, v: &Viewer) -> String {
                 " <a href=\"/{root}/admin/{pe}\">Deliveries and notifications</a>"
             ));
         }
-        s.push_str("<table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Git hash</th><th>Log</th><th>7z</th><th>Hash</th></tr>");
+        s.push_str("<table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Branch</th><th>Git hash</th><th>Commit</th><th>Log</th><th>7z</th><th>Hash</th></tr>");
         let builds = st.host.store.builds_of(&p, 20, 0).await.unwrap_or_default();
         for b in &builds {
             let n = esc(&b.name);
             s.push_str(&format!(
-                "<tr><td><a href=\"/{root}/build/{pe}/{n}\">{n}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                "<tr><td><a href=\"/{root}/build/{pe}/{n}\">{n}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
                  <td><a href=\"/{root}/output/{pe}/{n}\">output</a></td><td>{}</td><td>{}</td></tr>",
                 status_badge(b.status.as_str()),
                 esc(&b.created_by),
                 esc(&timefmt::legacy(b.created_at)),
+                esc(b.branch.as_deref().unwrap_or("")),
                 esc(b.git_hash.as_deref().map(|h| &h[..h.len().min(12)]).unwrap_or("")),
+                commit_line(b.commit_message.as_deref()),
                 if b.archive_name.is_some() {
                     format!("<a href=\"/{root}/dl/{pe}/{n}\">7z</a>")
                 } else {
@@ -397,23 +453,22 @@ async fn build_page(
         .await
         .map(|m| m.len())
         .unwrap_or(0);
-    let from = len.saturating_sub(TAIL);
-    let mut text = Vec::new();
-    if let Ok(mut f) = tokio::fs::File::open(bd.log()).await {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        if f.seek(std::io::SeekFrom::Start(from)).await.is_ok() {
-            let _ = (&mut f).take(len - from).read_to_end(&mut text).await;
-        }
-    }
+    let (from, text) = read_chunk(&bd.log(), len, len.saturating_sub(TAIL)).await;
     let (p, n) = (esc(&b.project), esc(&b.name));
     let mut body = format!(
         "<p><a href=\"/{root}/\">Dashboard</a></p><h1>{n}</h1>\
-         <p>Status <span id=\"status\" class=\"status {st}\">{stu}</span> · project {p} · by {by} · {trig} · git {git}</p>",
+         <p>Status <span id=\"status\" class=\"status {st}\">{stu}</span> · project {p} · by {by} · {trig} · branch {branch} · git {git}</p>{msg}",
         st = esc(b.status.as_str()),
         stu = esc(&b.status.as_str().to_uppercase()),
         by = esc(&b.created_by),
         trig = esc(&b.trigger),
-        git = esc(b.git_hash.as_deref().unwrap_or("-"))
+        branch = esc(b.branch.as_deref().unwrap_or("-")),
+        git = esc(b.git_hash.as_deref().unwrap_or("-")),
+        msg = b
+            .commit_message
+            .as_deref()
+            .map(|m| format!("<pre class=\"commit\">{}</pre>", esc_links(m)))
+            .unwrap_or_default(),
     );
     if v.grant.may(Action::Operate, &b.project) {
         let csrf = esc(&v.csrf);
@@ -429,7 +484,11 @@ async fn build_page(
          {} <label><input type=\"checkbox\" id=\"follow\" checked> follow</label></p>",
         stages_html(&b),
         if from > 0 {
-            format!(" · showing the last {} KiB", TAIL / 1024)
+            format!(
+                " · <button type=\"button\" id=\"load-more\" data-src=\"/{root}/build/{p}/{n}/log\" \
+                 data-before=\"{from}\">Load earlier lines</button> ({} KiB not shown)",
+                from.div_ceil(1024)
+            )
         } else {
             String::new()
         },
@@ -449,6 +508,79 @@ async fn build_page(
         ansi_to_html(&String::from_utf8_lossy(&text))
     ));
     html(StatusCode::OK, &b.name, &root, &body)
+}
+
+/// Reads the log bytes `[start, end)`, moving `start` forward to the beginning of a line when it
+/// falls inside one, so a chunk holds whole lines (and whole UTF-8 characters). Returns the
+/// real start and the bytes.
+async fn read_chunk(path: &std::path::Path, end: u64, start: u64) -> (u64, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut buf = Vec::new();
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return (end, buf);
+    };
+    // One byte before `start` tells whether it is already a line start.
+    let probe = start.saturating_sub(1);
+    if f.seek(std::io::SeekFrom::Start(probe)).await.is_err() {
+        return (end, buf);
+    }
+    let _ = (&mut f)
+        .take(end.saturating_sub(probe))
+        .read_to_end(&mut buf)
+        .await;
+    if start == 0 {
+        return (0, buf);
+    }
+    let skip = match buf.iter().position(|&c| c == b'\n') {
+        Some(i) => i + 1,
+        // One line longer than the chunk: show it from the cut.
+        None => 1,
+    };
+    let skip = skip.min(buf.len());
+    (probe + skip as u64, buf.split_off(skip))
+}
+
+/// An earlier part of a log, for "load earlier lines": up to [`TAIL`] bytes of whole lines
+/// ending before byte `before`, as text; `x-log-start` says where it begins (0: the first line).
+async fn log_chunk(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(v) = viewer(&st, &headers).await else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let Some(b) = find(&st, &v, &project, &name).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let path = st.host.data.project(&b.project).build(&b.name).log();
+    let len = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let Some(before) = q
+        .get("before")
+        .and_then(|f| f.parse::<u64>().ok())
+        .filter(|b| *b <= len)
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "give ?before= a byte offset within the log",
+        )
+            .into_response();
+    };
+    let (start, bytes) = read_chunk(&path, before, before.saturating_sub(TAIL)).await;
+    (
+        [
+            ("content-type", "text/plain; charset=utf-8".to_string()),
+            ("x-content-type-options", "nosniff".to_string()),
+            ("cache-control", "no-store".to_string()),
+            ("x-log-start", start.to_string()),
+        ],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response()
 }
 
 async fn stages_fragment(
@@ -848,6 +980,26 @@ async fn replay_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_http_and_https_urls_become_links() {
+        assert_eq!(
+            esc_links("see https://example.com/a?b=1&c=<x>. ok"),
+            "see <a href=\"https://example.com/a?b=1&amp;c=\" rel=\"noopener noreferrer nofollow\" \
+             target=\"_blank\">https://example.com/a?b=1&amp;c=</a>&lt;x&gt;. ok"
+        );
+        assert_eq!(
+            esc_links("javascript:alert(1) data:text/html,<b> file:///etc/passwd"),
+            "javascript:alert(1) data:text/html,&lt;b&gt; file:///etc/passwd"
+        );
+        assert_eq!(
+            esc_links("\"https://x.example/\"onmouseover=alert(1)"),
+            "&quot;<a href=\"https://x.example/\" rel=\"noopener noreferrer nofollow\" \
+             target=\"_blank\">https://x.example/</a>&quot;onmouseover=alert(1)"
+        );
+        assert_eq!(esc_links("http:// nothing"), "http:// nothing");
+        assert_eq!(esc_links("(http://a.example)."), "(<a href=\"http://a.example\" rel=\"noopener noreferrer nofollow\" target=\"_blank\">http://a.example</a>).");
+    }
 
     #[test]
     fn ansi_becomes_classes_and_markup_is_escaped() {

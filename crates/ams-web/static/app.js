@@ -12,7 +12,7 @@ function appendAnsi(el, text, state) {
     if (!s) return;
     const span = document.createElement("span");
     if (state.classes.length) span.className = state.classes.join(" ");
-    span.textContent = s;
+    appendLinked(span, s);
     el.appendChild(span);
   };
   while ((m = re.exec(text)) !== null) {
@@ -28,6 +28,49 @@ function appendAnsi(el, text, state) {
     }
   }
   put(text.slice(last));
+}
+
+// Appends text to `el`, making http(s) URLs links; no other scheme ever becomes a link.
+function appendLinked(el, text) {
+  const re = /https?:\/\/[^\s<>"'`\x00-\x1f]+/g;
+  let last = 0, m;
+  while ((m = re.exec(text)) !== null) {
+    let url = m[0].replace(/[.,;:!?)\]]+$/, "");
+    if (url.indexOf("://") + 3 >= url.length) continue;
+    el.appendChild(document.createTextNode(text.slice(last, m.index)));
+    const a = document.createElement("a");
+    a.href = url;
+    a.rel = "noopener noreferrer nofollow";
+    a.target = "_blank";
+    a.textContent = url;
+    el.appendChild(a);
+    last = m.index + url.length;
+    re.lastIndex = last;
+  }
+  el.appendChild(document.createTextNode(text.slice(last)));
+}
+
+// "Load earlier lines": fetches the part of the log before what is shown and puts it on top.
+function loadMore() {
+  const btn = document.getElementById("load-more");
+  const log = document.getElementById("log");
+  if (!btn || !log) return;
+  btn.addEventListener("click", () => {
+    btn.disabled = true;
+    const url = btn.dataset.src + "?before=" + encodeURIComponent(btn.dataset.before);
+    fetch(url, { credentials: "same-origin" })
+      .then((r) => (r.ok ? r.text().then((t) => [t, r.headers.get("x-log-start")]) : null))
+      .then((res) => {
+        if (!res) { btn.disabled = false; return; }
+        const [text, start] = res;
+        const frag = document.createElement("span");
+        appendAnsi(frag, text, { classes: [] });
+        log.insertBefore(frag, log.firstChild);
+        btn.dataset.before = start;
+        if (start === "0") btn.remove(); else btn.disabled = false;
+      })
+      .catch(() => { btn.disabled = false; });
+  });
 }
 
 function livePanels() {
@@ -74,4 +117,4 @@ function liveLog() {
   });
 }
 
-document.addEventListener("DOMContentLoaded", () => { livePanels(); liveLog(); });
+document.addEventListener("DOMContentLoaded", () => { livePanels(); liveLog(); loadMore(); });

@@ -13,3 +13,4 @@ mod tidy;
 mod tls;
 mod web;
 mod webhooks;
+mod xss;
