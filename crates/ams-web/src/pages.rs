@@ -353,25 +353,38 @@ async fn panels(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Server push of "something changed" to the dashboard (coalesced, with keep-alives).
+/// How often a live stream re-checks its session, besides on each event it sends.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// Server push of "something changed" to the dashboard (coalesced, with keep-alives). The
+/// session is checked again before each event and every [`RECHECK`]: a stream ends with its
+/// session (logout, expiry, password change, removed user).
 async fn events(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     if viewer(&st, &headers).await.is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let mut rx = st.host.changes.subscribe();
     let stream = async_stream(move |tx| async move {
+        let mut tick = tokio::time::interval(RECHECK);
+        tick.tick().await;
         loop {
-            match rx.recv().await {
-                Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if tx
-                        .send(Event::default().event("change").data("1"))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(_) => return,
+            let changed = tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(_) => return,
+                },
+                _ = tick.tick() => false,
+            };
+            if viewer(&st, &headers).await.is_none() {
+                return;
+            }
+            if changed
+                && tx
+                    .send(Event::default().event("change").data("1"))
+                    .await
+                    .is_err()
+            {
+                return;
             }
         }
     });
@@ -622,7 +635,24 @@ async fn stream(
                 async move { ams_host::log::follow_from(&hub, id, &path, from, &btx).await },
             );
         let mut carry: Vec<u8> = Vec::new();
-        while let Some(chunk) = brx.recv().await {
+        let mut checked = tokio::time::Instant::now();
+        loop {
+            let chunk = tokio::select! {
+                c = brx.recv() => match c {
+                    Some(c) => Some(c),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(checked + RECHECK) => None,
+            };
+            // The stream ends with the session, even while the build runs on.
+            if checked.elapsed() >= RECHECK {
+                if viewer(&st, &headers).await.is_none() {
+                    follower.abort();
+                    return;
+                }
+                checked = tokio::time::Instant::now();
+            }
+            let Some(chunk) = chunk else { continue };
             let text = ams_host::log::take_utf8(&mut carry, &chunk);
             if tx
                 .send(Event::default().event("log").data(text))

@@ -249,6 +249,36 @@ fn logins_are_throttled_generic_and_never_redirect_off_site() {
 }
 
 #[test]
+fn logins_are_throttled_per_address_across_accounts() {
+    let w = Web::new(json!({}));
+    // Twenty failures spread over many names from one address (no name reaches its own limit)…
+    for i in 0..20 {
+        let (st, _) = w.login(&format!("guess{}", i % 10), "wrong", "", None);
+        assert_eq!(st, 401, "failure {i}");
+    }
+    // …lock the address, even for an account that never failed and the right password, with
+    // the same generic page.
+    let (st, _) = w.login("mod", "correct horse battery", "", None);
+    assert_eq!(st, 429);
+    let (_, _, body) = http_full(
+        &w.addr,
+        "POST",
+        "/ams-build/login",
+        &[(
+            "Content-Type",
+            "application/x-www-form-urlencoded".to_string(),
+        )],
+        &form(&[("username", "mod"), ("password", "correct horse battery")]),
+    );
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("too many failed logins"), "{body}");
+    assert!(
+        !body.contains("mod"),
+        "the page does not say which limit was hit"
+    );
+}
+
+#[test]
 fn sessions_expire_at_their_limit_and_when_the_password_changes() {
     // Idle expiry is checked with exact clocks in ams-store's tests; here the absolute limit,
     // which no amount of use extends.
@@ -324,7 +354,7 @@ fn pages_escape_what_users_control_and_set_a_strict_csp() {
 
 /// Reads server-sent events from `path` until an `end` event or the deadline; returns the
 /// `log` data in order and the end status.
-fn sse(addr: &str, path: &str, cookie: &str, timeout: Duration) -> (String, Option<String>) {
+pub fn sse(addr: &str, path: &str, cookie: &str, timeout: Duration) -> (String, Option<String>) {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
