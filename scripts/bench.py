@@ -266,11 +266,122 @@ end
             "accepted": accepted, "builds": builds, "rss_kb": rss, "seconds": seconds}
 
 
+def web_addr(logpath):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with open(logpath) as f:
+            for line in f:
+                if "web interface listening on http://" in line:
+                    return line.split("http://")[1].split("/")[0]
+        time.sleep(0.05)
+    raise SystemExit("no web listener in " + logpath)
+
+
+def wrk(url, seconds, headers=(), script=None):
+    """Runs wrk -t2 -c50; returns rate, p50, p99 (seconds), requests, non-2xx."""
+    args = ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency"]
+    for h in headers:
+        args += ["-H", h]
+    if script:
+        args += ["-s", script]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+
+    def lat(p):
+        v = out.split(f" {p}%")[1].split()[0]
+        return float(v[:-2]) / 1000 if v.endswith("ms") else float(v[:-2]) / 1e6 if v.endswith("us") else float(v[:-1])
+    return {"rate": float(out.split("Requests/sec:")[1].split()[0]), "p50": lat(50), "p99": lat(99),
+            "total": int(out.split(" requests in ")[0].split()[-1]),
+            "non2xx": int(out.split("Non-2xx or 3xx responses:")[1].split()[0]) if "Non-2xx" in out else 0}
+
+
+def bench_e(tmp, seconds=10, n=10_000):
+    """The JSON API: /api/projects/name/X/builds with 10,000 builds recorded, wrk -t2 -c50, a
+    bearer token; against a static file of the same host (the HTTP floor), in the same run."""
+    import shutil
+    import sqlite3
+    import threading
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+    host = Host(os.path.join(tmp, "api"), {"webhook_ip": "127.0.0.1", "webhook_port": 0,
+                                           "web_interface_ip": "127.0.0.1", "web_interface_port": 0})
+    host.project("X", pipeline([{"name": "s", "commands": ["true"]}], **{"dummy-build": True}))
+    # The schema comes from a first start; the 10,000 finished builds are written in one go.
+    host.start()
+    host.stop()
+    db = sqlite3.connect(os.path.join(host.data, "ams.db"))
+    stages = json.dumps([{"name": "build", "exit_code": 0, "passed": True,
+                          "started_at": 1.7e9, "duration_secs": 1.5}])
+    t0 = 1.7e9
+    rows = [("X", i, f"X_{i:040x}_build_{i}", f"{i:040x}", f"{i * 7:040x}",
+             ["pass", "fail", "warn"][i % 3], "webhook", "main", f"dev{i % 5}",
+             t0 + i * 60, t0 + i * 60 + 1, t0 + i * 60 + 30, stages, f"X_build_{i}.7z",
+             f"{i * 13:040x}", "SHA1", f"Commit number {i}\n\nA longer body.")
+            for i in range(1, n + 1)]
+    db.executemany(
+        "INSERT INTO builds (project, build_index, name, hash, git_hash, status, trigger_kind, "
+        "branch, created_by, created_at, started_at, finished_at, stages, archive_name, "
+        "archive_hash, archive_hash_kind, commit_message) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.execute("UPDATE projects SET latest_build_index = ? WHERE name = 'X'", (n,))
+    db.commit()
+    db.close()
+    subprocess.run([BIN, "--data-dir", host.data, "user", "add", "bench", "--level", "5",
+                    "--password-stdin"], input="bench password 1\n", text=True, check=True,
+                   capture_output=True)
+    token = subprocess.run([BIN, "--data-dir", host.data, "token", "create", "--user", "bench", "--label", "bench"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    logpath = os.path.join(tmp, "api-host.log")
+    logf = open(logpath, "w")
+    host.proc = subprocess.Popen([BIN, "--data-dir", host.data, "serve"], stdout=logf, stderr=logf)
+    addr = web_addr(logpath)
+    base = f"http://{addr}/ams-build"
+    # The dashboard of a logged-in user: its size.
+    import urllib.parse
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+    opener = urllib.request.build_opener(NoRedirect)
+    form = urllib.parse.urlencode({"username": "bench", "password": "bench password 1"}).encode()
+    try:
+        opener.open(urllib.request.Request(base + "/login", data=form))
+        raise SystemExit("login did not redirect")
+    except urllib.error.HTTPError as e:
+        cookie = e.headers["Set-Cookie"].split(";")[0]
+    dash = urllib.request.urlopen(urllib.request.Request(base + "/", headers={"Cookie": cookie})).read()
+    samples = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append(host.rss_kb())
+            time.sleep(0.1)
+    idle = host.rss_kb()
+    t = threading.Thread(target=sample)
+    t.start()
+    auth = [f"Authorization: Bearer {token}"]
+    runs = {}
+    # Interleaved: the floor, ours, the floor, ours; the second of each pair is kept.
+    for _ in range(2):
+        runs["static"] = wrk(base + "/static/app.css", seconds)
+        runs["builds"] = wrk(base + "/api/projects/name/X/builds", seconds, auth)
+    runs["builds_page"] = wrk(base + "/api/projects/name/X/builds?page=150&per_page=50", seconds, auth)
+    runs["filtered"] = wrk(base + "/api/projects/name/X/builds/created_by/dev3/status/fail", seconds, auth)
+    runs["dashboard"] = wrk(base + "/", seconds, [f"Cookie: {cookie}"])
+    stop.set()
+    t.join()
+    host.stop()
+    return {"runs": runs, "dashboard_bytes": len(dash), "rss_idle_kb": idle,
+            "rss_peak_kb": max(samples), "builds": n, "seconds": seconds}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["a", "b", "c", "d"], help="run one benchmark, print it, write nothing")
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e"], help="run one benchmark, print it, write nothing")
     args = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
@@ -289,6 +400,8 @@ def main():
             print("c", c, flush=True)
             d = bench_d(tmp) if args.only in (None, "d") else None
             print("d", d, flush=True)
+            e = bench_e(tmp) if args.only in (None, "e") else None
+            print("e", json.dumps(e, indent=1), flush=True)
         finally:
             host.stop()
     if args.only:

@@ -168,6 +168,22 @@ pub struct Message {
     pub build: Option<String>,
 }
 
+/// The API's build fields that are plain columns, for filtering in SQL: (field, column).
+pub const BUILD_FILTER_COLUMNS: &[(&str, &str)] = &[
+    ("name", "name"),
+    ("hash", "hash"),
+    ("git_hash", "git_hash"),
+    ("build_id", "build_index"),
+    ("status", "status"),
+    ("created_by", "created_by"),
+    ("canceled_by", "canceled_by"),
+    ("7z_hash", "archive_hash"),
+    ("trigger", "trigger_kind"),
+    ("branch", "branch"),
+    ("commit", "commit_req"),
+    ("reason", "reason"),
+];
+
 /// Messages kept per user; older ones are dropped.
 pub const MESSAGES_KEPT: i64 = 100;
 
@@ -238,6 +254,74 @@ fn placeholders(rows: usize, cols: usize) -> String {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+}
+
+/// A page of builds comes back from SQLite as one JSON text (one row), not one row per build:
+/// the driver hands rows over one by one between threads, which dominated the API's time.
+const BUILDS_AS_JSON: &str = "SELECT COALESCE(json_group_array(json_object(%OBJ%)), '[]') FROM (%INNER%)";
+
+const BUILD_JSON_OBJECT: &str = "'id', id, 'project', project, 'build_index', build_index, 'name', name, 'hash', hash, 'git_hash', git_hash, 'commit_message', commit_message, 'status', status, 'reason', reason, 'trigger_kind', trigger_kind, 'branch', branch, 'commit_req', commit_req, 'created_by', created_by, 'created_at', created_at, 'started_at', started_at, 'finished_at', finished_at, 'canceled_by', canceled_by, 'canceled_at', canceled_at, 'archive_name', archive_name, 'archive_hash', archive_hash, 'archive_hash_kind', archive_hash_kind, 'output_deleted_at', output_deleted_at, 'stages', stages";
+
+/// One build as [`BUILDS_AS_JSON`] spells it (the column names).
+#[derive(Deserialize)]
+struct BuildJsonRow {
+    id: i64,
+    project: String,
+    build_index: i64,
+    name: String,
+    hash: String,
+    git_hash: Option<String>,
+    commit_message: Option<String>,
+    status: String,
+    reason: Option<String>,
+    trigger_kind: String,
+    branch: Option<String>,
+    commit_req: Option<String>,
+    created_by: String,
+    created_at: f64,
+    started_at: Option<f64>,
+    finished_at: Option<f64>,
+    canceled_by: Option<String>,
+    canceled_at: Option<f64>,
+    archive_name: Option<String>,
+    archive_hash: Option<String>,
+    archive_hash_kind: Option<String>,
+    output_deleted_at: Option<f64>,
+    stages: String,
+}
+
+fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
+    let rows: Vec<BuildJsonRow> = serde_json::from_str(text)
+        .map_err(|e| StoreError::Invalid(format!("build rows: {e}")))?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(BuildRecord {
+                id: r.id,
+                project: r.project,
+                build_index: r.build_index,
+                name: r.name,
+                hash: r.hash,
+                git_hash: r.git_hash,
+                commit_message: r.commit_message,
+                status: BuildStatus::from_str(&r.status).map_err(StoreError::Invalid)?,
+                reason: r.reason,
+                trigger: r.trigger_kind,
+                branch: r.branch,
+                commit: r.commit_req,
+                created_by: r.created_by,
+                created_at: r.created_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                canceled_by: r.canceled_by,
+                canceled_at: r.canceled_at,
+                archive_name: r.archive_name,
+                archive_hash: r.archive_hash,
+                archive_hash_kind: r.archive_hash_kind,
+                output_deleted_at: r.output_deleted_at,
+                stages: serde_json::from_str(&r.stages).unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
@@ -394,14 +478,35 @@ impl Store {
         limit: i64,
         offset: i64,
     ) -> Result<Vec<BuildRecord>> {
-        let rows =
-            sqlx::query("SELECT * FROM builds WHERE project = ? ORDER BY id DESC LIMIT ? OFFSET ?")
-                .bind(project)
-                .bind(limit)
-                .bind(offset)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(row_to_build).collect()
+        self.builds_where(project, &[], limit, offset).await
+    }
+
+    /// The project's builds whose columns equal the given values, newest first. `filters` pairs
+    /// a column from [`BUILD_FILTER_COLUMNS`] with a value; the value `null` also matches NULL.
+    pub async fn builds_where(
+        &self,
+        project: &str,
+        filters: &[(&str, &str)],
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<BuildRecord>> {
+        let mut inner = String::from("SELECT * FROM builds WHERE project = ?");
+        for (col, _) in filters {
+            if !BUILD_FILTER_COLUMNS.iter().any(|(_, c)| c == col) {
+                return Err(StoreError::Invalid(format!("cannot filter on `{col}`")));
+            }
+            inner.push_str(&format!(" AND ({col} = ? OR (? = 'null' AND {col} IS NULL))"));
+        }
+        inner.push_str(" ORDER BY id DESC LIMIT ? OFFSET ?");
+        let sql = BUILDS_AS_JSON
+            .replace("%OBJ%", BUILD_JSON_OBJECT)
+            .replace("%INNER%", &inner);
+        let mut q = sqlx::query_scalar::<_, String>(&sql).bind(project);
+        for (_, v) in filters {
+            q = q.bind(*v).bind(*v);
+        }
+        let text = q.bind(limit).bind(offset).fetch_one(&self.pool).await?;
+        builds_from_json(&text)
     }
 
     /// Pending and running builds in queue order: the persistent queue.
@@ -943,26 +1048,31 @@ impl Store {
         idle_secs: f64,
         max_secs: f64,
     ) -> Result<Option<(User, String)>> {
-        let row =
-            sqlx::query("SELECT user, csrf, created_at, last_seen FROM sessions WHERE id_hash = ?")
-                .bind(id_hash)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT u.*, s.csrf AS s_csrf, s.created_at AS s_created, s.last_seen AS s_last \
+             FROM sessions s JOIN users u ON u.name = s.user WHERE s.id_hash = ?",
+        )
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(r) = row else { return Ok(None) };
-        let created: f64 = r.try_get("created_at")?;
-        let last: f64 = r.try_get("last_seen")?;
+        let created: f64 = r.try_get("s_created")?;
+        let last: f64 = r.try_get("s_last")?;
         if now - last > idle_secs || now - created > max_secs {
             self.end_session(id_hash).await?;
             return Ok(None);
         }
-        sqlx::query("UPDATE sessions SET last_seen = ? WHERE id_hash = ?")
-            .bind(now)
-            .bind(id_hash)
-            .execute(&self.pool)
-            .await?;
-        let user: String = r.try_get("user")?;
-        let csrf: String = r.try_get("csrf")?;
-        Ok(self.user(&user).await?.map(|u| (u, csrf)))
+        // Use is recorded coarsely (a quarter of the idle limit, at most 30 s), so browsing and
+        // live streams do not write on every request; idle expiry is late by that much at most.
+        if now - last >= (idle_secs / 4.0).min(30.0) {
+            sqlx::query("UPDATE sessions SET last_seen = ? WHERE id_hash = ?")
+                .bind(now)
+                .bind(id_hash)
+                .execute(&self.pool)
+                .await?;
+        }
+        let csrf: String = r.try_get("s_csrf")?;
+        Ok(Some((row_to_user(&r)?, csrf)))
     }
 
     pub async fn end_session(&self, id_hash: &str) -> Result<()> {
@@ -994,18 +1104,27 @@ impl Store {
     }
 
     /// The user a token hash belongs to, noting its use.
+    /// The user of an API token. One read per request; `last_used` is written at most once a
+    /// minute per token, so a busy script does not turn every request into a write.
     pub async fn token_user(&self, token_hash: &str, at: f64) -> Result<Option<User>> {
-        let name: Option<String> = sqlx::query_scalar(
-            "UPDATE api_tokens SET last_used = ? WHERE token_hash = ? RETURNING user",
+        let row = sqlx::query(
+            "SELECT u.*, t.id AS token_id, t.last_used AS token_last_used FROM api_tokens t \
+             JOIN users u ON u.name = t.user WHERE t.token_hash = ?",
         )
-        .bind(at)
         .bind(token_hash)
         .fetch_optional(&self.pool)
         .await?;
-        match name {
-            Some(n) => self.user(&n).await,
-            None => Ok(None),
+        let Some(r) = row else { return Ok(None) };
+        let last: Option<f64> = r.try_get("token_last_used")?;
+        if last.is_none_or(|l| at - l >= 60.0) {
+            let id: i64 = r.try_get("token_id")?;
+            sqlx::query("UPDATE api_tokens SET last_used = ? WHERE id = ?")
+                .bind(at)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         }
+        Ok(Some(row_to_user(&r)?))
     }
 
     pub async fn tokens_of(&self, user: &str) -> Result<Vec<ApiToken>> {

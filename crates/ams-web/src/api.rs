@@ -179,29 +179,74 @@ async fn openapi() -> Response {
     ([("content-type", "application/json")], OPENAPI).into_response()
 }
 
-fn legacy_opt(t: Option<f64>) -> Value {
-    t.map(|t| json!(timefmt::legacy(t))).unwrap_or(Value::Null)
-}
-
 fn iso_opt(t: Option<f64>) -> Value {
     t.map(|t| json!(timefmt::iso(t))).unwrap_or(Value::Null)
 }
 
 /// A build in the described system's shape, with ISO 8601 times and our fields beside it.
+/// Serialized straight from the record (no intermediate map) on the hot list path.
+#[derive(serde::Serialize)]
+pub struct BuildJson<'a> {
+    name: &'a str,
+    hash: &'a str,
+    git_hash: Option<&'a str>,
+    build_id: i64,
+    status: &'a str,
+    created_by: &'a str,
+    created_at: String,
+    canceled_by: Option<&'a str>,
+    canceled_at: Option<String>,
+    #[serde(rename = "7z_link")]
+    archive_link: Option<String>,
+    #[serde(rename = "7z_hash")]
+    archive_hash: Option<&'a str>,
+    output_log: String,
+    project: &'a str,
+    trigger: &'a str,
+    branch: Option<&'a str>,
+    commit: Option<&'a str>,
+    reason: Option<&'a str>,
+    stages: &'a [ams_store::StageResult],
+    created_at_iso: String,
+    started_at_iso: Option<String>,
+    finished_at_iso: Option<String>,
+    canceled_at_iso: Option<String>,
+}
+
+impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
+    fn from(b: &'a BuildRecord) -> Self {
+        BuildJson {
+            name: &b.name,
+            hash: &b.hash,
+            git_hash: b.git_hash.as_deref(),
+            build_id: b.build_index,
+            status: b.status.as_str(),
+            created_by: &b.created_by,
+            created_at: timefmt::legacy(b.created_at),
+            canceled_by: b.canceled_by.as_deref(),
+            canceled_at: b.canceled_at.map(timefmt::legacy),
+            archive_link: b
+                .archive_name
+                .as_ref()
+                .map(|_| format!("dl/{}/{}", b.project, b.name)),
+            archive_hash: b.archive_hash.as_deref(),
+            output_log: format!("output/{}/{}", b.project, b.name),
+            project: &b.project,
+            trigger: &b.trigger,
+            branch: b.branch.as_deref(),
+            commit: b.commit.as_deref(),
+            reason: b.reason.as_deref(),
+            stages: &b.stages,
+            created_at_iso: timefmt::iso(b.created_at),
+            started_at_iso: b.started_at.map(timefmt::iso),
+            finished_at_iso: b.finished_at.map(timefmt::iso),
+            canceled_at_iso: b.canceled_at.map(timefmt::iso),
+        }
+    }
+}
+
 pub fn build_json(b: &BuildRecord) -> Value {
-    json!({
-        "name": b.name, "hash": b.hash, "git_hash": b.git_hash, "build_id": b.build_index,
-        "status": b.status.as_str(), "created_by": b.created_by,
-        "created_at": timefmt::legacy(b.created_at), "canceled_by": b.canceled_by,
-        "canceled_at": legacy_opt(b.canceled_at),
-        "7z_link": b.archive_name.as_ref().map(|_| format!("dl/{}/{}", b.project, b.name)),
-        "7z_hash": b.archive_hash,
-        "output_log": format!("output/{}/{}", b.project, b.name),
-        "project": b.project, "trigger": b.trigger, "branch": b.branch, "commit": b.commit,
-        "reason": b.reason, "stages": b.stages,
-        "created_at_iso": timefmt::iso(b.created_at), "started_at_iso": iso_opt(b.started_at),
-        "finished_at_iso": iso_opt(b.finished_at), "canceled_at_iso": iso_opt(b.canceled_at),
-    })
+    serde_json::to_value(BuildJson::from(b)).unwrap_or(Value::Null)
 }
 
 fn task_json(b: &BuildRecord) -> Value {
@@ -316,12 +361,8 @@ async fn project_tasks(st: &ApiState, c: &Caller, name: &str) -> Result<Value, A
 }
 
 /// Builds newest first, a page at a time: `?page=1&per_page=50&fields=name,status`.
-async fn builds(
-    st: &ApiState,
-    name: &str,
-    q: &HashMap<String, String>,
-    pairs: &[&str],
-) -> Result<Value, ApiError> {
+/// `?per_page=` (1 to 500, default 50) and `?page=` (from 1) as (limit, offset).
+fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
     let per_page: i64 = q
         .get("per_page")
         .and_then(|v| v.parse().ok())
@@ -332,31 +373,108 @@ async fn builds(
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
-    let list: Vec<Value> = if pairs.is_empty() {
+    (per_page, (page - 1) * per_page)
+}
+
+/// Splits `field/value` pairs into those SQL can apply (columns) and the rest.
+fn split_filters<'a>(
+    pairs: &[&'a str],
+) -> Result<(Vec<(&'static str, &'a str)>, Vec<&'a str>), ApiError> {
+    if !pairs.len().is_multiple_of(2) {
+        return Err(ApiError::Bad("filters come in field/value pairs".into()));
+    }
+    let mut sql = Vec::new();
+    let mut rest = Vec::new();
+    for p in pairs.chunks(2) {
+        match ams_store::BUILD_FILTER_COLUMNS
+            .iter()
+            .find(|(field, _)| *field == p[0])
+        {
+            Some((_, col)) => sql.push((*col, p[1])),
+            None => rest.extend_from_slice(p),
+        }
+    }
+    Ok((sql, rest))
+}
+
+/// The common case of a build list, all fields and column filters only, written straight to
+/// JSON bytes. `None` when the general path is needed.
+async fn builds_direct(
+    st: &ApiState,
+    name: &str,
+    q: &HashMap<String, String>,
+    pairs: &[&str],
+) -> Option<Result<Response, ApiError>> {
+    if q.contains_key("fields") {
+        return None;
+    }
+    let (sql, rest) = match split_filters(pairs) {
+        Ok(x) => x,
+        Err(e) => return Some(Err(e)),
+    };
+    if !rest.is_empty() {
+        return None;
+    }
+    let (per_page, skip) = page_args(q);
+    let list = match st.host.store.builds_where(name, &sql, per_page, skip).await {
+        Ok(l) => l,
+        Err(_) => return Some(Err(ApiError::Internal)),
+    };
+    let out: Vec<BuildJson> = list.iter().map(BuildJson::from).collect();
+    Some(match serde_json::to_vec(&out) {
+        Ok(bytes) => Ok(([("content-type", "application/json")], bytes).into_response()),
+        Err(_) => Err(ApiError::Internal),
+    })
+}
+
+async fn builds(
+    st: &ApiState,
+    name: &str,
+    q: &HashMap<String, String>,
+    pairs: &[&str],
+) -> Result<Value, ApiError> {
+    let (per_page, skip) = page_args(q);
+    let (sql, rest) = split_filters(pairs)?;
+    let list: Vec<Value> = if rest.is_empty() {
+        // Every filter is a column: SQL filters and cuts the page.
         st.host
             .store
-            .builds_of(name, per_page, (page - 1) * per_page)
+            .builds_where(name, &sql, per_page, skip)
             .await
             .map_err(|_| ApiError::Internal)?
             .iter()
             .map(build_json)
             .collect()
     } else {
-        // Filters apply to the whole list, then the page is cut.
-        let all: Vec<Value> = st
-            .host
-            .store
-            .builds_of(name, i64::MAX, 0)
-            .await
-            .map_err(|_| ApiError::Internal)?
-            .iter()
-            .map(build_json)
-            .collect();
-        filter(all, pairs)?
-            .into_iter()
-            .skip(((page - 1) * per_page) as usize)
-            .take(per_page as usize)
-            .collect()
+        // Other fields are matched on the JSON, reading the builds in bounded chunks, so memory
+        // stays flat however many builds there are.
+        const CHUNK: i64 = 500;
+        let mut out = Vec::new();
+        let mut matched = 0i64;
+        let mut offset = 0;
+        loop {
+            let chunk = st
+                .host
+                .store
+                .builds_where(name, &sql, CHUNK, offset)
+                .await
+                .map_err(|_| ApiError::Internal)?;
+            let n = chunk.len() as i64;
+            for v in filter(chunk.iter().map(build_json).collect(), &rest)? {
+                if matched >= skip {
+                    out.push(v);
+                }
+                matched += 1;
+                if out.len() as i64 >= per_page {
+                    break;
+                }
+            }
+            offset += CHUNK;
+            if n < CHUNK || out.len() as i64 >= per_page {
+                break;
+            }
+        }
+        out
     };
     Ok(Value::Array(match q.get("fields") {
         Some(f) => {
@@ -399,12 +517,17 @@ async fn project_part(
     c: Caller,
     Path((name, rest)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     visible(&st, &c, &name)?;
     let seg = segments(&rest);
     Ok(Json(match seg.first() {
         Some(&"project_info") if seg.len() == 1 => project_info(&st, &name).await?,
-        Some(&"builds") | Some(&"build") => builds(&st, &name, &q, &seg[1..]).await?,
+        Some(&"builds") | Some(&"build") => {
+            if let Some(r) = builds_direct(&st, &name, &q, &seg[1..]).await {
+                return r;
+            }
+            builds(&st, &name, &q, &seg[1..]).await?
+        }
         Some(&"tasks") if seg.len() == 1 => project_tasks(&st, &c, &name).await?,
         Some(&"tasks") => {
             let t = project_tasks(&st, &c, &name).await?;
@@ -419,7 +542,8 @@ async fn project_part(
             )?)
         }
         _ => return Err(ApiError::NotFound),
-    }))
+    })
+    .into_response())
 }
 
 /// ADMIN and SERVER ADMIN see a project's webhook deliveries and notifications.

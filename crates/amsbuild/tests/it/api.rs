@@ -227,6 +227,47 @@ fn shapes_filters_pages_and_fields() {
         2,
         "only the named fields"
     );
+    // Filters on a column and on a JSON-only field, with null and pagination, agree.
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/canceled_by/null/status/dummy?per_page=2&page=1",
+    );
+    let f = f.as_array().unwrap();
+    assert_eq!(f.len(), 2);
+    assert_eq!(f[0]["name"], names[2].as_str(), "newest first");
+    let out = format!("output/mine/{}", names[0]);
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        &format!("/projects/name/mine/builds/output_log/{out}/status/dummy"),
+    );
+    assert_eq!(f.as_array().unwrap().len(), 0, "a slash in a value splits it");
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/status/dummy/created_at_iso/nonesuch",
+    );
+    assert!(f.as_array().unwrap().is_empty());
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        &format!(
+            "/projects/name/mine/builds/status/dummy/name/{}/project/mine",
+            names[1]
+        ),
+    );
+    assert_eq!(f.as_array().unwrap().len(), 1, "column and JSON filters together");
+    let (_, f) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds/project/mine?per_page=1&page=3",
+    );
+    let f = f.as_array().unwrap();
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["name"], names[0].as_str(), "JSON-filtered pages cut right");
+    let (st, _) = a.call(Some("u_user"), "GET", "/projects/name/mine/builds/status");
+    assert_eq!(st, 400, "an odd number of segments");
     let (_, info) = a.call(Some("u_user"), "GET", "/projects/name/mine/project_info");
     assert_eq!(info["latest_build_key"], names[2].as_str());
     let (_, me) = a.call(Some("u_admin"), "GET", "/user");
