@@ -254,71 +254,74 @@ fn placeholders(rows: usize, cols: usize) -> String {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Raised after every write to builds (see [`Store::generation`]).
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A page of builds comes back from SQLite as one JSON text (one row), not one row per build:
 /// the driver hands rows over one by one between threads, which dominated the API's time.
-const BUILDS_AS_JSON: &str = "SELECT COALESCE(json_group_array(json_object(%OBJ%)), '[]') FROM (%INNER%)";
+const BUILDS_AS_JSON: &str =
+    "SELECT COALESCE(json_group_array(json_array(%COLS%)), '[]') FROM (%INNER%)";
 
-const BUILD_JSON_OBJECT: &str = "'id', id, 'project', project, 'build_index', build_index, 'name', name, 'hash', hash, 'git_hash', git_hash, 'commit_message', commit_message, 'status', status, 'reason', reason, 'trigger_kind', trigger_kind, 'branch', branch, 'commit_req', commit_req, 'created_by', created_by, 'created_at', created_at, 'started_at', started_at, 'finished_at', finished_at, 'canceled_by', canceled_by, 'canceled_at', canceled_at, 'archive_name', archive_name, 'archive_hash', archive_hash, 'archive_hash_kind', archive_hash_kind, 'output_deleted_at', output_deleted_at, 'stages', stages";
+const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages";
 
-/// One build as [`BUILDS_AS_JSON`] spells it (the column names).
+/// One build as [`BUILDS_AS_JSON`] spells it: the values of [`BUILD_JSON_ARRAY`] in order.
 #[derive(Deserialize)]
-struct BuildJsonRow {
-    id: i64,
-    project: String,
-    build_index: i64,
-    name: String,
-    hash: String,
-    git_hash: Option<String>,
-    commit_message: Option<String>,
-    status: String,
-    reason: Option<String>,
-    trigger_kind: String,
-    branch: Option<String>,
-    commit_req: Option<String>,
-    created_by: String,
-    created_at: f64,
-    started_at: Option<f64>,
-    finished_at: Option<f64>,
-    canceled_by: Option<String>,
-    canceled_at: Option<f64>,
-    archive_name: Option<String>,
-    archive_hash: Option<String>,
-    archive_hash_kind: Option<String>,
-    output_deleted_at: Option<f64>,
-    stages: String,
-}
+struct BuildJsonRow(
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    f64,
+    Option<f64>,
+    Option<f64>,
+    Option<String>,
+    Option<f64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<f64>,
+    String,
+);
 
 fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
-    let rows: Vec<BuildJsonRow> = serde_json::from_str(text)
-        .map_err(|e| StoreError::Invalid(format!("build rows: {e}")))?;
+    let rows: Vec<BuildJsonRow> =
+        serde_json::from_str(text).map_err(|e| StoreError::Invalid(format!("build rows: {e}")))?;
     rows.into_iter()
         .map(|r| {
             Ok(BuildRecord {
-                id: r.id,
-                project: r.project,
-                build_index: r.build_index,
-                name: r.name,
-                hash: r.hash,
-                git_hash: r.git_hash,
-                commit_message: r.commit_message,
-                status: BuildStatus::from_str(&r.status).map_err(StoreError::Invalid)?,
-                reason: r.reason,
-                trigger: r.trigger_kind,
-                branch: r.branch,
-                commit: r.commit_req,
-                created_by: r.created_by,
-                created_at: r.created_at,
-                started_at: r.started_at,
-                finished_at: r.finished_at,
-                canceled_by: r.canceled_by,
-                canceled_at: r.canceled_at,
-                archive_name: r.archive_name,
-                archive_hash: r.archive_hash,
-                archive_hash_kind: r.archive_hash_kind,
-                output_deleted_at: r.output_deleted_at,
-                stages: serde_json::from_str(&r.stages).unwrap_or_default(),
+                id: r.0,
+                project: r.1,
+                build_index: r.2,
+                name: r.3,
+                hash: r.4,
+                git_hash: r.5,
+                commit_message: r.6,
+                status: BuildStatus::from_str(&r.7).map_err(StoreError::Invalid)?,
+                reason: r.8,
+                trigger: r.9,
+                branch: r.10,
+                commit: r.11,
+                created_by: r.12,
+                created_at: r.13,
+                started_at: r.14,
+                finished_at: r.15,
+                canceled_by: r.16,
+                canceled_at: r.17,
+                archive_name: r.18,
+                archive_hash: r.19,
+                archive_hash_kind: r.20,
+                output_deleted_at: r.21,
+                stages: serde_json::from_str(&r.22).unwrap_or_default(),
             })
         })
         .collect()
@@ -354,7 +357,26 @@ fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
     })
 }
 
+/// Raises the generation when the write method holding it returns (after its commit).
+struct Touch<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Touch<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Store {
+    /// A counter raised after each committed write to builds. Read it before a query, and the
+    /// data the query sees is at least that new: response caches key on it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn touch(&self) -> Touch<'_> {
+        Touch(&self.generation)
+    }
+
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Store> {
         let opts = SqliteConnectOptions::new()
@@ -370,7 +392,10 @@ impl Store {
             .idle_timeout(None)
             .connect_with(opts)
             .await?;
-        let store = Store { pool };
+        let store = Store {
+            pool,
+            generation: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -414,6 +439,7 @@ impl Store {
         nb: &NewBuild,
         name_of: impl FnOnce(i64) -> std::result::Result<String, String>,
     ) -> Result<BuildRecord> {
+        let _touch = self.touch();
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO projects (name) VALUES (?) ON CONFLICT(name) DO NOTHING")
             .bind(&nb.project)
@@ -495,11 +521,13 @@ impl Store {
             if !BUILD_FILTER_COLUMNS.iter().any(|(_, c)| c == col) {
                 return Err(StoreError::Invalid(format!("cannot filter on `{col}`")));
             }
-            inner.push_str(&format!(" AND ({col} = ? OR (? = 'null' AND {col} IS NULL))"));
+            inner.push_str(&format!(
+                " AND ({col} = ? OR (? = 'null' AND {col} IS NULL))"
+            ));
         }
         inner.push_str(" ORDER BY id DESC LIMIT ? OFFSET ?");
         let sql = BUILDS_AS_JSON
-            .replace("%OBJ%", BUILD_JSON_OBJECT)
+            .replace("%COLS%", BUILD_JSON_ARRAY)
             .replace("%INNER%", &inner);
         let mut q = sqlx::query_scalar::<_, String>(&sql).bind(project);
         for (_, v) in filters {
@@ -519,6 +547,7 @@ impl Store {
     }
 
     pub async fn mark_running(&self, id: i64, at: f64) -> Result<()> {
+        let _touch = self.touch();
         let mut tx = self.pool.begin().await?;
         let project: String = sqlx::query_scalar(
             "UPDATE builds SET status = 'running', started_at = ? WHERE id = ? RETURNING project",
@@ -537,6 +566,7 @@ impl Store {
     }
 
     pub async fn set_git_hash(&self, id: i64, git_hash: &str) -> Result<()> {
+        let _touch = self.touch();
         sqlx::query("UPDATE builds SET git_hash = ? WHERE id = ?")
             .bind(git_hash)
             .bind(id)
@@ -548,6 +578,7 @@ impl Store {
     /// Records the final state of a build. Only a live build can be finished, so a late report
     /// never overwrites a result (for example a cancel recorded first).
     pub async fn finish(&self, id: i64, f: &Finish) -> Result<bool> {
+        let _touch = self.touch();
         let status = f.status.unwrap_or(BuildStatus::Fail);
         if !status.is_final() {
             return Err(StoreError::Invalid(format!(
@@ -587,6 +618,7 @@ impl Store {
 
     /// Records who canceled a build and when (the status is set by [`Store::finish`]).
     pub async fn set_canceled(&self, id: i64, by: &str, at: f64) -> Result<()> {
+        let _touch = self.touch();
         sqlx::query("UPDATE builds SET canceled_by = ?, canceled_at = ? WHERE id = ?")
             .bind(by)
             .bind(at)
@@ -597,6 +629,7 @@ impl Store {
     }
 
     pub async fn mark_output_deleted(&self, id: i64, at: f64) -> Result<()> {
+        let _touch = self.touch();
         sqlx::query("UPDATE builds SET output_deleted_at = ?, archive_name = NULL WHERE id = ?")
             .bind(at)
             .bind(id)
@@ -632,6 +665,7 @@ impl Store {
         items: Vec<DeliveryBatchItem>,
         mut name_of: impl FnMut(&NewBuild, i64) -> std::result::Result<String, String>,
     ) -> Result<Vec<DeliveryOutcome>> {
+        let _touch = self.touch();
         let mut tx = self.pool.begin().await?;
         // Duplicates: ids accepted before (looked up through the (project, delivery_id)
         // index, one query per project), then repeats inside the batch.
@@ -793,6 +827,7 @@ impl Store {
 
     /// Ends pending builds as SKIP, each with its reason, in one statement.
     pub async fn skip_builds(&self, skipped: &[(i64, String)], at: f64) -> Result<()> {
+        let _touch = self.touch();
         let mut tx = self.pool.begin().await?;
         for chunk in skipped.chunks(200) {
             let sql = format!(

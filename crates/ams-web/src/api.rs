@@ -25,6 +25,52 @@ pub struct ApiState {
     pub host: HostHandle,
     pub conf: std::sync::Arc<ams_core::webconf::WebConf>,
     pub guard: std::sync::Arc<crate::session::LoginGuard>,
+    pub lists: std::sync::Arc<ListCache>,
+}
+
+/// Build-list responses of the current data generation (`Store::generation`): scripts
+/// and dashboards that poll the same page are answered without a query until something
+/// changes. Emptied whenever the generation moves; bounded in entries and bytes.
+#[derive(Debug, Default)]
+pub struct ListCache {
+    inner: std::sync::Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    generation: u64,
+    bytes: usize,
+    entries: HashMap<String, axum::body::Bytes>,
+}
+
+impl ListCache {
+    pub const MAX_ENTRIES: usize = 64;
+    pub const MAX_BYTES: usize = 2 << 20;
+
+    fn get(&self, generation: u64, key: &str) -> Option<axum::body::Bytes> {
+        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (c.generation == generation)
+            .then(|| c.entries.get(key).cloned())
+            .flatten()
+    }
+
+    fn put(&self, generation: u64, key: String, body: axum::body::Bytes) {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if c.generation != generation {
+            if generation < c.generation {
+                return; // made from older data than the cache holds
+            }
+            *c = CacheInner {
+                generation,
+                ..Default::default()
+            };
+        }
+        if c.entries.len() >= Self::MAX_ENTRIES || c.bytes + body.len() > Self::MAX_BYTES {
+            return;
+        }
+        c.bytes += body.len();
+        c.entries.insert(key, body);
+    }
 }
 
 /// An API error with its status; never shows internals.
@@ -397,8 +443,8 @@ fn split_filters<'a>(
     Ok((sql, rest))
 }
 
-/// The common case of a build list, all fields and column filters only, written straight to
-/// JSON bytes. `None` when the general path is needed.
+/// The common case of a build list, all fields and column filters only: from [`ListCache`], or
+/// serialized straight from the records. `None` when the general path is needed.
 async fn builds_direct(
     st: &ApiState,
     name: &str,
@@ -416,13 +462,24 @@ async fn builds_direct(
         return None;
     }
     let (per_page, skip) = page_args(q);
+    let key = format!("{name}\u{0}{sql:?}\u{0}{per_page}\u{0}{skip}");
+    // Read before the query: the data seen is at least this new.
+    let generation = st.host.store.generation();
+    let json = [("content-type", "application/json")];
+    if let Some(body) = st.lists.get(generation, &key) {
+        return Some(Ok((json, body).into_response()));
+    }
     let list = match st.host.store.builds_where(name, &sql, per_page, skip).await {
         Ok(l) => l,
         Err(_) => return Some(Err(ApiError::Internal)),
     };
     let out: Vec<BuildJson> = list.iter().map(BuildJson::from).collect();
     Some(match serde_json::to_vec(&out) {
-        Ok(bytes) => Ok(([("content-type", "application/json")], bytes).into_response()),
+        Ok(bytes) => {
+            let body = axum::body::Bytes::from(bytes);
+            st.lists.put(generation, key, body.clone());
+            Ok((json, body).into_response())
+        }
         Err(_) => Err(ApiError::Internal),
     })
 }
@@ -774,6 +831,40 @@ async fn archive(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_list_cache_serves_only_its_generation_and_stays_bounded() {
+        let c = ListCache::default();
+        let b = |s: &str| axum::body::Bytes::from(s.to_string());
+        c.put(1, "k".into(), b("one"));
+        assert_eq!(c.get(1, "k"), Some(b("one")));
+        assert_eq!(
+            c.get(2, "k"),
+            None,
+            "a newer generation never sees older data"
+        );
+        c.put(2, "k".into(), b("two"));
+        assert_eq!(c.get(2, "k"), Some(b("two")));
+        c.put(1, "k".into(), b("stale"));
+        assert_eq!(
+            c.get(2, "k"),
+            Some(b("two")),
+            "older results are not stored"
+        );
+        assert_eq!(c.get(1, "k"), None);
+        for i in 0..(ListCache::MAX_ENTRIES + 10) {
+            c.put(3, format!("k{i}"), b("x"));
+        }
+        assert!(c
+            .get(3, &format!("k{}", ListCache::MAX_ENTRIES + 5))
+            .is_none());
+        c.put(
+            4,
+            "big".into(),
+            axum::body::Bytes::from(vec![0u8; ListCache::MAX_BYTES + 1]),
+        );
+        assert!(c.get(4, "big").is_none());
+    }
+
     use super::*;
 
     #[test]

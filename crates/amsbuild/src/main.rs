@@ -775,6 +775,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         host: handle.clone(),
         conf: Arc::new(conf.clone()),
         guard: Arc::default(),
+        lists: Arc::default(),
     };
     let web = ams_web::api::router(api_state.clone(), &conf.web_root)
         .merge(ams_web::api::files_router(

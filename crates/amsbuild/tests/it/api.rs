@@ -242,7 +242,11 @@ fn shapes_filters_pages_and_fields() {
         "GET",
         &format!("/projects/name/mine/builds/output_log/{out}/status/dummy"),
     );
-    assert_eq!(f.as_array().unwrap().len(), 0, "a slash in a value splits it");
+    assert_eq!(
+        f.as_array().unwrap().len(),
+        0,
+        "a slash in a value splits it"
+    );
     let (_, f) = a.call(
         Some("u_user"),
         "GET",
@@ -257,7 +261,11 @@ fn shapes_filters_pages_and_fields() {
             names[1]
         ),
     );
-    assert_eq!(f.as_array().unwrap().len(), 1, "column and JSON filters together");
+    assert_eq!(
+        f.as_array().unwrap().len(),
+        1,
+        "column and JSON filters together"
+    );
     let (_, f) = a.call(
         Some("u_user"),
         "GET",
@@ -265,7 +273,11 @@ fn shapes_filters_pages_and_fields() {
     );
     let f = f.as_array().unwrap();
     assert_eq!(f.len(), 1);
-    assert_eq!(f[0]["name"], names[0].as_str(), "JSON-filtered pages cut right");
+    assert_eq!(
+        f[0]["name"],
+        names[0].as_str(),
+        "JSON-filtered pages cut right"
+    );
     let (st, _) = a.call(Some("u_user"), "GET", "/projects/name/mine/builds/status");
     assert_eq!(st, 400, "an odd number of segments");
     let (_, info) = a.call(Some("u_user"), "GET", "/projects/name/mine/project_info");
@@ -274,6 +286,28 @@ fn shapes_filters_pages_and_fields() {
     assert_eq!(me["name"], "u_admin");
     assert_eq!(me["level_name"], "ADMIN");
 
+    // A list read twice is the same; a new build shows at once (the response cache follows
+    // the data).
+    let first = a
+        .call(Some("u_user"), "GET", "/projects/name/mine/builds")
+        .1;
+    assert_eq!(
+        first,
+        a.call(Some("u_user"), "GET", "/projects/name/mine/builds")
+            .1
+    );
+    let newer = a.h.build("mine");
+    let (_, again) = a.call(Some("u_user"), "GET", "/projects/name/mine/builds");
+    assert_eq!(again[0]["name"], newer.as_str(), "{again}");
+    a.h.wait_status("mine", &newer, Duration::from_secs(60));
+    let (_, done) = a.call(Some("u_user"), "GET", "/projects/name/mine/builds");
+    assert_eq!(done[0]["status"], "dummy", "{}", done[0]);
+    let (_, older) = a.call(
+        Some("u_user"),
+        "GET",
+        "/projects/name/mine/builds?page=2&per_page=1",
+    );
+    assert_eq!(older[0]["name"], names[2].as_str());
     // A revoked token stops working.
     let o = a.h.cli(&["token", "revoke", "--user", "u_user", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
