@@ -422,10 +422,11 @@ fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
     (per_page, (page - 1) * per_page)
 }
 
+/// (column, value) filters that SQL applies.
+type ColumnFilters<'a> = Vec<(&'static str, &'a str)>;
+
 /// Splits `field/value` pairs into those SQL can apply (columns) and the rest.
-fn split_filters<'a>(
-    pairs: &[&'a str],
-) -> Result<(Vec<(&'static str, &'a str)>, Vec<&'a str>), ApiError> {
+fn split_filters<'a>(pairs: &[&'a str]) -> Result<(ColumnFilters<'a>, Vec<&'a str>), ApiError> {
     if !pairs.len().is_multiple_of(2) {
         return Err(ApiError::Bad("filters come in field/value pairs".into()));
     }
