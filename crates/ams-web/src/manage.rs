@@ -318,6 +318,7 @@ async fn revoke_token(
 
 async fn change_password(
     State(st): State<ApiState>,
+    addr: Option<axum::Extension<crate::session::ClientAddr>>,
     headers: HeaderMap,
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -326,11 +327,21 @@ async fn change_password(
         Err(r) => return r,
     };
     let root = &st.conf.web_root;
+    // Guessing the current password through a stolen session meets the login throttle.
+    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
+    if st.guard.blocked(&v.user.name, &ip) {
+        return refused(
+            root,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try again later",
+        );
+    }
     if !st
         .guard
         .verify(v.user.password_hash.clone(), f.raw("current").to_string())
         .await
     {
+        st.guard.fail(&v.user.name, &ip);
         return refused(root, StatusCode::FORBIDDEN, "the current password is wrong");
     }
     let new = f.raw("new");
@@ -799,30 +810,31 @@ async fn create_project(
             "only SERVER ADMIN creates projects",
         );
     }
-    let name = f.get("name");
-    let git = f.get("git");
-    let branch = Some(f.get("branch")).filter(|b| !b.is_empty());
-    let made = if git.is_empty() {
-        ams_host::project::init(&st.host.data, name)
-    } else {
-        ams_host::project::add(&st.host.data, name, git, branch).await
-    };
-    match made {
-        Ok(_) => {
-            note(
-                &st,
-                &v.user.name,
-                "ok",
-                &format!("Created the project {name}"),
-                None,
-                None,
-            )
-            .await;
-            back(format!("/{root}/"))
+    let name = f.get("name").to_string();
+    let git = f.get("git").to_string();
+    let branch = Some(f.get("branch").to_string()).filter(|b| !b.is_empty());
+    // A clone can take minutes: it runs in its own task, so a browser that gives up does not
+    // cut it half-way, and its result reaches the message panel either way.
+    let task_st = st.clone();
+    let user = v.user.name.clone();
+    let task = tokio::spawn(async move {
+        let made = if git.is_empty() {
+            ams_host::project::init(&task_st.host.data, &name)
+        } else {
+            ams_host::project::add(&task_st.host.data, &name, &git, branch.as_deref()).await
+        };
+        match &made {
+            Ok(_) => {
+                let text = format!("Created the project {name}");
+                note(&task_st, &user, "ok", &text, None, None).await;
+            }
+            Err(e) => note(&task_st, &user, "error", e, None, None).await,
         }
-        Err(e) => {
-            note(&st, &v.user.name, "error", &e, None, None).await;
-            refused(&root, StatusCode::BAD_REQUEST, &e)
-        }
+        made.map(|_| ())
+    });
+    match task.await {
+        Ok(Ok(())) => back(format!("/{root}/")),
+        Ok(Err(e)) => refused(&root, StatusCode::BAD_REQUEST, &e),
+        Err(e) => refused(&root, StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

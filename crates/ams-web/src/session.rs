@@ -57,12 +57,12 @@ impl LoginGuard {
             .unwrap_or(0)
     }
 
-    fn blocked(&self, user: &str, addr: &str) -> bool {
+    pub(crate) fn blocked(&self, user: &str, addr: &str) -> bool {
         self.count(&format!("u:{}", user.to_lowercase())) >= PER_USER
             || self.count(&format!("a:{addr}")) >= PER_ADDRESS
     }
 
-    fn fail(&self, user: &str, addr: &str) {
+    pub(crate) fn fail(&self, user: &str, addr: &str) {
         let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > MAX_TRACKED {
             m.retain(|_, (_, since)| since.elapsed() < WINDOW);
