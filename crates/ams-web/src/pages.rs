@@ -494,7 +494,8 @@ async fn build_page(
     body.push_str(&format!(
         "<h2>Stages</h2><div id=\"stages\" data-src=\"/{root}/build/{p}/{n}/stages\">{}</div>\
          <h2>Log</h2><p><a href=\"/{root}/output/{p}/{n}\" download>Download the whole log</a>{}\
-         {} <label><input type=\"checkbox\" id=\"follow\" checked> follow</label></p>",
+         {} <label><input type=\"checkbox\" id=\"follow\" checked> follow</label></p>\
+         <p id=\"trimmed\" hidden>Earlier lines left the page to keep it light; the download has them all.</p>",
         stages_html(&b),
         if from > 0 {
             format!(

@@ -90,6 +90,8 @@ function livePanels() {
   });
 }
 
+const LIVE_MAX = 2 * 1024 * 1024;
+
 function liveLog() {
   const log = document.getElementById("log");
   if (!log || !log.dataset.stream || !window.EventSource) return;
@@ -97,8 +99,24 @@ function liveLog() {
   const status = document.getElementById("status");
   const follow = document.getElementById("follow");
   const es = new EventSource(log.dataset.stream);
+  // A build that prints without end must not grow the page without end: past LIVE_MAX
+  // characters the oldest lines leave the page (the whole log stays a download).
+  let size = log.textContent.length;
+  let trimmed = false;
   es.addEventListener("log", (e) => {
     appendAnsi(log, e.data, state);
+    size += e.data.length;
+    while (size > LIVE_MAX && log.firstChild && log.firstChild !== log.lastChild) {
+      size -= log.firstChild.textContent.length;
+      log.removeChild(log.firstChild);
+      if (!trimmed) {
+        trimmed = true;
+        const more = document.getElementById("load-more");
+        if (more) more.remove();
+        const note = document.getElementById("trimmed");
+        if (note) note.hidden = false;
+      }
+    }
     if (!follow || follow.checked) window.scrollTo(0, document.body.scrollHeight);
   });
   es.addEventListener("end", (e) => {

@@ -121,9 +121,17 @@ impl Driver {
             return None;
         }
         let id = v["value"][ELEMENT].as_str()?.to_string();
-        self.call("GET", &format!("/element/{id}/text"), json!({}))
-            .as_str()
-            .map(str::to_string)
+        // Live panels may replace the element between the two calls: that is "not yet".
+        let (st, v) = wd(
+            &self.addr,
+            "GET",
+            &format!("/session/{}/element/{id}/text", self.session),
+            "",
+        );
+        if st != 200 {
+            return None;
+        }
+        v["value"].as_str().map(str::to_string)
     }
 
     fn type_into(&self, css: &str, text: &str) {
@@ -267,4 +275,98 @@ fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z(
         json!([0x37, 0x7a, 0xbc, 0xaf, 0x27, 0x1c]),
         "not a 7z archive: {head}"
     );
+
+    // The dashboard's message panel tells carol how her build ended.
+    let name = url.rsplit('/').next().unwrap().to_string();
+    d.go(&format!("{web}/"));
+    wait_for(
+        "the build's result among the messages",
+        Duration::from_secs(30),
+        || {
+            d.try_text("#messages")
+                .filter(|m| m.contains(&format!("Build {name} ended PASS")))
+                .map(|_| ())
+        },
+    );
+
+    // A long log: the page shows the tail, and "load earlier lines" brings the rest, in order.
+    let mut big = String::new();
+    let mut n = 0;
+    while big.len() < 700 * 1024 {
+        big.push_str(&format!("line {n:07} <i>not markup</i>\n"));
+        n += 1;
+    }
+    std::fs::write(h.build_dir("demo").join(&name).join("output.txt"), &big).unwrap();
+    d.go(&url);
+    let shown = d.try_text("#log").unwrap();
+    assert!(!shown.contains("line 0000000 ") && shown.contains(&format!("line {:07}", n - 1)));
+    let mut clicks = 0;
+    while d.try_text("#load-more").is_some() {
+        d.click("#load-more");
+        clicks += 1;
+        let want = clicks;
+        wait_for("earlier lines", Duration::from_secs(20), || {
+            let gone = d.try_text("#load-more").is_none();
+            let before = d.script("var b = document.getElementById('load-more'); return b ? (b.disabled ? 'busy' : 'ready') : 'gone';");
+            (gone || before == json!("ready")).then_some(())
+        });
+        assert!(want < 10, "too many chunks");
+    }
+    assert!(clicks >= 2, "{clicks}");
+    let whole = d.script("return document.getElementById('log').textContent;");
+    assert_eq!(
+        whole.as_str().unwrap(),
+        big,
+        "the page holds the whole log, in order"
+    );
+    assert_eq!(
+        d.script("return document.querySelectorAll('#log i').length;"),
+        json!(0),
+        "log text never becomes markup"
+    );
+
+    // A build that prints more than the page keeps live: the oldest lines leave the page, and
+    // the page says so.
+    std::fs::write(
+        h.source("demo").join("pipeline.json"),
+        pipeline(json!([stage(
+            "s",
+            &[
+                "sleep 2",
+                "yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 4000000",
+                "echo loud-done"
+            ]
+        )])),
+    )
+    .unwrap();
+    d.go(&format!("{web}/"));
+    wait_for("the dashboard", Duration::from_secs(30), || {
+        d.try_text("#trigger-demo").map(|_| ())
+    });
+    d.click("#trigger-demo");
+    wait_for("the loud build's page", Duration::from_secs(30), || {
+        d.try_text("#status")
+            .filter(|s| s == "RUNNING" || s == "PENDING")
+            .map(|_| ())
+    });
+    wait_for(
+        "the loud build to pass, live",
+        Duration::from_secs(120),
+        || d.try_text("#status").filter(|s| s == "PASS").map(|_| ()),
+    );
+    let size = d.script("return document.getElementById('log').textContent.length;");
+    let size = size.as_u64().unwrap();
+    assert!(
+        size <= 2 * 1024 * 1024 + 64 * 1024,
+        "the page kept {size} characters"
+    );
+    assert_eq!(
+        d.script("return document.getElementById('trimmed').hidden;"),
+        json!(false),
+        "the page says lines left it"
+    );
+    assert!(d
+        .script("return document.getElementById('log').textContent.includes('loud-done');")
+        .as_bool()
+        .unwrap());
 }
