@@ -111,7 +111,7 @@ def pipeline(stages, **extra):
 
 
 def ms(x):
-    return f"{x * 1000:.0f} ms"
+    return f"{x * 1000:.1f} ms" if x < 0.01 else f"{x * 1000:.0f} ms"
 
 
 def bench_a(host, runs):
