@@ -537,6 +537,24 @@ impl Store {
         builds_from_json(&text)
     }
 
+    /// Each project's newest build: project → (build id, name, status), in one query.
+    pub async fn latest_builds(&self) -> Result<HashMap<String, (i64, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT b.project, b.id, b.name, b.status FROM builds b \
+             JOIN (SELECT project, MAX(id) AS id FROM builds GROUP BY project) m ON m.id = b.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("project")?,
+                    (r.try_get("id")?, r.try_get("name")?, r.try_get("status")?),
+                ))
+            })
+            .collect()
+    }
+
     /// Pending and running builds in queue order: the persistent queue.
     pub async fn unfinished(&self) -> Result<Vec<BuildRecord>> {
         let rows =

@@ -251,11 +251,26 @@ pub(crate) fn status_badge(s: &str) -> String {
     )
 }
 
-async fn panels_html(st: &ApiState, v: &Viewer) -> String {
+/// Builds per page of the dashboard's Builds panel.
+pub const DASH_BUILDS: i64 = 20;
+
+/// Which project's builds the dashboard shows, and which page of them.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct DashQuery {
+    pub project: Option<String>,
+    pub page: Option<i64>,
+}
+
+/// The dashboard's panels, in the described system's layout: messages; active and queued
+/// tasks; the projects (each with its latest status and, for those who may, the build form);
+/// and the builds of one project, paged. The size stays bounded however many projects and
+/// builds there are.
+async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
     let root = &st.conf.web_root;
     let snap = st.host.snapshot().await.unwrap_or_default();
     let mut s = String::new();
     s.push_str(&crate::manage::messages_html(st, v).await);
+    s.push_str("<div class=\"columns\"><div class=\"tasks\">");
     for (title, list) in [
         ("Active tasks", &snap.active),
         ("Queued tasks", &snap.pending),
@@ -275,29 +290,76 @@ async fn panels_html(st: &ApiState, v: &Viewer) -> String {
         }
         s.push_str("</table></div>");
     }
-    for p in ams_host::project::list(&st.host.data) {
-        if !v.grant.may(Action::View, &p) {
-            continue;
-        }
-        let pe = esc(&p);
-        s.push_str(&format!("<div class=\"panel project\"><h2>{pe}</h2>"));
-        if v.grant.may(Action::Operate, &p) {
-            s.push_str(&format!(
+    s.push_str("</div><div class=\"projects\">");
+    let projects: Vec<String> = ams_host::project::list(&st.host.data)
+        .into_iter()
+        .filter(|p| v.grant.may(Action::View, p))
+        .collect();
+    let latest = st.host.store.latest_builds().await.unwrap_or_default();
+    // The chosen project if visible, else the one built most recently, else the first.
+    let selected = q
+        .project
+        .clone()
+        .filter(|p| projects.contains(p))
+        .or_else(|| {
+            projects
+                .iter()
+                .filter_map(|p| latest.get(p).map(|l| (l.0, p)))
+                .max()
+                .map(|(_, p)| p.clone())
+        })
+        .or_else(|| projects.first().cloned());
+    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th></th></tr>");
+    for p in &projects {
+        let pe = esc(p);
+        let last = match latest.get(p) {
+            Some((_, name, status)) => format!(
+                "<a href=\"/{root}/build/{pe}/{}\">{}</a>",
+                esc(name),
+                status_badge(status)
+            ),
+            None => "no builds yet".to_string(),
+        };
+        let mut actions = String::new();
+        if v.grant.may(Action::Operate, p) {
+            actions.push_str(&format!(
                 "<form class=\"inline\" method=\"post\" action=\"/{root}/projects/{pe}/build\">\
                  <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                 <input name=\"branch\" placeholder=\"branch\" size=\"12\">\
-                 <input name=\"commit\" placeholder=\"commit\" size=\"12\">\
+                 <input name=\"branch\" placeholder=\"branch\" size=\"10\">\
+                 <input name=\"commit\" placeholder=\"commit\" size=\"10\">\
                  <button type=\"submit\" id=\"trigger-{pe}\">Build</button></form>",
                 csrf = esc(&v.csrf)
             ));
         }
-        if v.grant.may(Action::SeeDeliveries, &p) {
-            s.push_str(&format!(
+        if v.grant.may(Action::SeeDeliveries, p) {
+            actions.push_str(&format!(
                 " <a href=\"/{root}/admin/{pe}\">Deliveries and notifications</a>"
             ));
         }
-        s.push_str("<table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Branch</th><th>Git hash</th><th>Commit</th><th>Log</th><th>7z</th><th>Hash</th></tr>");
-        let builds = st.host.store.builds_of(&p, 20, 0).await.unwrap_or_default();
+        let mark = if selected.as_deref() == Some(p.as_str()) {
+            " class=\"selected\""
+        } else {
+            ""
+        };
+        s.push_str(&format!(
+            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td><td>{actions}</td></tr>",
+            query_value(p)
+        ));
+    }
+    s.push_str("</table></div>");
+    if let Some(p) = &selected {
+        let pe = esc(p);
+        let page = q.page.unwrap_or(1).max(1);
+        // One more than shown tells whether an older page exists.
+        let mut builds = st
+            .host
+            .store
+            .builds_of(p, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
+            .await
+            .unwrap_or_default();
+        let older = builds.len() as i64 > DASH_BUILDS;
+        builds.truncate(DASH_BUILDS as usize);
+        s.push_str(&format!("<div class=\"panel builds\" id=\"builds\"><h2>Builds of {pe}</h2><table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Branch</th><th>Git hash</th><th>Commit</th><th>Log</th><th>7z</th><th>Hash</th></tr>"));
         for b in &builds {
             let n = esc(&b.name);
             s.push_str(&format!(
@@ -317,26 +379,67 @@ async fn panels_html(st: &ApiState, v: &Viewer) -> String {
                 esc(b.archive_hash.as_deref().unwrap_or(""))
             ));
         }
-        s.push_str("</table></div>");
+        s.push_str("</table><p class=\"pager\">");
+        let link = |n: i64, label: &str| {
+            format!(
+                "<a href=\"/{root}/?project={}&amp;page={n}\">{label}</a> ",
+                query_value(p)
+            )
+        };
+        if page > 1 {
+            s.push_str(&link(page - 1, "← newer"));
+        }
+        if older {
+            s.push_str(&link(page + 1, "older →"));
+        }
+        s.push_str("</p></div>");
     }
+    s.push_str("</div></div>");
     s
 }
 
-async fn dashboard(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+/// A value for a URL query, percent-encoded (and then safe inside an HTML attribute).
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn dashboard(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<DashQuery>,
+) -> Response {
     let root = st.conf.web_root.clone();
     let Some(v) = viewer(&st, &headers).await else {
         return to_login(&root, "");
     };
     let level = v.grant.level.name();
+    // The live refresh asks for the same view.
+    let mut src = format!("/{root}/panels");
+    if let Some(p) = &q.project {
+        src.push_str(&format!(
+            "?project={}&page={}",
+            query_value(p),
+            q.page.unwrap_or(1).max(1)
+        ));
+    }
     let body = format!(
         "<header><h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({level}) · \
          <a href=\"/{root}/account\">Account</a>{users} \
          <form class=\"inline\" method=\"post\" action=\"/{root}/logout\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\">Log out</button></form></p></header>\
-         <main id=\"panels\" data-src=\"/{root}/panels\" data-events=\"/{root}/events\">{}</main>",
+         <main id=\"panels\" data-src=\"{}\" data-events=\"/{root}/events\">{}</main>",
         esc(&v.user.name),
         esc(&v.csrf),
-        panels_html(&st, &v).await,
+        esc(&src),
+        panels_html(&st, &v, &q).await,
         users = if v.grant.manages_users() {
             format!(" · <a href=\"/{root}/users\">Users</a>")
         } else {
@@ -346,9 +449,13 @@ async fn dashboard(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     html(StatusCode::OK, "Dashboard", &root, &body)
 }
 
-async fn panels(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+async fn panels(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<DashQuery>,
+) -> Response {
     match viewer(&st, &headers).await {
-        Some(v) => fragment(panels_html(&st, &v).await),
+        Some(v) => fragment(panels_html(&st, &v, &q).await),
         None => StatusCode::UNAUTHORIZED.into_response(),
     }
 }

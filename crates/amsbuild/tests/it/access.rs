@@ -137,10 +137,16 @@ fn the_access_matrix_of_pages_downloads_and_live_streams() {
             let admin = see && level >= 4;
             let ctx = format!("{who} on {p}");
             let hidden = |code: u16| if see { code } else { 404 };
+            let (_, _, builds_panel) = w.get(&format!("/ams-build/?project={p}"), &cookie);
             assert_eq!(
-                dash.contains(&format!("/ams-build/build/{p}/{b}\"")),
+                builds_panel.contains(&format!("/ams-build/build/{p}/{b}\"")),
                 see,
-                "{ctx}: dashboard lists the build"
+                "{ctx}: the dashboard lists the build"
+            );
+            assert_eq!(
+                dash.contains(&format!("/ams-build/?project={p}\"")),
+                see,
+                "{ctx}: the projects panel"
             );
             assert_eq!(
                 dash.contains(&format!("id=\"trigger-{p}\"")),

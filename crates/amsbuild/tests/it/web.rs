@@ -279,6 +279,51 @@ fn logins_are_throttled_per_address_across_accounts() {
 }
 
 #[test]
+fn the_dashboard_pages_builds_and_stays_small_with_many_projects() {
+    let w = Web::new(json!({}));
+    let mut names = Vec::new();
+    for _ in 0..45 {
+        names.push(w.h.build("mine"));
+    }
+    for n in &names {
+        w.h.wait_status("mine", n, Duration::from_secs(60));
+    }
+    let mut projects = String::from("mine");
+    for i in 0..40 {
+        let p = format!("project-{i:02}");
+        w.h.project(
+            &p,
+            &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+        );
+        projects.push_str(&format!(",{p}"));
+    }
+    assert!(w
+        .h
+        .cli(&["user", "set", "mod", "--projects", &projects])
+        .status
+        .success());
+    let cookie = w.session("mod", "correct horse battery");
+    let (_, _, dash) = w.get("/ams-build/", &cookie);
+    assert!(dash.len() < 100 * 1024, "{} bytes", dash.len());
+    assert!(dash.contains("project-39"), "every project is listed");
+    // The most recently built project is shown, newest first, 20 per page.
+    assert!(dash.contains("Builds of mine"));
+    assert!(dash.contains(&format!("/ams-build/build/mine/{}\"", names[44])));
+    assert!(!dash.contains(&format!("/ams-build/build/mine/{}\"", names[24])));
+    assert!(dash.contains("/ams-build/?project=mine&amp;page=2\">older"));
+    let (_, _, last) = w.get("/ams-build/?project=mine&page=3", &cookie);
+    assert!(last.contains(&format!("/ams-build/build/mine/{}\"", names[0])));
+    assert!(last.contains("page=2\">← newer") && !last.contains("older →"));
+    // The live refresh asks for the same view.
+    assert!(last.contains("data-src=\"/ams-build/panels?project=mine&amp;page=3\""));
+    let (_, _, panel) = w.get("/ams-build/panels?project=mine&page=3", &cookie);
+    assert!(panel.contains(&format!("/ams-build/build/mine/{}\"", names[0])));
+    // Another project's (empty) builds on request.
+    let (_, _, other) = w.get("/ams-build/?project=project-07", &cookie);
+    assert!(other.contains("Builds of project-07") && !other.contains("older →"));
+}
+
+#[test]
 fn sessions_expire_at_their_limit_and_when_the_password_changes() {
     // Idle expiry is checked with exact clocks in ams-store's tests; here the absolute limit,
     // which no amount of use extends.
