@@ -329,7 +329,8 @@ def bench_e(tmp, seconds=10, n=10_000):
         "branch, created_by, created_at, started_at, finished_at, stages, archive_name, "
         "archive_hash, archive_hash_kind, commit_message) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    db.execute("UPDATE projects SET latest_build_index = ? WHERE name = 'X'", (n,))
+    db.execute("UPDATE projects SET latest_build_index = ?, latest_build_key = ? WHERE name = 'X'",
+               (n, f"X_{n:040x}_build_{n}"))
     db.commit()
     db.close()
     subprocess.run([BIN, "--data-dir", host.data, "user", "add", "bench", "--level", "5",

@@ -113,6 +113,15 @@ pub enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
+impl Command {
+    /// Whether handling this command may change what live views show. A read must not tick
+    /// [`HostHandle::changes`]: a dashboard refreshes on a tick, and its refresh reads a
+    /// snapshot, which would tick again, for ever.
+    fn changes_state(&self) -> bool {
+        !matches!(self, Command::Snapshot(_))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HostConfig {
     pub data: DataDir,
@@ -393,6 +402,7 @@ impl Host {
                     None => return,
                 },
             };
+            let changes = cmd.changes_state();
             match cmd {
                 Command::Build(req, reply) => {
                     let r = self.queue_build(req).await;
@@ -442,7 +452,9 @@ impl Host {
                     return;
                 }
             }
-            let _ = self.changes.send(());
+            if changes {
+                let _ = self.changes.send(());
+            }
             // Reap finished worker tasks so the set stays small.
             while let Some(r) = self.workers.try_join_next() {
                 if let Err(e) = r {
@@ -790,5 +802,23 @@ impl Host {
         self.workers.abort_all();
         while self.workers.join_next().await.is_some() {}
         self.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_do_not_tick_the_live_views() {
+        let (tx, _rx) = oneshot::channel();
+        assert!(!Command::Snapshot(tx).changes_state());
+        let (tx, _rx) = oneshot::channel();
+        assert!(Command::Cancel {
+            build: "b".into(),
+            by: "u".into(),
+            reply: tx
+        }
+        .changes_state());
     }
 }

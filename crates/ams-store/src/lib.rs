@@ -540,8 +540,10 @@ impl Store {
     /// Each project's newest build: project → (build id, name, status), in one query.
     pub async fn latest_builds(&self) -> Result<HashMap<String, (i64, String, String)>> {
         let rows = sqlx::query(
-            "SELECT b.project, b.id, b.name, b.status FROM builds b \
-             JOIN (SELECT project, MAX(id) AS id FROM builds GROUP BY project) m ON m.id = b.id",
+            // Through projects.latest_build_key: one index lookup per project, however many
+            // builds there are.
+            "SELECT b.project, b.id, b.name, b.status FROM projects p \
+             JOIN builds b ON b.name = p.latest_build_key",
         )
         .fetch_all(&self.pool)
         .await?;
