@@ -241,6 +241,25 @@ async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Resp
     html(StatusCode::OK, "Account", root, &b)
 }
 
+/// Checks a new password's length and hashes it within the argon2 budget.
+async fn new_password_hash(st: &ApiState, password: &str) -> Result<String, Response> {
+    let root = &st.conf.web_root;
+    if password.chars().count() < auth::MIN_PASSWORD {
+        return Err(refused(
+            root,
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the password needs at least {} characters",
+                auth::MIN_PASSWORD
+            ),
+        ));
+    }
+    st.guard
+        .hash(password.to_string())
+        .await
+        .map_err(|e| refused(root, StatusCode::INTERNAL_SERVER_ERROR, &e))
+}
+
 async fn create_token(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -344,20 +363,9 @@ async fn change_password(
         st.guard.fail(&v.user.name, &ip);
         return refused(root, StatusCode::FORBIDDEN, "the current password is wrong");
     }
-    let new = f.raw("new");
-    if new.chars().count() < auth::MIN_PASSWORD {
-        return refused(
-            root,
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "the new password needs at least {} characters",
-                auth::MIN_PASSWORD
-            ),
-        );
-    }
-    let hash = match st.guard.hash(new.to_string()).await {
+    let hash = match new_password_hash(&st, f.raw("new")).await {
         Ok(h) => h,
-        Err(e) => return refused(root, StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(r) => return r,
     };
     match st
         .host
@@ -566,20 +574,9 @@ async fn add_user(
             "choose at least one of your projects for the new user",
         );
     }
-    let pw = f.raw("password");
-    if pw.chars().count() < auth::MIN_PASSWORD {
-        return refused(
-            &root,
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "the password needs at least {} characters",
-                auth::MIN_PASSWORD
-            ),
-        );
-    }
-    let hash = match st.guard.hash(pw.to_string()).await {
+    let hash = match new_password_hash(&st, f.raw("password")).await {
         Ok(h) => h,
-        Err(e) => return refused(&root, StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(r) => return r,
     };
     let now = timefmt::now();
     let user = ams_store::User {
@@ -712,20 +709,9 @@ async fn reset_password(
     if let Err(r) = target(&st, &v, &name).await {
         return r;
     }
-    let pw = f.raw("password");
-    if pw.chars().count() < auth::MIN_PASSWORD {
-        return refused(
-            &root,
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "the password needs at least {} characters",
-                auth::MIN_PASSWORD
-            ),
-        );
-    }
-    let hash = match st.guard.hash(pw.to_string()).await {
+    let hash = match new_password_hash(&st, f.raw("password")).await {
         Ok(h) => h,
-        Err(e) => return refused(&root, StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(r) => return r,
     };
     match st
         .host

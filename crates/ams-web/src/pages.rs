@@ -561,12 +561,7 @@ async fn build_page(
         return to_login(&root, &format!("build/{project}/{name}"));
     };
     let Some(b) = find(&st, &v, &project, &name).await else {
-        return html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &root,
-            "<h1>Not found</h1>",
-        );
+        return not_found(&root);
     };
     let bd = st.host.data.project(&b.project).build(&b.name);
     let len = tokio::fs::metadata(bd.log())
@@ -799,11 +794,10 @@ pub(crate) async fn form_viewer(
         .ok_or_else(|| to_login(root, ""))?;
     let sent = form.get("csrf").map(String::as_str).unwrap_or("");
     if !secrets_equal(sent, &v.csrf) || !session::same_origin(headers, st.conf.use_ssl) {
-        return Err(html(
-            StatusCode::FORBIDDEN,
-            "Refused",
+        return Err(refused(
             root,
-            "<p>missing or wrong CSRF token</p>",
+            StatusCode::FORBIDDEN,
+            "missing or wrong CSRF token",
         ));
     }
     Ok(v)
@@ -847,19 +841,13 @@ async fn trigger_form(
         Err(r) => return r,
     };
     if !v.grant.may(Action::View, &project) {
-        return html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &root,
-            "<h1>Not found</h1>",
-        );
+        return not_found(&root);
     }
     if !v.grant.may(Action::Operate, &project) {
-        return html(
-            StatusCode::FORBIDDEN,
-            "Refused",
+        return refused(
             &root,
-            "<p>you may not trigger builds of this project</p>",
+            StatusCode::FORBIDDEN,
+            "you may not trigger builds of this project",
         );
     }
     let opt = |k: &str| {
@@ -910,20 +898,10 @@ async fn build_action(
         Err(r) => return r,
     };
     let Some(b) = find(&st, &v, &project, &name).await else {
-        return html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &root,
-            "<h1>Not found</h1>",
-        );
+        return not_found(&root);
     };
     if !v.grant.may(Action::Operate, &b.project) {
-        return html(
-            StatusCode::FORBIDDEN,
-            "Refused",
-            &root,
-            "<p>you may not do that</p>",
-        );
+        return refused(&root, StatusCode::FORBIDDEN, "you may not do that");
     }
     let r = if delete {
         st.host.delete_output(&b.name, &v.user.name).await
@@ -998,19 +976,13 @@ async fn admin_page(
         return to_login(&root, &format!("admin/{project}"));
     };
     if !v.grant.may(Action::View, &project) || !ams_host::project::exists(&st.host.data, &project) {
-        return html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &root,
-            "<h1>Not found</h1>",
-        );
+        return not_found(&root);
     }
     if !v.grant.may(Action::SeeDeliveries, &project) {
-        return html(
-            StatusCode::FORBIDDEN,
-            "Refused",
+        return refused(
             &root,
-            "<p>only ADMIN and SERVER ADMIN see this page</p>",
+            StatusCode::FORBIDDEN,
+            "only ADMIN and SERVER ADMIN see this page",
         );
     }
     let pe = esc(&project);
@@ -1094,12 +1066,7 @@ async fn replay_form(
         .flatten()
         .is_some_and(|(d, _, _)| d.project == project);
     if !owned || !v.grant.may(Action::SeeDeliveries, &project) {
-        return html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &root,
-            "<h1>Not found</h1>",
-        );
+        return not_found(&root);
     }
     match ams_host::control::replay(&st.host, id, &v.user.name).await {
         Ok(_) => {

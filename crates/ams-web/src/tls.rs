@@ -15,6 +15,13 @@ use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+/// The process's rustls provider (the binary installs ring), or ring.
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
 /// The files named in web_conf.json, resolved against the data directory.
 #[derive(Debug, Clone)]
 pub struct CertFiles {
@@ -96,10 +103,7 @@ impl CertFiles {
                 self.key.display()
             )
         })?;
-        let provider = CryptoProvider::get_default()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-        CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
             format!(
                 "{}: ssl.private_file: {} does not fit ssl.cert_file {} ({e}); use the key the \
                  certificate was issued for",
@@ -136,9 +140,7 @@ impl Certs {
 
     /// The rustls acceptor serving these certificates (HTTP/1.1 only).
     pub fn acceptor(self: &Arc<Self>) -> tokio_rustls::TlsAcceptor {
-        let provider = CryptoProvider::get_default()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+        let provider = provider();
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("the provider supports TLS 1.2 and 1.3")
