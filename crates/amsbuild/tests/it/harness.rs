@@ -494,23 +494,24 @@ pub fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str)
     assert!(c.wait().unwrap().success());
 }
 
+/// Percent-encodes everything but unreserved characters (for paths, queries and forms).
+pub fn urlenc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// An application/x-www-form-urlencoded body.
 pub fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
     pairs
         .iter()
-        .map(|(k, v)| {
-            let enc: String = v
-                .bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect();
-            format!("{k}={enc}")
-        })
+        .map(|(k, v)| format!("{k}={}", urlenc(v)))
         .collect::<Vec<_>>()
         .join("&")
         .into_bytes()

@@ -171,18 +171,6 @@ fn hostile_text_in_every_field_is_escaped_on_every_page() {
     );
 }
 
-fn urlenc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn a_long_log_shows_its_tail_and_loads_earlier_lines_on_demand() {
     let w = crate::web::Web::new(json!({}));
