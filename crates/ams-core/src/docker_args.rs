@@ -128,6 +128,63 @@ pub fn trust_key(entry: &str) -> String {
     }
 }
 
+/// The registry an image reference names: its first path component when that looks like a
+/// host (has a `.` or `:`, or is `localhost`), else `docker.io`.
+pub fn image_registry(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
+        _ => "docker.io",
+    }
+}
+
+/// The operator's container limits (web_conf.json), which untrusted `docker.args` may lower
+/// but never raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory: i64,
+    pub nano_cpus: i64,
+    pub pids: i64,
+}
+
+/// Fills in the operator's limits where `docker.args` set none, and refuses a value above a
+/// limit unless the private config trusts that flag (`"--memory"`, `"--cpus"`,
+/// `"--pids-limit"`, `"--shm-size"`). `--shm-size` may not exceed the memory limit.
+pub fn apply_limits(o: &mut DockerOptions, l: Limits, trusted: &[String]) -> Result<(), String> {
+    let trusts = |k: &str| trusted.iter().any(|t| t == k);
+    let check =
+        |flag: &str, key: &str, asked: Option<i64>, limit: i64, shown: &dyn Fn(i64) -> String| {
+            match asked {
+                Some(v) if v > limit && !trusts(key) => Err(format!(
+                "`{flag} {}` is above the host's limit of {} (web_conf.json); docker.args may only \
+                 lower limits unless the project's private config/pipeline-config.json lists \
+                 \"{flag}\" in \"allow-docker-args\"",
+                shown(v),
+                shown(limit)
+            )),
+                _ => Ok(()),
+            }
+        };
+    let bytes = |v: i64| format!("{}m", v >> 20);
+    let cpus = |v: i64| format!("{}", v as f64 / 1e9);
+    let count = |v: i64| v.to_string();
+    check("--memory", "memory", o.memory, l.memory, &bytes)?;
+    check(
+        "--shm-size",
+        "shm-size",
+        o.shm_size,
+        o.memory.unwrap_or(l.memory).min(l.memory),
+        &bytes,
+    )?;
+    check("--cpus", "cpus", o.nano_cpus, l.nano_cpus, &cpus)?;
+    check("--pids-limit", "pids-limit", o.pids_limit, l.pids, &count)?;
+    o.memory.get_or_insert(l.memory);
+    o.nano_cpus.get_or_insert(l.nano_cpus);
+    o.pids_limit.get_or_insert(l.pids);
+    Ok(())
+}
+
 /// Parses `docker.args`. `trusted` holds the keys (see [`trust_key`]) that the private config
 /// allows. The error names the flag and the fix.
 pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
@@ -204,10 +261,12 @@ pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
             }
             "--network" | "--net" => {
                 let v = value(&flag)?;
-                if v == "host" {
-                    need_trust("network=host", "--network host")?;
-                } else if v.starts_with("container:") {
+                // `none` isolates more and `bridge` is the default; any other name joins an
+                // engine object (another network, the host's, another container's).
+                if v.starts_with("container:") {
                     need_trust("network=container", "--network container:…")?;
+                } else if !matches!(v.as_str(), "none" | "bridge" | "default") {
+                    need_trust(&format!("network={v}"), &format!("--network {v}"))?;
                 }
                 o.network = Some(v);
             }
@@ -250,8 +309,10 @@ pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
                     || source.starts_with('.')
                     || source.starts_with('~')
                     || !v.contains(':');
+                // A host path or a named volume: both reach outside the build (a named volume
+                // is shared by every container of the engine).
+                need_trust("volume", "-v")?;
                 if host_path || source.contains("docker.sock") {
-                    need_trust("volume", "-v")?;
                     o.binds.push(v);
                 } else {
                     o.volumes.push(v);
@@ -313,11 +374,23 @@ mod tests {
             ("-v /:/host", "volume"),
             ("-v /var/run/docker.sock:/var/run/docker.sock", "volume"),
             ("--volume=/etc:/etc", "volume"),
+            ("-v othersvolume:/x", "volume"),
+            ("--network othersnet", "network=othersnet"),
+            ("--network container:db", "network=container"),
         ] {
             let err = parse(args, &[]).unwrap_err();
             assert!(err.contains("pipeline-config.json"), "{args}: {err}");
             parse(args, &[key.to_string()]).unwrap_or_else(|e| panic!("{args}: {e}"));
         }
+    }
+
+    #[test]
+    fn image_registries() {
+        assert_eq!(image_registry("busybox"), "docker.io");
+        assert_eq!(image_registry("library/busybox:1"), "docker.io");
+        assert_eq!(image_registry("ghcr.io/o/x:1"), "ghcr.io");
+        assert_eq!(image_registry("10.0.0.1:5000/x"), "10.0.0.1:5000");
+        assert_eq!(image_registry("localhost/x"), "localhost");
     }
 
     #[test]
@@ -330,8 +403,48 @@ mod tests {
 
     #[test]
     fn named_volume_is_not_a_host_path() {
-        let o = parse("-v cache:/cache", &[]).unwrap();
+        let o = parse("-v cache:/cache", &["volume".into()]).unwrap();
         assert_eq!(o.volumes, vec!["cache:/cache".to_string()]);
+        assert!(o.binds.is_empty());
+    }
+
+    #[test]
+    fn limits_can_be_lowered_but_not_raised_without_trust() {
+        let l = Limits {
+            memory: 2 << 30,
+            nano_cpus: 2_000_000_000,
+            pids: 4096,
+        };
+        let mut o = parse(
+            "--memory 512m --cpus 1 --pids-limit 100 --shm-size 64m",
+            &[],
+        )
+        .unwrap();
+        apply_limits(&mut o, l, &[]).unwrap();
+        assert_eq!(
+            (o.memory, o.nano_cpus, o.pids_limit),
+            (Some(512 << 20), Some(1_000_000_000), Some(100))
+        );
+        let mut o = parse("", &[]).unwrap();
+        apply_limits(&mut o, l, &[]).unwrap();
+        assert_eq!(
+            (o.memory, o.nano_cpus, o.pids_limit),
+            (Some(2 << 30), Some(2_000_000_000), Some(4096))
+        );
+        for (args, key) in [
+            ("--memory 100g", "memory"),
+            ("--cpus 64", "cpus"),
+            ("--pids-limit 1000000", "pids-limit"),
+            ("--shm-size 8g", "shm-size"),
+            ("--memory 512m --shm-size 1g", "shm-size"),
+        ] {
+            let mut o = parse(args, &[]).unwrap();
+            let e = apply_limits(&mut o, l, &[]).unwrap_err();
+            assert!(e.contains("above the host's limit"), "{args}: {e}");
+            let trusted = vec![trust_key(&format!("--{key}"))];
+            let mut o = parse(args, &trusted).unwrap();
+            apply_limits(&mut o, l, &trusted).unwrap_or_else(|e| panic!("{args}: {e}"));
+        }
     }
 
     #[test]

@@ -5,15 +5,19 @@ use crate::docker_args::trust_key;
 use crate::error::ConfigError;
 use serde::Deserialize;
 
-/// How `master/project_source` is copied into a build.
+/// How a build gets its own copy of `master/project_source`. Whatever the mode, nothing a
+/// build writes reaches master or another build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceCopy {
-    /// Hard links for files (fast; a build that writes into a tracked file in place also changes
-    /// the master copy until the next update restores it).
+    /// Copy-on-write through overlayfs when the host can mount it, else a copy. `hardlink`, the
+    /// old name of the default, means this too: plain hard links let a build change master.
     #[default]
-    Hardlink,
-    /// A full byte copy (slow, fully isolated).
+    #[serde(alias = "hardlink")]
+    Auto,
+    /// Copy-on-write through overlayfs; a build fails when the host cannot mount it.
+    Overlay,
+    /// A clone of every file: reflinks where the filesystem has them, else a byte copy.
     Copy,
 }
 

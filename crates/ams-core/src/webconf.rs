@@ -33,6 +33,9 @@ pub struct WebConf {
     pub container_memory: String,
     pub container_cpus: f64,
     pub container_pids_limit: i64,
+    /// When set, builds may only use images from these registries (host names such as
+    /// `docker.io` or `registry.example.com:5000`); an image without a registry is docker.io.
+    pub allowed_registries: Option<Vec<String>>,
     /// Let notifications reach loopback, private and link-local addresses (tests, LAN chat).
     pub notify_allow_private: bool,
     /// Timeout of one notification request, 1 to 10 seconds.
@@ -60,6 +63,7 @@ impl Default for WebConf {
             container_memory: "2g".into(),
             container_cpus: 2.0,
             container_pids_limit: 4096,
+            allowed_registries: None,
             notify_allow_private: false,
             notify_timeout_secs: 10,
             session_idle_secs: 8 * 3600,
@@ -119,10 +123,32 @@ impl WebConf {
                 "sessions need session_idle_secs ≥ 1 and session_max_secs ≥ session_idle_secs",
             );
         }
+        if let Some(list) = &self.allowed_registries {
+            if let Some(r) = list
+                .iter()
+                .find(|r| r.is_empty() || r.contains('/') || r.chars().any(char::is_whitespace))
+            {
+                return bad(
+                    "allowed_registries",
+                    &format!("`{r}` is not a registry host; write names such as \"docker.io\" or \"registry.example.com:5000\""),
+                );
+            }
+        }
         if self.container_pids_limit <= 0 {
             return bad("container_pids_limit", "must be a positive number");
         }
         Ok(())
+    }
+
+    /// Whether builds may use `image` (see `allowed_registries`).
+    pub fn registry_allowed(&self, image: &str) -> bool {
+        match &self.allowed_registries {
+            None => true,
+            Some(list) => {
+                let r = crate::docker_args::image_registry(image);
+                list.iter().any(|a| a.eq_ignore_ascii_case(r))
+            }
+        }
     }
 
     pub fn memory_bytes(&self) -> i64 {

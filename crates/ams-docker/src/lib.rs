@@ -209,6 +209,18 @@ impl DockerExecutor {
                 None => (t.clone(), String::new()),
             })
             .collect();
+        // Device nodes made in a mounted folder would land on the host's filesystem: no
+        // CAP_MKNOD unless the private config trusts `--cap-add MKNOD`.
+        let mut cap_drop = o.cap_drop.clone();
+        if !o.privileged
+            && !o.cap_add.iter().any(|c| {
+                c.eq_ignore_ascii_case("MKNOD")
+                    || c.eq_ignore_ascii_case("CAP_MKNOD")
+                    || c.eq_ignore_ascii_case("ALL")
+            })
+        {
+            cap_drop.push("MKNOD".into());
+        }
         let mut security_opt = o.security_opt.clone();
         if !o.privileged
             && !security_opt
@@ -240,7 +252,7 @@ impl DockerExecutor {
             shm_size: o.shm_size,
             privileged: Some(o.privileged),
             cap_add: (!o.cap_add.is_empty()).then(|| o.cap_add.clone()),
-            cap_drop: (!o.cap_drop.is_empty()).then(|| o.cap_drop.clone()),
+            cap_drop: (!cap_drop.is_empty()).then_some(cap_drop),
             devices: (!devices.is_empty()).then_some(devices),
             pid_mode: o.pid_mode.clone(),
             ipc_mode: o.ipc_mode.clone(),
@@ -509,6 +521,7 @@ mod tests {
         assert_eq!(h.memory, Some(1 << 20));
         assert_eq!(h.pids_limit, Some(10));
         assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.cap_drop, Some(vec!["MKNOD".to_string()]));
         assert!(h
             .security_opt
             .unwrap()

@@ -1,10 +1,20 @@
-//! Copies master/project_source into a build cheaply.
+//! Copies a tree: master/project_source into a build's snapshot or clone, master/build into a
+//! build's output folder.
 //!
-//! `Hardlink` links every regular file (one `link(2)` per file instead of reading and writing
-//! its bytes), recreates directories, and recreates symbolic links as links without following
-//! them. `Copy` writes every byte. Neither ever follows a link out of the tree.
+//! `HardLink` links every regular file (one `link(2)` per file instead of reading and writing
+//! its bytes): only for snapshots that nothing writes through (the lower layer of an overlay).
+//! `Clone` gives every file its own inode: a reflink where the filesystem has them, a byte copy
+//! where it does not. Both recreate directories and recreate symbolic links as links without
+//! following them, so neither ever reads outside the tree.
 
-use ams_core::private_config::SourceCopy;
+/// How files are reproduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// The same inode (a snapshot that is never written through).
+    HardLink,
+    /// A new inode with the same bytes (reflink or copy).
+    Clone,
+}
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
@@ -15,19 +25,19 @@ pub struct CopyStats {
     pub files: u64,
     pub dirs: u64,
     pub links: u64,
-    /// Files that had to be copied because linking failed (another filesystem).
+    /// Files that got their own inode (cloned, or copied because linking failed).
     pub copied: u64,
 }
 
 /// Copies the tree at `src` to `dst` (which must not exist).
-pub fn copy_tree(src: &Path, dst: &Path, mode: SourceCopy) -> io::Result<CopyStats> {
+pub fn copy_tree(src: &Path, dst: &Path, mode: CopyKind) -> io::Result<CopyStats> {
     let mut stats = CopyStats::default();
     fs::create_dir(dst)?;
     walk(src, dst, mode, &mut stats)?;
     Ok(stats)
 }
 
-fn walk(src: &Path, dst: &Path, mode: SourceCopy, st: &mut CopyStats) -> io::Result<()> {
+fn walk(src: &Path, dst: &Path, mode: CopyKind, st: &mut CopyStats) -> io::Result<()> {
     for entry in fs::read_dir(src)? {
         let entry = entry?;
         let from = entry.path();
@@ -44,9 +54,9 @@ fn walk(src: &Path, dst: &Path, mode: SourceCopy, st: &mut CopyStats) -> io::Res
             st.dirs += 1;
         } else if ft.is_file() {
             st.files += 1;
-            let linked = mode == SourceCopy::Hardlink && fs::hard_link(&from, &to).is_ok();
+            let linked = mode == CopyKind::HardLink && fs::hard_link(&from, &to).is_ok();
             if !linked {
-                fs::copy(&from, &to)?;
+                reflink_copy::reflink_or_copy(&from, &to)?;
                 st.copied += 1;
             }
         }
@@ -68,7 +78,7 @@ mod tests {
         fs::write(src.join("a/b/f.txt"), b"x").unwrap();
         symlink("/etc", src.join("out")).unwrap();
         let dst = t.path().join("dst");
-        let st = copy_tree(&src, &dst, SourceCopy::Hardlink).unwrap();
+        let st = copy_tree(&src, &dst, CopyKind::HardLink).unwrap();
         assert_eq!((st.files, st.dirs, st.links, st.copied), (1, 2, 1, 0));
         let a = fs::metadata(src.join("a/b/f.txt")).unwrap();
         let b = fs::metadata(dst.join("a/b/f.txt")).unwrap();
@@ -83,7 +93,7 @@ mod tests {
         fs::create_dir_all(&src).unwrap();
         fs::write(src.join("f"), b"x").unwrap();
         let dst = t.path().join("dst");
-        copy_tree(&src, &dst, SourceCopy::Copy).unwrap();
+        copy_tree(&src, &dst, CopyKind::Clone).unwrap();
         let a = fs::metadata(src.join("f")).unwrap();
         let b = fs::metadata(dst.join("f")).unwrap();
         assert_ne!(a.ino(), b.ino());

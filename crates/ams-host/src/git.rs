@@ -1,6 +1,12 @@
 //! Git, by running the `git` program (robust with SSH keys and every transport). Every argument
 //! is passed without a shell; branch names and commits are checked first so that none can be
 //! read as an option.
+//!
+//! The repository's own configuration is treated as untrusted: git runs with no system or
+//! global configuration, with hooks, fsmonitor, credential helpers and other config-driven
+//! commands switched off on the command line, with only the usual transports allowed, and a
+//! checkout's `.git/config` holding any key outside a short list of inert ones is refused
+//! before git reads it (see [`check_repo_config`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -50,17 +56,28 @@ async fn git(
     // re-read every file of master on each update. Size, mtime and inode still catch changes.
     // Automatic gc and maintenance run in the foreground, under the master lock: detached, they
     // would repack .git/objects while the tree is being copied into a build.
-    cmd.args(["-c", "core.trustctime=false"])
-        .args([
-            "-c",
-            "gc.autoDetach=false",
-            "-c",
-            "maintenance.autoDetach=false",
-        ])
-        .args(args)
+    cmd.args(["-c", "core.trustctime=false"]).args([
+        "-c",
+        "gc.autoDetach=false",
+        "-c",
+        "maintenance.autoDetach=false",
+    ]);
+    for c in HARDENING {
+        cmd.args(["-c", c]);
+    }
+    cmd.args(args)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "true")
+        .env("SSH_ASKPASS", "true")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_PROTOCOL_FROM_USER", "0")
+        .env_remove("GIT_CONFIG_PARAMETERS")
+        .env_remove("GIT_CONFIG_COUNT")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -92,6 +109,104 @@ async fn git(
         err.truncate(4000);
         Err(format!("git {} failed: {err}", args.join(" ")))
     }
+}
+
+/// Settings given on every git command line, which win over any file: no hooks, no fsmonitor,
+/// no credential helper, no external diff or pager, the standard pack programs, and only the
+/// usual transports (`ext::` and the like, which run commands, are refused).
+const HARDENING: &[&str] = &[
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.sshCommand=ssh -o BatchMode=yes",
+    "core.askPass=true",
+    "core.editor=true",
+    "core.pager=cat",
+    "core.alternateRefsCommand=",
+    "credential.helper=",
+    "diff.external=",
+    "remote.origin.uploadpack=git-upload-pack",
+    "remote.origin.receivepack=git-receive-pack",
+    "protocol.allow=never",
+    "protocol.https.allow=always",
+    "protocol.http.allow=always",
+    "protocol.ssh.allow=always",
+    "protocol.git.allow=always",
+    "protocol.file.allow=always",
+];
+
+/// Keys a checkout's `.git/config` may hold (git writes these itself). Anything else, such as
+/// `core.fsmonitor`, `core.sshCommand`, `remote.*.uploadpack`, `filter.*` or `include.path`,
+/// could make the host run a command, so such a config is refused.
+fn inert_config_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    let parts: Vec<&str> = k.split('.').collect();
+    let (section, name) = (parts[0], parts[parts.len() - 1]);
+    match (section, parts.len()) {
+        ("core", 2) => matches!(
+            name,
+            "repositoryformatversion"
+                | "filemode"
+                | "bare"
+                | "logallrefupdates"
+                | "ignorecase"
+                | "precomposeunicode"
+                | "symlinks"
+                | "autocrlf"
+                | "eol"
+                | "safecrlf"
+                | "trustctime"
+                | "checkstat"
+                | "untrackedcache"
+                | "compression"
+                | "loosecompression"
+                | "bigfilethreshold"
+        ),
+        ("extensions", 2) => matches!(name, "objectformat" | "refstorage"),
+        ("remote", n) if n >= 3 => matches!(
+            name,
+            "url" | "fetch" | "pushurl" | "tagopt" | "prune" | "mirror" | "skipdefaultupdate"
+        ),
+        ("branch", n) if n >= 3 => matches!(name, "remote" | "merge" | "rebase"),
+        ("gc" | "pack" | "fetch" | "maintenance" | "init" | "user" | "advice", 2) => true,
+        _ => false,
+    }
+}
+
+/// Refuses a checkout whose `.git/config` holds a key outside the inert ones, naming the key
+/// and the fix. The file is listed by git itself without includes, which runs nothing.
+pub async fn check_repo_config(dir: &Path, cancel: &CancellationToken) -> Result<(), String> {
+    let config = dir.join(".git").join("config");
+    let meta =
+        std::fs::symlink_metadata(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{} is not a regular file; re-add the project",
+            config.display()
+        ));
+    }
+    let file = config.to_string_lossy().to_string();
+    let listed = git(
+        dir,
+        &[
+            "config",
+            "--file",
+            &file,
+            "--no-includes",
+            "--name-only",
+            "--list",
+        ],
+        &GitAuth::default(),
+        cancel,
+    )
+    .await?;
+    if let Some(bad) = listed.lines().find(|k| !inert_config_key(k)) {
+        return Err(format!(
+            "master/project_source/.git/config sets `{bad}`, which could run a command on the \
+             host; the host refuses to use this checkout: remove the key (git config --file \
+             {file} --unset-all {bad}) or re-add the project"
+        ));
+    }
+    Ok(())
 }
 
 /// Clones `url` into `dest` (which must not exist), optionally at `branch`.
@@ -162,6 +277,7 @@ pub async fn update(
             return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
         }
     }
+    check_repo_config(dir, cancel).await?;
     let has_origin = git(dir, &["remote"], auth, cancel)
         .await?
         .lines()
@@ -264,6 +380,36 @@ mod tests {
             "a\nb",
         ] {
             assert!(!valid_branch(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_inert_config_keys_pass() {
+        for ok in [
+            "core.repositoryformatversion",
+            "core.bare",
+            "remote.origin.url",
+            "remote.origin.fetch",
+            "branch.main.merge",
+            "gc.auto",
+        ] {
+            assert!(inert_config_key(ok), "{ok}");
+        }
+        for bad in [
+            "core.fsmonitor",
+            "core.hookspath",
+            "core.sshCommand",
+            "remote.origin.uploadpack",
+            "remote.origin.receivepack",
+            "filter.lfs.smudge",
+            "include.path",
+            "includeIf.gitdir:/.path",
+            "credential.helper",
+            "extensions.worktreeconfig",
+            "core.pager",
+            "diff.external",
+        ] {
+            assert!(!inert_config_key(bad), "{bad}");
         }
     }
 

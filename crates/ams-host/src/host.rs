@@ -236,8 +236,9 @@ pub struct Host {
 /// read (the build then fails with the real error when it runs).
 fn name_format(data: &DataDir, project: &str) -> String {
     let src = data.project(project).master_source();
-    std::fs::read_to_string(src.join("pipeline.json"))
+    crate::source::read_checkout_file(&src, "pipeline.json", worker::PIPELINE_MAX_BYTES)
         .ok()
+        .and_then(|t| String::from_utf8(t).ok())
         .and_then(|t| pipeline::parse(&t).ok())
         .map(|p| p.build_name_format)
         .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string())
@@ -295,7 +296,11 @@ impl Host {
             host_id,
             master_locks: Mutex::new(HashMap::new()),
             packer: cfg.packer.clone(),
+            overlay: Arc::default(),
         });
+        for m in crate::source::sweep_mounts(&cfg.data.projects()) {
+            tracing::warn!("unmounted {} left by an interrupted build", m.display());
+        }
         let mut host = Host {
             queue: Queue::new(cfg.conf.max_active_builds),
             ctx,

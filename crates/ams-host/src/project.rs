@@ -33,7 +33,7 @@ fn private_config_text(branch: Option<&str>) -> String {
         "trust-host-commands": false,
         "allow-docker-args": [],
         "only-build-latest": false,
-        "source-copy": "hardlink"
+        "source-copy": "auto"
     });
     if let Some(b) = branch {
         v["branch"] = serde_json::Value::String(b.to_string());

@@ -3,11 +3,12 @@
 //! Executor), clean up (7z, hash, source removal). Every failure becomes a FAIL with a reason
 //! written to the build's log; nothing here panics on input or touches the queue.
 
-use crate::copy::copy_tree;
+use crate::copy::{copy_tree, CopyKind};
 use crate::git::{self, GitAuth};
 use crate::log::{BuildLog, LogMsg};
 use crate::paths::DataDir;
 use crate::project;
+use crate::source::{BuildSource, OverlaySupport, SourceKind};
 use crate::timefmt;
 use ams_core::docker_args::{self, DockerOptions};
 use ams_core::pipeline::{self, Pipeline};
@@ -75,6 +76,8 @@ pub struct WorkerContext {
     /// A program that packs and hashes in a child process (`amsbuild __pack`), so the LZMA
     /// encoder's large buffers never stay in the host's heap. `None`: pack in-process.
     pub packer: Option<PathBuf>,
+    /// Whether overlay mounts work here (learnt at the first build).
+    pub overlay: Arc<OverlaySupport>,
 }
 
 impl WorkerContext {
@@ -140,12 +143,16 @@ pub fn container_options(
     private: &PrivateConfig,
     conf: &WebConf,
 ) -> Result<DockerOptions, String> {
-    let mut o = docker_args::parse(args, &private.trusted_docker_keys())
+    let trusted = private.trusted_docker_keys();
+    let mut o = docker_args::parse(args, &trusted)
         .map_err(|e| format!("pipeline.json: field `docker.args`: {e}"))?;
-    o.memory.get_or_insert(conf.memory_bytes());
-    o.nano_cpus
-        .get_or_insert((conf.container_cpus * 1e9) as i64);
-    o.pids_limit.get_or_insert(conf.container_pids_limit);
+    let limits = docker_args::Limits {
+        memory: conf.memory_bytes(),
+        nano_cpus: (conf.container_cpus * 1e9) as i64,
+        pids: conf.container_pids_limit,
+    };
+    docker_args::apply_limits(&mut o, limits, &trusted)
+        .map_err(|e| format!("pipeline.json: field `docker.args`: {e}"))?;
     Ok(o)
 }
 
@@ -191,6 +198,21 @@ pub async fn execute(
         }
     };
 
+    if !req.conf.registry_allowed(&image) {
+        let msg = format!(
+            "pipeline.json: field `docker.image`: `{image}` comes from registry `{}`, which \
+             web_conf.json's allowed_registries does not list; use an image from {} or ask the \
+             operator to add the registry",
+            ams_core::docker_args::image_registry(&image),
+            req.conf
+                .allowed_registries
+                .as_deref()
+                .unwrap_or_default()
+                .join(", ")
+        );
+        log.line(&msg);
+        return ExecOutcome::fail(msg);
+    }
     log.line(&format!("image {image}"));
     // Pull progress is kept (distinct messages, at most 50) and written once the pull ends.
     let progress_lines: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -507,12 +529,17 @@ async fn host_commands(
     Ok(())
 }
 
+/// The largest pipeline.json the host reads.
+pub const PIPELINE_MAX_BYTES: u64 = 1 << 20;
+
 /// Everything before the stages: the private config, the git update, pipeline.json, the copy.
 struct Prepared {
     pipeline: Pipeline,
     private: PrivateConfig,
     git_hash: Option<String>,
     commit_message: Option<String>,
+    /// Taken by the caller, which releases it when the build ends.
+    source: Option<BuildSource>,
 }
 
 async fn prepare(
@@ -562,13 +589,10 @@ async fn prepare(
         Some(h) => git::message(&src, h, stop.token()).await,
         None => None,
     };
-    let pipeline_path = src.join("pipeline.json");
-    let text = std::fs::read_to_string(&pipeline_path).map_err(|e| {
-        format!(
-            "{}: {e}; add a pipeline.json at the root of the source",
-            pipeline_path.display()
-        )
-    })?;
+    let text = crate::source::read_checkout_file(&src, "pipeline.json", PIPELINE_MAX_BYTES)
+        .map_err(|e| format!("master/project_source/{e}"))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| "pipeline.json is not UTF-8 text; save it as UTF-8".to_string())?;
     let pipeline = pipeline::parse(&text).map_err(|e| e.to_string())?;
     for w in &pipeline.warnings {
         log.line(w);
@@ -585,38 +609,45 @@ async fn prepare(
     )
     .await?;
 
-    // Copy master into the build, so later updates of master cannot touch it.
+    // The build's own source: nothing it writes reaches master or another build.
     let started = Instant::now();
     let (from_src, to_src) = (src.clone(), bd.source());
     let (from_out, to_out) = (pd.master_build(), bd.output());
     let mode = private.source_copy;
-    let stats = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+    let ctx_overlay = ctx.overlay.clone();
+    let source = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         for p in [&to_src, &to_out] {
+            let _ = crate::source::unmount_stale(p);
             if p.exists() {
                 std::fs::remove_dir_all(p)?;
             }
         }
-        let st = copy_tree(&from_src, &to_src, mode)?;
+        let source = crate::source::prepare(&from_src, &to_src, mode, &ctx_overlay)?;
         if from_out.is_dir() {
-            copy_tree(
-                &from_out,
-                &to_out,
-                ams_core::private_config::SourceCopy::Copy,
-            )?;
+            copy_tree(&from_out, &to_out, CopyKind::Clone)?;
         } else {
             std::fs::create_dir_all(&to_out)?;
         }
-        Ok(st)
+        Ok(source)
     })
     .await
     .map_err(|e| format!("copy task: {e}"))?
-    .map_err(|e| format!("cannot copy master into the build folder: {e}"))?;
+    .map_err(|e| format!("cannot prepare the build's source: {e}"))?;
+    let st = source.stats;
     log.line(&format!(
-        "copied master into builds/{} ({} files, {} linked, {} copied) in {:.3} s",
+        "source for builds/{}: {} ({} files{}) in {:.3} s",
         b.name,
-        stats.files,
-        stats.files - stats.copied,
-        stats.copied,
+        match &source.kind {
+            SourceKind::Overlay => "copy-on-write snapshot of master (overlay)".to_string(),
+            SourceKind::Clone { why: None } => "copy of master".to_string(),
+            SourceKind::Clone { why: Some(w) } => format!("copy of master ({w})"),
+        },
+        st.files,
+        if st.links > 0 {
+            format!(", {} links", st.links)
+        } else {
+            String::new()
+        },
         started.elapsed().as_secs_f64()
     ));
     drop(_guard);
@@ -625,7 +656,7 @@ async fn prepare(
         prep_started.elapsed().as_secs_f64()
     ));
 
-    host_commands(
+    if let Err(e) = host_commands(
         "build-dir-commands",
         &pipeline.prepare.build_dir_commands,
         &bd.source(),
@@ -634,12 +665,19 @@ async fn prepare(
         log,
         stop,
     )
-    .await?;
+    .await
+    {
+        if let Err(r) = release_source(source, !pipeline.cleanup.remove_build_source).await {
+            log.line(&format!("could not release the build source: {r}"));
+        }
+        return Err(e);
+    }
     Ok(Prepared {
         pipeline,
         private,
         git_hash,
         commit_message,
+        source: Some(source),
     })
 }
 
@@ -691,6 +729,7 @@ pub async fn run_build(
         _ = stop.token().cancelled() => None,
     };
     let mut cleanup_pipeline: Option<Pipeline> = None;
+    let mut build_source: Option<BuildSource> = None;
     let outcome = match prepared {
         None => {
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
@@ -713,10 +752,11 @@ pub async fn run_build(
                 stages: Vec::new(),
             }
         }
-        Some(Ok(prep)) => {
+        Some(Ok(mut prep)) => {
             fin.git_hash = prep.git_hash.clone();
             fin.commit_message = prep.commit_message.clone();
             cleanup_pipeline = Some(prep.pipeline.clone());
+            build_source = prep.source.take();
             let p = &prep.pipeline;
             if p.dummy_build {
                 log.line("dummy build: no container is run");
@@ -757,6 +797,14 @@ pub async fn run_build(
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
     let _ = std::fs::remove_dir_all(bd.ci());
+    if let Some(src) = build_source {
+        let keep = cleanup_pipeline
+            .as_ref()
+            .is_some_and(|p| !p.cleanup.remove_build_source);
+        if let Err(e) = release_source(src, keep).await {
+            log.line(&format!("could not release the build source: {e}"));
+        }
+    }
 
     if stop.reason() != Some(StopReason::Shutdown) {
         if let Some(p) = &cleanup_pipeline {
@@ -869,11 +917,11 @@ async fn cleanup(
             }
         }
     }
-    if p.cleanup.remove_build_source {
-        if let Err(e) = std::fs::remove_dir_all(bd.source()) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log.line(&format!("could not remove the build source: {e}"));
-            }
-        }
-    }
+}
+
+/// Unmounts the build's source and keeps it as plain folders or removes it.
+async fn release_source(src: BuildSource, keep: bool) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || src.release(keep))
+        .await
+        .map_err(std::io::Error::other)?
 }

@@ -12,6 +12,7 @@ mod manage;
 mod notify;
 mod tidy;
 mod tls;
+mod trust;
 mod web;
 mod webhooks;
 mod xss;

@@ -1,0 +1,266 @@
+//! Trust boundaries: attacks a build's own code (or its repository) makes on the host, on
+//! master, on other projects and on later builds, each performed for real through a container.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+fn finished(h: &TestHost, project: &str, extra: Value) -> (Value, String) {
+    let b = h.build_with(project, extra);
+    let name = b["name"].as_str().unwrap().to_string();
+    let r = h.wait_status(project, &name, T);
+    let log = h.log(project, &name);
+    (r, log)
+}
+
+/// A git repository with a pipeline.json and a tracked file, added as project `name`.
+fn git_project(h: &TestHost, name: &str, pipeline_json: &str, private: Value) -> String {
+    let repo = h.tmp.path().join(format!("repo-{name}"));
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("pipeline.json"), pipeline_json).unwrap();
+    std::fs::write(repo.join("tracked.txt"), "original-content").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let o = h.cli(&[
+        "project",
+        "add",
+        name,
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "main",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h.private_config(name, private);
+    git(&repo, &["rev-parse", "HEAD"])
+}
+
+/// A stage poisons everything it can reach of master through its source: git's config (two
+/// ways to make the host run a command) and a tracked file rewritten in place with its mtime
+/// restored. The next build of the same trusted commit must see none of it, and the host must
+/// run nothing. Checked with the default source mode and with `copy`.
+#[test]
+fn a_build_cannot_poison_master_or_a_later_build() {
+    require_docker();
+    for mode in ["auto", "copy"] {
+        let mut h = TestHost::new();
+        let marker = h.tmp.path().join("host-ran-a-command");
+        let m = marker.to_str().unwrap();
+        let attack = format!(
+            "printf '[core]\\n\\tfsmonitor = \"touch {m}-fsmonitor\"\\n[remote \"origin\"]\\n\\tuploadpack = \"touch {m}-uploadpack; git-upload-pack\"\\n' >> .git/config; \
+             touch -r tracked.txt /tmp/ref; printf 'POISONED-CONTENT' | dd of=tracked.txt conv=notrunc 2>/dev/null; \
+             touch -r /tmp/ref tracked.txt; echo attacked"
+        );
+        let p = pipeline(json!([
+            stage(
+                "show",
+                &["echo seen=$(cat tracked.txt)", "cp tracked.txt Builds/"]
+            ),
+            stage("attack", &[attack.as_str()]),
+        ]));
+        let commit = git_project(&h, "victim", &p, json!({"source-copy": mode}));
+        h.start();
+
+        let (r, log) = finished(&h, "victim", json!({"commit": commit, "branch": "main"}));
+        assert_eq!(r["status"], "pass", "{mode}: {log}");
+        assert!(log.contains("attacked"), "{mode}: {log}");
+        if mode == "auto" {
+            assert!(
+                log.contains("copy-on-write snapshot of master (overlay)"),
+                "{log}"
+            );
+        }
+
+        // The next build of the trusted commit.
+        let (r, log) = finished(&h, "victim", json!({"commit": commit, "branch": "main"}));
+        assert_eq!(r["status"], "pass", "{mode}: {log}");
+        assert!(log.contains("seen=original-content"), "{mode}: {log}");
+        assert!(!log.contains("seen=POISONED"), "{mode}: {log}");
+        let master = h.source("victim");
+        assert_eq!(
+            std::fs::read_to_string(master.join("tracked.txt")).unwrap(),
+            "original-content"
+        );
+        let config = std::fs::read_to_string(master.join(".git/config")).unwrap();
+        assert!(
+            !config.contains("fsmonitor") && !config.contains("uploadpack"),
+            "{config}"
+        );
+        for suffix in ["-fsmonitor", "-uploadpack"] {
+            assert!(
+                !Path::new(&format!("{m}{suffix}")).exists(),
+                "{mode}: the host ran the build's command ({suffix})"
+            );
+        }
+        // The archive of the second build holds the original file.
+        let archive = h
+            .build_dir("victim")
+            .join(format!("{}.7z", r["name"].as_str().unwrap()));
+        let o = std::process::Command::new("7z")
+            .args(["e", "-so"])
+            .arg(&archive)
+            .arg("tracked.txt")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "original-content");
+        // No overlay stays mounted once builds end.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(h.data.to_str().unwrap()),
+            "{mode}: a mount under the data directory stayed"
+        );
+    }
+}
+
+/// A master checkout whose `.git/config` already carries a command (poisoned by an older
+/// version, or by hand) is refused before git reads it; the host runs nothing.
+#[test]
+fn a_poisoned_master_config_is_refused_and_runs_nothing() {
+    require_docker();
+    let mut h = TestHost::new();
+    let p = pipeline(json!([stage("s", &["echo ran"])]));
+    git_project(&h, "p", &p, json!({}));
+    let marker = h.tmp.path().join("fsmonitor-ran");
+    let config = h.source("p").join(".git/config");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[core]\n\tfsmonitor = \"touch {}\"\n",
+        marker.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    h.start();
+    let (r, log) = finished(&h, "p", json!({}));
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(log.contains("core.fsmonitor"), "{log}");
+    assert!(log.contains("re-add the project"), "{log}");
+    assert!(!marker.exists(), "the host ran the config's command");
+}
+
+/// pipeline.json committed as a link to another project's pipeline.json (with its secrets in
+/// the environment) is refused; so is one over the size cap.
+#[test]
+fn a_linked_or_huge_pipeline_json_is_refused() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "other",
+        &pipeline_with(
+            json!([stage("s", &["echo hi"])]),
+            json!({"environment": {"DEPLOY_TOKEN": "other-project-secret-value"}}),
+        ),
+    );
+    let repo = h.tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::os::unix::fs::symlink(
+        "../../../other/master/project_source/pipeline.json",
+        repo.join("pipeline.json"),
+    )
+    .unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "link"]);
+    let o = h.cli(&["project", "add", "thief", "--git", repo.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h.start();
+    let (r, log) = finished(&h, "thief", json!({}));
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(log.contains("pipeline.json is a symbolic link"), "{log}");
+    assert!(!log.contains("other-project-secret-value"), "{log}");
+
+    let big = format!(
+        "{}{}",
+        pipeline(json!([stage("s", &["echo hi"])])),
+        " ".repeat(1 << 20)
+    );
+    h.project("big", &big);
+    let (r, log) = finished(&h, "big", json!({}));
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(
+        log.contains("pipeline.json is larger than 1048576 bytes"),
+        "{log}"
+    );
+}
+
+/// docker.args without the operator's trust cannot mount a named volume, join a network or
+/// raise the host's limits; the same args pass once pipeline-config.json trusts them.
+#[test]
+fn docker_args_cannot_reach_engine_objects_or_raise_limits() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"container_memory": "256m"}));
+    let volume = format!("ams-test-victim-{}", std::process::id());
+    let o = std::process::Command::new("docker")
+        .args(["volume", "create", &volume])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let attacks = [
+        format!("-v {volume}:/stolen"),
+        "--network ams-test-othernet".to_string(),
+        "--memory 100g".to_string(),
+        "--pids-limit 10000000".to_string(),
+        "--shm-size 1g".to_string(),
+    ];
+    for (i, args) in attacks.iter().enumerate() {
+        let p = pipeline_with(
+            json!([stage(
+                "s",
+                &["echo escaped > /stolen/x || true", "echo ran"]
+            )]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "args": args}}),
+        );
+        h.project(&format!("a{i}"), &p);
+    }
+    h.start();
+    for (i, args) in attacks.iter().enumerate() {
+        let (r, log) = finished(&h, &format!("a{i}"), json!({}));
+        assert_eq!(r["status"], "fail", "{args}: {log}");
+        assert!(log.contains("docker.args"), "{args}: {log}");
+        assert!(!log.contains("\nran"), "{args}: {log}");
+    }
+    // Lowering a limit needs no trust.
+    let p = pipeline_with(
+        json!([stage("s", &["echo lowered"])]),
+        json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                          "build-output-dest": "/root/project/Builds", "args": "--memory 128m --pids-limit 50"}}),
+    );
+    h.project("low", &p);
+    let (r, log) = finished(&h, "low", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    // With the operator's trust the volume is mounted.
+    h.private_config("a0", json!({"allow-docker-args": ["-v"]}));
+    let (r, log) = finished(&h, "a0", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    let _ = std::process::Command::new("docker")
+        .args(["volume", "rm", "-f", &volume])
+        .output();
+}
+
+/// With `allowed_registries`, an image from any other registry is refused before the engine
+/// is asked to pull it (the engine would otherwise connect wherever the name points).
+#[test]
+fn images_from_registries_not_allowed_are_refused() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"allowed_registries": ["docker.io"]}));
+    let p = pipeline_with(
+        json!([stage("s", &["echo hi"])]),
+        json!({"docker": {"image": "127.0.0.1:9/probe:latest", "project-dest": "/root/project",
+                          "build-output-dest": "/root/project/Builds"}}),
+    );
+    h.project("ssrf", &p);
+    h.project(
+        "ok",
+        &pipeline(json!([stage("s", &["echo allowed-image"])])),
+    );
+    h.start();
+    let (r, log) = finished(&h, "ssrf", json!({}));
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(log.contains("allowed_registries"), "{log}");
+    assert!(!log.contains("pull:"), "{log}");
+    let (r, log) = finished(&h, "ok", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+}
