@@ -1,5 +1,18 @@
 //! Rules for names that become paths or container names.
 
+/// A build's database id. Commands that act on a build carry only this, after the edge that
+/// received the request resolved the user's reference (a name, which is unique only within
+/// its project) to one build of a project the caller may act on. A number typed by a user is
+/// never taken for an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BuildId(pub i64);
+
+impl std::fmt::Display for BuildId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
 /// Longest project name accepted.
 pub const MAX_PROJECT_NAME: usize = 64;
 

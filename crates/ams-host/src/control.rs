@@ -7,6 +7,7 @@
 
 use crate::host::{BuildRequest, HostHandle};
 use crate::log;
+use ams_store::BuildRecord;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -124,28 +125,26 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 Err(e) => err(e),
             }
         }
-        "cancel" => match h
-            .cancel(&str_field(&req, "build").unwrap_or_default(), &actor)
-            .await
-        {
-            Ok(b) => json!({"ok": true, "build": b}),
+        "cancel" => match by_ref(&h, &req).await {
+            Ok(b) => match h.cancel(b.build_id(), &actor).await {
+                Ok(b) => json!({"ok": true, "build": b}),
+                Err(e) => err(e),
+            },
             Err(e) => err(e),
         },
-        "delete-output" => {
-            match h
-                .delete_output(&str_field(&req, "build").unwrap_or_default(), &actor)
-                .await
-            {
+        "delete-output" => match by_ref(&h, &req).await {
+            Ok(b) => match h.delete_output(b.build_id(), &actor).await {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => err(e),
-            }
-        }
+            },
+            Err(e) => err(e),
+        },
         "status" => match h.snapshot().await {
             Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
             Err(e) => err(e),
         },
         "follow" => {
-            follow(&h, &str_field(&req, "build").unwrap_or_default(), &mut w).await;
+            follow(&h, &req, &mut w).await;
             return;
         }
         other => err(format!("unknown command `{other}`")),
@@ -240,15 +239,28 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), v: &Value) -> std::io::Resul
     w.write_all(s.as_bytes()).await
 }
 
-async fn follow(h: &HostHandle, build: &str, w: &mut (impl AsyncWriteExt + Unpin)) {
-    let b = match h.store.build_by_name(build).await {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            let _ = send(w, &err(format!("no build named `{build}`"))).await;
-            return;
-        }
+/// The build a request names: `build` as `PROJECT/NAME` or a name alone (which must then be
+/// unique), or `project` and `build` as two fields. The socket's user is the operator, who may
+/// act on every project.
+async fn by_ref(h: &HostHandle, req: &Value) -> Result<BuildRecord, String> {
+    let reference = str_field(req, "build").unwrap_or_default();
+    let field = str_field(req, "project");
+    let (project, name) = match (field.as_deref(), reference.split_once('/')) {
+        (Some(p), _) => (Some(p), reference.as_str()),
+        (None, Some((p, n))) => (Some(p), n),
+        (None, None) => (None, reference.as_str()),
+    };
+    h.resolve(project, name, |_| true)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no build named `{reference}`"))
+}
+
+async fn follow(h: &HostHandle, req: &Value, w: &mut (impl AsyncWriteExt + Unpin)) {
+    let b = match by_ref(h, req).await {
+        Ok(b) => b,
         Err(e) => {
-            let _ = send(w, &err(e.to_string())).await;
+            let _ = send(w, &err(e)).await;
             return;
         }
     };

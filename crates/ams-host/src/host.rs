@@ -10,7 +10,7 @@ use crate::paths::DataDir;
 use crate::project;
 use crate::timefmt;
 use crate::worker::{self, StopReason, StopSignal, WorkerContext};
-use ams_core::names::validate_build_name;
+use ams_core::names::{validate_build_name, BuildId};
 use ams_core::pipeline::{self, DEFAULT_NAME_FORMAT};
 use ams_core::queue::{Queue, Queued};
 use ams_core::status::BuildStatus;
@@ -75,6 +75,15 @@ pub struct QueueSnapshot {
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// Why a build reference did not resolve to one build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("build name `{name}` is used by several projects ({}); name the project too", projects.join(", "))]
+    Ambiguous { name: String, projects: Vec<String> },
+    #[error("cannot look the build up: {0}")]
+    Store(String),
+}
+
 /// What became of a webhook delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -89,12 +98,12 @@ pub enum WebhookOutcome {
 pub enum Command {
     Build(BuildRequest, Reply<BuildRecord>),
     Cancel {
-        build: String,
+        build: BuildId,
         by: String,
         reply: Reply<BuildRecord>,
     },
     DeleteOutput {
-        build: String,
+        build: BuildId,
         by: String,
         reply: Reply<()>,
     },
@@ -168,15 +177,53 @@ impl HostHandle {
         self.ask(|r| Command::Build(req, r)).await
     }
 
-    pub async fn cancel(&self, build: &str, by: &str) -> Result<BuildRecord, String> {
-        let (build, by) = (build.to_string(), by.to_string());
+    /// Cancels a build. The caller resolved and authorized `build` (see [`HostHandle::resolve`]).
+    pub async fn cancel(&self, build: BuildId, by: &str) -> Result<BuildRecord, String> {
+        let by = by.to_string();
         self.ask(|reply| Command::Cancel { build, by, reply }).await
     }
 
-    pub async fn delete_output(&self, build: &str, by: &str) -> Result<(), String> {
-        let (build, by) = (build.to_string(), by.to_string());
+    /// Deletes a finished build's output. The caller resolved and authorized `build`.
+    pub async fn delete_output(&self, build: BuildId, by: &str) -> Result<(), String> {
+        let by = by.to_string();
         self.ask(|reply| Command::DeleteOutput { build, by, reply })
             .await
+    }
+
+    /// Resolves a user's build reference: `project` and the build's name, or the name alone,
+    /// which must then name exactly one build among the projects `may` accepts. A number is a
+    /// name like any other, never an id.
+    pub async fn resolve(
+        &self,
+        project: Option<&str>,
+        name: &str,
+        may: impl Fn(&str) -> bool,
+    ) -> Result<Option<BuildRecord>, ResolveError> {
+        match project {
+            Some(p) if may(p) => Ok(self
+                .store
+                .build_by_name(p, name)
+                .await
+                .map_err(|e| ResolveError::Store(e.to_string()))?),
+            Some(_) => Ok(None),
+            None => {
+                let mut found: Vec<BuildRecord> = self
+                    .store
+                    .builds_named(name)
+                    .await
+                    .map_err(|e| ResolveError::Store(e.to_string()))?
+                    .into_iter()
+                    .filter(|b| may(&b.project))
+                    .collect();
+                match found.len() {
+                    0 | 1 => Ok(found.pop()),
+                    _ => Err(ResolveError::Ambiguous {
+                        name: name.to_string(),
+                        projects: found.into_iter().map(|b| b.project).collect(),
+                    }),
+                }
+            }
+        }
     }
 
     /// Queues the builds of a verified delivery and records it (see [`Command::Webhook`]).
@@ -415,10 +462,10 @@ impl Host {
                     self.start_ready().await;
                 }
                 Command::Cancel { build, by, reply } => {
-                    let _ = reply.send(self.cancel(&build, &by).await);
+                    let _ = reply.send(self.cancel(build, &by).await);
                 }
                 Command::DeleteOutput { build, by, reply } => {
-                    self.delete_output(&build, &by, reply).await
+                    self.delete_output(build, &by, reply).await
                 }
                 Command::Complete { id, finish } => {
                     self.complete(id, &finish).await;
@@ -679,17 +726,15 @@ impl Host {
         }
     }
 
-    async fn find(&self, build: &str) -> Result<BuildRecord, String> {
-        let found = match build.parse::<i64>() {
-            Ok(id) => self.store.build_by_id(id).await,
-            Err(_) => self.store.build_by_name(build).await,
-        };
-        found
+    async fn find(&self, build: BuildId) -> Result<BuildRecord, String> {
+        self.store
+            .build_by_id(build.0)
+            .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no build named `{build}`"))
+            .ok_or_else(|| format!("no build {build}"))
     }
 
-    async fn cancel(&mut self, build: &str, by: &str) -> Result<BuildRecord, String> {
+    async fn cancel(&mut self, build: BuildId, by: &str) -> Result<BuildRecord, String> {
         let b = self.find(build).await?;
         let now = timefmt::now();
         if self.queue.remove_pending(b.id) {
@@ -720,10 +765,10 @@ impl Host {
                 b.name, b.status
             ));
         }
-        self.find(&b.id.to_string()).await
+        self.find(b.build_id()).await
     }
 
-    async fn delete_output(&mut self, build: &str, by: &str, reply: crate::host::Reply<()>) {
+    async fn delete_output(&mut self, build: BuildId, by: &str, reply: crate::host::Reply<()>) {
         let b = match self.find(build).await {
             Ok(b) => b,
             Err(e) => {
@@ -820,7 +865,7 @@ mod tests {
         assert!(!Command::Snapshot(tx).changes_state());
         let (tx, _rx) = oneshot::channel();
         assert!(Command::Cancel {
-            build: "b".into(),
+            build: BuildId(1),
             by: "u".into(),
             reply: tx
         }

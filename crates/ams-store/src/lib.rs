@@ -63,6 +63,13 @@ pub struct BuildRecord {
     pub stages: Vec<StageResult>,
 }
 
+impl BuildRecord {
+    /// The typed id commands carry.
+    pub fn build_id(&self) -> ams_core::names::BuildId {
+        ams_core::names::BuildId(self.id)
+    }
+}
+
 /// The described system's project info.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProjectInfo {
@@ -410,6 +417,7 @@ impl Store {
             include_str!("../migrations/0004_users.sql"),
             include_str!("../migrations/0005_messages.sql"),
             include_str!("../migrations/0006_commit_message.sql"),
+            include_str!("../migrations/0008_build_names_per_project.sql"),
         ];
         let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -489,12 +497,24 @@ impl Store {
         row.as_ref().map(row_to_build).transpose()
     }
 
-    pub async fn build_by_name(&self, name: &str) -> Result<Option<BuildRecord>> {
-        let row = sqlx::query("SELECT * FROM builds WHERE name = ?")
+    /// The build of `project` named `name` (names are unique per project).
+    pub async fn build_by_name(&self, project: &str, name: &str) -> Result<Option<BuildRecord>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE project = ? AND name = ?")
+            .bind(project)
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(row_to_build).transpose()
+    }
+
+    /// Every build named `name`, in any project (at most 16), oldest first: a name alone may
+    /// be ambiguous, so the caller picks among the projects it may act on.
+    pub async fn builds_named(&self, name: &str) -> Result<Vec<BuildRecord>> {
+        let rows = sqlx::query("SELECT * FROM builds WHERE name = ? ORDER BY id LIMIT 16")
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_build).collect()
     }
 
     /// The project's builds, newest first.
@@ -543,7 +563,7 @@ impl Store {
             // Through projects.latest_build_key: one index lookup per project, however many
             // builds there are.
             "SELECT b.project, b.id, b.name, b.status FROM projects p \
-             JOIN builds b ON b.name = p.latest_build_key",
+             JOIN builds b ON b.project = p.name AND b.name = p.latest_build_key",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -1366,6 +1386,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn build_names_are_unique_per_project_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        // Project `1` names its builds `{project}{build_index}`; project `b` uses `b…`, but a
+        // name format may produce anything: another project's name never blocks a build.
+        let a = s.create_build(&nb("a"), |_| Ok("11".into())).await.unwrap();
+        let b = s.create_build(&nb("b"), |_| Ok("11".into())).await.unwrap();
+        assert_ne!(a.id, b.id);
+        assert_eq!(s.build_by_name("a", "11").await.unwrap().unwrap().id, a.id);
+        assert_eq!(s.build_by_name("b", "11").await.unwrap().unwrap().id, b.id);
+        let both: Vec<i64> = s
+            .builds_named("11")
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(both, vec![a.id, b.id]);
+        // Within one project a name is still unique.
+        assert!(s.create_build(&nb("a"), |_| Ok("11".into())).await.is_err());
+        let latest = s.latest_builds().await.unwrap();
+        assert_eq!(latest["a"].0, a.id);
+        assert_eq!(latest["b"].0, b.id);
+    }
+
+    #[tokio::test]
     async fn builds_of_web_and_api_users_leave_a_message_however_they_end() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
@@ -1480,7 +1526,7 @@ mod tests {
         s.close().await;
 
         let s = Store::open(&db).await.unwrap();
-        let a2 = s.build_by_name("p_1").await.unwrap().unwrap();
+        let a2 = s.build_by_name("p", "p_1").await.unwrap().unwrap();
         assert_eq!(a2.status, BuildStatus::Pass);
         assert_eq!(a2.stages, stages);
         let live: Vec<_> = s
@@ -1547,7 +1593,7 @@ mod tests {
         s.skip_builds(&[(3, "superseded".into())], 5.0)
             .await
             .unwrap();
-        let b = s.build_by_name("p_3").await.unwrap().unwrap();
+        let b = s.build_by_name("p", "p_3").await.unwrap().unwrap();
         assert_eq!(b.status, BuildStatus::Skip);
         assert_eq!(b.reason.as_deref(), Some("superseded"));
     }

@@ -184,6 +184,14 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
         .route("/deliveries/{id}/replay", post(replay))
         .route("/builds/{name}/cancel", post(cancel))
         .route("/builds/{name}/delete-output", post(delete_output))
+        .route(
+            "/projects/name/{name}/builds/{build}/cancel",
+            post(cancel_in_project),
+        )
+        .route(
+            "/projects/name/{name}/builds/{build}/delete-output",
+            post(delete_output_in_project),
+        )
         .with_state(state);
     Router::new().nest(&format!("/{web_root}/api"), api)
 }
@@ -216,6 +224,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/projects/name/{name}/build"),
     ("post", "/builds/{name}/cancel"),
     ("post", "/builds/{name}/delete-output"),
+    ("post", "/projects/name/{name}/builds/{build}/cancel"),
+    ("post", "/projects/name/{name}/builds/{build}/delete-output"),
     ("post", "/deliveries/{id}/replay"),
 ];
 
@@ -706,16 +716,56 @@ async fn trigger(
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())
 }
 
-async fn find_build(st: &ApiState, c: &Caller, name: &str) -> Result<BuildRecord, ApiError> {
+/// Resolves a build reference once, here at the edge, to one build of a project the caller
+/// may see, then checks that it may act on it; only the build's id goes on to the host.
+async fn find_build(
+    st: &ApiState,
+    c: &Caller,
+    project: Option<&str>,
+    name: &str,
+) -> Result<BuildRecord, ApiError> {
     let b = st
         .host
-        .store
-        .build_by_name(name)
+        .resolve(project, name, |p| c.grant.may(Action::View, p))
         .await
-        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| match e {
+            ams_host::host::ResolveError::Ambiguous { .. } => ApiError::Bad(format!(
+                "{e}: POST api/projects/name/{{project}}/builds/{name}/…"
+            )),
+            ams_host::host::ResolveError::Store(_) => ApiError::Internal,
+        })?
         .ok_or(ApiError::NotFound)?;
     operate(st, c, &b.project)?;
     Ok(b)
+}
+
+async fn cancel_build(
+    st: ApiState,
+    c: Caller,
+    project: Option<&str>,
+    name: &str,
+) -> Result<Json<Value>, ApiError> {
+    let b = find_build(&st, &c, project, name).await?;
+    let b = st
+        .host
+        .cancel(b.build_id(), &c.user.name)
+        .await
+        .map_err(ApiError::Bad)?;
+    Ok(Json(json!({"build": build_json(&b)})))
+}
+
+async fn delete_build_output(
+    st: ApiState,
+    c: Caller,
+    project: Option<&str>,
+    name: &str,
+) -> Result<Json<Value>, ApiError> {
+    let b = find_build(&st, &c, project, name).await?;
+    st.host
+        .delete_output(b.build_id(), &c.user.name)
+        .await
+        .map_err(ApiError::Bad)?;
+    Ok(Json(json!({"ok": true})))
 }
 
 async fn cancel(
@@ -723,13 +773,7 @@ async fn cancel(
     c: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    find_build(&st, &c, &name).await?;
-    let b = st
-        .host
-        .cancel(&name, &c.user.name)
-        .await
-        .map_err(ApiError::Bad)?;
-    Ok(Json(json!({"build": build_json(&b)})))
+    cancel_build(st, c, None, &name).await
 }
 
 async fn delete_output(
@@ -737,12 +781,23 @@ async fn delete_output(
     c: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    find_build(&st, &c, &name).await?;
-    st.host
-        .delete_output(&name, &c.user.name)
-        .await
-        .map_err(ApiError::Bad)?;
-    Ok(Json(json!({"ok": true})))
+    delete_build_output(st, c, None, &name).await
+}
+
+async fn cancel_in_project(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    cancel_build(st, c, Some(&project), &name).await
+}
+
+async fn delete_output_in_project(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    delete_build_output(st, c, Some(&project), &name).await
 }
 
 /// Downloads: `/{web_root}/output/{project}/{build}` (the log, text/plain) and
@@ -772,10 +827,9 @@ async fn recorded(
     let b = st
         .host
         .store
-        .build_by_name(build)
+        .build_by_name(project, build)
         .await
         .map_err(|_| ApiError::Internal)?
-        .filter(|b| b.project == project)
         .ok_or(ApiError::NotFound)?;
     let dir = st.host.data.project(&b.project).build(&b.name);
     Ok((b, dir))

@@ -523,11 +523,10 @@ async fn find(st: &ApiState, v: &Viewer, project: &str, name: &str) -> Option<Bu
     }
     st.host
         .store
-        .build_by_name(name)
+        .build_by_name(project, name)
         .await
         .ok()
         .flatten()
-        .filter(|b| b.project == project)
 }
 
 fn stages_html(b: &BuildRecord) -> String {
@@ -904,9 +903,9 @@ async fn build_action(
         return refused(&root, StatusCode::FORBIDDEN, "you may not do that");
     }
     let r = if delete {
-        st.host.delete_output(&b.name, &v.user.name).await
+        st.host.delete_output(b.build_id(), &v.user.name).await
     } else {
-        st.host.cancel(&b.name, &v.user.name).await.map(|_| ())
+        st.host.cancel(b.build_id(), &v.user.name).await.map(|_| ())
     };
     let what = if delete {
         "delete the output of"

@@ -627,6 +627,7 @@ fn every_path_of_the_openapi_document_is_served() {
     for (method, path) in ops {
         let concrete = path
             .replace("/builds/{name}", &format!("/builds/{build}"))
+            .replace("{build}", &build)
             .replace("{name}", "mine")
             .replace("{list}", "active")
             .replace("{id}", &id);

@@ -264,3 +264,117 @@ fn images_from_registries_not_allowed_are_refused() {
     let (r, log) = finished(&h, "ok", json!({}));
     assert_eq!(r["status"], "pass", "{log}");
 }
+
+/// A build reference is resolved once, at the edge, within the projects the caller may see:
+/// a MODERATOR of project `1` whose builds are named `{project}{build_index}` asks to delete
+/// the output of its build `11`; the number must not be taken for the id of project `b`'s
+/// build 11. And a project whose name format produces another project's names never stops
+/// that project from building.
+#[test]
+fn build_references_never_cross_projects() {
+    let mut h = TestHost::new();
+    let dummy = |format: &str| {
+        pipeline_with(
+            json!([stage("s", &["true"])]),
+            json!({"dummy-build": true, "build-name-format": format}),
+        )
+    };
+    h.project("1", &dummy("{project}{build_index}"));
+    h.project("11", &dummy("{project}{build_index}"));
+    h.project("b", &dummy("{project}_{build_hash}_build_{build_index}"));
+    add_user(&h, "mod1", "3", "1", "a long password");
+    let o = h.cli(&["token", "create", "--user", "mod1"]);
+    assert!(o.status.success());
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    h.start();
+
+    // Project `11` takes the name `111` first; project `1` reaches its own build 11 later.
+    let first = h.build("11");
+    assert_eq!(first, "111");
+    let mine = h.build("1");
+    assert_eq!(mine, "11");
+    h.wait_status("1", &mine, T);
+    let mut b_builds = Vec::new();
+    for _ in 0..12 {
+        let b = h.build_with("b", json!({}));
+        b_builds.push((
+            b["id"].as_i64().unwrap(),
+            b["name"].as_str().unwrap().to_string(),
+        ));
+    }
+    for i in 2..=11 {
+        let n = h.build("1");
+        assert_eq!(
+            n,
+            format!("1{i}"),
+            "project 1 builds on under names another project used"
+        );
+    }
+    h.wait_status("1", "111", T);
+    h.wait_status("11", "111", T);
+    let (victim_id, victim) = b_builds
+        .iter()
+        .find(|(id, _)| *id == 11)
+        .cloned()
+        .expect("project b has the build with id 11");
+    let r = h.wait_status("b", &victim, T);
+    assert!(r["output_deleted_at"].is_null());
+
+    let auth = vec![
+        ("Authorization", format!("Bearer {token}")),
+        ("Content-Type", "application/json".to_string()),
+    ];
+    let addr = h.web_addr();
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/ams-build/api/builds/11/delete-output",
+        &auth,
+        b"{}",
+    );
+    assert_eq!(code, 200, "{body}");
+    // Project 1's build 11 lost its output; project b's build with id 11 kept it.
+    let r = h.record("b", &victim);
+    assert!(r["output_deleted_at"].is_null(), "{r}");
+    assert_eq!(r["id"].as_i64(), Some(victim_id));
+    assert!(h.build_dir("b").join(&victim).join("output.txt").exists());
+    let r = h.record("1", "11");
+    assert!(!r["output_deleted_at"].is_null(), "{r}");
+
+    // `111` is a build of project 1 and of project 11: the moderator sees only project 1's.
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/ams-build/api/builds/111/delete-output",
+        &auth,
+        b"{}",
+    );
+    assert_eq!(
+        code,
+        200,
+        "{body} {} {}",
+        h.record("1", "111"),
+        h.record("11", "111")
+    );
+    assert!(h.record("11", "111")["output_deleted_at"].is_null());
+    // Another project's build by its project-qualified path: not found, like a missing one.
+    let (code, _) = http(
+        &addr,
+        "POST",
+        "/ams-build/api/projects/name/b/builds/11/cancel",
+        &auth,
+        b"{}",
+    );
+    assert_eq!(code, 404);
+    // The operator's CLI names the project when a name is ambiguous.
+    let o = h.cli(&["delete-output", "111"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("several projects"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = h.cli(&["delete-output", "11/111"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!h.record("11", "111")["output_deleted_at"].is_null());
+}
