@@ -75,7 +75,17 @@ fn entry(name: String, meta: &fs::Metadata, is_dir: bool) -> ArchiveEntry {
 pub fn pack_dir(dir: &Path, dest: &Path) -> Result<PackSummary, ArchiveError> {
     let tmp = dest.with_extension("7z.partial");
     let result = (|| {
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        // Archives hold a build's output: readable by the host's user alone.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?
+        };
         let mut w = ArchiveWriter::new(file).map_err(|e| ArchiveError::SevenZ(e.to_string()))?;
         w.set_content_methods(vec![EncoderConfiguration::from(Lzma2Options::from_level(
             5,
@@ -128,7 +138,21 @@ fn walk(
             summary.dirs += 1;
             walk(&path, &format!("{name}/"), w, summary)?;
         } else if ft.is_file() {
-            let f = File::open(&path).map_err(io_err(&path))?;
+            // Opened without following a link and without blocking on a FIFO, then checked
+            // again: whatever replaced the entry since it was listed, only a regular file is
+            // ever read.
+            let f = {
+                use std::os::unix::fs::OpenOptionsExt;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+                    .open(&path)
+                    .map_err(io_err(&path))?
+            };
+            if !f.metadata().map_err(io_err(&path))?.is_file() {
+                summary.skipped += 1;
+                continue;
+            }
             w.push_archive_entry(entry(name.clone(), &meta, false), Some(f))
                 .map_err(sz)?;
             summary.files += 1;

@@ -317,7 +317,7 @@ fn host_id(data: &DataDir) -> std::io::Result<String> {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => {
             let id = worker::random_hex(16);
-            std::fs::write(&path, &id)?;
+            crate::paths::write_private(&path, id.as_bytes())?;
             Ok(id)
         }
     }
@@ -330,7 +330,10 @@ impl Host {
         cfg: HostConfig,
         executor: Arc<dyn Executor>,
     ) -> anyhow::Result<(Host, HostHandle)> {
-        std::fs::create_dir_all(cfg.data.projects())?;
+        cfg.data.create()?;
+        for w in cfg.data.loose_modes() {
+            tracing::warn!("{w}");
+        }
         let store = Store::open(&cfg.data.db()).await?;
         let host_id = host_id(&cfg.data)?;
         let (tx, rx) = mpsc::channel(1024);

@@ -81,9 +81,11 @@ impl BuildLog {
         limit: u64,
         tx: Option<broadcast::Sender<LogMsg>>,
     ) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)?;
         let offset = f.metadata()?.len();
         Ok(BuildLog {

@@ -2,11 +2,10 @@
 //! and loading a project's private configuration.
 
 use crate::git::{self, GitAuth};
-use crate::paths::{DataDir, ProjectDir};
+use crate::paths::{create_private_dir, write_private, DataDir, ProjectDir};
 use ams_core::names::validate_project_name;
 use ams_core::private_config::PrivateConfig;
 use std::fs;
-use std::path::Path;
 
 /// The pipeline.json written by `project init`: a runnable example to edit.
 pub const TEMPLATE_PIPELINE: &str = r#"{
@@ -43,21 +42,17 @@ fn private_config_text(branch: Option<&str>) -> String {
 
 fn skeleton(p: &ProjectDir, branch: Option<&str>) -> std::io::Result<()> {
     fs::create_dir_all(p.master_build())?;
-    fs::create_dir_all(p.config())?;
+    // The private config holds secrets: the host's user alone reads it.
+    create_private_dir(&p.config())?;
     fs::create_dir_all(p.builds())?;
-    fs::write(
-        p.config().join(PrivateConfig::FILE),
-        private_config_text(branch),
+    write_private(
+        &p.config().join(PrivateConfig::FILE),
+        private_config_text(branch).as_bytes(),
     )?;
-    fs::write(p.config().join("webhooks.json"), TEMPLATE_WEBHOOKS)?;
-    // The private config holds secrets later: keep it to the owner.
-    set_private(&p.config())?;
-    Ok(())
-}
-
-fn set_private(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    write_private(
+        &p.config().join("webhooks.json"),
+        TEMPLATE_WEBHOOKS.as_bytes(),
+    )
 }
 
 fn check_new(data: &DataDir, name: &str) -> Result<ProjectDir, String> {
@@ -69,7 +64,7 @@ fn check_new(data: &DataDir, name: &str) -> Result<ProjectDir, String> {
             p.root.display()
         ));
     }
-    fs::create_dir_all(data.projects())
+    data.create()
         .map_err(|e| format!("{}: {e}", data.projects().display()))?;
     Ok(p)
 }

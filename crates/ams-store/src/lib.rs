@@ -386,6 +386,21 @@ impl Store {
 
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Store> {
+        // Created by us with mode 0600 first: SQLite gives its WAL and SHM files the database
+        // file's mode, so none of the three is ever readable by other users.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::Invalid(format!("{}: {e}", path.display()))),
+            }
+        }
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)

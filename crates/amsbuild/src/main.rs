@@ -555,7 +555,8 @@ fn parse_projects(data: &DataDir, list: &str) -> Result<Vec<String>> {
 }
 
 async fn open_store(data: &DataDir) -> Result<ams_store::Store> {
-    std::fs::create_dir_all(data.root())?;
+    data.create()
+        .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
     ams_store::Store::open(&data.db())
         .await
         .with_context(|| format!("cannot open {}", data.db().display()))
@@ -679,7 +680,7 @@ fn load_conf(data: &DataDir) -> Result<WebConf> {
         Ok(text) => WebConf::parse(&text, &path.display().to_string()).map_err(|e| anyhow!(e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let conf = WebConf::default();
-            std::fs::write(&path, conf.to_pretty_json() + "\n")
+            ams_host::paths::write_private(&path, (conf.to_pretty_json() + "\n").as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
             tracing::info!("wrote default configuration to {}", path.display());
             Ok(conf)
@@ -692,7 +693,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     // Signal handlers first, so a SIGTERM during start-up is a clean stop, not a kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    std::fs::create_dir_all(data.root())
+    data.create()
         .with_context(|| format!("cannot create the data directory {}", data.root().display()))?;
     let conf = load_conf(&data)?;
     // HTTPS problems stop the start before anything listens: never fall back to plain HTTP.

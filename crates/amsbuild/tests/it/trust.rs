@@ -378,3 +378,82 @@ fn build_references_never_cross_projects() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!h.record("11", "111")["output_deleted_at"].is_null());
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Everything the host writes into the data directory is the host user's alone; a data
+/// directory other users can enter is reported at start with the fix.
+#[test]
+fn the_data_directory_and_its_files_are_private() {
+    require_docker();
+    let mut h = TestHost::new();
+    std::fs::remove_dir_all(&h.data).unwrap();
+    // A data directory the host creates itself (through the CLI), then configured.
+    h.project(
+        "p",
+        &pipeline(json!([stage("s", &["echo private > Builds/out.txt"])])),
+    );
+    std::fs::write(
+        h.data.join("web_conf.json"),
+        json!({"webhook_ip": "127.0.0.1", "webhook_port": 0,
+               "web_interface_ip": "127.0.0.1", "web_interface_port": 0})
+        .to_string(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        h.data.join("web_conf.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    h.start();
+    let name = h.build("p");
+    let r = h.wait_status("p", &name, T);
+    assert_eq!(r["status"], "pass", "{}", h.log("p", &name));
+    assert_eq!(mode(&h.data), 0o700);
+    let config = h.data.join("projects/p/master/config");
+    assert_eq!(mode(&config), 0o700);
+    let mut files = vec![
+        h.data.join("ams.db"),
+        h.data.join("host-id"),
+        config.join("pipeline-config.json"),
+        config.join("webhooks.json"),
+        h.build_dir("p").join(&name).join("output.txt"),
+        h.build_dir("p").join(format!("{name}.7z")),
+    ];
+    for extra in ["ams.db-wal", "ams.db-shm"] {
+        if h.data.join(extra).exists() {
+            files.push(h.data.join(extra));
+        }
+    }
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    assert!(!h.host_log().contains("other users"), "{}", h.host_log());
+
+    h.term();
+    std::fs::set_permissions(&h.data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        config.join("webhooks.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    h.start();
+    let log = h.host_log();
+    for p in [h.data.clone(), config.join("webhooks.json")] {
+        let want = format!("{} is mode", p.display());
+        assert!(
+            log.contains(&want),
+            "no warning about {}: {log}",
+            p.display()
+        );
+    }
+    assert!(log.contains("chmod go-rwx"), "{log}");
+}
