@@ -211,8 +211,11 @@ pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
                 Some((f, v)) => (format!("--{f}"), Some(v.to_string())),
                 None => (w.clone(), None),
             }
-        } else if w.starts_with('-') && w.len() > 2 && !matches!(w.as_str(), "-it" | "-ti") {
-            (w[..2].to_string(), Some(w[2..].to_string()))
+        } else if w.starts_with('-') && w.chars().count() > 2 && !matches!(w.as_str(), "-it" | "-ti")
+        {
+            // `-` and one character (which may take several bytes) is the flag.
+            let cut = w.char_indices().nth(2).map(|(i, _)| i).unwrap_or(w.len());
+            (w[..cut].to_string(), Some(w[cut..].to_string()))
         } else {
             (w.clone(), None)
         };
@@ -454,6 +457,14 @@ mod tests {
         assert!(parse("--name x", &[]).is_err());
         assert!(parse("-e", &[]).unwrap_err().contains("needs a value"));
         assert!(parse("--memory lots", &[]).is_err());
+    }
+
+    #[test]
+    fn multibyte_flags_are_errors_not_panics() {
+        for args in ["-é", "-éx", "--é", "-\u{1F600}=1", "é", "-"] {
+            let _ = parse(args, &[]);
+        }
+        assert!(parse("-é", &[]).unwrap_err().contains("-é"));
     }
 
     #[test]

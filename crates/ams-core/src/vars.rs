@@ -67,7 +67,14 @@ pub fn parse(template: &str) -> Vec<Piece<'_>> {
                 start = i;
             }
             b'{' if i == 0 || bytes[i - 1] != b'$' => {
-                if let Some(len) = template[i + 1..].find('}') {
+                // A name is at most 64 name characters: look no further than that for the
+                // closing brace, so parsing stays linear whatever the text holds.
+                let rest = &bytes[i + 1..];
+                let len = rest
+                    .iter()
+                    .take(65)
+                    .position(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_'));
+                if let Some(len) = len.filter(|&l| rest[l] == b'}') {
                     let name = &template[i + 1..i + 1 + len];
                     if is_var_name(name) {
                         if start < i {
@@ -137,6 +144,19 @@ mod tests {
     fn leaves_shell_text_alone() {
         let t = "echo ${HOME} {a,b} $(awk '{print $1}') {1..3} {Upper}";
         assert_eq!(expand(t, &vals()).unwrap(), t);
+    }
+
+    #[test]
+    fn unclosed_braces_are_text_and_parse_in_one_pass() {
+        // Each `{` looks at most 65 bytes ahead (this took seconds when it searched to the end).
+        let t = "{a".repeat(200_000);
+        assert_eq!(parse(&t), vec![Piece::Text(&t)]);
+        let long = format!("{{{}}}", "a".repeat(65));
+        assert_eq!(parse(&long), vec![Piece::Text(&long)]);
+        assert_eq!(
+            parse("{a}{b"),
+            vec![Piece::Var("a"), Piece::Text("{b")]
+        );
     }
 
     #[test]
