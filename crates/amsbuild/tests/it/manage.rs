@@ -223,13 +223,16 @@ fn admins_manage_the_users_of_their_own_projects_and_server_admins_everything() 
     // A user who also works elsewhere is not removed by an ADMIN of one project.
     let (st, _, body) = w.post_form("/ams-build/users/both/remove", &adm, &[]);
     assert_eq!(st, 403);
-    assert!(body.contains("untick your projects"), "{body}");
-    // Change a user: the admin's projects follow the boxes, the others stay.
+    assert!(body.contains("take them off your projects"), "{body}");
+    // Change a user: the admin's projects follow the boxes; the others keep their level.
     let (st, _, _) = w.post_form("/ams-build/users/both", &adm, &[("level", "1")]);
     assert_eq!(st, 303);
     let list = user_list(&w.h);
     let line = line_of(&list, "both");
-    assert!(line.contains("USER") && line.ends_with("other"), "{line}");
+    assert!(
+        line.ends_with("MODERATOR on other") && !line.contains("mine"),
+        "{line}"
+    );
     // Users out of reach answer 404 whether or not they exist; peers and self are refused.
     assert_eq!(
         w.post_form("/ams-build/users/out", &adm, &[("level", "1")])
@@ -383,4 +386,146 @@ fn admins_manage_the_users_of_their_own_projects_and_server_admins_everything() 
         .0,
         403
     );
+}
+
+/// The attack of the security issue: an ADMIN of `mine` changes a user it shares with
+/// `other`. Whatever the form says, the user's level on `other` stays what it was.
+#[test]
+fn an_admin_of_one_project_never_changes_a_users_level_on_another() {
+    let w = Web::new(json!({}));
+    w.h.project(
+        "other",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    add_user(&w.h, "adm", "4", "mine", PW);
+    add_user(&w.h, "shared", "1", "mine,other", PW);
+    let o = w.h.cli(&["token", "create", "--user", "shared"]);
+    assert!(o.status.success());
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let as_shared = |method: &str, path: &str| {
+        http(
+            &w.addr,
+            method,
+            &format!("/ams-build/api{path}"),
+            &[("Authorization", format!("Bearer {token}"))],
+            b"",
+        )
+        .0
+    };
+    // What `shared` may do on `other`: view, not trigger. Checked after every attempt.
+    let still_user_on_other = |after: &str| {
+        assert_eq!(
+            as_shared("GET", "/projects/name/other"),
+            200,
+            "{after}: shared lost `other`"
+        );
+        assert_eq!(
+            as_shared("POST", "/projects/name/other/build"),
+            403,
+            "{after}: shared was raised on `other`"
+        );
+        assert!(
+            line_of(&user_list(&w.h), "shared").contains("USER on other"),
+            "{after}: {}",
+            user_list(&w.h)
+        );
+    };
+    still_user_on_other("at first");
+    let adm = w.session("adm", PW);
+    let (_, _, page) = w.get("/ams-build/users", &adm);
+    assert!(page.contains("id=\"p-shared-mine\""), "{page}");
+    assert!(
+        !page.contains("p-shared-other"),
+        "only the admin's projects are offered"
+    );
+
+    // The described system's form shape, one level and the admin's own project: allowed,
+    // and it now means MODERATOR on `mine` only (it used to raise `shared` everywhere).
+    let (st, head, body) = w.post_form(
+        "/ams-build/users/shared",
+        &adm,
+        &[("level", "3"), ("projects", "mine")],
+    );
+    assert_eq!(st, 303, "{head}{body}");
+    assert_eq!(as_shared("POST", "/projects/name/mine/build"), 202);
+    still_user_on_other("MODERATOR on mine");
+    // Locking `shared` out through its level: NO AUTH on `mine` does not reach `other`.
+    let (st, _, _) = w.post_form(
+        "/ams-build/users/shared",
+        &adm,
+        &[("level", "0"), ("projects", "mine")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 404);
+    still_user_on_other("NO AUTH on mine");
+
+    // Any attempt to set a level on `other` is refused, and changes nothing at all.
+    for (pairs, why) in [
+        (
+            vec![("level:mine", "1"), ("level:other", "3")],
+            "MODERATOR on other",
+        ),
+        (vec![("level:other", "1")], "USER on other"),
+        (vec![("level:other", "0")], "NO AUTH on other"),
+        (vec![("level:other", "")], "off other"),
+        (
+            vec![("level", "3"), ("projects", "other")],
+            "old shape, other",
+        ),
+        (
+            vec![("level", "1"), ("projects", "mine"), ("projects", "other")],
+            "old shape, both",
+        ),
+        (vec![("level:mine", "4")], "ADMIN on mine"),
+        (
+            vec![("level:mine", "1"), ("server_admin", "on")],
+            "SERVER ADMIN",
+        ),
+    ] {
+        let (st, _, body) = w.post_form("/ams-build/users/shared", &adm, &pairs);
+        assert_eq!(st, 403, "{why}: {body}");
+        still_user_on_other(why);
+        assert!(
+            line_of(&user_list(&w.h), "shared").contains("NO AUTH on mine"),
+            "{why}: the refused change changed `mine`"
+        );
+    }
+    let (_, _, body) = w.post_form("/ams-build/users/shared", &adm, &[("level:other", "3")]);
+    assert!(
+        body.contains("you do not administer project `other`"),
+        "{body}"
+    );
+    // Removing `shared` would take it off `other` too: refused.
+    assert_eq!(
+        w.post_form("/ams-build/users/shared/remove", &adm, &[]).0,
+        403
+    );
+    still_user_on_other("remove");
+
+    // The per-project form changes what it names: back to USER on mine.
+    let (st, _, _) = w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "1")]);
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 200);
+    still_user_on_other("USER on mine");
+    // Taking `shared` off `mine` leaves it on `other`, out of the admin's reach.
+    let (st, _, _) = w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "")]);
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 404);
+    still_user_on_other("off mine");
+    assert_eq!(
+        w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "1")])
+            .0,
+        404
+    );
+    // The API tells the levels apart.
+    let (st, me) = http(
+        &w.addr,
+        "GET",
+        "/ams-build/api/user",
+        &[("Authorization", format!("Bearer {token}"))],
+        b"",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(me["levels"]["other"]["level_name"], "USER", "{me}");
+    assert_eq!(me["projects"], json!(["other"]));
 }
