@@ -1012,7 +1012,8 @@ impl Store {
         rows.iter().map(row_to_user).collect()
     }
 
-    /// Sets a new password hash and ends every session of the user.
+    /// Sets a new password hash, ends every session of the user and revokes its API tokens:
+    /// whoever knew the old password may have made one.
     pub async fn set_password(&self, name: &str, hash: &str, at: f64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
@@ -1024,10 +1025,12 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query("DELETE FROM sessions WHERE user = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        for sql in [
+            "DELETE FROM sessions WHERE user = ?",
+            "DELETE FROM api_tokens WHERE user = ?",
+        ] {
+            sqlx::query(sql).bind(name).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(n == 1)
     }
@@ -1638,14 +1641,18 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        // A password change ends every session of the user.
+        // A password change ends every session of the user and revokes its tokens.
         s.create_session("c", "u", "c", 1000.0).await.unwrap();
+        s.create_token("u", "ci", "th", 1000.0).await.unwrap();
+        assert!(s.token_user("th", 1000.5).await.unwrap().is_some());
         s.set_password("u", "h2", 1001.0).await.unwrap();
         assert!(s
             .session("c", 1002.0, 100.0, 500.0)
             .await
             .unwrap()
             .is_none());
+        assert!(s.token_user("th", 1002.0).await.unwrap().is_none());
+        assert!(s.tokens_of("u").await.unwrap().is_empty());
     }
 
     /// A database of schema 6 with users in the described system's shape (one level, a list

@@ -7,6 +7,8 @@
 //! ([`Grant::may_manage`], [`Grant::edit`], [`Grant::may_remove`]), on the user's row as it is
 //! when the change is written ([`ams_store::Store::update_grant`]); a user never edits or
 //! removes their own grant here, so the last SERVER ADMIN cannot lock everyone out by accident.
+//! Creating an API token and changing the password need the current password, checked through
+//! the login throttle; a new password revokes every token and ends every session.
 
 use crate::api::ApiState;
 use crate::auth;
@@ -233,14 +235,16 @@ async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Resp
     b.push_str(&format!(
         "</table><form method=\"post\" action=\"/{root}/account/tokens\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input name=\"label\" placeholder=\"label, e.g. deploy script\" required maxlength=\"100\">\
+         <input name=\"label\" placeholder=\"label, e.g. deploy script\" required maxlength=\"100\"> \
+         <label>Current password <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
          <button type=\"submit\" id=\"create-token\">Create a token</button></form>\
          <h2>Password</h2><form method=\"post\" action=\"/{root}/account/password\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>Current <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
          <label>New <input type=\"password\" name=\"new\" autocomplete=\"new-password\" minlength=\"{min}\" required></label> \
          <button type=\"submit\">Change the password</button></form>\
-         <p>Changing the password ends every session of this account, this one included.</p>",
+         <p>Changing the password ends every session of this account, this one included, and \
+         revokes every API token.</p>",
         min = auth::MIN_PASSWORD
     ));
     html(StatusCode::OK, "Account", root, &b)
@@ -265,8 +269,48 @@ async fn new_password_hash(st: &ApiState, password: &str) -> Result<String, Resp
         .map_err(|e| refused(root, StatusCode::INTERNAL_SERVER_ERROR, &e))
 }
 
+/// Checks the session user's current password through the login throttle: guessing it
+/// through a stolen session costs what guessing it at the login form costs.
+async fn check_current_password(
+    st: &ApiState,
+    v: &Viewer,
+    addr: Option<axum::Extension<crate::session::ClientAddr>>,
+    given: &str,
+) -> Result<(), Response> {
+    let root = &st.conf.web_root;
+    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
+    if st.guard.blocked(&v.user.name, &ip) {
+        return Err(refused(
+            root,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try again later",
+        ));
+    }
+    if given.is_empty() {
+        return Err(refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "type your current password to confirm",
+        ));
+    }
+    if !st
+        .guard
+        .verify(v.user.password_hash.clone(), given.to_string())
+        .await
+    {
+        st.guard.fail(&v.user.name, &ip);
+        return Err(refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "the current password is wrong; type the password you log in with",
+        ));
+    }
+    Ok(())
+}
+
 async fn create_token(
     State(st): State<ApiState>,
+    addr: Option<axum::Extension<crate::session::ClientAddr>>,
     headers: HeaderMap,
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -282,6 +326,10 @@ async fn create_token(
             StatusCode::BAD_REQUEST,
             "give the token a label of 1 to 100 characters",
         );
+    }
+    // A stolen session alone does not make a credential that outlives it.
+    if let Err(r) = check_current_password(&st, &v, addr, f.raw("current")).await {
+        return r;
     }
     let token = format!("ams_{}", auth::random_secret(32));
     match st
@@ -351,22 +399,8 @@ async fn change_password(
         Err(r) => return r,
     };
     let root = &st.conf.web_root;
-    // Guessing the current password through a stolen session meets the login throttle.
-    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
-    if st.guard.blocked(&v.user.name, &ip) {
-        return refused(
-            root,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts; try again later",
-        );
-    }
-    if !st
-        .guard
-        .verify(v.user.password_hash.clone(), f.raw("current").to_string())
-        .await
-    {
-        st.guard.fail(&v.user.name, &ip);
-        return refused(root, StatusCode::FORBIDDEN, "the current password is wrong");
+    if let Err(r) = check_current_password(&st, &v, addr, f.raw("current")).await {
+        return r;
     }
     let hash = match new_password_hash(&st, f.raw("new")).await {
         Ok(h) => h,
@@ -383,7 +417,7 @@ async fn change_password(
                 &st,
                 &v.user.name,
                 "ok",
-                "Changed your password; other sessions have ended",
+                "Changed your password; every session has ended and every API token is revoked",
                 None,
                 None,
             )
@@ -788,7 +822,10 @@ async fn reset_password(
                 &st,
                 &v.user.name,
                 "ok",
-                &format!("Set a new password for {name}; their sessions have ended"),
+                &format!(
+                    "Set a new password for {name}; their sessions have ended and their API \
+                     tokens are revoked"
+                ),
                 None,
                 None,
             )

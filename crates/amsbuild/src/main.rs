@@ -137,7 +137,7 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Change a user's password; the user's sessions end.
+    /// Change a user's password; the user's sessions end and its API tokens are revoked.
     Passwd {
         name: String,
         #[arg(long)]
@@ -680,7 +680,10 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
             if !store.set_password(&name, &hash, timefmt::now()).await? {
                 anyhow::bail!("no user named `{name}`");
             }
-            println!("changed the password of {name}; its sessions have ended");
+            println!(
+                "changed the password of {name}; its sessions have ended and its API tokens \
+                 are revoked"
+            );
         }
         UserCmd::List => {
             for u in store.users().await? {

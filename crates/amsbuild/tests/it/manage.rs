@@ -100,7 +100,11 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     let w = Web::new(json!({}));
     add_user(&w.h, "other", "3", "mine", PW);
     let cookie = w.session("mod", PW);
-    let (st, _, page) = w.post_form("/ams-build/account/tokens", &cookie, &[("label", "ci <b>")]);
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "ci <b>"), ("current", PW)],
+    );
     assert_eq!(st, 200);
     let tag = "<pre id=\"new-token\">";
     let i = page.find(tag).expect("the new token") + tag.len();
@@ -136,6 +140,15 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     // Its owner can.
     assert_eq!(w.post_form(&revoke, &cookie, &[]).0, 303);
     assert_eq!(bearer(&token), 401);
+    // A token made now does not outlive the password change below.
+    let (_, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "kept?"), ("current", PW)],
+    );
+    let i = page.find(tag).expect("the new token") + tag.len();
+    let token = page[i..page[i..].find('<').unwrap() + i].to_string();
+    assert_eq!(bearer(&token), 200);
 
     // Password: the current one is required; a change ends every session.
     let (st, _, _) = w.post_form(
@@ -157,6 +170,7 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     );
     assert_eq!(st, 303, "{head}");
     assert_eq!(w.get("/ams-build/api/user", &cookie).0, 401);
+    assert_eq!(bearer(&token), 401, "the password change revoked the token");
     assert_eq!(w.login("mod", PW, "", None).0, 401);
     assert_eq!(w.login("mod", "a brand new password", "", None).0, 303);
 }
@@ -528,4 +542,130 @@ fn an_admin_of_one_project_never_changes_a_users_level_on_another() {
     assert_eq!(st, 200);
     assert_eq!(me["levels"]["other"]["level_name"], "USER", "{me}");
     assert_eq!(me["projects"], json!(["other"]));
+}
+
+/// Creating an API token needs the current password, through the login throttle.
+#[test]
+fn a_token_needs_the_current_password() {
+    let w = Web::new(json!({}));
+    add_user(&w.h, "other", "3", "mine", PW);
+    let tokens_of = |user: &str| {
+        String::from_utf8_lossy(&w.h.cli(&["token", "list", "--user", user]).stdout).to_string()
+    };
+    let cookie = w.session("mod", PW);
+    for (pairs, why) in [
+        (vec![("label", "ci")], "no password"),
+        (vec![("label", "ci"), ("current", "")], "empty"),
+        (
+            vec![("label", "ci"), ("current", "wrong password")],
+            "wrong",
+        ),
+    ] {
+        let (st, _, page) = w.post_form("/ams-build/account/tokens", &cookie, &pairs);
+        assert_eq!(st, 403, "{why}: {page}");
+        assert!(!page.contains("new-token"), "{why}");
+        assert!(
+            tokens_of("mod").trim().is_empty(),
+            "{why}: a token was made"
+        );
+    }
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "ci"), ("current", PW)],
+    );
+    assert_eq!(st, 200);
+    assert!(page.contains("new-token"));
+    assert!(tokens_of("mod").contains("ci"));
+    // Guessing through a session meets the login throttle: after five wrong passwords even
+    // the right one is refused, and so is the login form.
+    let theirs = w.session("other", PW);
+    for _ in 0..5 {
+        let (st, _, _) = w.post_form(
+            "/ams-build/account/tokens",
+            &theirs,
+            &[("label", "x"), ("current", "a guess")],
+        );
+        assert_eq!(st, 403);
+    }
+    let (st, _, _) = w.post_form(
+        "/ams-build/account/tokens",
+        &theirs,
+        &[("label", "x"), ("current", PW)],
+    );
+    assert_eq!(st, 429);
+    assert_eq!(w.login("other", PW, "", None).0, 429);
+    assert!(tokens_of("other").trim().is_empty());
+}
+
+/// A new password, however it is set, revokes the tokens made with the old one.
+#[test]
+fn api_tokens_end_with_the_password() {
+    let w = Web::new(json!({}));
+    add_user(&w.h, "root", "5", "", PW);
+    let new_token = || {
+        let o = w.h.cli(&["token", "create", "--user", "mod"]);
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let bearer = |t: &str| {
+        http(
+            &w.addr,
+            "GET",
+            "/ams-build/api/user",
+            &[("Authorization", format!("Bearer {t}"))],
+            b"",
+        )
+        .0
+    };
+    // `amsbuild user passwd`.
+    let t = new_token();
+    assert_eq!(bearer(&t), 200);
+    let mut c =
+        w.h.cmd()
+            .args(["user", "passwd", "mod", "--password-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    use std::io::Write;
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"second password\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+    assert_eq!(bearer(&t), 401, "a token survived `user passwd`");
+    // A SERVER ADMIN's reset from the Users page.
+    let t = new_token();
+    assert_eq!(bearer(&t), 200);
+    let root = w.session("root", PW);
+    let (st, _, _) = w.post_form(
+        "/ams-build/users/mod/password",
+        &root,
+        &[("password", "third password")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!(bearer(&t), 401, "a token survived an admin's reset");
+    // The user's own change, with tokens from the CLI and from the account page.
+    let t = new_token();
+    let cookie = w.session("mod", "third password");
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "web"), ("current", "third password")],
+    );
+    assert_eq!(st, 200);
+    let tag = "<pre id=\"new-token\">";
+    let i = page.find(tag).expect("the new token") + tag.len();
+    let web = page[i..page[i..].find('<').unwrap() + i].to_string();
+    assert_eq!((bearer(&t), bearer(&web)), (200, 200));
+    let (st, _, _) = w.post_form(
+        "/ams-build/account/password",
+        &cookie,
+        &[("current", "third password"), ("new", "fourth password")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!((bearer(&t), bearer(&web)), (401, 401));
+    let list = w.h.cli(&["token", "list", "--user", "mod"]);
+    assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
 }
