@@ -416,7 +416,12 @@ async fn dashboard(
     let Some(v) = viewer(&st, &headers).await else {
         return to_login(&root, "");
     };
-    let level = esc(&v.grant.describe());
+    // The levels per project, or the highest when there are many (the Account page lists all).
+    let level = esc(&if v.grant.projects.len() <= 3 {
+        v.grant.describe()
+    } else {
+        format!("up to {}", v.grant.top().name())
+    });
     // The live refresh asks for the same view.
     let mut src = format!("/{root}/panels");
     if let Some(p) = &q.project {
