@@ -1,6 +1,7 @@
 //! SQLite state through sqlx: projects' info, build records and the persistent queue (the
 //! builds whose status is pending or running). This is the only crate that contains SQL.
 
+use ams_core::access::Grant;
 use ams_core::status::BuildStatus;
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{
@@ -147,8 +148,8 @@ pub struct User {
     pub name: String,
     #[serde(skip_serializing)]
     pub password_hash: String,
-    pub level: u8,
-    pub projects: Vec<String>,
+    /// SERVER ADMIN, or a level on each assigned project.
+    pub grant: Grant,
     pub created_at: f64,
     pub password_changed_at: f64,
 }
@@ -194,13 +195,14 @@ pub const BUILD_FILTER_COLUMNS: &[(&str, &str)] = &[
 /// Messages kept per user; older ones are dropped.
 pub const MESSAGES_KEPT: i64 = 100;
 
+/// A user row. `projects` may still be in the described system's shape (a list that takes
+/// `level`): [`Grant::from_stored`] reads both.
 fn row_to_user(r: &SqliteRow) -> Result<User> {
     let projects: String = r.try_get("projects")?;
     Ok(User {
         name: r.try_get("name")?,
         password_hash: r.try_get("password_hash")?,
-        level: r.try_get::<i64, _>("level")? as u8,
-        projects: serde_json::from_str(&projects).unwrap_or_default(),
+        grant: Grant::from_stored(r.try_get("level")?, &projects),
         created_at: r.try_get("created_at")?,
         password_changed_at: r.try_get("password_changed_at")?,
     })
@@ -432,6 +434,7 @@ impl Store {
             include_str!("../migrations/0004_users.sql"),
             include_str!("../migrations/0005_messages.sql"),
             include_str!("../migrations/0006_commit_message.sql"),
+            include_str!("../migrations/0007_project_levels.sql"),
             include_str!("../migrations/0008_build_names_per_project.sql"),
         ];
         let mut tx = self.pool.begin().await?;
@@ -1007,14 +1010,15 @@ impl Store {
 
     /// Creates a user; fails when the name is taken.
     pub async fn create_user(&self, u: &User) -> Result<()> {
+        let (level, projects) = u.grant.to_stored();
         sqlx::query(
             "INSERT INTO users (name, password_hash, level, projects, created_at, \
              password_changed_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(&u.name)
         .bind(&u.password_hash)
-        .bind(u.level as i64)
-        .bind(serde_json::to_string(&u.projects).unwrap_or_else(|_| "[]".into()))
+        .bind(level as i64)
+        .bind(projects)
         .bind(u.created_at)
         .bind(u.password_changed_at)
         .execute(&self.pool)
@@ -1043,7 +1047,8 @@ impl Store {
         rows.iter().map(row_to_user).collect()
     }
 
-    /// Sets a new password hash and ends every session of the user.
+    /// Sets a new password hash, ends every session of the user and revokes its API tokens:
+    /// whoever knew the old password may have made one.
     pub async fn set_password(&self, name: &str, hash: &str, at: f64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
@@ -1055,58 +1060,102 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query("DELETE FROM sessions WHERE user = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(n == 1)
-    }
-
-    pub async fn set_grant(
-        &self,
-        name: &str,
-        level: Option<u8>,
-        projects: Option<&[String]>,
-    ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let mut n = 0;
-        if let Some(l) = level {
-            n += sqlx::query("UPDATE users SET level = ? WHERE name = ?")
-                .bind(l as i64)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        if let Some(p) = projects {
-            n += sqlx::query("UPDATE users SET projects = ? WHERE name = ?")
-                .bind(serde_json::to_string(p).unwrap_or_else(|_| "[]".into()))
-                .bind(name)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(n > 0)
-    }
-
-    /// Removes a user with its sessions and tokens.
-    pub async fn remove_user(&self, name: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
         for sql in [
             "DELETE FROM sessions WHERE user = ?",
             "DELETE FROM api_tokens WHERE user = ?",
         ] {
             sqlx::query(sql).bind(name).execute(&mut *tx).await?;
         }
-        let n = sqlx::query("DELETE FROM users WHERE name = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
         tx.commit().await?;
         Ok(n == 1)
+    }
+
+    /// The stored grant of a user, as its raw columns (for compare-and-set).
+    async fn raw_grant(&self, name: &str) -> Result<Option<(i64, String)>> {
+        Ok(
+            sqlx::query_as("SELECT level, projects FROM users WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Changes a user's grant to `f(current)`, where `current` is read in the same
+    /// compare-and-set: two managers changing the same user at once each see the other's
+    /// change, so neither undoes an entry it may not touch. `Ok(None)` when there is no such
+    /// user; `f`'s refusal comes back as [`StoreError::Invalid`].
+    pub async fn update_grant(
+        &self,
+        name: &str,
+        f: impl Fn(&Grant) -> std::result::Result<Grant, String>,
+    ) -> Result<Option<Grant>> {
+        for _ in 0..16 {
+            let Some((level, projects)) = self.raw_grant(name).await? else {
+                return Ok(None);
+            };
+            let new = f(&Grant::from_stored(level, &projects)).map_err(StoreError::Invalid)?;
+            let (new_level, new_projects) = new.to_stored();
+            let n = sqlx::query(
+                "UPDATE users SET level = ?, projects = ? \
+                 WHERE name = ? AND level = ? AND projects = ?",
+            )
+            .bind(new_level as i64)
+            .bind(new_projects)
+            .bind(name)
+            .bind(level)
+            .bind(&projects)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                return Ok(Some(new));
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "the user `{name}` keeps changing; try again"
+        )))
+    }
+
+    /// Removes a user with its sessions and tokens when `allowed(current grant)` says so, in
+    /// the same compare-and-set as [`Store::update_grant`]. `Ok(false)` when there is no such
+    /// user; the refusal comes back as [`StoreError::Invalid`].
+    pub async fn remove_user_if(
+        &self,
+        name: &str,
+        allowed: impl Fn(&Grant) -> std::result::Result<(), String>,
+    ) -> Result<bool> {
+        for _ in 0..16 {
+            let Some((level, projects)) = self.raw_grant(name).await? else {
+                return Ok(false);
+            };
+            allowed(&Grant::from_stored(level, &projects)).map_err(StoreError::Invalid)?;
+            let mut tx = self.pool.begin().await?;
+            let n = sqlx::query("DELETE FROM users WHERE name = ? AND level = ? AND projects = ?")
+                .bind(name)
+                .bind(level)
+                .bind(&projects)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                for sql in [
+                    "DELETE FROM sessions WHERE user = ?",
+                    "DELETE FROM api_tokens WHERE user = ?",
+                ] {
+                    sqlx::query(sql).bind(name).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "the user `{name}` keeps changing; try again"
+        )))
+    }
+
+    /// Removes a user with its sessions and tokens.
+    pub async fn remove_user(&self, name: &str) -> Result<bool> {
+        self.remove_user_if(name, |_| Ok(())).await
     }
 
     pub async fn create_session(
@@ -1393,8 +1442,7 @@ mod tests {
         User {
             name: name.into(),
             password_hash: "x".into(),
-            level: 4,
-            projects: vec!["p".into()],
+            grant: Grant::uniform(4, &["p".into()]),
             created_at: 1.0,
             password_changed_at: 1.0,
         }
@@ -1620,8 +1668,7 @@ mod tests {
         let u = User {
             name: "u".into(),
             password_hash: "h".into(),
-            level: 3,
-            projects: vec![],
+            grant: Grant::uniform(3, &[]),
             created_at: 0.0,
             password_changed_at: 0.0,
         };
@@ -1655,14 +1702,158 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        // A password change ends every session of the user.
+        // A password change ends every session of the user and revokes its tokens.
         s.create_session("c", "u", "c", 1000.0).await.unwrap();
+        s.create_token("u", "ci", "th", 1000.0).await.unwrap();
+        assert!(s.token_user("th", 1000.5).await.unwrap().is_some());
         s.set_password("u", "h2", 1001.0).await.unwrap();
         assert!(s
             .session("c", 1002.0, 100.0, 500.0)
             .await
             .unwrap()
             .is_none());
+        assert!(s.token_user("th", 1002.0).await.unwrap().is_none());
+        assert!(s.tokens_of("u").await.unwrap().is_empty());
+    }
+
+    /// A database of schema 6 with users in the described system's shape (one level, a list
+    /// of projects) is converted by migration 0007 to per-project levels.
+    #[tokio::test]
+    async fn migration_7_gives_each_listed_project_the_old_level() {
+        use ams_core::access::Level;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ams.db");
+        {
+            let pool = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            for sql in [
+                include_str!("../migrations/0001_builds.sql"),
+                include_str!("../migrations/0002_deliveries.sql"),
+                include_str!("../migrations/0003_notifications.sql"),
+                include_str!("../migrations/0004_users.sql"),
+                include_str!("../migrations/0005_messages.sql"),
+                include_str!("../migrations/0006_commit_message.sql"),
+                "PRAGMA user_version = 6",
+            ] {
+                sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+            }
+            for (name, level, projects) in [
+                ("mod", 3, r#"["app","lib"]"#),
+                ("hook", 2, r#"["app"]"#),
+                ("root", 5, r#"["app"]"#),
+                ("lonely", 1, "[]"),
+                ("broken", 4, "not json"),
+            ] {
+                sqlx::query(
+                    "INSERT INTO users (name, password_hash, level, projects, created_at, \
+                     password_changed_at) VALUES (?, 'h', ?, ?, 0, 0)",
+                )
+                .bind(name)
+                .bind(level)
+                .bind(projects)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let s = Store::open(&path).await.unwrap();
+        let grant = |name: &'static str| {
+            let s = &s;
+            async move { s.user(name).await.unwrap().unwrap().grant }
+        };
+        assert_eq!(
+            grant("mod").await.projects,
+            [
+                ("app".to_string(), Level::Moderator),
+                ("lib".to_string(), Level::Moderator)
+            ]
+            .into()
+        );
+        assert_eq!(
+            grant("hook").await.projects,
+            [("app".to_string(), Level::Webhook)].into()
+        );
+        assert_eq!(grant("root").await, Grant::server_admin());
+        assert_eq!(grant("lonely").await, Grant::default());
+        assert!(!grant("broken").await.can_log_in());
+        // The rows themselves are in the new shape.
+        let raw: (i64, String) =
+            sqlx::query_as("SELECT level, projects FROM users WHERE name = 'mod'")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+        assert_eq!(raw, (0, r#"{"app":3,"lib":3}"#.to_string()));
+        // A row still in the old shape (written by another tool) reads the old way.
+        sqlx::query("UPDATE users SET level = 1, projects = '[\"lib\"]' WHERE name = 'lonely'")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            grant("lonely").await.projects,
+            [("lib".to_string(), Level::User)].into()
+        );
+    }
+
+    /// Grant changes are compare-and-set: a change computed from a stale read is recomputed.
+    #[tokio::test]
+    async fn grant_changes_never_undo_a_concurrent_change() {
+        use ams_core::access::Level;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let mut u = user("u");
+        u.grant = Grant::uniform(1, &["a".into(), "b".into()]);
+        s.create_user(&u).await.unwrap();
+        // The first attempt's read goes stale: another manager raises `b` in between.
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let got = s
+            .update_grant("u", |g| {
+                if tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    let s = s.clone();
+                    std::thread::scope(|t| {
+                        t.spawn(|| {
+                            tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .unwrap()
+                                .block_on(s.update_grant("u", |g| {
+                                    let mut g = g.clone();
+                                    g.projects.insert("b".into(), Level::Moderator);
+                                    Ok(g)
+                                }))
+                                .unwrap();
+                        });
+                    });
+                }
+                let mut g = g.clone();
+                g.projects.insert("a".into(), Level::Moderator);
+                Ok(g)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tries.into_inner(), 2, "recomputed once");
+        assert_eq!(got, Grant::uniform(3, &["a".into(), "b".into()]));
+        assert_eq!(s.user("u").await.unwrap().unwrap().grant, got);
+        // A refusal changes nothing; an unknown user is None.
+        assert!(matches!(
+            s.update_grant("u", |_| Err("no".into())).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(s
+            .update_grant("ghost", |g| Ok(g.clone()))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(s.remove_user_if("u", |_| Err("no".into())).await.is_err());
+        assert!(s.user("u").await.unwrap().is_some());
+        assert!(s.remove_user_if("u", |_| Ok(())).await.unwrap());
+        assert!(!s.remove_user("u").await.unwrap());
     }
 
     #[tokio::test]

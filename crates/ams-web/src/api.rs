@@ -150,15 +150,11 @@ impl FromRequestParts<ApiState> for Caller {
             parts.extensions.insert(CsrfToken(csrf));
             user
         };
-        let level = Level::try_from(user.level).unwrap_or(Level::NoAuth);
-        let grant = Grant {
-            level,
-            projects: user.projects.clone(),
-        };
+        let grant = user.grant.clone();
         if !grant.can_log_in() {
             return Err(ApiError::Forbidden(format!(
                 "{} accounts cannot use the API",
-                level.name()
+                grant.top().name()
             )));
         }
         Ok(Caller { user, grant })
@@ -338,12 +334,29 @@ fn segments(rest: &str) -> Vec<&str> {
     rest.split('/').filter(|s| !s.is_empty()).collect()
 }
 
+/// The caller: `level` and `level_name` are the highest level held (the described system had
+/// one), `projects` the project names, `levels` the level on each.
 async fn user(c: Caller) -> Json<Value> {
-    let level = Level::try_from(c.user.level).unwrap_or(Level::NoAuth);
-    Json(
-        json!({"name": c.user.name, "level": c.user.level, "level_name": level.name(),
-                "projects": c.user.projects}),
-    )
+    let top = c.grant.top();
+    let levels: serde_json::Map<String, Value> = c
+        .grant
+        .projects
+        .iter()
+        .map(|(p, l)| {
+            (
+                p.clone(),
+                json!({"level": u8::from(*l), "level_name": l.name()}),
+            )
+        })
+        .collect();
+    Json(json!({
+        "name": c.user.name,
+        "level": u8::from(top),
+        "level_name": top.name(),
+        "server_admin": c.grant.is_server_admin(),
+        "projects": c.grant.projects.keys().collect::<Vec<_>>(),
+        "levels": levels,
+    }))
 }
 
 async fn visible_tasks(st: &ApiState, c: &Caller) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
@@ -690,8 +703,9 @@ fn operate(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::Forbidden(format!(
-            "{} accounts may not trigger, cancel or delete builds",
-            c.grant.level.name()
+            "{} on `{project}` may not trigger, cancel or delete builds; ask an ADMIN of the \
+             project for MODERATOR",
+            c.grant.level_on(project).unwrap_or(Level::NoAuth).name()
         )))
     }
 }

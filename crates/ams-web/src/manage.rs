@@ -4,21 +4,24 @@
 //!
 //! Rules: every change is a POST with the session's CSRF token and our Origin
 //! ([`pages::form_viewer`]); who may change whom is decided in `ams_core::access`
-//! ([`Grant::may_manage`], [`Grant::may_grant`]); a user never edits or removes their own grant
-//! here, so the last SERVER ADMIN cannot lock everyone out by accident.
+//! ([`Grant::may_manage`], [`Grant::edit`], [`Grant::may_remove`]), on the user's row as it is
+//! when the change is written ([`ams_store::Store::update_grant`]); a user never edits or
+//! removes their own grant here, so the last SERVER ADMIN cannot lock everyone out by accident.
+//! Creating an API token and changing the password need the current password, checked through
+//! the login throttle; a new password revokes every token and ends every session.
 
 use crate::api::ApiState;
 use crate::auth;
 use crate::pages::{self, back, form_viewer, html, not_found, refused, status_badge, Viewer};
 use crate::session::esc;
-use ams_core::access::{Action, Grant, Level};
+use ams_core::access::{Action, Change, Grant, Level};
 use ams_host::timefmt;
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Messages shown on the dashboard.
 pub const MESSAGES_SHOWN: i64 = 20;
@@ -111,26 +114,38 @@ pub async fn messages_html(st: &ApiState, v: &Viewer) -> String {
     s
 }
 
-/// The form fields; `projects` may repeat (checkboxes).
+/// The form fields: `level:PROJECT` gives the level on a project (empty: not a member);
+/// `projects` may repeat (the described system's shape: one `level` for each listed project).
 struct Fields {
     one: HashMap<String, String>,
     projects: Vec<String>,
+    levels: BTreeMap<String, String>,
 }
+
+/// The prefix of the per-project level fields.
+const LEVEL_ON: &str = "level:";
 
 impl Fields {
     fn new(pairs: Vec<(String, String)>) -> Self {
         let mut one = HashMap::new();
         let mut projects = Vec::new();
+        let mut levels = BTreeMap::new();
         for (k, v) in pairs {
             if k == "projects" {
                 if !v.is_empty() && !projects.contains(&v) {
                     projects.push(v);
                 }
+            } else if let Some(p) = k.strip_prefix(LEVEL_ON) {
+                levels.insert(p.to_string(), v.trim().to_string());
             } else {
                 one.insert(k, v);
             }
         }
-        Fields { one, projects }
+        Fields {
+            one,
+            projects,
+            levels,
+        }
     }
 
     fn get(&self, k: &str) -> &str {
@@ -189,15 +204,7 @@ async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Resp
     let root = &st.conf.web_root;
     let csrf = esc(&v.csrf);
     let mut b = header(root, v, &format!("Account of {}", v.user.name));
-    b.push_str(&format!(
-        "<p>Level {} · projects {}</p>",
-        esc(v.grant.level.name()),
-        esc(&if v.grant.is_server_admin() {
-            "all".to_string()
-        } else {
-            v.user.projects.join(", ")
-        })
-    ));
+    b.push_str(&format!("<p>Access: {}</p>", esc(&v.grant.describe())));
     if let Some((label, token)) = fresh {
         b.push_str(&format!(
             "<div class=\"panel fresh\"><p>New token <strong>{}</strong>. Copy it now: it is shown only \
@@ -228,14 +235,16 @@ async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Resp
     b.push_str(&format!(
         "</table><form method=\"post\" action=\"/{root}/account/tokens\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input name=\"label\" placeholder=\"label, e.g. deploy script\" required maxlength=\"100\">\
+         <input name=\"label\" placeholder=\"label, e.g. deploy script\" required maxlength=\"100\"> \
+         <label>Current password <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
          <button type=\"submit\" id=\"create-token\">Create a token</button></form>\
          <h2>Password</h2><form method=\"post\" action=\"/{root}/account/password\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>Current <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
          <label>New <input type=\"password\" name=\"new\" autocomplete=\"new-password\" minlength=\"{min}\" required></label> \
          <button type=\"submit\">Change the password</button></form>\
-         <p>Changing the password ends every session of this account, this one included.</p>",
+         <p>Changing the password ends every session of this account, this one included, and \
+         revokes every API token.</p>",
         min = auth::MIN_PASSWORD
     ));
     html(StatusCode::OK, "Account", root, &b)
@@ -260,8 +269,48 @@ async fn new_password_hash(st: &ApiState, password: &str) -> Result<String, Resp
         .map_err(|e| refused(root, StatusCode::INTERNAL_SERVER_ERROR, &e))
 }
 
+/// Checks the session user's current password through the login throttle: guessing it
+/// through a stolen session costs what guessing it at the login form costs.
+async fn check_current_password(
+    st: &ApiState,
+    v: &Viewer,
+    addr: Option<axum::Extension<crate::session::ClientAddr>>,
+    given: &str,
+) -> Result<(), Response> {
+    let root = &st.conf.web_root;
+    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
+    if st.guard.blocked(&v.user.name, &ip) {
+        return Err(refused(
+            root,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try again later",
+        ));
+    }
+    if given.is_empty() {
+        return Err(refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "type your current password to confirm",
+        ));
+    }
+    if !st
+        .guard
+        .verify(v.user.password_hash.clone(), given.to_string())
+        .await
+    {
+        st.guard.fail(&v.user.name, &ip);
+        return Err(refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "the current password is wrong; type the password you log in with",
+        ));
+    }
+    Ok(())
+}
+
 async fn create_token(
     State(st): State<ApiState>,
+    addr: Option<axum::Extension<crate::session::ClientAddr>>,
     headers: HeaderMap,
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -277,6 +326,10 @@ async fn create_token(
             StatusCode::BAD_REQUEST,
             "give the token a label of 1 to 100 characters",
         );
+    }
+    // A stolen session alone does not make a credential that outlives it.
+    if let Err(r) = check_current_password(&st, &v, addr, f.raw("current")).await {
+        return r;
     }
     let token = format!("ams_{}", auth::random_secret(32));
     match st
@@ -346,22 +399,8 @@ async fn change_password(
         Err(r) => return r,
     };
     let root = &st.conf.web_root;
-    // Guessing the current password through a stolen session meets the login throttle.
-    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
-    if st.guard.blocked(&v.user.name, &ip) {
-        return refused(
-            root,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts; try again later",
-        );
-    }
-    if !st
-        .guard
-        .verify(v.user.password_hash.clone(), f.raw("current").to_string())
-        .await
-    {
-        st.guard.fail(&v.user.name, &ip);
-        return refused(root, StatusCode::FORBIDDEN, "the current password is wrong");
+    if let Err(r) = check_current_password(&st, &v, addr, f.raw("current")).await {
+        return r;
     }
     let hash = match new_password_hash(&st, f.raw("new")).await {
         Ok(h) => h,
@@ -378,7 +417,7 @@ async fn change_password(
                 &st,
                 &v.user.name,
                 "ok",
-                "Changed your password; other sessions have ended",
+                "Changed your password; every session has ended and every API token is revoked",
                 None,
                 None,
             )
@@ -393,44 +432,68 @@ async fn change_password(
     }
 }
 
-fn grant_of(u: &ams_store::User) -> Grant {
-    Grant {
-        level: Level::try_from(u.level).unwrap_or(Level::NoAuth),
-        projects: u.projects.clone(),
+/// A `<select>` of the levels this viewer may give on one project, `—` (not a member) first,
+/// with `current` selected.
+fn level_select(v: &Viewer, name: &str, id: &str, current: Option<Level>) -> String {
+    let max = v.grant.max_grantable().unwrap_or(Level::NoAuth);
+    let mut s = format!(
+        "<select name=\"{}\" id=\"{}\"><option value=\"\">—</option>",
+        esc(name),
+        esc(id)
+    );
+    for l in Level::PER_PROJECT
+        .into_iter()
+        .filter(|l| *l != Level::NoAuth && *l <= max)
+    {
+        s.push_str(&format!(
+            "<option value=\"{}\"{}>{}</option>",
+            u8::from(l),
+            if current == Some(l) { " selected" } else { "" },
+            esc(l.name())
+        ));
     }
+    // A level this viewer may not give stays shown as it is.
+    if let Some(c) = current.filter(|c| *c > max || *c == Level::NoAuth) {
+        s.push_str(&format!(
+            "<option value=\"{}\" selected>{}</option>",
+            u8::from(c),
+            esc(c.name())
+        ));
+    }
+    s.push_str("</select>");
+    s
 }
 
-/// The levels this viewer may give, as `<option>`s with `selected` on `current`.
-fn level_options(v: &Viewer, current: u8) -> String {
-    (0..=5u8)
-        .filter_map(|n| Level::try_from(n).ok())
-        .filter(|l| v.grant.may_grant(*l, &[]).is_ok())
-        .map(|l| {
-            format!(
-                "<option value=\"{}\"{}>{}</option>",
-                u8::from(l),
-                if u8::from(l) == current {
-                    " selected"
-                } else {
-                    ""
-                },
-                esc(l.name())
-            )
-        })
-        .collect()
-}
-
-fn project_boxes(managed: &[String], checked: &[String], id: &str) -> String {
-    managed
+/// One labelled level choice per project this viewer may change for `target`.
+fn level_fields(v: &Viewer, target: &Grant, projects: &[String], id: &str) -> String {
+    projects
         .iter()
+        .filter(|p| v.grant.may_change(target, p))
         .map(|p| {
             format!(
-                "<label><input type=\"checkbox\" name=\"projects\" value=\"{pe}\" id=\"{id}-{pe}\"{}> {pe}</label> ",
-                if checked.contains(p) { " checked" } else { "" },
-                pe = esc(p),
+                "<label>{} {}</label> ",
+                esc(p),
+                level_select(
+                    v,
+                    &format!("{LEVEL_ON}{p}"),
+                    &format!("{id}-{p}"),
+                    target.projects.get(p).copied()
+                )
             )
         })
         .collect()
+}
+
+/// The SERVER ADMIN box, for SERVER ADMIN viewers only.
+fn server_admin_box(v: &Viewer, id: &str, checked: bool) -> String {
+    if !v.grant.is_server_admin() {
+        return String::new();
+    }
+    format!(
+        "<label><input type=\"checkbox\" name=\"server_admin\" value=\"on\" id=\"{}\"{}> SERVER ADMIN</label> ",
+        esc(id),
+        if checked { " checked" } else { "" }
+    )
 }
 
 async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
@@ -449,33 +512,37 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
     let managed = v.grant.managed_projects(&all);
     let csrf = esc(&v.csrf);
     let mut b = header(&root, &v, "Users");
-    b.push_str("<table><tr><th>User</th><th>Level and projects</th><th></th></tr>");
+    b.push_str(
+        "<p>A user has a level on each of its projects: — means not a member. ADMIN gives \
+         MODERATOR at most, on its own projects only; the other projects' levels are kept.</p>\
+         <table><tr><th>User</th><th>Levels</th><th></th></tr>",
+    );
     for u in st.host.store.users().await.unwrap_or_default() {
-        let g = grant_of(&u);
+        let g = &u.grant;
         let ue = esc(&u.name);
         if u.name == v.user.name {
             b.push_str(&format!(
-                "<tr><td>{ue} (you)</td><td>{} · {}</td><td></td></tr>",
-                esc(g.level.name()),
-                esc(&u.projects.join(", "))
+                "<tr><td>{ue} (you)</td><td>{}</td><td></td></tr>",
+                esc(&g.describe())
             ));
             continue;
         }
-        if !v.grant.may_manage(&g) {
+        if !v.grant.may_manage(g) {
             continue;
         }
-        // Projects outside this viewer's reach are shown, not editable.
-        let others: Vec<&String> = u.projects.iter().filter(|p| !managed.contains(p)).collect();
+        // Entries outside this viewer's reach are shown by project name, not editable.
+        let others: Vec<&str> = g
+            .projects
+            .keys()
+            .filter(|p| !managed.contains(p) || !v.grant.may_change(g, p))
+            .map(String::as_str)
+            .collect();
         let others = if others.is_empty() {
             String::new()
         } else {
             format!(
                 " <span class=\"muted\">also: {}</span>",
-                esc(&others
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
+                esc(&others.join(", "))
             )
         };
         let mut actions = format!(
@@ -493,10 +560,10 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
         }
         b.push_str(&format!(
             "<tr><td>{ue}</td><td><form class=\"inline\" method=\"post\" action=\"/{root}/users/{ue}\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><select name=\"level\">{}</select> {}{others} \
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{}{}{others} \
              <button type=\"submit\" id=\"save-{ue}\">Save</button></form></td><td>{actions}</td></tr>",
-            level_options(&v, u.level),
-            project_boxes(&managed, &u.projects, &format!("p-{ue}")),
+            server_admin_box(&v, &format!("sa-{}", u.name), g.is_server_admin()),
+            level_fields(&v, g, &managed, &format!("p-{}", u.name)),
         ));
     }
     b.push_str(&format!(
@@ -504,10 +571,10 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <input name=\"name\" placeholder=\"name\" required> \
          <input type=\"password\" name=\"password\" placeholder=\"password\" autocomplete=\"new-password\" minlength=\"{}\" required> \
-         <select name=\"level\">{}</select> {} <button type=\"submit\" id=\"add-user\">Add</button></form>",
+         {}{} <button type=\"submit\" id=\"add-user\">Add</button></form>",
         auth::MIN_PASSWORD,
-        level_options(&v, Level::User.into()),
-        project_boxes(&managed, &[], "new"),
+        server_admin_box(&v, "sa-new", false),
+        level_fields(&v, &Grant::default(), &managed, "new"),
     ));
     if v.grant.is_server_admin() {
         b.push_str(&format!(
@@ -522,19 +589,62 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
     html(StatusCode::OK, "Users", &root, &b)
 }
 
-/// Checks the level field and the chosen projects against what exists and what the viewer may
-/// give.
-fn wanted(v: &Viewer, f: &Fields, all: &[String]) -> Result<(Level, Vec<String>), String> {
-    let level = f
-        .get("level")
-        .parse::<u8>()
-        .map_err(|_| "choose a level".to_string())
-        .and_then(Level::try_from)?;
-    if let Some(p) = f.projects.iter().find(|p| !all.contains(p)) {
-        return Err(format!("there is no project `{p}`"));
+/// Reads what the form asks for: `level:PROJECT` fields (empty: off the project; projects not
+/// named stay as they are) and, from a SERVER ADMIN, the `server_admin` box; or the described
+/// system's shape, one `level` for each ticked `projects`, off the unticked ones (level 5:
+/// SERVER ADMIN). Whether the viewer may ask it is [`Grant::edit`]'s call.
+fn wanted(v: &Viewer, f: &Fields) -> Result<Change, String> {
+    let parse = |raw: &str, field: &str| {
+        raw.parse::<u8>()
+            .map_err(|_| format!("`{field}` is not a level; choose one from the list"))
+            .and_then(Level::try_from)
+    };
+    let legacy = f.one.contains_key("level");
+    if legacy && !f.levels.is_empty() {
+        return Err(format!(
+            "give either `level` with `projects`, or `{LEVEL_ON}PROJECT` fields, not both"
+        ));
     }
-    v.grant.may_grant(level, &f.projects)?;
-    Ok((level, f.projects.clone()))
+    if legacy {
+        let level = parse(f.get("level"), "level")?;
+        if level == Level::ServerAdmin {
+            return Ok(Change {
+                server_admin: Some(true),
+                ..Change::default()
+            });
+        }
+        return Ok(Change {
+            projects: f
+                .projects
+                .iter()
+                .map(|p| (p.clone(), Some(level)))
+                .collect(),
+            drop_unnamed: true,
+            server_admin: v.grant.is_server_admin().then_some(false),
+        });
+    }
+    if !f.projects.is_empty() {
+        return Err("`projects` needs a `level`".into());
+    }
+    let mut projects = BTreeMap::new();
+    for (p, raw) in &f.levels {
+        let level = if raw.is_empty() {
+            None
+        } else {
+            Some(parse(raw, &format!("{LEVEL_ON}{p}"))?)
+        };
+        projects.insert(p.clone(), level);
+    }
+    let ticked = !f.get("server_admin").is_empty();
+    Ok(Change {
+        projects,
+        drop_unnamed: false,
+        server_admin: if v.grant.is_server_admin() {
+            Some(ticked)
+        } else {
+            ticked.then_some(true)
+        },
+    })
 }
 
 async fn add_user(
@@ -563,46 +673,35 @@ async fn add_user(
         );
     }
     let all = ams_host::project::list(&st.host.data);
-    let (level, projects) = match wanted(&v, &f, &all) {
-        Ok(x) => x,
+    let grant = match wanted(&v, &f).and_then(|c| v.grant.create(&c, &all)) {
+        Ok(g) => g,
         Err(e) => return refused(&root, StatusCode::FORBIDDEN, &e),
     };
-    if v.grant.level == Level::Admin && projects.is_empty() {
-        return refused(
-            &root,
-            StatusCode::BAD_REQUEST,
-            "choose at least one of your projects for the new user",
-        );
-    }
     let hash = match new_password_hash(&st, f.raw("password")).await {
         Ok(h) => h,
         Err(r) => return r,
     };
     let now = timefmt::now();
+    let text = format!("Added the user {name} ({})", grant.describe());
     let user = ams_store::User {
-        name: name.clone(),
+        name,
         password_hash: hash,
-        level: level.into(),
-        projects,
+        grant,
         created_at: now,
         password_changed_at: now,
     };
     match st.host.store.create_user(&user).await {
         Ok(()) => {
-            note(
-                &st,
-                &v.user.name,
-                "ok",
-                &format!("Added the user {name} ({})", level.name()),
-                None,
-                None,
-            )
-            .await;
+            note(&st, &v.user.name, "ok", &text, None, None).await;
             back(format!("/{root}/users"))
         }
         Err(e) => refused(&root, StatusCode::CONFLICT, &e.to_string()),
     }
 }
+
+/// What a change refused because the target is out of the viewer's reach says; it is answered
+/// with a 404 that does not tell whether the user exists.
+const OUT_OF_REACH: &str = "out of reach";
 
 /// The target user, if this viewer may manage it; otherwise a 404 that does not tell whether
 /// the user exists.
@@ -624,8 +723,17 @@ async fn target(st: &ApiState, v: &Viewer, name: &str) -> Result<ams_store::User
         ));
     }
     match st.host.store.user(name).await.ok().flatten() {
-        Some(u) if v.grant.may_manage(&grant_of(&u)) => Ok(u),
+        Some(u) if v.grant.may_manage(&u.grant) => Ok(u),
         _ => Err(not_found(root)),
+    }
+}
+
+/// The answer to a refused or failed grant change or removal.
+fn change_failed(root: &str, e: ams_store::StoreError) -> Response {
+    match e {
+        ams_store::StoreError::Invalid(m) if m == OUT_OF_REACH => not_found(root),
+        ams_store::StoreError::Invalid(m) => refused(root, StatusCode::FORBIDDEN, &m),
+        e => refused(root, StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
@@ -640,51 +748,41 @@ async fn set_user(
         Err(r) => return r,
     };
     let root = st.conf.web_root.clone();
-    let u = match target(&st, &v, &name).await {
-        Ok(u) => u,
-        Err(r) => return r,
+    if let Err(r) = target(&st, &v, &name).await {
+        return r;
+    }
+    let change = match wanted(&v, &f) {
+        Ok(c) => c,
+        Err(e) => return refused(&root, StatusCode::BAD_REQUEST, &e),
     };
     let all = ams_host::project::list(&st.host.data);
-    let (level, chosen) = match wanted(&v, &f, &all) {
-        Ok(x) => x,
-        Err(e) => return refused(&root, StatusCode::FORBIDDEN, &e),
-    };
-    // The viewer's projects are replaced by the choice; the others stay as they were.
-    let managed = v.grant.managed_projects(&all);
-    let mut projects: Vec<String> = u
-        .projects
-        .iter()
-        .filter(|p| !managed.contains(p))
-        .cloned()
-        .collect();
-    projects.extend(chosen);
-    match st
+    // Decided again on the row as it is written: entries this viewer may not change are
+    // carried over from there, never from an earlier read.
+    let done = st
         .host
         .store
-        .set_grant(&name, Some(level.into()), Some(&projects))
-        .await
-    {
-        Ok(true) => {
+        .update_grant(&name, |g| {
+            if !v.grant.may_manage(g) {
+                return Err(OUT_OF_REACH.into());
+            }
+            v.grant.edit(g, &change, &all)
+        })
+        .await;
+    match done {
+        Ok(Some(g)) => {
             note(
                 &st,
                 &v.user.name,
                 "ok",
-                &format!(
-                    "Set {name} to {} on {}",
-                    level.name(),
-                    if projects.is_empty() {
-                        "no projects".to_string()
-                    } else {
-                        projects.join(", ")
-                    }
-                ),
+                &format!("Set {name} to {}", g.describe()),
                 None,
                 None,
             )
             .await;
             back(format!("/{root}/users"))
         }
-        _ => not_found(&root),
+        Ok(None) => not_found(&root),
+        Err(e) => change_failed(&root, e),
     }
 }
 
@@ -724,7 +822,10 @@ async fn reset_password(
                 &st,
                 &v.user.name,
                 "ok",
-                &format!("Set a new password for {name}; their sessions have ended"),
+                &format!(
+                    "Set a new password for {name}; their sessions have ended and their API \
+                     tokens are revoked"
+                ),
                 None,
                 None,
             )
@@ -746,23 +847,20 @@ async fn remove_user(
         Err(r) => return r,
     };
     let root = st.conf.web_root.clone();
-    let u = match target(&st, &v, &name).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    if !v.grant.is_server_admin() {
-        if let Some(p) = u.projects.iter().find(|p| !v.grant.projects.contains(p)) {
-            return refused(
-                &root,
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "{name} also works on `{p}`, which you do not manage; untick your projects \
-                     instead"
-                ),
-            );
-        }
+    if let Err(r) = target(&st, &v, &name).await {
+        return r;
     }
-    match st.host.store.remove_user(&name).await {
+    let done = st
+        .host
+        .store
+        .remove_user_if(&name, |g| {
+            if !v.grant.may_manage(g) {
+                return Err(OUT_OF_REACH.into());
+            }
+            v.grant.may_remove(g).map_err(|e| format!("{name}: {e}"))
+        })
+        .await;
+    match done {
         Ok(true) => {
             note(
                 &st,
@@ -775,7 +873,8 @@ async fn remove_user(
             .await;
             back(format!("/{root}/users"))
         }
-        _ => not_found(&root),
+        Ok(false) => not_found(&root),
+        Err(e) => change_failed(&root, e),
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::api::ApiState;
 use crate::manage::note;
 use crate::session::{self, esc, secrets_equal};
-use ams_core::access::{Action, Grant, Level};
+use ams_core::access::{Action, Grant};
 use ams_host::host::BuildRequest;
 use ams_host::timefmt;
 use ams_store::{BuildRecord, User};
@@ -135,11 +135,7 @@ pub struct Viewer {
 
 pub(crate) async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer> {
     let (user, csrf) = session::lookup(st, headers).await?;
-    let level = Level::try_from(user.level).ok()?;
-    let grant = Grant {
-        level,
-        projects: user.projects.clone(),
-    };
+    let grant = user.grant.clone();
     grant.can_log_in().then_some(Viewer { user, grant, csrf })
 }
 
@@ -420,7 +416,12 @@ async fn dashboard(
     let Some(v) = viewer(&st, &headers).await else {
         return to_login(&root, "");
     };
-    let level = v.grant.level.name();
+    // The levels per project, or the highest when there are many (the Account page lists all).
+    let level = esc(&if v.grant.projects.len() <= 3 {
+        v.grant.describe()
+    } else {
+        format!("up to {}", v.grant.top().name())
+    });
     // The live refresh asks for the same view.
     let mut src = format!("/{root}/panels");
     if let Some(p) = &q.project {

@@ -287,16 +287,7 @@ pub async fn login(
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(decoy_hash);
     let good = st.guard.verify(hash, password).await;
-    let allowed = record
-        .as_ref()
-        .and_then(|u| ams_core::access::Level::try_from(u.level).ok())
-        .map(|l| {
-            !matches!(
-                l,
-                ams_core::access::Level::NoAuth | ams_core::access::Level::Webhook
-            )
-        })
-        .unwrap_or(false);
+    let allowed = record.as_ref().is_some_and(|u| u.grant.can_log_in());
     let Some(u) = record.filter(|_| good && allowed) else {
         st.guard.fail(&user, &ip);
         return page(

@@ -1,6 +1,7 @@
 //! The `amsbuild` binary: command line, configuration loading and wiring. The logic lives in
 //! the library crates; this file only parses arguments and connects the pieces.
 
+use ams_core::access::{Grant, Level};
 use ams_core::pipeline;
 use ams_core::private_config::PrivateConfig;
 use ams_core::status::BuildStatus;
@@ -123,16 +124,20 @@ enum UserCmd {
     /// Add a user. The password comes from a prompt that does not echo, or --password-stdin.
     Add {
         name: String,
-        /// 1 USER, 2 WEBHOOK, 3 MODERATOR, 4 ADMIN, 5 SERVER ADMIN.
+        /// The level on each given project: 0 NO AUTH, 1 USER, 2 WEBHOOK, 3 MODERATOR,
+        /// 4 ADMIN; or 5, SERVER ADMIN, on every project (then give no projects).
         #[arg(long)]
         level: u8,
-        /// Comma-separated projects.
+        /// Comma-separated projects, each at --level.
         #[arg(long, default_value = "")]
         projects: String,
+        /// A project at --level (repeatable; adds to --projects).
+        #[arg(long = "project")]
+        project: Vec<String>,
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Change a user's password; the user's sessions end.
+    /// Change a user's password; the user's sessions end and its API tokens are revoked.
     Passwd {
         name: String,
         #[arg(long)]
@@ -140,13 +145,19 @@ enum UserCmd {
     },
     /// List the users.
     List,
-    /// Change a user's level or projects.
+    /// Change a user's levels. `--level N` alone: N on each of its projects (5: SERVER ADMIN).
+    /// `--projects LIST`: exactly these projects, at --level or else as they were. `--project P
+    /// --level N`: N on P only, the other projects untouched.
     Set {
         name: String,
         #[arg(long)]
         level: Option<u8>,
-        #[arg(long)]
+        /// Comma-separated: the user's projects become exactly these.
+        #[arg(long, conflicts_with = "project")]
         projects: Option<String>,
+        /// One project to set --level on, leaving the others (repeatable).
+        #[arg(long = "project", requires = "level")]
+        project: Vec<String>,
     },
     /// Remove a user, with its sessions and tokens.
     Remove { name: String },
@@ -535,17 +546,17 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(pw)
 }
 
-fn parse_level(n: u8) -> Result<ams_core::access::Level> {
-    ams_core::access::Level::try_from(n).map_err(|e| anyhow!(e))
+fn parse_level(n: u8) -> Result<Level> {
+    Level::try_from(n).map_err(|e| anyhow!(e))
 }
 
 fn parse_projects(data: &DataDir, list: &str) -> Result<Vec<String>> {
-    let names: Vec<String> = list
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
+    let mut names: Vec<String> = Vec::new();
+    for n in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !names.iter().any(|m| m == n) {
+            names.push(n.to_string());
+        }
+    }
     for n in &names {
         if !project::exists(data, n) {
             anyhow::bail!("no project named `{n}`");
@@ -562,6 +573,72 @@ async fn open_store(data: &DataDir) -> Result<ams_store::Store> {
         .with_context(|| format!("cannot open {}", data.db().display()))
 }
 
+/// What `amsbuild user set` asks for (the host's operator may give anything).
+struct SetGrant {
+    level: Option<Level>,
+    /// The user's projects become exactly these.
+    projects: Option<Vec<String>>,
+    /// Set `level` on these only.
+    project: Vec<String>,
+}
+
+impl SetGrant {
+    fn apply(&self, g: &Grant) -> std::result::Result<Grant, String> {
+        let mut out = g.clone();
+        if self.level == Some(Level::ServerAdmin) {
+            if self.projects.is_some() || !self.project.is_empty() {
+                return Err(
+                    "SERVER ADMIN is on every project already; give --level 5 without projects"
+                        .into(),
+                );
+            }
+            return Ok(Grant::server_admin());
+        }
+        if !self.project.is_empty() {
+            // `requires = "level"` makes sure of it.
+            let level = self.level.unwrap_or(Level::NoAuth);
+            out.server_admin = false;
+            for p in &self.project {
+                out.projects.insert(p.clone(), level);
+            }
+            return Ok(out);
+        }
+        if let Some(list) = &self.projects {
+            // Projects kept keep their level unless --level says otherwise; a new one takes
+            // --level, or the user's one level if it has just one.
+            let levels: std::collections::BTreeSet<Level> = g.projects.values().copied().collect();
+            let single = (levels.len() == 1)
+                .then(|| levels.into_iter().next())
+                .flatten();
+            out.server_admin = false;
+            out.projects = list
+                .iter()
+                .map(|p| {
+                    self.level
+                        .or_else(|| g.projects.get(p).copied())
+                        .or(single)
+                        .map(|l| (p.clone(), l))
+                        .ok_or_else(|| format!("give --level for the new project `{p}`"))
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            return Ok(out);
+        }
+        match self.level {
+            Some(level) => {
+                if g.projects.is_empty() {
+                    return Err("the user has no projects; give --projects or --project".into());
+                }
+                out.server_admin = false;
+                for l in out.projects.values_mut() {
+                    *l = level;
+                }
+                Ok(out)
+            }
+            None => Err("give --level, --projects or --project".into()),
+        }
+    }
+}
+
 async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
     let store = open_store(data).await?;
     match cmd {
@@ -569,25 +646,31 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
             name,
             level,
             projects,
+            project,
             password_stdin,
         } => {
             ams_core::names::validate_project_name(&name)
                 .map_err(|e| anyhow!("{}", e.replace("project name", "user name")))?;
             let level = parse_level(level)?;
-            let projects = parse_projects(data, &projects)?;
+            let projects = parse_projects(data, &[projects, project.join(",")].join(","))?;
+            if level == Level::ServerAdmin && !projects.is_empty() {
+                anyhow::bail!(
+                    "SERVER ADMIN is on every project already; give --level 5 without --projects"
+                );
+            }
+            let grant = Grant::uniform(level.into(), &projects);
             let pw = read_password(password_stdin)?;
             let now = timefmt::now();
             store
                 .create_user(&ams_store::User {
                     name: name.clone(),
                     password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
-                    level: level.into(),
-                    projects,
+                    grant: grant.clone(),
                     created_at: now,
                     password_changed_at: now,
                 })
                 .await?;
-            println!("added user {name} ({})", level.name());
+            println!("added user {name} ({})", grant.describe());
         }
         UserCmd::Passwd {
             name,
@@ -598,28 +681,36 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
             if !store.set_password(&name, &hash, timefmt::now()).await? {
                 anyhow::bail!("no user named `{name}`");
             }
-            println!("changed the password of {name}; its sessions have ended");
+            println!(
+                "changed the password of {name}; its sessions have ended and its API tokens \
+                 are revoked"
+            );
         }
         UserCmd::List => {
             for u in store.users().await? {
-                let level = parse_level(u.level).map(|l| l.name()).unwrap_or("?");
-                println!("{:<24} {:<12} {}", u.name, level, u.projects.join(","));
+                println!("{:<24} {}", u.name, u.grant.describe());
             }
         }
         UserCmd::Set {
             name,
             level,
             projects,
+            project,
         } => {
-            let level = level.map(parse_level).transpose()?.map(u8::from);
+            let level = level.map(parse_level).transpose()?;
             let projects = projects.map(|p| parse_projects(data, &p)).transpose()?;
-            if level.is_none() && projects.is_none() {
-                anyhow::bail!("give --level or --projects");
+            let project = parse_projects(data, &project.join(","))?;
+            let edit = SetGrant {
+                level,
+                projects,
+                project,
+            };
+            match store.update_grant(&name, |g| edit.apply(g)).await {
+                Ok(Some(g)) => println!("updated user {name}: {}", g.describe()),
+                Ok(None) => anyhow::bail!("no user named `{name}`"),
+                Err(ams_store::StoreError::Invalid(e)) => anyhow::bail!("{e}"),
+                Err(e) => return Err(e.into()),
             }
-            if !store.set_grant(&name, level, projects.as_deref()).await? {
-                anyhow::bail!("no user named `{name}`");
-            }
-            println!("updated user {name}");
         }
         UserCmd::Remove { name } => {
             if !store.remove_user(&name).await? {
@@ -743,8 +834,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             .create_user(&ams_store::User {
                 name: "admin".into(),
                 password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
-                level: ams_core::access::Level::ServerAdmin.into(),
-                projects: Vec::new(),
+                grant: Grant::server_admin(),
                 created_at: now,
                 password_changed_at: now,
             })

@@ -100,7 +100,11 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     let w = Web::new(json!({}));
     add_user(&w.h, "other", "3", "mine", PW);
     let cookie = w.session("mod", PW);
-    let (st, _, page) = w.post_form("/ams-build/account/tokens", &cookie, &[("label", "ci <b>")]);
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "ci <b>"), ("current", PW)],
+    );
     assert_eq!(st, 200);
     let tag = "<pre id=\"new-token\">";
     let i = page.find(tag).expect("the new token") + tag.len();
@@ -136,6 +140,15 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     // Its owner can.
     assert_eq!(w.post_form(&revoke, &cookie, &[]).0, 303);
     assert_eq!(bearer(&token), 401);
+    // A token made now does not outlive the password change below.
+    let (_, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "kept?"), ("current", PW)],
+    );
+    let i = page.find(tag).expect("the new token") + tag.len();
+    let token = page[i..page[i..].find('<').unwrap() + i].to_string();
+    assert_eq!(bearer(&token), 200);
 
     // Password: the current one is required; a change ends every session.
     let (st, _, _) = w.post_form(
@@ -157,6 +170,7 @@ fn tokens_and_the_password_are_managed_from_the_account_page() {
     );
     assert_eq!(st, 303, "{head}");
     assert_eq!(w.get("/ams-build/api/user", &cookie).0, 401);
+    assert_eq!(bearer(&token), 401, "the password change revoked the token");
     assert_eq!(w.login("mod", PW, "", None).0, 401);
     assert_eq!(w.login("mod", "a brand new password", "", None).0, 303);
 }
@@ -223,13 +237,16 @@ fn admins_manage_the_users_of_their_own_projects_and_server_admins_everything() 
     // A user who also works elsewhere is not removed by an ADMIN of one project.
     let (st, _, body) = w.post_form("/ams-build/users/both/remove", &adm, &[]);
     assert_eq!(st, 403);
-    assert!(body.contains("untick your projects"), "{body}");
-    // Change a user: the admin's projects follow the boxes, the others stay.
+    assert!(body.contains("take them off your projects"), "{body}");
+    // Change a user: the admin's projects follow the boxes; the others keep their level.
     let (st, _, _) = w.post_form("/ams-build/users/both", &adm, &[("level", "1")]);
     assert_eq!(st, 303);
     let list = user_list(&w.h);
     let line = line_of(&list, "both");
-    assert!(line.contains("USER") && line.ends_with("other"), "{line}");
+    assert!(
+        line.ends_with("MODERATOR on other") && !line.contains("mine"),
+        "{line}"
+    );
     // Users out of reach answer 404 whether or not they exist; peers and self are refused.
     assert_eq!(
         w.post_form("/ams-build/users/out", &adm, &[("level", "1")])
@@ -383,4 +400,272 @@ fn admins_manage_the_users_of_their_own_projects_and_server_admins_everything() 
         .0,
         403
     );
+}
+
+/// The attack of the security issue: an ADMIN of `mine` changes a user it shares with
+/// `other`. Whatever the form says, the user's level on `other` stays what it was.
+#[test]
+fn an_admin_of_one_project_never_changes_a_users_level_on_another() {
+    let w = Web::new(json!({}));
+    w.h.project(
+        "other",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    add_user(&w.h, "adm", "4", "mine", PW);
+    add_user(&w.h, "shared", "1", "mine,other", PW);
+    let o = w.h.cli(&["token", "create", "--user", "shared"]);
+    assert!(o.status.success());
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let as_shared = |method: &str, path: &str| {
+        http(
+            &w.addr,
+            method,
+            &format!("/ams-build/api{path}"),
+            &[("Authorization", format!("Bearer {token}"))],
+            b"",
+        )
+        .0
+    };
+    // What `shared` may do on `other`: view, not trigger. Checked after every attempt.
+    let still_user_on_other = |after: &str| {
+        assert_eq!(
+            as_shared("GET", "/projects/name/other"),
+            200,
+            "{after}: shared lost `other`"
+        );
+        assert_eq!(
+            as_shared("POST", "/projects/name/other/build"),
+            403,
+            "{after}: shared was raised on `other`"
+        );
+        assert!(
+            line_of(&user_list(&w.h), "shared").contains("USER on other"),
+            "{after}: {}",
+            user_list(&w.h)
+        );
+    };
+    still_user_on_other("at first");
+    let adm = w.session("adm", PW);
+    let (_, _, page) = w.get("/ams-build/users", &adm);
+    assert!(page.contains("id=\"p-shared-mine\""), "{page}");
+    assert!(
+        !page.contains("p-shared-other"),
+        "only the admin's projects are offered"
+    );
+
+    // The described system's form shape, one level and the admin's own project: allowed,
+    // and it now means MODERATOR on `mine` only (it used to raise `shared` everywhere).
+    let (st, head, body) = w.post_form(
+        "/ams-build/users/shared",
+        &adm,
+        &[("level", "3"), ("projects", "mine")],
+    );
+    assert_eq!(st, 303, "{head}{body}");
+    assert_eq!(as_shared("POST", "/projects/name/mine/build"), 202);
+    still_user_on_other("MODERATOR on mine");
+    // Locking `shared` out through its level: NO AUTH on `mine` does not reach `other`.
+    let (st, _, _) = w.post_form(
+        "/ams-build/users/shared",
+        &adm,
+        &[("level", "0"), ("projects", "mine")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 404);
+    still_user_on_other("NO AUTH on mine");
+
+    // Any attempt to set a level on `other` is refused, and changes nothing at all.
+    for (pairs, why) in [
+        (
+            vec![("level:mine", "1"), ("level:other", "3")],
+            "MODERATOR on other",
+        ),
+        (vec![("level:other", "1")], "USER on other"),
+        (vec![("level:other", "0")], "NO AUTH on other"),
+        (vec![("level:other", "")], "off other"),
+        (
+            vec![("level", "3"), ("projects", "other")],
+            "old shape, other",
+        ),
+        (
+            vec![("level", "1"), ("projects", "mine"), ("projects", "other")],
+            "old shape, both",
+        ),
+        (vec![("level:mine", "4")], "ADMIN on mine"),
+        (
+            vec![("level:mine", "1"), ("server_admin", "on")],
+            "SERVER ADMIN",
+        ),
+    ] {
+        let (st, _, body) = w.post_form("/ams-build/users/shared", &adm, &pairs);
+        assert_eq!(st, 403, "{why}: {body}");
+        still_user_on_other(why);
+        assert!(
+            line_of(&user_list(&w.h), "shared").contains("NO AUTH on mine"),
+            "{why}: the refused change changed `mine`"
+        );
+    }
+    let (_, _, body) = w.post_form("/ams-build/users/shared", &adm, &[("level:other", "3")]);
+    assert!(
+        body.contains("you do not administer project `other`"),
+        "{body}"
+    );
+    // Removing `shared` would take it off `other` too: refused.
+    assert_eq!(
+        w.post_form("/ams-build/users/shared/remove", &adm, &[]).0,
+        403
+    );
+    still_user_on_other("remove");
+
+    // The per-project form changes what it names: back to USER on mine.
+    let (st, _, _) = w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "1")]);
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 200);
+    still_user_on_other("USER on mine");
+    // Taking `shared` off `mine` leaves it on `other`, out of the admin's reach.
+    let (st, _, _) = w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "")]);
+    assert_eq!(st, 303);
+    assert_eq!(as_shared("GET", "/projects/name/mine"), 404);
+    still_user_on_other("off mine");
+    assert_eq!(
+        w.post_form("/ams-build/users/shared", &adm, &[("level:mine", "1")])
+            .0,
+        404
+    );
+    // The API tells the levels apart.
+    let (st, me) = http(
+        &w.addr,
+        "GET",
+        "/ams-build/api/user",
+        &[("Authorization", format!("Bearer {token}"))],
+        b"",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(me["levels"]["other"]["level_name"], "USER", "{me}");
+    assert_eq!(me["projects"], json!(["other"]));
+}
+
+/// Creating an API token needs the current password, through the login throttle.
+#[test]
+fn a_token_needs_the_current_password() {
+    let w = Web::new(json!({}));
+    add_user(&w.h, "other", "3", "mine", PW);
+    let tokens_of = |user: &str| {
+        String::from_utf8_lossy(&w.h.cli(&["token", "list", "--user", user]).stdout).to_string()
+    };
+    let cookie = w.session("mod", PW);
+    for (pairs, why) in [
+        (vec![("label", "ci")], "no password"),
+        (vec![("label", "ci"), ("current", "")], "empty"),
+        (
+            vec![("label", "ci"), ("current", "wrong password")],
+            "wrong",
+        ),
+    ] {
+        let (st, _, page) = w.post_form("/ams-build/account/tokens", &cookie, &pairs);
+        assert_eq!(st, 403, "{why}: {page}");
+        assert!(!page.contains("new-token"), "{why}");
+        assert!(
+            tokens_of("mod").trim().is_empty(),
+            "{why}: a token was made"
+        );
+    }
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "ci"), ("current", PW)],
+    );
+    assert_eq!(st, 200);
+    assert!(page.contains("new-token"));
+    assert!(tokens_of("mod").contains("ci"));
+    // Guessing through a session meets the login throttle: after five wrong passwords even
+    // the right one is refused, and so is the login form.
+    let theirs = w.session("other", PW);
+    for _ in 0..5 {
+        let (st, _, _) = w.post_form(
+            "/ams-build/account/tokens",
+            &theirs,
+            &[("label", "x"), ("current", "a guess")],
+        );
+        assert_eq!(st, 403);
+    }
+    let (st, _, _) = w.post_form(
+        "/ams-build/account/tokens",
+        &theirs,
+        &[("label", "x"), ("current", PW)],
+    );
+    assert_eq!(st, 429);
+    assert_eq!(w.login("other", PW, "", None).0, 429);
+    assert!(tokens_of("other").trim().is_empty());
+}
+
+/// A new password, however it is set, revokes the tokens made with the old one.
+#[test]
+fn api_tokens_end_with_the_password() {
+    let w = Web::new(json!({}));
+    add_user(&w.h, "root", "5", "", PW);
+    let new_token = || {
+        let o = w.h.cli(&["token", "create", "--user", "mod"]);
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let bearer = |t: &str| {
+        http(
+            &w.addr,
+            "GET",
+            "/ams-build/api/user",
+            &[("Authorization", format!("Bearer {t}"))],
+            b"",
+        )
+        .0
+    };
+    // `amsbuild user passwd`.
+    let t = new_token();
+    assert_eq!(bearer(&t), 200);
+    let mut c =
+        w.h.cmd()
+            .args(["user", "passwd", "mod", "--password-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    use std::io::Write;
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"second password\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+    assert_eq!(bearer(&t), 401, "a token survived `user passwd`");
+    // A SERVER ADMIN's reset from the Users page.
+    let t = new_token();
+    assert_eq!(bearer(&t), 200);
+    let root = w.session("root", PW);
+    let (st, _, _) = w.post_form(
+        "/ams-build/users/mod/password",
+        &root,
+        &[("password", "third password")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!(bearer(&t), 401, "a token survived an admin's reset");
+    // The user's own change, with tokens from the CLI and from the account page.
+    let t = new_token();
+    let cookie = w.session("mod", "third password");
+    let (st, _, page) = w.post_form(
+        "/ams-build/account/tokens",
+        &cookie,
+        &[("label", "web"), ("current", "third password")],
+    );
+    assert_eq!(st, 200);
+    let tag = "<pre id=\"new-token\">";
+    let i = page.find(tag).expect("the new token") + tag.len();
+    let web = page[i..page[i..].find('<').unwrap() + i].to_string();
+    assert_eq!((bearer(&t), bearer(&web)), (200, 200));
+    let (st, _, _) = w.post_form(
+        "/ams-build/account/password",
+        &cookie,
+        &[("current", "third password"), ("new", "fourth password")],
+    );
+    assert_eq!(st, 303);
+    assert_eq!((bearer(&t), bearer(&web)), (401, 401));
+    let list = w.h.cli(&["token", "list", "--user", "mod"]);
+    assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
 }

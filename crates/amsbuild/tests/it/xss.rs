@@ -101,7 +101,7 @@ fn hostile_text_in_every_field_is_escaped_on_every_page() {
     let (st, _, page) = web.post_form(
         "/ams-build/account/tokens",
         &cookie,
-        &[("label", PAYLOADS[3])],
+        &[("label", PAYLOADS[3]), ("current", PW)],
     );
     assert_eq!(st, 200);
     assert_clean("new token page", &page);
