@@ -211,7 +211,9 @@ pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
                 Some((f, v)) => (format!("--{f}"), Some(v.to_string())),
                 None => (w.clone(), None),
             }
-        } else if w.starts_with('-') && w.chars().count() > 2 && !matches!(w.as_str(), "-it" | "-ti")
+        } else if w.starts_with('-')
+            && w.chars().count() > 2
+            && !matches!(w.as_str(), "-it" | "-ti")
         {
             // `-` and one character (which may take several bytes) is the flag.
             let cut = w.char_indices().nth(2).map(|(i, _)| i).unwrap_or(w.len());

@@ -153,10 +153,7 @@ mod tests {
         assert_eq!(parse(&t), vec![Piece::Text(&t)]);
         let long = format!("{{{}}}", "a".repeat(65));
         assert_eq!(parse(&long), vec![Piece::Text(&long)]);
-        assert_eq!(
-            parse("{a}{b"),
-            vec![Piece::Var("a"), Piece::Text("{b")]
-        );
+        assert_eq!(parse("{a}{b"), vec![Piece::Var("a"), Piece::Text("{b")]);
     }
 
     #[test]

@@ -117,11 +117,11 @@ pub trait Executor: Send + Sync + 'static {
         stop: CancellationToken,
     ) -> BoxFuture<'a, Result<RunEnd, ExecError>>;
 
-    /// Removes every container carrying `label=value`, running or not. Returns their names.
+    /// Removes every container carrying all the `label=value` pairs, running or not. Returns
+    /// their names.
     fn remove_labelled<'a>(
         &'a self,
-        label: &'a str,
-        value: &'a str,
+        labels: &'a [(&'a str, &'a str)],
     ) -> BoxFuture<'a, Result<Vec<String>, ExecError>>;
 }
 
@@ -441,12 +441,14 @@ impl Executor for DockerExecutor {
 
     fn remove_labelled<'a>(
         &'a self,
-        label: &'a str,
-        value: &'a str,
+        labels: &'a [(&'a str, &'a str)],
     ) -> BoxFuture<'a, Result<Vec<String>, ExecError>> {
         Box::pin(async move {
             let mut filters = HashMap::new();
-            filters.insert("label", vec![format!("{label}={value}")]);
+            filters.insert(
+                "label",
+                labels.iter().map(|(l, v)| format!("{l}={v}")).collect(),
+            );
             let opts = ListContainersOptionsBuilder::new()
                 .all(true)
                 .filters(&filters)

@@ -271,6 +271,8 @@ pub struct Host {
     queue: Queue,
     active: HashMap<i64, Active>,
     workers: JoinSet<()>,
+    /// Which build each worker task runs, so a worker that dies still ends its build.
+    worker_builds: HashMap<tokio::task::Id, i64>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
     /// A command taken from the channel while batching, handled next.
@@ -358,6 +360,7 @@ impl Host {
             hub: hub.clone(),
             active: HashMap::new(),
             workers: JoinSet::new(),
+            worker_builds: HashMap::new(),
             tx: tx.clone(),
             rx,
             deferred: None,
@@ -380,7 +383,7 @@ impl Host {
         match self
             .ctx
             .executor
-            .remove_labelled(ams_docker::LABEL_HOST, &self.ctx.host_id)
+            .remove_labelled(&[(ams_docker::LABEL_HOST, &self.ctx.host_id)])
             .await
         {
             Ok(names) => {
@@ -452,9 +455,15 @@ impl Host {
         loop {
             let cmd = match self.deferred.take() {
                 Some(c) => c,
-                None => match self.rx.recv().await {
-                    Some(c) => c,
-                    None => return,
+                None => tokio::select! {
+                    c = self.rx.recv() => match c {
+                        Some(c) => c,
+                        None => return,
+                    },
+                    Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
+                        self.reap(joined).await;
+                        continue;
+                    }
                 },
             };
             let changes = cmd.changes_state();
@@ -510,13 +519,65 @@ impl Host {
             if changes {
                 let _ = self.changes.send(());
             }
-            // Reap finished worker tasks so the set stays small.
-            while let Some(r) = self.workers.try_join_next() {
-                if let Err(e) = r {
-                    tracing::error!("a build worker ended abnormally: {e}");
-                }
+        }
+    }
+
+    /// A worker task ended. One that returned has reported its build already; one that
+    /// panicked or was aborted has not, so its build is ended here with the reason, its
+    /// container removed and its slot freed.
+    async fn reap(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (task, err) = match joined {
+            Ok((task, ())) => (task, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let Some(id) = self.worker_builds.remove(&task) else {
+            return;
+        };
+        let Some(err) = err else {
+            return;
+        };
+        if !self.active.contains_key(&id) {
+            return;
+        }
+        let why = if err.is_panic() {
+            let p = err.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            format!("internal error: the build worker panicked ({msg})")
+        } else {
+            "internal error: the build worker was aborted".to_string()
+        };
+        tracing::error!("build {id}: {why}");
+        if let Ok(Some(b)) = self.store.build_by_id(id).await {
+            let bd = self.ctx.data.project(&b.project).build(&b.name);
+            if let Ok(mut log) = crate::log::BuildLog::open(&bd.log(), u64::MAX, None) {
+                log.line(&format!("build {} ended: FAIL ({why})", b.name));
             }
         }
+        let executor = self.ctx.executor.clone();
+        let build_id = id.to_string();
+        let host_id = self.ctx.host_id.clone();
+        self.workers.spawn(async move {
+            let labels = [
+                (ams_docker::LABEL_HOST, host_id.as_str()),
+                (ams_docker::LABEL_BUILD_ID, build_id.as_str()),
+            ];
+            if let Err(e) = executor.remove_labelled(&labels).await {
+                tracing::error!("cannot remove the container of build {build_id}: {e}");
+            }
+        });
+        let fin = Finish {
+            status: Some(BuildStatus::Fail),
+            reason: Some(why),
+            finished_at: timefmt::now(),
+            ..Default::default()
+        };
+        self.complete(id, &fin).await;
+        self.start_ready().await;
+        let _ = self.changes.send(());
     }
 
     async fn queue_build(&mut self, req: BuildRequest) -> Result<BuildRecord, String> {
@@ -702,7 +763,7 @@ impl Host {
             if let Some(e) = &self.events {
                 e.event(q.id, EventKind::Started);
             }
-            self.workers.spawn(async move {
+            let task = self.workers.spawn(async move {
                 tracing::info!("build {} started", record.name);
                 let fin = worker::run_build(&ctx, &record, &stop, log_tx).await;
                 let _ = tx
@@ -712,6 +773,7 @@ impl Host {
                     })
                     .await;
             });
+            self.worker_builds.insert(task.id(), q.id);
         }
     }
 
@@ -861,6 +923,115 @@ impl Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ams_docker::{ContainerSpec, ExecError, RunEnd};
+    use bytes::Bytes;
+    use futures_util::future::BoxFuture;
+    use tokio_util::sync::CancellationToken;
+
+    /// An engine whose `run` panics for the image `panic` and otherwise ends at once.
+    struct FakeExecutor;
+
+    impl Executor for FakeExecutor {
+        fn ensure_image<'a>(
+            &'a self,
+            _image: &'a str,
+            _progress: &'a (dyn Fn(String) + Send + Sync),
+        ) -> BoxFuture<'a, Result<(), ExecError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn run<'a>(
+            &'a self,
+            spec: ContainerSpec,
+            _output: mpsc::Sender<Bytes>,
+            _stop: CancellationToken,
+        ) -> BoxFuture<'a, Result<RunEnd, ExecError>> {
+            Box::pin(async move {
+                if spec.image == "panic" {
+                    panic!("the fake engine exploded");
+                }
+                Ok(RunEnd::Exited(0))
+            })
+        }
+
+        fn remove_labelled<'a>(
+            &'a self,
+            _labels: &'a [(&'a str, &'a str)],
+        ) -> BoxFuture<'a, Result<Vec<String>, ExecError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    fn request(project: &str) -> BuildRequest {
+        BuildRequest {
+            project: project.into(),
+            branch: None,
+            commit: None,
+            actor: "t".into(),
+            trigger: "cli".into(),
+        }
+    }
+
+    async fn wait_final(h: &HostHandle, id: i64) -> BuildRecord {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let b = h.store.build_by_id(id).await.unwrap().unwrap();
+            if b.status.is_final() {
+                return b;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "build {id} stayed {}",
+                b.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_worker_ends_its_build_and_frees_its_slot() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        for (p, image) in [("boom", "panic"), ("next", "fine")] {
+            let pd = project::init(&data, p).unwrap();
+            std::fs::write(
+                pd.master_source().join("pipeline.json"),
+                format!(
+                    r#"{{"docker": {{"image": "{image}", "project-dest": "/p", "build-output-dest": "/o"}},
+                        "pipeline": [{{"name": "s", "commands": ["true"]}}]}}"#
+                ),
+            )
+            .unwrap();
+        }
+        let conf = WebConf {
+            max_active_builds: 1,
+            ..Default::default()
+        };
+        let cfg = HostConfig {
+            data: data.clone(),
+            conf,
+            packer: None,
+            events: None,
+        };
+        let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
+        let looped = tokio::spawn(host.run());
+        let boom = h.build(request("boom")).await.unwrap();
+        let next = h.build(request("next")).await.unwrap();
+        let b = wait_final(&h, boom.id).await;
+        assert_eq!(b.status, BuildStatus::Fail);
+        let reason = b.reason.unwrap_or_default();
+        assert!(reason.contains("panicked"), "{reason}");
+        assert!(reason.contains("the fake engine exploded"), "{reason}");
+        let log = std::fs::read_to_string(data.project("boom").build(&b.name).log()).unwrap();
+        assert!(log.contains("panicked"), "{log}");
+        // The one slot was freed: the next build ran to its end.
+        let n = wait_final(&h, next.id).await;
+        assert_ne!(n.status, BuildStatus::Running);
+        // And the loop still answers.
+        assert!(h.snapshot().await.unwrap().active.is_empty());
+        h.shutdown().await;
+        looped.await.unwrap();
+    }
 
     #[test]
     fn reads_do_not_tick_the_live_views() {

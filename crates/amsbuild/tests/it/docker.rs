@@ -751,3 +751,29 @@ fn a_relative_data_directory_works() {
     assert!(o.status.success(), "{out}");
     assert!(out.contains("relative-ok"), "{out}");
 }
+
+/// `"args": "-é"` once panicked a worker (a string cut inside a character) and jammed the
+/// slot: now it fails its own build with the flag named, and the next build runs.
+#[test]
+fn a_multibyte_docker_arg_fails_its_build_and_the_next_one_runs() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    h.project(
+        "bad",
+        &pipeline_with(
+            json!([stage("s", &["echo never"])]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "args": "-é"}}),
+        ),
+    );
+    h.project("good", &pipeline(json!([stage("s", &["echo fine"])])));
+    h.start();
+    let bad = h.build("bad");
+    let good = h.build("good");
+    let r = h.wait_status("bad", &bad, T);
+    assert_eq!(r["status"], "fail");
+    let log = h.log("bad", &bad);
+    assert!(log.contains("`-é`"), "{log}");
+    let r = h.wait_status("good", &good, T);
+    assert_eq!(r["status"], "pass", "{}", h.log("good", &good));
+}
