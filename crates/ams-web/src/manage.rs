@@ -347,22 +347,23 @@ async fn change_password(
     };
     let root = &st.conf.web_root;
     // Guessing the current password through a stolen session meets the login throttle.
-    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
-    if st.guard.blocked(&v.user.name, &ip) {
+    let ip = crate::session::client_ip(addr);
+    let Some(attempt) = st.guard.reserve(&v.user.name, &ip) else {
         return refused(
             root,
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed attempts; try again later",
         );
-    }
+    };
     if !st
         .guard
         .verify(v.user.password_hash.clone(), f.raw("current").to_string())
         .await
     {
-        st.guard.fail(&v.user.name, &ip);
+        drop(attempt);
         return refused(root, StatusCode::FORBIDDEN, "the current password is wrong");
     }
+    attempt.succeeded();
     let hash = match new_password_hash(&st, f.raw("new")).await {
         Ok(h) => h,
         Err(r) => return r,
