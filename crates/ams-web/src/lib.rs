@@ -10,7 +10,7 @@ pub mod session;
 pub mod tls;
 pub mod webhook;
 
-use axum::http::{Request, StatusCode};
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::routing::future::RouteFuture;
 use axum::Router;
 use hyper::body::Incoming;
@@ -41,20 +41,22 @@ pub const MAX_PER_ADDRESS: usize = 64;
 /// Sent data unacknowledged this long (a client that vanished or stopped reading) ends the
 /// connection; live streams send a keep-alive every 20 s, so a dead viewer's stream ends too.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Under TLS, every answer tells browsers to use HTTPS only, for a year.
+pub const HSTS: &str = "max-age=31536000";
 
 /// Serves `app` until `shutdown` fires, then lets requests in flight finish (up to 10 s).
 /// Slow senders are cut off: the TLS handshake and the headers each within [`HEADER_TIMEOUT`],
 /// the body within [`BODY_TIMEOUT`], the handler's answer within [`HANDLER_TIMEOUT`], and at
 /// most [`MAX_PER_ADDRESS`] of the [`MAX_CONNECTIONS`] connections come from one address. With
-/// `tls`, every connection is HTTPS; a client speaking plain HTTP fails the handshake and is
-/// dropped.
+/// `tls`, every connection is HTTPS (a client speaking plain HTTP fails the handshake and is
+/// dropped) and every answer carries HSTS.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    let app = edge(app);
+    let app = edge(app, tls.is_some());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_address = limits::PerAddress::new(MAX_PER_ADDRESS);
     let mut conns = JoinSet::new();
@@ -120,15 +122,25 @@ pub async fn serve(
     .await;
 }
 
-/// The layers every listener's router gets once: the body deadline and the handler timeout.
-fn edge(app: Router) -> Router {
-    app.layer(axum::middleware::from_fn(|req, next| {
-        limits::body_deadline(BODY_TIMEOUT, req, next)
-    }))
-    .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::SERVICE_UNAVAILABLE,
-        HANDLER_TIMEOUT,
-    ))
+/// The layers every listener's router gets once: the body deadline, the handler timeout and,
+/// under TLS, HSTS on every answer (the timeouts' own included).
+fn edge(app: Router, tls: bool) -> Router {
+    let app = app
+        .layer(axum::middleware::from_fn(|req, next| {
+            limits::body_deadline(BODY_TIMEOUT, req, next)
+        }))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            HANDLER_TIMEOUT,
+        ));
+    if tls {
+        app.layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static(HSTS),
+        ))
+    } else {
+        app
+    }
 }
 
 /// The router for one connection: each request carries the client's address.

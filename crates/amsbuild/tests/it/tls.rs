@@ -1,6 +1,6 @@
 //! HTTPS through rustls with a self-signed certificate made here: pages, login cookie naming,
-//! webhooks, plain HTTP refused, stalled handshakes and bodies from one address, certificate
-//! renewal on SIGHUP, and the start refused with a clear message for each
+//! webhooks, plain HTTP refused, HSTS on every answer, stalled handshakes and bodies from one
+//! address, certificate renewal on SIGHUP, and the start refused with a clear message for each
 //! broken file.
 
 use crate::harness::*;
@@ -226,6 +226,86 @@ fn https_host() -> (TestHost, Cert) {
     (h, cert)
 }
 
+/// The Strict-Transport-Security lines of a (lower-cased) header block.
+fn hsts(head: &str) -> Vec<&str> {
+    head.lines()
+        .filter(|l| l.starts_with("strict-transport-security:"))
+        .map(str::trim)
+        .collect()
+}
+
+#[test]
+fn every_https_answer_tells_browsers_to_stay_on_https() {
+    let (h, cert) = https_host();
+    let addr = h.web_addr();
+    let form_type = [(
+        "Content-Type",
+        "application/x-www-form-urlencoded".to_string(),
+    )];
+    let wrong = form(&[("username", "dev"), ("password", "wrong")]);
+    let right = form(&[("username", "dev"), ("password", "correct horse battery")]);
+    let answers = [
+        (
+            "the login page",
+            https(&addr, &cert.der, "GET", "/ams-build/login", &[], b""),
+        ),
+        (
+            "a failed login",
+            https(
+                &addr,
+                &cert.der,
+                "POST",
+                "/ams-build/login",
+                &form_type,
+                &wrong,
+            ),
+        ),
+        (
+            "a login",
+            https(
+                &addr,
+                &cert.der,
+                "POST",
+                "/ams-build/login",
+                &form_type,
+                &right,
+            ),
+        ),
+        (
+            "an unknown page",
+            https(&addr, &cert.der, "GET", "/ams-build/nope", &[], b""),
+        ),
+        (
+            "a page outside web_root",
+            https(&addr, &cert.der, "GET", "/", &[], b""),
+        ),
+        (
+            "the API without a token",
+            https(&addr, &cert.der, "GET", "/ams-build/api/user", &[], b""),
+        ),
+        (
+            "a refused webhook",
+            https(
+                &h.webhook_addr(),
+                &cert.der,
+                "POST",
+                "/ams-build/request",
+                &[],
+                b"{}",
+            ),
+        ),
+    ];
+    let statuses: Vec<u16> = answers.iter().map(|(_, (st, _, _))| *st).collect();
+    assert_eq!(statuses, [200, 401, 303, 404, 404, 401, 400]);
+    for (what, (_, head, _)) in &answers {
+        assert_eq!(
+            hsts(head),
+            ["strict-transport-security: max-age=31536000"],
+            "{what}: {head}"
+        );
+    }
+}
+
 #[test]
 fn stalled_handshakes_and_bodies_from_one_address_leave_https_to_everyone_else() {
     use crate::edge::{
@@ -293,7 +373,7 @@ fn stalled_handshakes_and_bodies_from_one_address_leave_https_to_everyone_else()
         |c| c.iter().all(|s| s.closed),
     );
 
-    // The partial bodies are answered 408 and their connections closed.
+    // The partial bodies are answered 408, with HSTS, and their connections closed.
     for s in &mut partial {
         s.sock
             .set_read_timeout(Some(Duration::from_secs(25)))
@@ -308,6 +388,7 @@ fn stalled_handshakes_and_bodies_from_one_address_leave_https_to_everyone_else()
         }
         let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
         assert!(text.starts_with("http/1.1 408"), "{text}");
+        assert_eq!(hsts(&text), ["strict-transport-security: max-age=31536000"]);
     }
     assert!(sent.elapsed() >= BODY_TIMEOUT - Duration::from_secs(1));
 }
