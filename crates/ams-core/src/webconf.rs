@@ -72,6 +72,30 @@ impl Default for WebConf {
     }
 }
 
+/// What is wrong with a `web_root`, if anything. Every URL is `/{web_root}/…`: an empty root
+/// would make `//host/…` links and redirects that leave the site, and a slash, a dot segment or
+/// a character outside the unreserved set would change or break the routes.
+fn web_root_problem(root: &str) -> Option<&'static str> {
+    if root.is_empty() {
+        Some("is empty")
+    } else if root.starts_with('/') || root.ends_with('/') {
+        Some("starts or ends with a slash")
+    } else if root.contains(['/', '\\']) {
+        Some("has more than one path segment")
+    } else if root == "." || root == ".." {
+        Some("is a dot segment")
+    } else if root.len() > 64 {
+        Some("is longer than 64 characters")
+    } else if !root
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+    {
+        Some("has a character other than letters, digits, '-', '_', '.' and '~'")
+    } else {
+        None
+    }
+}
+
 impl WebConf {
     pub const FILE: &'static str = "web_conf.json";
 
@@ -102,10 +126,13 @@ impl WebConf {
         if self.log_max_bytes < 4096 {
             return bad("log_max_bytes", "must be at least 4096");
         }
-        if self.web_root.contains('/') || self.web_root.contains("..") {
+        if let Some(problem) = web_root_problem(&self.web_root) {
             return bad(
                 "web_root",
-                "must be a single path segment such as \"ams-build\"",
+                &format!(
+                    "{problem}; it must be one non-empty path segment without slashes, of \
+                     letters, digits, '-', '_', '.' and '~', such as \"ams-build\" (the default)"
+                ),
             );
         }
         if let Err(e) = parse_size(&self.container_memory) {
@@ -203,5 +230,38 @@ mod tests {
             "max_active_builds"
         );
         assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());
+    }
+
+    #[test]
+    fn web_root_is_one_plain_path_segment() {
+        for good in ["ams-build", "ci", "ams.ci_2~x", "AMS"] {
+            let text = format!(r#"{{"web_root": "{good}"}}"#);
+            assert_eq!(WebConf::parse(&text, "w").unwrap().web_root, good);
+        }
+        for bad in [
+            "",
+            "/",
+            "/ams-build",
+            "ams-build/",
+            "a/b",
+            "\\\\evil.example",
+            ".",
+            "..",
+            "a b",
+            "a?b",
+            "a#b",
+            "{x}",
+            "%2e",
+            "é",
+        ] {
+            let text = serde_json::json!({ "web_root": bad }).to_string();
+            let e = WebConf::parse(&text, "/d/web_conf.json").unwrap_err();
+            assert_eq!(e.field, "web_root", "{bad:?}");
+            let s = e.to_string();
+            assert!(s.starts_with("/d/web_conf.json: field `web_root`: "), "{s}");
+            assert!(s.contains("such as \"ams-build\""), "{s}");
+        }
+        let long = "a".repeat(65);
+        assert!(WebConf::parse(&format!(r#"{{"web_root": "{long}"}}"#), "w").is_err());
     }
 }

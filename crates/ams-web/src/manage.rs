@@ -278,14 +278,6 @@ async fn check_current_password(
     given: &str,
 ) -> Result<(), Response> {
     let root = &st.conf.web_root;
-    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
-    if st.guard.blocked(&v.user.name, &ip) {
-        return Err(refused(
-            root,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts; try again later",
-        ));
-    }
     if given.is_empty() {
         return Err(refused(
             root,
@@ -293,18 +285,28 @@ async fn check_current_password(
             "type your current password to confirm",
         ));
     }
+    // Guessing the current password through a stolen session meets the login throttle.
+    let ip = crate::session::client_ip(addr);
+    let Some(attempt) = st.guard.reserve(&v.user.name, &ip) else {
+        return Err(refused(
+            root,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try again later",
+        ));
+    };
     if !st
         .guard
         .verify(v.user.password_hash.clone(), given.to_string())
         .await
     {
-        st.guard.fail(&v.user.name, &ip);
+        drop(attempt);
         return Err(refused(
             root,
             StatusCode::FORBIDDEN,
             "the current password is wrong; type the password you log in with",
         ));
     }
+    attempt.succeeded();
     Ok(())
 }
 

@@ -5,8 +5,10 @@
 //! a new id. Sessions end when idle and at an absolute limit, at logout, and when the password
 //! changes. A state-changing request made with the cookie must carry the session's CSRF token
 //! (`csrf` form field or `X-CSRF-Token` header) and, when it sends an Origin, the site's own.
-//! Failed logins are counted per account and per client address; an unknown user costs the
-//! same argon2 work as a wrong password, and argon2 runs at most [`HASHING`] at a time.
+//! Failed logins are counted per account and per client address; each attempt is reserved in
+//! both counts before its password is checked, so concurrent guesses get no more checks than
+//! sequential ones. An unknown user costs the same argon2 work as a wrong password, and argon2
+//! runs at most [`HASHING`] at a time.
 
 use crate::api::ApiState;
 use crate::auth;
@@ -32,6 +34,12 @@ const MAX_TRACKED: usize = 10_000;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// The address a request is throttled under (an IPv6 client by its /64), as text.
+pub(crate) fn client_ip(addr: Option<axum::Extension<ClientAddr>>) -> String {
+    addr.map(|a| crate::limits::client_key(a.0 .0.ip()).to_string())
+        .unwrap_or_default()
+}
+
 /// Login throttling and the argon2 budget.
 #[derive(Debug)]
 pub struct LoginGuard {
@@ -48,37 +56,48 @@ impl Default for LoginGuard {
     }
 }
 
+/// A password check that holds its place in the account's and the address's allowance from
+/// before the check until its verdict: dropped, it stays counted as a failure (also when the
+/// client went away mid-check); [`Attempt::succeeded`] takes it back.
+#[must_use = "an attempt is counted as a failure unless it succeeded"]
+#[derive(Debug)]
+pub(crate) struct Attempt<'a> {
+    guard: &'a LoginGuard,
+    user: String,
+    addr: String,
+}
+
 impl LoginGuard {
-    fn count(&self, key: &str) -> u32 {
-        let m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(key)
-            .filter(|(_, since)| since.elapsed() < WINDOW)
-            .map(|(n, _)| *n)
-            .unwrap_or(0)
-    }
-
-    pub(crate) fn blocked(&self, user: &str, addr: &str) -> bool {
-        self.count(&format!("u:{}", user.to_lowercase())) >= PER_USER
-            || self.count(&format!("a:{addr}")) >= PER_ADDRESS
-    }
-
-    pub(crate) fn fail(&self, user: &str, addr: &str) {
+    /// Reserves one attempt for `user` from `addr`, in both counters at once, or None when
+    /// either allowance is used up in the [`WINDOW`]. Checking and counting under one lock is
+    /// what keeps concurrent guesses from all passing the check before any is counted.
+    pub(crate) fn reserve(&self, user: &str, addr: &str) -> Option<Attempt<'_>> {
+        let user = format!("u:{}", user.to_lowercase());
+        let addr = format!("a:{addr}");
         let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > MAX_TRACKED {
             m.retain(|_, (_, since)| since.elapsed() < WINDOW);
         }
-        for key in [format!("u:{}", user.to_lowercase()), format!("a:{addr}")] {
-            let e = m.entry(key).or_insert((0, Instant::now()));
+        let live = |k: &str| {
+            m.get(k)
+                .filter(|(_, since)| since.elapsed() < WINDOW)
+                .map_or(0, |(n, _)| *n)
+        };
+        if live(&user) >= PER_USER || live(&addr) >= PER_ADDRESS {
+            return None;
+        }
+        for key in [&user, &addr] {
+            let e = m.entry(key.clone()).or_insert((0, Instant::now()));
             if e.1.elapsed() >= WINDOW {
                 *e = (0, Instant::now());
             }
             e.0 += 1;
         }
-    }
-
-    fn succeed(&self, user: &str) {
-        let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
-        m.remove(&format!("u:{}", user.to_lowercase()));
+        Some(Attempt {
+            guard: self,
+            user,
+            addr,
+        })
     }
 
     /// Hashes a new password within the hashing budget, off the async threads.
@@ -101,6 +120,18 @@ impl LoginGuard {
         tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
             .await
             .unwrap_or(false)
+    }
+}
+
+impl Attempt<'_> {
+    /// The password was right: the attempt does not count against the address, and the
+    /// account's earlier failures are forgiven.
+    pub(crate) fn succeeded(self) {
+        let mut m = self.guard.fails.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&self.user);
+        if let Some((n, _)) = m.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
@@ -263,7 +294,7 @@ pub async fn login(
             &login_form(&root, "", "cross-site login refused"),
         );
     }
-    let ip = addr.map(|a| a.0 .0.ip().to_string()).unwrap_or_default();
+    let ip = client_ip(addr);
     let user = f
         .get("username")
         .map(|s| s.trim().to_string())
@@ -274,13 +305,13 @@ pub async fn login(
         .and_then(|r| safe_redirect(r))
         .unwrap_or("")
         .to_string();
-    if st.guard.blocked(&user, &ip) {
+    let Some(attempt) = st.guard.reserve(&user, &ip) else {
         return page(
             StatusCode::TOO_MANY_REQUESTS,
             "Log in",
             &login_form(&root, &redirect, "too many failed logins; try again later"),
         );
-    }
+    };
     let record = st.host.store.user(&user).await.ok().flatten();
     let hash = record
         .as_ref()
@@ -289,14 +320,14 @@ pub async fn login(
     let good = st.guard.verify(hash, password).await;
     let allowed = record.as_ref().is_some_and(|u| u.grant.can_log_in());
     let Some(u) = record.filter(|_| good && allowed) else {
-        st.guard.fail(&user, &ip);
+        drop(attempt);
         return page(
             StatusCode::UNAUTHORIZED,
             "Log in",
             &login_form(&root, &redirect, GENERIC),
         );
     };
-    st.guard.succeed(&user);
+    attempt.succeeded();
     // A fresh id at every login; an old session of this browser ends.
     if let Some(old) = cookie(&headers, cookie_name(st.conf.use_ssl)) {
         let _ = st.host.store.end_session(&auth::token_hash(&old)).await;
@@ -409,19 +440,40 @@ mod tests {
     }
 
     #[test]
-    fn throttling_counts_per_user_and_address() {
+    fn throttling_reserves_per_user_and_address() {
         let g = LoginGuard::default();
-        for _ in 0..PER_USER {
-            assert!(!g.blocked("Alice", "1.2.3.4"));
-            g.fail("alice", "1.2.3.4");
+        let held: Vec<_> = (0..PER_USER)
+            .map(|_| g.reserve("Alice", "1.2.3.4").expect("within the allowance"))
+            .collect();
+        assert!(
+            g.reserve("ALICE", "9.9.9.9").is_none(),
+            "attempts in flight count, per account, whatever the address"
+        );
+        assert!(g.reserve("bob", "1.2.3.4").is_some());
+        let mut held = held.into_iter();
+        held.next().unwrap().succeeded();
+        drop(held);
+        assert!(
+            g.reserve("alice", "5.5.5.5").is_some(),
+            "a success forgives the account"
+        );
+        for i in 0..PER_ADDRESS {
+            let a = g.reserve(&format!("user{i}"), "7.7.7.7");
+            assert!(a.is_some(), "attempt {i}");
         }
         assert!(
-            g.blocked("ALICE", "9.9.9.9"),
-            "per account, whatever the address"
+            g.reserve("carol", "7.7.7.7").is_none(),
+            "the address is used up"
         );
-        assert!(!g.blocked("bob", "1.2.3.4"));
-        g.succeed("alice");
-        assert!(!g.blocked("alice", "5.5.5.5"));
+        assert!(g.reserve("carol", "7.7.7.8").is_some());
+        let g = LoginGuard::default();
+        for _ in 0..PER_ADDRESS {
+            g.reserve("dave", "8.8.8.8").expect("allowed").succeeded();
+        }
+        assert!(
+            g.reserve("erin", "8.8.8.8").is_some(),
+            "successes do not use up the address"
+        );
     }
 
     #[test]

@@ -116,6 +116,61 @@ fn a_bad_web_conf_stops_the_start_naming_file_line_and_key() {
     assert!(t.contains("web_conf.json: line 2"), "{t}");
 }
 
+/// Runs `serve`, which must refuse to start; returns what it said. A host that starts anyway
+/// is stopped and the test fails.
+fn refused_start(h: &TestHost) -> String {
+    let mut child = h
+        .cmd()
+        .arg("serve")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_for_exit(&mut child, std::time::Duration::from_secs(20));
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let t = text(&out);
+    assert!(exited && !out.status.success(), "the host started: {t}");
+    t
+}
+
+fn wait_for_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    false
+}
+
+#[test]
+fn a_web_root_that_would_lead_off_the_site_stops_the_start() {
+    // An empty root made `Location: //evil.example/…` out of a login's page_redirect.
+    for (root, says) in [
+        ("", "is empty"),
+        ("/", "starts or ends with a slash"),
+        ("/ams-build", "starts or ends with a slash"),
+        ("\\evil.example", "more than one path segment"),
+        ("..", "dot segment"),
+        ("ams build", "a character other than"),
+    ] {
+        let h = TestHost::with_conf(json!({ "web_root": root }));
+        let t = refused_start(&h);
+        assert!(
+            t.contains("web_conf.json: field `web_root`: ")
+                && t.contains(says)
+                && t.contains("such as \"ams-build\""),
+            "{root:?}: {t}"
+        );
+        assert!(!h.data.join("amsbuild.sock").exists(), "{root:?}");
+    }
+}
+
 #[test]
 fn bad_project_names_are_refused() {
     let h = TestHost::new();

@@ -419,6 +419,34 @@ pub fn http_full(
     exchange(s, addr, method, path, headers, payload)
 }
 
+/// A TCP connection to `addr` from the loopback address `src` (any of 127.0.0.0/8), so that a
+/// test can be a client the host tells apart from 127.0.0.1.
+pub fn connect_from(src: &str, addr: &str) -> std::net::TcpStream {
+    let to: std::net::SocketAddr = addr.parse().unwrap();
+    let from = std::net::SocketAddr::new(src.parse().unwrap(), 0);
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect_timeout(&to.into(), Duration::from_secs(10))
+        .unwrap();
+    s.into()
+}
+
+/// Any raw HTTP/1.1 request from the loopback address `src`, answered within `within`
+/// (a status of 0 when it was not).
+pub fn http_from(
+    src: &str,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    payload: &[u8],
+    within: Duration,
+) -> (u16, String, Vec<u8>) {
+    let s = connect_from(src, addr);
+    s.set_read_timeout(Some(within)).unwrap();
+    exchange(s, addr, method, path, headers, payload)
+}
+
 /// One request and its whole answer over any stream (plain TCP or TLS).
 pub fn exchange<S: std::io::Read + Write>(
     mut s: S,

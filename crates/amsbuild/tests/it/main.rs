@@ -8,6 +8,7 @@ mod api;
 mod browser;
 mod cli;
 mod docker;
+mod edge;
 mod manage;
 mod notify;
 mod tidy;

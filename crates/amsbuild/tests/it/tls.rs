@@ -1,6 +1,7 @@
 //! HTTPS through rustls with a self-signed certificate made here: pages, login cookie naming,
-//! webhooks, plain HTTP refused, certificate renewal on SIGHUP, and the start refused with a
-//! clear message for each broken file.
+//! webhooks, plain HTTP refused, HSTS on every answer, stalled handshakes and bodies from one
+//! address, certificate renewal on SIGHUP, and the start refused with a clear message for each
+//! broken file.
 
 use crate::harness::*;
 use serde_json::json;
@@ -40,11 +41,17 @@ fn tls_conf() -> serde_json::Value {
     json!({"use_ssl": true, "ssl": {"cert_file": "tls/cert.pem", "private_file": "tls/key.pem"}})
 }
 
+type Tls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
 /// A TLS connection that trusts only `trust`; returns the stream and the certificate served.
-fn connect(
-    addr: &str,
-    trust: &[u8],
-) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+fn connect(addr: &str, trust: &[u8]) -> Tls {
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    tls_over(tcp, trust)
+}
+
+/// TLS over a connection already made (the handshake runs at the first write).
+fn tls_over(tcp: std::net::TcpStream, trust: &[u8]) -> Tls {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(trust.to_vec()))
@@ -58,8 +65,6 @@ fn connect(
     .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let tcp = std::net::TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
 
@@ -205,6 +210,187 @@ fn https_serves_pages_sessions_and_webhooks_and_refuses_plain_http() {
         },
     );
     assert_eq!(served_cert(&addr, &renewed.der).unwrap(), renewed.der);
+}
+
+/// A started HTTPS host with the project `mine` and its ADMIN `dev`, and its certificate.
+fn https_host() -> (TestHost, Cert) {
+    let mut h = TestHost::with_conf(tls_conf());
+    let cert = make_cert("first");
+    write_cert(&h.data, &cert);
+    h.project(
+        "mine",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    add_user(&h, "dev", "4", "mine", "correct horse battery");
+    h.start();
+    (h, cert)
+}
+
+/// The Strict-Transport-Security lines of a (lower-cased) header block.
+fn hsts(head: &str) -> Vec<&str> {
+    head.lines()
+        .filter(|l| l.starts_with("strict-transport-security:"))
+        .map(str::trim)
+        .collect()
+}
+
+#[test]
+fn every_https_answer_tells_browsers_to_stay_on_https() {
+    let (h, cert) = https_host();
+    let addr = h.web_addr();
+    let form_type = [(
+        "Content-Type",
+        "application/x-www-form-urlencoded".to_string(),
+    )];
+    let wrong = form(&[("username", "dev"), ("password", "wrong")]);
+    let right = form(&[("username", "dev"), ("password", "correct horse battery")]);
+    let answers = [
+        (
+            "the login page",
+            https(&addr, &cert.der, "GET", "/ams-build/login", &[], b""),
+        ),
+        (
+            "a failed login",
+            https(
+                &addr,
+                &cert.der,
+                "POST",
+                "/ams-build/login",
+                &form_type,
+                &wrong,
+            ),
+        ),
+        (
+            "a login",
+            https(
+                &addr,
+                &cert.der,
+                "POST",
+                "/ams-build/login",
+                &form_type,
+                &right,
+            ),
+        ),
+        (
+            "an unknown page",
+            https(&addr, &cert.der, "GET", "/ams-build/nope", &[], b""),
+        ),
+        (
+            "a page outside web_root",
+            https(&addr, &cert.der, "GET", "/", &[], b""),
+        ),
+        (
+            "the API without a token",
+            https(&addr, &cert.der, "GET", "/ams-build/api/user", &[], b""),
+        ),
+        (
+            "a refused webhook",
+            https(
+                &h.webhook_addr(),
+                &cert.der,
+                "POST",
+                "/ams-build/request",
+                &[],
+                b"{}",
+            ),
+        ),
+    ];
+    let statuses: Vec<u16> = answers.iter().map(|(_, (st, _, _))| *st).collect();
+    assert_eq!(statuses, [200, 401, 303, 404, 404, 401, 400]);
+    for (what, (_, head, _)) in &answers {
+        assert_eq!(
+            hsts(head),
+            ["strict-transport-security: max-age=31536000"],
+            "{what}: {head}"
+        );
+    }
+}
+
+#[test]
+fn stalled_handshakes_and_bodies_from_one_address_leave_https_to_everyone_else() {
+    use crate::edge::{
+        partial_login, wait_all, Stalled, BODY_TIMEOUT, PER_ADDRESS, PROMPTLY, STALLED,
+    };
+    // A TLS client has this long to finish its handshake (`ams_web::HEADER_TIMEOUT`).
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    use std::io::{ErrorKind, Read, Write};
+    let (h, cert) = https_host();
+    let addr = h.web_addr();
+    // Two requests from a third address that stop half-way through their body.
+    let mut partial: Vec<Tls> = (0..2)
+        .map(|_| {
+            let mut s = tls_over(connect_from("127.0.0.3", &addr), &cert.der);
+            s.write_all(&partial_login(&addr)).unwrap();
+            s.flush().unwrap();
+            s
+        })
+        .collect();
+    let sent = std::time::Instant::now();
+    // More connections from 127.0.0.1 than the host has slots, none of which says hello.
+    let started = std::time::Instant::now();
+    let mut stalled: Vec<Stalled<std::net::TcpStream>> = (0..STALLED)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            Stalled::new(s)
+        })
+        .collect();
+
+    // Another client gets its page at once.
+    let t = std::time::Instant::now();
+    let tcp = connect_from("127.0.0.2", &addr);
+    tcp.set_read_timeout(Some(PROMPTLY)).unwrap();
+    let (st, head, page) = exchange(
+        tls_over(tcp, &cert.der),
+        &addr,
+        "GET",
+        "/ams-build/login",
+        &[],
+        b"",
+    );
+    assert_eq!(st, 200, "the login page during the attack: {head}");
+    assert!(String::from_utf8_lossy(&page).contains("password"));
+    assert!(t.elapsed() < PROMPTLY, "answered in {:?}", t.elapsed());
+    assert!(
+        started.elapsed() < HEADER_TIMEOUT,
+        "answered only after the handshake timeout could free slots"
+    );
+
+    // Over the address's cap, connections were closed before any TLS; the rest wait for the
+    // handshake timeout.
+    wait_all(
+        &mut stalled,
+        "the connections over the address's cap to be closed",
+        PROMPTLY,
+        |c| c.iter().filter(|s| s.closed).count() >= STALLED - PER_ADDRESS,
+    );
+    assert_eq!(stalled.iter().filter(|s| !s.closed).count(), PER_ADDRESS);
+    assert!(stalled.iter().all(|s| s.got.is_empty()));
+    wait_all(
+        &mut stalled,
+        "the handshake timeout to end the silent connections",
+        Duration::from_secs(25),
+        |c| c.iter().all(|s| s.closed),
+    );
+
+    // The partial bodies are answered 408, with HSTS, and their connections closed.
+    for s in &mut partial {
+        s.sock
+            .set_read_timeout(Some(Duration::from_secs(25)))
+            .unwrap();
+        let mut got = Vec::new();
+        // A close without close_notify is an error after the data; a timeout is not a close.
+        if let Err(e) = s.read_to_end(&mut got) {
+            assert!(
+                !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+                "the connection stayed open: {e}"
+            );
+        }
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 408"), "{text}");
+        assert_eq!(hsts(&text), ["strict-transport-security: max-age=31536000"]);
+    }
+    assert!(sent.elapsed() >= BODY_TIMEOUT - Duration::from_secs(1));
 }
 
 fn start_fails(conf: serde_json::Value, setup: impl FnOnce(&Path)) -> String {

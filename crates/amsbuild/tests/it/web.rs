@@ -278,6 +278,103 @@ fn logins_are_throttled_per_address_across_accounts() {
     );
 }
 
+/// Logs in with every `(user, password)` at once, from `src`: each connection sends its whole
+/// request but the last byte, then all the last bytes go together. Returns each answer's
+/// status and page, in order.
+fn logins_at_once(addr: &str, src: &str, creds: &[(String, String)]) -> Vec<(u16, String)> {
+    use std::io::{Read, Write};
+    let start = std::sync::Arc::new(std::sync::Barrier::new(creds.len()));
+    let threads: Vec<_> = creds
+        .iter()
+        .map(|(user, pw)| {
+            let body = form(&[("username", user), ("password", pw)]);
+            let mut req = format!(
+                "POST /ams-build/login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            let (addr, src, start) = (addr.to_string(), src.to_string(), start.clone());
+            std::thread::spawn(move || {
+                let mut s = connect_from(&src, &addr);
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let (head, last) = req.split_at(req.len() - 1);
+                s.write_all(head).unwrap();
+                start.wait();
+                s.write_all(last).unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                let text = String::from_utf8_lossy(&out).to_string();
+                let status = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                (status, text)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn count(answers: &[(u16, String)], status: u16) -> usize {
+    answers.iter().filter(|(s, _)| *s == status).count()
+}
+
+#[test]
+fn concurrent_guesses_for_one_account_get_only_the_throttles_checks() {
+    let w = Web::new(json!({}));
+    // Forty guesses at once: the five the account allows are checked, the rest refused unchecked.
+    let guesses: Vec<_> = (0..40)
+        .map(|i| ("mod".to_string(), format!("wrong guess {i}")))
+        .collect();
+    let answers = logins_at_once(&w.addr, "127.0.0.1", &guesses);
+    assert_eq!(
+        (count(&answers, 401), count(&answers, 429)),
+        (5, 35),
+        "checked and refused: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    assert!(answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .all(|(_, page)| page.contains("too many failed logins")));
+    // The right password, sent now within the window, does not log in, from any address.
+    for src in ["127.0.0.1", "127.0.0.2"] {
+        let right = [("mod".to_string(), "correct horse battery".to_string())];
+        let (st, page) = logins_at_once(&w.addr, src, &right).remove(0);
+        assert_eq!(st, 429, "from {src}: {page}");
+        assert!(page.contains("too many failed logins"), "{page}");
+        assert!(!page.to_ascii_lowercase().contains("set-cookie"), "{page}");
+    }
+}
+
+#[test]
+fn concurrent_guesses_from_one_address_get_only_the_throttles_checks() {
+    let w = Web::new(json!({}));
+    // Forty guesses at once over forty names (no name reaches its own limit): the address's
+    // twenty are checked.
+    let guesses: Vec<_> = (0..40)
+        .map(|i| (format!("guess{i}"), "wrong".to_string()))
+        .collect();
+    let answers = logins_at_once(&w.addr, "127.0.0.1", &guesses);
+    assert_eq!(
+        (count(&answers, 401), count(&answers, 429)),
+        (20, 20),
+        "checked and refused: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    // That address is locked even for the right password of an account that never failed…
+    let right = [("mod".to_string(), "correct horse battery".to_string())];
+    let (st, page) = logins_at_once(&w.addr, "127.0.0.1", &right).remove(0);
+    assert_eq!(st, 429, "{page}");
+    assert!(page.contains("too many failed logins"), "{page}");
+    // …while another address logs in.
+    let (st, page) = logins_at_once(&w.addr, "127.0.0.2", &right).remove(0);
+    assert_eq!(st, 303, "{page}");
+}
+
 #[test]
 fn the_dashboard_pages_builds_and_stays_small_with_many_projects() {
     let w = Web::new(json!({}));
