@@ -100,6 +100,9 @@ pub enum WebhookOutcome {
     Duplicate,
 }
 
+/// A build request with its project's settings, or why it cannot build.
+pub type CheckedRequest = (BuildRequest, Result<Arc<QueueSettings>, String>);
+
 /// Everything the loop handles.
 #[derive(Debug)]
 pub enum Command {
@@ -124,7 +127,7 @@ pub enum Command {
     Webhook {
         delivery: Box<NewDelivery>,
         /// Each request with its project's settings, or why it cannot build.
-        requests: Vec<(BuildRequest, Result<Arc<QueueSettings>, String>)>,
+        requests: Vec<CheckedRequest>,
         reply: Reply<WebhookOutcome>,
     },
     Shutdown(oneshot::Sender<()>),
@@ -672,11 +675,7 @@ impl Host {
     /// Each sender is answered only after the commit, so an answered delivery is never lost.
     async fn webhook_batch(
         &mut self,
-        batch: Vec<(
-            NewDelivery,
-            Vec<(BuildRequest, Result<Arc<QueueSettings>, String>)>,
-            Reply<WebhookOutcome>,
-        )>,
+        batch: Vec<(NewDelivery, Vec<CheckedRequest>, Reply<WebhookOutcome>)>,
     ) {
         let created = timefmt::now();
         let mut settings_of: HashMap<String, Arc<QueueSettings>> = HashMap::new();

@@ -26,6 +26,9 @@ pub struct QueueSettings {
 
 type Stamp = Option<(u64, u64, i64, i64)>;
 
+/// Both files' stamps and the settings read from them.
+type Entry = ([Stamp; 2], Arc<QueueSettings>);
+
 fn stamp(p: &Path) -> Stamp {
     std::fs::symlink_metadata(p)
         .ok()
@@ -35,7 +38,7 @@ fn stamp(p: &Path) -> Stamp {
 /// The cache; cheap to share.
 #[derive(Debug, Default)]
 pub struct SettingsCache {
-    map: Mutex<HashMap<String, ([Stamp; 2], Arc<QueueSettings>)>>,
+    map: Mutex<HashMap<String, Entry>>,
 }
 
 impl SettingsCache {
