@@ -69,6 +69,25 @@ fn entry(name: String, meta: &fs::Metadata, is_dir: bool) -> ArchiveEntry {
     e
 }
 
+/// The bytes packing `dir` would read: the apparent size of every regular file below it, links
+/// not followed (a sparse file counts in full, as the packer reads it in full).
+pub fn apparent_size(dir: &Path) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                total = total.saturating_add(e.metadata()?.len());
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Packs the contents of `dir` into a new 7z file at `dest` (LZMA2). Paths inside the archive are
 /// relative to `dir`. The archive is written to a temporary name and renamed when complete, so a
 /// crash never leaves a truncated archive under the final name.

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::collections::HashMap;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,25 @@ fn docker_err(e: BollardError) -> ExecError {
         BollardError::RequestTimeoutError => ExecError::Unreachable("request timed out".into()),
         other => ExecError::Docker(other.to_string()),
     }
+}
+
+/// Longest an engine call that answers at once (connect, create, attach, start, inspect,
+/// wait after the end, remove, list) may take: a hung engine fails the call instead of the
+/// build waiting for ever.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs one engine call under a deadline; a late answer is an unreachable engine.
+async fn timed<T>(
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<Result<T, BollardError>, ExecError> {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
+        ExecError::Unreachable(format!(
+            "the engine did not answer `{what}` within {} s",
+            limit.as_secs()
+        ))
+    })
 }
 
 fn is_not_found(e: &BollardError) -> bool {
@@ -152,8 +172,12 @@ impl DockerExecutor {
             return Ok(d.clone());
         }
         let docker = Docker::connect_with_defaults().map_err(docker_err)?;
-        let docker = docker.negotiate_version().await.map_err(docker_err)?;
-        docker.ping().await.map_err(docker_err)?;
+        let docker = timed("version", CALL_TIMEOUT, docker.negotiate_version())
+            .await?
+            .map_err(docker_err)?;
+        timed("ping", CALL_TIMEOUT, docker.ping())
+            .await?
+            .map_err(docker_err)?;
         *cell = Some(docker.clone());
         Ok(docker)
     }
@@ -164,11 +188,13 @@ impl DockerExecutor {
             v: true,
             ..Default::default()
         };
-        match self
-            .docker()
-            .await?
-            .remove_container(name, Some(opts))
-            .await
+        let docker = self.docker().await?;
+        match timed(
+            "remove",
+            CALL_TIMEOUT,
+            docker.remove_container(name, Some(opts)),
+        )
+        .await?
         {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -294,11 +320,14 @@ impl DockerExecutor {
         let create = CreateContainerOptionsBuilder::new()
             .name(&spec.name)
             .build();
-        self.docker()
-            .await?
-            .create_container(Some(create), Self::create_body(spec))
-            .await
-            .map_err(docker_err)?;
+        let docker = self.docker().await?;
+        timed(
+            "create",
+            CALL_TIMEOUT,
+            docker.create_container(Some(create), Self::create_body(spec)),
+        )
+        .await?
+        .map_err(docker_err)?;
         let attach = AttachContainerOptions {
             stream: true,
             stdout: true,
@@ -306,33 +335,54 @@ impl DockerExecutor {
             logs: false,
             ..Default::default()
         };
-        let mut attached = self
-            .docker()
-            .await?
-            .attach_container(&spec.name, Some(attach))
-            .await
-            .map_err(docker_err)?;
-        self.docker()
-            .await?
-            .start_container(&spec.name, None)
-            .await
-            .map_err(docker_err)?;
+        let mut attached = timed(
+            "attach",
+            CALL_TIMEOUT,
+            docker.attach_container(&spec.name, Some(attach)),
+        )
+        .await?
+        .map_err(docker_err)?;
+        timed(
+            "start",
+            CALL_TIMEOUT,
+            docker.start_container(&spec.name, None),
+        )
+        .await?
+        .map_err(docker_err)?;
 
         let mut stopping = false;
+        // After a stop is asked, the engine has the stop timeout and then CALL_TIMEOUT twice
+        // (the stop call, the stream's end) before the engine counts as gone.
+        let stop_grace = Duration::from_secs(spec.stop_timeout_secs) + 2 * CALL_TIMEOUT;
         let stop_req = async {
             stop.cancelled().await;
             let opts = StopContainerOptionsBuilder::new()
                 .t(spec.stop_timeout_secs.min(i32::MAX as u64) as i32)
                 .build();
             // The engine sends SIGTERM, waits t seconds, then SIGKILL.
-            if let Ok(d) = self.docker().await {
-                let _ = d.stop_container(&spec.name, Some(opts)).await;
-            }
+            let _ = timed(
+                "stop",
+                Duration::from_secs(spec.stop_timeout_secs) + CALL_TIMEOUT,
+                docker.stop_container(&spec.name, Some(opts)),
+            )
+            .await;
         };
         tokio::pin!(stop_req);
         let mut stop_done = false;
+        let given_up = async {
+            stop.cancelled().await;
+            tokio::time::sleep(stop_grace).await;
+        };
+        tokio::pin!(given_up);
         loop {
             tokio::select! {
+                _ = &mut given_up => {
+                    return Err(ExecError::Unreachable(format!(
+                        "the engine did not stop container {} within {} s of the stop",
+                        spec.name,
+                        stop_grace.as_secs()
+                    )));
+                }
                 item = attached.output.next() => match item {
                     Some(Ok(frame)) => {
                         let bytes = frame.into_bytes();
@@ -354,9 +404,17 @@ impl DockerExecutor {
         if stop.is_cancelled() {
             stopping = true;
         }
-        let docker = self.docker().await?;
         let mut wait = docker.wait_container(&spec.name, None);
-        let code = match wait.next().await {
+        let waited = tokio::time::timeout(CALL_TIMEOUT, wait.next())
+            .await
+            .map_err(|_| {
+                ExecError::Unreachable(format!(
+                    "the engine did not report how container {} ended within {} s",
+                    spec.name,
+                    CALL_TIMEOUT.as_secs()
+                ))
+            })?;
+        let code = match waited {
             Some(Ok(r)) => r.status_code,
             Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
             Some(Err(e)) => return Err(docker_err(e)),
@@ -377,7 +435,8 @@ impl Executor for DockerExecutor {
         progress: &'a (dyn Fn(String) + Send + Sync),
     ) -> BoxFuture<'a, Result<(), ExecError>> {
         Box::pin(async move {
-            match self.docker().await?.inspect_image(image).await {
+            let docker = self.docker().await?;
+            match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => return Ok(()),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(docker_err(e)),
@@ -388,7 +447,6 @@ impl Executor for DockerExecutor {
                 .from_image(repo)
                 .tag(tag)
                 .build();
-            let docker = self.docker().await?;
             let mut stream = docker.create_image(Some(opts), None, None);
             while let Some(item) = stream.next().await {
                 match item {
@@ -410,7 +468,7 @@ impl Executor for DockerExecutor {
                     }
                 }
             }
-            match self.docker().await?.inspect_image(image).await {
+            match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => Ok(()),
                 Err(e) => Err(ExecError::ImagePull {
                     image: image.to_string(),
@@ -453,11 +511,9 @@ impl Executor for DockerExecutor {
                 .all(true)
                 .filters(&filters)
                 .build();
-            let list = self
-                .docker()
+            let docker = self.docker().await?;
+            let list = timed("list", CALL_TIMEOUT, docker.list_containers(Some(opts)))
                 .await?
-                .list_containers(Some(opts))
-                .await
                 .map_err(docker_err)?;
             let mut removed = Vec::new();
             for c in list {

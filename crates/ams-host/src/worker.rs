@@ -225,6 +225,10 @@ pub async fn execute(
     let ensured = tokio::select! {
         r = executor.ensure_image(&image, &progress) => r,
         _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
+        _ = tokio::time::sleep_until(req.deadline.into()) => {
+            stop.stop(StopReason::Timeout { secs: req.timeout_secs });
+            return stopped(stop, Vec::new(), log);
+        }
     };
     for line in progress_lines
         .lock()
@@ -730,6 +734,9 @@ pub async fn run_build(
     };
     let mut cleanup_pipeline: Option<Pipeline> = None;
     let mut build_source: Option<BuildSource> = None;
+    // Packing counts against the build's timeout too (the pipeline's own, once it is known).
+    let mut deadline = started + Duration::from_secs(timeout_secs);
+    let mut timeout_total = timeout_secs;
     let outcome = match prepared {
         None => {
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
@@ -767,6 +774,8 @@ pub async fn run_build(
                 }
             } else {
                 let timeout = p.timeout_secs.unwrap_or(timeout_secs);
+                deadline = started + Duration::from_secs(timeout);
+                timeout_total = timeout;
                 let values = build_vars(&ctx.data, b, prep.git_hash.as_deref().unwrap_or(""));
                 let mut labels = HashMap::new();
                 labels.insert(ams_docker::LABEL_HOST.to_string(), ctx.host_id.clone());
@@ -808,14 +817,29 @@ pub async fn run_build(
 
     if stop.reason() != Some(StopReason::Shutdown) {
         if let Some(p) = &cleanup_pipeline {
-            cleanup(ctx.packer.as_deref(), &bd, &b.name, p, &mut fin, &mut log).await;
+            let limits = PackLimits {
+                deadline,
+                timeout_secs: timeout_total,
+                max_bytes: ctx.conf.archive_max_bytes,
+                stop,
+            };
+            cleanup(
+                ctx.packer.as_deref(),
+                &bd,
+                &b.name,
+                p,
+                &mut fin,
+                &mut log,
+                limits,
+            )
+            .await;
         }
     }
     fin.finished_at = timefmt::now();
     log.line(&format!(
         "build {} finished: {}{} in {:.2} s",
         b.name,
-        outcome.status,
+        fin.status.unwrap_or(outcome.status),
         fin.reason
             .as_ref()
             .map(|r| format!(" ({r})"))
@@ -874,6 +898,14 @@ pub async fn pack(
     .unwrap_or_else(|e| Err(e.to_string()))
 }
 
+/// What bounds packing: the build's deadline, its stop signal and the output's size.
+struct PackLimits<'a> {
+    deadline: Instant,
+    timeout_secs: u64,
+    max_bytes: u64,
+    stop: &'a StopSignal,
+}
+
 async fn cleanup(
     packer: Option<&Path>,
     bd: &crate::paths::BuildDir,
@@ -881,17 +913,48 @@ async fn cleanup(
     p: &Pipeline,
     fin: &mut Finish,
     log: &mut BuildLog,
+    limits: PackLimits<'_>,
 ) {
     let c = p.cleanup.clone();
     if c.archive && bd.output().is_dir() {
         let (out, archive) = (bd.output(), bd.archive.clone());
         let started = Instant::now();
-        let packed = pack(packer, out.clone(), archive, c.hash)
+        let size_of = out.clone();
+        let size = tokio::task::spawn_blocking(move || ams_archive::apparent_size(&size_of))
             .await
-            .and_then(|r| {
-                std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-                Ok(r)
-            });
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let packed = match size {
+            Err(e) => Err(format!("cannot measure the output: {e}")),
+            Ok(n) if n > limits.max_bytes => Err(format!(
+                "the output holds {n} bytes (sparse files count in full), more than \
+                 archive_max_bytes ({}) in web_conf.json allows; write less into the output",
+                limits.max_bytes
+            )),
+            Ok(_) => {
+                let stop = limits.stop;
+                // The packer is a child process, killed when this future is dropped.
+                let run = pack(packer, out.clone(), archive, c.hash);
+                tokio::select! {
+                    r = run => r,
+                    _ = stop.token().cancelled() => Err(stopped_outcome(stop)
+                        .map(|(_, r)| format!("packing stopped: {r}"))
+                        .unwrap_or_else(|| "packing stopped".into())),
+                    _ = tokio::time::sleep_until(limits.deadline.into()) => {
+                        stop.stop(StopReason::Timeout { secs: limits.timeout_secs });
+                        Err("packing stopped: the build's timeout was reached".to_string())
+                    }
+                }
+            }
+        }
+        .and_then(|r| {
+            std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok(r)
+        });
+        if let Some((status, _)) = stopped_outcome(limits.stop) {
+            // Canceled or timed out while packing: that decides the status.
+            fin.status = Some(status);
+        }
         match packed {
             Ok(((files, links, bytes), hash)) => {
                 log.line(&format!(
