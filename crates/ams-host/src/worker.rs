@@ -806,6 +806,18 @@ pub async fn run_build(
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
     let _ = std::fs::remove_dir_all(bd.ci());
+    // Nothing the build leaves on the host runs as its owner.
+    let out = bd.output();
+    if out.is_dir() {
+        match tokio::task::spawn_blocking(move || crate::source::strip_setid(&out)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => log.line(&format!(
+                "cleared the set-user-id/set-group-id bits of {n} file(s) in the output"
+            )),
+            Ok(Err(e)) => log.line(&format!("could not check the output's file modes: {e}")),
+            Err(e) => log.line(&format!("could not check the output's file modes: {e}")),
+        }
+    }
     if let Some(src) = build_source {
         let keep = cleanup_pipeline
             .as_ref()
@@ -919,6 +931,7 @@ async fn cleanup(
     if c.archive && bd.output().is_dir() {
         let (out, archive) = (bd.output(), bd.archive.clone());
         let started = Instant::now();
+        log.line(&format!("archiving the build output to {name}.7z"));
         let size_of = out.clone();
         let size = tokio::task::spawn_blocking(move || ams_archive::apparent_size(&size_of))
             .await
@@ -942,7 +955,9 @@ async fn cleanup(
                         .unwrap_or_else(|| "packing stopped".into())),
                     _ = tokio::time::sleep_until(limits.deadline.into()) => {
                         stop.stop(StopReason::Timeout { secs: limits.timeout_secs });
-                        Err("packing stopped: the build's timeout was reached".to_string())
+                        Err(stopped_outcome(stop)
+                            .map(|(_, r)| format!("packing stopped: {r}"))
+                            .unwrap_or_else(|| "packing stopped".into()))
                     }
                 }
             }
