@@ -33,6 +33,11 @@ pub const LABEL_BUILD_NAME: &str = "io.ams-build.build-name";
 /// Label holding the project.
 pub const LABEL_PROJECT: &str = "io.ams-build.project";
 
+/// The network builds join unless docker.args says otherwise: a bridge whose containers reach
+/// the outside but not each other (inter-container traffic off), so one project's build
+/// cannot talk to another's services.
+pub const BUILD_NETWORK: &str = "ams-build";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("the Docker engine is not reachable ({0}); start dockerd or check DOCKER_HOST")]
@@ -151,6 +156,8 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct DockerExecutor {
     cell: tokio::sync::Mutex<Option<Docker>>,
+    /// Whether [`BUILD_NETWORK`] is known to exist.
+    network_ready: tokio::sync::Mutex<bool>,
 }
 
 impl DockerExecutor {
@@ -180,6 +187,64 @@ impl DockerExecutor {
             .map_err(docker_err)?;
         *cell = Some(docker.clone());
         Ok(docker)
+    }
+
+    /// Creates [`BUILD_NETWORK`] the first time a build needs it.
+    async fn ensure_network(&self) -> Result<(), ExecError> {
+        let mut ready = self.network_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        let docker = self.docker().await?;
+        match timed(
+            "inspect network",
+            CALL_TIMEOUT,
+            docker.inspect_network(BUILD_NETWORK, None),
+        )
+        .await?
+        {
+            Ok(n) => {
+                let icc = n
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get("com.docker.network.bridge.enable_icc"))
+                    .map(String::as_str);
+                if icc != Some("false") {
+                    return Err(ExecError::Docker(format!(
+                        "the network `{BUILD_NETWORK}` exists but lets containers talk to each \
+                         other; remove it (docker network rm {BUILD_NETWORK}) and AMS-Build \
+                         makes it anew"
+                    )));
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                let mut options = HashMap::new();
+                options.insert(
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    "false".to_string(),
+                );
+                let mut labels = HashMap::new();
+                labels.insert("io.ams-build.network".to_string(), "builds".to_string());
+                let req = bollard::models::NetworkCreateRequest {
+                    name: BUILD_NETWORK.to_string(),
+                    driver: Some("bridge".into()),
+                    options: Some(options),
+                    labels: Some(labels),
+                    ..Default::default()
+                };
+                match timed("create network", CALL_TIMEOUT, docker.create_network(req)).await? {
+                    Ok(_) => {}
+                    // Another host on the same engine made it first.
+                    Err(BollardError::DockerResponseServerError {
+                        status_code: 409, ..
+                    }) => {}
+                    Err(e) => return Err(docker_err(e)),
+                }
+            }
+            Err(e) => return Err(docker_err(e)),
+        }
+        *ready = true;
+        Ok(())
     }
 
     async fn force_remove(&self, name: &str) -> Result<(), ExecError> {
@@ -274,7 +339,7 @@ impl DockerExecutor {
             memory_swap: o.memory,
             nano_cpus: o.nano_cpus,
             pids_limit: o.pids_limit,
-            network_mode: o.network.clone(),
+            network_mode: Some(build_network(o.network.as_deref()).to_string()),
             shm_size: o.shm_size,
             privileged: Some(o.privileged),
             cap_add: (!o.cap_add.is_empty()).then(|| o.cap_add.clone()),
@@ -317,6 +382,9 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         stop: CancellationToken,
     ) -> Result<RunEnd, ExecError> {
+        if build_network(spec.options.network.as_deref()) == BUILD_NETWORK {
+            self.ensure_network().await?;
+        }
         let create = CreateContainerOptionsBuilder::new()
             .name(&spec.name)
             .build();
@@ -534,6 +602,15 @@ impl Executor for DockerExecutor {
     }
 }
 
+/// The network a build joins: ours for the default (`bridge`, `default` or none given),
+/// else what the (trusted) docker.args named.
+fn build_network(asked: Option<&str>) -> &str {
+    match asked {
+        None | Some("bridge") | Some("default") => BUILD_NETWORK,
+        Some(n) => n,
+    }
+}
+
 /// Splits `repo[:tag][@digest]` into the repository and the tag (`latest` when none).
 pub fn split_image(image: &str) -> (&str, &str) {
     if image.contains('@') {
@@ -580,6 +657,7 @@ mod tests {
         assert_eq!(h.pids_limit, Some(10));
         assert_eq!(h.privileged, Some(false));
         assert_eq!(h.cap_drop, Some(vec!["MKNOD".to_string()]));
+        assert_eq!(h.network_mode.as_deref(), Some(BUILD_NETWORK));
         assert!(h
             .security_opt
             .unwrap()

@@ -108,11 +108,15 @@ pub struct ExecOutcome {
     pub status: BuildStatus,
     pub reason: Option<String>,
     pub stages: Vec<StageResult>,
+    /// False when the engine failed while the container may still exist (it may still be
+    /// writing to the build's folders).
+    pub container_gone: bool,
 }
 
 impl ExecOutcome {
     fn fail(reason: impl Into<String>) -> Self {
         ExecOutcome {
+            container_gone: true,
             status: BuildStatus::Fail,
             reason: Some(reason.into()),
             stages: Vec::new(),
@@ -387,6 +391,7 @@ pub async fn execute(
             let msg = e.to_string();
             log.line(&msg);
             return ExecOutcome {
+                container_gone: false,
                 status: BuildStatus::Fail,
                 reason: Some(msg),
                 stages,
@@ -426,6 +431,7 @@ pub async fn execute(
                 passed.resize(p.stages.len(), false);
             }
             ExecOutcome {
+                container_gone: true,
                 status: BuildStatus::from_stage_results(&passed),
                 reason,
                 stages,
@@ -438,6 +444,7 @@ fn stopped(stop: &StopSignal, stages: Vec<StageResult>, log: &mut BuildLog) -> E
     let (status, reason) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
     log.line(&reason);
     ExecOutcome {
+        container_gone: true,
         status,
         reason: Some(reason),
         stages,
@@ -742,6 +749,7 @@ pub async fn run_build(
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
             log.line(&r);
             ExecOutcome {
+                container_gone: true,
                 status: s,
                 reason: Some(r),
                 stages: Vec::new(),
@@ -754,6 +762,7 @@ pub async fn run_build(
             };
             log.line(&format!("build failed before its stages: {reason}"));
             ExecOutcome {
+                container_gone: true,
                 status,
                 reason: Some(reason),
                 stages: Vec::new(),
@@ -768,6 +777,7 @@ pub async fn run_build(
             if p.dummy_build {
                 log.line("dummy build: no container is run");
                 ExecOutcome {
+                    container_gone: true,
                     status: BuildStatus::Dummy,
                     reason: None,
                     stages: Vec::new(),
@@ -819,9 +829,12 @@ pub async fn run_build(
         }
     }
     if let Some(src) = build_source {
-        let keep = cleanup_pipeline
-            .as_ref()
-            .is_some_and(|p| !p.cleanup.remove_build_source);
+        // A container the engine may not have removed could still write into the upper
+        // layer while it is folded: keep nothing of it then.
+        let keep = outcome.container_gone
+            && cleanup_pipeline
+                .as_ref()
+                .is_some_and(|p| !p.cleanup.remove_build_source);
         if let Err(e) = release_source(src, keep).await {
             log.line(&format!("could not release the build source: {e}"));
         }

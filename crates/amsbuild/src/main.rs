@@ -736,8 +736,10 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                     &label,
                     &ams_web::auth::token_hash(&token),
                     timefmt::now(),
+                    None,
                 )
-                .await?;
+                .await?
+                .ok_or_else(|| anyhow!("no user named `{user}`"))?;
             eprintln!("token {id} for {user}; it is shown only now:");
             println!("{token}");
         }

@@ -567,3 +567,43 @@ fn packing_is_bounded_by_size_timeout_and_cancel() {
     let r = h.wait_status("cancel", &name, Duration::from_secs(30));
     assert_eq!(r["status"], "cancel", "{}", h.log("cancel", &name));
 }
+
+/// One project's build cannot reach another's over the network: builds share a bridge with
+/// inter-container traffic off. A build serving a secret on a port is not reachable from a
+/// concurrent build of another project that knows its address.
+#[test]
+fn builds_of_different_projects_cannot_reach_each_other() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 2}));
+    h.project(
+        "vic",
+        &pipeline(json!([stage(
+            "serve",
+            &[
+                "echo VICTIM-IP=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1)",
+                "echo SECRET-OF-VICTIM | timeout 20 nc -l -p 5555 || true"
+            ]
+        )])),
+    );
+    h.start();
+    let vic = h.build("vic");
+    let ip = wait_for("the victim's address", T, || {
+        let log = h.log("vic", &vic);
+        log.lines()
+            .find_map(|l| l.strip_prefix("VICTIM-IP="))
+            .filter(|ip| !ip.is_empty())
+            .map(str::to_string)
+    });
+    let probe = format!(
+        "for i in 1 2 3 4 5 6; do nc -w 2 {ip} 5555 </dev/null && break; sleep 0.5; done; echo probed"
+    );
+    h.project("att", &pipeline(json!([stage("probe", &[probe.as_str()])])));
+    let (r, log) = finished(&h, "att", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("probed"), "{log}");
+    assert!(
+        !log.contains("SECRET-OF-VICTIM"),
+        "the build reached another project's: {log}"
+    );
+    h.wait_status("vic", &vic, T);
+}
