@@ -121,6 +121,9 @@ pub enum RunEnd {
     Exited(i64),
     /// It was stopped because `stop` fired; the code it ended with.
     Stopped(i64),
+    /// It ended by itself and the engine reports that the kernel killed a process of it for
+    /// want of memory (the memory limit); the main process's code.
+    OutOfMemory(i64),
 }
 
 /// Runs build containers. Implemented by [`DockerExecutor`]; tests may use a fake.
@@ -488,8 +491,23 @@ impl DockerExecutor {
             Some(Err(e)) => return Err(docker_err(e)),
             None => -1,
         };
-        Ok(if stopping {
-            RunEnd::Stopped(code)
+        if stopping {
+            return Ok(RunEnd::Stopped(code));
+        }
+        // Whether the kernel killed something in it for want of memory.
+        let oom = timed(
+            "inspect",
+            CALL_TIMEOUT,
+            docker.inspect_container(&spec.name, None),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|c| c.state)
+        .and_then(|s| s.oom_killed)
+        .unwrap_or(false);
+        Ok(if oom {
+            RunEnd::OutOfMemory(code)
         } else {
             RunEnd::Exited(code)
         })

@@ -268,6 +268,7 @@ pub async fn execute(
         return ExecOutcome::fail(msg);
     }
 
+    let memory_limit = options.memory.unwrap_or(0);
     let path_str = |p: &Path| p.to_string_lossy().to_string();
     let spec = ContainerSpec {
         name: req.container_name.clone(),
@@ -410,21 +411,31 @@ pub async fn execute(
             duration_secs: t.elapsed().as_secs_f64(),
         });
     }
+    let oom = matches!(end, RunEnd::OutOfMemory(_));
+    if oom {
+        log.line(&format!(
+            "the engine reports that the container ran out of memory (limit {} MiB); \
+             a process of the build was killed",
+            memory_limit >> 20
+        ));
+    }
     match end {
         RunEnd::Stopped(_) if stop.reason().is_some() => stopped(stop, stages, log),
-        RunEnd::Exited(code) | RunEnd::Stopped(code) => {
+        RunEnd::Exited(code) | RunEnd::Stopped(code) | RunEnd::OutOfMemory(code) => {
             let mut passed: Vec<bool> = stages.iter().map(|s| s.passed).collect();
             let mut reason = None;
             if stages.len() < p.stages.len() {
+                let why = if oom {
+                    format!(" (out of memory: the limit is {} MiB)", memory_limit >> 20)
+                } else if (129..=159).contains(&code) {
+                    format!(" (killed by signal {} from outside the build)", code - 128)
+                } else {
+                    String::new()
+                };
                 let msg = format!(
-                    "the container ended with code {code} after {} of {} stages{}",
+                    "the container ended with code {code} after {} of {} stages{why}",
                     stages.len(),
                     p.stages.len(),
-                    if code == 137 {
-                        " (killed: out of memory?)"
-                    } else {
-                        ""
-                    }
                 );
                 log.line(&msg);
                 reason = Some(msg);

@@ -56,3 +56,56 @@ fn a_hung_engine_fails_its_builds_in_bounded_time_and_blocks_nothing_else() {
     let log = h.log("needs-engine", &stuck);
     assert!(log.contains("did not answer"), "{log}");
 }
+
+/// A build whose container runs out of memory, or is killed from outside, ends with that
+/// reason, from the engine's own report.
+#[test]
+fn out_of_memory_and_outside_kills_are_named() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "oom",
+        &pipeline_with(
+            json!([
+                stage("eat", &["dd if=/dev/zero of=/dev/null bs=96M count=1"]),
+                stage("after", &["echo after"])
+            ]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "args": "--memory 24m"}}),
+        ),
+    );
+    h.project(
+        "victim",
+        &pipeline(json!([
+            stage("wait", &["sleep 60"]),
+            stage("after", &["echo after"])
+        ])),
+    );
+    h.start();
+    let name = h.build("oom");
+    let r = h.wait_status("oom", &name, Duration::from_secs(120));
+    let log = h.log("oom", &name);
+    assert_ne!(r["status"], "pass", "{log}");
+    assert!(log.contains("ran out of memory (limit 24 MiB)"), "{log}");
+
+    let name = h.build("victim");
+    h.wait_running("victim", &name);
+    let container = h
+        .log("victim", &name)
+        .lines()
+        .find_map(|l| l.strip_prefix("[amsbuild] container "))
+        .unwrap()
+        .to_string();
+    let o = std::process::Command::new("docker")
+        .args(["kill", &container])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = h.wait_status("victim", &name, Duration::from_secs(30));
+    let log = h.log("victim", &name);
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(
+        log.contains("killed by signal 9 from outside the build"),
+        "{log}"
+    );
+}
