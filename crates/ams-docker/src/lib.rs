@@ -151,6 +151,9 @@ pub trait Executor: Send + Sync + 'static {
         &'a self,
         labels: &'a [(&'a str, &'a str)],
     ) -> BoxFuture<'a, Result<Vec<String>, ExecError>>;
+
+    /// Whether the engine answers, within [`CALL_TIMEOUT`].
+    fn ping(&self) -> BoxFuture<'_, Result<(), ExecError>>;
 }
 
 /// The Docker Engine API executor. It connects on first use and keeps the connection; an
@@ -580,6 +583,16 @@ impl Executor for DockerExecutor {
                 (Err(e), _) => Err(e),
                 (Ok(_), Err(e)) => Err(e),
             }
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), ExecError>> {
+        Box::pin(async move {
+            let docker = self.docker().await?;
+            timed("ping", CALL_TIMEOUT, docker.ping())
+                .await?
+                .map(|_| ())
+                .map_err(docker_err)
         })
     }
 

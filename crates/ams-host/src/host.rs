@@ -77,6 +77,15 @@ pub struct QueueSnapshot {
     pub pending_total: usize,
 }
 
+/// What the host last learnt of the Docker engine (checked every few seconds).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineState {
+    /// `None` until the first check has answered.
+    pub up: Option<bool>,
+    /// Why it is down.
+    pub error: Option<String>,
+}
+
 /// At most this many pending builds are listed in a snapshot.
 pub const SNAPSHOT_PENDING: usize = 500;
 
@@ -160,6 +169,8 @@ pub struct HostHandle {
     pub data: DataDir,
     /// Ticks whenever the queue or a build's state may have changed (for live views).
     pub changes: tokio::sync::broadcast::Sender<()>,
+    /// The engine's state, as the host's monitor last saw it.
+    pub engine: watch::Receiver<EngineState>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -340,6 +351,46 @@ fn build_name(
     validate_build_name(&name).map(|_| name)
 }
 
+/// Pings the engine every 10 s (every 2 s while it is down), publishes its state, and logs
+/// each change once (never a line per failed ping).
+async fn monitor_engine(
+    executor: Arc<dyn Executor>,
+    state: watch::Sender<EngineState>,
+    changes: tokio::sync::broadcast::Sender<()>,
+) {
+    loop {
+        let now = match executor.ping().await {
+            Ok(()) => EngineState {
+                up: Some(true),
+                error: None,
+            },
+            Err(e) => EngineState {
+                up: Some(false),
+                error: Some(e.to_string()),
+            },
+        };
+        let was = state.borrow().up;
+        if was != now.up {
+            match (&now.up, &now.error) {
+                (Some(true), _) if was.is_some() => {
+                    tracing::warn!("the Docker engine answers again")
+                }
+                (Some(true), _) => tracing::info!("the Docker engine answers"),
+                (_, Some(e)) => tracing::warn!(
+                    "the Docker engine is not answering: {e}; builds that need it wait for it"
+                ),
+                _ => {}
+            }
+            state.send_replace(now.clone());
+            let _ = changes.send(());
+        } else if now.error != state.borrow().error {
+            state.send_replace(now.clone());
+        }
+        let pause = if now.up == Some(true) { 10 } else { 2 };
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+    }
+}
+
 /// Reads or creates the data directory's random id.
 fn host_id(data: &DataDir) -> std::io::Result<String> {
     let path = data.host_id_file();
@@ -402,10 +453,15 @@ impl Host {
         };
         host.recover().await?;
         host.publish();
+        let (engine_tx, engine_rx) = watch::channel(EngineState::default());
+        let (executor, changes_tx) = (host.ctx.executor.clone(), changes.clone());
+        host.workers
+            .spawn(monitor_engine(executor, engine_tx, changes_tx));
         let handle = HostHandle {
             tx,
             snap: snap_rx,
             settings,
+            engine: engine_rx,
             store,
             hub,
             data: cfg.data,
@@ -995,6 +1051,10 @@ mod tests {
             _labels: &'a [(&'a str, &'a str)],
         ) -> BoxFuture<'a, Result<Vec<String>, ExecError>> {
             Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn ping(&self) -> BoxFuture<'_, Result<(), ExecError>> {
+            Box::pin(async { Ok(()) })
         }
     }
 

@@ -226,12 +226,48 @@ pub async fn execute(
             g.push(msg);
         }
     };
-    let ensured = tokio::select! {
-        r = executor.ensure_image(&image, &progress) => r,
-        _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
-        _ = tokio::time::sleep_until(req.deadline.into()) => {
-            stop.stop(StopReason::Timeout { secs: req.timeout_secs });
-            return stopped(stop, Vec::new(), log);
+    // An engine that does not answer is waited for (up to engine_wait_secs), not a failure.
+    let wait_until = Instant::now() + Duration::from_secs(req.conf.engine_wait_secs);
+    let mut waiting = false;
+    let ensured = loop {
+        let r = tokio::select! {
+            r = executor.ensure_image(&image, &progress) => r,
+            _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
+            _ = tokio::time::sleep_until(req.deadline.into()) => {
+                stop.stop(StopReason::Timeout { secs: req.timeout_secs });
+                return stopped(stop, Vec::new(), log);
+            }
+        };
+        match r {
+            Err(ams_docker::ExecError::Unreachable(e)) if Instant::now() < wait_until => {
+                if !waiting {
+                    log.line(&format!(
+                        "the Docker engine is not answering ({e}); waiting for it up to {} s",
+                        req.conf.engine_wait_secs
+                    ));
+                    waiting = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
+                    _ = tokio::time::sleep_until(req.deadline.into()) => {
+                        stop.stop(StopReason::Timeout { secs: req.timeout_secs });
+                        return stopped(stop, Vec::new(), log);
+                    }
+                }
+            }
+            Err(ams_docker::ExecError::Unreachable(e)) => {
+                break Err(ams_docker::ExecError::Unreachable(format!(
+                    "{e}; waited {} s for the engine (engine_wait_secs in web_conf.json)",
+                    req.conf.engine_wait_secs
+                )))
+            }
+            other => {
+                if waiting {
+                    log.line("the Docker engine answers again");
+                }
+                break other;
+            }
         }
     };
     for line in progress_lines

@@ -203,6 +203,42 @@ pub fn pages_router(state: ApiState, web_root: &str) -> Router {
         .with_state(state)
 }
 
+/// `GET /healthz`, without authentication: 200 when the database and the Docker engine answer,
+/// 503 with the reason otherwise (for load balancers and service monitors).
+pub fn health_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+async fn healthz(State(st): State<ApiState>) -> Response {
+    let database = match st.host.store.ping().await {
+        Ok(()) => "ok",
+        Err(_) => "the database does not answer",
+    };
+    let engine = match st.host.engine.borrow().up {
+        Some(true) => "ok",
+        Some(false) => "the Docker engine is not answering; builds that need it wait for it",
+        None => "the Docker engine has not answered yet",
+    };
+    let ok = database == "ok" && engine == "ok";
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [("cache-control", "no-store")],
+        Json(json!({
+            "status": if ok { "ok" } else { "unavailable" },
+            "database": database,
+            "engine": engine,
+        })),
+    )
+        .into_response()
+}
+
 /// Every (method, path) the API router serves, as the OpenAPI document names them. A unit
 /// test holds the document to this list, and an integration test calls every path.
 pub const ROUTES: &[(&str, &str)] = &[

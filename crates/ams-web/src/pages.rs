@@ -265,6 +265,12 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
     let root = &st.conf.web_root;
     let snap = st.host.snapshot().await.unwrap_or_default();
     let mut s = String::new();
+    if st.host.engine.borrow().up == Some(false) {
+        s.push_str(
+            "<p class=\"engine-down\" role=\"alert\">The Docker engine is not answering: \
+             builds that need it wait for it.</p>",
+        );
+    }
     s.push_str(&crate::manage::messages_html(st, v).await);
     s.push_str("<div class=\"columns\"><div class=\"tasks\">");
     for (title, list) in [

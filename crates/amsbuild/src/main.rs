@@ -880,6 +880,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             &conf.web_root,
         ))
         .merge(ams_web::manage::router(api_state.clone(), &conf.web_root))
+        .merge(ams_web::api::health_router(api_state.clone()))
         .merge(ams_web::pages::router(api_state, &conf.web_root));
     let bind = |ip: &str, port: u16, what: &'static str| {
         let addr = format!("{ip}:{port}");

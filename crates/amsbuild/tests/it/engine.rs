@@ -23,7 +23,7 @@ fn black_hole() -> String {
 #[test]
 fn a_hung_engine_fails_its_builds_in_bounded_time_and_blocks_nothing_else() {
     let addr = black_hole();
-    let mut h = TestHost::with_conf(json!({"max_active_builds": 2}));
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 2, "engine_wait_secs": 5}));
     h.env.push(("DOCKER_HOST".into(), format!("tcp://{addr}")));
     h.project("needs-engine", &pipeline(json!([stage("s", &["echo hi"])])));
     h.project(
@@ -108,4 +108,76 @@ fn out_of_memory_and_outside_kills_are_named() {
         log.contains("killed by signal 9 from outside the build"),
         "{log}"
     );
+}
+
+/// Forwards every connection on `at` to the real engine's socket, from now on.
+fn engine_proxy(at: &std::path::Path) {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let real = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    let l = UnixListener::bind(at).unwrap();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(engine) = UnixStream::connect(&real) else {
+                continue;
+            };
+            let (mut c1, mut e1) = (client.try_clone().unwrap(), engine.try_clone().unwrap());
+            let (mut c2, mut e2) = (client, engine);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c1, &mut e1);
+                let _ = e1.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut e2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// The host starts without an engine, says so on /healthz and the dashboard, and a build
+/// queued meanwhile waits for the engine and runs when it answers.
+#[test]
+fn builds_wait_for_an_engine_that_is_down_and_run_when_it_comes() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("docker.sock");
+    let mut h = TestHost::new();
+    h.env
+        .push(("DOCKER_HOST".into(), format!("unix://{}", sock.display())));
+    h.project("p", &pipeline(json!([stage("s", &["echo engine-came"])])));
+    h.start();
+    let addr = h.web_addr();
+    let body = wait_for(
+        "/healthz to say the engine is down",
+        Duration::from_secs(30),
+        || {
+            let (code, body) = http(&addr, "GET", "/healthz", &[], b"");
+            (code == 503
+                && body["engine"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not answering"))
+            .then_some(body)
+        },
+    );
+    assert_eq!(body["database"], "ok", "{body}");
+    assert!(h.host_log().contains("not answering"), "{}", h.host_log());
+    let name = h.build("p");
+    wait_for(
+        "the build to wait for the engine",
+        Duration::from_secs(60),
+        || h.log("p", &name).contains("waiting for it").then_some(()),
+    );
+    engine_proxy(&sock);
+    let r = h.wait_status("p", &name, Duration::from_secs(120));
+    let log = h.log("p", &name);
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("engine-came"), "{log}");
+    wait_for("/healthz to say ok", Duration::from_secs(30), || {
+        let (code, body) = http(&addr, "GET", "/healthz", &[], b"");
+        (code == 200 && body["status"] == "ok").then_some(())
+    });
 }
