@@ -351,6 +351,28 @@ fn build_name(
     validate_build_name(&name).map(|_| name)
 }
 
+/// Removes a build's container once the engine answers, retrying every 5 s for an hour.
+async fn remove_when_back(ctx: &WorkerContext, build: i64) {
+    let id = build.to_string();
+    let labels = [
+        (ams_docker::LABEL_HOST, ctx.host_id.as_str()),
+        (ams_docker::LABEL_BUILD_ID, id.as_str()),
+    ];
+    for _ in 0..720 {
+        match ctx.executor.remove_labelled(&labels).await {
+            Ok(names) => {
+                for n in names {
+                    tracing::warn!(
+                        "removed container {n} that build {build} left on a failing engine"
+                    );
+                }
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(5)).await,
+        }
+    }
+}
+
 /// Pings the engine every 10 s (every 2 s while it is down), publishes its state, and logs
 /// each change once (never a line per failed ping).
 async fn monitor_engine(
@@ -866,13 +888,18 @@ impl Host {
             }
             let task = self.workers.spawn(async move {
                 tracing::info!("build {} started", record.name);
-                let fin = worker::run_build(&ctx, &record, &stop, log_tx).await;
+                let (fin, container_left) = worker::run_build(&ctx, &record, &stop, log_tx).await;
                 let _ = tx
                     .send(Command::Complete {
                         id: record.id,
                         finish: Box::new(fin),
                     })
                     .await;
+                if container_left {
+                    // The engine failed under the build: remove its container once the engine
+                    // answers again (for an hour at most; a restart sweeps what is left).
+                    remove_when_back(&ctx, record.id).await;
+                }
             });
             self.worker_builds.insert(task.id(), q.id);
         }

@@ -739,13 +739,14 @@ async fn prepare(
     })
 }
 
-/// Runs a whole build and returns its final record. `log_tx` publishes the live log.
+/// Runs a whole build and returns its final record, and whether its container may have been
+/// left on an engine that failed. `log_tx` publishes the live log.
 pub async fn run_build(
     ctx: &WorkerContext,
     b: &BuildRecord,
     stop: &StopSignal,
     log_tx: broadcast::Sender<LogMsg>,
-) -> Finish {
+) -> (Finish, bool) {
     let started = Instant::now();
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
@@ -756,14 +757,14 @@ pub async fn run_build(
     if let Err(e) = std::fs::create_dir_all(&bd.root) {
         fin.reason = Some(format!("cannot create {}: {e}", bd.root.display()));
         fin.finished_at = timefmt::now();
-        return fin;
+        return (fin, false);
     }
     let mut log = match BuildLog::open(&bd.log(), ctx.conf.log_max_bytes, Some(log_tx)) {
         Ok(l) => l,
         Err(e) => {
             fin.reason = Some(format!("cannot write {}: {e}", bd.log().display()));
             fin.finished_at = timefmt::now();
-            return fin;
+            return (fin, false);
         }
     };
     log.line(&format!(
@@ -859,6 +860,7 @@ pub async fn run_build(
             }
         }
     };
+    let container_left = !outcome.container_gone;
     fin.status = Some(outcome.status);
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
@@ -918,7 +920,7 @@ pub async fn run_build(
             .unwrap_or_default(),
         started.elapsed().as_secs_f64()
     ));
-    fin
+    (fin, container_left)
 }
 
 /// What packing reported: (files, symlinks, bytes) and the hash as (method, hex).

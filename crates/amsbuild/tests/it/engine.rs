@@ -110,31 +110,117 @@ fn out_of_memory_and_outside_kills_are_named() {
     );
 }
 
-/// Forwards every connection on `at` to the real engine's socket, from now on.
-fn engine_proxy(at: &std::path::Path) {
-    use std::os::unix::net::{UnixListener, UnixStream};
-    let real = std::env::var("DOCKER_HOST")
-        .ok()
-        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
-        .unwrap_or_else(|| "/var/run/docker.sock".into());
-    let l = UnixListener::bind(at).unwrap();
-    std::thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(engine) = UnixStream::connect(&real) else {
-                continue;
-            };
-            let (mut c1, mut e1) = (client.try_clone().unwrap(), engine.try_clone().unwrap());
-            let (mut c2, mut e2) = (client, engine);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c1, &mut e1);
-                let _ = e1.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut e2, &mut c2);
-                let _ = c2.shutdown(std::net::Shutdown::Write);
-            });
+/// A socket that forwards to the real engine's, and can be cut (every connection dropped,
+/// new ones refused) and restored: an engine that dies and comes back, seen from the host.
+struct EngineProxy {
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl EngineProxy {
+    fn start(at: &std::path::Path) -> EngineProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let real = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+            .unwrap_or_else(|| "/var/run/docker.sock".into());
+        let l = UnixListener::bind(at).unwrap();
+        let p = EngineProxy {
+            up: Default::default(),
+            conns: Default::default(),
+        };
+        p.up.store(true, Ordering::SeqCst);
+        let (up, conns) = (p.up.clone(), p.conns.clone());
+        std::thread::spawn(move || {
+            for client in l.incoming().flatten() {
+                if !up.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(engine) = UnixStream::connect(&real) else {
+                    continue;
+                };
+                {
+                    let mut c = conns.lock().unwrap();
+                    c.push(client.try_clone().unwrap());
+                    c.push(engine.try_clone().unwrap());
+                }
+                let (mut c1, mut e1) = (client.try_clone().unwrap(), engine.try_clone().unwrap());
+                let (mut c2, mut e2) = (client, engine);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c1, &mut e1);
+                    let _ = e1.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut e2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        p
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
-    });
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn container_exists(name: &str) -> bool {
+    let o = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name=^{name}$")])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&o.stdout).trim().is_empty()
+}
+
+/// An engine lost in the middle of a build ends that build at once with the reason, and the
+/// container it left is removed when the engine answers again.
+#[test]
+fn an_engine_lost_mid_build_ends_it_and_its_container_goes_when_it_returns() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("docker.sock");
+    let proxy = EngineProxy::start(&sock);
+    let mut h = TestHost::new();
+    h.env
+        .push(("DOCKER_HOST".into(), format!("unix://{}", sock.display())));
+    h.project(
+        "p",
+        &pipeline(json!([
+            stage("wait", &["sleep 60"]),
+            stage("after", &["echo after"])
+        ])),
+    );
+    h.start();
+    let name = h.build("p");
+    h.wait_running("p", &name);
+    let container = h
+        .log("p", &name)
+        .lines()
+        .find_map(|l| l.strip_prefix("[amsbuild] container "))
+        .unwrap()
+        .to_string();
+    proxy.cut();
+    let r = h.wait_status("p", &name, Duration::from_secs(60));
+    let log = h.log("p", &name);
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(
+        container_exists(&container),
+        "the real engine still runs it"
+    );
+    proxy.restore();
+    wait_for(
+        "the left container to be removed",
+        Duration::from_secs(60),
+        || (!container_exists(&container)).then_some(()),
+    );
 }
 
 /// The host starts without an engine, says so on /healthz and the dashboard, and a build
@@ -171,7 +257,7 @@ fn builds_wait_for_an_engine_that_is_down_and_run_when_it_comes() {
         Duration::from_secs(60),
         || h.log("p", &name).contains("waiting for it").then_some(()),
     );
-    engine_proxy(&sock);
+    let _proxy = EngineProxy::start(&sock);
     let r = h.wait_status("p", &name, Duration::from_secs(120));
     let log = h.log("p", &name);
     assert_eq!(r["status"], "pass", "{log}");
