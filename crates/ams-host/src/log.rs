@@ -70,6 +70,8 @@ pub struct BuildLog {
     truncated: bool,
     tx: Option<broadcast::Sender<LogMsg>>,
     echo: bool,
+    /// The first error writing the file (a full disk); nothing more is written after it.
+    failed: Option<String>,
 }
 
 impl BuildLog {
@@ -96,6 +98,7 @@ impl BuildLog {
             truncated: false,
             tx,
             echo: false,
+            failed: None,
         })
     }
 
@@ -109,6 +112,7 @@ impl BuildLog {
             truncated: false,
             tx: None,
             echo: true,
+            failed: None,
         }
     }
 
@@ -120,13 +124,48 @@ impl BuildLog {
         self.truncated
     }
 
+    /// Why the log file could not be written, if it could not.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// After a failed write, tries once more to append a marker line (space may have come
+    /// back); returns whether it landed.
+    pub fn mark_failure(&mut self) -> bool {
+        let (Some(why), Some(f)) = (self.failed.clone(), self.file.as_mut()) else {
+            return false;
+        };
+        let line = format!(
+            "\n[amsbuild] the log could not be written from byte {} on ({why}); the build failed\n",
+            self.offset
+        );
+        f.write_all(line.as_bytes()).is_ok()
+    }
+
     fn put(&mut self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
+        if self.failed.is_some() {
+            return;
+        }
         if let Some(f) = &mut self.file {
             if let Err(e) = f.write_all(data) {
-                tracing::error!("cannot write build log: {e}");
+                // Said once, not once per chunk: a full disk would otherwise flood the host's
+                // own output. The worker ends the build.
+                let path = self.path.as_deref().unwrap_or(Path::new("?"));
+                tracing::error!("cannot write the build log {}: {e}", path.display());
+                self.failed = Some(e.to_string());
+                if let Some(tx) = &self.tx {
+                    let line = format!(
+                        "\n[amsbuild] the log could not be written ({e}); the build fails\n"
+                    );
+                    let _ = tx.send(LogMsg::Chunk {
+                        offset: self.offset,
+                        data: Bytes::from(line),
+                    });
+                }
+                return;
             }
         }
         if self.echo {

@@ -30,9 +30,17 @@ use tokio_util::sync::CancellationToken;
 /// Why a build is being stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
-    Cancel { by: String },
-    Timeout { secs: u64 },
+    Cancel {
+        by: String,
+    },
+    Timeout {
+        secs: u64,
+    },
     Shutdown,
+    /// Something the build needs failed on the host (its log could not be written).
+    HostFault {
+        why: String,
+    },
 }
 
 /// Tells a running build to stop, and why. The first reason wins.
@@ -133,6 +141,7 @@ pub fn stopped_outcome(stop: &StopSignal) -> Option<(BuildStatus, String)> {
             format!("timed out after {secs} s (build timeout)"),
         ),
         StopReason::Shutdown => (BuildStatus::Fail, "interrupted by host restart".to_string()),
+        StopReason::HostFault { why } => (BuildStatus::Fail, why),
     })
 }
 
@@ -408,6 +417,13 @@ pub async fn execute(
                 Some(c) => {
                     splitter.feed(&c, &mut events);
                     handle(&mut events, log, &mut stages, &mut current);
+                    if let Some(e) = log.failed() {
+                        if !stop.token().is_cancelled() {
+                            stop.stop(StopReason::HostFault {
+                                why: format!("the build log could not be written ({e})"),
+                            });
+                        }
+                    }
                 }
                 None => rx_open = false,
             },
@@ -908,6 +924,19 @@ pub async fn run_build(
             )
             .await;
         }
+    }
+    if let Some(e) = log.failed().map(str::to_string) {
+        // A log that could not be written never ends in PASS: say so in the record, and in
+        // the log itself if space came back.
+        fin.status = Some(BuildStatus::Fail);
+        let why = format!("the build log could not be written ({e})");
+        if fin.reason.as_deref() != Some(why.as_str()) {
+            fin.reason = Some(match fin.reason.take() {
+                Some(r) => format!("{why}; {r}"),
+                None => why,
+            });
+        }
+        log.mark_failure();
     }
     fin.finished_at = timefmt::now();
     log.line(&format!(

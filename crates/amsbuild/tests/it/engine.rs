@@ -267,3 +267,72 @@ fn builds_wait_for_an_engine_that_is_down_and_run_when_it_comes() {
         (code == 200 && body["status"] == "ok").then_some(())
     });
 }
+
+/// A tmpfs of `mb` MiB mounted at `at`, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, mb: u32) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mount a tmpfs (the tests run as root): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A build whose log fills the disk ends FAIL with the reason (never PASS), the host says so
+/// once rather than once per write, and builds run again once space is back.
+#[test]
+fn a_log_that_fills_the_disk_fails_its_build_and_the_host_recovers() {
+    require_docker();
+    let tmp = tempfile::tempdir().unwrap();
+    let _fs = SmallFs::mount(&tmp.path().join("small"), 16);
+    let mut h = TestHost::with_conf(json!({"log_max_bytes": 1u64 << 30}));
+    // Only the projects live on the small filesystem; the database does not.
+    std::fs::create_dir_all(&h.data).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("small"), h.data.join("projects")).unwrap();
+    h.project(
+        "flood",
+        &pipeline(json!([stage(
+            "s",
+            &["yes 0123456789abcdef | head -c 67108864", "echo done"]
+        )])),
+    );
+    h.project("next", &pipeline(json!([stage("s", &["echo fine"])])));
+    h.start();
+    let name = h.build("flood");
+    let r = h.wait_status("flood", &name, Duration::from_secs(120));
+    assert_eq!(r["status"], "fail", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the build log could not be written"),
+        "{r}"
+    );
+    let said = h.host_log().matches("cannot write the build log").count();
+    assert_eq!(said, 1, "{}", h.host_log());
+    // Space comes back: the next build runs.
+    let o = h.cli(&["delete-output", &format!("flood/{name}")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let n = h.build("next");
+    let r = h.wait_status("next", &n, Duration::from_secs(60));
+    assert_eq!(r["status"], "pass", "{}", h.log("next", &n));
+}
