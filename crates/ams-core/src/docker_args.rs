@@ -187,9 +187,21 @@ pub fn apply_limits(o: &mut DockerOptions, l: Limits, trusted: &[String]) -> Res
     Ok(())
 }
 
+/// Longest `docker.args` accepted, in bytes, as written and once its `{variables}` are
+/// expanded: room for dozens of flags, and a bound on the work and the messages.
+pub const MAX_ARGS_BYTES: usize = 4096;
+
 /// Parses `docker.args`. `trusted` holds the keys (see [`trust_key`]) that the private config
 /// allows. The error names the flag and the fix.
 pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
+    if args.len() > MAX_ARGS_BYTES {
+        return Err(format!(
+            "is {} bytes long once its {{variables}} are expanded, over the limit of \
+             {MAX_ARGS_BYTES}: give docker.args only `docker run` flags, and environment \
+             variables in \"environment\"",
+            args.len()
+        ));
+    }
     let words = split_words(args)?;
     let mut o = DockerOptions::default();
     let mut i = 0;
@@ -495,6 +507,14 @@ mod tests {
     }
 
     #[test]
+    fn long_args_are_refused() {
+        let ok = "--rm ".repeat(MAX_ARGS_BYTES / 5);
+        assert!(parse(&ok, &[]).is_ok());
+        let e = parse(&format!("{ok}--rm-"), &[]).unwrap_err();
+        assert!(e.contains("over the limit of 4096"), "{e}");
+    }
+
+    #[test]
     fn splits_like_a_shell() {
         assert_eq!(
             split_words(r#"a 'b c' "d \"e\"" f\ g"#).unwrap(),
@@ -702,9 +722,12 @@ mod tests {
                 }
             }
 
-            /// With every flag trusted, parsing is still total (no panic on any text).
+            /// With every flag trusted, parsing is still total (no panic on any text), and
+            /// text past the cap is refused whole.
             #[test]
             fn trusted_parse_is_total(s in args()) {
+                let long = s.repeat(MAX_ARGS_BYTES / s.len().max(1) + 1);
+                prop_assert!(long.len() <= MAX_ARGS_BYTES || parse(&long, &[]).is_err());
                 let all: Vec<String> = ["privileged", "cap-add", "device", "volume", "security-opt", "network=host", "pid=host"]
                     .iter().map(|k| k.to_string()).collect();
                 let _ = parse(&s, &all);
