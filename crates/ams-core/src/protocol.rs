@@ -10,6 +10,10 @@
 /// Longest piece of a line held in memory; longer lines are passed on in pieces.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// Longest last line of a stage kept for `exit-line`, in bytes; the rest of a longer line is
+/// not compared.
+pub const MAX_LAST_LINE: usize = 4096;
+
 /// Quotes a string for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -138,7 +142,7 @@ impl Splitter {
         } else if !line.iter().all(|b| b.is_ascii_whitespace()) {
             self.last_line.clear();
             self.last_line
-                .extend_from_slice(&line[..line.len().min(4096)]);
+                .extend_from_slice(&line[..line.len().min(MAX_LAST_LINE)]);
         }
         let mut bytes = line;
         bytes.push(b'\n');
