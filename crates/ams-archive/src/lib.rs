@@ -18,6 +18,8 @@ pub enum ArchiveError {
     Io { path: PathBuf, source: io::Error },
     #[error("7z writer: {0}")]
     SevenZ(String),
+    #[error("{0} is nested more than {MAX_DEPTH} folders deep; keep the output shallower")]
+    TooDeep(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
@@ -31,6 +33,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
 const UNIX_EXTENSION: u32 = 0x8000;
 const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
 const FILE_ATTRIBUTE_ARCHIVE: u32 = 0x20;
+
+/// The deepest folder nesting packed.
+pub const MAX_DEPTH: usize = 256;
 
 /// What was packed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -57,7 +62,8 @@ fn entry(name: String, meta: &fs::Metadata, is_dir: bool) -> ArchiveEntry {
         e.last_modified_date = t;
         e.has_last_modified_date = true;
     }
-    let mode = meta.mode() & 0xFFFF;
+    // Set-user-id and set-group-id bits are never stored.
+    let mode = meta.mode() & 0xFFFF & !0o6000;
     e.has_windows_attributes = true;
     e.windows_attributes = UNIX_EXTENSION
         | (mode << 16)
@@ -67,6 +73,25 @@ fn entry(name: String, meta: &fs::Metadata, is_dir: bool) -> ArchiveEntry {
             FILE_ATTRIBUTE_ARCHIVE
         };
     e
+}
+
+/// The bytes packing `dir` would read: the apparent size of every regular file below it, links
+/// not followed (a sparse file counts in full, as the packer reads it in full).
+pub fn apparent_size(dir: &Path) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                total = total.saturating_add(e.metadata()?.len());
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Packs the contents of `dir` into a new 7z file at `dest` (LZMA2). Paths inside the archive are
@@ -91,7 +116,7 @@ pub fn pack_dir(dir: &Path, dest: &Path) -> Result<PackSummary, ArchiveError> {
             5,
         ))]);
         let mut summary = PackSummary::default();
-        walk(dir, "", &mut w, &mut summary)?;
+        walk(dir, "", &mut w, &mut summary, 0)?;
         w.finish().map_err(io_err(&tmp))?;
         Ok(summary)
     })();
@@ -112,7 +137,11 @@ fn walk(
     prefix: &str,
     w: &mut ArchiveWriter<File>,
     summary: &mut PackSummary,
+    depth: usize,
 ) -> Result<(), ArchiveError> {
+    if depth > MAX_DEPTH {
+        return Err(ArchiveError::TooDeep(dir.to_path_buf()));
+    }
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(io_err(dir))?
         .collect::<Result<Vec<_>, _>>()
@@ -136,7 +165,7 @@ fn walk(
             w.push_archive_entry::<&[u8]>(entry(name.clone(), &meta, true), None)
                 .map_err(sz)?;
             summary.dirs += 1;
-            walk(&path, &format!("{name}/"), w, summary)?;
+            walk(&path, &format!("{name}/"), w, summary, depth + 1)?;
         } else if ft.is_file() {
             // Opened without following a link and without blocking on a FIFO, then checked
             // again: whatever replaced the entry since it was listed, only a regular file is

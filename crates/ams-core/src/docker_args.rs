@@ -105,12 +105,16 @@ pub fn parse_size(s: &str) -> Result<i64, String> {
     let n: f64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a size (examples: 512m, 2g)"))?;
-    // Below one byte the engine would get 0, which it reads as no limit at all.
-    let bytes = (n * mult as f64) as i64;
-    if !(n.is_finite() && bytes >= 1) {
+    if !(n.is_finite() && n > 0.0) {
         return Err(format!("`{s}` must be a positive size"));
     }
-    Ok(bytes)
+    let bytes = n * mult as f64;
+    // Checked after the conversion: `0.5` bytes would become 0, which the engine reads as
+    // "no limit".
+    if !(1.0..9.0e18).contains(&bytes) {
+        return Err(format!("`{s}` is not a usable size (examples: 512m, 2g)"));
+    }
+    Ok(bytes as i64)
 }
 
 /// Normalises a trust entry of pipeline-config.json (`"--network host"`, `"-v"`) to the key
@@ -155,6 +159,17 @@ pub struct Limits {
 /// `"--pids-limit"`, `"--shm-size"`). `--shm-size` may not exceed the memory limit.
 pub fn apply_limits(o: &mut DockerOptions, l: Limits, trusted: &[String]) -> Result<(), String> {
     let trusts = |k: &str| trusted.iter().any(|t| t == k);
+    // Zero or less would mean "no limit" to the engine: never accepted, trusted or not.
+    for (flag, v) in [
+        ("--memory", o.memory),
+        ("--cpus", o.nano_cpus),
+        ("--pids-limit", o.pids_limit),
+        ("--shm-size", o.shm_size),
+    ] {
+        if matches!(v, Some(n) if n <= 0) {
+            return Err(format!("`{flag}` must be positive; 0 would lift the limit"));
+        }
+    }
     let check =
         |flag: &str, key: &str, asked: Option<i64>, limit: i64, shown: &dyn Fn(i64) -> String| {
             match asked {
@@ -258,19 +273,26 @@ pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
             }
             "-w" | "--workdir" => o.workdir = Some(value(&flag)?),
             "-u" | "--user" => o.user = Some(value(&flag)?),
-            "-m" | "--memory" => o.memory = Some(parse_size(&value(&flag)?)?),
+            "-m" | "--memory" => {
+                let v = value(&flag)?;
+                let n = parse_size(&v)?;
+                // The engine's own minimum; below it (or 0) it refuses or means "no limit".
+                if n < 6 << 20 {
+                    return Err(format!(
+                        "`{flag} {v}` is below the smallest memory limit, 6m"
+                    ));
+                }
+                o.memory = Some(n);
+            }
             "--shm-size" => o.shm_size = Some(parse_size(&value(&flag)?)?),
             "--cpus" => {
                 let v = value(&flag)?;
-                // Below a billionth the engine would get 0 nano-CPUs: no limit at all.
-                let nano = v
-                    .parse::<f64>()
+                let n: f64 = v
+                    .parse()
                     .ok()
-                    .filter(|n| n.is_finite())
-                    .map(|n| (n * 1e9) as i64)
-                    .filter(|nano| *nano >= 1)
-                    .ok_or_else(|| format!("`--cpus {v}` must be a positive number"))?;
-                o.nano_cpus = Some(nano);
+                    .filter(|n: &f64| n.is_finite() && *n >= 0.01 && *n <= 1e6)
+                    .ok_or_else(|| format!("`--cpus {v}` must be a number of at least 0.01"))?;
+                o.nano_cpus = Some((n * 1e9) as i64);
             }
             "--pids-limit" => {
                 let v = value(&flag)?;
@@ -407,6 +429,32 @@ mod tests {
     }
 
     #[test]
+    fn limits_cannot_be_lifted_by_rounding_to_zero() {
+        for args in [
+            "--memory 0.5",
+            "-m0.1",
+            "--memory 1k",
+            "--cpus 0.0000000001",
+            "--cpus 0",
+            "--shm-size 0.2",
+            "--pids-limit 0",
+            "--pids-limit -1",
+        ] {
+            assert!(parse(args, &[]).is_err(), "{args}");
+        }
+        let l = Limits {
+            memory: 2 << 30,
+            nano_cpus: 2_000_000_000,
+            pids: 4096,
+        };
+        let mut o = DockerOptions {
+            memory: Some(0),
+            ..Default::default()
+        };
+        assert!(apply_limits(&mut o, l, &["memory".into()]).is_err());
+    }
+
+    #[test]
     fn image_registries() {
         assert_eq!(image_registry("busybox"), "docker.io");
         assert_eq!(image_registry("library/busybox:1"), "docker.io");
@@ -484,26 +532,6 @@ mod tests {
             let _ = parse(args, &[]);
         }
         assert!(parse("-é", &[]).unwrap_err().contains("-é"));
-    }
-
-    #[test]
-    fn a_fraction_of_a_unit_is_not_a_limit_of_zero() {
-        // Found by `untrusted_args_stay_inside`: these gave 0, which the engine reads as no
-        // limit, so untrusted docker.args lifted the host's memory or CPU limit.
-        for args in [
-            "-m 0.5953992954441002",
-            "--memory 0.5",
-            "--shm-size 1e-300",
-            "--cpus 1e-10",
-        ] {
-            let e = parse(args, &[]).unwrap_err();
-            assert!(e.contains("must be a positive"), "{args}: {e}");
-        }
-        assert_eq!(parse("--memory 0.5k", &[]).unwrap().memory, Some(512));
-        assert_eq!(
-            parse("--cpus 0.01", &[]).unwrap().nano_cpus,
-            Some(10_000_000)
-        );
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub fn validate_build_name(name: &str) -> Result<(), String> {
     {
         return Err("build name may not contain `/`, `\\` or control characters".into());
     }
+    // Archives live beside the build folders as NAME.7z: a name may not pose as one.
+    if name.ends_with(".7z") || name.ends_with(".7z.partial") {
+        return Err("build name may not end with `.7z` or `.7z.partial`".into());
+    }
     Ok(())
 }
 
@@ -131,5 +135,7 @@ mod tests {
         assert!(validate_build_name("../x").is_err());
         assert!(validate_build_name("a/b").is_err());
         assert!(validate_build_name("..").is_err());
+        assert!(validate_build_name("q1.7z").is_err());
+        assert!(validate_build_name("q1.7z.partial").is_err());
     }
 }

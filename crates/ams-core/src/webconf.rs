@@ -29,6 +29,9 @@ pub struct WebConf {
     pub build_timeout_secs: u64,
     /// A build log is cut with a marker past this many bytes.
     pub log_max_bytes: u64,
+    /// A build output larger than this (apparent size: sparse files count in full) is not
+    /// archived; the build says why and keeps the folder.
+    pub archive_max_bytes: u64,
     /// Container limits applied unless docker.args sets them.
     pub container_memory: String,
     pub container_cpus: f64,
@@ -60,6 +63,7 @@ impl Default for WebConf {
             max_active_builds: 2,
             build_timeout_secs: 3600,
             log_max_bytes: 64 << 20,
+            archive_max_bytes: 8 << 30,
             container_memory: "2g".into(),
             container_cpus: 2.0,
             container_pids_limit: 4096,

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::collections::HashMap;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +32,11 @@ pub const LABEL_BUILD_ID: &str = "io.ams-build.build-id";
 pub const LABEL_BUILD_NAME: &str = "io.ams-build.build-name";
 /// Label holding the project.
 pub const LABEL_PROJECT: &str = "io.ams-build.project";
+
+/// The network builds join unless docker.args says otherwise: a bridge whose containers reach
+/// the outside but not each other (inter-container traffic off), so one project's build
+/// cannot talk to another's services.
+pub const BUILD_NETWORK: &str = "ams-build";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -51,6 +57,25 @@ fn docker_err(e: BollardError) -> ExecError {
         BollardError::RequestTimeoutError => ExecError::Unreachable("request timed out".into()),
         other => ExecError::Docker(other.to_string()),
     }
+}
+
+/// Longest an engine call that answers at once (connect, create, attach, start, inspect,
+/// wait after the end, remove, list) may take: a hung engine fails the call instead of the
+/// build waiting for ever.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs one engine call under a deadline; a late answer is an unreachable engine.
+async fn timed<T>(
+    what: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<Result<T, BollardError>, ExecError> {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
+        ExecError::Unreachable(format!(
+            "the engine did not answer `{what}` within {} s",
+            limit.as_secs()
+        ))
+    })
 }
 
 fn is_not_found(e: &BollardError) -> bool {
@@ -96,6 +121,9 @@ pub enum RunEnd {
     Exited(i64),
     /// It was stopped because `stop` fired; the code it ended with.
     Stopped(i64),
+    /// It ended by itself and the engine reports that the kernel killed a process of it for
+    /// want of memory (the memory limit); the main process's code.
+    OutOfMemory(i64),
 }
 
 /// Runs build containers. Implemented by [`DockerExecutor`]; tests may use a fake.
@@ -131,6 +159,8 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct DockerExecutor {
     cell: tokio::sync::Mutex<Option<Docker>>,
+    /// Whether [`BUILD_NETWORK`] is known to exist.
+    network_ready: tokio::sync::Mutex<bool>,
 }
 
 impl DockerExecutor {
@@ -152,10 +182,72 @@ impl DockerExecutor {
             return Ok(d.clone());
         }
         let docker = Docker::connect_with_defaults().map_err(docker_err)?;
-        let docker = docker.negotiate_version().await.map_err(docker_err)?;
-        docker.ping().await.map_err(docker_err)?;
+        let docker = timed("version", CALL_TIMEOUT, docker.negotiate_version())
+            .await?
+            .map_err(docker_err)?;
+        timed("ping", CALL_TIMEOUT, docker.ping())
+            .await?
+            .map_err(docker_err)?;
         *cell = Some(docker.clone());
         Ok(docker)
+    }
+
+    /// Creates [`BUILD_NETWORK`] the first time a build needs it.
+    async fn ensure_network(&self) -> Result<(), ExecError> {
+        let mut ready = self.network_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        let docker = self.docker().await?;
+        match timed(
+            "inspect network",
+            CALL_TIMEOUT,
+            docker.inspect_network(BUILD_NETWORK, None),
+        )
+        .await?
+        {
+            Ok(n) => {
+                let icc = n
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get("com.docker.network.bridge.enable_icc"))
+                    .map(String::as_str);
+                if icc != Some("false") {
+                    return Err(ExecError::Docker(format!(
+                        "the network `{BUILD_NETWORK}` exists but lets containers talk to each \
+                         other; remove it (docker network rm {BUILD_NETWORK}) and AMS-Build \
+                         makes it anew"
+                    )));
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                let mut options = HashMap::new();
+                options.insert(
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    "false".to_string(),
+                );
+                let mut labels = HashMap::new();
+                labels.insert("io.ams-build.network".to_string(), "builds".to_string());
+                let req = bollard::models::NetworkCreateRequest {
+                    name: BUILD_NETWORK.to_string(),
+                    driver: Some("bridge".into()),
+                    options: Some(options),
+                    labels: Some(labels),
+                    ..Default::default()
+                };
+                match timed("create network", CALL_TIMEOUT, docker.create_network(req)).await? {
+                    Ok(_) => {}
+                    // Another host on the same engine made it first.
+                    Err(BollardError::DockerResponseServerError {
+                        status_code: 409, ..
+                    }) => {}
+                    Err(e) => return Err(docker_err(e)),
+                }
+            }
+            Err(e) => return Err(docker_err(e)),
+        }
+        *ready = true;
+        Ok(())
     }
 
     async fn force_remove(&self, name: &str) -> Result<(), ExecError> {
@@ -164,11 +256,13 @@ impl DockerExecutor {
             v: true,
             ..Default::default()
         };
-        match self
-            .docker()
-            .await?
-            .remove_container(name, Some(opts))
-            .await
+        let docker = self.docker().await?;
+        match timed(
+            "remove",
+            CALL_TIMEOUT,
+            docker.remove_container(name, Some(opts)),
+        )
+        .await?
         {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -248,7 +342,7 @@ impl DockerExecutor {
             memory_swap: o.memory,
             nano_cpus: o.nano_cpus,
             pids_limit: o.pids_limit,
-            network_mode: o.network.clone(),
+            network_mode: Some(build_network(o.network.as_deref()).to_string()),
             shm_size: o.shm_size,
             privileged: Some(o.privileged),
             cap_add: (!o.cap_add.is_empty()).then(|| o.cap_add.clone()),
@@ -291,14 +385,20 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         stop: CancellationToken,
     ) -> Result<RunEnd, ExecError> {
+        if build_network(spec.options.network.as_deref()) == BUILD_NETWORK {
+            self.ensure_network().await?;
+        }
         let create = CreateContainerOptionsBuilder::new()
             .name(&spec.name)
             .build();
-        self.docker()
-            .await?
-            .create_container(Some(create), Self::create_body(spec))
-            .await
-            .map_err(docker_err)?;
+        let docker = self.docker().await?;
+        timed(
+            "create",
+            CALL_TIMEOUT,
+            docker.create_container(Some(create), Self::create_body(spec)),
+        )
+        .await?
+        .map_err(docker_err)?;
         let attach = AttachContainerOptions {
             stream: true,
             stdout: true,
@@ -306,33 +406,54 @@ impl DockerExecutor {
             logs: false,
             ..Default::default()
         };
-        let mut attached = self
-            .docker()
-            .await?
-            .attach_container(&spec.name, Some(attach))
-            .await
-            .map_err(docker_err)?;
-        self.docker()
-            .await?
-            .start_container(&spec.name, None)
-            .await
-            .map_err(docker_err)?;
+        let mut attached = timed(
+            "attach",
+            CALL_TIMEOUT,
+            docker.attach_container(&spec.name, Some(attach)),
+        )
+        .await?
+        .map_err(docker_err)?;
+        timed(
+            "start",
+            CALL_TIMEOUT,
+            docker.start_container(&spec.name, None),
+        )
+        .await?
+        .map_err(docker_err)?;
 
         let mut stopping = false;
+        // After a stop is asked, the engine has the stop timeout and then CALL_TIMEOUT twice
+        // (the stop call, the stream's end) before the engine counts as gone.
+        let stop_grace = Duration::from_secs(spec.stop_timeout_secs) + 2 * CALL_TIMEOUT;
         let stop_req = async {
             stop.cancelled().await;
             let opts = StopContainerOptionsBuilder::new()
                 .t(spec.stop_timeout_secs.min(i32::MAX as u64) as i32)
                 .build();
             // The engine sends SIGTERM, waits t seconds, then SIGKILL.
-            if let Ok(d) = self.docker().await {
-                let _ = d.stop_container(&spec.name, Some(opts)).await;
-            }
+            let _ = timed(
+                "stop",
+                Duration::from_secs(spec.stop_timeout_secs) + CALL_TIMEOUT,
+                docker.stop_container(&spec.name, Some(opts)),
+            )
+            .await;
         };
         tokio::pin!(stop_req);
         let mut stop_done = false;
+        let given_up = async {
+            stop.cancelled().await;
+            tokio::time::sleep(stop_grace).await;
+        };
+        tokio::pin!(given_up);
         loop {
             tokio::select! {
+                _ = &mut given_up => {
+                    return Err(ExecError::Unreachable(format!(
+                        "the engine did not stop container {} within {} s of the stop",
+                        spec.name,
+                        stop_grace.as_secs()
+                    )));
+                }
                 item = attached.output.next() => match item {
                     Some(Ok(frame)) => {
                         let bytes = frame.into_bytes();
@@ -354,16 +475,39 @@ impl DockerExecutor {
         if stop.is_cancelled() {
             stopping = true;
         }
-        let docker = self.docker().await?;
         let mut wait = docker.wait_container(&spec.name, None);
-        let code = match wait.next().await {
+        let waited = tokio::time::timeout(CALL_TIMEOUT, wait.next())
+            .await
+            .map_err(|_| {
+                ExecError::Unreachable(format!(
+                    "the engine did not report how container {} ended within {} s",
+                    spec.name,
+                    CALL_TIMEOUT.as_secs()
+                ))
+            })?;
+        let code = match waited {
             Some(Ok(r)) => r.status_code,
             Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
             Some(Err(e)) => return Err(docker_err(e)),
             None => -1,
         };
-        Ok(if stopping {
-            RunEnd::Stopped(code)
+        if stopping {
+            return Ok(RunEnd::Stopped(code));
+        }
+        // Whether the kernel killed something in it for want of memory.
+        let oom = timed(
+            "inspect",
+            CALL_TIMEOUT,
+            docker.inspect_container(&spec.name, None),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|c| c.state)
+        .and_then(|s| s.oom_killed)
+        .unwrap_or(false);
+        Ok(if oom {
+            RunEnd::OutOfMemory(code)
         } else {
             RunEnd::Exited(code)
         })
@@ -377,7 +521,8 @@ impl Executor for DockerExecutor {
         progress: &'a (dyn Fn(String) + Send + Sync),
     ) -> BoxFuture<'a, Result<(), ExecError>> {
         Box::pin(async move {
-            match self.docker().await?.inspect_image(image).await {
+            let docker = self.docker().await?;
+            match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => return Ok(()),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(docker_err(e)),
@@ -388,7 +533,6 @@ impl Executor for DockerExecutor {
                 .from_image(repo)
                 .tag(tag)
                 .build();
-            let docker = self.docker().await?;
             let mut stream = docker.create_image(Some(opts), None, None);
             while let Some(item) = stream.next().await {
                 match item {
@@ -410,7 +554,7 @@ impl Executor for DockerExecutor {
                     }
                 }
             }
-            match self.docker().await?.inspect_image(image).await {
+            match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => Ok(()),
                 Err(e) => Err(ExecError::ImagePull {
                     image: image.to_string(),
@@ -453,11 +597,9 @@ impl Executor for DockerExecutor {
                 .all(true)
                 .filters(&filters)
                 .build();
-            let list = self
-                .docker()
+            let docker = self.docker().await?;
+            let list = timed("list", CALL_TIMEOUT, docker.list_containers(Some(opts)))
                 .await?
-                .list_containers(Some(opts))
-                .await
                 .map_err(docker_err)?;
             let mut removed = Vec::new();
             for c in list {
@@ -475,6 +617,15 @@ impl Executor for DockerExecutor {
             }
             Ok(removed)
         })
+    }
+}
+
+/// The network a build joins: ours for the default (`bridge`, `default` or none given),
+/// else what the (trusted) docker.args named.
+fn build_network(asked: Option<&str>) -> &str {
+    match asked {
+        None | Some("bridge") | Some("default") => BUILD_NETWORK,
+        Some(n) => n,
     }
 }
 
@@ -524,6 +675,7 @@ mod tests {
         assert_eq!(h.pids_limit, Some(10));
         assert_eq!(h.privileged, Some(false));
         assert_eq!(h.cap_drop, Some(vec!["MKNOD".to_string()]));
+        assert_eq!(h.network_mode.as_deref(), Some(BUILD_NETWORK));
         assert!(h
             .security_opt
             .unwrap()

@@ -33,11 +33,32 @@ pub struct CopyStats {
 pub fn copy_tree(src: &Path, dst: &Path, mode: CopyKind) -> io::Result<CopyStats> {
     let mut stats = CopyStats::default();
     fs::create_dir(dst)?;
-    walk(src, dst, mode, &mut stats)?;
+    walk(src, dst, mode, &mut stats, 0)?;
     Ok(stats)
 }
 
-fn walk(src: &Path, dst: &Path, mode: CopyKind, st: &mut CopyStats) -> io::Result<()> {
+/// The deepest folder nesting the host walks (a repository could nest folders until a
+/// recursive walk overflows its stack).
+pub const MAX_DEPTH: usize = 256;
+
+/// The error for a tree nested deeper than [`MAX_DEPTH`].
+pub fn too_deep(at: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} is nested more than {MAX_DEPTH} folders deep; keep the tree shallower",
+        at.display()
+    ))
+}
+
+fn walk(
+    src: &Path,
+    dst: &Path,
+    mode: CopyKind,
+    st: &mut CopyStats,
+    depth: usize,
+) -> io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep(src));
+    }
     for entry in fs::read_dir(src)? {
         let entry = entry?;
         let from = entry.path();
@@ -49,7 +70,7 @@ fn walk(src: &Path, dst: &Path, mode: CopyKind, st: &mut CopyStats) -> io::Resul
         } else if ft.is_dir() {
             fs::create_dir(&to)?;
             let perm = fs::symlink_metadata(&from)?.permissions();
-            walk(&from, &to, mode, st)?;
+            walk(&from, &to, mode, st, depth + 1)?;
             fs::set_permissions(&to, perm)?;
             st.dirs += 1;
         } else if ft.is_file() {

@@ -167,7 +167,17 @@ fn inert_config_key(key: &str) -> bool {
             "url" | "fetch" | "pushurl" | "tagopt" | "prune" | "mirror" | "skipdefaultupdate"
         ),
         ("branch", n) if n >= 3 => matches!(name, "remote" | "merge" | "rebase"),
-        ("gc" | "pack" | "fetch" | "maintenance" | "init" | "user" | "advice", 2) => true,
+        // Exact keys only: `gc.recentObjectsHook`, `fetch.bundleURI` and the like run
+        // commands or reach out, so no section is allowed as a whole.
+        ("gc", 2) => matches!(
+            name,
+            "auto" | "autodetach" | "autopacklimit" | "pruneexpire"
+        ),
+        ("pack", 2) => matches!(name, "threads" | "windowmemory"),
+        ("fetch", 2) => matches!(name, "prune" | "prunetags"),
+        ("maintenance", 2) => matches!(name, "auto" | "autodetach"),
+        ("init", 2) => name == "defaultbranch",
+        ("user", 2) => matches!(name, "name" | "email"),
         _ => false,
     }
 }
@@ -408,6 +418,9 @@ mod tests {
             "extensions.worktreeconfig",
             "core.pager",
             "diff.external",
+            "gc.recentObjectsHook",
+            "fetch.bundleURI",
+            "maintenance.strategy",
         ] {
             assert!(!inert_config_key(bad), "{bad}");
         }

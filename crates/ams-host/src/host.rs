@@ -7,11 +7,11 @@
 
 use crate::log::LogHub;
 use crate::paths::DataDir;
-use crate::project;
+use crate::settings::{QueueSettings, SettingsCache};
 use crate::timefmt;
 use crate::worker::{self, StopReason, StopSignal, WorkerContext};
 use ams_core::names::{validate_build_name, BuildId};
-use ams_core::pipeline::{self, DEFAULT_NAME_FORMAT};
+use ams_core::pipeline::DEFAULT_NAME_FORMAT;
 use ams_core::queue::{Queue, Queued};
 use ams_core::status::BuildStatus;
 use ams_core::vars;
@@ -21,7 +21,7 @@ use ams_store::{BuildRecord, Finish, NewBuild, NewDelivery, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 /// A request to queue a build.
@@ -66,12 +66,19 @@ pub trait BuildEvents: Send + Sync + 'static {
     fn event(&self, build_id: i64, kind: EventKind);
 }
 
-/// The live lists, for status views.
+/// The live lists, for status views: published by the loop after every change and read
+/// without a round trip through it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueSnapshot {
     pub active: Vec<BuildRecord>,
+    /// The first [`SNAPSHOT_PENDING`] pending builds, in queue order.
     pub pending: Vec<BuildRecord>,
+    /// How many builds are pending in all.
+    pub pending_total: usize,
 }
+
+/// At most this many pending builds are listed in a snapshot.
+pub const SNAPSHOT_PENDING: usize = 500;
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
@@ -93,10 +100,14 @@ pub enum WebhookOutcome {
     Duplicate,
 }
 
+/// A build request with its project's settings, or why it cannot build.
+pub type CheckedRequest = (BuildRequest, Result<Arc<QueueSettings>, String>);
+
 /// Everything the loop handles.
 #[derive(Debug)]
 pub enum Command {
-    Build(BuildRequest, Reply<BuildRecord>),
+    /// A checked request and its project's settings (read by the sender, never by the loop).
+    Build(BuildRequest, Arc<QueueSettings>, Reply<BuildRecord>),
     Cancel {
         build: BuildId,
         by: String,
@@ -115,20 +126,11 @@ pub enum Command {
     /// record it. Serial in the loop, so two copies of one delivery cannot both build.
     Webhook {
         delivery: Box<NewDelivery>,
-        requests: Vec<BuildRequest>,
+        /// Each request with its project's settings, or why it cannot build.
+        requests: Vec<CheckedRequest>,
         reply: Reply<WebhookOutcome>,
     },
-    Snapshot(oneshot::Sender<QueueSnapshot>),
     Shutdown(oneshot::Sender<()>),
-}
-
-impl Command {
-    /// Whether handling this command may change what live views show. A read must not tick
-    /// [`HostHandle::changes`]: a dashboard refreshes on a tick, and its refresh reads a
-    /// snapshot, which would tick again, for ever.
-    fn changes_state(&self) -> bool {
-        !matches!(self, Command::Snapshot(_))
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +153,8 @@ impl std::fmt::Debug for dyn BuildEvents {
 #[derive(Clone)]
 pub struct HostHandle {
     tx: mpsc::Sender<Command>,
+    snap: watch::Receiver<Arc<QueueSnapshot>>,
+    settings: Arc<SettingsCache>,
     pub store: Store,
     pub hub: LogHub,
     pub data: DataDir,
@@ -174,7 +178,22 @@ impl HostHandle {
     }
 
     pub async fn build(&self, req: BuildRequest) -> Result<BuildRecord, String> {
-        self.ask(|r| Command::Build(req, r)).await
+        let settings = self.settings_for(&req).await?;
+        self.ask(|r| Command::Build(req, settings, r)).await
+    }
+
+    /// Checks a request and reads its project's settings, on a blocking thread: the loop never
+    /// touches the file system for a request.
+    async fn settings_for(&self, req: &BuildRequest) -> Result<Arc<QueueSettings>, String> {
+        check_request(req)?;
+        let (cache, data, project) = (
+            self.settings.clone(),
+            self.data.clone(),
+            req.project.clone(),
+        );
+        tokio::task::spawn_blocking(move || cache.get(&data, &project))
+            .await
+            .map_err(|e| format!("cannot read the project's settings: {e}"))?
     }
 
     /// Cancels a build. The caller resolved and authorized `build` (see [`HostHandle::resolve`]).
@@ -232,6 +251,12 @@ impl HostHandle {
         delivery: NewDelivery,
         requests: Vec<BuildRequest>,
     ) -> Result<WebhookOutcome, String> {
+        let mut checked = Vec::with_capacity(requests.len());
+        for r in requests {
+            let s = self.settings_for(&r).await;
+            checked.push((r, s));
+        }
+        let requests = checked;
         self.ask(|reply| Command::Webhook {
             delivery: Box::new(delivery),
             requests,
@@ -240,13 +265,9 @@ impl HostHandle {
         .await
     }
 
-    pub async fn snapshot(&self) -> Result<QueueSnapshot, String> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Snapshot(tx))
-            .await
-            .map_err(|_| GONE.to_string())?;
-        rx.await.map_err(|_| GONE.to_string())
+    /// The queue as the loop last published it: no round trip, never waits on the loop.
+    pub async fn snapshot(&self) -> Result<Arc<QueueSnapshot>, String> {
+        Ok(self.snap.borrow().clone())
     }
 
     /// Stops the host: active builds are stopped and recorded as interrupted, pending builds
@@ -271,6 +292,10 @@ pub struct Host {
     queue: Queue,
     active: HashMap<i64, Active>,
     workers: JoinSet<()>,
+    /// The records of the pending and active builds, kept for the snapshot.
+    live: HashMap<i64, BuildRecord>,
+    snap: watch::Sender<Arc<QueueSnapshot>>,
+    settings: Arc<SettingsCache>,
     /// Which build each worker task runs, so a worker that dies still ends its build.
     worker_builds: HashMap<tokio::task::Id, i64>,
     tx: mpsc::Sender<Command>,
@@ -281,16 +306,19 @@ pub struct Host {
     events: Option<Arc<dyn BuildEvents>>,
 }
 
-/// The build-name-format of a project's master pipeline.json, or the default when it cannot be
-/// read (the build then fails with the real error when it runs).
-fn name_format(data: &DataDir, project: &str) -> String {
-    let src = data.project(project).master_source();
-    crate::source::read_checkout_file(&src, "pipeline.json", worker::PIPELINE_MAX_BYTES)
-        .ok()
-        .and_then(|t| String::from_utf8(t).ok())
-        .and_then(|t| pipeline::parse(&t).ok())
-        .map(|p| p.build_name_format)
-        .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string())
+/// Checks a request's branch and commit (no IO).
+fn check_request(req: &BuildRequest) -> Result<(), String> {
+    if let Some(b) = &req.branch {
+        if !crate::git::valid_branch(b) {
+            return Err(format!("`{b}` is not a valid branch name"));
+        }
+    }
+    if let Some(c) = &req.commit {
+        if !crate::git::valid_commit(c) {
+            return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
+        }
+    }
+    Ok(())
 }
 
 /// Names a build from a format.
@@ -353,8 +381,13 @@ impl Host {
         for m in crate::source::sweep_mounts(&cfg.data.projects()) {
             tracing::warn!("unmounted {} left by an interrupted build", m.display());
         }
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(QueueSnapshot::default()));
+        let settings = Arc::new(SettingsCache::default());
         let mut host = Host {
             queue: Queue::new(cfg.conf.max_active_builds),
+            live: HashMap::new(),
+            snap: snap_tx,
+            settings: settings.clone(),
             ctx,
             store: store.clone(),
             hub: hub.clone(),
@@ -368,8 +401,11 @@ impl Host {
             events: cfg.events.clone(),
         };
         host.recover().await?;
+        host.publish();
         let handle = HostHandle {
             tx,
+            snap: snap_rx,
+            settings,
             store,
             hub,
             data: cfg.data,
@@ -380,19 +416,21 @@ impl Host {
 
     /// Ends builds a previous run left running, removes their containers, requeues the pending.
     async fn recover(&mut self) -> anyhow::Result<()> {
-        match self
-            .ctx
-            .executor
-            .remove_labelled(&[(ams_docker::LABEL_HOST, &self.ctx.host_id)])
-            .await
-        {
-            Ok(names) => {
-                for n in names {
-                    tracing::warn!("removed container {n} left by an interrupted build");
+        // In the background: the host serves at once whatever the engine does.
+        let (executor, host_id) = (self.ctx.executor.clone(), self.ctx.host_id.clone());
+        self.workers.spawn(async move {
+            match executor
+                .remove_labelled(&[(ams_docker::LABEL_HOST, &host_id)])
+                .await
+            {
+                Ok(names) => {
+                    for n in names {
+                        tracing::warn!("removed container {n} left by an interrupted build");
+                    }
                 }
+                Err(e) => tracing::error!("cannot remove leftover containers now: {e}"),
             }
-            Err(e) => tracing::error!("cannot remove leftover containers now: {e}"),
-        }
+        });
         for b in self.store.unfinished().await? {
             match b.status {
                 BuildStatus::Running => {
@@ -414,24 +452,40 @@ impl Host {
                 }
                 _ => {
                     self.hub.sender(b.id);
-                    let only_latest = self.only_latest(&b.project);
+                    let only_latest = self
+                        .settings
+                        .get(&self.ctx.data, &b.project)
+                        .map(|s| s.only_latest)
+                        .unwrap_or(false);
                     let skipped = self.queue.push(Queued {
                         id: b.id,
                         project: b.project.clone(),
                         branch: b.branch.clone(),
                         only_latest,
                     });
-                    self.skip(skipped, &b.name).await;
+                    let name = b.name.clone();
+                    self.live.insert(b.id, b);
+                    self.skip(skipped, &name).await;
                 }
             }
         }
         Ok(())
     }
 
-    fn only_latest(&self, project: &str) -> bool {
-        project::private_config(&self.ctx.data.project(project))
-            .map(|c| c.only_build_latest)
-            .unwrap_or(false)
+    /// Publishes the queue as it is now.
+    fn publish(&self) {
+        let rec = |id: &i64| self.live.get(id).cloned();
+        let snap = QueueSnapshot {
+            active: self.queue.active().iter().filter_map(rec).collect(),
+            pending: self
+                .queue
+                .pending()
+                .take(SNAPSHOT_PENDING)
+                .filter_map(|q| rec(&q.id))
+                .collect(),
+            pending_total: self.queue.pending().count(),
+        };
+        self.snap.send_replace(Arc::new(snap));
     }
 
     async fn skip(&mut self, ids: Vec<i64>, by_name: &str) {
@@ -445,6 +499,7 @@ impl Host {
             if let Err(e) = self.store.finish(id, &fin).await {
                 tracing::error!("cannot record skipped build {id}: {e}");
             }
+            self.live.remove(&id);
             self.hub.end(id, "skip");
         }
     }
@@ -466,10 +521,9 @@ impl Host {
                     }
                 },
             };
-            let changes = cmd.changes_state();
             match cmd {
-                Command::Build(req, reply) => {
-                    let r = self.queue_build(req).await;
+                Command::Build(req, settings, reply) => {
+                    let r = self.queue_build(req, &settings).await;
                     let _ = reply.send(r);
                     self.start_ready().await;
                 }
@@ -482,9 +536,6 @@ impl Host {
                 Command::Complete { id, finish } => {
                     self.complete(id, &finish).await;
                     self.start_ready().await;
-                }
-                Command::Snapshot(reply) => {
-                    let _ = reply.send(self.snapshot().await);
                 }
                 Command::Webhook {
                     delivery,
@@ -516,9 +567,8 @@ impl Host {
                     return;
                 }
             }
-            if changes {
-                let _ = self.changes.send(());
-            }
+            self.publish();
+            let _ = self.changes.send(());
         }
     }
 
@@ -577,11 +627,15 @@ impl Host {
         };
         self.complete(id, &fin).await;
         self.start_ready().await;
+        self.publish();
         let _ = self.changes.send(());
     }
 
-    async fn queue_build(&mut self, req: BuildRequest) -> Result<BuildRecord, String> {
-        self.check_request(&req)?;
+    async fn queue_build(
+        &mut self,
+        req: BuildRequest,
+        settings: &QueueSettings,
+    ) -> Result<BuildRecord, String> {
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
@@ -593,12 +647,10 @@ impl Host {
             created_by: req.actor.clone(),
             created_at: created,
         };
-        let format = name_format(&self.ctx.data, &req.project);
+        let format = &settings.name_format;
         let record = self
             .store
-            .create_build(&nb, |i| {
-                build_name(&format, &req.project, &hash, i, created)
-            })
+            .create_build(&nb, |i| build_name(format, &req.project, &hash, i, created))
             .await
             .map_err(|e| e.to_string())?;
         self.hub.sender(record.id);
@@ -606,8 +658,9 @@ impl Host {
             id: record.id,
             project: record.project.clone(),
             branch: record.branch.clone(),
-            only_latest: self.only_latest(&record.project),
+            only_latest: settings.only_latest,
         });
+        self.live.insert(record.id, record.clone());
         self.skip(skipped, &record.name).await;
         tracing::info!(
             "queued build {} ({} by {})",
@@ -618,47 +671,33 @@ impl Host {
         Ok(record)
     }
 
-    /// Checks a build request without touching anything.
-    fn check_request(&self, req: &BuildRequest) -> Result<(), String> {
-        if !project::exists(&self.ctx.data, &req.project) {
-            return Err(format!("no project named `{}`", req.project));
-        }
-        if let Some(b) = &req.branch {
-            if !crate::git::valid_branch(b) {
-                return Err(format!("`{b}` is not a valid branch name"));
-            }
-        }
-        if let Some(c) = &req.commit {
-            if !crate::git::valid_commit(c) {
-                return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
-            }
-        }
-        Ok(())
-    }
-
     /// Records a batch of verified deliveries and queues their builds, in one transaction.
     /// Each sender is answered only after the commit, so an answered delivery is never lost.
     async fn webhook_batch(
         &mut self,
-        batch: Vec<(NewDelivery, Vec<BuildRequest>, Reply<WebhookOutcome>)>,
+        batch: Vec<(NewDelivery, Vec<CheckedRequest>, Reply<WebhookOutcome>)>,
     ) {
         let created = timefmt::now();
+        let mut settings_of: HashMap<String, Arc<QueueSettings>> = HashMap::new();
         let mut items = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for (mut d, requests, reply) in batch {
             let mut builds = Vec::new();
             let mut errors = Vec::new();
-            for r in requests {
-                match self.check_request(&r) {
-                    Ok(()) => builds.push(NewBuild {
-                        project: r.project,
-                        hash: worker::random_hex(20),
-                        trigger: r.trigger,
-                        branch: r.branch,
-                        commit: r.commit,
-                        created_by: r.actor,
-                        created_at: created,
-                    }),
+            for (r, settings) in requests {
+                match settings {
+                    Ok(s) => {
+                        settings_of.insert(r.project.clone(), s);
+                        builds.push(NewBuild {
+                            project: r.project,
+                            hash: worker::random_hex(20),
+                            trigger: r.trigger,
+                            branch: r.branch,
+                            commit: r.commit,
+                            created_by: r.actor,
+                            created_at: created,
+                        })
+                    }
                     Err(e) => errors.push(e),
                 }
             }
@@ -681,14 +720,13 @@ impl Host {
                 builds,
             });
         }
-        let data = self.ctx.data.clone();
-        let mut formats: HashMap<String, String> = HashMap::new();
         let outcomes = self
             .store
             .accept_deliveries(items, |b, index| {
-                let f = formats
-                    .entry(b.project.clone())
-                    .or_insert_with(|| name_format(&data, &b.project));
+                let f = settings_of
+                    .get(&b.project)
+                    .map(|s| s.name_format.as_str())
+                    .unwrap_or(DEFAULT_NAME_FORMAT);
                 build_name(f, &b.project, &b.hash, index, b.created_at)
             })
             .await;
@@ -703,16 +741,13 @@ impl Host {
             }
         };
         let mut skipped: Vec<(i64, String)> = Vec::new();
-        let mut only_latest: HashMap<String, bool> = HashMap::new();
         for ((reply, reason), outcome) in replies.into_iter().zip(outcomes) {
             let answer = match outcome {
                 ams_store::DeliveryOutcome::Accepted(records) if !records.is_empty() => {
                     let mut names = Vec::new();
                     for r in records {
                         self.hub.sender(r.id);
-                        let latest = *only_latest
-                            .entry(r.project.clone())
-                            .or_insert_with(|| self.only_latest(&r.project));
+                        let latest = settings_of.get(&r.project).is_some_and(|s| s.only_latest);
                         for id in self.queue.push(Queued {
                             id: r.id,
                             project: r.project.clone(),
@@ -722,7 +757,8 @@ impl Host {
                             skipped.push((id, format!("superseded by {}", r.name)));
                         }
                         tracing::info!("queued build {} (webhook by {})", r.name, r.created_by);
-                        names.push(r.name);
+                        names.push(r.name.clone());
+                        self.live.insert(r.id, r);
                     }
                     Ok(WebhookOutcome::Queued(names))
                 }
@@ -736,6 +772,7 @@ impl Host {
                 tracing::error!("cannot record superseded builds: {e}");
             }
             for (id, _) in skipped {
+                self.live.remove(&id);
                 self.hub.end(id, "skip");
             }
         }
@@ -745,7 +782,14 @@ impl Host {
         while let Some(q) = self.queue.start_next() {
             let now = timefmt::now();
             let record = match self.store.mark_running(q.id, now).await {
-                Ok(()) => self.store.build_by_id(q.id).await.ok().flatten(),
+                Ok(()) => match self.live.get_mut(&q.id) {
+                    Some(r) => {
+                        r.status = BuildStatus::Running;
+                        r.started_at = Some(now);
+                        Some(r.clone())
+                    }
+                    None => self.store.build_by_id(q.id).await.ok().flatten(),
+                },
                 Err(e) => {
                     tracing::error!("cannot start build {}: {e}", q.id);
                     None
@@ -753,6 +797,7 @@ impl Host {
             };
             let Some(record) = record else {
                 self.queue.finish(q.id);
+                self.live.remove(&q.id);
                 continue;
             };
             let stop = Arc::new(StopSignal::default());
@@ -780,6 +825,7 @@ impl Host {
     async fn complete(&mut self, id: i64, fin: &Finish) {
         self.queue.finish(id);
         self.active.remove(&id);
+        self.live.remove(&id);
         if let Err(e) = self.store.finish(id, fin).await {
             tracing::error!("cannot record the end of build {id}: {e}");
         }
@@ -817,6 +863,7 @@ impl Host {
                 .finish(b.id, &fin)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.live.remove(&b.id);
             self.hub.end(b.id, "cancel");
         } else if let Some(a) = self.active.get(&b.id) {
             self.store
@@ -824,6 +871,10 @@ impl Host {
                 .await
                 .map_err(|e| e.to_string())?;
             a.stop.stop(StopReason::Cancel { by: by.to_string() });
+            if let Some(r) = self.live.get_mut(&b.id) {
+                r.canceled_by = Some(by.to_string());
+                r.canceled_at = Some(now);
+            }
         } else {
             return Err(format!(
                 "build `{}` is already finished ({})",
@@ -880,21 +931,6 @@ impl Host {
         });
     }
 
-    async fn snapshot(&self) -> QueueSnapshot {
-        let mut s = QueueSnapshot::default();
-        for id in self.queue.active() {
-            if let Ok(Some(b)) = self.store.build_by_id(*id).await {
-                s.active.push(b);
-            }
-        }
-        for q in self.queue.pending() {
-            if let Ok(Some(b)) = self.store.build_by_id(q.id).await {
-                s.pending.push(b);
-            }
-        }
-        s
-    }
-
     async fn shutdown(&mut self) {
         for a in self.active.values() {
             a.stop.stop(StopReason::Shutdown);
@@ -904,7 +940,7 @@ impl Host {
         while !self.active.is_empty() {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
-                Ok(Some(Command::Build(_, r))) => {
+                Ok(Some(Command::Build(_, _, r))) => {
                     let _ = r.send(Err(GONE.into()));
                 }
                 Ok(Some(Command::Webhook { reply, .. })) => {
@@ -993,7 +1029,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let data = DataDir::new(t.path().join("data"));
         for (p, image) in [("boom", "panic"), ("next", "fine")] {
-            let pd = project::init(&data, p).unwrap();
+            let pd = crate::project::init(&data, p).unwrap();
             std::fs::write(
                 pd.master_source().join("pipeline.json"),
                 format!(
@@ -1031,18 +1067,5 @@ mod tests {
         assert!(h.snapshot().await.unwrap().active.is_empty());
         h.shutdown().await;
         looped.await.unwrap();
-    }
-
-    #[test]
-    fn reads_do_not_tick_the_live_views() {
-        let (tx, _rx) = oneshot::channel();
-        assert!(!Command::Snapshot(tx).changes_state());
-        let (tx, _rx) = oneshot::channel();
-        assert!(Command::Cancel {
-            build: BuildId(1),
-            by: "u".into(),
-            reply: tx
-        }
-        .changes_state());
     }
 }

@@ -8,6 +8,7 @@ pub mod host;
 pub mod log;
 pub mod paths;
 pub mod project;
+pub mod settings;
 pub mod source;
 pub mod timefmt;
 pub mod worker;

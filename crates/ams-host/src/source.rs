@@ -201,7 +201,7 @@ impl BuildSource {
         }
         if keep {
             let (lower, upper) = (self.layers.join("lower"), self.layers.join("upper"));
-            merge_upper(&upper, &lower)?;
+            merge_upper(&upper, &lower, 0)?;
             fs::remove_dir(&self.dir)?;
             fs::rename(&lower, &self.dir)?;
         } else {
@@ -246,7 +246,10 @@ fn is_opaque(dir: &Path) -> bool {
 /// delete, opaque folders replace, everything else is renamed over the lower entry. Entries
 /// are only ever renamed or unlinked, never written through, so inodes the lower layer shares
 /// with master keep their content; no link in either layer is followed.
-fn merge_upper(upper: &Path, lower: &Path) -> io::Result<()> {
+fn merge_upper(upper: &Path, lower: &Path, depth: usize) -> io::Result<()> {
+    if depth > crate::copy::MAX_DEPTH {
+        return Err(crate::copy::too_deep(upper));
+    }
     for entry in fs::read_dir(upper)? {
         let entry = entry?;
         let up = entry.path();
@@ -260,14 +263,55 @@ fn merge_upper(upper: &Path, lower: &Path) -> io::Result<()> {
             .map(|m| m.is_dir())
             .unwrap_or(false);
         if um.is_dir() && lower_is_dir && !is_opaque(&up) {
-            merge_upper(&up, &lo)?;
-            fs::set_permissions(&lo, um.permissions())?;
+            merge_upper(&up, &lo, depth + 1)?;
+            fs::set_permissions(&lo, without_setid(um.permissions()))?;
         } else {
             remove_if_present(&lo)?;
             fs::rename(&up, &lo)?;
+            // The build's own inode (overlay copies up before any write): drop set-id bits.
+            if um.is_file() || um.is_dir() {
+                fs::set_permissions(&lo, without_setid(um.permissions()))?;
+            }
+            if um.is_dir() {
+                strip_setid(&lo)?;
+            }
         }
     }
     Ok(())
+}
+
+fn without_setid(p: fs::Permissions) -> fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    fs::Permissions::from_mode(p.mode() & 0o1777)
+}
+
+/// Clears the set-user-id and set-group-id bits of every file and folder below `dir` (links
+/// not followed), so nothing a build leaves on the host runs as its owner. Returns how many
+/// entries had them.
+pub fn strip_setid(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut n = 0;
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = stack.pop() {
+        if depth > crate::copy::MAX_DEPTH {
+            return Err(crate::copy::too_deep(&d));
+        }
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let m = fs::symlink_metadata(e.path())?;
+            if m.file_type().is_symlink() {
+                continue;
+            }
+            if m.permissions().mode() & 0o6000 != 0 {
+                fs::set_permissions(e.path(), without_setid(m.permissions()))?;
+                n += 1;
+            }
+            if m.is_dir() {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Unmounts every mount below `root` (overlays a killed host left behind), deepest first.
@@ -422,7 +466,20 @@ mod tests {
         fs::write(upper.join("d/tracked"), b"poisoned").unwrap();
         fs::write(upper.join("new"), b"n").unwrap();
         symlink("/etc/passwd", upper.join("d/l")).unwrap();
-        merge_upper(&upper, &lower).unwrap();
+        fs::write(upper.join("suid"), b"s").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(upper.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        }
+        merge_upper(&upper, &lower, 0).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(lower.join("suid"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o755, "set-id bits are dropped");
+        }
         assert_eq!(fs::read(lower.join("d/tracked")).unwrap(), b"poisoned");
         assert_eq!(fs::read(master.join("d/tracked")).unwrap(), b"original");
         assert_eq!(fs::read(lower.join("new")).unwrap(), b"n");

@@ -108,11 +108,15 @@ pub struct ExecOutcome {
     pub status: BuildStatus,
     pub reason: Option<String>,
     pub stages: Vec<StageResult>,
+    /// False when the engine failed while the container may still exist (it may still be
+    /// writing to the build's folders).
+    pub container_gone: bool,
 }
 
 impl ExecOutcome {
     fn fail(reason: impl Into<String>) -> Self {
         ExecOutcome {
+            container_gone: true,
             status: BuildStatus::Fail,
             reason: Some(reason.into()),
             stages: Vec::new(),
@@ -225,6 +229,10 @@ pub async fn execute(
     let ensured = tokio::select! {
         r = executor.ensure_image(&image, &progress) => r,
         _ = stop.token().cancelled() => return stopped(stop, Vec::new(), log),
+        _ = tokio::time::sleep_until(req.deadline.into()) => {
+            stop.stop(StopReason::Timeout { secs: req.timeout_secs });
+            return stopped(stop, Vec::new(), log);
+        }
     };
     for line in progress_lines
         .lock()
@@ -260,6 +268,7 @@ pub async fn execute(
         return ExecOutcome::fail(msg);
     }
 
+    let memory_limit = options.memory.unwrap_or(0);
     let path_str = |p: &Path| p.to_string_lossy().to_string();
     let spec = ContainerSpec {
         name: req.container_name.clone(),
@@ -383,6 +392,7 @@ pub async fn execute(
             let msg = e.to_string();
             log.line(&msg);
             return ExecOutcome {
+                container_gone: false,
                 status: BuildStatus::Fail,
                 reason: Some(msg),
                 stages,
@@ -401,27 +411,38 @@ pub async fn execute(
             duration_secs: t.elapsed().as_secs_f64(),
         });
     }
+    let oom = matches!(end, RunEnd::OutOfMemory(_));
+    if oom {
+        log.line(&format!(
+            "the engine reports that the container ran out of memory (limit {} MiB); \
+             a process of the build was killed",
+            memory_limit >> 20
+        ));
+    }
     match end {
         RunEnd::Stopped(_) if stop.reason().is_some() => stopped(stop, stages, log),
-        RunEnd::Exited(code) | RunEnd::Stopped(code) => {
+        RunEnd::Exited(code) | RunEnd::Stopped(code) | RunEnd::OutOfMemory(code) => {
             let mut passed: Vec<bool> = stages.iter().map(|s| s.passed).collect();
             let mut reason = None;
             if stages.len() < p.stages.len() {
+                let why = if oom {
+                    format!(" (out of memory: the limit is {} MiB)", memory_limit >> 20)
+                } else if (129..=159).contains(&code) {
+                    format!(" (killed by signal {} from outside the build)", code - 128)
+                } else {
+                    String::new()
+                };
                 let msg = format!(
-                    "the container ended with code {code} after {} of {} stages{}",
+                    "the container ended with code {code} after {} of {} stages{why}",
                     stages.len(),
                     p.stages.len(),
-                    if code == 137 {
-                        " (killed: out of memory?)"
-                    } else {
-                        ""
-                    }
                 );
                 log.line(&msg);
                 reason = Some(msg);
                 passed.resize(p.stages.len(), false);
             }
             ExecOutcome {
+                container_gone: true,
                 status: BuildStatus::from_stage_results(&passed),
                 reason,
                 stages,
@@ -434,6 +455,7 @@ fn stopped(stop: &StopSignal, stages: Vec<StageResult>, log: &mut BuildLog) -> E
     let (status, reason) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
     log.line(&reason);
     ExecOutcome {
+        container_gone: true,
         status,
         reason: Some(reason),
         stages,
@@ -730,11 +752,15 @@ pub async fn run_build(
     };
     let mut cleanup_pipeline: Option<Pipeline> = None;
     let mut build_source: Option<BuildSource> = None;
+    // Packing counts against the build's timeout too (the pipeline's own, once it is known).
+    let mut deadline = started + Duration::from_secs(timeout_secs);
+    let mut timeout_total = timeout_secs;
     let outcome = match prepared {
         None => {
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));
             log.line(&r);
             ExecOutcome {
+                container_gone: true,
                 status: s,
                 reason: Some(r),
                 stages: Vec::new(),
@@ -747,6 +773,7 @@ pub async fn run_build(
             };
             log.line(&format!("build failed before its stages: {reason}"));
             ExecOutcome {
+                container_gone: true,
                 status,
                 reason: Some(reason),
                 stages: Vec::new(),
@@ -761,12 +788,15 @@ pub async fn run_build(
             if p.dummy_build {
                 log.line("dummy build: no container is run");
                 ExecOutcome {
+                    container_gone: true,
                     status: BuildStatus::Dummy,
                     reason: None,
                     stages: Vec::new(),
                 }
             } else {
                 let timeout = p.timeout_secs.unwrap_or(timeout_secs);
+                deadline = started + Duration::from_secs(timeout);
+                timeout_total = timeout;
                 let values = build_vars(&ctx.data, b, prep.git_hash.as_deref().unwrap_or(""));
                 let mut labels = HashMap::new();
                 labels.insert(ams_docker::LABEL_HOST.to_string(), ctx.host_id.clone());
@@ -797,10 +827,25 @@ pub async fn run_build(
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
     let _ = std::fs::remove_dir_all(bd.ci());
+    // Nothing the build leaves on the host runs as its owner.
+    let out = bd.output();
+    if out.is_dir() {
+        match tokio::task::spawn_blocking(move || crate::source::strip_setid(&out)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => log.line(&format!(
+                "cleared the set-user-id/set-group-id bits of {n} file(s) in the output"
+            )),
+            Ok(Err(e)) => log.line(&format!("could not check the output's file modes: {e}")),
+            Err(e) => log.line(&format!("could not check the output's file modes: {e}")),
+        }
+    }
     if let Some(src) = build_source {
-        let keep = cleanup_pipeline
-            .as_ref()
-            .is_some_and(|p| !p.cleanup.remove_build_source);
+        // A container the engine may not have removed could still write into the upper
+        // layer while it is folded: keep nothing of it then.
+        let keep = outcome.container_gone
+            && cleanup_pipeline
+                .as_ref()
+                .is_some_and(|p| !p.cleanup.remove_build_source);
         if let Err(e) = release_source(src, keep).await {
             log.line(&format!("could not release the build source: {e}"));
         }
@@ -808,14 +853,29 @@ pub async fn run_build(
 
     if stop.reason() != Some(StopReason::Shutdown) {
         if let Some(p) = &cleanup_pipeline {
-            cleanup(ctx.packer.as_deref(), &bd, &b.name, p, &mut fin, &mut log).await;
+            let limits = PackLimits {
+                deadline,
+                timeout_secs: timeout_total,
+                max_bytes: ctx.conf.archive_max_bytes,
+                stop,
+            };
+            cleanup(
+                ctx.packer.as_deref(),
+                &bd,
+                &b.name,
+                p,
+                &mut fin,
+                &mut log,
+                limits,
+            )
+            .await;
         }
     }
     fin.finished_at = timefmt::now();
     log.line(&format!(
         "build {} finished: {}{} in {:.2} s",
         b.name,
-        outcome.status,
+        fin.status.unwrap_or(outcome.status),
         fin.reason
             .as_ref()
             .map(|r| format!(" ({r})"))
@@ -874,6 +934,14 @@ pub async fn pack(
     .unwrap_or_else(|e| Err(e.to_string()))
 }
 
+/// What bounds packing: the build's deadline, its stop signal and the output's size.
+struct PackLimits<'a> {
+    deadline: Instant,
+    timeout_secs: u64,
+    max_bytes: u64,
+    stop: &'a StopSignal,
+}
+
 async fn cleanup(
     packer: Option<&Path>,
     bd: &crate::paths::BuildDir,
@@ -881,17 +949,51 @@ async fn cleanup(
     p: &Pipeline,
     fin: &mut Finish,
     log: &mut BuildLog,
+    limits: PackLimits<'_>,
 ) {
     let c = p.cleanup.clone();
     if c.archive && bd.output().is_dir() {
         let (out, archive) = (bd.output(), bd.archive.clone());
         let started = Instant::now();
-        let packed = pack(packer, out.clone(), archive, c.hash)
+        log.line(&format!("archiving the build output to {name}.7z"));
+        let size_of = out.clone();
+        let size = tokio::task::spawn_blocking(move || ams_archive::apparent_size(&size_of))
             .await
-            .and_then(|r| {
-                std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-                Ok(r)
-            });
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let packed = match size {
+            Err(e) => Err(format!("cannot measure the output: {e}")),
+            Ok(n) if n > limits.max_bytes => Err(format!(
+                "the output holds {n} bytes (sparse files count in full), more than \
+                 archive_max_bytes ({}) in web_conf.json allows; write less into the output",
+                limits.max_bytes
+            )),
+            Ok(_) => {
+                let stop = limits.stop;
+                // The packer is a child process, killed when this future is dropped.
+                let run = pack(packer, out.clone(), archive, c.hash);
+                tokio::select! {
+                    r = run => r,
+                    _ = stop.token().cancelled() => Err(stopped_outcome(stop)
+                        .map(|(_, r)| format!("packing stopped: {r}"))
+                        .unwrap_or_else(|| "packing stopped".into())),
+                    _ = tokio::time::sleep_until(limits.deadline.into()) => {
+                        stop.stop(StopReason::Timeout { secs: limits.timeout_secs });
+                        Err(stopped_outcome(stop)
+                            .map(|(_, r)| format!("packing stopped: {r}"))
+                            .unwrap_or_else(|| "packing stopped".into()))
+                    }
+                }
+            }
+        }
+        .and_then(|r| {
+            std::fs::remove_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok(r)
+        });
+        if let Some((status, _)) = stopped_outcome(limits.stop) {
+            // Canceled or timed out while packing: that decides the status.
+            fin.status = Some(status);
+        }
         match packed {
             Ok(((files, links, bytes), hash)) => {
                 log.line(&format!(

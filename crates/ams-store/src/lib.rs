@@ -1158,24 +1158,34 @@ impl Store {
         self.remove_user_if(name, |_| Ok(())).await
     }
 
+    /// Opens a session for a user whose password was just checked against `password_hash`.
+    /// The insert happens only if that is still the user's password, in the same statement:
+    /// a password changed while the check ran (which ends every session) leaves nothing
+    /// behind. Returns whether the session was made.
     pub async fn create_session(
         &self,
         id_hash: &str,
         user: &str,
         csrf: &str,
         at: f64,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id_hash, user, csrf, created_at, last_seen) VALUES (?, ?, ?, ?, ?)",
+        password_hash: &str,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "INSERT INTO sessions (id_hash, user, csrf, created_at, last_seen) \
+             SELECT ?, ?, ?, ?, ? WHERE EXISTS \
+             (SELECT 1 FROM users WHERE name = ? AND password_hash = ?)",
         )
         .bind(id_hash)
         .bind(user)
         .bind(csrf)
         .bind(at)
         .bind(at)
+        .bind(user)
+        .bind(password_hash)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     /// A live session: ends it (and answers `None`) when idle or too old, else marks it used.
@@ -1223,22 +1233,31 @@ impl Store {
     }
 
     /// Stores a new API token by its hash.
+    /// Stores an API token. With `password_hash` (a token made on the web after checking
+    /// the current password), only if that is still the user's password, in the same
+    /// statement, so a password change racing the check revokes it too. `None` when the
+    /// password changed meanwhile.
     pub async fn create_token(
         &self,
         user: &str,
         label: &str,
         token_hash: &str,
         at: f64,
-    ) -> Result<i64> {
+        password_hash: Option<&str>,
+    ) -> Result<Option<i64>> {
         Ok(sqlx::query_scalar(
-            "INSERT INTO api_tokens (token_hash, user, label, created_at) VALUES (?, ?, ?, ?) \
-             RETURNING id",
+            "INSERT INTO api_tokens (token_hash, user, label, created_at) \
+             SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM users WHERE name = ? \
+             AND (? IS NULL OR password_hash = ?)) RETURNING id",
         )
         .bind(token_hash)
         .bind(user)
         .bind(label)
         .bind(at)
-        .fetch_one(&self.pool)
+        .bind(user)
+        .bind(password_hash)
+        .bind(password_hash)
+        .fetch_optional(&self.pool)
         .await?)
     }
 
@@ -1673,7 +1692,17 @@ mod tests {
             password_changed_at: 0.0,
         };
         s.create_user(&u).await.unwrap();
-        s.create_session("a", "u", "c", 1000.0).await.unwrap();
+        assert!(s.create_session("a", "u", "c", 1000.0, "h").await.unwrap());
+        // Checked against a password that is no longer the user's: nothing is made.
+        assert!(!s
+            .create_session("x", "u", "c", 1000.0, "old")
+            .await
+            .unwrap());
+        assert!(s
+            .create_token("u", "t", "tx", 1000.0, Some("old"))
+            .await
+            .unwrap()
+            .is_none());
         // Used within the idle limit: alive, and the use counts.
         assert!(s
             .session("a", 1050.0, 100.0, 500.0)
@@ -1693,7 +1722,7 @@ mod tests {
             .is_none());
         assert!(s.session("a", 1242.0, 1e9, 1e9).await.unwrap().is_none());
         // Used all the time, but past the absolute limit: gone.
-        s.create_session("b", "u", "c", 1000.0).await.unwrap();
+        s.create_session("b", "u", "c", 1000.0, "h").await.unwrap();
         for t in [1090.0, 1180.0, 1270.0, 1360.0, 1450.0] {
             assert!(s.session("b", t, 100.0, 500.0).await.unwrap().is_some());
         }
@@ -1703,8 +1732,11 @@ mod tests {
             .unwrap()
             .is_none());
         // A password change ends every session of the user and revokes its tokens.
-        s.create_session("c", "u", "c", 1000.0).await.unwrap();
-        s.create_token("u", "ci", "th", 1000.0).await.unwrap();
+        s.create_session("c", "u", "c", 1000.0, "h").await.unwrap();
+        s.create_token("u", "ci", "th", 1000.0, Some("h"))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(s.token_user("th", 1000.5).await.unwrap().is_some());
         s.set_password("u", "h2", 1001.0).await.unwrap();
         assert!(s

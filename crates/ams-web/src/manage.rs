@@ -342,10 +342,16 @@ async fn create_token(
             label,
             &auth::token_hash(&token),
             timefmt::now(),
+            Some(&v.user.password_hash),
         )
         .await
     {
-        Ok(_) => {
+        Ok(None) => refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "your password changed meanwhile; log in again",
+        ),
+        Ok(Some(_)) => {
             note(
                 &st,
                 &v.user.name,

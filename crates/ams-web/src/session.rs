@@ -334,13 +334,20 @@ pub async fn login(
     }
     let id = auth::random_secret(32);
     let csrf = auth::random_secret(32);
-    if st
-        .host
-        .store
-        .create_session(&auth::token_hash(&id), &u.name, &csrf, timefmt::now())
-        .await
-        .is_err()
-    {
+    // Made only if the checked password is still the user's (a change meanwhile ends it).
+    if !matches!(
+        st.host
+            .store
+            .create_session(
+                &auth::token_hash(&id),
+                &u.name,
+                &csrf,
+                timefmt::now(),
+                &u.password_hash
+            )
+            .await,
+        Ok(true)
+    ) {
         return page(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Log in",

@@ -736,8 +736,10 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                     &label,
                     &ams_web::auth::token_hash(&token),
                     timefmt::now(),
+                    None,
                 )
-                .await?;
+                .await?
+                .ok_or_else(|| anyhow!("no user named `{user}`"))?;
             eprintln!("token {id} for {user}; it is shown only now:");
             println!("{token}");
         }
@@ -966,7 +968,15 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     for t in web_tasks {
         let _ = t.await;
     }
-    let _ = notify_task.await;
+    // Notifications still queued get 10 s; a slow receiver never holds the stop longer.
+    let notify_abort = notify_task.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(10), notify_task)
+        .await
+        .is_err()
+    {
+        notify_abort.abort();
+        tracing::warn!("stopped without waiting longer for pending notifications");
+    }
     let _ = std::fs::remove_file(data.socket());
     tracing::info!("stopped; pending builds stay queued for the next start");
     Ok(ExitCode::SUCCESS)

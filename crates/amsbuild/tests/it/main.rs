@@ -9,6 +9,7 @@ mod browser;
 mod cli;
 mod docker;
 mod edge;
+mod engine;
 mod manage;
 mod notify;
 mod tidy;

@@ -203,6 +203,9 @@ fn docker_args_cannot_reach_engine_objects_or_raise_limits() {
         "--memory 100g".to_string(),
         "--pids-limit 10000000".to_string(),
         "--shm-size 1g".to_string(),
+        // Rounded to 0, which the engine reads as "no limit".
+        "--memory 0.5".to_string(),
+        "--cpus 0.0000000001".to_string(),
     ];
     for (i, args) in attacks.iter().enumerate() {
         let p = pipeline_with(
@@ -456,4 +459,151 @@ fn the_data_directory_and_its_files_are_private() {
         );
     }
     assert!(log.contains("chmod go-rwx"), "{log}");
+}
+
+/// What a build leaves on the host is inert: no set-user-id files in a kept source, a kept
+/// output or an archive, and a tree nested deeper than the host walks fails that build only.
+#[test]
+fn leftovers_of_a_build_are_inert_and_deep_trees_fail_cleanly() {
+    require_docker();
+    let mut h = TestHost::new();
+    let keep =
+        json!({"cleanup": {"remove_build_source": false, "7z_build": false, "7z_hash": null}});
+    h.project(
+        "setid",
+        &pipeline_with(
+            json!([stage(
+                "s",
+                &[
+                    "cp /bin/busybox suid && chmod 4755 suid",
+                    "cp /bin/busybox Builds/suid2 && chmod 6755 Builds/suid2"
+                ]
+            )]),
+            keep.clone(),
+        ),
+    );
+    h.project(
+        "setid7z",
+        &pipeline(json!([stage(
+            "s",
+            &["cp /bin/busybox Builds/suid3 && chmod 4755 Builds/suid3"]
+        )])),
+    );
+    let deep = "d/".repeat(300);
+    let mk = format!("mkdir -p {deep} && echo deep");
+    h.project(
+        "deep",
+        &pipeline_with(json!([stage("s", &[mk.as_str()])]), keep),
+    );
+    h.start();
+    let (r, log) = finished(&h, "setid", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    let dir = h.build_dir("setid").join(r["name"].as_str().unwrap());
+    for f in [dir.join("project_source/suid"), dir.join("build/suid2")] {
+        assert_eq!(mode(&f) & 0o6000, 0, "{} keeps a set-id bit", f.display());
+        assert_eq!(mode(&f) & 0o777, 0o755);
+    }
+    let (r, log) = finished(&h, "setid7z", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    let archive = h
+        .build_dir("setid7z")
+        .join(format!("{}.7z", r["name"].as_str().unwrap()));
+    let o = std::process::Command::new("7z")
+        .args(["l", "-slt"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&o.stdout);
+    assert!(listing.contains("suid3"), "{listing}");
+    assert!(!listing.contains("rws"), "{listing}");
+
+    // 300 folders deep in the source the build keeps: refused when folded, the host lives on.
+    let (r, log) = finished(&h, "deep", json!({}));
+    assert!(log.contains("nested more than 256 folders deep"), "{log}");
+    assert_ne!(r["status"], "running");
+    let (r, log) = finished(&h, "setid7z", json!({}));
+    assert_eq!(r["status"], "pass", "the host still builds: {log}");
+}
+
+/// Packing is part of the build: a sparse file larger than archive_max_bytes is refused at
+/// once, and packing counts against the build's timeout and stops on cancel.
+#[test]
+fn packing_is_bounded_by_size_timeout_and_cancel() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"archive_max_bytes": 1u64 << 40}));
+    let sparse = |gb: u64| {
+        format!(
+            "dd of=Builds/huge bs=1048576 count=0 seek={} 2>/dev/null",
+            gb << 10
+        )
+    };
+    let (a, b) = (sparse(4096), sparse(200));
+    h.project("huge", &pipeline(json!([stage("s", &[a.as_str()])])));
+    h.project(
+        "slow",
+        &pipeline_with(json!([stage("s", &[b.as_str()])]), json!({"timeout": 6})),
+    );
+    h.project("cancel", &pipeline(json!([stage("s", &[b.as_str()])])));
+    h.start();
+    // 4 TiB of holes: over the limit, refused without reading.
+    let (r, log) = finished(&h, "huge", json!({}));
+    assert!(log.contains("archive_max_bytes"), "{log}");
+    assert!(r["archive_name"].is_null(), "{r}");
+    // 200 GiB of holes: packing would take hours; the build's 6 s timeout ends it.
+    let (r, log) = finished(&h, "slow", json!({}));
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(log.contains("timed out after 6 s"), "{log}");
+    assert!(log.contains("packing stopped"), "{log}");
+    // Cancel while packing.
+    let b = h.build_with("cancel", json!({}));
+    let name = b["name"].as_str().unwrap().to_string();
+    wait_for("packing to start", T, || {
+        h.log("cancel", &name)
+            .contains("archiving the build output")
+            .then_some(())
+    });
+    let a = h.req(json!({"cmd": "cancel", "build": name, "actor": "tester"}));
+    assert_eq!(a["ok"], true, "{a}");
+    let r = h.wait_status("cancel", &name, Duration::from_secs(30));
+    assert_eq!(r["status"], "cancel", "{}", h.log("cancel", &name));
+}
+
+/// One project's build cannot reach another's over the network: builds share a bridge with
+/// inter-container traffic off. A build serving a secret on a port is not reachable from a
+/// concurrent build of another project that knows its address.
+#[test]
+fn builds_of_different_projects_cannot_reach_each_other() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 2}));
+    h.project(
+        "vic",
+        &pipeline(json!([stage(
+            "serve",
+            &[
+                "echo VICTIM-IP=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1)",
+                "echo SECRET-OF-VICTIM | timeout 20 nc -l -p 5555 || true"
+            ]
+        )])),
+    );
+    h.start();
+    let vic = h.build("vic");
+    let ip = wait_for("the victim's address", T, || {
+        let log = h.log("vic", &vic);
+        log.lines()
+            .find_map(|l| l.strip_prefix("VICTIM-IP="))
+            .filter(|ip| !ip.is_empty())
+            .map(str::to_string)
+    });
+    let probe = format!(
+        "for i in 1 2 3 4 5 6; do nc -w 2 {ip} 5555 </dev/null && break; sleep 0.5; done; echo probed"
+    );
+    h.project("att", &pipeline(json!([stage("probe", &[probe.as_str()])])));
+    let (r, log) = finished(&h, "att", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("probed"), "{log}");
+    assert!(
+        !log.contains("SECRET-OF-VICTIM"),
+        "the build reached another project's: {log}"
+    );
+    h.wait_status("vic", &vic, T);
 }
