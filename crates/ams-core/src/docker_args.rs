@@ -36,7 +36,7 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
-    let mut chars = s.chars();
+    let mut chars = s.chars().inspect(|c| crate::work::add(c.len_utf8()));
     while let Some(c) = chars.next() {
         match c {
             '\'' => {
@@ -202,9 +202,21 @@ pub fn apply_limits(o: &mut DockerOptions, l: Limits, trusted: &[String]) -> Res
     Ok(())
 }
 
+/// Longest `docker.args` accepted, in bytes, as written and once its `{variables}` are
+/// expanded: room for dozens of flags, and a bound on the work and the messages.
+pub const MAX_ARGS_BYTES: usize = 4096;
+
 /// Parses `docker.args`. `trusted` holds the keys (see [`trust_key`]) that the private config
 /// allows. The error names the flag and the fix.
 pub fn parse(args: &str, trusted: &[String]) -> Result<DockerOptions, String> {
+    if args.len() > MAX_ARGS_BYTES {
+        return Err(format!(
+            "is {} bytes long once its {{variables}} are expanded, over the limit of \
+             {MAX_ARGS_BYTES}: give docker.args only `docker run` flags, and environment \
+             variables in \"environment\"",
+            args.len()
+        ));
+    }
     let words = split_words(args)?;
     let mut o = DockerOptions::default();
     let mut i = 0;
@@ -523,11 +535,231 @@ mod tests {
     }
 
     #[test]
+    fn long_args_are_refused() {
+        let ok = "--rm ".repeat(MAX_ARGS_BYTES / 5);
+        assert!(parse(&ok, &[]).is_ok());
+        let e = parse(&format!("{ok}--rm-"), &[]).unwrap_err();
+        assert!(e.contains("over the limit of 4096"), "{e}");
+    }
+
+    #[test]
     fn splits_like_a_shell() {
         assert_eq!(
             split_words(r#"a 'b c' "d \"e\"" f\ g"#).unwrap(),
             vec!["a", "b c", "d \"e\"", "f g"]
         );
         assert!(split_words("'open").is_err());
+    }
+
+    mod props {
+        use super::*;
+        use crate::protocol::shell_quote;
+        use proptest::prelude::*;
+
+        /// Quotes a word with double quotes, escaping what a shell would.
+        fn double_quote(w: &str) -> String {
+            let mut out = String::from("\"");
+            for c in w.chars() {
+                if matches!(c, '"' | '\\' | '$' | '`') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out.push('"');
+            out
+        }
+
+        /// Quotes a word with a backslash before every character.
+        fn backslashed(w: &str) -> String {
+            w.chars().flat_map(|c| ['\\', c]).collect()
+        }
+
+        /// docker.args made of real flags, glued and spaced, and values near the edges.
+        fn args() -> impl Strategy<Value = String> {
+            let token = prop_oneof![
+                prop::sample::select(vec![
+                    "-e",
+                    "--env",
+                    "-w",
+                    "--workdir",
+                    "-u",
+                    "--user",
+                    "-m",
+                    "--memory",
+                    "--cpus",
+                    "--pids-limit",
+                    "--network",
+                    "--net",
+                    "--shm-size",
+                    "--read-only",
+                    "--tmpfs",
+                    "--cap-drop",
+                    "--privileged",
+                    "--cap-add",
+                    "--device",
+                    "--pid",
+                    "--ipc",
+                    "--uts",
+                    "--security-opt",
+                    "-v",
+                    "--volume",
+                    "--name",
+                    "-it",
+                    "--rm",
+                    "-",
+                    "--",
+                    "-é",
+                    "--é=1",
+                    "-\u{1F600}=1",
+                ])
+                .prop_map(str::to_string),
+                prop::sample::select(vec![
+                    "512m",
+                    "2g",
+                    "0.5",
+                    "0.0000001",
+                    "1e-300",
+                    "1e300",
+                    "1e400",
+                    "-1",
+                    "0",
+                    "NaN",
+                    "inf",
+                    "1",
+                    "b",
+                    "kb",
+                    "host",
+                    "none",
+                    "bridge",
+                    "container:db",
+                    "private",
+                    "/:/host",
+                    "cache:/cache",
+                    "A=1",
+                    "=1",
+                    "é",
+                    "'",
+                    "\"",
+                    "\\",
+                    "' '",
+                    "\"x y\"",
+                ])
+                .prop_map(str::to_string),
+                "[-a-z=:/.0-9]{0,6}",
+                any::<String>(),
+            ];
+            let sep = prop::sample::select(vec![" ", "=", "", "\t", "\u{a0}"]);
+            prop::collection::vec((token, sep), 0..12).prop_map(|v| {
+                v.into_iter()
+                    .flat_map(|(t, s)| [t, s.to_string()])
+                    .collect()
+            })
+        }
+
+        /// docker.args that mostly parse: flags with a value each, glued or not, among them
+        /// numbers at the edges of what a limit can be.
+        fn flag_pairs() -> impl Strategy<Value = String> {
+            let flag = prop::sample::select(vec![
+                "-m",
+                "--memory",
+                "--cpus",
+                "--pids-limit",
+                "--shm-size",
+                "--network",
+                "--pid",
+                "--ipc",
+                "-e",
+                "-w",
+                "-u",
+                "--tmpfs",
+                "--cap-drop",
+            ]);
+            let value = prop_oneof![
+                prop::sample::select(vec![
+                    "512m",
+                    "0.5",
+                    "0.0000001",
+                    "1e-300",
+                    "0.1k",
+                    "1",
+                    "1e300",
+                    "none",
+                    "host",
+                    "private",
+                    "A=1",
+                ])
+                .prop_map(str::to_string),
+                (0.0..2.0f64).prop_map(|f| f.to_string()),
+            ];
+            let glue = prop::sample::select(vec![" ", "="]);
+            prop::collection::vec((flag, glue, value), 0..5).prop_map(|v| {
+                v.into_iter()
+                    .map(|(f, g, v)| {
+                        let g = if f.starts_with("--") { g } else { " " };
+                        format!("{f}{g}{v}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        }
+
+        proptest! {
+            #![proptest_config(crate::work::cases(256))]
+
+            /// Words quoted back in any of the three ways split into the same words.
+            #[test]
+            fn quoted_words_split_back(words in prop::collection::vec(any::<String>(), 0..8), how in 0..3u8, sep in "[ \t\n]{1,3}") {
+                let quote = match how {
+                    0 => shell_quote,
+                    1 => double_quote,
+                    _ => backslashed,
+                };
+                // A backslash-quoted empty word is no word at all.
+                let want: Vec<String> = if how == 2 {
+                    words.iter().filter(|w| !w.is_empty()).cloned().collect()
+                } else {
+                    words.clone()
+                };
+                let line: Vec<String> = words.iter().map(|w| quote(w)).collect();
+                prop_assert_eq!(split_words(&line.join(&sep)), Ok(want));
+            }
+
+            /// Splitting looks at each character once, whatever the text.
+            #[test]
+            fn split_words_is_total_and_linear(s in prop_oneof![args(), any::<String>()]) {
+                let (_, work) = crate::work::count(|| split_words(&s));
+                prop_assert!(work <= s.len() as u64, "{} units for {} bytes", work, s.len());
+            }
+
+            /// Whatever the text, untrusted docker.args never break isolation and never set a
+            /// limit of zero (which the engine reads as no limit at all).
+            #[test]
+            fn untrusted_args_stay_inside(s in prop_oneof![3 => args(), 3 => flag_pairs(), 1 => any::<String>()]) {
+                if let Ok(o) = parse(&s, &[]) {
+                    prop_assert!(!o.privileged && o.cap_add.is_empty() && o.devices.is_empty());
+                    prop_assert!(o.security_opt.is_empty() && o.binds.is_empty() && o.volumes.is_empty());
+                    for m in [&o.pid_mode, &o.ipc_mode, &o.uts_mode].into_iter().flatten() {
+                        prop_assert!(m.is_empty() || m == "private", "{}", m);
+                    }
+                    if let Some(n) = &o.network {
+                        prop_assert!(matches!(n.as_str(), "none" | "bridge" | "default"), "{}", n);
+                    }
+                    for v in [o.memory, o.nano_cpus, o.pids_limit, o.shm_size].into_iter().flatten() {
+                        prop_assert!(v >= 1, "a limit of {} from {:?}", v, s);
+                    }
+                }
+            }
+
+            /// With every flag trusted, parsing is still total (no panic on any text), and
+            /// text past the cap is refused whole.
+            #[test]
+            fn trusted_parse_is_total(s in args()) {
+                let long = s.repeat(MAX_ARGS_BYTES / s.len().max(1) + 1);
+                prop_assert!(long.len() <= MAX_ARGS_BYTES || parse(&long, &[]).is_err());
+                let all: Vec<String> = ["privileged", "cap-add", "device", "volume", "security-opt", "network=host", "pid=host"]
+                    .iter().map(|k| k.to_string()).collect();
+                let _ = parse(&s, &all);
+            }
+        }
     }
 }

@@ -1,6 +1,15 @@
 //! The one error type for configuration files: it names the file, the field path and the fix.
 
+use std::borrow::Cow;
 use std::fmt;
+
+/// At most `max` characters of untrusted text, to show in a message; a cut is marked with `…`.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => Cow::Borrowed(s),
+        Some((i, _)) => Cow::Owned(format!("{}…", &s[..i])),
+    }
+}
 
 /// A problem in a configuration file, worded for the person who has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]

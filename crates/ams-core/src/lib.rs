@@ -15,5 +15,6 @@ pub mod status;
 pub mod vars;
 pub mod webconf;
 pub mod webhooks;
+mod work;
 
 pub use error::ConfigError;

@@ -4,12 +4,36 @@
 //! reports line and column, a wrong type or missing section reports the field path, and every
 //! `{variable}` is checked against the known names before anything runs. Unknown keys are kept as
 //! warnings, since files written for the described system may carry keys we do not use.
+//!
+//! A pusher writes this file, and the host loop parses it to name each build, so parsing is
+//! total and linear: the size, the nesting, the number of stages, commands and variables and
+//! the length of each string are capped, and each cap has an error saying which field is over.
 
-use crate::error::ConfigError;
-use crate::vars;
+use crate::error::{clip, ConfigError};
+use crate::{docker_args, protocol, vars};
 use serde_json::{Map, Value};
 
 const FILE: &str = "pipeline.json";
+
+/// Largest pipeline.json, in bytes. The host refuses a larger file before reading it.
+pub const MAX_BYTES: usize = 1 << 20;
+/// Deepest nesting of lists and objects (the top-level object is the first level): serde_json's
+/// recursion limit of 128 stops the parse with an error, not a stack overflow, at the 128th.
+pub const MAX_DEPTH: usize = 127;
+/// Most stages in one pipeline.
+pub const MAX_STAGES: usize = 256;
+/// Most commands in one list: a stage's `commands` or a `prepare-build` list.
+pub const MAX_COMMANDS: usize = 1024;
+/// Most variables in `environment`.
+pub const MAX_ENV: usize = 1024;
+/// Longest command or environment value, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Longest name: `build-name-format`, a stage's name, an environment variable's name.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest `docker.image`, `docker.project-dest` or `docker.build-output-dest`.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Most warnings about unused keys listed one by one; the others are counted in one more.
+pub const MAX_WARNINGS: usize = 32;
 
 /// Hash of the 7z archive, as 7-Zip names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +144,39 @@ fn err(field: &str, msg: impl Into<String>) -> ConfigError {
     ConfigError::field(FILE, field, msg)
 }
 
+/// Refuses a string longer than `max` bytes, with what to do instead.
+fn check_len(path: &str, s: &str, max: usize, fix: &str) -> Result<(), ConfigError> {
+    if s.len() > max {
+        return Err(err(
+            path,
+            format!("is {} bytes long, over the limit of {max}; {fix}", s.len()),
+        ));
+    }
+    Ok(())
+}
+
+const SHORTEN: &str = "shorten it";
+const SCRIPT: &str = "put a long script in a file of the repository and run that file";
+
+/// Warnings about unused keys: the first [`MAX_WARNINGS`], and a count of the others.
+#[derive(Default)]
+struct Warnings {
+    list: Vec<String>,
+    more: usize,
+}
+
+impl Warnings {
+    fn finish(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.list.push(format!(
+                "{FILE}: {} more fields are not used by AMS-Build and were ignored",
+                self.more
+            ));
+        }
+        self.list
+    }
+}
+
 struct Obj<'a> {
     path: String,
     map: &'a Map<String, Value>,
@@ -154,7 +211,13 @@ impl<'a> Obj<'a> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
-    fn string(&mut self, key: &'static str, required: bool) -> Result<Option<String>, ConfigError> {
+    fn string(
+        &mut self,
+        key: &'static str,
+        required: bool,
+        max: usize,
+        fix: &str,
+    ) -> Result<Option<String>, ConfigError> {
         let path = self.sub(key);
         match self.get(key) {
             None if required => Err(err(&path, "is missing; add it as a string")),
@@ -162,7 +225,10 @@ impl<'a> Obj<'a> {
             Some(Value::String(s)) if required && s.trim().is_empty() => {
                 Err(err(&path, "is empty; give it a value"))
             }
-            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::String(s)) => {
+                check_len(&path, s, max, fix)?;
+                Ok(Some(s.clone()))
+            }
             Some(other) => Err(err(
                 &path,
                 format!("expected a string, found {}", type_name(other)),
@@ -204,29 +270,46 @@ impl<'a> Obj<'a> {
         let path = self.sub(key);
         match self.get(key) {
             None => Ok(Vec::new()),
-            Some(v) => string_list(&path, v),
+            Some(v) => commands(&path, v),
         }
     }
 
-    fn unknown_keys(&self, warnings: &mut Vec<String>) {
+    fn unknown_keys(&self, warnings: &mut Warnings) {
         for k in self.map.keys() {
+            crate::work::add(1);
             if !self.known.contains(&k.as_str()) {
-                warnings.push(format!(
-                    "{FILE}: field `{}` is not used by AMS-Build and was ignored",
-                    self.sub(k)
-                ));
+                if warnings.list.len() < MAX_WARNINGS {
+                    warnings.list.push(format!(
+                        "{FILE}: field `{}` is not used by AMS-Build and was ignored",
+                        self.sub(&clip(k, 64))
+                    ));
+                } else {
+                    warnings.more += 1;
+                }
             }
         }
     }
 }
 
-fn string_list(path: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
+/// A list of commands: at most [`MAX_COMMANDS`] strings of at most [`MAX_COMMAND_BYTES`].
+fn commands(path: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
     match v {
+        Value::Array(items) if items.len() > MAX_COMMANDS => Err(err(
+            path,
+            format!(
+                "has {} commands, over the limit of {MAX_COMMANDS}; {SCRIPT}",
+                items.len()
+            ),
+        )),
         Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(i, item)| match item {
-                Value::String(s) => Ok(s.clone()),
+                Value::String(s) => {
+                    crate::work::add(1);
+                    check_len(&format!("{path}[{i}]"), s, MAX_COMMAND_BYTES, SCRIPT)?;
+                    Ok(s.clone())
+                }
                 other => Err(err(
                     &format!("{path}[{i}]"),
                     format!("expected a string, found {}", type_name(other)),
@@ -264,17 +347,44 @@ fn valid_env_name(k: &str) -> bool {
         && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
 }
 
+/// Reads the JSON, refusing more than [`MAX_BYTES`]; too deep a nesting gets its own message.
+fn read_json(text: &str) -> Result<Value, ConfigError> {
+    if text.len() > MAX_BYTES {
+        return Err(err(
+            "",
+            format!(
+                "the file is {} bytes, over the limit of {MAX_BYTES} (1 MiB); {SCRIPT}",
+                text.len()
+            ),
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let mut ce = ConfigError::json(FILE, &e);
+        if ce.message.starts_with("recursion limit exceeded") {
+            ce.message = format!(
+                "lists and objects are nested more than {MAX_DEPTH} deep; flatten the file"
+            );
+        }
+        ce
+    })
+}
+
 /// Parses and validates the text of a pipeline.json.
 pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
-    let root: Value = serde_json::from_str(text).map_err(|e| ConfigError::json(FILE, &e))?;
-    let mut warnings = Vec::new();
+    let root = read_json(text)?;
+    let mut warnings = Warnings::default();
     let mut top = Obj::new("", &root).map_err(|mut e| {
         e.field = "(top level)".into();
         e
     })?;
 
     let build_name_format = top
-        .string("build-name-format", false)?
+        .string(
+            "build-name-format",
+            false,
+            MAX_NAME_BYTES,
+            "the build names it makes may be at most 200 bytes",
+        )?
         .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
     check_vars("build-name-format", &build_name_format, vars::NAME_VARS)?;
     for piece in vars::parse(&build_name_format) {
@@ -305,11 +415,21 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         .get("docker")
         .ok_or_else(|| err("docker", "section is missing; add \"docker\": {\"image\": …, \"project-dest\": …, \"build-output-dest\": …}"))?;
     let mut d = Obj::new("docker", docker_v)?;
+    let args_fix = "give docker.args only `docker run` flags, and environment variables in \
+                    \"environment\"";
     let docker = DockerSection {
-        image: d.string("image", true)?.unwrap_or_default(),
-        args: d.string("args", false)?.unwrap_or_default(),
-        project_dest: d.string("project-dest", true)?.unwrap_or_default(),
-        build_output_dest: d.string("build-output-dest", true)?.unwrap_or_default(),
+        image: d
+            .string("image", true, MAX_PATH_BYTES, SHORTEN)?
+            .unwrap_or_default(),
+        args: d
+            .string("args", false, docker_args::MAX_ARGS_BYTES, args_fix)?
+            .unwrap_or_default(),
+        project_dest: d
+            .string("project-dest", true, MAX_PATH_BYTES, SHORTEN)?
+            .unwrap_or_default(),
+        build_output_dest: d
+            .string("build-output-dest", true, MAX_PATH_BYTES, SHORTEN)?
+            .unwrap_or_default(),
         stop_timeout_secs: d.uint("stop-timeout", 3600)?.unwrap_or(10),
     };
     for (field, v) in [
@@ -339,8 +459,20 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     let mut environment = Vec::new();
     if let Some(v) = top.get("environment") {
         let e = Obj::new("environment", v)?;
+        if e.map.len() > MAX_ENV {
+            return Err(err(
+                "environment",
+                format!(
+                    "has {} variables, over the limit of {MAX_ENV}; set fewer, or read them from \
+                     a file of the repository",
+                    e.map.len()
+                ),
+            ));
+        }
         for (k, val) in e.map {
-            let path = format!("environment.{k}");
+            crate::work::add(1);
+            let path = format!("environment.{}", clip(k, 64));
+            check_len(&path, k, MAX_NAME_BYTES, SHORTEN)?;
             if !valid_env_name(k) {
                 return Err(err(
                     &path,
@@ -348,7 +480,10 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                 ));
             }
             let s = match val {
-                Value::String(s) => s.clone(),
+                Value::String(s) => {
+                    check_len(&path, s, MAX_COMMAND_BYTES, SCRIPT)?;
+                    s.clone()
+                }
                 Value::Number(n) => n.to_string(),
                 Value::Bool(b) => b.to_string(),
                 other => {
@@ -377,11 +512,23 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     if items.is_empty() {
         return Err(err("pipeline", "is empty; add at least one stage"));
     }
+    if items.len() > MAX_STAGES {
+        return Err(err(
+            "pipeline",
+            format!(
+                "has {} stages, over the limit of {MAX_STAGES}; run several steps in one stage",
+                items.len()
+            ),
+        ));
+    }
     let mut stages = Vec::new();
     for (i, item) in items.iter().enumerate() {
+        crate::work::add(1);
         let path = format!("pipeline[{i}]");
         let mut s = Obj::new(&path, item)?;
-        let name = s.string("name", true)?.unwrap_or_default();
+        let name = s
+            .string("name", true, MAX_NAME_BYTES, SHORTEN)?
+            .unwrap_or_default();
         let commands = match s.get("commands") {
             None => {
                 return Err(err(
@@ -389,7 +536,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                     "is missing; add a list of commands",
                 ))
             }
-            Some(v) => string_list(&format!("{path}.commands"), v)?,
+            Some(v) => commands(&format!("{path}.commands"), v)?,
         };
         if commands.is_empty() {
             return Err(err(
@@ -399,7 +546,15 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         }
         let exit_line = match s.get("exit-line") {
             None | Some(Value::Bool(false)) => None,
-            Some(Value::String(x)) => Some(x.clone()),
+            Some(Value::String(x)) => {
+                check_len(
+                    &format!("{path}.exit-line"),
+                    x,
+                    protocol::MAX_LAST_LINE,
+                    "only that much of a stage's last line is kept, so it could never match",
+                )?;
+                Some(x.clone())
+            }
             Some(other) => {
                 return Err(err(
                     &format!("{path}.exit-line"),
@@ -427,7 +582,8 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                     err(
                         "cleanup.7z_hash",
                         format!(
-                            "unknown hash `{s}`; use null, crc32, crc64, sha1, sha256 or blake2sp"
+                            "unknown hash `{}`; use null, crc32, crc64, sha1, sha256 or blake2sp",
+                            clip(s, 64)
                         ),
                     )
                 })?),
@@ -462,7 +618,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         cleanup,
         dummy_build,
         timeout_secs,
-        warnings,
+        warnings: warnings.finish(),
     };
     p.check_variables()?;
     Ok(p)
@@ -646,5 +802,531 @@ mod tests {
         assert_eq!(p.build_name_format, DEFAULT_NAME_FORMAT);
         assert_eq!(p.cleanup, Cleanup::default());
         assert!(!p.dummy_build);
+    }
+
+    /// GOOD with the value at `ptr` replaced (or added to its parent object).
+    fn with(ptr: &str, val: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        set(&mut v, ptr, val);
+        v.to_string()
+    }
+
+    fn set(v: &mut serde_json::Value, ptr: &str, val: serde_json::Value) {
+        if let Some(slot) = v.pointer_mut(ptr) {
+            *slot = val;
+        } else if let Some((parent, key)) = ptr.rsplit_once('/') {
+            if let Some(serde_json::Value::Object(m)) = v.pointer_mut(parent) {
+                m.insert(key.to_string(), val);
+            }
+        }
+    }
+
+    #[test]
+    fn caps_name_the_field_and_allow_the_limit_itself() {
+        use serde_json::json;
+        let many = |n: usize| json!(vec!["true"; n]);
+        let long = |n: usize| json!("x".repeat(n));
+        let stage = json!({"name": "s", "commands": ["true"]});
+        let env = |n: usize| {
+            serde_json::Value::Object((0..n).map(|i| (format!("V{i}"), json!("1"))).collect())
+        };
+        let cases = [
+            ("/pipeline", json!(vec![stage; MAX_STAGES + 1]), "pipeline"),
+            (
+                "/pipeline/0/commands",
+                many(MAX_COMMANDS + 1),
+                "pipeline[0].commands",
+            ),
+            (
+                "/prepare-build/build-dir-commands",
+                many(MAX_COMMANDS + 1),
+                "prepare-build.build-dir-commands",
+            ),
+            (
+                "/pipeline/1/commands/0",
+                long(MAX_COMMAND_BYTES + 1),
+                "pipeline[1].commands[0]",
+            ),
+            (
+                "/prepare-build/master-dir-commands/0",
+                long(MAX_COMMAND_BYTES + 1),
+                "prepare-build.master-dir-commands[0]",
+            ),
+            (
+                "/pipeline/1/exit-line",
+                long(protocol::MAX_LAST_LINE + 1),
+                "pipeline[1].exit-line",
+            ),
+            (
+                "/pipeline/0/name",
+                long(MAX_NAME_BYTES + 1),
+                "pipeline[0].name",
+            ),
+            (
+                "/docker/args",
+                json!(format!(
+                    "--rm{}",
+                    " ".repeat(docker_args::MAX_ARGS_BYTES - 3)
+                )),
+                "docker.args",
+            ),
+            ("/docker/image", long(MAX_PATH_BYTES + 1), "docker.image"),
+            (
+                "/docker/project-dest",
+                json!(format!("/{}", "x".repeat(MAX_PATH_BYTES))),
+                "docker.project-dest",
+            ),
+            ("/environment", env(MAX_ENV + 1), "environment"),
+            (
+                "/environment/MODE",
+                long(MAX_COMMAND_BYTES + 1),
+                "environment.MODE",
+            ),
+            (
+                "/environment/V",
+                json!(format!("V{}", "x".repeat(MAX_NAME_BYTES))),
+                "",
+            ),
+        ];
+        for (ptr, val, want) in cases {
+            let (ptr, val, want) = if ptr == "/environment/V" {
+                // An over-long name: the key itself is what is too long.
+                let key = val.as_str().unwrap().to_string();
+                let mut m = serde_json::Map::new();
+                m.insert(key.clone(), json!("1"));
+                (
+                    "/environment",
+                    serde_json::Value::Object(m),
+                    format!("environment.{}", clip(&key, 64)),
+                )
+            } else {
+                (ptr, val, want.to_string())
+            };
+            let e = parse(&with(ptr, val)).unwrap_err();
+            assert_eq!(e.field, want, "{ptr}: {e}");
+            assert!(e.message.contains("over the limit of"), "{ptr}: {e}");
+            assert!(!e.message.ends_with('.'), "{e}");
+        }
+        let at_limit = [
+            (
+                "/pipeline",
+                json!(vec![json!({"name": "s", "commands": ["true"]}); MAX_STAGES]),
+            ),
+            ("/pipeline/0/commands", many(MAX_COMMANDS)),
+            ("/pipeline/1/commands/0", long(MAX_COMMAND_BYTES)),
+            ("/pipeline/1/exit-line", long(protocol::MAX_LAST_LINE)),
+            ("/pipeline/0/name", long(MAX_NAME_BYTES)),
+            (
+                "/docker/args",
+                json!(format!(
+                    "--rm{}",
+                    " ".repeat(docker_args::MAX_ARGS_BYTES - 4)
+                )),
+            ),
+            ("/environment", env(MAX_ENV)),
+        ];
+        for (ptr, val) in at_limit {
+            parse(&with(ptr, val)).unwrap_or_else(|e| panic!("{ptr}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_file_over_a_mebibyte_is_refused_before_parsing() {
+        let fits = format!("{GOOD}{}", " ".repeat(MAX_BYTES - GOOD.len()));
+        assert!(parse(&fits).is_ok());
+        let e = parse(&format!("{fits} ")).unwrap_err();
+        assert_eq!((e.file.as_str(), e.field.as_str()), ("pipeline.json", ""));
+        assert!(
+            e.to_string().contains("over the limit of 1048576 (1 MiB)"),
+            "{e}"
+        );
+        // Refused by its size, not by its (broken) contents.
+        let e = parse(&"[".repeat(MAX_BYTES + 1)).unwrap_err();
+        assert!(e.message.contains("1 MiB"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let nested = |depth: usize| {
+            // `depth` levels in all: the top object, then lists.
+            with("/colour", serde_json::Value::Null).replace(
+                "\"colour\":null",
+                &format!(
+                    "\"colour\":{}{}",
+                    "[".repeat(depth - 1),
+                    "]".repeat(depth - 1)
+                ),
+            )
+        };
+        let p = parse(&nested(MAX_DEPTH)).unwrap();
+        assert_eq!(p.warnings.len(), 1);
+        let e = parse(&nested(MAX_DEPTH + 1)).unwrap_err();
+        assert!(e.message.contains("nested more than 127 deep"), "{e}");
+        assert!(e.position.is_some(), "{e}");
+        // Half a million open lists: stopped at the limit, long before the stack runs out.
+        let e = parse(&"[".repeat(MAX_BYTES / 2)).unwrap_err();
+        assert_eq!(e.position, Some((1, MAX_DEPTH + 1)), "{e}");
+    }
+
+    #[test]
+    fn unused_field_warnings_are_capped() {
+        let keys: String = (0..10_000).map(|i| format!("\"k{i}\": {i}, ")).collect();
+        let t = GOOD.replacen('{', &format!("{{{keys}"), 1);
+        let p = parse(&t).unwrap();
+        assert_eq!(p.warnings.len(), MAX_WARNINGS + 1);
+        assert!(
+            p.warnings[MAX_WARNINGS].contains("9968 more fields"),
+            "{:?}",
+            p.warnings.last()
+        );
+        let long_key = GOOD.replacen('{', &format!("{{\"{}\": 1, ", "k".repeat(100_000)), 1);
+        assert!(parse(&long_key).unwrap().warnings[0].len() < 200);
+    }
+
+    #[test]
+    fn the_largest_files_take_linear_work() {
+        // About 1 MiB of commands full of unclosed references, or of references; and one of
+        // many small stages. A scan to the end of each string from every brace, or a check of
+        // every command per stage, would count far beyond these bounds.
+        let body = |unit: &str| {
+            let cmd = serde_json::json!(unit.repeat(60_000 / unit.len()));
+            let stage = serde_json::json!({"name": "s", "commands": vec![cmd; 4]});
+            with("/pipeline", serde_json::json!(vec![stage; 4]))
+        };
+        let small = serde_json::json!({"name": "s{build_index}", "commands": vec!["{project}"; MAX_COMMANDS]});
+        for t in [
+            body("{a"),
+            body("{project}"),
+            body("{{"),
+            with("/pipeline", serde_json::json!(vec![small; 80])),
+        ] {
+            assert!(t.len() > 900_000 && t.len() <= MAX_BYTES, "{}", t.len());
+            let (r, work) = crate::work::count(|| parse(&t));
+            r.unwrap();
+            assert!(
+                work <= 4 * t.len() as u64,
+                "{work} units for {} bytes",
+                t.len()
+            );
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        /// Strings a pusher might write, and some they might not: references known and
+        /// unknown, braces, separators, long runs, any character.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-z {}_$/.]{0,12}",
+                2 => prop::sample::select(vec!["{project}", "{build_hash}", "{build_index}", "{git_hash}", "{nope}", "{{", "}}", "${HOME}", "", " "])
+                    .prop_map(str::to_string),
+                1 => any::<String>(),
+                1 => (1usize..3000).prop_map(|n| "{a".repeat(n)),
+            ]
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                text().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::btree_map(
+                        prop_oneof![3 => "[A-Za-z_0-9-]{0,6}", 1 => text()],
+                        inner,
+                        0..5
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const POINTERS: &[&str] = &[
+            "",
+            "/build-name-format",
+            "/docker",
+            "/docker/image",
+            "/docker/args",
+            "/docker/project-dest",
+            "/docker/build-output-dest",
+            "/docker/stop-timeout",
+            "/prepare-build",
+            "/prepare-build/master-dir-commands",
+            "/prepare-build/master-dir-commands/0",
+            "/prepare-build/get-git-hash",
+            "/environment",
+            "/environment/MODE",
+            "/environment/x y",
+            "/pipeline",
+            "/pipeline/0",
+            "/pipeline/0/name",
+            "/pipeline/0/commands",
+            "/pipeline/0/commands/0",
+            "/pipeline/0/exit-line",
+            "/pipeline/1/exit-line",
+            "/pipeline/1/extra",
+            "/cleanup",
+            "/cleanup/7z_hash",
+            "/cleanup/7z_build",
+            "/cleanup/remove_build_source",
+            "/timeout",
+            "/dummy-build",
+            "/extra",
+        ];
+
+        /// GOOD with a few fields replaced by anything, added or taken away.
+        fn mutated() -> impl Strategy<Value = String> {
+            let edit = (
+                prop::sample::select(POINTERS),
+                prop::option::weighted(0.85, json()),
+            );
+            prop::collection::vec(edit, 1..4).prop_map(|edits| {
+                let mut v: Value = serde_json::from_str(GOOD).unwrap();
+                for (ptr, val) in edits {
+                    match val {
+                        Some(val) => set(&mut v, ptr, val),
+                        None => {
+                            if let Some((parent, key)) = ptr.rsplit_once('/') {
+                                if let Some(Value::Object(m)) = v.pointer_mut(parent) {
+                                    m.remove(key);
+                                }
+                            }
+                        }
+                    }
+                }
+                v.to_string()
+            })
+        }
+
+        /// Any text: broken JSON (a valid file cut anywhere), other JSON, and noise.
+        fn any_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (mutated(), any::<prop::sample::Index>()).prop_map(|(t, i)| {
+                    let mut cut = i.index(t.len() + 1);
+                    while !t.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    t[..cut].to_string()
+                }),
+                json().prop_map(|v| v.to_string()),
+                any::<String>(),
+            ]
+        }
+
+        /// What every error must look like: the file, a field unless the whole file is at
+        /// fault, a message that is short and ends without a period.
+        fn check_error(e: &ConfigError) -> Result<(), TestCaseError> {
+            prop_assert_eq!(e.file.as_str(), "pipeline.json");
+            prop_assert!(!e.message.is_empty() && !e.message.ends_with('.'), "{}", e);
+            prop_assert!(
+                e.position.is_some() || !e.field.is_empty() || e.message.contains("1 MiB"),
+                "{}",
+                e
+            );
+            if e.position.is_none() {
+                prop_assert!(!e.message.starts_with(char::is_uppercase), "{}", e);
+            }
+            prop_assert!(
+                e.to_string().len() <= 2048,
+                "{} bytes: {}",
+                e.to_string().len(),
+                e
+            );
+            Ok(())
+        }
+
+        /// What every accepted file must respect: the caps, and only known variables.
+        fn check_pipeline(p: &Pipeline) -> Result<(), TestCaseError> {
+            prop_assert!((1..=MAX_STAGES).contains(&p.stages.len()));
+            prop_assert!(p.warnings.len() <= MAX_WARNINGS + 1);
+            prop_assert!(p.environment.len() <= MAX_ENV);
+            let lists = p.stages.iter().map(|s| &s.commands).chain([
+                &p.prepare.master_dir_commands,
+                &p.prepare.build_dir_commands,
+            ]);
+            for list in lists {
+                prop_assert!(list.len() <= MAX_COMMANDS);
+                for c in list {
+                    prop_assert!(c.len() <= MAX_COMMAND_BYTES);
+                    prop_assert_eq!(vars::first_unknown(c, vars::PIPELINE_VARS), None);
+                }
+            }
+            prop_assert_eq!(
+                vars::first_unknown(&p.build_name_format, vars::NAME_VARS),
+                None
+            );
+            prop_assert!(p.docker.args.len() <= docker_args::MAX_ARGS_BYTES);
+            Ok(())
+        }
+
+        fn command() -> impl Strategy<Value = String> {
+            let atom = prop_oneof![
+                3 => "[a-z ./$'\"-]{0,8}",
+                1 => prop::sample::select(vars::PIPELINE_VARS.to_vec()).prop_map(|n| format!("{{{n}}}")),
+                1 => prop::sample::select(vec!["{{", "}}", "${HOME}", "awk '{print $1}'", "{a,b}"]).prop_map(str::to_string),
+                1 => any::<char>().prop_filter("no braces", |c| *c != '{' && *c != '}').prop_map(String::from),
+            ];
+            prop::collection::vec(atom, 0..6).prop_map(|v| v.concat())
+        }
+
+        fn hash() -> impl Strategy<Value = Option<HashKind>> {
+            prop::option::of(prop::sample::select(vec![
+                HashKind::Crc32,
+                HashKind::Crc64,
+                HashKind::Sha1,
+                HashKind::Sha256,
+                HashKind::Blake2sp,
+            ]))
+        }
+
+        /// Valid pipelines, every field varied.
+        fn pipeline() -> impl Strategy<Value = Pipeline> {
+            let docker = (
+                "[a-z]{1,8}(:[0-9]{1,2})?",
+                prop::sample::select(vec![
+                    "",
+                    "--memory 512m",
+                    "-e A={build_index} --rm",
+                    "--network none",
+                ]),
+                "/[a-z]{1,8}",
+                "/[a-z]{1,8}/[a-z{}_]{0,12}",
+                0u64..=3600,
+            )
+                .prop_map(|(image, args, project_dest, out, stop)| DockerSection {
+                    image,
+                    args: args.to_string(),
+                    project_dest,
+                    build_output_dest: out.replace(['{', '}'], "_"),
+                    stop_timeout_secs: stop,
+                });
+            let stage = (
+                "[a-z][a-z {}_]{0,8}",
+                prop::collection::vec(command(), 1..4),
+                prop::option::of(command()),
+            )
+                .prop_map(|(name, commands, exit_line)| Stage {
+                    name: name.replace(['{', '}'], "_"),
+                    commands,
+                    exit_line,
+                });
+            (
+                prop::sample::select(vec![
+                    DEFAULT_NAME_FORMAT,
+                    "{project}-{build_index}",
+                    "b{build_hash}",
+                    "{build_hash}{{x}}",
+                ]),
+                docker,
+                (
+                    prop::collection::vec(command(), 0..3),
+                    any::<bool>(),
+                    prop::collection::vec(command(), 0..3),
+                ),
+                prop::collection::btree_map("[A-Z_][A-Z0-9_]{0,6}", command(), 0..4),
+                prop::collection::vec(stage, 1..5),
+                (any::<bool>(), any::<bool>(), hash()),
+                any::<bool>(),
+                prop::option::of(1u64..=7 * 24 * 3600),
+            )
+                .prop_map(
+                    |(
+                        format,
+                        docker,
+                        (m, g, b),
+                        env,
+                        stages,
+                        (remove, archive, hash),
+                        dummy,
+                        timeout,
+                    )| Pipeline {
+                        build_name_format: format.to_string(),
+                        docker,
+                        prepare: PrepareBuild {
+                            master_dir_commands: m,
+                            get_git_hash: g,
+                            build_dir_commands: b,
+                        },
+                        environment: env.into_iter().collect(),
+                        stages,
+                        cleanup: Cleanup {
+                            remove_build_source: remove,
+                            archive,
+                            hash,
+                        },
+                        dummy_build: dummy,
+                        timeout_secs: timeout,
+                        warnings: Vec::new(),
+                    },
+                )
+        }
+
+        /// Writes a pipeline as pipeline.json.
+        fn write(p: &Pipeline) -> String {
+            let mut v = json!({
+                "build-name-format": p.build_name_format,
+                "docker": {"image": p.docker.image, "args": p.docker.args,
+                           "project-dest": p.docker.project_dest,
+                           "build-output-dest": p.docker.build_output_dest,
+                           "stop-timeout": p.docker.stop_timeout_secs},
+                "prepare-build": {"master-dir-commands": p.prepare.master_dir_commands,
+                                  "get-git-hash": p.prepare.get_git_hash,
+                                  "build-dir-commands": p.prepare.build_dir_commands},
+                "environment": p.environment.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "pipeline": p.stages.iter().map(|s| json!({
+                    "name": s.name, "commands": s.commands,
+                    "exit-line": s.exit_line.as_ref().map_or(json!(false), |x| json!(x)),
+                })).collect::<Vec<_>>(),
+                "cleanup": {"remove_build_source": p.cleanup.remove_build_source,
+                            "7z_build": p.cleanup.archive,
+                            "7z_hash": p.cleanup.hash.map(HashKind::name)},
+                "dummy-build": p.dummy_build,
+            });
+            if let Some(t) = p.timeout_secs {
+                v["timeout"] = json!(t);
+            }
+            serde_json::to_string_pretty(&v).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(crate::work::cases(256))]
+
+            /// No text makes the parser panic, and every error has the documented shape.
+            #[test]
+            fn any_text_is_total(t in any_text()) {
+                if let Err(e) = parse(&t) {
+                    check_error(&e)?;
+                }
+            }
+
+            /// A valid file with fields replaced by anything: an error of the right shape, or
+            /// a pipeline within the caps whose variables are all known; in linear work.
+            #[test]
+            fn mutated_files_are_total_and_linear(t in mutated()) {
+                let (r, work) = crate::work::count(|| parse(&t));
+                match r {
+                    Ok(p) => check_pipeline(&p)?,
+                    Err(e) => check_error(&e)?,
+                }
+                // The default build-name-format is checked when the file has none.
+                prop_assert!(work <= 4 * t.len() as u64 + 256, "{} units for {} bytes", work, t.len());
+            }
+
+            /// A pipeline written as pipeline.json reads back as the same pipeline.
+            #[test]
+            fn written_pipelines_read_back(p in pipeline()) {
+                let text = write(&p);
+                prop_assert_eq!(parse(&text), Ok(p));
+            }
+        }
     }
 }

@@ -10,6 +10,10 @@
 /// Longest piece of a line held in memory; longer lines are passed on in pieces.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// Longest last line of a stage kept for `exit-line`, in bytes; the rest of a longer line is
+/// not compared.
+pub const MAX_LAST_LINE: usize = 4096;
+
 /// Quotes a string for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -70,9 +74,16 @@ pub enum Event {
 }
 
 /// Splits the container's output stream into log output and stage markers.
+///
+/// Total and linear whatever the container prints: each byte is scanned for a newline once,
+/// copied once and checked once more when its line ends; at most [`MAX_LINE`] bytes of a line
+/// and [`MAX_LAST_LINE`] of the last one are held. The events do not depend on how the stream
+/// is cut into chunks.
 #[derive(Debug)]
 pub struct Splitter {
     prefix: Vec<u8>,
+    /// [`MAX_LINE`], smaller in tests.
+    max_line: usize,
     line: Vec<u8>,
     partial: bool,
     held_blank: bool,
@@ -85,11 +96,27 @@ impl Splitter {
         prefix.extend_from_slice(format!("AMS-{nonce} ").as_bytes());
         Splitter {
             prefix,
+            max_line: MAX_LINE,
             line: Vec::new(),
             partial: false,
             held_blank: false,
             last_line: Vec::new(),
         }
+    }
+
+    /// A splitter that cuts lines at `max_line` bytes, so tests reach long lines cheaply.
+    #[cfg(test)]
+    fn with_max_line(nonce: &str, max_line: usize) -> Self {
+        Splitter {
+            max_line,
+            ..Splitter::new(nonce)
+        }
+    }
+
+    /// Bytes held between calls.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.line.len() + self.last_line.len()
     }
 
     fn emit_held(&mut self, out: &mut Vec<Event>) {
@@ -117,6 +144,7 @@ impl Splitter {
 
     fn complete_line(&mut self, out: &mut Vec<Event>) {
         let line = std::mem::take(&mut self.line);
+        crate::work::add(line.len());
         if !self.partial {
             if let Some(ev) = self.marker(&line) {
                 self.held_blank = false;
@@ -138,7 +166,7 @@ impl Splitter {
         } else if !line.iter().all(|b| b.is_ascii_whitespace()) {
             self.last_line.clear();
             self.last_line
-                .extend_from_slice(&line[..line.len().min(4096)]);
+                .extend_from_slice(&line[..line.len().min(MAX_LAST_LINE)]);
         }
         let mut bytes = line;
         bytes.push(b'\n');
@@ -149,7 +177,9 @@ impl Splitter {
     /// Feeds a chunk of the stream; events are appended to `out`.
     pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<Event>) {
         while !data.is_empty() {
-            match data.iter().position(|b| *b == b'\n') {
+            let newline = data.iter().position(|b| *b == b'\n');
+            crate::work::add(newline.map_or(data.len(), |p| p + 1));
+            match newline {
                 Some(pos) => {
                     self.push_bytes(&data[..pos], out);
                     self.complete_line(out);
@@ -165,11 +195,12 @@ impl Splitter {
 
     fn push_bytes(&mut self, mut bytes: &[u8], out: &mut Vec<Event>) {
         while !bytes.is_empty() {
-            let room = MAX_LINE - self.line.len();
+            let room = self.max_line - self.line.len();
             let take = room.min(bytes.len());
+            crate::work::add(take);
             self.line.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
-            if self.line.len() >= MAX_LINE {
+            if self.line.len() >= self.max_line {
                 self.emit_held(out);
                 out.push(Event::Output(std::mem::take(&mut self.line)));
                 self.partial = true;
@@ -284,5 +315,228 @@ mod tests {
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");
         let s = stage_script(&["echo '$(x)'".to_string()]);
         assert!(s.contains("printf '+ %s\\n' 'echo '\\''$(x)'\\'''"));
+    }
+
+    #[test]
+    fn many_tiny_chunks_and_huge_lines_take_linear_work() {
+        // 2 MiB in one-byte chunks: lines just under, at and over MAX_LINE, a huge line, and
+        // markers. Re-scanning the held line on each chunk would count about 10^11 units.
+        let mut stream = Vec::new();
+        for len in [MAX_LINE - 1, MAX_LINE, MAX_LINE + 1, 10 * MAX_LINE] {
+            stream.extend(std::iter::repeat_n(b'x', len));
+            stream.extend_from_slice(b"\n\n\x1eAMS-n begin 0\n");
+        }
+        while stream.len() < 2 << 20 {
+            stream.extend_from_slice(b"\n\x1eAMS-n end 0 0\nab\n");
+        }
+        let mut s = Splitter::new("n");
+        let mut out = Vec::new();
+        let ((), work) = crate::work::count(|| {
+            for b in stream.chunks(1) {
+                s.feed(b, &mut out);
+                assert!(s.held_bytes() <= MAX_LINE + MAX_LAST_LINE);
+            }
+            s.finish(&mut out);
+        });
+        assert!(
+            work <= 3 * stream.len() as u64,
+            "{work} units for {} bytes",
+            stream.len()
+        );
+        assert_eq!(out, run("n", &[&stream]));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NONCE: &str = "n0nce";
+
+        /// What the model says one marker line is.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        enum Mark {
+            Begin(usize),
+            End(usize, i32, String),
+        }
+
+        /// Pieces of a container's output: the driver's markers, near misses of them (another
+        /// nonce, a prefix of it, extra or missing fields, mid-line), blank and white lines,
+        /// invalid UTF-8, lines around the cut length, and any bytes.
+        fn piece() -> impl Strategy<Value = Vec<u8>> {
+            let marker = (0usize..4, -2i32..300).prop_map(|(i, c)| {
+                [
+                    format!("\n\x1eAMS-{NONCE} begin {i}\n"),
+                    format!("\n\x1eAMS-{NONCE} end {i} {c}\n"),
+                ]
+            });
+            prop_oneof![
+                3 => (marker, any::<bool>()).prop_map(|(m, b)| m[usize::from(b)].clone().into_bytes()),
+                2 => prop::sample::select(vec![
+                    "\x1eAMS-other begin 0\n", "\x1eAMS-n0nc begin 0\n", "\x1eAMS-n0nce0 end 0 0\n",
+                    "AMS-n0nce begin 0\n", "\x1eAMS-n0nce begin\n", "\x1eAMS-n0nce end 0\n",
+                    "\x1eAMS-n0nce end 0 0 0\n", "\x1eAMS-n0nce begin x\n", "\x1eAMS-n0nce end 0 99999999999\n",
+                    "x\x1eAMS-n0nce begin 0\n", " \x1eAMS-n0nce begin 0\n", "\x1eAMS-n0nce  begin 0\n",
+                    "\x1eAMS-n0nce begin 0\r\n", "\x1eAMS-n0nce ", "\n", "\n\n", " \n", "\t \n", "0\n",
+                    "done\n", "last line",
+                ]).prop_map(|s| s.as_bytes().to_vec()),
+                1 => Just(b"\x1eAMS-n0nce end 1 \xff\n".to_vec()),
+                1 => Just(b"\xff\xfe\xc3\n".to_vec()),
+                2 => (20usize..80, any::<u8>()).prop_map(|(n, b)| vec![b; n]),
+                2 => prop::collection::vec(any::<u8>(), 0..24),
+            ]
+        }
+
+        fn stream() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(piece(), 0..24).prop_map(|v| v.concat())
+        }
+
+        /// The stream cut at these places.
+        fn chunks<'a>(stream: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.sort_unstable();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for a in at {
+                out.push(&stream[from..a]);
+                from = a;
+            }
+            out.push(&stream[from..]);
+            out
+        }
+
+        fn split(max_line: usize, chunks: &[&[u8]]) -> (Vec<Event>, u64, usize) {
+            let mut s = Splitter::with_max_line(NONCE, max_line);
+            let mut out = Vec::new();
+            let mut most_held = 0;
+            let ((), work) = crate::work::count(|| {
+                for c in chunks {
+                    s.feed(c, &mut out);
+                    most_held = most_held.max(s.held_bytes());
+                }
+                s.finish(&mut out);
+            });
+            (out, work, most_held)
+        }
+
+        /// The stream read as whole lines, by the documented rules: a marker is a whole line
+        /// shorter than the cut length that is the prefix and `begin I` or `end I CODE`; a blank
+        /// line just before a marker is the driver's and vanishes; a stage's last line is the
+        /// last line with more than white space since it began (a blank line printed, or a line
+        /// too long to hold, clears it), cut at MAX_LAST_LINE bytes and trimmed.
+        fn model(stream: &[u8], max_line: usize) -> (Vec<u8>, Vec<Mark>) {
+            let prefix = format!("\x1eAMS-{NONCE} ");
+            let marker = |l: &[u8]| -> Option<(bool, usize, i32)> {
+                let rest = std::str::from_utf8(l.strip_prefix(prefix.as_bytes())?).ok()?;
+                let f: Vec<&str> = rest.split(' ').collect();
+                match f.as_slice() {
+                    ["begin", i] => Some((true, i.parse().ok()?, 0)),
+                    ["end", i, c] => Some((false, i.parse().ok()?, c.parse().ok()?)),
+                    _ => None,
+                }
+            };
+            let (mut out, mut marks) = (Vec::new(), Vec::new());
+            let (mut held, mut last): (bool, Vec<u8>) = (false, Vec::new());
+            let mut lines: Vec<&[u8]> = stream.split(|b| *b == b'\n').collect();
+            let tail = lines.pop().unwrap_or_default();
+            for l in lines {
+                let m = if l.len() < max_line { marker(l) } else { None };
+                if let Some((begin, i, code)) = m {
+                    held = false;
+                    if begin {
+                        last.clear();
+                        marks.push(Mark::Begin(i));
+                    } else {
+                        let text = String::from_utf8_lossy(&last).trim().to_string();
+                        marks.push(Mark::End(i, code, text));
+                    }
+                    continue;
+                }
+                if l.is_empty() {
+                    if held {
+                        out.push(b'\n');
+                        last.clear();
+                    }
+                    held = true;
+                    continue;
+                }
+                if held {
+                    out.push(b'\n');
+                    last.clear();
+                    held = false;
+                }
+                if l.len() >= max_line {
+                    last.clear();
+                } else if !l.iter().all(u8::is_ascii_whitespace) {
+                    last = l[..l.len().min(MAX_LAST_LINE)].to_vec();
+                }
+                out.extend_from_slice(l);
+                out.push(b'\n');
+            }
+            if held {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(tail);
+            (out, marks)
+        }
+
+        proptest! {
+            #![proptest_config(crate::work::cases(256))]
+
+            /// However the stream is cut into chunks (one byte each included), the events are
+            /// those of the whole stream at once.
+            #[test]
+            fn chunking_does_not_change_events(st in stream(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16), max_line in prop::sample::select(vec![32usize, 41, 64, MAX_LINE])) {
+                let (whole, _, _) = split(max_line, &[&st]);
+                let (cut, _, _) = split(max_line, &chunks(&st, &cuts));
+                prop_assert_eq!(&cut, &whole);
+                let bytes: Vec<&[u8]> = st.chunks(1).collect();
+                let (tiny, _, _) = split(max_line, &bytes);
+                prop_assert_eq!(&tiny, &whole);
+            }
+
+            /// The events agree with the line model: the same log bytes, the same markers with
+            /// the same last lines; every output piece and everything held stays bounded; and
+            /// the work is at most three units a byte.
+            #[test]
+            fn events_follow_the_line_model(st in stream(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16), max_line in prop::sample::select(vec![32usize, 41, 64, MAX_LINE])) {
+                let (events, work, most_held) = split(max_line, &chunks(&st, &cuts));
+                let (want_out, want_marks) = model(&st, max_line);
+                let mut got_out = Vec::new();
+                let mut got_marks = Vec::new();
+                for e in events {
+                    match e {
+                        Event::Output(b) => {
+                            prop_assert!(!b.is_empty() && b.len() <= max_line + 1, "{} bytes", b.len());
+                            got_out.extend_from_slice(&b);
+                        }
+                        Event::Begin(i) => got_marks.push(Mark::Begin(i)),
+                        Event::End { stage, code, last_line } => got_marks.push(Mark::End(stage, code, last_line)),
+                    }
+                }
+                prop_assert_eq!(String::from_utf8_lossy(&got_out), String::from_utf8_lossy(&want_out));
+                prop_assert_eq!(got_marks, want_marks);
+                prop_assert!(most_held <= max_line + MAX_LAST_LINE);
+                prop_assert!(work <= 3 * st.len() as u64, "{} units for {} bytes", work, st.len());
+            }
+
+            /// Output from a container that does not know the nonce is all log, never a stage
+            /// event, and reaches the log whole: lines with other nonces, shell text, any bytes.
+            #[test]
+            fn without_the_nonce_everything_is_output(st in prop::collection::vec(prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..40),
+                Just(b"\n\x1eAMS-other begin 0\n\x1eAMS-n0nc end 0 0\n".to_vec()),
+            ], 0..16).prop_map(|v| v.concat()), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+                prop_assume!(!st.windows(11).any(|w| w == b"\x1eAMS-n0nce "));
+                let (events, _, _) = split(MAX_LINE, &chunks(&st, &cuts));
+                let mut got = Vec::new();
+                for e in events {
+                    match e {
+                        Event::Output(b) => got.extend_from_slice(&b),
+                        other => prop_assert!(false, "{:?}", other),
+                    }
+                }
+                prop_assert_eq!(got, st);
+            }
+        }
     }
 }

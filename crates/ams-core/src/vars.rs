@@ -45,6 +45,7 @@ fn is_var_name(s: &str) -> bool {
 /// Splits a template into literal text and variable references.
 pub fn parse(template: &str) -> Vec<Piece<'_>> {
     let bytes = template.as_bytes();
+    crate::work::add(bytes.len());
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
@@ -74,6 +75,7 @@ pub fn parse(template: &str) -> Vec<Piece<'_>> {
                     .iter()
                     .take(65)
                     .position(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_'));
+                crate::work::add(len.map_or(rest.len().min(65), |l| l + 1));
                 if let Some(len) = len.filter(|&l| rest[l] == b'}') {
                     let name = &template[i + 1..i + 1 + len];
                     if is_var_name(name) {
@@ -173,5 +175,174 @@ mod tests {
         let mut m = vals();
         m.insert("project", "{build_index}".to_string());
         assert_eq!(expand("{project}", &m).unwrap(), "{build_index}");
+    }
+
+    #[test]
+    fn adversarial_templates_take_linear_work() {
+        // About 1 MiB each, the size of the largest pipeline.json: a scan to the end of the text
+        // from every brace would count hundreds of billions of units here, not two million.
+        let long_name = format!("{{{}", "a".repeat(64));
+        for unit in [
+            "{a",
+            "{",
+            "{{",
+            "}}",
+            "${a}",
+            "{a}",
+            "a}{",
+            long_name.as_str(),
+            "{a_1}}",
+        ] {
+            let t = unit.repeat((1 << 20) / unit.len());
+            let (pieces, work) = crate::work::count(|| parse(&t));
+            assert!(
+                work <= 2 * t.len() as u64 + 1,
+                "{unit}: {work} units for {} bytes",
+                t.len()
+            );
+            assert_eq!(render(&pieces), t, "{unit}");
+        }
+    }
+
+    /// Writes pieces back as template text.
+    fn render(pieces: &[Piece<'_>]) -> String {
+        let mut out = String::new();
+        for p in pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Brace(c) => {
+                    out.push(*c);
+                    out.push(*c);
+                }
+                Piece::Var(n) => {
+                    out.push('{');
+                    out.push_str(n);
+                    out.push('}');
+                }
+            }
+        }
+        out
+    }
+
+    /// The rules of the module's documentation, read one character at a time and searching to
+    /// the end of the text for each closing brace: slow, obviously right.
+    fn model(t: &str) -> Vec<Piece<'_>> {
+        fn flush<'a>(t: &'a str, from: usize, to: usize, out: &mut Vec<Piece<'a>>) {
+            if from < to {
+                out.push(Piece::Text(&t[from..to]));
+            }
+        }
+        let mut out = Vec::new();
+        let (mut text_start, mut i) = (0, 0);
+        while i < t.len() {
+            let rest = &t[i..];
+            if rest.starts_with("{{") || rest.starts_with("}}") {
+                flush(t, text_start, i, &mut out);
+                out.push(Piece::Brace(if rest.starts_with('{') { '{' } else { '}' }));
+                i += 2;
+                text_start = i;
+                continue;
+            }
+            if rest.starts_with('{') && !t[..i].ends_with('$') {
+                if let Some(close) = rest[1..].find('}') {
+                    let name = &rest[1..1 + close];
+                    let is_name = (1..=64).contains(&name.chars().count())
+                        && name.starts_with(|c: char| c.is_ascii_lowercase())
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                    if is_name {
+                        flush(t, text_start, i, &mut out);
+                        out.push(Piece::Var(name));
+                        i += close + 2;
+                        text_start = i;
+                        continue;
+                    }
+                }
+            }
+            i += rest.chars().next().map_or(1, char::len_utf8);
+        }
+        flush(t, text_start, t.len(), &mut out);
+        out
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text rich in what the parser looks at: braces, `$`, names of every length around
+        /// the 64-character limit, known and unknown references, and any other character.
+        fn template() -> impl Strategy<Value = String> {
+            let atom = prop_oneof![
+                4 => prop::sample::select(vec!["{", "}", "{{", "}}", "$", "${", " ", "A", "é", "\n"])
+                    .prop_map(str::to_string),
+                3 => "[a-z_0-9]{0,4}",
+                1 => "[a-z][a-z0-9_]{61,66}",
+                2 => prop::sample::select(PIPELINE_VARS.to_vec()).prop_map(|n| format!("{{{n}}}")),
+                1 => Just("{nope}".to_string()),
+                1 => any::<char>().prop_map(String::from),
+            ];
+            prop::collection::vec(atom, 0..48).prop_map(|v| v.concat())
+        }
+
+        fn any_template() -> impl Strategy<Value = String> {
+            prop_oneof![template(), any::<String>()]
+        }
+
+        proptest! {
+            #![proptest_config(crate::work::cases(256))]
+
+            /// The 65-byte look-ahead finds exactly the references the documented rules find.
+            #[test]
+            fn parse_matches_the_model(t in template()) {
+                prop_assert_eq!(parse(&t), model(&t));
+            }
+
+            /// Pieces are the template cut up: written back, they give the same text.
+            #[test]
+            fn pieces_concatenate_back(t in any_template()) {
+                prop_assert_eq!(render(&parse(&t)), t);
+            }
+
+            /// Every byte is looked at by the main loop once and by one look-ahead at most once.
+            #[test]
+            fn parse_examines_each_byte_at_most_twice(t in any_template()) {
+                let (_, work) = crate::work::count(|| parse(&t));
+                prop_assert!(work <= 2 * t.len() as u64 + 1, "{} units for {} bytes", work, t.len());
+            }
+
+            /// With a value for every name, expansion substitutes each reference once, turns
+            /// `{{`/`}}` into braces and never expands a value again.
+            #[test]
+            fn expand_substitutes_references_once(t in template(), v in ".{0,6}") {
+                let pieces = model(&t);
+                let mut values = BTreeMap::new();
+                for p in &pieces {
+                    if let Piece::Var(n) = p {
+                        values.insert(*n, format!("{{{n}}}{v}"));
+                    }
+                }
+                let mut want = String::new();
+                for p in &pieces {
+                    match p {
+                        Piece::Text(x) => want.push_str(x),
+                        Piece::Brace(c) => want.push(*c),
+                        Piece::Var(n) => want.push_str(&values[n]),
+                    }
+                }
+                prop_assert_eq!(expand(&t, &values), Ok(want));
+            }
+
+            /// `first_unknown` names exactly the variable `expand` fails on.
+            #[test]
+            fn first_unknown_agrees_with_expand(t in any_template(), known in prop::sample::subsequence(PIPELINE_VARS.to_vec(), 0..PIPELINE_VARS.len())) {
+                let values: BTreeMap<&str, String> =
+                    known.iter().map(|k| (*k, k.to_uppercase())).collect();
+                match expand(&t, &values) {
+                    Ok(_) => prop_assert_eq!(first_unknown(&t, &known), None),
+                    Err(name) => prop_assert_eq!(first_unknown(&t, &known), Some(name.as_str())),
+                }
+            }
+        }
     }
 }

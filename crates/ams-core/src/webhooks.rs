@@ -1,10 +1,30 @@
 //! Inbound webhooks: webhooks.json's in-webhooks, webhook_fields.json, and reading pushes out
 //! of GitHub, Bitbucket Cloud, Bitbucket Data Center and custom payloads. No IO: the web crate
 //! hands in headers and bodies, this module says what they mean.
+//!
+//! A delivery's body is whatever its sender wrote (up to the listener's body limit), so reading
+//! it is total and bounded: at most [`MAX_PUSHES`] branch heads are taken from one delivery,
+//! names longer than [`MAX_NAME`] are not taken for names, and a branch or commit past its
+//! limit refuses the delivery with the reason. What comes out is never more than a constant
+//! times what came in.
 
-use crate::error::ConfigError;
+use crate::error::{clip, ConfigError};
 use serde::Deserialize;
 use serde_json::Value;
+
+/// Most branch heads built from one delivery; a delivery naming more is refused.
+pub const MAX_PUSHES: usize = 100;
+/// Longest actor or repository name taken from a delivery, in bytes; a longer one is ignored
+/// (and so matches no authorized actor and no repository).
+pub const MAX_NAME: usize = 256;
+/// Longest branch name taken from a delivery, in bytes (the host's own limit).
+pub const MAX_BRANCH: usize = 255;
+/// Longest commit id taken from a delivery: a SHA-256 commit in hex.
+pub const MAX_COMMIT: usize = 64;
+/// Most steps in a webhook_fields.json path.
+pub const MAX_PATH_STEPS: usize = 32;
+/// Longest key in a webhook_fields.json path, in bytes.
+pub const MAX_KEY: usize = 256;
 
 /// One in-webhook of webhooks.json.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -146,10 +166,30 @@ impl WebhookFields {
                     "is missing; give a list of keys and indexes, e.g. [\"push\", \"changes\", 0]",
                 ));
             };
+            if items.len() > MAX_PATH_STEPS {
+                return Err(ConfigError::field(
+                    Self::FILE,
+                    k,
+                    format!(
+                        "has {} steps, over the limit of {MAX_PATH_STEPS}; give the path to the \
+                         value in the sender's body",
+                        items.len()
+                    ),
+                ));
+            }
             items
                 .iter()
                 .enumerate()
                 .map(|(i, s)| match s {
+                    Value::String(s) if s.len() > MAX_KEY => Err(ConfigError::field(
+                        Self::FILE,
+                        format!("{k}[{i}]"),
+                        format!(
+                            "is {} bytes long, over the limit of {MAX_KEY}; give the key as \
+                             the sender's body spells it",
+                            s.len()
+                        ),
+                    )),
                     Value::String(s) => Ok(Step::Key(s.clone())),
                     Value::Number(n) if n.as_u64().is_some() => {
                         Ok(Step::Index(n.as_u64().unwrap_or(0) as usize))
@@ -250,16 +290,56 @@ fn s(v: &Value, ptr: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The names found at these places, each at most [`MAX_NAME`] bytes, without repeats.
 fn names(v: &Value, ptrs: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for p in ptrs {
-        if let Some(x) = s(v, p) {
-            if !out.contains(&x) {
-                out.push(x);
+        let found = v.pointer(p).and_then(Value::as_str);
+        if let Some(x) = found.filter(|x| !x.is_empty() && x.len() <= MAX_NAME) {
+            if !out.iter().any(|o| o == x) {
+                out.push(x.to_string());
             }
         }
     }
     out
+}
+
+/// Adds a branch head to `pushes`, refusing a branch or commit past its limit, and a delivery
+/// that names more than [`MAX_PUSHES`] heads.
+fn take(
+    pushes: &mut Vec<Push>,
+    actors: &[String],
+    repositories: &[String],
+    branch: &str,
+    commit: String,
+) -> Result<(), String> {
+    if branch.len() > MAX_BRANCH {
+        return Err(format!(
+            "branch `{}` is {} bytes long, over the limit of {MAX_BRANCH}",
+            clip(branch, 64),
+            branch.len()
+        ));
+    }
+    if commit.len() > MAX_COMMIT {
+        return Err(format!(
+            "commit `{}` is {} bytes long; a commit id is at most {MAX_COMMIT} hex digits",
+            clip(&commit, 64),
+            commit.len()
+        ));
+    }
+    if pushes.len() == MAX_PUSHES {
+        return Err(format!(
+            "the delivery names more than {MAX_PUSHES} branch heads; AMS-Build builds at most \
+             {MAX_PUSHES} from one delivery: push fewer branches at once"
+        ));
+    }
+    pushes.push(Push {
+        actors: actors.to_vec(),
+        repositories: repositories.to_vec(),
+        branch: branch.to_string(),
+        commit,
+    });
+    Ok(())
 }
 
 fn is_zero_hash(h: &str) -> bool {
@@ -282,20 +362,23 @@ pub fn intent(
                 if body.get("deleted").and_then(Value::as_bool) == Some(true)
                     || is_zero_hash(&after)
                 {
-                    return Ok(Intent::Ignore(format!("{r} was deleted")));
+                    return Ok(Intent::Ignore(format!("{} was deleted", clip(&r, 256))));
                 }
                 let Some(branch) = r.strip_prefix("refs/heads/") else {
-                    return Ok(Intent::Ignore(format!("{r} is not a branch")));
+                    return Ok(Intent::Ignore(format!("{} is not a branch", clip(&r, 256))));
                 };
                 if after.is_empty() {
                     return Err("push without `after`".into());
                 }
-                Ok(Intent::Pushes(vec![Push {
-                    actors: names(body, &["/pusher/name", "/sender/login"]),
-                    repositories: names(body, &["/repository/name", "/repository/full_name"]),
-                    branch: branch.to_string(),
-                    commit: after,
-                }]))
+                let mut pushes = Vec::new();
+                take(
+                    &mut pushes,
+                    &names(body, &["/pusher/name", "/sender/login"]),
+                    &names(body, &["/repository/name", "/repository/full_name"]),
+                    branch,
+                    after,
+                )?;
+                Ok(Intent::Pushes(pushes))
             }
             other => Ok(Intent::Ignore(format!(
                 "GitHub event `{other}` does not build"
@@ -318,6 +401,7 @@ pub fn intent(
                 .ok_or("repo:push without push.changes")?;
             let mut pushes = Vec::new();
             for c in changes {
+                crate::work::add(1);
                 let new = match c.get("new") {
                     Some(n) if !n.is_null() => n,
                     _ => continue, // a deletion
@@ -328,12 +412,7 @@ pub fn intent(
                 let (Some(branch), Some(commit)) = (s(new, "/name"), s(new, "/target/hash")) else {
                     continue;
                 };
-                pushes.push(Push {
-                    actors: actors.clone(),
-                    repositories: repositories.clone(),
-                    branch,
-                    commit,
-                });
+                take(&mut pushes, &actors, &repositories, &branch, commit)?;
             }
             if pushes.is_empty() {
                 Ok(Intent::Ignore(
@@ -354,6 +433,7 @@ pub fn intent(
                     .ok_or("repo:refs_changed without changes")?;
                 let mut pushes = Vec::new();
                 for c in changes {
+                    crate::work::add(1);
                     if c.get("type").and_then(Value::as_str) == Some("DELETE") {
                         continue;
                     }
@@ -366,12 +446,7 @@ pub fn intent(
                     let Some(commit) = s(c, "/toHash").filter(|h| !is_zero_hash(h)) else {
                         continue;
                     };
-                    pushes.push(Push {
-                        actors: actors.clone(),
-                        repositories: repositories.clone(),
-                        branch: branch.to_string(),
-                        commit,
-                    });
+                    take(&mut pushes, &actors, &repositories, branch, commit)?;
                 }
                 if pushes.is_empty() {
                     Ok(Intent::Ignore(
@@ -393,14 +468,29 @@ pub fn intent(
             let get = |p: &[Step], what: &str| {
                 extract(body, p).ok_or_else(|| format!("no {what} where webhook_fields.json says"))
             };
-            Ok(Intent::Pushes(vec![Push {
-                actors: vec![get(&f.actor, "actor")?],
-                repositories: vec![get(&f.repository, "repository")?],
-                branch: get(&f.branch, "branch")?
-                    .trim_start_matches("refs/heads/")
-                    .to_string(),
-                commit: get(&f.hash, "hash")?,
-            }]))
+            let name = |p: &[Step], what: &str| {
+                let v = get(p, what)?;
+                if v.len() > MAX_NAME {
+                    return Err(format!(
+                        "the {what} where webhook_fields.json says is {} bytes long, over the \
+                         limit of {MAX_NAME}",
+                        v.len()
+                    ));
+                }
+                Ok(v)
+            };
+            let actors = [name(&f.actor, "actor")?];
+            let repositories = [name(&f.repository, "repository")?];
+            let branch = get(&f.branch, "branch")?;
+            let mut pushes = Vec::new();
+            take(
+                &mut pushes,
+                &actors,
+                &repositories,
+                branch.trim_start_matches("refs/heads/"),
+                get(&f.hash, "hash")?,
+            )?;
+            Ok(Intent::Pushes(pushes))
         }
     }
 }
@@ -566,5 +656,427 @@ mod tests {
             Sender::BitbucketServer
         );
         assert_eq!(Sender::detect(None, None), Sender::Custom);
+    }
+
+    fn hook() -> InWebhook {
+        InWebhook {
+            name: "w".into(),
+            repository: None,
+            branch: None,
+            authorized_actors: vec!["alice".into()],
+            secret: Some("s".into()),
+            allow_unsigned: false,
+        }
+    }
+
+    /// A Bitbucket Cloud push of `n` branch heads by an actor whose display name is
+    /// `name_len` bytes long.
+    fn cloud_push(n: usize, name_len: usize) -> Value {
+        let changes: Vec<Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"new": {"type": "branch", "name": format!("b{i}"),
+                                                "target": {"hash": "abc1"}}})
+            })
+            .collect();
+        serde_json::json!({"actor": {"display_name": "x".repeat(name_len), "nickname": "alice"},
+            "repository": {"name": "r"}, "push": {"changes": changes}})
+    }
+
+    #[test]
+    fn a_long_name_is_not_copied_into_every_push() {
+        // Found by `output_is_linear_in_the_body` (47 heads, a display name of 6559 bytes:
+        // 308 874 bytes out of a 9652-byte body): each branch head got its own copy of the
+        // actor's names, so one long name and many small changes (a 25 MiB delivery: 12 MiB of
+        // name, 200 000 changes) asked for terabytes.
+        let body = cloud_push(MAX_PUSHES, 100_000);
+        let Ok(Intent::Pushes(p)) = intent(Sender::BitbucketCloud, "repo:push", &body, None) else {
+            panic!()
+        };
+        assert_eq!(p.len(), MAX_PUSHES);
+        assert!(p.iter().all(|p| p.actors == ["alice"]));
+        let e = intent(
+            Sender::BitbucketCloud,
+            "repo:push",
+            &cloud_push(MAX_PUSHES + 1, 1),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("more than 100 branch heads"), "{e}");
+        // Refused, not cut short: nothing of it is built.
+        assert!(matches!(
+            decide(
+                &hook(),
+                Sender::BitbucketCloud,
+                "repo:push",
+                &cloud_push(1000, 1),
+                None
+            ),
+            Decision::Refuse(400, _)
+        ));
+    }
+
+    #[test]
+    fn long_branches_and_commits_are_refused_with_the_reason() {
+        let push = |r: &str, after: &str| serde_json::json!({"ref": r, "after": after, "pusher": {"name": "alice"}});
+        let e = intent(
+            Sender::GitHub,
+            "push",
+            &push(&format!("refs/heads/{}", "b".repeat(256)), "abc1"),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("over the limit of 255"), "{e}");
+        let e = intent(
+            Sender::GitHub,
+            "push",
+            &push("refs/heads/main", &"a".repeat(65)),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("at most 64 hex digits"), "{e}");
+        assert!(intent(
+            Sender::GitHub,
+            "push",
+            &push(&format!("refs/heads/{}", "b".repeat(255)), &"a".repeat(64)),
+            None
+        )
+        .is_ok());
+        let Ok(Intent::Ignore(why)) = intent(
+            Sender::GitHub,
+            "push",
+            &push(&format!("refs/tags/{}", "t".repeat(100_000)), "abc1"),
+            None,
+        ) else {
+            panic!()
+        };
+        assert!(why.len() < 300, "{}", why.len());
+    }
+
+    #[test]
+    fn webhook_fields_paths_are_capped() {
+        let fields = |actor: &str| {
+            format!(r#"{{"actor": {actor}, "repository": ["r"], "branch": ["b"], "hash": ["h"]}}"#)
+        };
+        let long: Vec<Value> = (0..=MAX_PATH_STEPS)
+            .map(|i| Value::from(i as u64))
+            .collect();
+        let e = WebhookFields::parse(&fields(&Value::from(long).to_string())).unwrap_err();
+        assert_eq!(e.field, "actor");
+        assert!(e.message.contains("33 steps, over the limit of 32"), "{e}");
+        let e = WebhookFields::parse(&fields(&format!("[\"{}\"]", "k".repeat(MAX_KEY + 1))))
+            .unwrap_err();
+        assert_eq!(e.field, "actor[0]");
+        let ok: Vec<Value> = (0..MAX_PATH_STEPS)
+            .map(|_| Value::from("k".repeat(MAX_KEY)))
+            .collect();
+        assert!(WebhookFields::parse(&fields(&Value::from(ok).to_string())).is_ok());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                prop_oneof![
+                    "[a-z/0]{0,12}",
+                    Just("refs/heads/main".to_string()),
+                    Just("branch".to_string()),
+                    Just("DELETE".to_string()),
+                    any::<String>()
+                ]
+                .prop_map(Value::String),
+            ];
+            let key = prop::sample::select(vec![
+                "ref",
+                "after",
+                "deleted",
+                "pusher",
+                "name",
+                "sender",
+                "login",
+                "repository",
+                "full_name",
+                "actor",
+                "display_name",
+                "push",
+                "changes",
+                "new",
+                "type",
+                "target",
+                "hash",
+                "refId",
+                "toHash",
+                "slug",
+                "x",
+            ]);
+            leaf.prop_recursive(5, 48, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(key.clone().prop_map(str::to_string), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn sender() -> impl Strategy<Value = (Sender, &'static str)> {
+            prop::sample::select(vec![
+                (Sender::GitHub, "push"),
+                (Sender::GitHub, "ping"),
+                (Sender::GitHub, "issues"),
+                (Sender::BitbucketCloud, "repo:push"),
+                (Sender::BitbucketCloud, "pullrequest:created"),
+                (Sender::BitbucketServer, "repo:refs_changed"),
+                (Sender::BitbucketServer, "diagnostics:ping"),
+                (Sender::Custom, "push"),
+            ])
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "push", "changes", "new", "name", "target", "hash", "x"
+                ])
+                .prop_map(|k| Step::Key(k.to_string())),
+                (0usize..3).prop_map(Step::Index),
+                Just(Step::Index(usize::MAX)),
+            ]
+        }
+
+        fn fields() -> impl Strategy<Value = WebhookFields> {
+            let path = || prop::collection::vec(step(), 0..5);
+            (path(), path(), path(), path()).prop_map(|(actor, repository, branch, hash)| {
+                WebhookFields {
+                    actor,
+                    repository,
+                    branch,
+                    hash,
+                }
+            })
+        }
+
+        /// One entry of a push's list of changes, and the branch head it names, if any.
+        #[derive(Debug, Clone)]
+        enum Change {
+            Head(String, String),
+            Tag(String),
+            Deleted(String),
+            ZeroHash(String),
+        }
+
+        fn change() -> impl Strategy<Value = Change> {
+            let name = "[a-z][a-z0-9/_-]{0,10}";
+            let hash = "[0-9a-f]{4,64}".prop_filter("not all zeros", |h| !is_zero_hash(h));
+            prop_oneof![
+                4 => (name, hash).prop_map(|(n, h)| Change::Head(n, h)),
+                1 => name.prop_map(Change::Tag),
+                1 => name.prop_map(Change::Deleted),
+                1 => name.prop_map(Change::ZeroHash),
+            ]
+        }
+
+        fn cloud(changes: &[Change]) -> Value {
+            let items: Vec<Value> = changes
+                .iter()
+                .map(|c| match c {
+                    Change::Head(n, h) => {
+                        json!({"new": {"type": "branch", "name": n, "target": {"hash": h}}})
+                    }
+                    Change::Tag(n) => {
+                        json!({"new": {"type": "tag", "name": n, "target": {"hash": "abc1"}}})
+                    }
+                    Change::Deleted(n) => {
+                        json!({"old": {"type": "branch", "name": n}, "new": null})
+                    }
+                    Change::ZeroHash(n) => json!({"new": {"type": "branch", "name": n}}),
+                })
+                .collect();
+            json!({"actor": {"display_name": "Alice", "nickname": "alice"},
+                   "repository": {"name": "r", "full_name": "o/r"}, "push": {"changes": items}})
+        }
+
+        fn server(changes: &[Change]) -> Value {
+            let zero = "0".repeat(40);
+            let items: Vec<Value> = changes.iter().map(|c| match c {
+                Change::Head(n, h) => json!({"ref": {"id": format!("refs/heads/{n}")}, "toHash": h, "type": "UPDATE"}),
+                Change::Tag(n) => json!({"refId": format!("refs/tags/{n}"), "toHash": "abc1", "type": "ADD"}),
+                Change::Deleted(n) => json!({"ref": {"id": format!("refs/heads/{n}")}, "toHash": "abc1", "type": "DELETE"}),
+                Change::ZeroHash(n) => json!({"refId": format!("refs/heads/{n}"), "toHash": zero, "type": "UPDATE"}),
+            }).collect();
+            json!({"actor": {"name": "alice", "displayName": "Alice"},
+                   "repository": {"slug": "r", "name": "R"}, "changes": items})
+        }
+
+        /// Every byte of what came out: a measure of the memory a delivery costs.
+        fn out_bytes(i: &Intent) -> usize {
+            match i {
+                Intent::Pushes(p) => p
+                    .iter()
+                    .map(|p| {
+                        p.actors
+                            .iter()
+                            .chain(&p.repositories)
+                            .map(String::len)
+                            .sum::<usize>()
+                            + p.branch.len()
+                            + p.commit.len()
+                    })
+                    .sum(),
+                Intent::Ignore(r) => r.len(),
+                Intent::Ping => 0,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(crate::work::cases(256))]
+
+            /// Any body from any sender: no panic, and a decision whatever the webhook.
+            #[test]
+            fn any_body_is_total(body in json(), (sender, event) in sender(), f in prop::option::of(fields()), branch in prop::option::of("[a-z]{1,3}")) {
+                let _ = intent(sender, event, &body, f.as_ref());
+                let mut h = hook();
+                h.branch = branch;
+                let _ = decide(&h, sender, event, &body, f.as_ref());
+            }
+
+            /// Bitbucket pushes give exactly their branch heads, in order (tags, deletions and
+            /// zero hashes left out), up to the cap and refused past it; with work in
+            /// proportion to the changes.
+            #[test]
+            fn bitbucket_heads_follow_a_model(changes in prop::collection::vec(change(), 0..12), copies in prop_oneof![3 => Just(1usize), 1 => 1usize..20]) {
+                let changes: Vec<Change> = changes.iter().cycle().take(changes.len() * copies).cloned().collect();
+                let heads: Vec<(String, String)> = changes.iter().filter_map(|c| match c {
+                    Change::Head(n, h) => Some((n.clone(), h.clone())),
+                    _ => None,
+                }).collect();
+                for (sender, event, body) in [
+                    (Sender::BitbucketCloud, "repo:push", cloud(&changes)),
+                    (Sender::BitbucketServer, "repo:refs_changed", server(&changes)),
+                ] {
+                    let (got, work) = crate::work::count(|| intent(sender, event, &body, None));
+                    prop_assert!(work <= changes.len() as u64);
+                    match got {
+                        Ok(Intent::Pushes(p)) => {
+                            let got: Vec<(String, String)> = p.iter().map(|p| (p.branch.clone(), p.commit.clone())).collect();
+                            prop_assert_eq!(&got, &heads);
+                            prop_assert!(p.iter().all(|p| p.actors.contains(&"alice".to_string())));
+                        }
+                        Ok(Intent::Ignore(_)) => prop_assert!(heads.is_empty()),
+                        Ok(Intent::Ping) => prop_assert!(false, "a push is no ping"),
+                        Err(e) => {
+                            prop_assert!(heads.len() > MAX_PUSHES, "{}", e);
+                            prop_assert!(e.contains("more than 100 branch heads"), "{}", e);
+                        }
+                    }
+                }
+            }
+
+            /// A custom sender's values are found where webhook_fields.json's paths lead.
+            #[test]
+            fn custom_paths_lead_to_their_values(f in fields(), branch in "[a-z]{1,8}", hash in "[0-9a-f]{4,40}") {
+                // Build a body with each value at the end of its path (a later path may
+                // overwrite an earlier one's place; then the later value is expected there).
+                let mut body = Value::Null;
+                let paths = [(&f.actor, "alice".to_string()), (&f.repository, "r".to_string()),
+                             (&f.branch, format!("refs/heads/{branch}")), (&f.hash, hash.clone())];
+                for (path, v) in &paths {
+                    place(&mut body, path, Value::String(v.clone()));
+                }
+                let found: Vec<Option<String>> = paths.iter().map(|(p, _)| extract(&body, p)).collect();
+                match intent(Sender::Custom, "push", &body, Some(&f)) {
+                    Ok(Intent::Pushes(p)) => {
+                        prop_assert_eq!(p.len(), 1);
+                        prop_assert_eq!(Some(p[0].actors[0].clone()), found[0].clone());
+                        prop_assert_eq!(Some(p[0].repositories[0].clone()), found[1].clone());
+                        prop_assert_eq!(Some(p[0].commit.clone()), found[3].clone());
+                    }
+                    other => prop_assert!(found.iter().any(Option::is_none), "{:?} with {:?}", other, found),
+                }
+            }
+
+            /// Whatever a body holds, what is read out of it is at most a constant times its
+            /// size: no string of it is copied once per branch head.
+            #[test]
+            fn output_is_linear_in_the_body(n in 1usize..150, name_len in prop_oneof![1usize..300, 300usize..20_000], (sender, event) in sender()) {
+                let mut body = cloud_push(n, name_len);
+                if sender == Sender::BitbucketServer {
+                    let changes: Vec<Change> = (0..n).map(|i| Change::Head(format!("b{i}"), "abc1".into())).collect();
+                    body = server(&changes);
+                    body["actor"]["displayName"] = Value::from("x".repeat(name_len));
+                }
+                if sender == Sender::GitHub {
+                    body = json!({"ref": "refs/heads/main", "after": "abc1",
+                                  "pusher": {"name": "x".repeat(name_len)}, "sender": {"login": "alice"}});
+                }
+                let f = WebhookFields::parse(r#"{"actor": ["actor", "display_name"], "repository": ["repository", "name"],
+                    "branch": ["push", "changes", 0, "new", "name"], "hash": ["push", "changes", 0, "new", "target", "hash"]}"#).unwrap();
+                let size = body.to_string().len();
+                if let Ok(i) = intent(sender, event, &body, Some(&f)) {
+                    prop_assert!(out_bytes(&i) <= 32 * size, "{} bytes out of {}", out_bytes(&i), size);
+                    if let Intent::Pushes(p) = &i {
+                        prop_assert!(p.len() <= MAX_PUSHES);
+                        for p in p {
+                            prop_assert!(p.actors.iter().chain(&p.repositories).all(|n| n.len() <= MAX_NAME));
+                            prop_assert!(p.branch.len() <= MAX_BRANCH && p.commit.len() <= MAX_COMMIT);
+                        }
+                    }
+                }
+            }
+
+            /// webhook_fields.json: any text is total, and any parsed path stays in its caps.
+            #[test]
+            fn webhook_fields_parse_is_total(t in prop_oneof![json().prop_map(|v| v.to_string()), any::<String>()], steps in prop::collection::vec(prop_oneof![any::<u64>().prop_map(Value::from), "[a-z]{0,300}".prop_map(Value::from), Just(Value::from(-1)), Just(Value::from(1.5))], 0..40)) {
+                let _ = WebhookFields::parse(&t);
+                let p = Value::from(steps).to_string();
+                let text = format!(r#"{{"actor": {p}, "repository": {p}, "branch": {p}, "hash": {p}}}"#);
+                match WebhookFields::parse(&text) {
+                    Ok(f) => {
+                        prop_assert!(f.actor.len() <= MAX_PATH_STEPS);
+                        prop_assert!(f.actor.iter().all(|s| !matches!(s, Step::Key(k) if k.len() > MAX_KEY)));
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.file.as_str(), "webhook_fields.json");
+                        prop_assert!(e.field.starts_with("actor"), "{}", e);
+                    }
+                }
+            }
+        }
+
+        /// Puts `v` at the end of `path` in `body`, making objects and lists on the way.
+        fn place(body: &mut Value, path: &[Step], v: Value) {
+            let mut cur = body;
+            for s in path {
+                cur = match s {
+                    Step::Key(k) => {
+                        if !cur.is_object() {
+                            *cur = json!({});
+                        }
+                        cur.as_object_mut()
+                            .unwrap()
+                            .entry(k.clone())
+                            .or_insert(Value::Null)
+                    }
+                    Step::Index(i) => {
+                        if *i > 8 {
+                            return; // no such list is sent; extract finds nothing there
+                        }
+                        if !cur.is_array() {
+                            *cur = json!([]);
+                        }
+                        let a = cur.as_array_mut().unwrap();
+                        while a.len() <= *i {
+                            a.push(Value::Null);
+                        }
+                        &mut a[*i]
+                    }
+                };
+            }
+            *cur = v;
+        }
     }
 }

@@ -603,8 +603,8 @@ async fn host_commands(
     Ok(())
 }
 
-/// The largest pipeline.json the host reads.
-pub const PIPELINE_MAX_BYTES: u64 = 1 << 20;
+/// The largest pipeline.json the host reads: the parser's own cap.
+pub const PIPELINE_MAX_BYTES: u64 = pipeline::MAX_BYTES as u64;
 
 /// Everything before the stages: the private config, the git update, pipeline.json, the copy.
 struct Prepared {
