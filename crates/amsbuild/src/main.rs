@@ -999,7 +999,11 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }
-    let conf = WebConf::default();
+    // A local run says at once that the engine is missing rather than waiting for it.
+    let conf = WebConf {
+        engine_wait_secs: 0,
+        ..WebConf::default()
+    };
     let private = PrivateConfig::default();
     let project = ams_core::names::sanitize_container_name(
         &dir.file_name()

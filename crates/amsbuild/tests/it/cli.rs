@@ -208,7 +208,8 @@ fn run_refuses_a_malformed_pipeline_with_its_field() {
 
 #[test]
 fn a_dead_docker_engine_fails_the_build_not_the_host() {
-    let mut h = TestHost::new();
+    // Builds wait for a missing engine for engine_wait_secs, then fail with the reason.
+    let mut h = TestHost::with_conf(json!({"engine_wait_secs": 2}));
     let dead = h.tmp.path().join("no-docker.sock");
     h.env
         .push(("DOCKER_HOST".into(), format!("unix://{}", dead.display())));
@@ -223,6 +224,7 @@ fn a_dead_docker_engine_fails_the_build_not_the_host() {
             reason.contains("Docker engine is not reachable"),
             "{reason}"
         );
+        assert!(reason.contains("waited 2 s for the engine"), "{reason}");
     }
     let dir = h.tmp.path().join("src");
     std::fs::create_dir_all(&dir).unwrap();
