@@ -34,6 +34,26 @@ const UNIX_EXTENSION: u32 = 0x8000;
 const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
 const FILE_ATTRIBUTE_ARCHIVE: u32 = 0x20;
 
+/// A file name as 7z stores it (Unicode): valid UTF-8 as it is; each byte of an invalid
+/// sequence as `%XX`, so two different names never become one (a lossy conversion would turn
+/// both into U+FFFD and one file would overwrite the other on extraction).
+fn entry_name(name: &std::ffi::OsStr) -> String {
+    let bytes = name.as_encoded_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let mut out = String::with_capacity(bytes.len() + 8);
+            for chunk in bytes.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        }
+    }
+}
+
 /// The deepest folder nesting packed.
 pub const MAX_DEPTH: usize = 256;
 
@@ -149,7 +169,7 @@ fn walk(
     names.sort_by_key(|e| e.file_name());
     for de in names {
         let path = de.path();
-        let name = format!("{prefix}{}", de.file_name().to_string_lossy());
+        let name = format!("{prefix}{}", entry_name(&de.file_name()));
         // symlink_metadata: a link is described, never followed.
         let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
         let ft = meta.file_type();
@@ -264,6 +284,16 @@ impl Hasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_utf8_names_stay_distinct() {
+        use std::os::unix::ffi::OsStrExt;
+        let a = entry_name(std::ffi::OsStr::from_bytes(b"a\xff"));
+        let b = entry_name(std::ffi::OsStr::from_bytes(b"a\xfe"));
+        assert_eq!(a, "a%FF");
+        assert_ne!(a, b);
+        assert_eq!(entry_name(std::ffi::OsStr::new("caf\u{e9}")), "caf\u{e9}");
+    }
 
     fn hash_bytes(kind: HashKind, data: &[u8]) -> String {
         let mut h = Hasher::new(kind);

@@ -201,6 +201,20 @@ enum ProjectCmd {
     List,
 }
 
+/// `println!` that ends the program quietly when standard output is closed (`amsbuild status
+/// | head`), instead of panicking on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (for outbound notifications).
@@ -249,8 +263,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Serve => serve(data).await,
         Cmd::Project(ProjectCmd::Init { name }) => {
             let p = project::init(&data, &name).map_err(|e| anyhow!(e))?;
-            println!("created project {name} at {}", p.root.display());
-            println!(
+            outln!("created project {name} at {}", p.root.display());
+            outln!(
                 "edit {} and {}",
                 p.master_source().join("pipeline.json").display(),
                 p.config().join(PrivateConfig::FILE).display()
@@ -261,15 +275,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let p = project::add(&data, &name, &git, branch.as_deref())
                 .await
                 .map_err(|e| anyhow!(e))?;
-            println!("created project {name} at {}", p.root.display());
+            outln!("created project {name} at {}", p.root.display());
             if !p.master_source().join("pipeline.json").exists() {
-                println!("note: the repository has no pipeline.json at its root yet; builds fail until it has one");
+                outln!("note: the repository has no pipeline.json at its root yet; builds fail until it has one");
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Project(ProjectCmd::List) => {
             for n in project::list(&data) {
-                println!("{n}");
+                outln!("{n}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -289,7 +303,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let name = v["build"]["name"].as_str().unwrap_or_default().to_string();
             eprintln!("queued build {name}");
             if !wait {
-                println!("{name}");
+                outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
             }
             follow(&sock, &name).await
@@ -308,7 +322,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .map_err(|e| anyhow!(e))?;
             let builds = v["builds"].as_array().cloned().unwrap_or_default();
             if as_json {
-                println!("{}", serde_json::to_string_pretty(&builds)?);
+                outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
                 for b in builds {
                     print_build(&b);
@@ -329,11 +343,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .map_err(|e| anyhow!(e))?;
             let list = v["deliveries"].as_array().cloned().unwrap_or_default();
             if as_json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
-                    println!(
+                    outln!(
                         "{}  {:<9} {} {} via {}  id {}  {}{}",
                         d["received_at"]
                             .as_f64()
@@ -374,7 +388,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .map_err(|e| anyhow!(e))?;
             let list = v["notifications"].as_array().cloned().unwrap_or_default();
             if as_json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
@@ -384,7 +398,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         .flatten()
                         .map(|a| a["outcome"].as_str().unwrap_or("?").to_string())
                         .collect();
-                    println!(
+                    outln!(
                         "{}  {} {} `{}` to {}  {}  [{}]",
                         n["created_at"]
                             .as_f64()
@@ -411,10 +425,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             match v["builds"].as_array() {
                 Some(b) if !b.is_empty() => {
                     for n in b {
-                        println!("{}", n.as_str().unwrap_or_default());
+                        outln!("{}", n.as_str().unwrap_or_default());
                     }
                 }
-                _ => println!(
+                _ => outln!(
                     "nothing to build{}",
                     v["ignored"]
                         .as_str()
@@ -431,7 +445,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             )
             .await
             .map_err(|e| anyhow!(e))?;
-            println!(
+            outln!(
                 "cancel requested for {}",
                 v["build"]["name"].as_str().unwrap_or(&build)
             );
@@ -444,7 +458,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             )
             .await
             .map_err(|e| anyhow!(e))?;
-            println!("deleted the output of {build}");
+            outln!("deleted the output of {build}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
@@ -452,7 +466,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .await
                 .map_err(|e| anyhow!(e))?;
             for list in ["active", "pending"] {
-                println!("{list}:");
+                outln!("{list}:");
                 for b in v[list].as_array().cloned().unwrap_or_default() {
                     print_build(&b);
                 }
@@ -474,7 +488,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Some(k) => Some(ams_archive::hash_file(&dest, k)?),
                 None => None,
             };
-            println!(
+            outln!(
                 "{}",
                 json!({"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks,
                        "skipped": s.skipped, "bytes": s.bytes,
@@ -487,7 +501,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 fn print_build(b: &Value) {
     let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
-    println!(
+    outln!(
         "{:<8} {}  {}  by {}  git {}{}",
         s("status").to_uppercase(),
         s("name"),
@@ -670,7 +684,7 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
                     password_changed_at: now,
                 })
                 .await?;
-            println!("added user {name} ({})", grant.describe());
+            outln!("added user {name} ({})", grant.describe());
         }
         UserCmd::Passwd {
             name,
@@ -681,14 +695,14 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
             if !store.set_password(&name, &hash, timefmt::now()).await? {
                 anyhow::bail!("no user named `{name}`");
             }
-            println!(
+            outln!(
                 "changed the password of {name}; its sessions have ended and its API tokens \
                  are revoked"
             );
         }
         UserCmd::List => {
             for u in store.users().await? {
-                println!("{:<24} {}", u.name, u.grant.describe());
+                outln!("{:<24} {}", u.name, u.grant.describe());
             }
         }
         UserCmd::Set {
@@ -706,7 +720,7 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
                 project,
             };
             match store.update_grant(&name, |g| edit.apply(g)).await {
-                Ok(Some(g)) => println!("updated user {name}: {}", g.describe()),
+                Ok(Some(g)) => outln!("updated user {name}: {}", g.describe()),
                 Ok(None) => anyhow::bail!("no user named `{name}`"),
                 Err(ams_store::StoreError::Invalid(e)) => anyhow::bail!("{e}"),
                 Err(e) => return Err(e.into()),
@@ -716,7 +730,7 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
             if !store.remove_user(&name).await? {
                 anyhow::bail!("no user named `{name}`");
             }
-            println!("removed user {name}");
+            outln!("removed user {name}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -741,11 +755,11 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                 .await?
                 .ok_or_else(|| anyhow!("no user named `{user}`"))?;
             eprintln!("token {id} for {user}; it is shown only now:");
-            println!("{token}");
+            outln!("{token}");
         }
         TokenCmd::List { user } => {
             for t in store.tokens_of(&user).await? {
-                println!(
+                outln!(
                     "{:<4} {:<20} created {}  last used {}",
                     t.id,
                     t.label,
@@ -760,7 +774,7 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
             if !store.revoke_token(&user, id).await? {
                 anyhow::bail!("no token {id} of user `{user}`");
             }
-            println!("revoked token {id}");
+            outln!("revoked token {id}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -841,7 +855,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
                 password_changed_at: now,
             })
             .await?;
-        println!(
+        outln!(
             "first start: created the user `admin` (SERVER ADMIN) with the password {pw}\n\
              it is shown only now; change it with `amsbuild user passwd admin`"
         );

@@ -241,3 +241,32 @@ fn a_dead_docker_engine_fails_the_build_not_the_host() {
         text(&o)
     );
 }
+
+/// `amsbuild builds P | head -1` must not panic when the reader goes away.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let mut h = TestHost::new();
+    h.project(
+        "p",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    h.start();
+    for _ in 0..3 {
+        let n = h.build("p");
+        h.wait_status("p", &n, std::time::Duration::from_secs(30));
+    }
+    for args in [&["builds", "p"][..], &["status"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = h
+            .cmd()
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
