@@ -529,7 +529,7 @@ impl Host {
                     tracing::warn!("build {} was interrupted by a host restart: FAIL", b.name);
                 }
                 _ => {
-                    self.hub.sender(b.id);
+                    self.hub.queued(b.id);
                     let only_latest = self
                         .settings
                         .get(&self.ctx.data, &b.project)
@@ -731,7 +731,7 @@ impl Host {
             .create_build(&nb, |i| build_name(format, &req.project, &hash, i, created))
             .await
             .map_err(|e| e.to_string())?;
-        self.hub.sender(record.id);
+        self.hub.queued(record.id);
         let skipped = self.queue.push(Queued {
             id: record.id,
             project: record.project.clone(),
@@ -824,7 +824,7 @@ impl Host {
                 ams_store::DeliveryOutcome::Accepted(records) if !records.is_empty() => {
                     let mut names = Vec::new();
                     for r in records {
-                        self.hub.sender(r.id);
+                        self.hub.queued(r.id);
                         let latest = settings_of.get(&r.project).is_some_and(|s| s.only_latest);
                         for id in self.queue.push(Queued {
                             id: r.id,

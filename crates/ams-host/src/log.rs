@@ -25,19 +25,68 @@ pub enum LogMsg {
     End { status: String },
 }
 
-/// Live log channels of the builds that are not finished yet.
+/// Live log channels of the running builds, and the pending builds a follower may wait for.
+/// A channel (with its ring of [`CHANNEL_CAPACITY`] slots) exists only from the build's start:
+/// a long queue costs one id per pending build.
 #[derive(Debug, Clone, Default)]
 pub struct LogHub {
     inner: Arc<Mutex<HashMap<i64, broadcast::Sender<LogMsg>>>>,
+    pending: Arc<Mutex<std::collections::HashSet<i64>>>,
+    /// Woken whenever a build starts or ends.
+    moved: Arc<tokio::sync::Notify>,
 }
 
 impl LogHub {
-    /// The channel of a live build, created on first use.
+    /// Notes a queued build, whose followers wait for it to start.
+    pub fn queued(&self, id: i64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    }
+
+    /// The channel of a running build, created on first use (when the build starts).
     pub fn sender(&self, id: i64) -> broadcast::Sender<LogMsg> {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(id)
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
-            .clone()
+        let tx = {
+            let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(id)
+                .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+                .clone()
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.moved.notify_waiters();
+        tx
+    }
+
+    fn is_pending(&self, id: i64) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+
+    /// How many channels exist (running builds with a live log).
+    pub fn channels(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Subscribes to a build, waiting while it is pending; `None` when it is finished or
+    /// unknown.
+    pub async fn subscribe_when_started(&self, id: i64) -> Option<broadcast::Receiver<LogMsg>> {
+        loop {
+            // Made before the checks, so a start between them still wakes it.
+            let moved = self.moved.notified();
+            if let Some(rx) = self.subscribe(id) {
+                return Some(rx);
+            }
+            if !self.is_pending(id) {
+                return None;
+            }
+            moved.await;
+        }
     }
 
     /// Subscribes to a live build; `None` when the build is finished or unknown.
@@ -52,6 +101,11 @@ impl LogHub {
             let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             m.remove(&id)
         };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.moved.notify_waiters();
         if let Some(s) = s {
             let _ = s.send(LogMsg::End {
                 status: status.to_string(),
@@ -285,7 +339,7 @@ pub async fn follow_from(
     offset: u64,
     out: &mpsc::Sender<Bytes>,
 ) -> Result<Option<String>, Gone> {
-    let Some(mut rx) = hub.subscribe(id) else {
+    let Some(mut rx) = hub.subscribe_when_started(id).await else {
         read_range(path, offset, None, out).await?;
         return Ok(None);
     };
@@ -325,6 +379,36 @@ pub async fn follow_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_pending_build_has_no_channel_and_its_followers_wait_for_the_start() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("output.txt");
+        let hub = LogHub::default();
+        hub.queued(7);
+        assert_eq!(hub.channels(), 0, "no channel while pending");
+        let (tx, mut rx) = mpsc::channel(16);
+        let (h2, p2) = (hub.clone(), path.clone());
+        let follower = tokio::spawn(async move { follow(&h2, 7, &p2, &tx).await });
+        // One thread: the follower runs until it parks, waiting for the start.
+        tokio::task::yield_now().await;
+        assert!(!follower.is_finished(), "it waits while the build is pending");
+        let sender = hub.sender(7);
+        assert_eq!(hub.channels(), 1);
+        // The start woke it: it subscribes and waits for output.
+        tokio::task::yield_now().await;
+        let mut log = BuildLog::open(&path, 1 << 20, Some(sender)).unwrap();
+        log.write(b"hello\n");
+        hub.end(7, "pass");
+        let status = follower.await.unwrap().unwrap();
+        assert_eq!(status.as_deref(), Some("pass"));
+        let mut got = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, b"hello\n");
+        assert_eq!(hub.channels(), 0);
+    }
 
     #[test]
     fn utf8_split_across_chunks_survives() {
