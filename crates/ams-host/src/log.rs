@@ -392,7 +392,10 @@ mod tests {
         let follower = tokio::spawn(async move { follow(&h2, 7, &p2, &tx).await });
         // One thread: the follower runs until it parks, waiting for the start.
         tokio::task::yield_now().await;
-        assert!(!follower.is_finished(), "it waits while the build is pending");
+        assert!(
+            !follower.is_finished(),
+            "it waits while the build is pending"
+        );
         let sender = hub.sender(7);
         assert_eq!(hub.channels(), 1);
         // The start woke it: it subscribes and waits for output.

@@ -90,12 +90,7 @@ fn out_of_memory_and_outside_kills_are_named() {
 
     let name = h.build("victim");
     h.wait_running("victim", &name);
-    let container = h
-        .log("victim", &name)
-        .lines()
-        .find_map(|l| l.strip_prefix("[amsbuild] container "))
-        .unwrap()
-        .to_string();
+    let container = container_of(&h, "victim", &name);
     let o = std::process::Command::new("docker")
         .args(["kill", &container])
         .output()
@@ -172,6 +167,15 @@ impl EngineProxy {
     }
 }
 
+/// The container a running build's log names.
+fn container_of(h: &TestHost, project: &str, build: &str) -> String {
+    h.log(project, build)
+        .lines()
+        .find_map(|l| l.strip_prefix("[amsbuild] container "))
+        .expect("the log names the container")
+        .to_string()
+}
+
 fn container_exists(name: &str) -> bool {
     let o = std::process::Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("name=^{name}$")])
@@ -201,12 +205,7 @@ fn an_engine_lost_mid_build_ends_it_and_its_container_goes_when_it_returns() {
     h.start();
     let name = h.build("p");
     h.wait_running("p", &name);
-    let container = h
-        .log("p", &name)
-        .lines()
-        .find_map(|l| l.strip_prefix("[amsbuild] container "))
-        .unwrap()
-        .to_string();
+    let container = container_of(&h, "p", &name);
     proxy.cut();
     let r = h.wait_status("p", &name, Duration::from_secs(60));
     let log = h.log("p", &name);

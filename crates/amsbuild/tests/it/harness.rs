@@ -522,6 +522,22 @@ pub fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str)
     assert!(c.wait().unwrap().success());
 }
 
+/// Sets a user's password through the CLI (`user passwd --password-stdin`).
+pub fn set_password(h: &TestHost, name: &str, pw: &str) {
+    let mut c = h
+        .cmd()
+        .args(["user", "passwd", name, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{pw}\n").as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
 /// Percent-encodes everything but unreserved characters (for paths, queries and forms).
 pub fn urlenc(s: &str) -> String {
     s.bytes()

@@ -621,19 +621,7 @@ fn api_tokens_end_with_the_password() {
     // `amsbuild user passwd`.
     let t = new_token();
     assert_eq!(bearer(&t), 200);
-    let mut c =
-        w.h.cmd()
-            .args(["user", "passwd", "mod", "--password-stdin"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-    use std::io::Write;
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(b"second password\n")
-        .unwrap();
-    assert!(c.wait().unwrap().success());
+    set_password(&w.h, "mod", "second password");
     assert_eq!(bearer(&t), 401, "a token survived `user passwd`");
     // A SERVER ADMIN's reset from the Users page.
     let t = new_token();

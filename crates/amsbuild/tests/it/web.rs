@@ -440,19 +440,7 @@ fn sessions_expire_at_their_limit_and_when_the_password_changes() {
     let (_, head) = w.login("mod", "correct horse battery", "", None);
     let cookie = Web::cookie(&head);
     assert_eq!(w.get("/ams-build/api/user", &cookie).0, 200);
-    use std::io::Write;
-    let mut c =
-        w.h.cmd()
-            .args(["user", "passwd", "mod", "--password-stdin"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(b"a brand new password\n")
-        .unwrap();
-    assert!(c.wait().unwrap().success());
+    set_password(&w.h, "mod", "a brand new password");
     assert_eq!(
         w.get("/ams-build/api/user", &cookie).0,
         401,
