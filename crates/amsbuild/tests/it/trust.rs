@@ -116,6 +116,42 @@ fn a_build_cannot_poison_master_or_a_later_build() {
     }
 }
 
+/// A `project init` project (no git to restore master): a build that rewrites a file in place
+/// with its mtime kept, or replaces it, changes neither master nor the next build, concurrent
+/// builds included.
+#[test]
+fn a_build_cannot_poison_a_project_without_git() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 2}));
+    let p = pipeline(json!([stage(
+        "s",
+        &[
+            "echo seen=$(cat tracked.txt)",
+            "touch -r tracked.txt /tmp/ref; printf 'POISONED' | dd of=tracked.txt conv=notrunc 2>/dev/null; touch -r /tmp/ref tracked.txt",
+            "echo evil > new-file.txt; rm -f pipeline.json"
+        ]
+    )]));
+    h.project("plain", &p);
+    std::fs::write(h.source("plain").join("tracked.txt"), "original").unwrap();
+    h.start();
+    let first = h.build("plain");
+    let second = h.build("plain");
+    for n in [&first, &second] {
+        let r = h.wait_status("plain", n, T);
+        assert_eq!(r["status"], "pass", "{}", h.log("plain", n));
+    }
+    let (r, log) = finished(&h, "plain", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(log.contains("seen=original\n"), "{log}");
+    let master = h.source("plain");
+    assert_eq!(
+        std::fs::read_to_string(master.join("tracked.txt")).unwrap(),
+        "original"
+    );
+    assert!(master.join("pipeline.json").exists());
+    assert!(!master.join("new-file.txt").exists());
+}
+
 /// A master checkout whose `.git/config` already carries a command (poisoned by an older
 /// version, or by hand) is refused before git reads it; the host runs nothing.
 #[test]
