@@ -16,9 +16,64 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}", describe(.0))]
-    Db(#[from] sqlx::Error),
+    Db(#[source] sqlx::Error),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if matches!(primary_code(&e), 8 | 10 | 11 | 14 | 26) {
+            file_errors::seen();
+        }
+        StoreError::Db(e)
+    }
+}
+
+/// SQLite's primary result code of an error (the low byte of the extended code), 0 if none.
+fn primary_code(e: &sqlx::Error) -> i32 {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i32>().ok())
+        .unwrap_or(0)
+        & 0xff
+}
+
+/// When an error about the database file itself (read-only, I/O, cannot open, damaged) was
+/// last seen. A connection opened before it may hold the file in a state that no longer
+/// holds (SQLite opens a file it may not write read-only, for good): it is closed when it next
+/// goes back to the pool, and its replacement opens the file afresh, so the host takes writes
+/// again by itself once the file is writable. Per process: a host has one database.
+mod file_errors {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    fn start() -> Instant {
+        static START: OnceLock<Instant> = OnceLock::new();
+        *START.get_or_init(Instant::now)
+    }
+
+    /// Milliseconds after [`start`], plus one (0: never).
+    static LAST: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn seen() {
+        let ms = start().elapsed().as_millis() as u64 + 1;
+        LAST.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// Whether a connection of this age was open when the last file error was seen.
+    pub(crate) fn predates_last(age: Duration) -> bool {
+        match LAST.load(Ordering::SeqCst) {
+            0 => false,
+            ms => {
+                let since = start()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1));
+                age >= since
+            }
+        }
+    }
 }
 
 /// Every message of an error that says the database cannot be used now (a full disk, a
@@ -52,10 +107,8 @@ fn describe(e: &sqlx::Error) -> String {
             other => format!("database: {other}"),
         };
     };
-    // SQLite's extended result code; the primary code is its low byte.
-    let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
     let said = db.message();
-    match code & 0xff {
+    match primary_code(e) {
         13 => format!(
             "{UNAVAILABLE}the disk holding the data directory is full ({said}); free space \
              there and try again"
@@ -437,8 +490,10 @@ impl Drop for Touch<'_> {
     }
 }
 
-/// Whether a connection going back to the pool is outside any transaction; one that is not
-/// is closed (SQLite rolls back what it held) and a fresh one opened when needed.
+/// Whether a connection going back to the pool may be used again. One still inside a
+/// transaction is closed (SQLite rolls back what it held), and so is one that was open when an
+/// error about the file itself was seen (see [`file_errors`]). A fresh connection is opened
+/// when one is needed.
 ///
 /// SQLite itself ends the transaction on some errors (a full disk, an I/O error) in a
 /// statement or in COMMIT; sqlx's transaction count then stays raised, because the ROLLBACK
@@ -446,14 +501,18 @@ impl Drop for Touch<'_> {
 /// BEGIN into a SAVEPOINT whose rollback (ROLLBACK TO) leaves a transaction open, and every
 /// later "commit" into the RELEASE of a nested savepoint: writes acknowledged, never stored,
 /// and the write lock held for good.
-async fn clean(conn: &mut sqlx::SqliteConnection) -> bool {
+async fn clean(conn: &mut sqlx::SqliteConnection, age: Duration) -> bool {
     use sqlx::Connection;
     // The ROLLBACK a dropped transaction queued runs before the ping returns.
     if conn.ping().await.is_err() {
         return false;
     }
     if conn.is_in_transaction() {
-        tracing::warn!("closed a database connection left inside a transaction");
+        tracing::warn!("closed a database connection an error left inside a transaction");
+        return false;
+    }
+    if file_errors::predates_last(age) {
+        tracing::info!("reopening a database connection after an error about the file");
         return false;
     }
     true
@@ -511,7 +570,7 @@ impl Store {
             .max_connections(connections)
             .min_connections(1)
             .idle_timeout(None)
-            .after_release(|conn, _| Box::pin(async move { Ok(clean(conn).await) }))
+            .after_release(|conn, meta| Box::pin(async move { Ok(clean(conn, meta.age).await) }))
             .connect_with(opts)
             .await?;
         let store = Store {
