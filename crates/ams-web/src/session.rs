@@ -334,18 +334,26 @@ pub async fn login(
     }
     let id = auth::random_secret(32);
     let csrf = auth::random_secret(32);
-    if st
+    if let Err(e) = st
         .host
         .store
         .create_session(&auth::token_hash(&id), &u.name, &csrf, timefmt::now())
         .await
-        .is_err()
     {
-        return page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Log in",
-            "<p>internal error</p>",
-        );
+        tracing::error!("cannot record a session of {}: {e}", u.name);
+        // The cause (a full disk, say) is the host's state, not the account's.
+        let (code, why) = if e.is_unavailable() {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot log in now: {e}"),
+            )
+        } else {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot log in now: internal error".to_string(),
+            )
+        };
+        return page(code, "Log in", &login_form(&root, &redirect, &why));
     }
     let secure = if st.conf.use_ssl { "; Secure" } else { "" };
     let set = format!(
