@@ -9,6 +9,7 @@ mod browser;
 mod cli;
 mod docker;
 mod edge;
+mod faults;
 mod manage;
 mod notify;
 mod tidy;
