@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
-# static busybox for the local test image, p7zip to check archives independently, git, Chromium
+# static busybox for the local test image, p7zip to check archives independently, git,
+# e2fsprogs for the fault tests' small file systems, Chromium
 # and its WebDriver for the browser test), starts
 # a Docker engine when none answers, and builds the local test image. Idempotent; run as root
 # (or with sudo available).
@@ -15,6 +16,8 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 command -v git >/dev/null 2>&1 || need+=(git)
+# mkfs.ext4 and chattr, for the fault tests' small file systems.
+command -v mkfs.ext4 >/dev/null 2>&1 && command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

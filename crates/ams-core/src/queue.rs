@@ -56,6 +56,13 @@ impl Queue {
         Some(b)
     }
 
+    /// Undoes [`Queue::start_next`]: the build leaves its slot and is first in line again
+    /// (when its start could not be recorded, say).
+    pub fn put_back(&mut self, b: Queued) {
+        self.active.retain(|a| *a != b.id);
+        self.pending.push_front(b);
+    }
+
     /// Removes a pending build; false when it is not pending.
     pub fn remove_pending(&mut self, id: BuildId) -> bool {
         let before = self.pending.len();
@@ -128,6 +135,20 @@ mod tests {
         assert!(queue.is_active(1), "the running build is not superseded");
         let ids: Vec<_> = queue.pending().map(|p| p.id).collect();
         assert_eq!(ids, vec![3, 4]);
+    }
+
+    #[test]
+    fn a_build_put_back_is_first_in_line_and_frees_its_slot() {
+        let mut queue = Queue::new(1);
+        queue.push(q(1, "a", false));
+        queue.push(q(2, "a", false));
+        let first = queue.start_next().unwrap();
+        assert!(queue.start_next().is_none());
+        queue.put_back(first);
+        assert!(!queue.is_active(1));
+        let ids: Vec<_> = queue.pending().map(|p| p.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(queue.start_next().unwrap().id, 1);
     }
 
     #[test]

@@ -574,9 +574,7 @@ impl Host {
                 finished_at: timefmt::now(),
                 ..Default::default()
             };
-            if let Err(e) = self.store.finish(id, &fin).await {
-                tracing::error!("cannot record skipped build {id}: {e}");
-            }
+            self.record_finish(id, &fin).await;
             self.live.remove(&id);
             self.hub.end(id, "skip");
         }
@@ -868,6 +866,12 @@ impl Host {
                     }
                     None => self.store.build_by_id(q.id).await.ok().flatten(),
                 },
+                Err(e) if e.is_unavailable() => {
+                    // It stays pending, first in line, and starts at the loop's next event.
+                    tracing::error!("cannot start build {} now: {e}", q.id);
+                    self.queue.put_back(q);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!("cannot start build {}: {e}", q.id);
                     None
@@ -909,15 +913,46 @@ impl Host {
         self.queue.finish(id);
         self.active.remove(&id);
         self.live.remove(&id);
-        if let Err(e) = self.store.finish(id, fin).await {
-            tracing::error!("cannot record the end of build {id}: {e}");
-        }
+        self.record_finish(id, fin).await;
         let status = fin.status.unwrap_or(BuildStatus::Fail);
         tracing::info!("build {id} finished: {status}");
         self.hub.end(id, status.as_str());
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);
         }
+    }
+
+    /// Records how a build ended. While the database cannot take it (a full disk, say) a
+    /// background task keeps trying, so that the record follows once it can: the build is
+    /// over either way, and its slot is free.
+    async fn record_finish(&mut self, id: i64, fin: &Finish) {
+        let e = match self.store.finish(id, fin).await {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        if !e.is_unavailable() {
+            tracing::error!("cannot record the end of build {id}: {e}");
+            return;
+        }
+        tracing::error!("cannot record the end of build {id} now, trying again: {e}");
+        let (store, fin) = (self.store.clone(), fin.clone());
+        self.workers.spawn(async move {
+            let mut wait = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(wait).await;
+                match store.finish(id, &fin).await {
+                    Ok(_) => {
+                        tracing::info!("recorded the end of build {id}");
+                        return;
+                    }
+                    Err(e) if !e.is_unavailable() => {
+                        tracing::error!("cannot record the end of build {id}: {e}");
+                        return;
+                    }
+                    Err(_) => wait = (wait * 2).min(Duration::from_secs(5)),
+                }
+            }
+        });
     }
 
     async fn find(&self, build: BuildId) -> Result<BuildRecord, String> {

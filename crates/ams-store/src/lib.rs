@@ -15,10 +15,125 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    #[error("{}", describe(.0))]
+    Db(#[source] sqlx::Error),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if matches!(primary_code(&e), 8 | 10 | 11 | 14 | 26) {
+            file_errors::seen();
+        }
+        StoreError::Db(e)
+    }
+}
+
+/// SQLite's primary result code of an error (the low byte of the extended code), 0 if none.
+fn primary_code(e: &sqlx::Error) -> i32 {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i32>().ok())
+        .unwrap_or(0)
+        & 0xff
+}
+
+/// When an error about the database file itself (read-only, I/O, cannot open, damaged) was
+/// last seen. A connection opened before it may hold the file in a state that no longer
+/// holds (SQLite opens a file it may not write read-only, for good): it is closed when it next
+/// goes back to the pool, and its replacement opens the file afresh, so the host takes writes
+/// again by itself once the file is writable. Per process: a host has one database.
+mod file_errors {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    fn start() -> Instant {
+        static START: OnceLock<Instant> = OnceLock::new();
+        *START.get_or_init(Instant::now)
+    }
+
+    /// Milliseconds after [`start`], plus one (0: never).
+    static LAST: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn seen() {
+        let ms = start().elapsed().as_millis() as u64 + 1;
+        LAST.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// Whether a connection of this age was open when the last file error was seen.
+    pub(crate) fn predates_last(age: Duration) -> bool {
+        match LAST.load(Ordering::SeqCst) {
+            0 => false,
+            ms => {
+                let since = start()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1));
+                age >= since
+            }
+        }
+    }
+}
+
+/// Every message of an error that says the database cannot be used now (a full disk, a
+/// read-only or failing file, a lock held elsewhere) starts with this, whatever the caller
+/// puts before it: an edge answers such an error 503 (try again later), not as a refusal.
+pub const UNAVAILABLE: &str = "the database is unavailable: ";
+
+/// Whether an error message (as [`StoreError`] displays it, perhaps with context before it)
+/// says the database is unavailable rather than that the request was wrong.
+pub fn is_unavailable(message: &str) -> bool {
+    message.contains(UNAVAILABLE)
+}
+
+impl StoreError {
+    /// See [`UNAVAILABLE`].
+    pub fn is_unavailable(&self) -> bool {
+        is_unavailable(&self.to_string())
+    }
+}
+
+/// An error as a person can act on it: the cause in words, then what to do.
+fn describe(e: &sqlx::Error) -> String {
+    let Some(db) = e.as_database_error() else {
+        return match e {
+            sqlx::Error::Io(io) => format!(
+                "{UNAVAILABLE}cannot reach the database file ({io}); check the data directory"
+            ),
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+                format!("{UNAVAILABLE}{e}; try again")
+            }
+            other => format!("database: {other}"),
+        };
+    };
+    let said = db.message();
+    match primary_code(e) {
+        13 => format!(
+            "{UNAVAILABLE}the disk holding the data directory is full ({said}); free space \
+             there and try again"
+        ),
+        8 => format!(
+            "{UNAVAILABLE}the database is read-only ({said}); make the data directory and \
+             ams.db writable by the host and try again"
+        ),
+        10 => format!(
+            "{UNAVAILABLE}the database file could not be read or written ({said}); check the \
+             disk holding the data directory"
+        ),
+        5 | 6 => format!(
+            "{UNAVAILABLE}the database is locked by another connection or process ({said}); \
+             try again"
+        ),
+        14 => format!(
+            "{UNAVAILABLE}the database file cannot be opened ({said}); check that the data \
+             directory exists and is writable"
+        ),
+        11 | 26 => format!(
+            "{UNAVAILABLE}the database file is damaged ({said}); restore ams.db from a backup"
+        ),
+        _ => format!("database: {said}"),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -375,7 +490,42 @@ impl Drop for Touch<'_> {
     }
 }
 
+/// Whether a connection going back to the pool may be used again. One still inside a
+/// transaction is closed (SQLite rolls back what it held), and so is one that was open when an
+/// error about the file itself was seen (see [`file_errors`]). A fresh connection is opened
+/// when one is needed.
+///
+/// SQLite itself ends the transaction on some errors (a full disk, an I/O error) in a
+/// statement or in COMMIT; sqlx's transaction count then stays raised, because the ROLLBACK
+/// it sends fails ("no transaction is active"). Reused, such a connection would turn the next
+/// BEGIN into a SAVEPOINT whose rollback (ROLLBACK TO) leaves a transaction open, and every
+/// later "commit" into the RELEASE of a nested savepoint: writes acknowledged, never stored,
+/// and the write lock held for good.
+async fn clean(conn: &mut sqlx::SqliteConnection, age: Duration) -> bool {
+    use sqlx::Connection;
+    // The ROLLBACK a dropped transaction queued runs before the ping returns.
+    if conn.ping().await.is_err() {
+        return false;
+    }
+    if conn.is_in_transaction() {
+        tracing::warn!("closed a database connection an error left inside a transaction");
+        return false;
+    }
+    if file_errors::predates_last(age) {
+        tracing::info!("reopening a database connection after an error about the file");
+        return false;
+    }
+    true
+}
+
 impl Store {
+    /// Starts a write transaction that holds the write lock from its first statement (waiting
+    /// for it up to the busy timeout), so that it never fails half-way on a lock upgrade. A
+    /// transaction never nests: sqlx refuses a custom BEGIN inside another.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     /// A counter raised after each committed write to builds. Read it before a query, and the
     /// data the query sees is at least that new: response caches key on it.
     pub fn generation(&self) -> u64 {
@@ -388,6 +538,11 @@ impl Store {
 
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, 4, false).await
+    }
+
+    /// [`Store::open`] with at most `connections` connections, read-only if asked (tests).
+    async fn open_with(path: &Path, connections: u32, read_only: bool) -> Result<Store> {
         // Created by us with mode 0600 first: SQLite gives its WAL and SHM files the database
         // file's mode, so none of the three is ever readable by other users.
         {
@@ -409,11 +564,13 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            .read_only(read_only);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(connections)
             .min_connections(1)
             .idle_timeout(None)
+            .after_release(|conn, meta| Box::pin(async move { Ok(clean(conn, meta.age).await) }))
             .connect_with(opts)
             .await?;
         let store = Store {
@@ -437,7 +594,14 @@ impl Store {
             include_str!("../migrations/0007_project_levels.sql"),
             include_str!("../migrations/0008_build_names_per_project.sql"),
         ];
-        let mut tx = self.pool.begin().await?;
+        // Read first: a database already up to date opens without a write (read-only too).
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&self.pool)
+            .await?;
+        if version as usize == MIGRATIONS.len() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *tx)
             .await?;
@@ -466,7 +630,7 @@ impl Store {
         name_of: impl FnOnce(i64) -> std::result::Result<String, String>,
     ) -> Result<BuildRecord> {
         let _touch = self.touch();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO projects (name) VALUES (?) ON CONFLICT(name) DO NOTHING")
             .bind(&nb.project)
             .execute(&mut *tx)
@@ -606,7 +770,7 @@ impl Store {
 
     pub async fn mark_running(&self, id: i64, at: f64) -> Result<()> {
         let _touch = self.touch();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let project: String = sqlx::query_scalar(
             "UPDATE builds SET status = 'running', started_at = ? WHERE id = ? RETURNING project",
         )
@@ -643,7 +807,7 @@ impl Store {
                 "{status} is not a final status"
             )));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let project: Option<String> = sqlx::query_scalar(
             "UPDATE builds SET status = ?, reason = ?, finished_at = ?, \
              git_hash = COALESCE(?, git_hash), commit_message = COALESCE(?, commit_message), \
@@ -724,7 +888,7 @@ impl Store {
         mut name_of: impl FnMut(&NewBuild, i64) -> std::result::Result<String, String>,
     ) -> Result<Vec<DeliveryOutcome>> {
         let _touch = self.touch();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // Duplicates: ids accepted before (looked up through the (project, delivery_id)
         // index, one query per project), then repeats inside the batch.
         let mut by_project: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -886,7 +1050,7 @@ impl Store {
     /// Ends pending builds as SKIP, each with its reason, in one statement.
     pub async fn skip_builds(&self, skipped: &[(i64, String)], at: f64) -> Result<()> {
         let _touch = self.touch();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for chunk in skipped.chunks(200) {
             let sql = format!(
                 "UPDATE builds SET status = 'skip', reason = v.column2, finished_at = ? \
@@ -1050,7 +1214,7 @@ impl Store {
     /// Sets a new password hash, ends every session of the user and revokes its API tokens:
     /// whoever knew the old password may have made one.
     pub async fn set_password(&self, name: &str, hash: &str, at: f64) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let n = sqlx::query(
             "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE name = ?",
         )
@@ -1129,7 +1293,7 @@ impl Store {
                 return Ok(false);
             };
             allowed(&Grant::from_stored(level, &projects)).map_err(StoreError::Invalid)?;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin().await?;
             let n = sqlx::query("DELETE FROM users WHERE name = ? AND level = ? AND projects = ?")
                 .bind(name)
                 .bind(level)
@@ -1325,7 +1489,7 @@ impl Store {
         build: Option<&str>,
         at: f64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO messages (user, at, kind, text, project, build) \
              SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM users WHERE name = ?)",
@@ -1907,5 +2071,152 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(a.build_index, 1);
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    //! Writes that fail on a full disk or a read-only database: each fails whole, says why,
+    //! and leaves its connection clean, so that every write acknowledged after it is stored.
+
+    use super::*;
+
+    fn nb(project: &str) -> NewBuild {
+        NewBuild {
+            project: project.into(),
+            hash: "h".repeat(40),
+            trigger: "cli".into(),
+            branch: None,
+            commit: None,
+            created_by: "alice".into(),
+            created_at: 1000.0,
+        }
+    }
+
+    fn delivery(id: &str, body: usize) -> DeliveryBatchItem {
+        DeliveryBatchItem {
+            delivery: NewDelivery {
+                delivery_id: Some(id.into()),
+                project: "p".into(),
+                webhook: "gh".into(),
+                verdict: "accepted".into(),
+                body: vec![b'x'; body],
+                ..Default::default()
+            },
+            builds: vec![nb("p")],
+        }
+    }
+
+    fn name(i: i64) -> std::result::Result<String, String> {
+        Ok(format!("p_{i}"))
+    }
+
+    /// Connections go back to the pool in the background: wait for them, or the next use
+    /// opens another.
+    async fn settle(s: &Store) {
+        while s.pool.num_idle() < s.pool.size() as usize {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// SQLite answers SQLITE_FULL, as on a full disk, once the database would grow past the
+    /// `max_page_count` of the connection at work; every open connection gets it here.
+    async fn limit_pages(s: &Store, pages: i64) {
+        settle(s).await;
+        let mut held = Vec::new();
+        for _ in 0..s.pool.size() {
+            let mut c = s.pool.acquire().await.unwrap();
+            sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+                .execute(&mut *c)
+                .await
+                .unwrap();
+            held.push(c);
+        }
+        drop(held);
+        settle(s).await;
+    }
+
+    /// The build indexes of project `p` as stored, oldest first, read after a reopen.
+    async fn stored_after_reopen(s: Store, db: &Path) -> Vec<i64> {
+        s.close().await;
+        let s = Store::open(db).await.unwrap();
+        s.builds_of("p", 100, 0)
+            .await
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|b| b.build_index)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn writes_after_a_full_disk_are_stored_and_numbers_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ams.db");
+        // One connection, so that every write below runs on the one that failed.
+        let s = Store::open_with(&db, 1, false).await.unwrap();
+        let mut acknowledged = vec![s.create_build(&nb("p"), name).await.unwrap().build_index];
+        limit_pages(&s, 1).await;
+        // SQLite rolls these transactions back itself (SQLITE_FULL in a one-row INSERT).
+        let mut big = nb("p");
+        big.hash = "h".repeat(256 * 1024);
+        let e = s.create_build(&big, name).await.map(|_| ()).unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the disk holding the data directory is full"),
+            "{e}"
+        );
+        let e = s
+            .accept_deliveries(vec![delivery("big", 256 * 1024)], |_, i| name(i))
+            .await
+            .unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        limit_pages(&s, 1 << 30).await;
+        // A write refused for its own reason (its transaction rolled back by us), then good ones.
+        let e = s.create_build(&nb("p"), |_| Err("no".into())).await;
+        assert!(!e.unwrap_err().is_unavailable());
+        for i in 0..3 {
+            let out = s
+                .accept_deliveries(vec![delivery(&format!("d{i}"), 10)], |_, i| name(i))
+                .await
+                .unwrap();
+            let DeliveryOutcome::Accepted(b) = &out[0] else {
+                panic!("delivery d{i} was not accepted")
+            };
+            acknowledged.push(b[0].build_index);
+            acknowledged.push(s.create_build(&nb("p"), name).await.unwrap().build_index);
+        }
+        let stored = stored_after_reopen(s, &db).await;
+        assert_eq!(stored, acknowledged, "acknowledged builds were lost");
+    }
+
+    #[tokio::test]
+    async fn a_read_only_database_refuses_writes_clearly_and_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ams.db");
+        let s = Store::open(&db).await.unwrap();
+        let first = s.create_build(&nb("p"), name).await.unwrap();
+        s.close().await;
+        let ro = Store::open_with(&db, 1, true).await.unwrap();
+        for _ in 0..2 {
+            let e = ro
+                .create_build(&nb("p"), name)
+                .await
+                .map(|_| ())
+                .unwrap_err();
+            assert!(e.is_unavailable(), "{e}");
+            assert!(e.to_string().contains("read-only"), "{e}");
+            let e = ro
+                .accept_deliveries(vec![delivery("d", 10)], |_, i| name(i))
+                .await
+                .unwrap_err();
+            assert!(e.is_unavailable(), "{e}");
+            assert_eq!(ro.build_by_id(first.id).await.unwrap(), Some(first.clone()));
+        }
+        let s = Store::open(&db).await.unwrap();
+        let next = s.create_build(&nb("p"), name).await.unwrap();
+        assert_eq!(next.build_index, 2);
+        assert_eq!(stored_after_reopen(s, &db).await, vec![1, 2]);
     }
 }

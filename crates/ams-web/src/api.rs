@@ -80,6 +80,8 @@ pub enum ApiError {
     Forbidden(String),
     NotFound,
     Bad(String),
+    /// The database cannot take the change now (a full disk, say): 503 with the reason.
+    Unavailable(String),
     Internal,
 }
 
@@ -90,6 +92,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not found".to_string()),
             ApiError::Bad(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error".to_string(),
@@ -762,7 +765,13 @@ async fn trigger(
         actor: c.user.name.clone(),
         trigger: "api".into(),
     };
-    let r = st.host.build(req).await.map_err(ApiError::Bad)?;
+    let r = st.host.build(req).await.map_err(|e| {
+        if ams_store::is_unavailable(&e) || e.contains("shutting down") {
+            ApiError::Unavailable(e)
+        } else {
+            ApiError::Bad(e)
+        }
+    })?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())
 }
 

@@ -885,7 +885,12 @@ async fn trigger_form(
         Err(e) => {
             let text = format!("Could not trigger a build of {project}: {e}");
             note(&st, &v.user.name, "error", &text, Some(&project), None).await;
-            refused(&root, StatusCode::BAD_REQUEST, &e)
+            let code = if ams_store::is_unavailable(&e) || e.contains("shutting down") {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            refused(&root, code, &e)
         }
     }
 }

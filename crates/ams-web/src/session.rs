@@ -335,24 +335,46 @@ pub async fn login(
     let id = auth::random_secret(32);
     let csrf = auth::random_secret(32);
     // Made only if the checked password is still the user's (a change meanwhile ends it).
-    if !matches!(
-        st.host
-            .store
-            .create_session(
-                &auth::token_hash(&id),
-                &u.name,
-                &csrf,
-                timefmt::now(),
-                &u.password_hash
-            )
-            .await,
-        Ok(true)
-    ) {
-        return page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Log in",
-            "<p>internal error</p>",
-        );
+    let made = st
+        .host
+        .store
+        .create_session(
+            &auth::token_hash(&id),
+            &u.name,
+            &csrf,
+            timefmt::now(),
+            &u.password_hash,
+        )
+        .await;
+    match made {
+        Ok(true) => {}
+        Ok(false) => {
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "Log in",
+                &login_form(
+                    &root,
+                    &redirect,
+                    "the password changed meanwhile; log in again",
+                ),
+            );
+        }
+        Err(e) => {
+            tracing::error!("cannot record a session of {}: {e}", u.name);
+            // The cause (a full disk, say) is the host's state, not the account's.
+            let (code, why) = if e.is_unavailable() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot log in now: {e}"),
+                )
+            } else {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot log in now: internal error".to_string(),
+                )
+            };
+            return page(code, "Log in", &login_form(&root, &redirect, &why));
+        }
     }
     let secure = if st.conf.use_ssl { "; Secure" } else { "" };
     let set = format!(

@@ -2,28 +2,42 @@
 //!
 //! The handler verifies, records and queues, and that is all: it answers 202 with the queued
 //! build names, 200 for pings and for pushes it ignores, and a 4xx with a short reason for a
-//! refusal. The signature (HMAC-SHA256 over the raw body, compared in constant time) is checked
-//! before the body is parsed; a forged or unsigned delivery leaves no trace but a log line.
-//! An unknown project and an unknown webhook get the same answer.
+//! refusal. A delivery is untrusted until its signature is checked, so the checks run
+//! cheapest first and the body is read last: the query, the content type, that the project
+//! and its webhook exist, that a signed webhook's delivery carries a signature, that the
+//! declared Content-Length is within [`MAX_BODY`] (a missing one is 411, a larger one 413),
+//! and a share of [`BODIES_IN_FLIGHT`]; only then is the body read, never past its declared
+//! length or the cap. The signature (HMAC-SHA256 over the raw body, compared in constant time)
+//! is checked before the body is parsed; a forged or unsigned delivery leaves no trace but a
+//! log line. An unknown project and an unknown webhook get the same answer. 202 means the
+//! delivery and its builds are committed; when the database cannot take them (a full disk,
+//! say) the answer is 503 with the reason, and nothing was recorded.
 
 use ams_core::names::validate_project_name;
 use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig};
 use ams_host::host::{build_requests, WebhookOutcome};
 use ams_host::{timefmt, HostHandle};
 use ams_store::NewDelivery;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
-/// GitHub delivers at most 25 MB; larger bodies get 413 before anything is read or parsed.
+/// GitHub delivers at most 25 MB; a larger declared length gets 413 before anything is read,
+/// and a chunked body is cut off (413) once it passes this.
 pub const MAX_BODY: usize = 25 * 1024 * 1024;
+/// Delivery bodies held in memory at once, over all connections: each delivery reserves its
+/// declared length (a chunked one the cap) before its body is read; past this, 503.
+pub const BODIES_IN_FLIGHT: usize = 100 * 1024 * 1024;
 /// A sender has this long to deliver its whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,16 +46,26 @@ pub struct WebhookState {
     pub host: HostHandle,
 }
 
+/// The listener's own state: the host, and the memory its bodies may take (in KiB).
+#[derive(Clone)]
+struct Listener {
+    host: HostHandle,
+    bodies: Arc<Semaphore>,
+}
+
 /// The router for the listener, under `/{web_root}/request`.
 pub fn router(state: WebhookState, web_root: &str) -> Router {
+    let listener = Listener {
+        host: state.host,
+        bodies: Arc::new(Semaphore::new(BODIES_IN_FLIGHT / 1024)),
+    };
     Router::new()
         .route(&format!("/{web_root}/request"), post(handle))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(state)
+        .with_state(listener)
 }
 
 fn answer(status: StatusCode, v: Value) -> Response {
@@ -50,6 +74,65 @@ fn answer(status: StatusCode, v: Value) -> Response {
 
 fn refuse(status: StatusCode, reason: &str) -> Response {
     answer(status, json!({"ok": false, "reason": reason}))
+}
+
+/// A refusal sent before the body was read: the connection closes after it, so the unread
+/// body is never waited for.
+fn refuse_unread(status: StatusCode, reason: &str) -> Response {
+    let mut r = refuse(status, reason);
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// How long a request says its body is.
+#[derive(Debug, PartialEq, Eq)]
+enum Length {
+    Declared(u64),
+    Chunked,
+    Missing,
+    Invalid,
+}
+
+fn declared_length(h: &HeaderMap) -> Length {
+    let chunked = h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    });
+    if chunked {
+        return Length::Chunked;
+    }
+    match h.get(header::CONTENT_LENGTH) {
+        None => Length::Missing,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map_or(Length::Invalid, Length::Declared),
+    }
+}
+
+/// Why a body was not read whole.
+enum Unread {
+    TooLarge,
+    Broken(axum::Error),
+}
+
+/// Reads a body, refusing it as soon as it passes `cap` bytes (so at most one more frame is
+/// ever read).
+async fn read_capped(body: Body, cap: usize) -> Result<Vec<u8>, Unread> {
+    let mut out = Vec::new();
+    let mut frames = body.into_data_stream();
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(Unread::Broken)?;
+        if out.len() + frame.len() > cap {
+            return Err(Unread::TooLarge);
+        }
+        out.extend_from_slice(&frame);
+    }
+    Ok(out)
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -112,13 +195,14 @@ const KEPT_HEADERS: &[&str] = &[
 ];
 
 async fn handle(
-    State(st): State<WebhookState>,
+    State(st): State<Listener>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    // Everything up to the read is decided from the request line and headers.
     let (Some(name), Some(project)) = (q.get("name"), q.get("project")) else {
-        return refuse(
+        return refuse_unread(
             StatusCode::BAD_REQUEST,
             "the query must name the webhook and the project: ?name=…&project=…",
         );
@@ -129,22 +213,71 @@ async fn handle(
         .to_ascii_lowercase()
         .starts_with("application/json")
     {
-        return refuse(
+        return refuse_unread(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the payload as application/json (set the webhook's content type)",
         );
     }
-    let unknown = || refuse(StatusCode::NOT_FOUND, "unknown webhook");
+    let unknown = || refuse_unread(StatusCode::NOT_FOUND, "unknown webhook");
     let Some((cfg, fields)) = load(&st.host, project) else {
         return unknown();
     };
     let Some(hook) = cfg.in_webhook(name) else {
         return unknown();
     };
+    let secret = hook.secret.as_deref().filter(|s| !s.is_empty());
+    let sig =
+        header(&headers, "x-hub-signature-256").or_else(|| header(&headers, "x-hub-signature"));
+    if secret.is_some() && sig.is_none() {
+        tracing::warn!("webhook {name} of project {project}: refused an unsigned delivery");
+        return refuse_unread(StatusCode::UNAUTHORIZED, "the delivery is not signed");
+    }
+    let cap = match declared_length(&headers) {
+        Length::Declared(n) if n > MAX_BODY as u64 => {
+            return refuse_unread(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the body is {n} bytes; a delivery may have at most {MAX_BODY} bytes"),
+            )
+        }
+        Length::Declared(n) => n as usize,
+        Length::Chunked => MAX_BODY,
+        Length::Missing => {
+            return refuse_unread(
+                StatusCode::LENGTH_REQUIRED,
+                "send the delivery with a Content-Length header",
+            )
+        }
+        Length::Invalid => {
+            return refuse_unread(
+                StatusCode::BAD_REQUEST,
+                "the Content-Length header is not a number",
+            )
+        }
+    };
+    let kib = u32::try_from(cap.div_ceil(1024)).unwrap_or(u32::MAX);
+    let Ok(_memory) = st.bodies.clone().try_acquire_many_owned(kib) else {
+        return refuse_unread(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many deliveries are being received at once; send this one again later",
+        );
+    };
+    let body = match read_capped(body, cap).await {
+        Ok(b) => b,
+        Err(Unread::TooLarge) => {
+            return refuse_unread(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the body is over {MAX_BODY} bytes, the most a delivery may have"),
+            )
+        }
+        Err(Unread::Broken(e)) => {
+            return refuse_unread(
+                StatusCode::BAD_REQUEST,
+                &format!("the body could not be read: {e}"),
+            )
+        }
+    };
 
-    if let Some(secret) = hook.secret.as_deref().filter(|s| !s.is_empty()) {
-        let sig =
-            header(&headers, "x-hub-signature-256").or_else(|| header(&headers, "x-hub-signature"));
+    if let Some(secret) = secret {
         let verdict = match sig {
             None => Err("the delivery is not signed"),
             Some(v) => signature_valid(secret.as_bytes(), &body, v),
@@ -175,42 +308,54 @@ async fn handle(
         sender: sender.name().into(),
         event: event.clone(),
         headers: Value::Object(kept).to_string(),
-        body: body.to_vec(),
+        body,
         ..Default::default()
     };
+    // Records a delivery that queues nothing; Err(503) when the database cannot take it.
     let record = |mut d: NewDelivery, verdict: &str, reason: Option<String>| {
         let store = st.host.store.clone();
         d.verdict = verdict.into();
         d.reason = reason;
         async move {
-            if let Err(e) = store.record_delivery(&d).await {
-                tracing::error!("cannot record a webhook delivery: {e}");
+            match store.record_delivery(&d).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::error!("cannot record a webhook delivery: {e}");
+                    let why = format!("cannot record the delivery: {e}");
+                    Err(refuse(StatusCode::SERVICE_UNAVAILABLE, &why))
+                }
             }
         }
     };
 
-    let parsed: Value = match serde_json::from_slice(&body) {
+    // A refusal is answered as such whether or not its record could be written; an answer
+    // that says ok is sent only once the delivery is recorded.
+    let parsed: Value = match serde_json::from_slice(&delivery.body) {
         Ok(v) => v,
         Err(e) => {
             let reason = format!("the body is not JSON: {e}");
-            record(delivery, "refused", Some(reason.clone())).await;
+            let _ = record(delivery, "refused", Some(reason.clone())).await;
             return refuse(StatusCode::BAD_REQUEST, &reason);
         }
     };
     let pushes = match decide(hook, sender, &event, &parsed, fields.as_ref()) {
         Decision::Ping => {
-            record(delivery, "ping", None).await;
+            if let Err(r) = record(delivery, "ping", None).await {
+                return r;
+            }
             return answer(StatusCode::OK, json!({"ok": true, "ping": true}));
         }
         Decision::Ignore(reason) => {
-            record(delivery, "ignored", Some(reason.clone())).await;
+            if let Err(r) = record(delivery, "ignored", Some(reason.clone())).await {
+                return r;
+            }
             return answer(
                 StatusCode::OK,
                 json!({"ok": true, "builds": [], "ignored": reason}),
             );
         }
         Decision::Refuse(code, reason) => {
-            record(delivery, "refused", Some(reason.clone())).await;
+            let _ = record(delivery, "refused", Some(reason.clone())).await;
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
             return refuse(code, &reason);
         }
@@ -226,7 +371,9 @@ async fn handle(
             StatusCode::OK,
             json!({"ok": true, "builds": [], "duplicate": true}),
         ),
-        Err(e) if e.contains("shutting down") => refuse(StatusCode::SERVICE_UNAVAILABLE, &e),
+        Err(e) if e.contains("shutting down") || ams_store::is_unavailable(&e) => {
+            refuse(StatusCode::SERVICE_UNAVAILABLE, &e)
+        }
         Err(e) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),
     }
 }

@@ -10,6 +10,7 @@ mod cli;
 mod docker;
 mod edge;
 mod engine;
+mod faults;
 mod manage;
 mod notify;
 mod tidy;

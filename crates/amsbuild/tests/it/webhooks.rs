@@ -652,3 +652,189 @@ fn a_slow_sender_is_cut_off() {
     let (st, _) = t.github("ping", "after-slow", &fixture("github_ping.json"));
     assert_eq!(st, 200);
 }
+
+/// Sends a request's head only and reads the answer: its status and how long it took (a
+/// status of 0 when none came within `within`).
+fn head_only(addr: &str, head: &str, within: Duration) -> (u16, Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    let t0 = std::time::Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, t0.elapsed())
+}
+
+#[test]
+fn the_listener_refuses_before_it_reads_the_body() {
+    let t = Hooked::new(gh_hook(json!({})));
+    let sig = sign(b"whatever");
+    let post = |query: &str, extra: &str| {
+        format!(
+            "POST /ams-build/request?{query} HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nX-GitHub-Event: push\r\n{extra}\r\n"
+        )
+    };
+    // Each is answered at once, though not one byte of the body is ever sent: the body
+    // deadline (10 s, 408) never comes into it.
+    for (query, extra, want) in [
+        // An unknown project or webhook, whatever the length it declares.
+        (
+            "name=nope&project=p",
+            format!("X-Hub-Signature-256: {sig}\r\nContent-Length: 10000000000\r\n"),
+            404,
+        ),
+        (
+            "name=gh&project=nope",
+            format!("X-Hub-Signature-256: {sig}\r\nContent-Length: 10000000000\r\n"),
+            404,
+        ),
+        // A signed webhook's delivery without a signature.
+        ("name=gh&project=p", "Content-Length: 1000\r\n".into(), 401),
+        // More than the cap declared.
+        (
+            "name=gh&project=p",
+            format!("X-Hub-Signature-256: {sig}\r\nContent-Length: 26214401\r\n"),
+            413,
+        ),
+        // No length declared at all.
+        (
+            "name=gh&project=p",
+            format!("X-Hub-Signature-256: {sig}\r\n"),
+            411,
+        ),
+    ] {
+        let (st, took) = head_only(&t.addr, &post(query, &extra), Duration::from_secs(8));
+        assert_eq!(st, want, "{query} {extra}");
+        assert!(took < Duration::from_secs(5), "{query} {extra}: {took:?}");
+    }
+    assert!(t.deliveries().is_empty());
+}
+
+#[test]
+fn a_body_is_never_read_past_its_declared_length_or_the_cap() {
+    let t = Hooked::new(gh_hook(json!({})));
+    // A body longer than its declared length: only the declared bytes are the delivery (the
+    // signature covers exactly them), and what follows is not read as part of it.
+    let ping = fixture("github_ping.json");
+    let mut s = TcpStream::connect(&t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /ams-build/request?name=gh&project=p HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nX-GitHub-Event: ping\r\nX-GitHub-Delivery: longer\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n",
+        sign(&ping),
+        ping.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&ping).unwrap();
+    let _ = s.write_all(&vec![b'x'; 1 << 20]);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let d = t.deliveries();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["verdict"], "ping");
+
+    // A chunked body (no length declared) is taken, and read up to the cap at most.
+    let body = fixture("github_push_new_branch.json");
+    let chunked = |s: &mut TcpStream, id: &str, sig: &str| {
+        let head = format!(
+            "POST /ams-build/request?name=gh&project=p HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: {id}\r\n\
+             X-Hub-Signature-256: {sig}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+    };
+    let mut s = TcpStream::connect(&t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    chunked(&mut s, "chunked", &sign(&body));
+    for part in body.chunks(1000) {
+        s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+            .unwrap();
+        s.write_all(part).unwrap();
+        s.write_all(b"\r\n").unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+
+    // An endless chunked body: 413 once it passes the cap, and the host reads no further
+    // (the sender's writes fail soon after, however much it had left to send).
+    const CAP: usize = 25 * 1024 * 1024;
+    let mut s = TcpStream::connect(&t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    chunked(&mut s, "endless", &sign(b"x"));
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = format!("{:x}\r\n{}\r\n", 1 << 16, "x".repeat(1 << 16));
+        let mut sent = 0usize;
+        while sent < 8 * CAP && writer.write_all(chunk.as_bytes()).is_ok() {
+            sent += 1 << 16;
+        }
+        sent
+    });
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let sent = sender.join().unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        sent < CAP + 32 * 1024 * 1024,
+        "{sent} bytes went out before the host stopped reading"
+    );
+    assert_eq!(t.deliveries().len(), 2, "the refused bodies left no record");
+}
+
+#[test]
+fn bodies_in_flight_share_a_bounded_memory() {
+    let t = Hooked::new(gh_hook(json!({})));
+    // Four deliveries that declare the most a body may have and send it slowly hold all of
+    // the 100 MiB the listener gives bodies; the fifth is turned away at once, unread.
+    let head = |expect: &str| {
+        format!(
+            "POST /ams-build/request?name=gh&project=p HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nX-GitHub-Event: push\r\n\
+             X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n{expect}\r\n",
+            sign(b"x"),
+            25 * 1024 * 1024
+        )
+    };
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&t.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The host asks for the body (100 Continue) once it has reserved room for it.
+        s.write_all(head("Expect: 100-continue\r\n").as_bytes())
+            .unwrap();
+        let mut got = [0u8; 25];
+        s.read_exact(&mut got).unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 100 Continue"), "{got}");
+        s.write_all(b"{").unwrap();
+        slow.push(s);
+    }
+    let (st, took) = head_only(&t.addr, &head(""), Duration::from_secs(8));
+    assert_eq!(st, 503);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Their room comes back when they end: a small delivery is taken again.
+    drop(slow);
+    let body = fixture("github_push_new_branch.json");
+    wait_for(
+        "a delivery to be taken again",
+        Duration::from_secs(15),
+        || {
+            let (st, _) = t.github("push", "after-the-big-ones", &body);
+            (st == 202).then_some(())
+        },
+    );
+}
