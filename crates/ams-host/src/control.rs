@@ -103,7 +103,7 @@ async fn connection(h: HostHandle, stream: UnixStream) {
             };
             match h.build(r).await {
                 Ok(b) => json!({"ok": true, "build": b}),
-                Err(e) => err(e),
+                Err(e) => err(e.detail()),
             }
         }
         "builds" => match list_args(&h, &req, 20, 1000) {
@@ -128,20 +128,20 @@ async fn connection(h: HostHandle, stream: UnixStream) {
         "cancel" => match by_ref(&h, &req).await {
             Ok(b) => match h.cancel(b.build_id(), &actor).await {
                 Ok(b) => json!({"ok": true, "build": b}),
-                Err(e) => err(e),
+                Err(e) => err(e.detail()),
             },
             Err(e) => err(e),
         },
         "delete-output" => match by_ref(&h, &req).await {
             Ok(b) => match h.delete_output(b.build_id(), &actor).await {
                 Ok(()) => json!({"ok": true}),
-                Err(e) => err(e),
+                Err(e) => err(e.detail()),
             },
             Err(e) => err(e),
         },
         "status" => match h.snapshot().await {
             Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
-            Err(e) => err(e),
+            Err(e) => err(e.detail()),
         },
         "follow" => {
             follow(&h, &req, &mut w).await;
@@ -226,7 +226,8 @@ pub async fn replay(h: &HostHandle, id: i64, actor: &str) -> Result<Value, Strin
     };
     match h
         .webhook(delivery, crate::host::build_requests(&d.project, pushes))
-        .await?
+        .await
+        .map_err(|e| e.detail())?
     {
         crate::host::WebhookOutcome::Queued(names) => Ok(json!({"ok": true, "builds": names})),
         crate::host::WebhookOutcome::Duplicate => Ok(json!({"ok": true, "builds": []})),

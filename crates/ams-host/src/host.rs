@@ -5,6 +5,7 @@
 //! slots are free, and records what they report. State changes of the queue happen nowhere
 //! else. Every worker is tracked, and shutdown waits for them.
 
+use crate::error::HostError;
 use crate::log::LogHub;
 use crate::paths::DataDir;
 use crate::settings::{QueueSettings, SettingsCache};
@@ -89,7 +90,7 @@ pub struct EngineState {
 /// At most this many pending builds are listed in a snapshot.
 pub const SNAPSHOT_PENDING: usize = 500;
 
-pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+pub type Reply<T> = oneshot::Sender<Result<T, HostError>>;
 
 /// Why a build reference did not resolve to one build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,7 +111,7 @@ pub enum WebhookOutcome {
 }
 
 /// A build request with its project's settings, or why it cannot build.
-pub type CheckedRequest = (BuildRequest, Result<Arc<QueueSettings>, String>);
+pub type CheckedRequest = (BuildRequest, Result<Arc<QueueSettings>, HostError>);
 
 /// Everything the loop handles.
 #[derive(Debug)]
@@ -179,24 +180,25 @@ impl std::fmt::Debug for HostHandle {
     }
 }
 
-const GONE: &str = "the host is shutting down";
-
 impl HostHandle {
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, HostError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| GONE.to_string())?;
-        rx.await.map_err(|_| GONE.to_string())?
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| HostError::ShuttingDown)?;
+        rx.await.map_err(|_| HostError::ShuttingDown)?
     }
 
-    pub async fn build(&self, req: BuildRequest) -> Result<BuildRecord, String> {
+    pub async fn build(&self, req: BuildRequest) -> Result<BuildRecord, HostError> {
         let settings = self.settings_for(&req).await?;
         self.ask(|r| Command::Build(req, settings, r)).await
     }
 
     /// Checks a request and reads its project's settings, on a blocking thread: the loop never
     /// touches the file system for a request.
-    async fn settings_for(&self, req: &BuildRequest) -> Result<Arc<QueueSettings>, String> {
-        check_request(req)?;
+    async fn settings_for(&self, req: &BuildRequest) -> Result<Arc<QueueSettings>, HostError> {
+        check_request(req).map_err(HostError::Invalid)?;
         let (cache, data, project) = (
             self.settings.clone(),
             self.data.clone(),
@@ -204,17 +206,18 @@ impl HostHandle {
         );
         tokio::task::spawn_blocking(move || cache.get(&data, &project))
             .await
-            .map_err(|e| format!("cannot read the project's settings: {e}"))?
+            .map_err(|e| HostError::Internal(format!("cannot read the project's settings: {e}")))?
+            .map_err(HostError::NotFound)
     }
 
     /// Cancels a build. The caller resolved and authorized `build` (see [`HostHandle::resolve`]).
-    pub async fn cancel(&self, build: BuildId, by: &str) -> Result<BuildRecord, String> {
+    pub async fn cancel(&self, build: BuildId, by: &str) -> Result<BuildRecord, HostError> {
         let by = by.to_string();
         self.ask(|reply| Command::Cancel { build, by, reply }).await
     }
 
     /// Deletes a finished build's output. The caller resolved and authorized `build`.
-    pub async fn delete_output(&self, build: BuildId, by: &str) -> Result<(), String> {
+    pub async fn delete_output(&self, build: BuildId, by: &str) -> Result<(), HostError> {
         let by = by.to_string();
         self.ask(|reply| Command::DeleteOutput { build, by, reply })
             .await
@@ -261,7 +264,7 @@ impl HostHandle {
         &self,
         delivery: NewDelivery,
         requests: Vec<BuildRequest>,
-    ) -> Result<WebhookOutcome, String> {
+    ) -> Result<WebhookOutcome, HostError> {
         let mut checked = Vec::with_capacity(requests.len());
         for r in requests {
             let s = self.settings_for(&r).await;
@@ -277,7 +280,7 @@ impl HostHandle {
     }
 
     /// The queue as the loop last published it: no round trip, never waits on the loop.
-    pub async fn snapshot(&self) -> Result<Arc<QueueSnapshot>, String> {
+    pub async fn snapshot(&self) -> Result<Arc<QueueSnapshot>, HostError> {
         Ok(self.snap.borrow().clone())
     }
 
@@ -711,7 +714,7 @@ impl Host {
         &mut self,
         req: BuildRequest,
         settings: &QueueSettings,
-    ) -> Result<BuildRecord, String> {
+    ) -> Result<BuildRecord, HostError> {
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
@@ -728,7 +731,12 @@ impl Host {
             .store
             .create_build(&nb, |i| build_name(format, &req.project, &hash, i, created))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                ams_store::StoreError::Invalid(m) if !ams_store::is_unavailable(&m) => {
+                    HostError::Invalid(m)
+                }
+                e => HostError::store(e),
+            })?;
         self.hub.queued(record.id);
         let skipped = self.queue.push(Queued {
             id: record.id,
@@ -774,7 +782,7 @@ impl Host {
                             created_at: created,
                         })
                     }
-                    Err(e) => errors.push(e),
+                    Err(e) => errors.push(e.to_string()),
                 }
             }
             if builds.is_empty() {
@@ -810,8 +818,9 @@ impl Host {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!("cannot record webhook deliveries: {e}");
+                let e = HostError::store(e);
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(format!("cannot record the delivery: {e}")));
+                    let _ = reply.send(Err(e.clone()));
                 }
                 return;
             }
@@ -839,7 +848,9 @@ impl Host {
                     Ok(WebhookOutcome::Queued(names))
                 }
                 ams_store::DeliveryOutcome::Duplicate => Ok(WebhookOutcome::Duplicate),
-                _ => Err(reason.unwrap_or_else(|| "nothing to build".into())),
+                _ => Err(HostError::Invalid(
+                    reason.unwrap_or_else(|| "nothing to build".into()),
+                )),
             };
             let _ = reply.send(answer);
         }
@@ -955,49 +966,39 @@ impl Host {
         });
     }
 
-    async fn find(&self, build: BuildId) -> Result<BuildRecord, String> {
+    async fn find(&self, build: BuildId) -> Result<BuildRecord, HostError> {
         self.store
             .build_by_id(build.0)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no build {build}"))
+            .await?
+            .ok_or_else(|| HostError::NotFound(format!("no build {build}")))
     }
 
-    async fn cancel(&mut self, build: BuildId, by: &str) -> Result<BuildRecord, String> {
+    async fn cancel(&mut self, build: BuildId, by: &str) -> Result<BuildRecord, HostError> {
         let b = self.find(build).await?;
         let now = timefmt::now();
         if self.queue.remove_pending(b.id) {
-            self.store
-                .set_canceled(b.id, by, now)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.store.set_canceled(b.id, by, now).await?;
             let fin = Finish {
                 status: Some(BuildStatus::Cancel),
                 reason: Some(format!("canceled by {by} before it started")),
                 finished_at: now,
                 ..Default::default()
             };
-            self.store
-                .finish(b.id, &fin)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.store.finish(b.id, &fin).await?;
             self.live.remove(&b.id);
             self.hub.end(b.id, "cancel");
         } else if let Some(a) = self.active.get(&b.id) {
-            self.store
-                .set_canceled(b.id, by, now)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.store.set_canceled(b.id, by, now).await?;
             a.stop.stop(StopReason::Cancel { by: by.to_string() });
             if let Some(r) = self.live.get_mut(&b.id) {
                 r.canceled_by = Some(by.to_string());
                 r.canceled_at = Some(now);
             }
         } else {
-            return Err(format!(
+            return Err(HostError::Conflict(format!(
                 "build `{}` is already finished ({})",
                 b.name, b.status
-            ));
+            )));
         }
         self.find(b.build_id()).await
     }
@@ -1011,10 +1012,10 @@ impl Host {
             }
         };
         if !b.status.is_final() {
-            let _ = reply.send(Err(format!(
+            let _ = reply.send(Err(HostError::Conflict(format!(
                 "build `{}` is {}; cancel it before deleting its output",
                 b.name, b.status
-            )));
+            ))));
             return;
         }
         let bd = self.ctx.data.project(&b.project).build(&b.name);
@@ -1038,9 +1039,12 @@ impl Host {
                 Ok(Ok(())) => store
                     .mark_output_deleted(b.id, timefmt::now())
                     .await
-                    .map_err(|e| e.to_string()),
-                Ok(Err(e)) => Err(format!("cannot delete the output of {}: {e}", b.name)),
-                Err(e) => Err(e.to_string()),
+                    .map_err(HostError::store),
+                Ok(Err(e)) => Err(HostError::Internal(format!(
+                    "cannot delete the output of {}: {e}",
+                    b.name
+                ))),
+                Err(e) => Err(HostError::Internal(e.to_string())),
             };
             if r.is_ok() {
                 tracing::info!("output of build {} deleted by {by}", b.name);
@@ -1059,10 +1063,10 @@ impl Host {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
                 Ok(Some(Command::Build(_, _, r))) => {
-                    let _ = r.send(Err(GONE.into()));
+                    let _ = r.send(Err(HostError::ShuttingDown));
                 }
                 Ok(Some(Command::Webhook { reply, .. })) => {
-                    let _ = reply.send(Err(GONE.into()));
+                    let _ = reply.send(Err(HostError::ShuttingDown));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod copy;
+pub mod error;
 pub mod git;
 pub mod host;
 pub mod log;

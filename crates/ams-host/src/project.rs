@@ -139,6 +139,9 @@ pub fn private_config(p: &ProjectDir) -> Result<PrivateConfig, String> {
     }
 }
 
+/// The error text of [`webhooks`] when the project has no webhooks.json.
+pub const NO_WEBHOOKS: &str = "the project has no webhooks.json";
+
 /// Loads a project's webhooks.json and, if present, webhook_fields.json. Errors name the file.
 pub fn webhooks(
     p: &ProjectDir,
@@ -152,7 +155,13 @@ pub fn webhooks(
     use ams_core::webhooks::{WebhookFields, WebhooksConfig};
     let dir = p.config();
     let path = dir.join(WebhooksConfig::FILE);
-    let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {NO_WEBHOOKS}", path.display()))
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     let cfg = WebhooksConfig::parse(&text).map_err(|mut e| {
         e.file = path.display().to_string();
         e.to_string()

@@ -8,6 +8,7 @@
 
 use crate::{auth, session};
 use ams_core::access::{Action, Grant, Level};
+use ams_host::error::HostError;
 use ams_host::host::BuildRequest;
 use ams_host::{timefmt, HostHandle};
 use ams_store::{BuildRecord, User};
@@ -83,6 +84,14 @@ pub enum ApiError {
     /// The database cannot take the change now (a full disk, say): 503 with the reason.
     Unavailable(String),
     Internal,
+    /// A command the host refused: the status is the one `HostError` decides.
+    Host(HostError),
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        ApiError::Host(e)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -96,6 +105,10 @@ impl IntoResponse for ApiError {
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error".to_string(),
+            ),
+            ApiError::Host(e) => (
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                e.to_string(),
             ),
         };
         let mut r = (code, Json(json!({"error": msg}))).into_response();
@@ -765,13 +778,7 @@ async fn trigger(
         actor: c.user.name.clone(),
         trigger: "api".into(),
     };
-    let r = st.host.build(req).await.map_err(|e| {
-        if ams_store::is_unavailable(&e) || e.contains("shutting down") {
-            ApiError::Unavailable(e)
-        } else {
-            ApiError::Bad(e)
-        }
-    })?;
+    let r = st.host.build(req).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())
 }
 
@@ -805,11 +812,7 @@ async fn cancel_build(
     name: &str,
 ) -> Result<Json<Value>, ApiError> {
     let b = find_build(&st, &c, project, name).await?;
-    let b = st
-        .host
-        .cancel(b.build_id(), &c.user.name)
-        .await
-        .map_err(ApiError::Bad)?;
+    let b = st.host.cancel(b.build_id(), &c.user.name).await?;
     Ok(Json(json!({"build": build_json(&b)})))
 }
 
@@ -820,10 +823,7 @@ async fn delete_build_output(
     name: &str,
 ) -> Result<Json<Value>, ApiError> {
     let b = find_build(&st, &c, project, name).await?;
-    st.host
-        .delete_output(b.build_id(), &c.user.name)
-        .await
-        .map_err(ApiError::Bad)?;
+    st.host.delete_output(b.build_id(), &c.user.name).await?;
     Ok(Json(json!({"ok": true})))
 }
 

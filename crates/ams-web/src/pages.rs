@@ -823,6 +823,11 @@ pub(crate) fn not_found(root: &str) -> Response {
 }
 
 /// A refused form, with the reason and the way back.
+/// The status a refused command answers with, as `HostError` decides it.
+pub(crate) fn host_status(e: &ams_host::error::HostError) -> StatusCode {
+    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 pub(crate) fn refused(root: &str, status: StatusCode, why: &str) -> Response {
     html(
         status,
@@ -885,12 +890,7 @@ async fn trigger_form(
         Err(e) => {
             let text = format!("Could not trigger a build of {project}: {e}");
             note(&st, &v.user.name, "error", &text, Some(&project), None).await;
-            let code = if ams_store::is_unavailable(&e) || e.contains("shutting down") {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            refused(&root, code, &e)
+            refused(&root, host_status(&e), &e.to_string())
         }
     }
 }
@@ -953,7 +953,7 @@ async fn build_action(
                 Some(&b.name),
             )
             .await;
-            refused(&root, StatusCode::CONFLICT, &e)
+            refused(&root, host_status(&e), &e.to_string())
         }
     }
 }

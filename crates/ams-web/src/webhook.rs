@@ -15,6 +15,7 @@
 
 use ams_core::names::validate_project_name;
 use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig};
+use ams_host::error::HostError;
 use ams_host::host::{build_requests, WebhookOutcome};
 use ams_host::{timefmt, HostHandle};
 use ams_store::NewDelivery;
@@ -172,7 +173,7 @@ fn load(host: &HostHandle, project: &str) -> Option<(WebhooksConfig, Option<Webh
     match ams_host::project::webhooks(&host.data.project(project)) {
         Ok(x) => Some(x),
         Err(e) => {
-            if !e.contains("No such file") {
+            if !e.ends_with(ams_host::project::NO_WEBHOOKS) {
                 tracing::error!("project {project}: {e}");
             }
             None
@@ -371,10 +372,13 @@ async fn handle(
             StatusCode::OK,
             json!({"ok": true, "builds": [], "duplicate": true}),
         ),
-        Err(e) if e.contains("shutting down") || ams_store::is_unavailable(&e) => {
-            refuse(StatusCode::SERVICE_UNAVAILABLE, &e)
-        }
-        Err(e) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        // A delivery that builds nothing is well-formed but unprocessable; the rest as
+        // `HostError` decides.
+        Err(HostError::Invalid(e)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        Err(e) => refuse(
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &e.to_string(),
+        ),
     }
 }
 
