@@ -13,6 +13,47 @@ impl std::fmt::Display for BuildId {
     }
 }
 
+/// How a build was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// `amsbuild build` on the host.
+    Cli,
+    /// A form of the web interface.
+    Web,
+    /// The JSON API.
+    Api,
+    /// A push delivered to a webhook.
+    Webhook,
+}
+
+impl Trigger {
+    /// The word stored and shown (`trigger_method` of the described system).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Cli => "cli",
+            Trigger::Web => "web",
+            Trigger::Api => "api",
+            Trigger::Webhook => "webhook",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Trigger> {
+        Some(match s {
+            "cli" => Trigger::Cli,
+            "web" => Trigger::Web,
+            "api" => Trigger::Api,
+            "webhook" => Trigger::Webhook,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Longest project name accepted.
 pub const MAX_PROJECT_NAME: usize = 64;
 

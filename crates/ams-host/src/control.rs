@@ -94,12 +94,28 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 let _ = send(&mut w, &err("`project` is required")).await;
                 return;
             };
+            let trigger = match str_field(&req, "trigger") {
+                None => ams_core::names::Trigger::Cli,
+                Some(t) => match ams_core::names::Trigger::parse(&t) {
+                    Some(t) => t,
+                    None => {
+                        let _ = send(
+                            &mut w,
+                            &err(format!(
+                                "`{t}` is not a trigger; use cli, web, api or webhook"
+                            )),
+                        )
+                        .await;
+                        return;
+                    }
+                },
+            };
             let r = BuildRequest {
                 project,
                 branch: str_field(&req, "branch"),
                 commit: str_field(&req, "commit"),
                 actor,
-                trigger: str_field(&req, "trigger").unwrap_or_else(|| "cli".into()),
+                trigger,
             };
             match h.build(r).await {
                 Ok(b) => json!({"ok": true, "build": b}),

@@ -11,7 +11,7 @@ use crate::paths::DataDir;
 use crate::settings::{QueueSettings, SettingsCache};
 use crate::timefmt;
 use crate::worker::{self, StopReason, StopSignal, WorkerContext};
-use ams_core::names::{validate_build_name, BuildId};
+use ams_core::names::{validate_build_name, BuildId, Trigger};
 use ams_core::pipeline::DEFAULT_NAME_FORMAT;
 use ams_core::queue::{Queue, Queued};
 use ams_core::status::BuildStatus;
@@ -32,8 +32,7 @@ pub struct BuildRequest {
     pub branch: Option<String>,
     pub commit: Option<String>,
     pub actor: String,
-    /// `cli`, `web`, `webhook`, `api`.
-    pub trigger: String,
+    pub trigger: Trigger,
 }
 
 /// Build requests for the pushes a webhook accepted: the exact commit, the actor as creator.
@@ -49,7 +48,7 @@ pub fn build_requests(project: &str, pushes: Vec<ams_core::webhooks::Push>) -> V
                 .into_iter()
                 .next()
                 .unwrap_or_else(|| "webhook".into()),
-            trigger: "webhook".into(),
+            trigger: Trigger::Webhook,
         })
         .collect()
 }
@@ -720,7 +719,7 @@ impl Host {
         let nb = NewBuild {
             project: req.project.clone(),
             hash: hash.clone(),
-            trigger: req.trigger.clone(),
+            trigger: req.trigger.as_str().to_string(),
             branch: req.branch.clone(),
             commit: req.commit.clone(),
             created_by: req.actor.clone(),
@@ -775,7 +774,7 @@ impl Host {
                         builds.push(NewBuild {
                             project: r.project,
                             hash: worker::random_hex(20),
-                            trigger: r.trigger,
+                            trigger: r.trigger.as_str().to_string(),
                             branch: r.branch,
                             commit: r.commit,
                             created_by: r.actor,
@@ -1130,7 +1129,7 @@ mod tests {
             branch: None,
             commit: None,
             actor: "t".into(),
-            trigger: "cli".into(),
+            trigger: Trigger::Cli,
         }
     }
 

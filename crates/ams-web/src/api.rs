@@ -776,7 +776,7 @@ async fn trigger(
         branch: s("branch"),
         commit: s("commit"),
         actor: c.user.name.clone(),
-        trigger: "api".into(),
+        trigger: ams_core::names::Trigger::Api,
     };
     let r = st.host.build(req).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())

@@ -871,7 +871,7 @@ async fn trigger_form(
         branch: opt("branch"),
         commit: opt("commit"),
         actor: v.user.name.clone(),
-        trigger: "web".into(),
+        trigger: ams_core::names::Trigger::Web,
     };
     match st.host.build(req).await {
         Ok(b) => {
