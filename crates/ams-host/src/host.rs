@@ -600,13 +600,18 @@ impl Host {
                 },
             };
             match cmd {
+                // Answers go out after the snapshot shows their effect: a client that queues a
+                // build and then lists the tasks sees it.
                 Command::Build(req, settings, reply) => {
                     let r = self.queue_build(req, &settings).await;
-                    let _ = reply.send(r);
                     self.start_ready().await;
+                    self.publish();
+                    let _ = reply.send(r);
                 }
                 Command::Cancel { build, by, reply } => {
-                    let _ = reply.send(self.cancel(build, &by).await);
+                    let r = self.cancel(build, &by).await;
+                    self.publish();
+                    let _ = reply.send(r);
                 }
                 Command::DeleteOutput { build, by, reply } => {
                     self.delete_output(build, &by, reply).await
@@ -636,8 +641,12 @@ impl Host {
                             Err(_) => break,
                         }
                     }
-                    self.webhook_batch(batch).await;
+                    let answers = self.webhook_batch(batch).await;
                     self.start_ready().await;
+                    self.publish();
+                    for (reply, answer) in answers {
+                        let _ = reply.send(answer);
+                    }
                 }
                 Command::Shutdown(done) => {
                     self.shutdown().await;
@@ -759,7 +768,7 @@ impl Host {
     async fn webhook_batch(
         &mut self,
         batch: Vec<(NewDelivery, Vec<CheckedRequest>, Reply<WebhookOutcome>)>,
-    ) {
+    ) -> Vec<(Reply<WebhookOutcome>, Result<WebhookOutcome, HostError>)> {
         let created = timefmt::now();
         let mut settings_of: HashMap<String, Arc<QueueSettings>> = HashMap::new();
         let mut items = Vec::with_capacity(batch.len());
@@ -818,12 +827,13 @@ impl Host {
             Err(e) => {
                 tracing::error!("cannot record webhook deliveries: {e}");
                 let e = HostError::store(e);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-                return;
+                return replies
+                    .into_iter()
+                    .map(|(reply, _)| (reply, Err(e.clone())))
+                    .collect();
             }
         };
+        let mut answers = Vec::with_capacity(replies.len());
         let mut skipped: Vec<(i64, String)> = Vec::new();
         for ((reply, reason), outcome) in replies.into_iter().zip(outcomes) {
             let answer = match outcome {
@@ -851,7 +861,7 @@ impl Host {
                     reason.unwrap_or_else(|| "nothing to build".into()),
                 )),
             };
-            let _ = reply.send(answer);
+            answers.push((reply, answer));
         }
         if !skipped.is_empty() {
             if let Err(e) = self.store.skip_builds(&skipped, timefmt::now()).await {
@@ -862,6 +872,7 @@ impl Host {
                 self.hub.end(id, "skip");
             }
         }
+        answers
     }
 
     async fn start_ready(&mut self) {
@@ -1107,6 +1118,10 @@ mod tests {
                 if spec.image == "panic" {
                     panic!("the fake engine exploded");
                 }
+                if spec.image == "block" {
+                    _stop.cancelled().await;
+                    return Ok(RunEnd::Stopped(143));
+                }
                 Ok(RunEnd::Exited(0))
             })
         }
@@ -1147,6 +1162,49 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn fake_project(data: &DataDir, name: &str, image: &str) {
+        let pd = crate::project::init(data, name).unwrap();
+        std::fs::write(
+            pd.master_source().join("pipeline.json"),
+            format!(
+                r#"{{"docker": {{"image": "{image}", "project-dest": "/p", "build-output-dest": "/o"}},
+                    "pipeline": [{{"name": "s", "commands": ["true"]}}]}}"#
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The published snapshot lists at most SNAPSHOT_PENDING pending builds, with the total.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_snapshot_caps_the_pending_list_and_counts_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        fake_project(&data, "p", "block");
+        let cfg = HostConfig {
+            data: data.clone(),
+            conf: WebConf {
+                max_active_builds: 1,
+                ..Default::default()
+            },
+            packer: None,
+            events: None,
+        };
+        let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
+        let looped = tokio::spawn(host.run());
+        let n = SNAPSHOT_PENDING + 20;
+        for _ in 0..n {
+            h.build(request("p")).await.unwrap();
+        }
+        let snap = h.snapshot().await.unwrap();
+        assert_eq!(snap.active.len(), 1);
+        assert_eq!(snap.pending.len(), SNAPSHOT_PENDING);
+        assert_eq!(snap.pending_total, n - 1);
+        // Queue order: the oldest pending first.
+        assert!(snap.pending.windows(2).all(|w| w[0].id < w[1].id));
+        h.shutdown().await;
+        looped.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

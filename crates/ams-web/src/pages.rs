@@ -257,6 +257,9 @@ pub struct DashQuery {
     pub page: Option<i64>,
 }
 
+/// At most this many active or queued tasks are listed on the dashboard.
+const DASHBOARD_TASKS: usize = 50;
+
 /// The dashboard's panels, in the described system's layout: messages; active and queued
 /// tasks; the projects (each with its latest status and, for those who may, the build form);
 /// and the builds of one project, paged. The size stays bounded however many projects and
@@ -278,10 +281,18 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
         ("Queued tasks", &snap.pending),
     ] {
         s.push_str(&format!("<div class=\"panel\"><h2>{title}</h2><table><tr><th>Task</th><th>Project</th><th>Created by</th><th>Created at</th></tr>"));
+        let mut shown = 0;
+        let mut more = 0;
         for b in list
             .iter()
             .filter(|b| v.grant.may(Action::View, &b.project))
         {
+            // The page stays small however long the queue is.
+            if shown == DASHBOARD_TASKS {
+                more += 1;
+                continue;
+            }
+            shown += 1;
             s.push_str(&format!(
                 "<tr><td><a href=\"/{root}/build/{p}/{n}\">{n}</a></td><td>{p}</td><td>{by}</td><td>{at}</td></tr>",
                 p = esc(&b.project),
@@ -290,7 +301,11 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 at = esc(&timefmt::legacy(b.created_at))
             ));
         }
-        s.push_str("</table></div>");
+        s.push_str("</table>");
+        if more > 0 {
+            s.push_str(&format!("<p>and {more} more</p>"));
+        }
+        s.push_str("</div>");
     }
     s.push_str("</div><div class=\"projects\">");
     let projects: Vec<String> = ams_host::project::list(&st.host.data)
