@@ -92,9 +92,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Replay a recorded webhook delivery (by the id `deliveries` shows) through the webhook's
-    /// current filters.
-    Replay { delivery: i64 },
+    /// Replay a recorded webhook delivery (by the `#N` that `deliveries` shows first on each
+    /// line) through the webhook's current filters.
+    Replay {
+        /// `#N` or `N`.
+        delivery: String,
+    },
     /// Cancel a pending or running build.
     Cancel { build: String },
     /// Delete a finished build's folder, log and archive.
@@ -348,7 +351,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
                     outln!(
-                        "{}  {:<9} {} {} via {}  id {}  {}{}",
+                        "#{}  {}  {:<9} {} {} via {}  id {}  {}{}",
+                        d["id"].as_i64().unwrap_or(0),
                         d["received_at"]
                             .as_f64()
                             .map(timefmt::legacy)
@@ -416,6 +420,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Replay { delivery } => {
+            let delivery: i64 = delivery.trim_start_matches('#').parse().map_err(|_| {
+                anyhow!("`{delivery}` is not a delivery number; give the #N that `amsbuild deliveries PROJECT` shows")
+            })?;
             let v = control::request(
                 &sock,
                 &json!({"cmd": "replay", "id": delivery, "actor": actor()}),
@@ -544,6 +551,12 @@ fn read_password(from_stdin: bool) -> Result<String> {
         std::io::stdin().read_line(&mut line)?;
         line.trim_end_matches(['\n', '\r']).to_string()
     } else {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "no terminal to ask for the password on; pipe it in with --password-stdin"
+            );
+        }
         let a = rpassword::prompt_password("password: ")?;
         let b = rpassword::prompt_password("again: ")?;
         if a != b {

@@ -119,7 +119,7 @@ fn a_signed_github_push_builds_once_per_delivery() {
     assert_eq!(d[1]["builds"][0], name);
 
     // An admin replays the accepted delivery: it builds again, recorded as a replay.
-    let o = t.h.cli(&["replay", &d[1]["id"].to_string()]);
+    let o = t.h.cli(&["replay", &format!("#{}", d[1]["id"])]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let replayed = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert_ne!(replayed, name);
