@@ -314,6 +314,15 @@ pub async fn execute(
     }
 
     let memory_limit = options.memory.unwrap_or(0);
+    // pipeline.json sets the grace between SIGTERM and SIGKILL; a repository cannot make a
+    // cancel or a timeout wait longer than STOP_TIMEOUT_MAX.
+    let stop_timeout = p.docker.stop_timeout_secs.min(STOP_TIMEOUT_MAX);
+    if stop_timeout < p.docker.stop_timeout_secs {
+        log.line(&format!(
+            "docker.stop-timeout {} s is more than the host allows; {STOP_TIMEOUT_MAX} s is used",
+            p.docker.stop_timeout_secs
+        ));
+    }
     let path_str = |p: &Path| p.to_string_lossy().to_string();
     let spec = ContainerSpec {
         name: req.container_name.clone(),
@@ -340,7 +349,7 @@ pub async fn execute(
             },
         ],
         options,
-        stop_timeout_secs: p.docker.stop_timeout_secs,
+        stop_timeout_secs: stop_timeout,
     };
 
     log.line(&format!("container {}", req.container_name));
@@ -362,6 +371,18 @@ pub async fn execute(
                   current: &mut Option<(usize, Instant, f64)>| {
         let mut pending: Vec<u8> = Vec::new();
         for ev in events.drain(..) {
+            // The build can read its nonce, so markers are taken only in the driver's order:
+            // each stage begins once, after the one before it ended, and ends once. Anything
+            // else is dropped, so a build cannot make the host write or keep more than a
+            // line and a result per stage.
+            let in_order = match &ev {
+                Event::Output(_) => true,
+                Event::Begin(i) => current.is_none() && *i == stages.len() && *i < p.stages.len(),
+                Event::End { stage, .. } => matches!(current, Some((c, _, _)) if c == stage),
+            };
+            if !in_order {
+                continue;
+            }
             match ev {
                 Event::Output(b) => pending.extend_from_slice(&b),
                 Event::Begin(i) => {
@@ -605,6 +626,9 @@ async fn host_commands(
 
 /// The largest pipeline.json the host reads: the parser's own cap.
 pub const PIPELINE_MAX_BYTES: u64 = pipeline::MAX_BYTES as u64;
+
+/// The longest grace a build's container gets between SIGTERM and SIGKILL.
+pub const STOP_TIMEOUT_MAX: u64 = 60;
 
 /// Everything before the stages: the private config, the git update, pipeline.json, the copy.
 struct Prepared {

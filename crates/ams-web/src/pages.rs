@@ -493,6 +493,7 @@ async fn events(State(st): State<ApiState>, headers: HeaderMap) -> Response {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let mut rx = st.host.changes.subscribe();
+    let headers = session_headers(&headers);
     let stream = async_stream(move |tx| async move {
         let mut tick = tokio::time::interval(RECHECK);
         tick.tick().await;
@@ -529,8 +530,36 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
-    tokio::spawn(f(tx));
+    let gone = tx.clone();
+    // The task ends as soon as the client goes, not at its next send: a stream that is
+    // silent (no change, a quiet build) must not keep a task per closed connection.
+    let task = f(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = gone.closed() => {}
+        }
+    });
     tokio_stream_from(rx)
+}
+
+/// Only what a live stream needs to check its session again: the cookie, not every header
+/// the client sent.
+fn session_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut slim = HeaderMap::new();
+    for v in headers.get_all(axum::http::header::COOKIE) {
+        slim.append(axum::http::header::COOKIE, v.clone());
+    }
+    slim
+}
+
+/// Aborts a spawned task when dropped.
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Aborting<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn tokio_stream_from(
@@ -751,13 +780,13 @@ async fn stream(
     let path = st.host.data.project(&b.project).build(&b.name).log();
     let hub = st.host.hub.clone();
     let store = st.host.store.clone();
+    let headers = session_headers(&headers);
     let events = async_stream(move |tx| async move {
         let (btx, mut brx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(8);
         let id = b.id;
-        let follower =
-            tokio::spawn(
-                async move { ams_host::log::follow_from(&hub, id, &path, from, &btx).await },
-            );
+        let mut follower = Aborting(tokio::spawn(async move {
+            ams_host::log::follow_from(&hub, id, &path, from, &btx).await
+        }));
         let mut carry: Vec<u8> = Vec::new();
         let mut checked = tokio::time::Instant::now();
         loop {
@@ -771,7 +800,6 @@ async fn stream(
             // The stream ends with the session, even while the build runs on.
             if checked.elapsed() >= RECHECK {
                 if viewer(&st, &headers).await.is_none() {
-                    follower.abort();
                     return;
                 }
                 checked = tokio::time::Instant::now();
@@ -786,7 +814,7 @@ async fn stream(
                 return;
             }
         }
-        let status = match follower.await {
+        let status = match (&mut follower.0).await {
             Ok(Ok(Some(s))) => s,
             _ => store
                 .build_by_id(id)
@@ -1111,6 +1139,29 @@ async fn replay_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stream_task_ends_when_its_client_goes() {
+        struct Flag(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                if let Some(t) = self.0.take() {
+                    let _ = t.send(());
+                }
+            }
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        // A silent stream: its task never sends, so only the client's going can end it.
+        let s = async_stream(move |_tx| async move {
+            let _flag = Flag(Some(done_tx));
+            std::future::pending::<()>().await;
+        });
+        drop(s);
+        // Whether it ran or not, the task's future is gone (the flag fired or was dropped).
+        let _ = tokio::time::timeout(Duration::from_secs(10), done_rx)
+            .await
+            .expect("the task ended with its client");
+    }
 
     #[test]
     fn only_http_and_https_urls_become_links() {

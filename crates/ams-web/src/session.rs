@@ -72,7 +72,8 @@ impl LoginGuard {
     /// either allowance is used up in the [`WINDOW`]. Checking and counting under one lock is
     /// what keeps concurrent guesses from all passing the check before any is counted.
     pub(crate) fn reserve(&self, user: &str, addr: &str) -> Option<Attempt<'_>> {
-        let user = format!("u:{}", user.to_lowercase());
+        // Keyed by a hash: a name of any length (a form allows megabytes) costs 66 bytes.
+        let user = format!("u:{}", auth::token_hash(&user.to_lowercase()));
         let addr = format!("a:{addr}");
         let mut m = self.fails.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > MAX_TRACKED {
@@ -461,6 +462,22 @@ mod tests {
         ] {
             assert_eq!(safe_redirect(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn throttle_keys_stay_small_whatever_the_name() {
+        let g = LoginGuard::default();
+        let huge = "x".repeat(2 << 20);
+        drop(g.reserve(&huge, "127.0.0.1"));
+        drop(g.reserve("Bob", "127.0.0.1"));
+        let m = g.fails.lock().unwrap();
+        assert!(
+            m.keys().all(|k| k.len() <= 66),
+            "{:?}",
+            m.keys().map(|k| k.len()).collect::<Vec<_>>()
+        );
+        // The name is compared without case, as before.
+        assert!(m.contains_key(&format!("u:{}", auth::token_hash("bob"))));
     }
 
     #[test]

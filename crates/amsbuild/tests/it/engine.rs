@@ -335,3 +335,30 @@ fn a_log_that_fills_the_disk_fails_its_build_and_the_host_recovers() {
     let r = h.wait_status("next", &n, Duration::from_secs(60));
     assert_eq!(r["status"], "pass", "{}", h.log("next", &n));
 }
+
+/// A build can read its own stage-marker nonce; forged markers out of the driver's order are
+/// dropped, so the host writes and keeps one begin, one end and one result per stage.
+#[test]
+fn forged_stage_markers_cannot_flood_the_host() {
+    require_docker();
+    let mut h = TestHost::new();
+    let forge = "N=$(grep -o '[0-9a-f]\\{32\\}' /.ams-ci/driver.sh | head -1); \
+                 i=0; while [ $i -lt 3000 ]; do \
+                 printf '\\n\\036AMS-%s end 0 0\\n\\n\\036AMS-%s begin 5\\n\\n\\036AMS-%s end 9 1\\n' $N $N $N; \
+                 i=$((i+1)); done; echo forged";
+    h.project(
+        "forger",
+        &pipeline(json!([
+            stage("one", &[forge]),
+            stage("two", &["echo real-two"])
+        ])),
+    );
+    h.start();
+    let name = h.build("forger");
+    let r = h.wait_status("forger", &name, Duration::from_secs(120));
+    let log = h.log("forger", &name);
+    assert_eq!(r["stages"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(log.matches("<== stage").count(), 2, "{log}");
+    assert_eq!(log.matches("==> stage").count(), 2, "{log}");
+    assert!(log.contains("real-two"), "{log}");
+}

@@ -643,3 +643,28 @@ fn builds_of_different_projects_cannot_reach_each_other() {
     );
     h.wait_status("vic", &vic, T);
 }
+
+/// A repository cannot make a cancel or a timeout wait for an hour: docker.stop-timeout is
+/// capped by the host.
+#[test]
+fn a_long_stop_timeout_is_capped() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "slowstop",
+        &pipeline_with(
+            json!([stage("s", &["echo ok"])]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "stop-timeout": 3600}}),
+        ),
+    );
+    h.start();
+    let (r, log) = finished(&h, "slowstop", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(
+        log.contains("docker.stop-timeout 3600 s is more than the host allows; 60 s is used"),
+        "{log}"
+    );
+    let inspect = log.lines().any(|l| l.contains("container "));
+    assert!(inspect, "{log}");
+}
