@@ -54,6 +54,35 @@ impl std::fmt::Display for Trigger {
     }
 }
 
+/// A project name that passed [`validate_project_name`]: safe as a folder name, in URLs and
+/// in container names. Requests that cross the host loop carry this, never a raw string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjectName(String);
+
+impl ProjectName {
+    pub fn new(name: &str) -> Result<ProjectName, String> {
+        validate_project_name(name).map_err(|e| format!("{e}: `{name}`"))?;
+        Ok(ProjectName(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ProjectName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ProjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Longest project name accepted.
 pub const MAX_PROJECT_NAME: usize = 64;
 
@@ -177,6 +206,8 @@ mod tests {
         assert!(validate_build_name("a/b").is_err());
         assert!(validate_build_name("..").is_err());
         assert!(validate_build_name("q1.7z").is_err());
+        assert!(ProjectName::new("../x").is_err());
+        assert_eq!(ProjectName::new("app").unwrap().as_str(), "app");
         assert!(validate_build_name("q1.7z.partial").is_err());
     }
 }

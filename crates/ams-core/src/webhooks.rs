@@ -12,6 +12,41 @@ use crate::error::{clip, ConfigError};
 use serde::Deserialize;
 use serde_json::Value;
 
+/// What became of a webhook delivery, as the delivery log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verdict {
+    /// Verified and decided: its builds were queued.
+    #[default]
+    Accepted,
+    /// Verified but not for building (a tag, a deletion, a filtered branch).
+    Ignored,
+    /// The sender's test delivery.
+    Ping,
+    /// Not processable (no matching webhook, unauthorized actor, bad body).
+    Refused,
+    /// A redelivery of an accepted delivery id: nothing built.
+    Duplicate,
+}
+
+impl Verdict {
+    /// The word stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Ignored => "ignored",
+            Verdict::Ping => "ping",
+            Verdict::Refused => "refused",
+            Verdict::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Most branch heads built from one delivery; a delivery naming more is refused.
 pub const MAX_PUSHES: usize = 100;
 /// Longest actor or repository name taken from a delivery, in bytes; a longer one is ignored

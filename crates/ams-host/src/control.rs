@@ -110,6 +110,13 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                     }
                 },
             };
+            let project = match ams_core::names::ProjectName::new(&project) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = send(&mut w, &err(e)).await;
+                    return;
+                }
+            };
             let r = BuildRequest {
                 project,
                 branch: str_field(&req, "branch"),
@@ -234,14 +241,15 @@ pub async fn replay(h: &HostHandle, id: i64, actor: &str) -> Result<Value, Strin
         received_at: crate::timefmt::now(),
         sender: d.sender.clone(),
         event: d.event.clone(),
-        verdict: "accepted".into(),
+        verdict: ams_core::webhooks::Verdict::Accepted,
         reason: Some(format!("replay of delivery {id} by {actor}")),
         headers,
         body,
         ..Default::default()
     };
+    let project = ams_core::names::ProjectName::new(&d.project)?;
     match h
-        .webhook(delivery, crate::host::build_requests(&d.project, pushes))
+        .webhook(delivery, crate::host::build_requests(&project, pushes))
         .await
         .map_err(|e| e.detail())?
     {

@@ -11,7 +11,7 @@ use crate::paths::DataDir;
 use crate::settings::{QueueSettings, SettingsCache};
 use crate::timefmt;
 use crate::worker::{self, StopReason, StopSignal, WorkerContext};
-use ams_core::names::{validate_build_name, BuildId, Trigger};
+use ams_core::names::{validate_build_name, BuildId, ProjectName, Trigger};
 use ams_core::pipeline::DEFAULT_NAME_FORMAT;
 use ams_core::queue::{Queue, Queued};
 use ams_core::status::BuildStatus;
@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 /// A request to queue a build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
-    pub project: String,
+    pub project: ProjectName,
     pub branch: Option<String>,
     pub commit: Option<String>,
     pub actor: String,
@@ -36,11 +36,14 @@ pub struct BuildRequest {
 }
 
 /// Build requests for the pushes a webhook accepted: the exact commit, the actor as creator.
-pub fn build_requests(project: &str, pushes: Vec<ams_core::webhooks::Push>) -> Vec<BuildRequest> {
+pub fn build_requests(
+    project: &ProjectName,
+    pushes: Vec<ams_core::webhooks::Push>,
+) -> Vec<BuildRequest> {
     pushes
         .into_iter()
         .map(|p| BuildRequest {
-            project: project.to_string(),
+            project: project.clone(),
             branch: Some(p.branch),
             commit: Some(p.commit),
             actor: p
@@ -726,7 +729,7 @@ impl Host {
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
-            project: req.project.clone(),
+            project: req.project.to_string(),
             hash: hash.clone(),
             trigger: req.trigger.as_str().to_string(),
             branch: req.branch.clone(),
@@ -779,9 +782,9 @@ impl Host {
             for (r, settings) in requests {
                 match settings {
                     Ok(s) => {
-                        settings_of.insert(r.project.clone(), s);
+                        settings_of.insert(r.project.to_string(), s);
                         builds.push(NewBuild {
-                            project: r.project,
+                            project: r.project.to_string(),
                             hash: worker::random_hex(20),
                             trigger: r.trigger.as_str().to_string(),
                             branch: r.branch,
@@ -794,14 +797,14 @@ impl Host {
                 }
             }
             if builds.is_empty() {
-                d.verdict = "refused".into();
+                d.verdict = ams_core::webhooks::Verdict::Refused;
                 d.reason = Some(if errors.is_empty() {
                     "nothing to build".into()
                 } else {
                     errors.join("; ")
                 });
             } else {
-                d.verdict = "accepted".into();
+                d.verdict = ams_core::webhooks::Verdict::Accepted;
                 if !errors.is_empty() {
                     d.reason = Some(errors.join("; "));
                 }
@@ -1140,7 +1143,7 @@ mod tests {
 
     fn request(project: &str) -> BuildRequest {
         BuildRequest {
-            project: project.into(),
+            project: ProjectName::new(project).unwrap(),
             branch: None,
             commit: None,
             actor: "t".into(),

@@ -250,7 +250,7 @@ pub struct NewDelivery {
     pub received_at: f64,
     pub sender: String,
     pub event: String,
-    pub verdict: String,
+    pub verdict: ams_core::webhooks::Verdict,
     pub reason: Option<String>,
     pub builds: Vec<String>,
     pub headers: String,
@@ -892,7 +892,10 @@ impl Store {
         // Duplicates: ids accepted before (looked up through the (project, delivery_id)
         // index, one query per project), then repeats inside the batch.
         let mut by_project: HashMap<&str, Vec<&str>> = HashMap::new();
-        for i in items.iter().filter(|i| i.delivery.verdict == "accepted") {
+        for i in items
+            .iter()
+            .filter(|i| i.delivery.verdict == ams_core::webhooks::Verdict::Accepted)
+        {
             if let Some(id) = i.delivery.delivery_id.as_deref() {
                 by_project
                     .entry(i.delivery.project.as_str())
@@ -922,10 +925,10 @@ impl Store {
         let mut wanted: Vec<(usize, NewBuild)> = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let mut d = item.delivery;
-            if d.verdict == "accepted" {
+            if d.verdict == ams_core::webhooks::Verdict::Accepted {
                 if let Some(id) = &d.delivery_id {
                     if !seen.insert((d.project.clone(), id.clone())) {
-                        d.verdict = "duplicate".into();
+                        d.verdict = ams_core::webhooks::Verdict::Duplicate;
                         d.reason = Some("this delivery id was accepted before".into());
                         d.body.clear();
                         outcomes.push(DeliveryOutcome::Duplicate);
@@ -1035,7 +1038,7 @@ impl Store {
                     .bind(d.received_at)
                     .bind(&d.sender)
                     .bind(&d.event)
-                    .bind(&d.verdict)
+                    .bind(d.verdict.as_str())
                     .bind(&d.reason)
                     .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
                     .bind(&d.headers)
@@ -1092,7 +1095,7 @@ impl Store {
         .bind(d.received_at)
         .bind(&d.sender)
         .bind(&d.event)
-        .bind(&d.verdict)
+        .bind(d.verdict.as_str())
         .bind(&d.reason)
         .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
         .bind(&d.headers)
@@ -1808,7 +1811,7 @@ mod tests {
                 delivery_id: Some(id.into()),
                 project: "p".into(),
                 webhook: "w".into(),
-                verdict: "accepted".into(),
+                verdict: ams_core::webhooks::Verdict::Accepted,
                 ..Default::default()
             },
             builds: vec![nb("p"); n],
@@ -2099,7 +2102,7 @@ mod fault_tests {
                 delivery_id: Some(id.into()),
                 project: "p".into(),
                 webhook: "gh".into(),
-                verdict: "accepted".into(),
+                verdict: ams_core::webhooks::Verdict::Accepted,
                 body: vec![b'x'; body],
                 ..Default::default()
             },

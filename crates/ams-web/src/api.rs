@@ -771,8 +771,9 @@ async fn trigger(
     operate(&st, &c, &name)?;
     let b = body.map(|Json(v)| v).unwrap_or(Value::Null);
     let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
+    let project = ams_core::names::ProjectName::new(&name).map_err(|_| ApiError::NotFound)?;
     let req = BuildRequest {
-        project: name,
+        project,
         branch: s("branch"),
         commit: s("commit"),
         actor: c.user.name.clone(),

@@ -909,8 +909,11 @@ async fn trigger_form(
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     };
+    let Ok(name) = ams_core::names::ProjectName::new(&project) else {
+        return not_found(&root);
+    };
     let req = BuildRequest {
-        project: project.clone(),
+        project: name,
         branch: opt("branch"),
         commit: opt("commit"),
         actor: v.user.name.clone(),

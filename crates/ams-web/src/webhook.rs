@@ -14,6 +14,7 @@
 //! say) the answer is 503 with the reason, and nothing was recorded.
 
 use ams_core::names::validate_project_name;
+use ams_core::webhooks::Verdict;
 use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig};
 use ams_host::error::HostError;
 use ams_host::host::{build_requests, WebhookOutcome};
@@ -313,9 +314,9 @@ async fn handle(
         ..Default::default()
     };
     // Records a delivery that queues nothing; Err(503) when the database cannot take it.
-    let record = |mut d: NewDelivery, verdict: &str, reason: Option<String>| {
+    let record = |mut d: NewDelivery, verdict: Verdict, reason: Option<String>| {
         let store = st.host.store.clone();
-        d.verdict = verdict.into();
+        d.verdict = verdict;
         d.reason = reason;
         async move {
             match store.record_delivery(&d).await {
@@ -335,19 +336,19 @@ async fn handle(
         Ok(v) => v,
         Err(e) => {
             let reason = format!("the body is not JSON: {e}");
-            let _ = record(delivery, "refused", Some(reason.clone())).await;
+            let _ = record(delivery, Verdict::Refused, Some(reason.clone())).await;
             return refuse(StatusCode::BAD_REQUEST, &reason);
         }
     };
     let pushes = match decide(hook, sender, &event, &parsed, fields.as_ref()) {
         Decision::Ping => {
-            if let Err(r) = record(delivery, "ping", None).await {
+            if let Err(r) = record(delivery, Verdict::Ping, None).await {
                 return r;
             }
             return answer(StatusCode::OK, json!({"ok": true, "ping": true}));
         }
         Decision::Ignore(reason) => {
-            if let Err(r) = record(delivery, "ignored", Some(reason.clone())).await {
+            if let Err(r) = record(delivery, Verdict::Ignored, Some(reason.clone())).await {
                 return r;
             }
             return answer(
@@ -356,14 +357,18 @@ async fn handle(
             );
         }
         Decision::Refuse(code, reason) => {
-            let _ = record(delivery, "refused", Some(reason.clone())).await;
+            let _ = record(delivery, Verdict::Refused, Some(reason.clone())).await;
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
             return refuse(code, &reason);
         }
         Decision::Build(p) => p,
     };
-    let requests = build_requests(project, pushes);
-    delivery.verdict = "accepted".into();
+    // `load` found the project, so its name is valid.
+    let Ok(project) = ams_core::names::ProjectName::new(project) else {
+        return refuse(StatusCode::NOT_FOUND, "no such webhook");
+    };
+    let requests = build_requests(&project, pushes);
+    delivery.verdict = Verdict::Accepted;
     match st.host.webhook(delivery, requests).await {
         Ok(WebhookOutcome::Queued(names)) => {
             answer(StatusCode::ACCEPTED, json!({"ok": true, "builds": names}))
