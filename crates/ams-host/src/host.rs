@@ -1179,12 +1179,8 @@ mod tests {
         .unwrap();
     }
 
-    /// The published snapshot lists at most SNAPSHOT_PENDING pending builds, with the total.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_snapshot_caps_the_pending_list_and_counts_the_rest() {
-        let t = tempfile::tempdir().unwrap();
-        let data = DataDir::new(t.path().join("data"));
-        fake_project(&data, "p", "block");
+    /// A host on a fake engine with one slot, and its running loop.
+    async fn fake_host(data: &DataDir) -> (HostHandle, tokio::task::JoinHandle<()>) {
         let cfg = HostConfig {
             data: data.clone(),
             conf: WebConf {
@@ -1195,7 +1191,16 @@ mod tests {
             events: None,
         };
         let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
-        let looped = tokio::spawn(host.run());
+        (h, tokio::spawn(host.run()))
+    }
+
+    /// The published snapshot lists at most SNAPSHOT_PENDING pending builds, with the total.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_snapshot_caps_the_pending_list_and_counts_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        fake_project(&data, "p", "block");
+        let (h, looped) = fake_host(&data).await;
         let n = SNAPSHOT_PENDING + 20;
         for _ in 0..n {
             h.build(request("p")).await.unwrap();
@@ -1215,28 +1220,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let data = DataDir::new(t.path().join("data"));
         for (p, image) in [("boom", "panic"), ("next", "fine")] {
-            let pd = crate::project::init(&data, p).unwrap();
-            std::fs::write(
-                pd.master_source().join("pipeline.json"),
-                format!(
-                    r#"{{"docker": {{"image": "{image}", "project-dest": "/p", "build-output-dest": "/o"}},
-                        "pipeline": [{{"name": "s", "commands": ["true"]}}]}}"#
-                ),
-            )
-            .unwrap();
+            fake_project(&data, p, image);
         }
-        let conf = WebConf {
-            max_active_builds: 1,
-            ..Default::default()
-        };
-        let cfg = HostConfig {
-            data: data.clone(),
-            conf,
-            packer: None,
-            events: None,
-        };
-        let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
-        let looped = tokio::spawn(host.run());
+        let (h, looped) = fake_host(&data).await;
         let boom = h.build(request("boom")).await.unwrap();
         let next = h.build(request("next")).await.unwrap();
         let b = wait_final(&h, boom.id).await;
