@@ -955,7 +955,18 @@ impl Host {
             Err(e) => e,
         };
         if !e.is_unavailable() {
-            tracing::error!("cannot record the end of build {id}: {e}");
+            // Something in the record itself was refused: store a minimal final record, so
+            // the build never stays running.
+            tracing::error!("cannot record the end of build {id}: {e}; storing a minimal record");
+            let minimal = Finish {
+                status: Some(BuildStatus::Fail),
+                reason: Some(format!("the build's record could not be stored: {e}")),
+                finished_at: fin.finished_at,
+                ..Default::default()
+            };
+            if let Err(e) = self.store.finish(id, &minimal).await {
+                tracing::error!("cannot record the end of build {id} at all: {e}");
+            }
             return;
         }
         tracing::error!("cannot record the end of build {id} now, trying again: {e}");
