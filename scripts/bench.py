@@ -226,7 +226,8 @@ def bench_d(tmp, seconds=10):
     with open(os.path.join(cfg, "webhooks.json"), "w") as f:
         json.dump({"in-webhooks": [{"name": "gh", "authorized-actors": ["codertocat"],
                                     "secret": "bench-secret"}]}, f)
-    fixture = os.path.join(ROOT, "..", "shared", "fixtures", "webhooks", "github_push_new_branch.json")
+    fixture = os.path.join(ROOT, "crates", "amsbuild", "tests", "fixtures", "webhooks",
+                           "github_push_new_branch.json")
     with open(fixture, "rb") as f:
         body = f.read()
     sig = "sha256=" + hmac.new(b"bench-secret", body, hashlib.sha256).hexdigest()

@@ -575,17 +575,13 @@ pub fn set_cookie(head: &str) -> String {
         .to_string()
 }
 
-/// A payload from `shared/fixtures/webhooks/`, which CI lays beside the repository.
+/// A webhook payload from the repository's own `tests/fixtures/webhooks/`, as stored (the
+/// tests sign these exact bytes).
 pub fn fixture(name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/webhooks")
+        .join("tests/fixtures/webhooks")
         .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (the shared/ folder must sit beside the repository)",
-            p.display()
-        )
-    })
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Runs git in `dir` with a test identity; fails the test when git fails.
