@@ -356,7 +356,8 @@ fn build_name(
     validate_build_name(&name).map(|_| name)
 }
 
-/// Removes a build's container once the engine answers, retrying every 5 s for an hour.
+/// Removes a build's container (by this host's and the build's labels) once the engine
+/// answers, retrying every 5 s for an hour.
 async fn remove_when_back(ctx: &WorkerContext, build: i64) {
     let id = build.to_string();
     let labels = [
@@ -697,18 +698,9 @@ impl Host {
                 log.line(&format!("build {} ended: FAIL ({why})", b.name));
             }
         }
-        let executor = self.ctx.executor.clone();
-        let build_id = id.to_string();
-        let host_id = self.ctx.host_id.clone();
-        self.workers.spawn(async move {
-            let labels = [
-                (ams_docker::LABEL_HOST, host_id.as_str()),
-                (ams_docker::LABEL_BUILD_ID, build_id.as_str()),
-            ];
-            if let Err(e) = executor.remove_labelled(&labels).await {
-                tracing::error!("cannot remove the container of build {build_id}: {e}");
-            }
-        });
+        let ctx = self.ctx.clone();
+        self.workers
+            .spawn(async move { remove_when_back(&ctx, id).await });
         let fin = Finish {
             status: Some(BuildStatus::Fail),
             reason: Some(why),

@@ -714,8 +714,8 @@ async fn prepare(
     let mode = private.source_copy;
     let ctx_overlay = ctx.overlay.clone();
     let source = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let _ = crate::source::unmount_stale(&to_src);
         for p in [&to_src, &to_out] {
-            let _ = crate::source::unmount_stale(p);
             if p.exists() {
                 std::fs::remove_dir_all(p)?;
             }

@@ -497,45 +497,37 @@ pub fn exchange<S: std::io::Read + Write>(
     (status, head, body)
 }
 
-/// Adds a user through the CLI, the password on stdin.
-pub fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str) {
+/// Runs the CLI with `input` on its standard input and asserts it succeeds.
+pub fn cli_with_stdin(h: &TestHost, args: &[&str], input: &str) {
     let mut c = h
         .cmd()
-        .args([
-            "user",
-            "add",
-            name,
-            "--level",
-            level,
-            "--projects",
-            projects,
-            "--password-stdin",
-        ])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{pw}\n").as_bytes())
-        .unwrap();
-    assert!(c.wait().unwrap().success());
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    assert!(c.wait().unwrap().success(), "amsbuild {args:?}");
+}
+
+/// Adds a user through the CLI, the password on stdin.
+pub fn add_user(h: &TestHost, name: &str, level: &str, projects: &str, pw: &str) {
+    let args = [
+        "user",
+        "add",
+        name,
+        "--level",
+        level,
+        "--projects",
+        projects,
+        "--password-stdin",
+    ];
+    cli_with_stdin(h, &args, &format!("{pw}\n"));
 }
 
 /// Sets a user's password through the CLI (`user passwd --password-stdin`).
 pub fn set_password(h: &TestHost, name: &str, pw: &str) {
-    let mut c = h
-        .cmd()
-        .args(["user", "passwd", name, "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{pw}\n").as_bytes())
-        .unwrap();
-    assert!(c.wait().unwrap().success());
+    let args = ["user", "passwd", name, "--password-stdin"];
+    cli_with_stdin(h, &args, &format!("{pw}\n"));
 }
 
 /// Percent-encodes everything but unreserved characters (for paths, queries and forms).
