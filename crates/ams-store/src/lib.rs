@@ -2084,6 +2084,12 @@ mod fault_tests {
 
     use super::*;
 
+    /// The time of the last file error is per process (a host has one database), and a
+    /// read-only error in one test would make the pool reopen another test's connection (and
+    /// drop its page limit): these tests take turns.
+    static ONE_AT_A_TIME: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+        std::sync::LazyLock::new(Default::default);
+
     fn nb(project: &str) -> NewBuild {
         NewBuild {
             project: project.into(),
@@ -2123,11 +2129,13 @@ mod fault_tests {
     }
 
     /// SQLite answers SQLITE_FULL, as on a full disk, once the database would grow past the
-    /// `max_page_count` of the connection at work; every open connection gets it here.
+    /// `max_page_count` of the connection at work; every connection the pool may hold gets it
+    /// here. The pool reopens a connection after an error about the file, and the new one
+    /// starts without the limit: limit again before each write that must meet it.
     async fn limit_pages(s: &Store, pages: i64) {
         settle(s).await;
         let mut held = Vec::new();
-        for _ in 0..s.pool.size() {
+        for _ in 0..s.pool.options().get_max_connections() {
             let mut c = s.pool.acquire().await.unwrap();
             sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
                 .execute(&mut *c)
@@ -2154,6 +2162,7 @@ mod fault_tests {
 
     #[tokio::test]
     async fn writes_after_a_full_disk_are_stored_and_numbers_never_reused() {
+        let _turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("ams.db");
         // One connection, so that every write below runs on the one that failed.
@@ -2170,6 +2179,7 @@ mod fault_tests {
                 .contains("the disk holding the data directory is full"),
             "{e}"
         );
+        limit_pages(&s, 1).await;
         let e = s
             .accept_deliveries(vec![delivery("big", 256 * 1024)], |_, i| name(i))
             .await
@@ -2196,6 +2206,7 @@ mod fault_tests {
 
     #[tokio::test]
     async fn a_read_only_database_refuses_writes_clearly_and_still_reads() {
+        let _turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("ams.db");
         let s = Store::open(&db).await.unwrap();
