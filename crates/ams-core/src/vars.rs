@@ -1,7 +1,7 @@
 //! `{variable}` templates used in pipeline.json and webhooks.json strings.
 //!
-//! A reference is `{name}` where name is lower-case letters, digits and `_`. Anything else in
-//! braces is left alone, so shell text such as `${HOME}`, `{a,b}` or `awk '{print $1}'` passes
+//! A reference is `{name}` where name is lower-case letters, digits and `_`, with at least one
+//! letter (`{7z_hash}` is a name, `{0}` is text). Anything else in braces is left alone, so shell text such as `${HOME}`, `{a,b}` or `awk '{print $1}'` passes
 //! through. `{{` and `}}` stand for literal braces. A reference to an unknown name is an error,
 //! never an empty string.
 
@@ -39,7 +39,7 @@ fn is_var_name(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && s.as_bytes()[0].is_ascii_lowercase()
+        && s.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 /// Splits a template into literal text and variable references.
@@ -159,6 +159,15 @@ mod tests {
     }
 
     #[test]
+    fn names_may_start_with_a_digit_but_need_a_letter() {
+        let mut m = vals();
+        m.insert("7z_hash", "abc".to_string());
+        assert_eq!(expand("h={7z_hash}", &m).unwrap(), "h=abc");
+        let t = "python -c 'print(\"{0} {1}\".format(1, 2))' {_}";
+        assert_eq!(expand(t, &m).unwrap(), t);
+    }
+
+    #[test]
     fn doubled_braces_are_literal() {
         assert_eq!(expand("{{project}}", &vals()).unwrap(), "{project}");
     }
@@ -247,7 +256,7 @@ mod tests {
                 if let Some(close) = rest[1..].find('}') {
                     let name = &rest[1..1 + close];
                     let is_name = (1..=64).contains(&name.chars().count())
-                        && name.starts_with(|c: char| c.is_ascii_lowercase())
+                        && name.chars().any(|c| c.is_ascii_lowercase())
                         && name
                             .chars()
                             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');

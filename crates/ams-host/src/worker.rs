@@ -1118,3 +1118,32 @@ async fn release_source(src: BuildSource, keep: bool) -> std::io::Result<()> {
         .await
         .map_err(std::io::Error::other)?
 }
+
+#[cfg(test)]
+mod var_tests {
+    use super::*;
+
+    /// Every documented pipeline.json variable has a value in a build, and no other does.
+    #[test]
+    fn build_vars_give_every_documented_variable() {
+        let b: BuildRecord = serde_json::from_value(serde_json::json!({
+            "id": 1, "project": "p", "build_index": 2, "name": "p_2", "hash": "h",
+            "git_hash": null, "commit_message": null, "status": "pending", "reason": null,
+            "trigger": "cli", "branch": null, "commit": null, "created_by": "a",
+            "created_at": 1.0, "started_at": null, "finished_at": null, "canceled_by": null,
+            "canceled_at": null, "archive_name": null, "archive_hash": null,
+            "archive_hash_kind": null, "output_deleted_at": null, "stages": []
+        }))
+        .unwrap();
+        let values = build_vars(&DataDir::new("/d"), &b, "g");
+        let mut names: Vec<&str> = values.keys().copied().collect();
+        let mut documented = ams_core::vars::PIPELINE_VARS.to_vec();
+        names.sort();
+        documented.sort();
+        assert_eq!(names, documented);
+        for name in ams_core::vars::PIPELINE_VARS {
+            let out = ams_core::vars::expand(&format!("{{{name}}}"), &values).unwrap();
+            assert!(!out.is_empty() && !out.contains('{'), "{name}: {out}");
+        }
+    }
+}

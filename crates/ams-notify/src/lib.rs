@@ -406,6 +406,68 @@ mod tests {
         assert_eq!(link("b/", "dl/a b&c"), "b/?page_redirect=dl/a%20b%26c");
     }
 
+    fn finished_build() -> BuildRecord {
+        BuildRecord {
+            id: 1,
+            project: "p".into(),
+            build_index: 3,
+            name: "p_3".into(),
+            hash: "b".repeat(40),
+            git_hash: Some("c".repeat(40)),
+            commit_message: None,
+            status: ams_core::status::BuildStatus::Pass,
+            reason: None,
+            trigger: "web".into(),
+            branch: Some("main".into()),
+            commit: None,
+            created_by: "alice".into(),
+            created_at: 1_700_000_000.0,
+            started_at: Some(1_700_000_001.0),
+            finished_at: Some(1_700_000_002.0),
+            canceled_by: Some("bob".into()),
+            canceled_at: None,
+            archive_name: Some("p_3.7z".into()),
+            archive_hash: Some("d".repeat(40)),
+            archive_hash_kind: Some("SHA1".into()),
+            output_deleted_at: None,
+            stages: vec![],
+        }
+    }
+
+    /// Every documented variable of webhooks.json has a value, and a Discord message made of
+    /// all of them holds those values, not one `{name}` left literally (`{7z_link}` was).
+    #[test]
+    fn every_documented_variable_expands_in_messages() {
+        let values = variables(&WebConf::default(), &finished_build());
+        let mut text = String::new();
+        for name in notify::NOTIFY_VARS {
+            let v = values
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} has no value"));
+            assert!(!v.is_empty(), "{name} is empty for a finished build");
+            text.push_str(&format!("<{{{name}}}>"));
+        }
+        notify::parse_out_webhooks(&[json!({
+            "hook-name": "d", "type": "discord", "trigger": ["build-complete"],
+            "url": "https://discord.com/api/webhooks/1/x",
+            "data": {"default": {"content": text}}
+        })])
+        .expect("every documented variable is accepted in webhooks.json");
+        let msg = notify::discord_message(&json!({"default": {"content": text}}), &values);
+        let content = msg["content"].as_str().unwrap();
+        for name in notify::NOTIFY_VARS {
+            assert!(
+                !content.contains(&format!("{{{name}}}")),
+                "{{{name}}} was sent literally"
+            );
+        }
+        assert!(
+            content.contains(&format!("<{}>", "d".repeat(40))),
+            "{content}"
+        );
+        assert!(content.contains("?page_redirect=dl/p/p_3>"), "{content}");
+    }
+
     #[test]
     fn signature_is_hmac_sha256() {
         assert_eq!(
