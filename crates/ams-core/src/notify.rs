@@ -42,6 +42,8 @@ pub enum Trigger {
     BuildStarted,
     BuildFailed,
     BuildFixed,
+    /// The build ended ERROR: the host or its engine failed, not the project.
+    BuildError,
 }
 
 impl Trigger {
@@ -51,6 +53,7 @@ impl Trigger {
             "build-started" => Some(Trigger::BuildStarted),
             "build-failed" => Some(Trigger::BuildFailed),
             "build-fixed" => Some(Trigger::BuildFixed),
+            "build-error" => Some(Trigger::BuildError),
             _ => None,
         }
     }
@@ -61,6 +64,7 @@ impl Trigger {
             Trigger::BuildStarted => "build-started",
             Trigger::BuildFailed => "build-failed",
             Trigger::BuildFixed => "build-fixed",
+            Trigger::BuildError => "build-error",
         }
     }
 }
@@ -84,6 +88,9 @@ impl Trigger {
             (Trigger::BuildComplete, BuildEvent::Finished { .. }) => true,
             (Trigger::BuildFailed, BuildEvent::Finished { status, .. }) => {
                 matches!(status, BuildStatus::Fail | BuildStatus::Warn)
+            }
+            (Trigger::BuildError, BuildEvent::Finished { status, .. }) => {
+                status == BuildStatus::Error
             }
             (Trigger::BuildFixed, BuildEvent::Finished { status, previous }) => {
                 status == BuildStatus::Pass && matches!(previous, Some(p) if p != BuildStatus::Pass)
@@ -171,7 +178,7 @@ pub fn parse_out_webhooks(items: &[Value]) -> Result<Vec<OutWebhook>, ConfigErro
                 _ => return Err(ConfigError::field(
                     FILE,
                     f("trigger"),
-                    "is missing; use build-complete, build-started, build-failed or build-fixed",
+                    "is missing; use build-complete, build-started, build-failed, build-fixed or build-error",
                 )),
             };
         let mut triggers = Vec::new();
@@ -181,7 +188,7 @@ pub fn parse_out_webhooks(items: &[Value]) -> Result<Vec<OutWebhook>, ConfigErro
                 ConfigError::field(
                     FILE,
                     f("trigger"),
-                    format!("unknown trigger `{name}`; use build-complete, build-started, build-failed or build-fixed"),
+                    format!("unknown trigger `{name}`; use build-complete, build-started, build-failed, build-fixed or build-error"),
                 )
             })?);
         }
@@ -509,6 +516,11 @@ mod tests {
         assert!(Trigger::BuildFixed.fires(fin(Pass, Some(Fail))));
         assert!(!Trigger::BuildFixed.fires(fin(Pass, Some(Pass))));
         assert!(!Trigger::BuildFixed.fires(fin(Pass, None)));
+        assert!(Trigger::BuildError.fires(fin(Error, Some(Pass))));
+        assert!(!Trigger::BuildFailed.fires(fin(Error, None)));
+        assert!(!Trigger::BuildError.fires(fin(Fail, None)));
+        assert!(Trigger::BuildComplete.fires(fin(Error, None)));
+        assert_eq!(Trigger::parse("build-error"), Some(Trigger::BuildError));
     }
 
     #[test]

@@ -24,10 +24,13 @@ pub enum BuildStatus {
     Skip,
     /// A fake build (`"dummy-build": true`) that ran no container.
     Dummy,
+    /// Ended by a failure outside the project's control: the Docker engine unreachable or
+    /// failing, the image missing, the host's disk full, the host restarted mid-build.
+    Error,
 }
 
 impl BuildStatus {
-    pub const ALL: [BuildStatus; 8] = [
+    pub const ALL: [BuildStatus; 9] = [
         BuildStatus::Pending,
         BuildStatus::Running,
         BuildStatus::Pass,
@@ -36,6 +39,7 @@ impl BuildStatus {
         BuildStatus::Cancel,
         BuildStatus::Skip,
         BuildStatus::Dummy,
+        BuildStatus::Error,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl BuildStatus {
             BuildStatus::Cancel => "cancel",
             BuildStatus::Skip => "skip",
             BuildStatus::Dummy => "dummy",
+            BuildStatus::Error => "error",
         }
     }
 

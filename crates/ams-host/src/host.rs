@@ -521,18 +521,18 @@ impl Host {
                     let reason = "interrupted by host restart";
                     let bd = self.ctx.data.project(&b.project).build(&b.name);
                     if let Ok(mut log) = crate::log::BuildLog::open(&bd.log(), u64::MAX, None) {
-                        log.line(&format!("build {} ended: FAIL ({reason})", b.name));
+                        log.line(&format!("build {} ended: ERROR ({reason})", b.name));
                     }
                     let _ = std::fs::remove_dir_all(bd.ci());
                     let fin = Finish {
-                        status: Some(BuildStatus::Fail),
+                        status: Some(BuildStatus::Error),
                         reason: Some(reason.into()),
                         finished_at: timefmt::now(),
                         stages: b.stages.clone(),
                         ..Default::default()
                     };
                     self.store.finish(b.id, &fin).await?;
-                    tracing::warn!("build {} was interrupted by a host restart: FAIL", b.name);
+                    tracing::warn!("build {} was interrupted by a host restart: ERROR", b.name);
                 }
                 _ => {
                     self.hub.queued(b.id);
@@ -695,14 +695,14 @@ impl Host {
         if let Ok(Some(b)) = self.store.build_by_id(id).await {
             let bd = self.ctx.data.project(&b.project).build(&b.name);
             if let Ok(mut log) = crate::log::BuildLog::open(&bd.log(), u64::MAX, None) {
-                log.line(&format!("build {} ended: FAIL ({why})", b.name));
+                log.line(&format!("build {} ended: ERROR ({why})", b.name));
             }
         }
         let ctx = self.ctx.clone();
         self.workers
             .spawn(async move { remove_when_back(&ctx, id).await });
         let fin = Finish {
-            status: Some(BuildStatus::Fail),
+            status: Some(BuildStatus::Error),
             reason: Some(why),
             finished_at: timefmt::now(),
             ..Default::default()
@@ -951,7 +951,7 @@ impl Host {
             // the build never stays running.
             tracing::error!("cannot record the end of build {id}: {e}; storing a minimal record");
             let minimal = Finish {
-                status: Some(BuildStatus::Fail),
+                status: Some(BuildStatus::Error),
                 reason: Some(format!("the build's record could not be stored: {e}")),
                 finished_at: fin.finished_at,
                 ..Default::default()
@@ -1229,7 +1229,7 @@ mod tests {
         let boom = h.build(request("boom")).await.unwrap();
         let next = h.build(request("next")).await.unwrap();
         let b = wait_final(&h, boom.id).await;
-        assert_eq!(b.status, BuildStatus::Fail);
+        assert_eq!(b.status, BuildStatus::Error);
         let reason = b.reason.unwrap_or_default();
         assert!(reason.contains("panicked"), "{reason}");
         assert!(reason.contains("the fake engine exploded"), "{reason}");

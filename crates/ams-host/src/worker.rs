@@ -122,12 +122,46 @@ pub struct ExecOutcome {
 }
 
 impl ExecOutcome {
+    /// Ended before its stages for a cause in the project (its pipeline.json, say): FAIL.
     fn fail(reason: impl Into<String>) -> Self {
         ExecOutcome {
             container_gone: true,
             status: BuildStatus::Fail,
             reason: Some(reason.into()),
             stages: Vec::new(),
+        }
+    }
+
+    /// Ended before its stages for a cause outside the project (the engine, the host's
+    /// disk): ERROR.
+    fn error(reason: impl Into<String>) -> Self {
+        ExecOutcome {
+            status: BuildStatus::Error,
+            ..ExecOutcome::fail(reason)
+        }
+    }
+}
+
+/// Why a build could not get to its stages, and on whose side the cause is: the project's
+/// (FAIL) or the host's and its engine's (ERROR).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub status: BuildStatus,
+    pub reason: String,
+}
+
+impl Failure {
+    fn project(reason: impl Into<String>) -> Self {
+        Failure {
+            status: BuildStatus::Fail,
+            reason: reason.into(),
+        }
+    }
+
+    fn host(reason: impl Into<String>) -> Self {
+        Failure {
+            status: BuildStatus::Error,
+            reason: reason.into(),
         }
     }
 }
@@ -140,8 +174,11 @@ pub fn stopped_outcome(stop: &StopSignal) -> Option<(BuildStatus, String)> {
             BuildStatus::Fail,
             format!("timed out after {secs} s (build timeout)"),
         ),
-        StopReason::Shutdown => (BuildStatus::Fail, "interrupted by host restart".to_string()),
-        StopReason::HostFault { why } => (BuildStatus::Fail, why),
+        StopReason::Shutdown => (
+            BuildStatus::Error,
+            "interrupted by host restart".to_string(),
+        ),
+        StopReason::HostFault { why } => (BuildStatus::Error, why),
     })
 }
 
@@ -289,7 +326,7 @@ pub async fn execute(
     if let Err(e) = ensured {
         let msg = e.to_string();
         log.line(&msg);
-        return ExecOutcome::fail(msg);
+        return ExecOutcome::error(msg);
     }
 
     // Stage scripts and the driver live in a folder of their own, mounted read-only.
@@ -310,7 +347,7 @@ pub async fn execute(
             req.ci_dir.display()
         );
         log.line(&msg);
-        return ExecOutcome::fail(msg);
+        return ExecOutcome::error(msg);
     }
 
     let memory_limit = options.memory.unwrap_or(0);
@@ -466,7 +503,7 @@ pub async fn execute(
             log.line(&msg);
             return ExecOutcome {
                 container_gone: false,
-                status: BuildStatus::Fail,
+                status: BuildStatus::Error,
                 reason: Some(msg),
                 stages,
             };
@@ -645,14 +682,17 @@ async fn prepare(
     b: &BuildRecord,
     log: &mut BuildLog,
     stop: &StopSignal,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, Failure> {
     let prep_started = Instant::now();
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
     if !project::exists(&ctx.data, &b.project) {
-        return Err(format!("project `{}` no longer exists", b.project));
+        return Err(Failure::project(format!(
+            "project `{}` no longer exists",
+            b.project
+        )));
     }
-    let private = project::private_config(&pd)?;
+    let private = project::private_config(&pd).map_err(Failure::project)?;
     let auth = GitAuth {
         ssh_key: private.ssh_key.as_ref().map(|k| pd.config().join(k)),
     };
@@ -676,7 +716,8 @@ async fn prepare(
             &auth,
             stop.token(),
         )
-        .await?;
+        .await
+        .map_err(Failure::host)?;
         log.line(&format!("git_hash {h}"));
         Some(h)
     } else {
@@ -688,10 +729,10 @@ async fn prepare(
         None => None,
     };
     let text = crate::source::read_checkout_file(&src, "pipeline.json", PIPELINE_MAX_BYTES)
-        .map_err(|e| format!("master/project_source/{e}"))?;
+        .map_err(|e| Failure::project(format!("master/project_source/{e}")))?;
     let text = String::from_utf8(text)
-        .map_err(|_| "pipeline.json is not UTF-8 text; save it as UTF-8".to_string())?;
-    let pipeline = pipeline::parse(&text).map_err(|e| e.to_string())?;
+        .map_err(|_| Failure::project("pipeline.json is not UTF-8 text; save it as UTF-8"))?;
+    let pipeline = pipeline::parse(&text).map_err(|e| Failure::project(e.to_string()))?;
     for w in &pipeline.warnings {
         log.line(w);
     }
@@ -705,7 +746,8 @@ async fn prepare(
         log,
         stop,
     )
-    .await?;
+    .await
+    .map_err(Failure::project)?;
 
     // The build's own source: nothing it writes reaches master or another build.
     let started = Instant::now();
@@ -729,8 +771,8 @@ async fn prepare(
         Ok(source)
     })
     .await
-    .map_err(|e| format!("copy task: {e}"))?
-    .map_err(|e| format!("cannot prepare the build's source: {e}"))?;
+    .map_err(|e| Failure::host(format!("copy task: {e}")))?
+    .map_err(|e| Failure::host(format!("cannot prepare the build's source: {e}")))?;
     let st = source.stats;
     log.line(&format!(
         "source for builds/{}: {} ({} files{}) in {:.3} s",
@@ -768,7 +810,7 @@ async fn prepare(
         if let Err(r) = release_source(source, !pipeline.cleanup.remove_build_source).await {
             log.line(&format!("could not release the build source: {r}"));
         }
-        return Err(e);
+        return Err(Failure::project(e));
     }
     Ok(Prepared {
         pipeline,
@@ -790,8 +832,9 @@ pub async fn run_build(
     let started = Instant::now();
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
+    // Until the build gets to its stages, any end is the host's (its disk, say).
     let mut fin = Finish {
-        status: Some(BuildStatus::Fail),
+        status: Some(BuildStatus::Error),
         ..Default::default()
     };
     if let Err(e) = std::fs::create_dir_all(&bd.root) {
@@ -846,7 +889,7 @@ pub async fn run_build(
         Some(Err(e)) => {
             let (status, reason) = match stopped_outcome(stop) {
                 Some(x) => x,
-                None => (BuildStatus::Fail, e),
+                None => (e.status, e.reason),
             };
             log.line(&format!("build failed before its stages: {reason}"));
             ExecOutcome {
@@ -929,7 +972,8 @@ pub async fn run_build(
         }
     }
 
-    if stop.reason() != Some(StopReason::Shutdown) {
+    // A build the host failed has no result of the project's to archive.
+    if stop.reason() != Some(StopReason::Shutdown) && outcome.status != BuildStatus::Error {
         if let Some(p) = &cleanup_pipeline {
             let limits = PackLimits {
                 deadline,
@@ -952,7 +996,7 @@ pub async fn run_build(
     if let Some(e) = log.failed().map(str::to_string) {
         // A log that could not be written never ends in PASS: say so in the record, and in
         // the log itself if space came back.
-        fin.status = Some(BuildStatus::Fail);
+        fin.status = Some(BuildStatus::Error);
         let why = format!("the build log could not be written ({e})");
         if fin.reason.as_deref() != Some(why.as_str()) {
             fin.reason = Some(match fin.reason.take() {
@@ -1052,6 +1096,7 @@ async fn cleanup(
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        let too_big = matches!(size, Ok(n) if n > limits.max_bytes);
         let packed = match size {
             Err(e) => Err(format!("cannot measure the output: {e}")),
             Ok(n) if n > limits.max_bytes => Err(format!(
@@ -1103,6 +1148,11 @@ async fn cleanup(
                     format!("archiving the build output failed: {e}; the output folder is kept");
                 log.line(&msg);
                 let _ = std::fs::remove_file(bd.archive.with_extension("7z.partial"));
+                // An output over the limit is the project's doing; a packer that failed (a
+                // full disk, say) is the host's, and the build has no archive to show.
+                if !too_big && stopped_outcome(limits.stop).is_none() {
+                    fin.status = Some(BuildStatus::Error);
+                }
                 fin.reason = Some(match fin.reason.take() {
                     Some(r) => format!("{r}; {msg}"),
                     None => msg,

@@ -999,4 +999,21 @@ mod tests {
         routes.sort();
         assert_eq!(documented, routes);
     }
+
+    #[test]
+    fn the_openapi_document_lists_every_status() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let listed: Vec<&str> = doc["components"]["schemas"]["Build"]["properties"]["status"]
+            ["enum"]
+            .as_array()
+            .expect("the Build schema's status enum")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let all: Vec<&str> = ams_core::status::BuildStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(listed, all);
+    }
 }

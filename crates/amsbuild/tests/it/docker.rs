@@ -180,13 +180,17 @@ fn a_hung_build_times_out_with_its_own_reason() {
 }
 
 #[test]
-fn a_missing_image_fails_with_the_pull_error() {
+fn a_missing_image_ends_error_with_the_pull_error() {
     require_docker();
     let mut h = TestHost::new();
     h.start();
     let p = pipeline(json!([stage("x", &["true"])])).replace(IMAGE, "ams-no-such-image:never");
     let (r, log) = one_build(&h, "noimg", &p);
-    assert_eq!(r["status"], "fail");
+    assert_eq!(r["status"], "error", "not the project's tests: {r}");
+    assert!(
+        r["archive_name"].is_null(),
+        "an ERROR build archives nothing: {r}"
+    );
     assert!(
         r["reason"]
             .as_str()
@@ -518,7 +522,7 @@ fn restart_recovery(kill: bool) {
     }
     h.start();
     let r = h.wait_status("r", &running, T);
-    assert_eq!(r["status"], "fail");
+    assert_eq!(r["status"], "error");
     assert_eq!(r["reason"], "interrupted by host restart");
     assert!(h.log("r", &running).contains("interrupted by host restart"));
     let r = h.wait_status("r", &pending, T);

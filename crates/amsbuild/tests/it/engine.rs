@@ -52,7 +52,10 @@ fn a_hung_engine_fails_its_builds_in_bounded_time_and_blocks_nothing_else() {
     assert_eq!(s["ok"], true, "{s}");
     // The engine-bound build ends with the reason, bounded by the engine call timeout.
     let r = h.wait_status("needs-engine", &stuck, Duration::from_secs(90));
-    assert_eq!(r["status"], "fail");
+    assert_eq!(
+        r["status"], "error",
+        "the engine failed, not the project: {r}"
+    );
     let log = h.log("needs-engine", &stuck);
     assert!(log.contains("did not answer"), "{log}");
 }
@@ -209,7 +212,16 @@ fn an_engine_lost_mid_build_ends_it_and_its_container_goes_when_it_returns() {
     proxy.cut();
     let r = h.wait_status("p", &name, Duration::from_secs(60));
     let log = h.log("p", &name);
-    assert_eq!(r["status"], "fail", "{log}");
+    assert_eq!(r["status"], "error", "{log}");
+    assert!(
+        r["archive_name"].is_null()
+            && !h
+                .data
+                .join("projects/p/builds")
+                .join(format!("{name}.7z"))
+                .exists(),
+        "an ERROR build archives nothing: {r}"
+    );
     assert!(
         container_exists(&container),
         "the real engine still runs it"
@@ -318,7 +330,7 @@ fn a_log_that_fills_the_disk_fails_its_build_and_the_host_recovers() {
     h.start();
     let name = h.build("flood");
     let r = h.wait_status("flood", &name, Duration::from_secs(120));
-    assert_eq!(r["status"], "fail", "{r}");
+    assert_eq!(r["status"], "error", "{r}");
     assert!(
         r["reason"]
             .as_str()

@@ -333,6 +333,7 @@ fn triggers_and_signed_json_hooks() {
                    "url": rx.url("/ok/json"), "secret": "k"}),
             discord("failed", "build-failed", rx.url("/ok/failed"), json!({})),
             discord("fixed", "build-fixed", rx.url("/ok/fixed"), json!({})),
+            discord("error", "build-error", rx.url("/ok/error"), json!({})),
         ],
         allow(),
         false,
@@ -345,8 +346,22 @@ fn triggers_and_signed_json_hooks() {
     std::fs::write(&src, pipeline(json!([stage("s", &["true"])]))).unwrap();
     let b = h.build("n");
     h.wait_status("n", &b, Duration::from_secs(60));
-    // started + complete for both builds, failed for the first, fixed for the second.
-    let list = notifications(&h, 6);
+    // An image the engine cannot find: ERROR, the host's side, not a failed build.
+    let missing =
+        pipeline(json!([stage("s", &["true"])])).replace(IMAGE, "ams-no-such-image:never");
+    std::fs::write(&src, missing).unwrap();
+    let c = h.build("n");
+    assert_eq!(
+        h.wait_status("n", &c, Duration::from_secs(60))["status"],
+        "error"
+    );
+    std::fs::write(&src, pipeline(json!([stage("s", &["true"])]))).unwrap();
+    let d = h.build("n");
+    h.wait_status("n", &d, Duration::from_secs(60));
+    // started + complete for the four builds, failed for the first, fixed for the second,
+    // error for the third; the pass after the error is no fix (the branch's last result was a
+    // pass).
+    let list = notifications(&h, 11);
     let hooks: Vec<(String, String)> = list
         .iter()
         .map(|n| {
@@ -360,7 +375,11 @@ fn triggers_and_signed_json_hooks() {
     assert!(!hooks.contains(&("failed".into(), b.clone())));
     assert!(hooks.contains(&("fixed".into(), b.clone())));
     assert!(!hooks.contains(&("fixed".into(), a.clone())));
-    assert_eq!(hooks.iter().filter(|(h, _)| h == "j").count(), 4);
+    assert!(hooks.contains(&("error".into(), c.clone())), "{hooks:?}");
+    assert!(!hooks.contains(&("failed".into(), c.clone())), "{hooks:?}");
+    assert!(!hooks.contains(&("fixed".into(), d.clone())), "{hooks:?}");
+    assert_eq!(hooks.iter().filter(|(h, _)| h == "error").count(), 1);
+    assert_eq!(hooks.iter().filter(|(h, _)| h == "j").count(), 8);
     // The JSON hook's body is signed with its secret.
     let got = rx.got.lock().unwrap().clone();
     let j = got
