@@ -37,14 +37,30 @@ pub struct PrivateConfig {
     pub branch: Option<String>,
     /// How the source is copied into each build.
     pub source_copy: SourceCopy,
+    /// A build that ends ERROR (a failure outside the project) is queued again, up to this
+    /// many times, for the same commit.
+    pub retry_on_error: u32,
 }
 
 impl PrivateConfig {
     pub const FILE: &'static str = "pipeline-config.json";
+    /// The most `retry-on-error` may ask for.
+    pub const MAX_RETRIES: u32 = 10;
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: PrivateConfig =
             serde_json::from_str(text).map_err(|e| ConfigError::json(Self::FILE, &e))?;
+        if cfg.retry_on_error > Self::MAX_RETRIES {
+            return Err(ConfigError::field(
+                Self::FILE,
+                "retry-on-error",
+                format!(
+                    "is {}; at most {} retries are allowed",
+                    cfg.retry_on_error,
+                    Self::MAX_RETRIES
+                ),
+            ));
+        }
         if let Some(k) = &cfg.ssh_key {
             if k.contains('/') || k.contains("..") || k.is_empty() {
                 return Err(ConfigError::field(
@@ -78,6 +94,16 @@ mod tests {
         )
         .unwrap();
         assert!(c.trust_host_commands && c.only_build_latest);
+        assert_eq!(c.retry_on_error, 0);
+        assert_eq!(
+            PrivateConfig::parse(r#"{"retry-on-error": 2}"#)
+                .unwrap()
+                .retry_on_error,
+            2
+        );
+        let e = PrivateConfig::parse(r#"{"retry-on-error": 11}"#).unwrap_err();
+        assert!(e.to_string().contains("retry-on-error"), "{e}");
+        assert!(PrivateConfig::parse(r#"{"retry-on-error": -1}"#).is_err());
         assert_eq!(c.trusted_docker_keys(), vec!["network=host".to_string()]);
         assert_eq!(c.source_copy, SourceCopy::Copy);
         let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();

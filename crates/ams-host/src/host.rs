@@ -142,6 +142,11 @@ pub enum Command {
         requests: Vec<CheckedRequest>,
         reply: Reply<WebhookOutcome>,
     },
+    /// Queue build `of`, which ended ERROR, again (its project's settings read by the sender).
+    Retry {
+        of: i64,
+        settings: Arc<QueueSettings>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -624,6 +629,11 @@ impl Host {
                     self.complete(id, &finish).await;
                     self.start_ready().await;
                 }
+                Command::Retry { of, settings } => {
+                    self.retry(of, &settings).await;
+                    self.start_ready().await;
+                    self.publish();
+                }
                 Command::Webhook {
                     delivery,
                     requests,
@@ -718,6 +728,42 @@ impl Host {
         req: BuildRequest,
         settings: &QueueSettings,
     ) -> Result<BuildRecord, HostError> {
+        self.queue_build_of(req, settings, None).await
+    }
+
+    /// Queues build `of` again, for the commit it built (or asked for), by its actor and
+    /// trigger; the new build names it in `retry_of`.
+    async fn retry(&mut self, of: i64, settings: &QueueSettings) {
+        let b = match self.store.build_by_id(of).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("cannot retry build {of}: {e}");
+                return;
+            }
+        };
+        let Ok(project) = ams_core::names::ProjectName::new(&b.project) else {
+            return;
+        };
+        let req = BuildRequest {
+            project,
+            branch: b.branch.clone(),
+            commit: b.git_hash.clone().or(b.commit.clone()),
+            actor: b.created_by.clone(),
+            trigger: Trigger::parse(&b.trigger).unwrap_or(Trigger::Cli),
+        };
+        match self.queue_build_of(req, settings, Some(of)).await {
+            Ok(r) => tracing::info!("build {} ended ERROR: queued again as {}", b.name, r.name),
+            Err(e) => tracing::error!("cannot queue build {} again: {e}", b.name),
+        }
+    }
+
+    async fn queue_build_of(
+        &mut self,
+        req: BuildRequest,
+        settings: &QueueSettings,
+        retry_of: Option<i64>,
+    ) -> Result<BuildRecord, HostError> {
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
@@ -728,6 +774,7 @@ impl Host {
             commit: req.commit.clone(),
             created_by: req.actor.clone(),
             created_at: created,
+            retry_of,
         };
         let format = &settings.name_format;
         let record = self
@@ -783,6 +830,7 @@ impl Host {
                             commit: r.commit,
                             created_by: r.actor,
                             created_at: created,
+                            retry_of: None,
                         })
                     }
                     Err(e) => errors.push(e.to_string()),
@@ -936,6 +984,57 @@ impl Host {
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);
         }
+        if status == BuildStatus::Error {
+            self.consider_retry(id);
+        }
+    }
+
+    /// Off the loop: reads the project's `retry-on-error` and how often this build's work has
+    /// run, and asks the loop to queue it again when retries are left (saying so in the ended
+    /// build's log).
+    fn consider_retry(&self, id: i64) {
+        let (tx, store, cache, data) = (
+            self.tx.clone(),
+            self.store.clone(),
+            self.settings.clone(),
+            self.ctx.data.clone(),
+        );
+        tokio::spawn(async move {
+            let Ok(Some(b)) = store.build_by_id(id).await else {
+                return;
+            };
+            let (project, d) = (b.project.clone(), data.clone());
+            let read = tokio::task::spawn_blocking(move || cache.get(&d, &project)).await;
+            let Ok(Ok(settings)) = read else {
+                return;
+            };
+            if settings.retry_on_error == 0 {
+                return;
+            }
+            let Ok(attempts) = store.attempts(id).await else {
+                return;
+            };
+            let allowed = i64::from(settings.retry_on_error) + 1;
+            let line = if attempts < allowed {
+                format!(
+                    "retry-on-error: queued again (attempt {} of {allowed})",
+                    attempts + 1
+                )
+            } else {
+                format!("retry-on-error: no retries left ({attempts} of {allowed} attempts ran)")
+            };
+            tracing::info!("build {}: {line}", b.name);
+            let path = data.project(&b.project).build(&b.name).log();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Ok(mut log) = crate::log::BuildLog::open(&path, u64::MAX, None) {
+                    log.line(&line);
+                }
+            })
+            .await;
+            if attempts < allowed {
+                let _ = tx.send(Command::Retry { of: id, settings }).await;
+            }
+        });
     }
 
     /// Records how a build ended. While the database cannot take it (a full disk, say) a

@@ -22,6 +22,8 @@ pub struct QueueSettings {
     pub name_format: String,
     /// A newer build of a branch supersedes older pending ones.
     pub only_latest: bool,
+    /// How many times a build that ended ERROR is queued again.
+    pub retry_on_error: u32,
 }
 
 type Stamp = Option<(u64, u64, i64, i64)>;
@@ -66,12 +68,11 @@ impl SettingsCache {
                 .and_then(|t| pipeline::parse(&t).ok())
                 .map(|p| p.build_name_format)
                 .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
-        let only_latest = project::private_config(&pd)
-            .map(|c| c.only_build_latest)
-            .unwrap_or(false);
+        let private = project::private_config(&pd).ok();
         let v = Arc::new(QueueSettings {
             name_format,
-            only_latest,
+            only_latest: private.as_ref().is_some_and(|c| c.only_build_latest),
+            retry_on_error: private.as_ref().map_or(0, |c| c.retry_on_error),
         });
         self.map
             .lock()

@@ -431,6 +431,7 @@ mod tests {
             archive_hash_kind: Some("SHA1".into()),
             output_deleted_at: None,
             stages: vec![],
+            retry_of: None,
         }
     }
 

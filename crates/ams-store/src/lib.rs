@@ -177,6 +177,9 @@ pub struct BuildRecord {
     pub archive_hash_kind: Option<String>,
     pub output_deleted_at: Option<f64>,
     pub stages: Vec<StageResult>,
+    /// The build this one runs again, when that one ended ERROR (`retry-on-error`).
+    #[serde(default)]
+    pub retry_of: Option<i64>,
 }
 
 impl BuildRecord {
@@ -207,6 +210,8 @@ pub struct NewBuild {
     pub commit: Option<String>,
     pub created_by: String,
     pub created_at: f64,
+    /// The build this one runs again (see [`BuildRecord::retry_of`]).
+    pub retry_of: Option<i64>,
 }
 
 /// How a build ended.
@@ -387,7 +392,7 @@ pub struct Store {
 const BUILDS_AS_JSON: &str =
     "SELECT COALESCE(json_group_array(json_array(%COLS%)), '[]') FROM (%INNER%)";
 
-const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages";
+const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages, retry_of";
 
 /// One build as [`BUILDS_AS_JSON`] spells it: the values of [`BUILD_JSON_ARRAY`] in order.
 #[derive(Deserialize)]
@@ -415,6 +420,7 @@ struct BuildJsonRow(
     Option<String>,
     Option<f64>,
     String,
+    Option<i64>,
 );
 
 fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
@@ -446,6 +452,7 @@ fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
                 archive_hash_kind: r.20,
                 output_deleted_at: r.21,
                 stages: serde_json::from_str(&r.22).unwrap_or_default(),
+                retry_of: r.23,
             })
         })
         .collect()
@@ -478,6 +485,7 @@ fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
         archive_hash_kind: r.try_get("archive_hash_kind")?,
         output_deleted_at: r.try_get("output_deleted_at")?,
         stages: serde_json::from_str(&stages).unwrap_or_default(),
+        retry_of: r.try_get("retry_of")?,
     })
 }
 
@@ -593,6 +601,7 @@ impl Store {
             include_str!("../migrations/0006_commit_message.sql"),
             include_str!("../migrations/0007_project_levels.sql"),
             include_str!("../migrations/0008_build_names_per_project.sql"),
+            include_str!("../migrations/0009_retry_of.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -645,8 +654,8 @@ impl Store {
         let name = name_of(index).map_err(StoreError::Invalid)?;
         let row = sqlx::query(
             "INSERT INTO builds (project, build_index, name, hash, status, trigger_kind, branch, \
-             commit_req, created_by, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) \
-             RETURNING *",
+             commit_req, created_by, created_at, retry_of) \
+             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&nb.project)
         .bind(index)
@@ -657,6 +666,7 @@ impl Store {
         .bind(&nb.commit)
         .bind(&nb.created_by)
         .bind(nb.created_at)
+        .bind(nb.retry_of)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -1156,6 +1166,22 @@ impl Store {
 
     /// The status of the newest finished PASS/FAIL/WARN build of the same project and branch
     /// before build `id` (for build-fixed).
+    /// How many times build `id`'s work has run: 1, plus one for each build it retries
+    /// (following `retry_of` back to the first).
+    pub async fn attempts(&self, id: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "WITH RECURSIVE chain(id, retry_of, n) AS ( \
+               SELECT id, retry_of, 1 FROM builds WHERE id = ? \
+               UNION ALL \
+               SELECT b.id, b.retry_of, chain.n + 1 FROM builds b \
+                 JOIN chain ON b.id = chain.retry_of WHERE chain.n < 1000) \
+             SELECT COALESCE(MAX(n), 0) FROM chain",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn previous_status(&self, b: &BuildRecord) -> Result<Option<BuildStatus>> {
         let s: Option<String> = sqlx::query_scalar(
             "SELECT status FROM builds WHERE project = ? AND branch IS ? AND id < ? \
@@ -1627,6 +1653,7 @@ mod tests {
             commit: None,
             created_by: "alice".into(),
             created_at: 1000.0,
+            retry_of: None,
         }
     }
 
@@ -1638,6 +1665,45 @@ mod tests {
             created_at: 1.0,
             password_changed_at: 1.0,
         }
+    }
+
+    #[tokio::test]
+    async fn attempts_follow_the_retry_chain_and_survive_in_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let name = |i: i64| Ok(format!("p_{i}"));
+        let first = s.create_build(&nb("p"), name).await.unwrap();
+        let second = s
+            .create_build(
+                &NewBuild {
+                    retry_of: Some(first.id),
+                    ..nb("p")
+                },
+                name,
+            )
+            .await
+            .unwrap();
+        let third = s
+            .create_build(
+                &NewBuild {
+                    retry_of: Some(second.id),
+                    ..nb("p")
+                },
+                name,
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.attempts(first.id).await.unwrap(), 1);
+        assert_eq!(s.attempts(second.id).await.unwrap(), 2);
+        assert_eq!(s.attempts(third.id).await.unwrap(), 3);
+        assert_eq!(third.retry_of, Some(second.id));
+        let listed = s.builds_of("p", 10, 0).await.unwrap();
+        assert_eq!(
+            listed[0].retry_of,
+            Some(second.id),
+            "the JSON list path keeps it"
+        );
+        assert_eq!(listed[2].retry_of, None);
     }
 
     #[tokio::test]
@@ -2099,6 +2165,7 @@ mod fault_tests {
             commit: None,
             created_by: "alice".into(),
             created_at: 1000.0,
+            retry_of: None,
         }
     }
 

@@ -15,6 +15,63 @@ fn one_build(h: &TestHost, project: &str, pipeline_json: &str) -> (Value, String
     (r, log)
 }
 
+/// With `retry-on-error: 2`, a build that ends ERROR runs twice more (each retry naming the
+/// one before), then stops; a FAIL is never retried.
+#[test]
+fn error_builds_are_retried_as_configured_and_failures_are_not() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let missing =
+        pipeline(json!([stage("x", &["true"])])).replace(IMAGE, "ams-no-such-image:never");
+    for (project, p) in [
+        ("flaky", missing),
+        ("broken", pipeline(json!([stage("x", &["exit 3"])]))),
+    ] {
+        h.project(project, &p);
+        std::fs::write(
+            h.data.join(format!(
+                "projects/{project}/master/config/pipeline-config.json"
+            )),
+            r#"{"retry-on-error": 2}"#,
+        )
+        .unwrap();
+    }
+    let first = h.build("flaky");
+    let chain = wait_for("three attempts, the last out of retries", T, || {
+        let list = h.req(json!({"cmd": "builds", "project": "flaky", "limit": 10}))["builds"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let last = list.first()?;
+        let done = list.len() == 3
+            && list.iter().all(|b| b["status"] == "error")
+            && h.log("flaky", last["name"].as_str()?)
+                .contains("no retries left");
+        done.then_some(list)
+    });
+    // Newest first: each retry names the build before it; the first names none.
+    assert_eq!(chain[2]["name"], first.as_str());
+    assert!(chain[2]["retry_of"].is_null());
+    assert_eq!(chain[1]["retry_of"], chain[2]["id"]);
+    assert_eq!(chain[0]["retry_of"], chain[1]["id"]);
+    assert_eq!(chain[0]["created_by"], chain[2]["created_by"]);
+    assert!(h
+        .log("flaky", &first)
+        .contains("queued again (attempt 2 of 3)"));
+    let failed = h.build("broken");
+    assert_eq!(h.wait_status("broken", &failed, T)["status"], "fail");
+    let later = h.build("broken");
+    h.wait_status("broken", &later, T);
+    let list = h.req(json!({"cmd": "builds", "project": "broken", "limit": 10}));
+    assert_eq!(
+        list["builds"].as_array().unwrap().len(),
+        2,
+        "a FAIL is not retried: {list}"
+    );
+    assert!(h.containers().is_empty());
+}
+
 #[test]
 fn pass_fail_and_warn_follow_the_stages() {
     require_docker();
