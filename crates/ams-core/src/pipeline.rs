@@ -92,6 +92,8 @@ pub struct Stage {
     pub commands: Vec<String>,
     /// `None`: the exit code decides. `Some(s)`: the stage passes when its last output line is s.
     pub exit_line: Option<String>,
+    /// With `fail-fast`, the build goes on past this stage when it fails (ending WARN).
+    pub allow_failure: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +123,9 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub cleanup: Cleanup,
     pub dummy_build: bool,
+    /// Stop at the first failed stage (unless it allows failure) and end FAIL. Without it
+    /// every stage runs and failures make the build WARN (or FAIL when none passed).
+    pub fail_fast: bool,
     /// Build timeout override in seconds.
     pub timeout_secs: Option<u64>,
     /// Keys that were present but are not used.
@@ -562,11 +567,13 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                 ))
             }
         };
+        let allow_failure = s.boolean("allow-failure", false)?;
         s.unknown_keys(&mut warnings);
         stages.push(Stage {
             name,
             commands,
             exit_line,
+            allow_failure,
         });
     }
 
@@ -603,6 +610,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         }
     };
     let dummy_build = top.boolean("dummy-build", false)?;
+    let fail_fast = top.boolean("fail-fast", false)?;
     let timeout_secs = top.uint("timeout", 7 * 24 * 3600)?;
     if timeout_secs == Some(0) {
         return Err(err("timeout", "must be at least 1 second"));
@@ -617,6 +625,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         stages,
         cleanup,
         dummy_build,
+        fail_fast,
         timeout_secs,
         warnings: warnings.finish(),
     };
@@ -1213,11 +1222,13 @@ mod tests {
                 "[a-z][a-z {}_]{0,8}",
                 prop::collection::vec(command(), 1..4),
                 prop::option::of(command()),
+                any::<bool>(),
             )
-                .prop_map(|(name, commands, exit_line)| Stage {
+                .prop_map(|(name, commands, exit_line, allow_failure)| Stage {
                     name: name.replace(['{', '}'], "_"),
                     commands,
                     exit_line,
+                    allow_failure,
                 });
             (
                 prop::sample::select(vec![
@@ -1235,7 +1246,7 @@ mod tests {
                 prop::collection::btree_map("[A-Z_][A-Z0-9_]{0,6}", command(), 0..4),
                 prop::collection::vec(stage, 1..5),
                 (any::<bool>(), any::<bool>(), hash()),
-                any::<bool>(),
+                (any::<bool>(), any::<bool>()),
                 prop::option::of(1u64..=7 * 24 * 3600),
             )
                 .prop_map(
@@ -1246,7 +1257,7 @@ mod tests {
                         env,
                         stages,
                         (remove, archive, hash),
-                        dummy,
+                        (dummy, fail_fast),
                         timeout,
                     )| Pipeline {
                         build_name_format: format.to_string(),
@@ -1264,6 +1275,7 @@ mod tests {
                             hash,
                         },
                         dummy_build: dummy,
+                        fail_fast,
                         timeout_secs: timeout,
                         warnings: Vec::new(),
                     },
@@ -1285,11 +1297,13 @@ mod tests {
                 "pipeline": p.stages.iter().map(|s| json!({
                     "name": s.name, "commands": s.commands,
                     "exit-line": s.exit_line.as_ref().map_or(json!(false), |x| json!(x)),
+                    "allow-failure": s.allow_failure,
                 })).collect::<Vec<_>>(),
                 "cleanup": {"remove_build_source": p.cleanup.remove_build_source,
                             "7z_build": p.cleanup.archive,
                             "7z_hash": p.cleanup.hash.map(HashKind::name)},
                 "dummy-build": p.dummy_build,
+                "fail-fast": p.fail_fast,
             });
             if let Some(t) = p.timeout_secs {
                 v["timeout"] = json!(t);

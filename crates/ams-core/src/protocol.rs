@@ -3,7 +3,8 @@
 //! One container runs a whole build. Its main process is a small POSIX shell driver, written by
 //! [`driver_script`], that runs each stage's script in a fresh `sh` with stderr joined to stdout,
 //! forwards SIGTERM to the running stage, and prints a marker line before and after each stage:
-//! `\n\x1eAMS-{nonce} begin {i}` and `\n\x1eAMS-{nonce} end {i} {exit code}`. The nonce is random
+//! `\n\x1eAMS-{nonce} begin {i}` and `\n\x1eAMS-{nonce} end {i} {exit code}`; each stage script
+//! traces its commands as `\n\x1eAMS-{nonce} trace + {command}`. The nonce is random
 //! per build, so output cannot forge a marker by accident. [`Splitter`] turns the raw output
 //! stream back into log output and stage events, keeping memory bounded whatever is printed.
 
@@ -19,9 +20,24 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// What the driver does after a stage ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterStage {
+    /// Go on to the next stage whatever happened.
+    #[default]
+    GoOn,
+    /// Stop the build when the stage's exit code is not 0 (`fail-fast`).
+    StopOnFailure,
+    /// Wait for the host's verdict (`fail-fast` with `exit-line`: only the host knows the
+    /// stage's last line): the host writes `verdict-{i}` holding `go` or `stop` into the
+    /// read-only script folder.
+    AskHost,
+}
+
 /// The driver run as the container's command, given the in-container directory of the stage
-/// scripts, the nonce and the number of stages.
-pub fn driver_script(script_dir: &str, nonce: &str, stages: usize) -> String {
+/// scripts, the nonce and what to do after each stage.
+pub fn driver_script(script_dir: &str, nonce: &str, stages: &[AfterStage]) -> String {
+    let dir = shell_quote(script_dir);
     let mut s = String::from(
         "# AMS-Build stage driver (generated)\n\
          term=0\nchild=\n\
@@ -36,22 +52,61 @@ pub fn driver_script(script_dir: &str, nonce: &str, stages: usize) -> String {
          child=\n  \
          printf '\\n\\036AMS-%s end %s %s\\n' {n} \"$1\" \"$rc\"\n}}\n",
         n = shell_quote(nonce),
-        dir = shell_quote(script_dir),
     ));
-    for i in 0..stages {
+    if stages.contains(&AfterStage::AskHost) {
+        s.push_str(&format!(
+            "verdict() {{\n  \
+             while [ ! -e {dir}/verdict-\"$1\" ]; do\n    \
+             if [ \"$term\" = 1 ]; then exit 143; fi\n    \
+             sleep 0.01 2>/dev/null || sleep 1 2>/dev/null || :\n  \
+             done\n  \
+             read v < {dir}/verdict-\"$1\"\n  \
+             [ \"$v\" = go ]\n}}\n"
+        ));
+    }
+    for (i, after) in stages.iter().enumerate() {
         s.push_str(&format!(
             "if [ \"$term\" = 1 ]; then exit 143; fi\nrun_stage {i}\n"
         ));
+        match after {
+            AfterStage::GoOn => {}
+            AfterStage::StopOnFailure => s.push_str("if [ \"$rc\" != 0 ]; then exit 0; fi\n"),
+            AfterStage::AskHost => s.push_str(&format!("verdict {i} || exit 0\n")),
+        }
     }
     s.push_str("if [ \"$term\" = 1 ]; then exit 143; fi\nexit 0\n");
     s
 }
 
-/// The script of one stage: stop at the first failing command, echo each command first.
-pub fn stage_script(commands: &[String]) -> String {
+/// Longest piece of a command echoed in a trace line; longer lines are cut with `…`.
+pub const MAX_TRACE: usize = 1024;
+
+/// The script of one stage: stop at the first failing command, trace each command first. The
+/// trace goes out as markers (`trace {text}`), so the host logs it as `+ command` but never
+/// takes it for the stage's last output line (`exit-line`).
+pub fn stage_script(commands: &[String], nonce: &str) -> String {
+    let n = shell_quote(nonce);
     let mut s = String::from("set -e\n");
     for c in commands {
-        s.push_str(&format!("printf '+ %s\\n' {}\n", shell_quote(c)));
+        for (j, line) in c.split('\n').enumerate() {
+            let mut text = if j == 0 {
+                format!("+ {line}")
+            } else {
+                line.to_string()
+            };
+            if text.len() > MAX_TRACE {
+                let mut cut = MAX_TRACE;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+            }
+            s.push_str(&format!(
+                "printf '\\n\\036AMS-%s trace %s\\n' {n} {}\n",
+                shell_quote(&text)
+            ));
+        }
         s.push_str(c);
         s.push('\n');
     }
@@ -132,6 +187,12 @@ impl Splitter {
         let text = std::str::from_utf8(rest).ok()?;
         let mut parts = text.split(' ');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            // A trace line is log output that never counts as the stage's last line.
+            (Some("trace"), ..) => {
+                let mut out = text["trace".len()..].strip_prefix(' ')?.as_bytes().to_vec();
+                out.push(b'\n');
+                Some(Event::Output(out))
+            }
             (Some("begin"), Some(i), None, None) => Some(Event::Begin(i.parse().ok()?)),
             (Some("end"), Some(i), Some(code), None) => Some(Event::End {
                 stage: i.parse().ok()?,
@@ -303,6 +364,57 @@ mod tests {
     }
 
     #[test]
+    fn trace_lines_are_logged_but_never_the_last_line() {
+        let stream = b"\n\x1eAMS-n begin 0\n\n\x1eAMS-n trace + echo exit code 0\nexit code 0\n\n\x1eAMS-n trace + touch x\n\n\x1eAMS-n trace + printf part\npart\n\x1eAMS-n end 0 0\n";
+        let ev = run("n", &[stream]);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Begin(0),
+                Event::Output(b"+ echo exit code 0\n".to_vec()),
+                Event::Output(b"exit code 0\n".to_vec()),
+                Event::Output(b"+ touch x\n".to_vec()),
+                Event::Output(b"+ printf part\n".to_vec()),
+                Event::Output(b"part\n".to_vec()),
+                Event::End {
+                    stage: 0,
+                    code: 0,
+                    last_line: "part".into()
+                },
+            ]
+        );
+        // Only traces after the output: the output is still the last line.
+        let ev = run(
+            "n",
+            &[b"\n\x1eAMS-n begin 0\nexit code 0\n\n\x1eAMS-n trace + touch x\n\n\x1eAMS-n end 0 0\n"],
+        );
+        assert!(
+            matches!(ev.last(), Some(Event::End { last_line, .. }) if last_line == "exit code 0"),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn fail_fast_drivers_stop_or_ask() {
+        let d = driver_script(
+            "/ci",
+            "n",
+            &[
+                AfterStage::GoOn,
+                AfterStage::StopOnFailure,
+                AfterStage::AskHost,
+            ],
+        );
+        assert!(
+            d.contains("run_stage 1\nif [ \"$rc\" != 0 ]; then exit 0; fi\n"),
+            "{d}"
+        );
+        assert!(d.contains("run_stage 2\nverdict 2 || exit 0\n"), "{d}");
+        assert!(d.contains("run_stage 0\nif [ \"$term\""), "{d}");
+        assert!(!driver_script("/ci", "n", &[AfterStage::GoOn]).contains("verdict"));
+    }
+
+    #[test]
     fn exit_line_rules() {
         assert!(stage_passed(0, "", None));
         assert!(!stage_passed(1, "0", None));
@@ -313,8 +425,11 @@ mod tests {
     #[test]
     fn quoting_is_safe() {
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");
-        let s = stage_script(&["echo '$(x)'".to_string()]);
-        assert!(s.contains("printf '+ %s\\n' 'echo '\\''$(x)'\\'''"));
+        let s = stage_script(&["echo '$(x)'".to_string()], "n'1");
+        assert!(
+            s.contains("printf '\\n\\036AMS-%s trace %s\\n' 'n'\\''1' '+ echo '\\''$(x)'\\'''"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::timefmt;
 use ams_core::docker_args::{self, DockerOptions};
 use ams_core::pipeline::{self, Pipeline};
 use ams_core::private_config::PrivateConfig;
-use ams_core::protocol::{self, Event, Splitter};
+use ams_core::protocol::{self, AfterStage, Event, Splitter};
 use ams_core::status::BuildStatus;
 use ams_core::vars;
 use ams_core::webconf::WebConf;
@@ -215,6 +215,7 @@ pub async fn execute(
 ) -> ExecOutcome {
     let p = req.pipeline;
     let v = req.vars;
+    let nonce = random_hex(16);
     let prepared = (|| -> Result<_, String> {
         let image = expand("docker.image", &p.docker.image, v)?;
         let args = expand("docker.args", &p.docker.args, v)?;
@@ -235,7 +236,7 @@ pub async fn execute(
                 .enumerate()
                 .map(|(j, c)| expand(&format!("pipeline[{i}].commands[{j}]"), c, v))
                 .collect::<Result<Vec<_>, _>>()?;
-            scripts.push(protocol::stage_script(&cmds));
+            scripts.push(protocol::stage_script(&cmds, &nonce));
         }
         let options = container_options(&args, req.private, req.conf)?;
         Ok((image, project_dest, output_dest, env, scripts, options))
@@ -330,7 +331,15 @@ pub async fn execute(
     }
 
     // Stage scripts and the driver live in a folder of their own, mounted read-only.
-    let nonce = random_hex(16);
+    let plan: Vec<AfterStage> = p
+        .stages
+        .iter()
+        .map(|s| match (p.fail_fast && !s.allow_failure, &s.exit_line) {
+            (false, _) => AfterStage::GoOn,
+            (true, None) => AfterStage::StopOnFailure,
+            (true, Some(_)) => AfterStage::AskHost,
+        })
+        .collect();
     let written = (|| -> std::io::Result<()> {
         std::fs::create_dir_all(&req.ci_dir)?;
         for (i, s) in scripts.iter().enumerate() {
@@ -338,7 +347,7 @@ pub async fn execute(
         }
         std::fs::write(
             req.ci_dir.join("driver.sh"),
-            protocol::driver_script("/.ams-ci", &nonce, scripts.len()),
+            protocol::driver_script("/.ams-ci", &nonce, &plan),
         )
     })();
     if let Err(e) = written {
@@ -456,6 +465,19 @@ pub async fn execute(
                         def.name,
                         if passed { "PASS" } else { "FAIL" }
                     ));
+                    if plan.get(stage) == Some(&AfterStage::AskHost) {
+                        // Written whole, then renamed: the driver never reads half a verdict.
+                        let v = if passed { "go\n" } else { "stop\n" };
+                        let tmp = req.ci_dir.join(format!(".verdict-{stage}"));
+                        let done = std::fs::write(&tmp, v).and_then(|_| {
+                            std::fs::rename(&tmp, req.ci_dir.join(format!("verdict-{stage}")))
+                        });
+                        if let Err(e) = done {
+                            stop.stop(StopReason::HostFault {
+                                why: format!("cannot give the stage driver its verdict: {e}"),
+                            });
+                        }
+                    }
                     stages.push(StageResult {
                         name: def.name.clone(),
                         exit_code: Some(code),
@@ -531,9 +553,33 @@ pub async fn execute(
     }
     match end {
         RunEnd::Stopped(_) if stop.reason().is_some() => stopped(stop, stages, log),
+        RunEnd::Exited(0)
+            if p.fail_fast && stages.len() < p.stages.len() && stopped_fast(p, &stages) =>
+        {
+            let failed = stages.last().map(|s| s.name.as_str()).unwrap_or("?");
+            let msg = format!(
+                "fail-fast: stage `{failed}` failed; the {} later stage(s) did not run",
+                p.stages.len() - stages.len()
+            );
+            log.line(&msg);
+            ExecOutcome {
+                container_gone: true,
+                status: BuildStatus::Fail,
+                reason: Some(msg),
+                stages,
+            }
+        }
         RunEnd::Exited(code) | RunEnd::Stopped(code) | RunEnd::OutOfMemory(code) => {
             let mut passed: Vec<bool> = stages.iter().map(|s| s.passed).collect();
             let mut reason = None;
+            if p.fail_fast && stages.len() == p.stages.len() {
+                return ExecOutcome {
+                    container_gone: true,
+                    status: fail_fast_status(p, &stages),
+                    reason,
+                    stages,
+                };
+            }
             if stages.len() < p.stages.len() {
                 let why = if oom {
                     format!(" (out of memory: the limit is {} MiB)", memory_limit >> 20)
@@ -558,6 +604,33 @@ pub async fn execute(
                 stages,
             }
         }
+    }
+}
+
+/// With `fail-fast`: whether the last stage that ran failed without allowing failure, so the
+/// driver stopped there.
+fn stopped_fast(p: &Pipeline, stages: &[StageResult]) -> bool {
+    match stages.last() {
+        Some(s) => !s.passed && !p.stages[stages.len() - 1].allow_failure,
+        None => false,
+    }
+}
+
+/// With `fail-fast`, once every stage ran: FAIL when a stage that does not allow failure
+/// failed, WARN when only stages that allow it failed, else PASS.
+fn fail_fast_status(p: &Pipeline, stages: &[StageResult]) -> BuildStatus {
+    let failed = |allowed: bool| {
+        stages
+            .iter()
+            .zip(&p.stages)
+            .any(|(r, d)| !r.passed && d.allow_failure == allowed)
+    };
+    if failed(false) {
+        BuildStatus::Fail
+    } else if failed(true) {
+        BuildStatus::Warn
+    } else {
+        BuildStatus::Pass
     }
 }
 

@@ -15,6 +15,116 @@ fn one_build(h: &TestHost, project: &str, pipeline_json: &str) -> (Value, String
     (r, log)
 }
 
+/// `fail-fast` stops at the first failed stage, by exit code or by `exit-line` (the host's
+/// verdict), and ends FAIL; a stage with `allow-failure` is passed over and makes it WARN.
+/// Without `fail-fast` every stage runs, as before.
+#[test]
+fn fail_fast_stops_at_the_first_failure_unless_it_is_allowed() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let ff = json!({"fail-fast": true});
+    let after = stage("after", &["echo after-ran"]);
+    let (r, log) = one_build(
+        &h,
+        "by-code",
+        &pipeline_with(
+            json!([stage("ok", &["true"]), stage("bad", &["exit 3"]), after]),
+            ff.clone(),
+        ),
+    );
+    assert_eq!(r["status"], "fail", "{log}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fail-fast: stage `bad` failed; the 1 later"),
+        "{r}"
+    );
+    assert_eq!(r["stages"].as_array().unwrap().len(), 2, "{r}");
+    assert!(!log.contains("after-ran"), "{log}");
+
+    // exit-line decides on the host: a stage that exits 0 with the wrong last line stops the
+    // build, one with the right line goes on.
+    let (r, log) = one_build(
+        &h,
+        "by-line",
+        &pipeline_with(
+            json!([
+                {"name": "right", "commands": ["echo ok"], "exit-line": "ok"},
+                {"name": "wrong", "commands": ["echo nope"], "exit-line": "ok"},
+                after
+            ]),
+            ff.clone(),
+        ),
+    );
+    assert_eq!(r["status"], "fail", "{log}");
+    assert_eq!(r["stages"][0]["passed"], true, "{r}");
+    assert_eq!(r["stages"].as_array().unwrap().len(), 2, "{r}");
+    assert!(!log.contains("after-ran"), "{log}");
+
+    let (r, log) = one_build(
+        &h,
+        "allowed",
+        &pipeline_with(
+            json!([
+                {"name": "flaky", "commands": ["exit 1"], "allow-failure": true},
+                {"name": "flaky-line", "commands": ["echo no"], "exit-line": "yes", "allow-failure": true},
+                after
+            ]),
+            ff.clone(),
+        ),
+    );
+    assert_eq!(r["status"], "warn", "{log}");
+    assert!(log.contains("after-ran"), "{log}");
+
+    let (r, log) = one_build(
+        &h,
+        "all-pass",
+        &pipeline_with(
+            json!([{"name": "l", "commands": ["echo y"], "exit-line": "y"}, after]),
+            ff,
+        ),
+    );
+    assert_eq!(r["status"], "pass", "{log}");
+
+    let (r, log) = one_build(
+        &h,
+        "default",
+        &pipeline(json!([stage("bad", &["exit 3"]), after])),
+    );
+    assert_eq!(
+        r["status"], "warn",
+        "without fail-fast every stage runs: {log}"
+    );
+    assert!(log.contains("after-ran"), "{log}");
+}
+
+/// `exit-line` compares the last line the commands printed; the host's own `+ command` trace
+/// lines never count (the described system's rule).
+#[test]
+fn exit_line_ignores_trace_lines() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    let (r, log) = one_build(
+        &h,
+        "trace",
+        &pipeline(json!([
+            {"name": "s", "commands": ["echo exit code 0", "touch x"], "exit-line": "exit code 0"}
+        ])),
+    );
+    assert_eq!(r["status"], "pass", "{log}");
+    assert!(
+        log.contains("+ touch x"),
+        "the trace is still logged: {log}"
+    );
+    assert!(
+        !log.contains("\u{1e}") && !log.contains("trace + "),
+        "no raw marker in the log: {log}"
+    );
+}
+
 /// With `retry-on-error: 2`, a build that ends ERROR runs twice more (each retry naming the
 /// one before), then stops; a FAIL is never retried.
 #[test]
