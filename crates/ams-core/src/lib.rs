@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod private_config;
 pub mod protocol;
 pub mod queue;
+pub mod schedule;
 pub mod status;
 pub mod vars;
 pub mod webconf;

@@ -24,6 +24,8 @@ pub enum Trigger {
     Api,
     /// A push delivered to a webhook.
     Webhook,
+    /// A schedule of pipeline-config.json.
+    Schedule,
 }
 
 impl Trigger {
@@ -34,6 +36,7 @@ impl Trigger {
             Trigger::Web => "web",
             Trigger::Api => "api",
             Trigger::Webhook => "webhook",
+            Trigger::Schedule => "schedule",
         }
     }
 
@@ -43,6 +46,7 @@ impl Trigger {
             "web" => Trigger::Web,
             "api" => Trigger::Api,
             "webhook" => Trigger::Webhook,
+            "schedule" => Trigger::Schedule,
             _ => return None,
         })
     }

@@ -40,6 +40,8 @@ pub struct PrivateConfig {
     /// A build that ends ERROR (a failure outside the project) is queued again, up to this
     /// many times, for the same commit.
     pub retry_on_error: u32,
+    /// Builds queued by the clock (cron expressions in UTC).
+    pub schedules: Vec<crate::schedule::Schedule>,
 }
 
 impl PrivateConfig {
@@ -60,6 +62,34 @@ impl PrivateConfig {
                     Self::MAX_RETRIES
                 ),
             ));
+        }
+        if cfg.schedules.len() > crate::schedule::MAX_SCHEDULES {
+            return Err(ConfigError::field(
+                Self::FILE,
+                "schedules",
+                format!(
+                    "has {} entries; at most {} are allowed",
+                    cfg.schedules.len(),
+                    crate::schedule::MAX_SCHEDULES
+                ),
+            ));
+        }
+        for (i, s) in cfg.schedules.iter().enumerate() {
+            crate::schedule::parse_cron(&s.cron)
+                .map_err(|e| ConfigError::field(Self::FILE, format!("schedules[{i}].cron"), e))?;
+            if let Some(b) = &s.branch {
+                if b.is_empty()
+                    || b.len() > 256
+                    || b.starts_with('-')
+                    || b.chars().any(|c| c.is_control() || c == ' ')
+                {
+                    return Err(ConfigError::field(
+                        Self::FILE,
+                        format!("schedules[{i}].branch"),
+                        "is not a branch name; write the branch as git names it, e.g. \"main\"",
+                    ));
+                }
+            }
         }
         if let Some(k) = &cfg.ssh_key {
             if k.contains('/') || k.contains("..") || k.is_empty() {
@@ -104,6 +134,21 @@ mod tests {
         let e = PrivateConfig::parse(r#"{"retry-on-error": 11}"#).unwrap_err();
         assert!(e.to_string().contains("retry-on-error"), "{e}");
         assert!(PrivateConfig::parse(r#"{"retry-on-error": -1}"#).is_err());
+        let sc =
+            PrivateConfig::parse(r#"{"schedules": [{"cron": "0 3 * * *", "branch": "main"}]}"#)
+                .unwrap();
+        assert_eq!(sc.schedules[0].branch.as_deref(), Some("main"));
+        let e = PrivateConfig::parse(r#"{"schedules": [{"cron": "0 3 * * *"}, {"cron": "3am"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("schedules[1].cron") && e.contains("five fields"),
+            "{e}"
+        );
+        let e = PrivateConfig::parse(r#"{"schedules": [{"cron": "@daily", "branch": "-x"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schedules[0].branch"), "{e}");
         assert_eq!(c.trusted_docker_keys(), vec!["network=host".to_string()]);
         assert_eq!(c.source_copy, SourceCopy::Copy);
         let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();

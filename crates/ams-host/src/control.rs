@@ -102,7 +102,7 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                         let _ = send(
                             &mut w,
                             &err(format!(
-                                "`{t}` is not a trigger; use cli, web, api or webhook"
+                                "`{t}` is not a trigger; use cli, web, api, webhook or schedule"
                             )),
                         )
                         .await;

@@ -9,6 +9,7 @@ pub mod host;
 pub mod log;
 pub mod paths;
 pub mod project;
+pub mod schedule;
 pub mod settings;
 pub mod source;
 pub mod timefmt;

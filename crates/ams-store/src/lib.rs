@@ -602,6 +602,7 @@ impl Store {
             include_str!("../migrations/0007_project_levels.sql"),
             include_str!("../migrations/0008_build_names_per_project.sql"),
             include_str!("../migrations/0009_retry_of.sql"),
+            include_str!("../migrations/0010_schedule_runs.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -1166,6 +1167,44 @@ impl Store {
 
     /// The status of the newest finished PASS/FAIL/WARN build of the same project and branch
     /// before build `id` (for build-fixed).
+    /// The slot a schedule last fired for (or was first seen at), unix seconds.
+    pub async fn schedule_slot(
+        &self,
+        project: &str,
+        cron: &str,
+        branch: &str,
+    ) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT last_slot FROM schedule_runs WHERE project = ? AND cron = ? AND branch = ?",
+        )
+        .bind(project)
+        .bind(cron)
+        .bind(branch)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Remembers the slot a schedule fired for (or was first seen at).
+    pub async fn set_schedule_slot(
+        &self,
+        project: &str,
+        cron: &str,
+        branch: &str,
+        slot: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO schedule_runs (project, cron, branch, last_slot) VALUES (?, ?, ?, ?) \
+             ON CONFLICT(project, cron, branch) DO UPDATE SET last_slot = excluded.last_slot",
+        )
+        .bind(project)
+        .bind(cron)
+        .bind(branch)
+        .bind(slot)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// How many times build `id`'s work has run: 1, plus one for each build it retries
     /// (following `retry_of` back to the first).
     pub async fn attempts(&self, id: i64) -> Result<i64> {

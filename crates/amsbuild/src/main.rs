@@ -974,6 +974,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         web_tasks.push(tokio::spawn(ams_web::serve(l, web, tls, shutdown.clone())));
     }
     let host_task = tokio::spawn(host.run());
+    let schedule_task = tokio::spawn(ams_host::schedule::run(handle.clone(), shutdown.clone()));
 
     loop {
         tokio::select! {
@@ -992,6 +993,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     shutdown.cancel();
     handle.shutdown().await;
     let _ = host_task.await;
+    let _ = schedule_task.await;
     let _ = control_task.await;
     for t in web_tasks {
         let _ = t.await;

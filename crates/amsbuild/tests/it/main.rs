@@ -13,6 +13,7 @@ mod engine;
 mod faults;
 mod manage;
 mod notify;
+mod schedule;
 mod tidy;
 mod tls;
 mod trust;
