@@ -3,6 +3,7 @@
 //! queue's decisions. Nothing here touches files, sockets, clocks or processes.
 
 pub mod access;
+pub mod commit_status;
 pub mod docker_args;
 pub mod error;
 pub mod names;

@@ -42,6 +42,8 @@ pub struct PrivateConfig {
     pub retry_on_error: u32,
     /// Builds queued by the clock (cron expressions in UTC).
     pub schedules: Vec<crate::schedule::Schedule>,
+    /// Report each build's state on its commit at the forge.
+    pub commit_status: Option<crate::commit_status::CommitStatusConfig>,
 }
 
 impl PrivateConfig {
@@ -62,6 +64,11 @@ impl PrivateConfig {
                     Self::MAX_RETRIES
                 ),
             ));
+        }
+        if let Some(c) = &cfg.commit_status {
+            c.check().map_err(|(field, msg)| {
+                ConfigError::field(Self::FILE, format!("commit-status.{field}"), msg)
+            })?;
         }
         if cfg.schedules.len() > crate::schedule::MAX_SCHEDULES {
             return Err(ConfigError::field(

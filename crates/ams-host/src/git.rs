@@ -244,6 +244,20 @@ pub async fn clone(
         .map(|_| ())
 }
 
+/// The URL of the `origin` remote of the checkout at `dir`, if it has one.
+pub async fn origin_url(dir: &Path) -> Option<String> {
+    let out = git(
+        dir,
+        &["config", "--get", "remote.origin.url"],
+        &GitAuth::default(),
+        &CancellationToken::new(),
+    )
+    .await
+    .ok()?;
+    let url = out.trim();
+    (!url.is_empty()).then(|| url.to_string())
+}
+
 /// The message of `commit` in the checkout at `dir`, cut at 4 KiB (on a character boundary).
 pub async fn message(dir: &Path, commit: &str, cancel: &CancellationToken) -> Option<String> {
     if !valid_commit(commit) {

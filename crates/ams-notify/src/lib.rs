@@ -8,6 +8,7 @@
 //! and network errors with backoff, a bounded number of times. Every attempt is recorded; a
 //! target is only ever shown or logged by its host, since webhook URLs carry tokens.
 
+use ams_core::commit_status as cs;
 use ams_core::notify::{self, BuildEvent, HookType, OutWebhook};
 use ams_core::webconf::WebConf;
 use ams_host::host::{BuildEvents, EventKind};
@@ -16,10 +17,11 @@ use ams_store::{Attempt, BuildRecord, Notification, Store};
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -67,15 +69,27 @@ pub fn start(
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
         let mut jobs = JoinSet::new();
+        // A build's events go out in order (a late "started" must never follow "finished"
+        // to a forge): each job of a build waits for the one before it to end.
+        let mut started: HashMap<i64, oneshot::Receiver<()>> = HashMap::new();
         loop {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some((id, kind)) = ev else { break };
                     let Ok(permit) = slots.clone().acquire_owned().await else { break };
                     let ctx = ctx.clone();
+                    let before = started.remove(&id);
+                    let (done, after) = oneshot::channel::<()>();
+                    if kind == EventKind::Started {
+                        started.insert(id, after);
+                    }
                     jobs.spawn(async move {
                         let _permit = permit;
+                        if let Some(b) = before {
+                            let _ = b.await;
+                        }
                         handle(&ctx, id, kind).await;
+                        drop(done);
                     });
                 }
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
@@ -171,6 +185,7 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
         Ok(Some(b)) => b,
         _ => return,
     };
+    commit_status(ctx, &b, kind).await;
     let hooks = match out_webhooks(&ctx.data, &b.project) {
         Ok(h) => h,
         Err(e) if e.contains("No such file") => return,
@@ -236,6 +251,106 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
     }
 }
 
+/// Reports the build's state on its commit when pipeline-config.json asks (`commit-status`),
+/// recorded like a notification (hook `commit-status`).
+async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
+    let pd = ctx.data.project(&b.project);
+    let Some(cfg) = ams_host::project::private_config(&pd)
+        .ok()
+        .and_then(|c| c.commit_status)
+    else {
+        return;
+    };
+    let (status, sha) = match kind {
+        EventKind::Started => (None, b.commit.clone()),
+        EventKind::Finished => (Some(b.status), b.git_hash.clone().or(b.commit.clone())),
+    };
+    // Before its update a branch build knows no commit yet: its final state still goes out.
+    let Some(sha) = sha.filter(|s| ams_host::git::valid_commit(s)) else {
+        return;
+    };
+    let repo = match &cfg.repo {
+        Some(r) => Some(r.clone()),
+        None => ams_host::git::origin_url(&pd.master_source())
+            .await
+            .and_then(|u| cs::repo_from_remote(&u, cfg.forge)),
+    };
+    let state = cs::State::of(status);
+    let mut n = Notification {
+        id: 0,
+        project: b.project.clone(),
+        build_name: b.name.clone(),
+        hook: "commit-status".into(),
+        kind: match cfg.forge {
+            cs::Forge::Github => "github".into(),
+            cs::Forge::Bitbucket => "bitbucket".into(),
+        },
+        target_host: String::new(),
+        event: format!("commit-status {state:?}").to_lowercase(),
+        outcome: String::new(),
+        attempts: Vec::new(),
+        created_at: timefmt::now(),
+        finished_at: 0.0,
+    };
+    match repo {
+        None => {
+            n.outcome = "failed: pipeline-config.json: commit-status.repo is missing and the \
+                         origin remote is not on the forge; add \"repo\": \"owner/name\""
+                .into();
+        }
+        Some(repo) => {
+            let values = variables(&ctx.conf, b);
+            let description = match status {
+                None => format!("build {} running", b.name),
+                Some(s) => match &b.reason {
+                    Some(r) => format!("{s}: {r}"),
+                    None => format!("{s}"),
+                },
+            };
+            let (url, body) = cs::request(
+                &cfg,
+                &repo,
+                &sha,
+                state,
+                &values["output_log"],
+                &description,
+            );
+            n.target_host = notify::url_host(&url);
+            let auth = match &cfg.username {
+                Some(user) => {
+                    use base64::Engine;
+                    let pair = format!("{user}:{}", cfg.token);
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(pair)
+                    )
+                }
+                None => format!("Bearer {}", cfg.token),
+            };
+            let mut headers = vec![("Authorization", auth)];
+            if cfg.forge == cs::Forge::Github {
+                headers.push(("Accept", "application/vnd.github+json".into()));
+            }
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            let (outcome, attempts) = post(&ctx.conf, &url, &headers, bytes).await;
+            n.outcome = outcome;
+            n.attempts = attempts;
+        }
+    }
+    n.finished_at = timefmt::now();
+    if n.outcome != "sent" {
+        tracing::warn!(
+            "commit status of build {} to {}: {}",
+            b.name,
+            n.target_host,
+            n.outcome
+        );
+    }
+    if let Err(e) = ctx.store.record_notification(&n).await {
+        tracing::error!("cannot record a commit status: {e}");
+    }
+}
+
 fn sign(secret: &str, body: &[u8]) -> String {
     let Ok(mut m) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
         return String::new();
@@ -293,8 +408,23 @@ fn describe(e: reqwest::Error) -> String {
 
 /// Sends one notification with retries. Returns the outcome and every attempt.
 async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, Vec<Attempt>) {
+    let headers = match (hook.kind, &hook.secret) {
+        (HookType::Json, Some(s)) => vec![("X-AMS-Signature-256", sign(s, &body))],
+        _ => Vec::new(),
+    };
+    post(conf, &hook.url, &headers, body).await
+}
+
+/// POSTs a JSON body with retries (429 after its `retry_after`, 5xx and network errors with
+/// backoff) through the SSRF guard. Returns the outcome and every attempt.
+async fn post(
+    conf: &WebConf,
+    target: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (String, Vec<Attempt>) {
     let mut attempts = Vec::new();
-    let url = match reqwest::Url::parse(&hook.url) {
+    let url = match reqwest::Url::parse(target) {
         Ok(u) => u,
         Err(_) => return ("failed: the URL does not parse".into(), attempts),
     };
@@ -320,18 +450,14 @@ async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, V
         Ok(c) => c,
         Err(e) => return (format!("failed: {}", describe(e)), attempts),
     };
-    let signature = match (hook.kind, &hook.secret) {
-        (HookType::Json, Some(s)) => Some(sign(s, &body)),
-        _ => None,
-    };
     for n in 0..MAX_ATTEMPTS {
         let t0 = Instant::now();
         let mut req = client
             .post(url.clone())
             .header("Content-Type", "application/json")
             .body(body.clone());
-        if let Some(sig) = &signature {
-            req = req.header("X-AMS-Signature-256", sig);
+        for (k, v) in headers {
+            req = req.header(*k, v);
         }
         let res = req.send().await;
         let millis = t0.elapsed().as_millis() as u64;
