@@ -630,11 +630,12 @@ async fn backup(data: &DataDir, file: &Path) -> Result<ExitCode> {
         data.host_id_file().display()
     );
     outln!(
-        "  {}: each project's private pipeline-config.json, webhooks.json and keys",
+        "  {}: each project's private pipeline-config.json, webhooks.json and keys (in no \
+         repository: copy them at least)",
         data.projects().join("*/master/config").display()
     );
     outln!(
-        "  {}: sources, build folders, logs and archives (large; the rest of each project)",
+        "  the rest of {}: sources, build folders, logs and archives (large)",
         data.projects().display()
     );
     let conf = std::fs::read_to_string(data.web_conf())
@@ -659,7 +660,7 @@ async fn backup(data: &DataDir, file: &Path) -> Result<ExitCode> {
 fn print_build(b: &Value) {
     let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
     outln!(
-        "{:<8} {}  {}  by {}  git {}{}",
+        "{:<8} {}  {}  by {}  git {}{}{}",
         s("status").to_uppercase(),
         s("name"),
         b["created_at"]
@@ -674,7 +675,12 @@ fn print_build(b: &Value) {
         b["reason"]
             .as_str()
             .map(|r| format!("  ({r})"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if b["output_deleted_at"].is_number() {
+            "  [output deleted]"
+        } else {
+            ""
+        }
     );
 }
 
