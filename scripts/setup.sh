@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
-# static busybox for the local test image, p7zip to check archives independently, git,
+# static busybox for the local test image, p7zip to check archives independently, git, sqlite3,
 # e2fsprogs for the fault tests' small file systems, Chromium
 # and its WebDriver for the browser test), starts
 # a Docker engine when none answers, and builds the local test image. Idempotent; run as root
@@ -16,6 +16,8 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 command -v git >/dev/null 2>&1 || need+=(git)
+# sqlite3, for the backup test to read a copy on its own.
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 # mkfs.ext4 and chattr, for the fault tests' small file systems.
 command -v mkfs.ext4 >/dev/null 2>&1 && command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)

@@ -1,5 +1,5 @@
 //! IO-free domain model of AMS-Build: pipeline.json and the private configs, web_conf.json,
-//! `{variables}`, build statuses, docker argument policy, the in-container stage protocol and the
+//! `{variables}`, retention, build statuses, docker argument policy, the in-container stage protocol and the
 //! queue's decisions. Nothing here touches files, sockets, clocks or processes.
 
 pub mod access;
@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod private_config;
 pub mod protocol;
 pub mod queue;
+pub mod retention;
 pub mod schedule;
 pub mod status;
 pub mod vars;

@@ -3,6 +3,7 @@
 
 use crate::docker_args::trust_key;
 use crate::error::ConfigError;
+use crate::retention::RetentionConf;
 use serde::Deserialize;
 
 /// How a build gets its own copy of `master/project_source`. Whatever the mode, nothing a
@@ -44,6 +45,8 @@ pub struct PrivateConfig {
     pub schedules: Vec<crate::schedule::Schedule>,
     /// Report each build's state on its commit at the forge.
     pub commit_status: Option<crate::commit_status::CommitStatusConfig>,
+    /// Which finished builds keep their files (over web_conf.json's defaults).
+    pub retention: RetentionConf,
 }
 
 impl PrivateConfig {
@@ -52,8 +55,18 @@ impl PrivateConfig {
     pub const MAX_RETRIES: u32 = 10;
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: PrivateConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError::json(Self::FILE, &e))?;
+        let cfg: PrivateConfig = serde_json::from_str(text).map_err(|e| {
+            let mut ce = ConfigError::json(Self::FILE, &e);
+            // A key's own check says `field `PATH`: …` (see `retention`): name the field.
+            if let Some((field, message)) = ce
+                .message
+                .strip_prefix("field `")
+                .and_then(|r| r.split_once("`: "))
+            {
+                (ce.field, ce.message) = (field.to_string(), message.to_string());
+            }
+            ce
+        })?;
         if cfg.retry_on_error > Self::MAX_RETRIES {
             return Err(ConfigError::field(
                 Self::FILE,
@@ -161,9 +174,33 @@ mod tests {
         let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();
         assert!(e.message.contains("trust_host_commands"), "{e}");
         assert!(PrivateConfig::parse(r#"{"ssh-key": "../id"}"#).is_err());
+        let c = PrivateConfig::parse(r#"{"retention": {"keep-builds": 5, "max-age-days": null}}"#)
+            .unwrap();
+        assert_eq!(c.retention.keep_builds, crate::retention::Setting::Value(5));
+        assert_eq!(c.retention.max_age_days, crate::retention::Setting::Off);
         assert_eq!(
             PrivateConfig::parse("{}").unwrap(),
             PrivateConfig::default()
         );
+    }
+
+    #[test]
+    fn a_bad_retention_names_the_file_the_field_and_the_fix() {
+        let e = PrivateConfig::parse("{\n  \"retention\": {\"keep-builds\": 0}\n}").unwrap_err();
+        assert_eq!(e.field, "retention.keep-builds");
+        let s = e.to_string();
+        assert!(s.starts_with("pipeline-config.json: line 2 column"), "{s}");
+        assert!(
+            s.contains("field `retention.keep-builds`: must be a whole number"),
+            "{s}"
+        );
+        let e = PrivateConfig::parse(r#"{"retention": {"max-age-days": -1}}"#).unwrap_err();
+        assert_eq!(e.field, "retention.max-age-days");
+        assert!(
+            e.message.contains("or null to keep builds of any age"),
+            "{e}"
+        );
+        let e = PrivateConfig::parse(r#"{"retention": {"days": 3}}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `days`"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::docker_args::parse_size;
 use crate::error::ConfigError;
+use crate::retention;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -50,6 +51,12 @@ pub struct WebConf {
     pub session_idle_secs: u64,
     /// …and after this long in any case.
     pub session_max_secs: u64,
+    /// Retention default: keep the files of each project's newest this many final builds
+    /// (a project's pipeline-config.json `retention.keep-builds` overrides it). Off when null.
+    pub retention_keep_builds: Option<u64>,
+    /// Retention default: remove the files of final builds that finished more than this many
+    /// days ago (`retention.max-age-days` overrides it). Off when null.
+    pub retention_max_age_days: Option<f64>,
 }
 
 impl Default for WebConf {
@@ -76,6 +83,8 @@ impl Default for WebConf {
             notify_timeout_secs: 10,
             session_idle_secs: 8 * 3600,
             session_max_secs: 7 * 24 * 3600,
+            retention_keep_builds: None,
+            retention_max_age_days: None,
         }
     }
 }
@@ -172,7 +181,27 @@ impl WebConf {
         if self.container_pids_limit <= 0 {
             return bad("container_pids_limit", "must be a positive number");
         }
+        if self
+            .retention_keep_builds
+            .is_some_and(|n| !retention::keep_builds_ok(n))
+        {
+            return bad("retention_keep_builds", retention::KEEP_BUILDS_RULE);
+        }
+        if self
+            .retention_max_age_days
+            .is_some_and(|d| !retention::max_age_ok(d))
+        {
+            return bad("retention_max_age_days", retention::MAX_AGE_RULE);
+        }
         Ok(())
+    }
+
+    /// The retention every project has unless its pipeline-config.json says otherwise.
+    pub fn retention(&self) -> retention::Policy {
+        retention::Policy {
+            keep_builds: self.retention_keep_builds.map(|n| n as u32),
+            max_age_days: self.retention_max_age_days,
+        }
     }
 
     /// Whether builds may use `image` (see `allowed_registries`).
@@ -238,6 +267,38 @@ mod tests {
             "max_active_builds"
         );
         assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());
+        for (text, field) in [
+            (r#"{"retention_keep_builds": 0}"#, "retention_keep_builds"),
+            (
+                r#"{"retention_keep_builds": 5000000000}"#,
+                "retention_keep_builds",
+            ),
+            (r#"{"retention_max_age_days": 0}"#, "retention_max_age_days"),
+            (
+                r#"{"retention_max_age_days": -2.5}"#,
+                "retention_max_age_days",
+            ),
+        ] {
+            let e = WebConf::parse(text, "/d/web_conf.json").unwrap_err();
+            assert_eq!(e.field, field, "{text}");
+            assert!(e.to_string().contains("or null to keep"), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_read_when_set() {
+        let d = WebConf::default();
+        assert!(d.retention().keeps_all());
+        assert!(d
+            .to_pretty_json()
+            .contains("\"retention_keep_builds\": null"));
+        let c = WebConf::parse(
+            r#"{"retention_keep_builds": 20, "retention_max_age_days": 30}"#,
+            "w",
+        )
+        .unwrap();
+        assert_eq!(c.retention().keep_builds, Some(20));
+        assert_eq!(c.retention().max_age_days, Some(30.0));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The local control socket: how `amsbuild build`, `builds`, `cancel`, `delete-output` and
-//! `status` reach a running host without touching its files.
+//! The local control socket: how `amsbuild build`, `builds`, `cancel`, `delete-output`, `gc`
+//! and `status` reach a running host without touching its files.
 //!
 //! A Unix socket `amsbuild.sock` in the data directory, mode 0600, so only the host's own user
 //! (and root) can use it. One JSON object per line in each direction: a request, then one
@@ -162,6 +162,16 @@ async fn connection(h: HostHandle, stream: UnixStream) {
             },
             Err(e) => err(e),
         },
+        "gc" => {
+            let dry_run = req.get("dry_run").and_then(Value::as_bool).unwrap_or(false);
+            if !dry_run {
+                tracing::info!("retention run asked for by {actor}");
+            }
+            match h.gc(dry_run).await {
+                Ok(r) => json!({"ok": true, "report": r}),
+                Err(e) => err(e.detail()),
+            }
+        }
         "status" => match h.snapshot().await {
             Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
             Err(e) => err(e.detail()),

@@ -19,7 +19,7 @@ use ams_core::vars;
 use ams_core::webconf::WebConf;
 use ams_docker::Executor;
 use ams_store::{BuildRecord, Finish, NewBuild, NewDelivery, Store};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -130,6 +130,12 @@ pub enum Command {
         by: String,
         reply: Reply<()>,
     },
+    /// Retention: remove these final builds' files and mark their outputs deleted (see
+    /// [`crate::retention`]). Builds the loop holds as pending or running are refused.
+    Prune {
+        builds: Vec<BuildRecord>,
+        reply: Reply<Vec<crate::retention::Pruned>>,
+    },
     Complete {
         id: i64,
         finish: Box<Finish>,
@@ -179,6 +185,7 @@ pub struct HostHandle {
     pub changes: tokio::sync::broadcast::Sender<()>,
     /// The engine's state, as the host's monitor last saw it.
     pub engine: watch::Receiver<EngineState>,
+    gc: Arc<crate::retention::Gc>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -228,6 +235,12 @@ impl HostHandle {
         let by = by.to_string();
         self.ask(|reply| Command::DeleteOutput { build, by, reply })
             .await
+    }
+
+    /// Runs retention now (see [`crate::retention`]): removes the files of the finished builds
+    /// the projects' retention no longer keeps, or with `dry_run` says which and how much.
+    pub async fn gc(&self, dry_run: bool) -> Result<crate::retention::Report, HostError> {
+        self.gc.run(dry_run).await
     }
 
     /// Resolves a user's build reference: `project` and the build's name, or the name alone,
@@ -325,6 +338,23 @@ pub struct Host {
     deferred: Option<Command>,
     changes: tokio::sync::broadcast::Sender<()>,
     events: Option<Arc<dyn BuildEvents>>,
+    /// Builds whose files a task is removing (delete-output or retention): never two at once.
+    removing: Arc<Mutex<HashSet<i64>>>,
+}
+
+/// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
+struct Removing {
+    set: Arc<Mutex<HashSet<i64>>>,
+    ids: Vec<i64>,
+}
+
+impl Drop for Removing {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.ids {
+            set.remove(id);
+        }
+    }
 }
 
 /// Checks a request's branch and commit (no IO).
@@ -483,6 +513,7 @@ impl Host {
             deferred: None,
             changes: changes.clone(),
             events: cfg.events.clone(),
+            removing: Arc::default(),
         };
         host.recover().await?;
         host.publish();
@@ -490,7 +521,15 @@ impl Host {
         let (executor, changes_tx) = (host.ctx.executor.clone(), changes.clone());
         host.workers
             .spawn(monitor_engine(executor, engine_tx, changes_tx));
+        let gc = Arc::new(crate::retention::Gc::new(
+            store.clone(),
+            cfg.data.clone(),
+            cfg.conf.retention(),
+            tx.clone(),
+        ));
+        host.workers.spawn(crate::retention::hourly(gc.clone()));
         let handle = HostHandle {
+            gc,
             tx,
             snap: snap_rx,
             settings,
@@ -625,6 +664,7 @@ impl Host {
                 Command::DeleteOutput { build, by, reply } => {
                     self.delete_output(build, &by, reply).await
                 }
+                Command::Prune { builds, reply } => self.prune(builds, reply),
                 Command::Complete { id, finish } => {
                     self.complete(id, &finish).await;
                     self.start_ready().await;
@@ -1133,25 +1173,22 @@ impl Host {
             ))));
             return;
         }
+        let Some(removing) = self.claim(&[b.id]) else {
+            let _ = reply.send(Err(HostError::Conflict(format!(
+                "the output of build `{}` is being deleted already",
+                b.name
+            ))));
+            return;
+        };
         let bd = self.ctx.data.project(&b.project).build(&b.name);
         let store = self.store.clone();
         let by = by.to_string();
         self.workers.spawn(async move {
-            let removed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                for r in [
-                    std::fs::remove_dir_all(&bd.root),
-                    std::fs::remove_file(&bd.archive),
-                ] {
-                    match r {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-                Ok(())
-            })
-            .await;
+            let _removing = removing;
+            let removed =
+                tokio::task::spawn_blocking(move || crate::retention::remove_output(&bd)).await;
             let r = match removed {
-                Ok(Ok(())) => store
+                Ok(Ok(_)) => store
                     .mark_output_deleted(b.id, timefmt::now())
                     .await
                     .map_err(HostError::store),
@@ -1165,6 +1202,95 @@ impl Host {
                 tracing::info!("output of build {} deleted by {by}", b.name);
             }
             let _ = reply.send(r);
+        });
+    }
+
+    /// Marks builds as being removed, unless one of them is already: the guard takes them
+    /// out again when dropped.
+    fn claim(&self, ids: &[i64]) -> Option<Removing> {
+        let mut set = self.removing.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.iter().any(|id| set.contains(id)) {
+            return None;
+        }
+        set.extend(ids.iter().copied());
+        Some(Removing {
+            set: self.removing.clone(),
+            ids: ids.to_vec(),
+        })
+    }
+
+    /// Retention's removal of final builds' files ([`Command::Prune`]). No file work here:
+    /// the loop only refuses what it still holds as pending or running (or what is being
+    /// removed already), and a task removes the rest on a blocking thread, then marks them.
+    fn prune(&mut self, builds: Vec<BuildRecord>, reply: Reply<Vec<crate::retention::Pruned>>) {
+        use crate::retention::Pruned;
+        let mut out = Vec::with_capacity(builds.len());
+        let mut go = Vec::with_capacity(builds.len());
+        for b in builds {
+            let live = self.live.contains_key(&b.id) || self.active.contains_key(&b.id);
+            if live || !b.status.is_final() {
+                out.push(Pruned {
+                    id: b.id,
+                    result: Err(format!(
+                        "build `{}` is pending or running; retention never touches it",
+                        b.name
+                    )),
+                });
+            } else if let Some(claimed) = self.claim(&[b.id]) {
+                go.push((b, claimed));
+            } else {
+                out.push(Pruned {
+                    id: b.id,
+                    result: Err(format!(
+                        "the output of `{}` is being deleted already",
+                        b.name
+                    )),
+                });
+            }
+        }
+        let data = self.ctx.data.clone();
+        let store = self.store.clone();
+        self.workers.spawn(async move {
+            let ids: Vec<i64> = go.iter().map(|(b, _)| b.id).collect();
+            let removed = tokio::task::spawn_blocking(move || {
+                go.into_iter()
+                    .map(|(b, claimed)| {
+                        let bd = data.project(&b.project).build(&b.name);
+                        let r = crate::retention::remove_output(&bd)
+                            .map_err(|e| format!("cannot remove its files: {e}"));
+                        (b.id, r, claimed)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let removed = match removed {
+                Ok(r) => r,
+                Err(e) => {
+                    let why = format!("internal error: {e}");
+                    out.extend(ids.into_iter().map(|id| Pruned {
+                        id,
+                        result: Err(why.clone()),
+                    }));
+                    let _ = reply.send(Ok(out));
+                    return;
+                }
+            };
+            let done: Vec<i64> = removed
+                .iter()
+                .filter(|(_, r, _)| r.is_ok())
+                .map(|(id, _, _)| *id)
+                .collect();
+            let marked = store.mark_outputs_deleted(&done, timefmt::now()).await;
+            for (id, r, _claimed) in removed {
+                let result = match (&marked, r) {
+                    (Err(e), Ok(_)) => Err(format!(
+                        "its files were removed, but its record could not be marked: {e}"
+                    )),
+                    (_, r) => r,
+                };
+                out.push(Pruned { id, result });
+            }
+            let _ = reply.send(Ok(out));
         });
     }
 
@@ -1313,6 +1439,72 @@ mod tests {
         assert_eq!(snap.pending_total, n - 1);
         // Queue order: the oldest pending first.
         assert!(snap.pending.windows(2).all(|w| w[0].id < w[1].id));
+        h.shutdown().await;
+        looped.await.unwrap();
+    }
+
+    /// The loop's own guard: a Prune naming builds it holds as running or pending (here with
+    /// a forged final status) removes nothing and marks nothing; a final build goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prune_never_touches_a_running_or_pending_build() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        fake_project(&data, "p", "block");
+        fake_project(&data, "done", "fine");
+        let (h, looped) = fake_host(&data).await;
+        let finished = h.build(request("done")).await.unwrap();
+        let finished = wait_final(&h, finished.id).await;
+        let running = h.build(request("p")).await.unwrap();
+        let pending = h.build(request("p")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !h
+            .snapshot()
+            .await
+            .unwrap()
+            .active
+            .iter()
+            .any(|b| b.id == running.id)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dirs: Vec<_> = [&running, &pending]
+            .iter()
+            .map(|b| data.project("p").build(&b.name))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(&d.root).unwrap();
+            std::fs::write(d.root.join("keep.txt"), "x").unwrap();
+        }
+        let forged: Vec<BuildRecord> = [running.clone(), pending.clone(), finished.clone()]
+            .into_iter()
+            .map(|mut b| {
+                b.status = BuildStatus::Pass;
+                b
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(Command::Prune {
+            builds: forged,
+            reply,
+        })
+        .await
+        .unwrap();
+        let out = rx.await.unwrap().unwrap();
+        let result = |id: i64| out.iter().find(|p| p.id == id).unwrap().result.clone();
+        for b in [&running, &pending] {
+            let e = result(b.id).unwrap_err();
+            assert!(e.contains("pending or running"), "{e}");
+            let rec = h.store.build_by_id(b.id).await.unwrap().unwrap();
+            assert_eq!(rec.output_deleted_at, None);
+        }
+        for d in &dirs {
+            assert!(d.root.join("keep.txt").exists(), "{}", d.root.display());
+        }
+        assert!(result(finished.id).is_ok());
+        assert!(!data.project("done").build(&finished.name).root.exists());
+        let rec = h.store.build_by_id(finished.id).await.unwrap().unwrap();
+        assert!(rec.output_deleted_at.is_some());
         h.shutdown().await;
         looped.await.unwrap();
     }

@@ -1,5 +1,6 @@
 //! The host: the loop that owns the queue, the build workers that prepare, run and clean up
-//! builds, git, build logs with live subscribers, and the local control socket the CLI uses.
+//! builds, git, build logs with live subscribers, retention, and the local control socket the
+//! CLI uses.
 
 pub mod control;
 pub mod copy;
@@ -9,6 +10,7 @@ pub mod host;
 pub mod log;
 pub mod paths;
 pub mod project;
+pub mod retention;
 pub mod schedule;
 pub mod settings;
 pub mod source;

@@ -315,6 +315,8 @@ pub struct BuildJson<'a> {
     started_at_iso: Option<String>,
     finished_at_iso: Option<String>,
     canceled_at_iso: Option<String>,
+    /// When the build's folder, log and archive were deleted (delete-output or retention).
+    output_deleted_at_iso: Option<String>,
 }
 
 impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
@@ -345,6 +347,7 @@ impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
             started_at_iso: b.started_at.map(timefmt::iso),
             finished_at_iso: b.finished_at.map(timefmt::iso),
             canceled_at_iso: b.canceled_at.map(timefmt::iso),
+            output_deleted_at_iso: b.output_deleted_at.map(timefmt::iso),
         }
     }
 }

@@ -390,6 +390,8 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 commit_line(b.commit_message.as_deref()),
                 if b.archive_name.is_some() {
                     format!("<a href=\"/{root}/dl/{pe}/{n}\">7z</a>")
+                } else if b.output_deleted_at.is_some() {
+                    "deleted".to_string()
                 } else {
                     String::new()
                 },

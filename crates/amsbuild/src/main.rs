@@ -104,6 +104,17 @@ enum Cmd {
     DeleteOutput { build: String },
     /// Show the active and pending builds.
     Status,
+    /// Run retention now through the running host: remove the folders, logs and archives of
+    /// the finished builds that the projects' retention no longer keeps (their records stay,
+    /// marked deleted). The host also does this by itself every hour.
+    Gc {
+        /// Only list what would be removed and the bytes it would free.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a consistent copy of the database (ams.db) to FILE, mode 0600, while the host
+    /// runs or not; an existing FILE is never overwritten. Then say what else to copy.
+    Backup { file: PathBuf },
     /// Follow a build's log to its end.
     Log { build: String },
     /// Internal: pack a folder into a 7z archive and hash it, printing JSON (used by the host so
@@ -480,6 +491,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Gc { dry_run } => gc(&sock, dry_run).await,
+        Cmd::Backup { file } => backup(&data, &file).await,
         Cmd::Run { dir } => run_local(&dir).await,
         Cmd::User(u) => users(&data, u).await,
         Cmd::Token(t) => tokens(&data, t).await,
@@ -506,10 +519,148 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Bytes for people: `512 B`, `1.5 KiB`, `12.0 MiB`, `3.2 GiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `amsbuild gc [--dry-run]`: one retention run through the host, printed per project.
+async fn gc(sock: &Path, dry_run: bool) -> Result<ExitCode> {
+    let v = control::request(
+        sock,
+        &json!({"cmd": "gc", "dry_run": dry_run, "actor": actor()}),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
+    let r = &v["report"];
+    let projects = r["projects"].as_array().cloned().unwrap_or_default();
+    if projects.is_empty() {
+        outln!(
+            "no project has a retention: set retention_keep_builds or retention_max_age_days \
+             in web_conf.json, or \"retention\" in a project's pipeline-config.json"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut failed = false;
+    for p in &projects {
+        let name = p["project"].as_str().unwrap_or("?");
+        if let Some(e) = p["error"].as_str() {
+            failed = true;
+            outln!("{name}: left alone: {e}");
+            continue;
+        }
+        let policy = match (
+            p["policy"]["keep_builds"].as_u64(),
+            p["policy"]["max_age_days"].as_f64(),
+        ) {
+            (Some(n), Some(d)) => format!("keep-builds {n}, max-age-days {d}"),
+            (Some(n), None) => format!("keep-builds {n}"),
+            (None, Some(d)) => format!("max-age-days {d}"),
+            (None, None) => "keep every build".into(),
+        };
+        let builds = p["builds"].as_array().cloned().unwrap_or_default();
+        if builds.is_empty() {
+            outln!("{name} ({policy}): nothing to remove");
+            continue;
+        }
+        let bytes = p["bytes"].as_u64().unwrap_or(0);
+        outln!(
+            "{name} ({policy}): {verb} {} build(s), {}",
+            builds.len(),
+            human(bytes)
+        );
+        for b in builds {
+            let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
+            match b["error"].as_str() {
+                Some(e) => {
+                    failed = true;
+                    outln!("  {}  {}  kept: {e}", s("name"), s("status").to_uppercase());
+                }
+                None => outln!(
+                    "  {}  {}  {}  {}",
+                    s("name"),
+                    s("status").to_uppercase(),
+                    human(b["bytes"].as_u64().unwrap_or(0)),
+                    s("why")
+                ),
+            }
+        }
+    }
+    let total = r["bytes"].as_u64().unwrap_or(0);
+    outln!(
+        "{} {} ({total} bytes)",
+        if dry_run { "would free" } else { "freed" },
+        human(total)
+    );
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `amsbuild backup FILE`: a consistent copy of the database, then what else to copy.
+async fn backup(data: &DataDir, file: &Path) -> Result<ExitCode> {
+    let dest = std::path::absolute(file)
+        .with_context(|| format!("bad backup file name {}", file.display()))?;
+    let info = ams_store::backup(&data.db(), &dest)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    outln!(
+        "wrote {} (mode 0600): {} builds, {}; its integrity check passed",
+        dest.display(),
+        info.builds,
+        human(info.bytes)
+    );
+    outln!("the database holds the records only; to restore a host, also copy:");
+    outln!(
+        "  {} and {}: the host's configuration and its id",
+        data.web_conf().display(),
+        data.host_id_file().display()
+    );
+    outln!(
+        "  {}: each project's private pipeline-config.json, webhooks.json and keys (in no \
+         repository: copy them at least)",
+        data.projects().join("*/master/config").display()
+    );
+    outln!(
+        "  the rest of {}: sources, build folders, logs and archives (large)",
+        data.projects().display()
+    );
+    let conf = std::fs::read_to_string(data.web_conf())
+        .ok()
+        .and_then(|t| WebConf::parse(&t, "web_conf.json").ok());
+    match conf {
+        Some(c) => {
+            let files: Vec<String> = [&c.ssl.cert_file, &c.ssl.ca_bundle_file, &c.ssl.private_file]
+                .into_iter()
+                .flatten()
+                .map(|f| data.root().join(f).display().to_string())
+                .collect();
+            if !files.is_empty() {
+                outln!("  the TLS files: {}", files.join(", "));
+            }
+        }
+        None => outln!("  the TLS files web_conf.json names under \"ssl\", if any"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_build(b: &Value) {
     let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
     outln!(
-        "{:<8} {}  {}  by {}  git {}{}",
+        "{:<8} {}  {}  by {}  git {}{}{}",
         s("status").to_uppercase(),
         s("name"),
         b["created_at"]
@@ -524,7 +675,12 @@ fn print_build(b: &Value) {
         b["reason"]
             .as_str()
             .map(|r| format!("  ({r})"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if b["output_deleted_at"].is_number() {
+            "  [output deleted]"
+        } else {
+            ""
+        }
     );
 }
 

@@ -20,6 +20,8 @@ fn commands_say_when_no_host_runs() {
         vec!["builds", "x"],
         vec!["cancel", "x"],
         vec!["delete-output", "x"],
+        vec!["gc"],
+        vec!["gc", "--dry-run"],
         vec!["status"],
     ] {
         let o = h.cli(&args);

@@ -13,6 +13,7 @@ mod engine;
 mod faults;
 mod manage;
 mod notify;
+mod retention;
 mod schedule;
 mod tidy;
 mod tls;
