@@ -33,6 +33,9 @@ pub struct WebConf {
     /// A build output larger than this (apparent size: sparse files count in full) is not
     /// archived; the build says why and keeps the folder.
     pub archive_max_bytes: u64,
+    /// The most bytes a project's caches (pipeline.json `caches`) may hold; the least recently
+    /// used entries are removed past it.
+    pub cache_max_bytes: u64,
     /// A build that needs the engine while it is not answering waits this long for it, then
     /// fails with the reason.
     pub engine_wait_secs: u64,
@@ -74,6 +77,7 @@ impl Default for WebConf {
             build_timeout_secs: 3600,
             log_max_bytes: 64 << 20,
             archive_max_bytes: 8 << 30,
+            cache_max_bytes: 5 << 30,
             engine_wait_secs: 300,
             container_memory: "2g".into(),
             container_cpus: 2.0,

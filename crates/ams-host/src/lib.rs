@@ -2,6 +2,7 @@
 //! builds, git, build logs with live subscribers, retention, and the local control socket the
 //! CLI uses.
 
+pub mod cache;
 pub mod control;
 pub mod copy;
 pub mod error;

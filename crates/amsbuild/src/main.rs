@@ -1257,9 +1257,13 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         source_dir: dir.clone(),
         output_dir: output_dir.clone(),
         ci_dir: work.join(".ams-ci"),
+        caches: Vec::new(),
         deadline: started + Duration::from_secs(timeout),
         timeout_secs: timeout,
     };
+    if !p.caches.is_empty() {
+        log.line("caches are kept only by the host; `amsbuild run` starts them empty");
+    }
     let outcome = worker::execute(&executor, req, &mut log, &stop).await;
     let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
     eprintln!(

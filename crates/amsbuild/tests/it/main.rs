@@ -6,6 +6,7 @@ mod harness;
 mod access;
 mod api;
 mod browser;
+mod caches;
 mod cli;
 mod docker;
 mod edge;
