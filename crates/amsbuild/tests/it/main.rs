@@ -6,6 +6,7 @@ mod harness;
 mod access;
 mod api;
 mod browser;
+mod buildref;
 mod cli;
 mod docker;
 mod edge;
