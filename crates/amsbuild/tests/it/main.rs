@@ -5,6 +5,7 @@ mod harness;
 
 mod access;
 mod api;
+mod api_errors;
 mod browser;
 mod buildref;
 mod cli;
