@@ -9,6 +9,7 @@ mod api_errors;
 mod browser;
 mod buildref;
 mod cli;
+mod container;
 mod docker;
 mod edge;
 mod engine;
