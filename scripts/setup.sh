@@ -2,7 +2,8 @@
 # Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
 # static busybox for the local test image, p7zip to check archives independently, git, sqlite3,
 # e2fsprogs for the fault tests' small file systems, Chromium
-# and its WebDriver for the browser test), starts
+# and its WebDriver for the browser test, curl, systemd-analyze, strip and tini for the install
+# tests), starts
 # a Docker engine when none answers, and builds the local test image. Idempotent; run as root
 # (or with sudo available).
 set -euo pipefail
@@ -21,6 +22,12 @@ command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 # mkfs.ext4 and chattr, for the fault tests' small file systems.
 command -v mkfs.ext4 >/dev/null 2>&1 && command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)
+# The install tests: curl runs README's API examples, systemd-analyze checks the unit,
+# strip makes the offline server image, tini (with docker.io) is its init.
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
+[ -x /usr/bin/tini-static ] || need+=(tini)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   $SUDO apt-get update -qq

@@ -14,6 +14,7 @@ mod docker;
 mod edge;
 mod engine;
 mod faults;
+mod install;
 mod manage;
 mod notify;
 mod retention;
