@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
     version,
     about = "A lightweight self-hosted CI server",
     after_help = "The data directory is ./ams-data unless --data-dir or AMSBUILD_HOME says \
-                  otherwise. Commands other than serve, project, user, token, run, completions \
-                  and man talk to the running host through its control socket there."
+                  otherwise. Commands other than serve, project, user, token, run, backup, \
+                  completions and man talk to the running host through its control socket there."
 )]
 struct Cli {
     /// The data directory (web_conf.json, ams.db, projects/).
