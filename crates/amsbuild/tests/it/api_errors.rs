@@ -42,6 +42,7 @@ fn every_api_error_is_json_with_its_status() {
     let (h, token) = host_with_token();
     let addr = h.web_addr();
     let bearer = ("Authorization", format!("Bearer {token}"));
+    let auth = std::slice::from_ref(&bearer);
     let json_type = ("Content-Type", "application/json".to_string());
     let req = |method: &str, path: &str, headers: &[(&str, String)], body: &[u8]| {
         http_full(
@@ -55,7 +56,7 @@ fn every_api_error_is_json_with_its_status() {
     let trigger = "/projects/name/app/build";
 
     // The trigger's body: optional, but when there is one it is JSON and says so.
-    let ok = req("POST", trigger, &[bearer.clone()], b"");
+    let ok = req("POST", trigger, auth, b"");
     assert_eq!(ok.0, 202, "no body builds the default branch");
     let ok = req("POST", trigger, &[bearer.clone(), json_type.clone()], b"{}");
     assert_eq!(ok.0, 202);
@@ -93,7 +94,7 @@ fn every_api_error_is_json_with_its_status() {
     assert!(m.contains("branch"), "{m}");
     let m = json_error(
         "a body without Content-Type",
-        &req("POST", trigger, &[bearer.clone()], br#"{"branch": "dev"}"#),
+        &req("POST", trigger, auth, br#"{"branch": "dev"}"#),
         415,
     );
     assert!(m.contains("Content-Type: application/json"), "{m}");
@@ -111,17 +112,12 @@ fn every_api_error_is_json_with_its_status() {
     // axum's own rejections of a path parameter that is not a number.
     json_error(
         "a bad path parameter",
-        &req("POST", "/deliveries/abc/replay", &[bearer.clone()], b""),
+        &req("POST", "/deliveries/abc/replay", auth, b""),
         400,
     );
     json_error(
         "a path parameter out of range",
-        &req(
-            "POST",
-            "/deliveries/99999999999999999999/replay",
-            &[bearer.clone()],
-            b"",
-        ),
+        &req("POST", "/deliveries/99999999999999999999/replay", auth, b""),
         400,
     );
 
@@ -129,7 +125,7 @@ fn every_api_error_is_json_with_its_status() {
     for path in ["/nope", "/projects/name/app/nope", "/builds"] {
         json_error(
             &format!("unknown path {path}"),
-            &req("GET", path, &[bearer.clone()], b""),
+            &req("GET", path, auth, b""),
             404,
         );
     }
@@ -138,12 +134,12 @@ fn every_api_error_is_json_with_its_status() {
         &req("GET", "/nope", &[], b""),
         404,
     );
-    let got = req("DELETE", "/projects", &[bearer.clone()], b"");
+    let got = req("DELETE", "/projects", auth, b"");
     json_error("a method the path does not take", &got, 405);
     assert!(got.1.contains("allow: get"), "Allow is kept: {}", got.1);
     json_error(
         "GET of a POST-only path",
-        &req("GET", "/builds/x/cancel", &[bearer.clone()], b""),
+        &req("GET", "/builds/x/cancel", auth, b""),
         405,
     );
 
@@ -151,14 +147,14 @@ fn every_api_error_is_json_with_its_status() {
     json_error("no token", &req("GET", "/projects", &[], b""), 401);
     json_error(
         "an unknown project",
-        &req("GET", "/projects/name/nope", &[bearer.clone()], b""),
+        &req("GET", "/projects/name/nope", auth, b""),
         404,
     );
     let name = h.build("app");
     h.wait_status("app", &name, T);
     json_error(
         "cancel of a finished build",
-        &req("POST", &format!("/builds/{name}/cancel"), &[bearer], b""),
+        &req("POST", &format!("/builds/{name}/cancel"), auth, b""),
         409,
     );
 }
