@@ -1438,6 +1438,35 @@ mod tests {
     use futures_util::future::BoxFuture;
     use tokio_util::sync::CancellationToken;
 
+    #[test]
+    fn build_refs_cross_the_control_socket_whole_and_bad_ones_are_refused() {
+        use serde_json::{json, Value};
+        for r in [
+            BuildRef::from_args("app_x_build_1", None),
+            BuildRef::from_args("app/3", None),
+            BuildRef::from_args("app", Some(3)),
+        ] {
+            assert_eq!(BuildRef::from_fields(&Value::Object(r.to_fields())), Ok(r));
+        }
+        assert_eq!(
+            BuildRef::from_fields(&json!({"build": "3", "project": "app"})),
+            Ok(BuildRef::Name {
+                project: Some("app".into()),
+                name: "3".into()
+            }),
+            "a name that is a number stays a name"
+        );
+        for bad in [
+            json!({}),
+            json!({"index": 3}),
+            json!({"project": "app", "index": 0}),
+            json!({"project": "app", "index": "3"}),
+            json!({"project": "app", "index": 3, "build": "b"}),
+        ] {
+            assert!(BuildRef::from_fields(&bad).is_err(), "{bad}");
+        }
+    }
+
     /// An engine whose `run` panics for the image `panic` and otherwise ends at once.
     struct FakeExecutor;
 
