@@ -103,6 +103,99 @@ pub enum ResolveError {
     Store(String),
 }
 
+/// How an operator names a build: `amsbuild log`, `cancel` and `delete-output` take the same
+/// words, and the control socket carries them as the same fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildRef {
+    /// The build's full name, with its project when given (`PROJECT/NAME`); a name alone must
+    /// then be used by one project only.
+    Name {
+        project: Option<String>,
+        name: String,
+    },
+    /// A project and the build's index in it (1 for its first build).
+    Index { project: String, index: i64 },
+}
+
+impl BuildRef {
+    /// From the command line's words: `BUILD` or `PROJECT/BUILD`, or `PROJECT INDEX`.
+    pub fn from_args(first: &str, index: Option<i64>) -> BuildRef {
+        match (index, first.split_once('/')) {
+            (Some(index), _) => BuildRef::Index {
+                project: first.to_string(),
+                index,
+            },
+            (None, Some((p, n))) => BuildRef::Name {
+                project: Some(p.to_string()),
+                name: n.to_string(),
+            },
+            (None, None) => BuildRef::Name {
+                project: None,
+                name: first.to_string(),
+            },
+        }
+    }
+
+    /// The fields of a control request that name this build.
+    pub fn to_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        match self {
+            BuildRef::Name { project, name } => {
+                m.insert("build".into(), name.clone().into());
+                if let Some(p) = project {
+                    m.insert("project".into(), p.clone().into());
+                }
+            }
+            BuildRef::Index { project, index } => {
+                m.insert("project".into(), project.clone().into());
+                m.insert("index".into(), (*index).into());
+            }
+        }
+        m
+    }
+
+    /// From a control request: `build` (a name, `PROJECT/NAME`, or a name with `project`), or
+    /// `project` and `index`.
+    pub fn from_fields(req: &serde_json::Value) -> Result<BuildRef, String> {
+        let s = |k: &str| req.get(k).and_then(serde_json::Value::as_str);
+        match (req.get("index"), s("build"), s("project")) {
+            (Some(i), None, Some(project)) => match i.as_i64() {
+                Some(index) if index >= 1 => Ok(BuildRef::Index {
+                    project: project.to_string(),
+                    index,
+                }),
+                _ => Err(format!(
+                    "`{i}` is not a build index: give 1 for a project's first build, 2 for the next…"
+                )),
+            },
+            (Some(_), Some(_), _) => Err("give `build` or `index`, not both".into()),
+            (Some(_), None, None) => Err("`index` needs `project`".into()),
+            (None, Some(name), Some(project)) => Ok(BuildRef::Name {
+                project: Some(project.to_string()),
+                name: name.to_string(),
+            }),
+            (None, Some(name), None) => Ok(BuildRef::from_args(name, None)),
+            (None, None, _) => Err("`build` is required".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for BuildRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildRef::Name {
+                project: Some(p),
+                name,
+            } => write!(f, "{p}/{name}"),
+            BuildRef::Name {
+                project: None,
+                name,
+            } => f.write_str(name),
+            BuildRef::Index { project, index } => write!(f, "{project} {index}"),
+        }
+    }
+}
+
 /// What became of a webhook delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -276,6 +369,24 @@ impl HostHandle {
                     }),
                 }
             }
+        }
+    }
+
+    /// Resolves a [`BuildRef`] among the projects `may` accepts: by name as [`Self::resolve`],
+    /// or by the project's build index.
+    pub async fn resolve_ref(
+        &self,
+        r: &BuildRef,
+        may: impl Fn(&str) -> bool,
+    ) -> Result<Option<BuildRecord>, ResolveError> {
+        match r {
+            BuildRef::Name { project, name } => self.resolve(project.as_deref(), name, may).await,
+            BuildRef::Index { project, index } if may(project) => self
+                .store
+                .build_by_index(project, *index)
+                .await
+                .map_err(|e| ResolveError::Store(e.to_string())),
+            BuildRef::Index { .. } => Ok(None),
         }
     }
 
@@ -1326,6 +1437,35 @@ mod tests {
     use bytes::Bytes;
     use futures_util::future::BoxFuture;
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn build_refs_cross_the_control_socket_whole_and_bad_ones_are_refused() {
+        use serde_json::{json, Value};
+        for r in [
+            BuildRef::from_args("app_x_build_1", None),
+            BuildRef::from_args("app/3", None),
+            BuildRef::from_args("app", Some(3)),
+        ] {
+            assert_eq!(BuildRef::from_fields(&Value::Object(r.to_fields())), Ok(r));
+        }
+        assert_eq!(
+            BuildRef::from_fields(&json!({"build": "3", "project": "app"})),
+            Ok(BuildRef::Name {
+                project: Some("app".into()),
+                name: "3".into()
+            }),
+            "a name that is a number stays a name"
+        );
+        for bad in [
+            json!({}),
+            json!({"index": 3}),
+            json!({"project": "app", "index": 0}),
+            json!({"project": "app", "index": "3"}),
+            json!({"project": "app", "index": 3, "build": "b"}),
+        ] {
+            assert!(BuildRef::from_fields(&bad).is_err(), "{bad}");
+        }
+    }
 
     /// An engine whose `run` panics for the image `panic` and otherwise ends at once.
     struct FakeExecutor;

@@ -798,6 +798,16 @@ impl Store {
         row.as_ref().map(row_to_build).transpose()
     }
 
+    /// The build of `project` with index `index` (1 for its first build; unique per project).
+    pub async fn build_by_index(&self, project: &str, index: i64) -> Result<Option<BuildRecord>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE project = ? AND build_index = ?")
+            .bind(project)
+            .bind(index)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
     /// Every build named `name`, in any project (at most 16), oldest first: a name alone may
     /// be ambiguous, so the caller picks among the projects it may act on.
     pub async fn builds_named(&self, name: &str) -> Result<Vec<BuildRecord>> {

@@ -8,12 +8,12 @@ use ams_core::status::BuildStatus;
 use ams_core::webconf::WebConf;
 use ams_docker::DockerExecutor;
 use ams_host::control;
-use ams_host::host::{Host, HostConfig};
+use ams_host::host::{BuildRef, Host, HostConfig};
 use ams_host::log::BuildLog;
 use ams_host::worker::{self, ExecRequest, StopReason, StopSignal};
 use ams_host::{project, timefmt, DataDir};
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "amsbuild",
     version,
-    about = "A lightweight self-hosted CI server"
+    about = "A lightweight self-hosted CI server",
+    after_help = "The data directory is ./ams-data unless --data-dir or AMSBUILD_HOME says \
+                  otherwise. Commands other than serve, project, user, token, run, backup, \
+                  completions and man talk to the running host through its control socket there."
 )]
 struct Cli {
     /// The data directory (web_conf.json, ams.db, projects/).
@@ -41,9 +44,29 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// A build, named the same way for `log`, `cancel` and `delete-output`: its full name, or its
+/// project and index.
+#[derive(clap::Args, Debug)]
+struct BuildArg {
+    /// The build's full name as `amsbuild builds` shows it (`PROJECT/NAME` when several projects
+    /// have a build of that name), or its project when INDEX follows.
+    #[arg(value_name = "BUILD|PROJECT")]
+    build: String,
+    /// The build's number in PROJECT: 1 for its first build, 2 for the next.
+    #[arg(value_name = "INDEX", value_parser = clap::value_parser!(i64).range(1..))]
+    index: Option<i64>,
+}
+
+impl BuildArg {
+    fn to_ref(&self) -> BuildRef {
+        BuildRef::from_args(&self.build, self.index)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the host: the build queue, workers and the local control socket.
+    /// Run the host: the build queue, workers, the web interface, webhooks and the local
+    /// control socket.
     Serve,
     /// Create and list projects.
     #[command(subcommand)]
@@ -56,9 +79,13 @@ enum Cmd {
     Token(TokenCmd),
     /// Ask the running host to queue a build.
     Build {
+        /// The project to build.
         project: String,
+        /// The branch to build (default: the project's configured branch, else the remote's
+        /// default branch).
         #[arg(long, conflicts_with = "commit")]
         branch: Option<String>,
+        /// The exact commit to build.
         #[arg(long)]
         commit: Option<String>,
         /// Follow the log to the end; exit 0 only for PASS.
@@ -67,7 +94,9 @@ enum Cmd {
     },
     /// List a project's builds, newest first.
     Builds {
+        /// The project whose builds to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -76,7 +105,9 @@ enum Cmd {
     },
     /// List a project's webhook deliveries, newest first.
     Deliveries {
+        /// The project whose deliveries to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -85,7 +116,9 @@ enum Cmd {
     },
     /// List a project's notifications and their attempts, newest first.
     Notifications {
+        /// The project whose notifications to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -98,10 +131,17 @@ enum Cmd {
         /// `#N` or `N`.
         delivery: String,
     },
-    /// Cancel a pending or running build.
-    Cancel { build: String },
-    /// Delete a finished build's folder, log and archive.
-    DeleteOutput { build: String },
+    /// Cancel a pending or running build: `cancel BUILD` or `cancel PROJECT INDEX`.
+    Cancel {
+        #[command(flatten)]
+        build: BuildArg,
+    },
+    /// Delete a finished build's folder, log and archive: `delete-output BUILD` or
+    /// `delete-output PROJECT INDEX`.
+    DeleteOutput {
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Show the active and pending builds.
     Status,
     /// Run retention now through the running host: remove the folders, logs and archives of
@@ -114,15 +154,25 @@ enum Cmd {
     },
     /// Write a consistent copy of the database (ams.db) to FILE, mode 0600, while the host
     /// runs or not; an existing FILE is never overwritten. Then say what else to copy.
-    Backup { file: PathBuf },
-    /// Follow a build's log to its end.
-    Log { build: String },
+    Backup {
+        /// Where to write the copy (a new file).
+        file: PathBuf,
+    },
+    /// Follow a build's log to its end: `log BUILD` or `log PROJECT INDEX`; exit 0 only for
+    /// PASS.
+    Log {
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Internal: pack a folder into a 7z archive and hash it, printing JSON (used by the host so
     /// that the encoder's memory is returned to the system when it exits).
     #[command(name = "__pack", hide = true)]
     Pack {
+        /// The folder to pack.
         src: PathBuf,
+        /// The archive to write.
         dest: PathBuf,
+        /// The hash to compute of the archive (crc32, crc64, sha1, sha256, blake2sp).
         hash: Option<String>,
     },
     /// Run ./pipeline.json once, without a host, through the same executor.
@@ -131,12 +181,25 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Print a shell completion script to standard output (e.g. `amsbuild completions bash >
+    /// /etc/bash_completion.d/amsbuild`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output (e.g. `amsbuild man | man -l -`), or
+    /// the page of one command (`amsbuild man user add`).
+    Man {
+        /// The command whose page to print; none: the page of amsbuild itself.
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Add a user. The password comes from a prompt that does not echo, or --password-stdin.
     Add {
+        /// The user's login name.
         name: String,
         /// The level on each given project: 0 NO AUTH, 1 USER, 2 WEBHOOK, 3 MODERATOR,
         /// 4 ADMIN; or 5, SERVER ADMIN, on every project (then give no projects).
@@ -148,12 +211,15 @@ enum UserCmd {
         /// A project at --level (repeatable; adds to --projects).
         #[arg(long = "project")]
         project: Vec<String>,
+        /// Read the password from the first line of standard input instead of a prompt.
         #[arg(long)]
         password_stdin: bool,
     },
     /// Change a user's password; the user's sessions end and its API tokens are revoked.
     Passwd {
+        /// The user whose password to change.
         name: String,
+        /// Read the password from the first line of standard input instead of a prompt.
         #[arg(long)]
         password_stdin: bool,
     },
@@ -163,7 +229,9 @@ enum UserCmd {
     /// `--projects LIST`: exactly these projects, at --level or else as they were. `--project P
     /// --level N`: N on P only, the other projects untouched.
     Set {
+        /// The user to change.
         name: String,
+        /// The level to set: 0 NO AUTH, 1 USER, 2 WEBHOOK, 3 MODERATOR, 4 ADMIN, 5 SERVER ADMIN.
         #[arg(long)]
         level: Option<u8>,
         /// Comma-separated: the user's projects become exactly these.
@@ -174,27 +242,35 @@ enum UserCmd {
         project: Vec<String>,
     },
     /// Remove a user, with its sessions and tokens.
-    Remove { name: String },
+    Remove {
+        /// The user to remove.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum TokenCmd {
     /// Create an API token for a user; it is printed once.
     Create {
+        /// The user the token acts as.
         #[arg(long)]
         user: String,
+        /// A label to tell the user's tokens apart.
         #[arg(long, default_value = "cli")]
         label: String,
     },
     /// List a user's tokens (never their secrets).
     List {
+        /// The user whose tokens to list.
         #[arg(long)]
         user: String,
     },
     /// Revoke a token by its id.
     Revoke {
+        /// The user the token belongs to.
         #[arg(long)]
         user: String,
+        /// The token's id, as `token list` shows it.
         id: i64,
     },
 }
@@ -203,14 +279,20 @@ enum TokenCmd {
 enum ProjectCmd {
     /// Create a project and clone its source.
     Add {
+        /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
         name: String,
+        /// The git URL to clone (https, http, ssh, git or file).
         #[arg(long)]
         git: String,
+        /// The branch to check out (default: the remote's default branch).
         #[arg(long)]
         branch: Option<String>,
     },
     /// Create a blank project skeleton with an example pipeline.json.
-    Init { name: String },
+    Init {
+        /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
+        name: String,
+    },
     /// List the projects.
     List,
 }
@@ -320,9 +402,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
             }
-            follow(&sock, &name).await
+            follow(
+                &sock,
+                &BuildRef::Name {
+                    project: Some(project),
+                    name,
+                },
+            )
+            .await
         }
-        Cmd::Log { build } => follow(&sock, &build).await,
+        Cmd::Log { build } => follow(&sock, &build.to_ref()).await,
         Cmd::Builds {
             project,
             limit,
@@ -457,26 +546,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cancel { build } => {
-            let v = control::request(
-                &sock,
-                &json!({"cmd": "cancel", "build": build, "actor": actor()}),
-            )
-            .await
-            .map_err(|e| anyhow!(e))?;
+            let r = build.to_ref();
+            let v = control::request_on(&sock, "cancel", &r, &actor())
+                .await
+                .map_err(|e| anyhow!(e))?;
             outln!(
                 "cancel requested for {}",
-                v["build"]["name"].as_str().unwrap_or(&build)
+                v["build"]["name"].as_str().unwrap_or(&r.to_string())
             );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DeleteOutput { build } => {
-            control::request(
-                &sock,
-                &json!({"cmd": "delete-output", "build": build, "actor": actor()}),
-            )
-            .await
-            .map_err(|e| anyhow!(e))?;
-            outln!("deleted the output of {build}");
+            let r = build.to_ref();
+            let v = control::request_on(&sock, "delete-output", &r, &actor())
+                .await
+                .map_err(|e| anyhow!(e))?;
+            outln!(
+                "deleted the output of {}",
+                v["build"]["name"].as_str().unwrap_or(&r.to_string())
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
@@ -494,6 +582,31 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Gc { dry_run } => gc(&sock, dry_run).await,
         Cmd::Backup { file } => backup(&data, &file).await,
         Cmd::Run { dir } => run_local(&dir).await,
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "amsbuild", &mut out);
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { command } => {
+            let mut cmd = Cli::command();
+            // Gives each command its full name (`amsbuild-user-add`, `amsbuild user add`).
+            cmd.build();
+            let mut page = &cmd;
+            for word in &command {
+                page = page
+                    .get_subcommands()
+                    .find(|c| c.get_name() == word && !c.is_hide_set())
+                    .ok_or_else(|| anyhow!("`{}` is not an amsbuild command", command.join(" ")))?;
+            }
+            let mut out = Vec::new();
+            clap_mangen::Man::new(page.clone())
+                .source(format!("amsbuild {}", env!("CARGO_PKG_VERSION")))
+                .manual("AMS-Build")
+                .render(&mut out)?;
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::User(u) => users(&data, u).await,
         Cmd::Token(t) => tokens(&data, t).await,
         Cmd::Pack { src, dest, hash } => {
@@ -684,9 +797,9 @@ fn print_build(b: &Value) {
     );
 }
 
-async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
+async fn follow(sock: &Path, build: &BuildRef) -> Result<ExitCode> {
     use std::io::Write;
-    let status = control::follow_log(sock, name, &mut |t| {
+    let (name, status) = control::follow_log(sock, build, &mut |t| {
         let mut o = std::io::stdout().lock();
         let _ = o.write_all(t.as_bytes());
         let _ = o.flush();
@@ -699,6 +812,16 @@ async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Writes generated text to standard output; a closed pipe (`| head`) is a quiet end.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn read_password(from_stdin: bool) -> Result<String> {
@@ -1280,5 +1403,84 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commands and arguments without help text, by their full command path.
+    fn without_help(c: &clap::Command, missing: &mut Vec<String>) {
+        let path = c.get_bin_name().unwrap_or(c.get_name()).to_string();
+        if c.get_about().is_none() && c.get_long_about().is_none() {
+            missing.push(format!("command `{path}`"));
+        }
+        for a in c.get_arguments() {
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("argument `{}` of `{path}`", a.get_id()));
+            }
+        }
+        for sub in c.get_subcommands() {
+            without_help(sub, missing);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help() {
+        Cli::command().debug_assert();
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        without_help(&cmd, &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        // The walk reaches the nested commands and every argument kind.
+        let mut count = 0;
+        fn all(c: &clap::Command, n: &mut usize) {
+            *n += 1 + c.get_arguments().count();
+            c.get_subcommands().for_each(|s| all(s, n));
+        }
+        all(&cmd, &mut count);
+        assert!(count > 80, "walked only {count} commands and arguments");
+    }
+
+    #[test]
+    fn the_three_build_commands_take_the_same_references() {
+        for cmd in ["log", "cancel", "delete-output"] {
+            let parse = |args: &[&str]| {
+                let mut v = vec!["amsbuild", cmd];
+                v.extend_from_slice(args);
+                Cli::try_parse_from(v).map(|c| match c.cmd {
+                    Cmd::Log { build } | Cmd::Cancel { build } | Cmd::DeleteOutput { build } => {
+                        build.to_ref()
+                    }
+                    other => panic!("{other:?}"),
+                })
+            };
+            assert_eq!(
+                parse(&["app_1_build_3"]).unwrap(),
+                BuildRef::Name {
+                    project: None,
+                    name: "app_1_build_3".into()
+                }
+            );
+            assert_eq!(
+                parse(&["app/3"]).unwrap(),
+                BuildRef::Name {
+                    project: Some("app".into()),
+                    name: "3".into()
+                }
+            );
+            assert_eq!(
+                parse(&["app", "3"]).unwrap(),
+                BuildRef::Index {
+                    project: "app".into(),
+                    index: 3
+                }
+            );
+            for bad in [&["app", "0"][..], &["app", "x"], &["app", "-1"], &[]] {
+                assert!(parse(bad).is_err(), "{cmd} {bad:?}");
+            }
+        }
     }
 }

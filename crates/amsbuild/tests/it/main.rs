@@ -5,13 +5,17 @@ mod harness;
 
 mod access;
 mod api;
+mod api_errors;
 mod browser;
+mod buildref;
 mod caches;
 mod cli;
+mod container;
 mod docker;
 mod edge;
 mod engine;
 mod faults;
+mod install;
 mod manage;
 mod notify;
 mod retention;
