@@ -1,5 +1,5 @@
 //! The JSON API under `/{web_root}/api/`, with the described system's paths and shapes
-//! (FORMATS.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
+//! (docs/api.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
 //! as path pairs, and the current user; plus POSTs to trigger, cancel and delete output.
 //!
 //! Authentication is by API token (`Authorization: Bearer …`). Errors are consistent: 401 when
