@@ -4,6 +4,8 @@
 
 pub mod access;
 pub mod commit_status;
+#[cfg(test)]
+mod doc_examples;
 pub mod docker_args;
 pub mod error;
 pub mod names;

@@ -337,4 +337,163 @@ mod tests {
         let long = "a".repeat(65);
         assert!(WebConf::parse(&format!(r#"{{"web_root": "{long}"}}"#), "w").is_err());
     }
+
+    /// A deserializer that only records the field names a derived `Deserialize` asks for: the
+    /// exact keys the parser accepts, whatever serialization would show.
+    struct FieldNames<'a>(&'a mut Vec<&'static str>);
+
+    impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct with named fields"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.extend_from_slice(fields);
+            Err(serde::de::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    fn fields_of<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        let mut names = Vec::new();
+        let _ = T::deserialize(FieldNames(&mut names));
+        assert!(
+            !names.is_empty(),
+            "{} is not a plain struct",
+            std::any::type_name::<T>()
+        );
+        names
+    }
+
+    /// Every key web_conf.json may hold, as `key` or `outer.inner`, with its default.
+    fn accepted_keys() -> std::collections::BTreeMap<String, serde_json::Value> {
+        // The keys whose value is itself an object of keys, and the type that reads it.
+        let nested: &[(&str, Vec<&'static str>)] = &[("ssl", fields_of::<SslConf>())];
+        let defaults = serde_json::to_value(WebConf::default()).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for key in fields_of::<WebConf>() {
+            let default = defaults.get(key).cloned().unwrap_or_else(|| {
+                panic!("`{key}` is accepted but missing from the serialized defaults")
+            });
+            match nested.iter().find(|(k, _)| *k == key) {
+                Some((_, inner)) => {
+                    for sub in inner {
+                        let d = default.get(sub).cloned().unwrap_or_else(|| {
+                            panic!("`{key}.{sub}` is missing from the serialized defaults")
+                        });
+                        out.insert(format!("{key}.{sub}"), d);
+                    }
+                }
+                None => assert!(
+                    !default.is_object(),
+                    "`{key}` holds an object: add its type to `nested` above"
+                ),
+            }
+            out.insert(key.to_string(), default);
+        }
+        out
+    }
+
+    /// The rows of the first table of docs/web_conf.md whose header starts with `Key`:
+    /// (key without backticks, default cell).
+    fn documented_rows(doc: &str) -> Vec<(String, String)> {
+        let cells = |line: &str| -> Vec<String> {
+            line.trim()
+                .trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        };
+        let mut lines = doc.lines().skip_while(|l| {
+            !(l.trim_start().starts_with('|') && cells(l).first().is_some_and(|c| c == "Key"))
+        });
+        assert!(lines.next().is_some(), "no table with a `Key` column");
+        lines
+            .skip(1) // the |---| line
+            .take_while(|l| l.trim_start().starts_with('|'))
+            .map(|l| {
+                let c = cells(l);
+                let key = c[0]
+                    .strip_prefix('`')
+                    .and_then(|k| k.strip_suffix('`'))
+                    .unwrap_or_else(|| panic!("first cell is not a key in backticks: {l}"));
+                (key.to_string(), c.get(1).cloned().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn docs_table_lists_exactly_the_accepted_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/web_conf.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let accepted = accepted_keys();
+        let rows = documented_rows(&doc);
+
+        let mut documented = std::collections::BTreeSet::new();
+        for (key, _) in &rows {
+            assert!(
+                documented.insert(key.clone()),
+                "`{key}` has two rows in {path}"
+            );
+        }
+        let missing: Vec<_> = accepted
+            .keys()
+            .filter(|k| !documented.contains(*k))
+            .collect();
+        let extra: Vec<_> = documented
+            .iter()
+            .filter(|k| !accepted.contains_key(*k))
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{path} and the parser disagree: accepted but not documented {missing:?}; \
+             documented but not accepted {extra:?}"
+        );
+
+        for (key, cell) in &rows {
+            let default = &accepted[key];
+            // Each key is accepted on its own, with its default, by the parser itself.
+            let text = match key.split_once('.') {
+                Some((outer, inner)) => serde_json::json!({ outer: { inner: default } }),
+                None => serde_json::json!({ key.as_str(): default }),
+            };
+            WebConf::parse(&text.to_string(), "w").unwrap_or_else(|e| panic!("`{key}`: {e}"));
+            if default.is_object() {
+                continue; // its keys have rows of their own
+            }
+            let written = cell
+                .split('`')
+                .nth(1)
+                .unwrap_or_else(|| panic!("`{key}`: the default cell has no `value`: {cell}"));
+            let shown: serde_json::Value = serde_json::from_str(written)
+                .unwrap_or_else(|e| panic!("`{key}`: default `{written}` is not JSON: {e}"));
+            assert!(
+                same_json(&shown, default),
+                "`{key}`: {path} says the default is {shown}, the code says {default}"
+            );
+        }
+        assert!(WebConf::parse(r#"{"not_a_key": 1}"#, "w").is_err());
+    }
 }

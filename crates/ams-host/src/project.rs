@@ -1,4 +1,4 @@
-//! Projects on disk: the skeleton of FORMATS.md, `project add` (clone) and `project init`,
+//! Projects on disk: the described system's skeleton, `project add` (clone) and `project init`,
 //! and loading a project's private configuration.
 
 use crate::git::{self, GitAuth};

@@ -1,5 +1,5 @@
 //! The JSON API under `/{web_root}/api/`, with the described system's paths and shapes
-//! (FORMATS.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
+//! (docs/api.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
 //! as path pairs, and the current user; plus POSTs to trigger, cancel and delete output.
 //!
 //! Authentication is by API token (`Authorization: Bearer …`). Errors are consistent: 401 when
@@ -1119,5 +1119,29 @@ mod tests {
             .map(|s| s.as_str())
             .collect();
         assert_eq!(listed, all);
+    }
+
+    /// docs/api.md has one `### `METHOD /ams-build/api/PATH`` section per route, and none for
+    /// a route the server does not have.
+    #[test]
+    fn the_api_reference_describes_exactly_the_routes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut documented: Vec<(String, String)> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`'))
+            .filter_map(|h| {
+                let (method, rest) = h.split_once(' ')?;
+                let p = rest.strip_prefix("/ams-build/api")?;
+                Some((method.to_ascii_lowercase(), p.to_string()))
+            })
+            .collect();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes, "{path} and api::ROUTES disagree");
     }
 }
