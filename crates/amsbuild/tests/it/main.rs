@@ -12,6 +12,7 @@ mod edge;
 mod engine;
 mod faults;
 mod manage;
+mod metrics;
 mod notify;
 mod retention;
 mod schedule;
