@@ -47,6 +47,10 @@ pub struct PrivateConfig {
     pub commit_status: Option<crate::commit_status::CommitStatusConfig>,
     /// Which finished builds keep their files (over web_conf.json's defaults).
     pub retention: RetentionConf,
+    /// Anyone, without logging in, may fetch the status badge of the project's latest final
+    /// build (`/{web_root}/badge/{project}.svg`). Off, the badge answers 404 like an unknown
+    /// project. Nothing else of the project becomes public.
+    pub public_badge: bool,
 }
 
 impl PrivateConfig {
@@ -140,10 +144,10 @@ mod tests {
     fn parses_and_refuses_unknown_keys() {
         let c = PrivateConfig::parse(
             r#"{"trust-host-commands": true, "allow-docker-args": ["--network host"],
-                "only-build-latest": true, "source-copy": "copy"}"#,
+                "only-build-latest": true, "source-copy": "copy", "public-badge": true}"#,
         )
         .unwrap();
-        assert!(c.trust_host_commands && c.only_build_latest);
+        assert!(c.trust_host_commands && c.only_build_latest && c.public_badge);
         assert_eq!(c.retry_on_error, 0);
         assert_eq!(
             PrivateConfig::parse(r#"{"retry-on-error": 2}"#)
@@ -182,6 +186,8 @@ mod tests {
             PrivateConfig::parse("{}").unwrap(),
             PrivateConfig::default()
         );
+        assert!(!PrivateConfig::default().public_badge);
+        assert!(PrivateConfig::parse(r#"{"public_badge": true}"#).is_err());
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct WebConf {
     /// Retention default: remove the files of final builds that finished more than this many
     /// days ago (`retention.max-age-days` overrides it). Off when null.
     pub retention_max_age_days: Option<f64>,
+    /// When set, `GET /metrics` answers only requests with `Authorization: Bearer <token>`;
+    /// unset, it needs no authentication.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for WebConf {
@@ -89,6 +92,7 @@ impl Default for WebConf {
             session_max_secs: 7 * 24 * 3600,
             retention_keep_builds: None,
             retention_max_age_days: None,
+            metrics_token: None,
         }
     }
 }
@@ -116,6 +120,9 @@ fn web_root_problem(root: &str) -> Option<&'static str> {
         None
     }
 }
+
+/// The shortest `metrics_token` taken.
+pub const METRICS_TOKEN_MIN: usize = 16;
 
 impl WebConf {
     pub const FILE: &'static str = "web_conf.json";
@@ -196,6 +203,18 @@ impl WebConf {
             .is_some_and(|d| !retention::max_age_ok(d))
         {
             return bad("retention_max_age_days", retention::MAX_AGE_RULE);
+        }
+        if let Some(t) = &self.metrics_token {
+            if t.len() < METRICS_TOKEN_MIN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "metrics_token",
+                    &format!(
+                        "must be at least {METRICS_TOKEN_MIN} printable ASCII characters \
+                         without spaces (it is sent as `Authorization: Bearer <token>`), or \
+                         null for a /metrics without authentication"
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -303,6 +322,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.retention().keep_builds, Some(20));
         assert_eq!(c.retention().max_age_days, Some(30.0));
+    }
+
+    #[test]
+    fn a_metrics_token_is_long_printable_and_optional() {
+        assert_eq!(WebConf::parse("{}", "w").unwrap().metrics_token, None);
+        let ok = WebConf::parse(r#"{"metrics_token": "0123456789abcdef"}"#, "w").unwrap();
+        assert_eq!(ok.metrics_token.as_deref(), Some("0123456789abcdef"));
+        for bad in ["", "short", "0123456789 abcdef", "0123456789abcdé"] {
+            let text = serde_json::json!({ "metrics_token": bad }).to_string();
+            let e = WebConf::parse(&text, "w").unwrap_err();
+            assert_eq!(e.field, "metrics_token", "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use crate::error::HostError;
 use crate::log::LogHub;
+use crate::metrics::Metrics;
 use crate::paths::DataDir;
 use crate::settings::{QueueSettings, SettingsCache};
 use crate::timefmt;
@@ -257,6 +258,8 @@ pub struct HostConfig {
     pub packer: Option<std::path::PathBuf>,
     /// Told when builds start and finish.
     pub events: Option<Arc<dyn BuildEvents>>,
+    /// Where the host records what it does (also reachable from the handle).
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for dyn BuildEvents {
@@ -279,6 +282,8 @@ pub struct HostHandle {
     /// The engine's state, as the host's monitor last saw it.
     pub engine: watch::Receiver<EngineState>,
     gc: Arc<crate::retention::Gc>,
+    /// The host's metrics, for the edges that record events and serve them.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -427,6 +432,8 @@ impl HostHandle {
 
 struct Active {
     stop: Arc<StopSignal>,
+    project: String,
+    started_at: f64,
 }
 
 /// The host loop and its state.
@@ -451,6 +458,9 @@ pub struct Host {
     events: Option<Arc<dyn BuildEvents>>,
     /// Builds whose files a task is removing (delete-output or retention): never two at once.
     removing: Arc<Mutex<HashSet<i64>>>,
+    metrics: Arc<Metrics>,
+    /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
+    disk_dirty: mpsc::Sender<String>,
 }
 
 /// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
@@ -608,6 +618,7 @@ impl Host {
         }
         let (snap_tx, snap_rx) = watch::channel(Arc::new(QueueSnapshot::default()));
         let settings = Arc::new(SettingsCache::default());
+        let (disk_dirty, dirty_rx) = mpsc::channel(64);
         let mut host = Host {
             queue: Queue::new(cfg.conf.max_active_builds),
             live: HashMap::new(),
@@ -625,7 +636,14 @@ impl Host {
             changes: changes.clone(),
             events: cfg.events.clone(),
             removing: Arc::default(),
+            metrics: cfg.metrics.clone(),
+            disk_dirty,
         };
+        host.workers.spawn(crate::metrics::watch_disk(
+            cfg.metrics.clone(),
+            cfg.data.clone(),
+            dirty_rx,
+        ));
         host.recover().await?;
         host.publish();
         let (engine_tx, engine_rx) = watch::channel(EngineState::default());
@@ -649,6 +667,7 @@ impl Host {
             hub,
             data: cfg.data,
             changes,
+            metrics: cfg.metrics,
         };
         Ok((host, handle))
     }
@@ -687,6 +706,8 @@ impl Host {
                         ..Default::default()
                     };
                     self.store.finish(b.id, &fin).await?;
+                    self.metrics
+                        .build_finished(&b.project, BuildStatus::Error, None, []);
                     tracing::warn!("build {} was interrupted by a host restart: ERROR", b.name);
                 }
                 _ => {
@@ -724,6 +745,8 @@ impl Host {
                 .collect(),
             pending_total: self.queue.pending().count(),
         };
+        self.metrics
+            .queue(snap.pending_total, self.queue.active().len());
         self.snap.send_replace(Arc::new(snap));
     }
 
@@ -736,7 +759,10 @@ impl Host {
                 ..Default::default()
             };
             self.record_finish(id, &fin).await;
-            self.live.remove(&id);
+            if let Some(b) = self.live.remove(&id) {
+                self.metrics
+                    .build_finished(&b.project, BuildStatus::Skip, None, []);
+            }
             self.hub.end(id, "skip");
         }
     }
@@ -1062,7 +1088,10 @@ impl Host {
                 tracing::error!("cannot record superseded builds: {e}");
             }
             for (id, _) in skipped {
-                self.live.remove(&id);
+                if let Some(b) = self.live.remove(&id) {
+                    self.metrics
+                        .build_finished(&b.project, BuildStatus::Skip, None, []);
+                }
                 self.hub.end(id, "skip");
             }
         }
@@ -1098,7 +1127,14 @@ impl Host {
                 continue;
             };
             let stop = Arc::new(StopSignal::default());
-            self.active.insert(q.id, Active { stop: stop.clone() });
+            self.active.insert(
+                q.id,
+                Active {
+                    stop: stop.clone(),
+                    project: record.project.clone(),
+                    started_at: record.started_at.unwrap_or(now),
+                },
+            );
             let ctx = self.ctx.clone();
             let tx = self.tx.clone();
             let log_tx = self.hub.sender(q.id);
@@ -1126,10 +1162,19 @@ impl Host {
 
     async fn complete(&mut self, id: i64, fin: &Finish) {
         self.queue.finish(id);
-        self.active.remove(&id);
+        let active = self.active.remove(&id);
         self.live.remove(&id);
         self.record_finish(id, fin).await;
         let status = fin.status.unwrap_or(BuildStatus::Fail);
+        if let Some(a) = active {
+            let ran = fin.finished_at - a.started_at;
+            let stages = fin.stages.iter().map(|s| s.duration_secs);
+            self.metrics
+                .build_finished(&a.project, status, Some(ran), stages);
+            // Its folder changed: measured again off the loop (a full queue waits for the
+            // next periodic walk).
+            let _ = self.disk_dirty.try_send(a.project);
+        }
         tracing::info!("build {id} finished: {status}");
         self.hub.end(id, status.as_str());
         if let Some(e) = &self.events {
@@ -1252,6 +1297,8 @@ impl Host {
             };
             self.store.finish(b.id, &fin).await?;
             self.live.remove(&b.id);
+            self.metrics
+                .build_finished(&b.project, BuildStatus::Cancel, None, []);
             self.hub.end(b.id, "cancel");
         } else if let Some(a) = self.active.get(&b.id) {
             self.store.set_canceled(b.id, by, now).await?;
@@ -1294,6 +1341,7 @@ impl Host {
         let bd = self.ctx.data.project(&b.project).build(&b.name);
         let store = self.store.clone();
         let by = by.to_string();
+        let dirty = self.disk_dirty.clone();
         self.workers.spawn(async move {
             let _removing = removing;
             let removed =
@@ -1311,6 +1359,7 @@ impl Host {
             };
             if r.is_ok() {
                 tracing::info!("output of build {} deleted by {by}", b.name);
+                let _ = dirty.try_send(b.project.clone());
             }
             let _ = reply.send(r);
         });
@@ -1361,8 +1410,11 @@ impl Host {
         }
         let data = self.ctx.data.clone();
         let store = self.store.clone();
+        let dirty = self.disk_dirty.clone();
         self.workers.spawn(async move {
             let ids: Vec<i64> = go.iter().map(|(b, _)| b.id).collect();
+            let projects: std::collections::BTreeSet<String> =
+                go.iter().map(|(b, _)| b.project.clone()).collect();
             let removed = tokio::task::spawn_blocking(move || {
                 go.into_iter()
                     .map(|(b, claimed)| {
@@ -1392,6 +1444,10 @@ impl Host {
                 .map(|(id, _, _)| *id)
                 .collect();
             let marked = store.mark_outputs_deleted(&done, timefmt::now()).await;
+            // Their projects' disk use is measured again, off the loop.
+            for p in projects {
+                let _ = dirty.try_send(p);
+            }
             for (id, r, _claimed) in removed {
                 let result = match (&marked, r) {
                     (Err(e), Ok(_)) => Err(format!(
@@ -1557,6 +1613,7 @@ mod tests {
             },
             packer: None,
             events: None,
+            metrics: Arc::default(),
         };
         let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
         (h, tokio::spawn(host.run()))

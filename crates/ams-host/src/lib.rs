@@ -9,6 +9,7 @@ pub mod error;
 pub mod git;
 pub mod host;
 pub mod log;
+pub mod metrics;
 pub mod paths;
 pub mod project;
 pub mod retention;

@@ -32,7 +32,8 @@ fn private_config_text(branch: Option<&str>) -> String {
         "trust-host-commands": false,
         "allow-docker-args": [],
         "only-build-latest": false,
-        "source-copy": "auto"
+        "source-copy": "auto",
+        "public-badge": false
     });
     if let Some(b) = branch {
         v["branch"] = serde_json::Value::String(b.to_string());

@@ -12,6 +12,7 @@ use ams_core::commit_status as cs;
 use ams_core::notify::{self, BuildEvent, HookType, OutWebhook};
 use ams_core::webconf::WebConf;
 use ams_host::host::{BuildEvents, EventKind};
+use ams_host::metrics::{AttemptOutcome, Metrics};
 use ams_host::{timefmt, DataDir};
 use ams_store::{Attempt, BuildRecord, Notification, Store};
 use hmac::{KeyInit, Mac};
@@ -55,17 +56,25 @@ struct Ctx {
     data: DataDir,
     conf: Arc<WebConf>,
     store: Store,
+    metrics: Arc<Metrics>,
 }
 
-/// Starts the notifier's worker; it stops when `shutdown` fires.
+/// Starts the notifier's worker; it stops when `shutdown` fires. Each attempt is counted in
+/// `metrics` by its outcome.
 pub fn start(
     data: DataDir,
     conf: Arc<WebConf>,
     store: Store,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Arc<Notifier>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<(i64, EventKind)>(QUEUE);
-    let ctx = Ctx { data, conf, store };
+    let ctx = Ctx {
+        data,
+        conf,
+        store,
+        metrics,
+    };
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
         let mut jobs = JoinSet::new();
@@ -220,7 +229,7 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let created_at = timefmt::now();
-        let (outcome, attempts) = deliver(&ctx.conf, &hook, bytes).await;
+        let (outcome, attempts) = deliver(&ctx.conf, &ctx.metrics, &hook, bytes).await;
         let host = notify::url_host(&hook.url);
         if outcome != "sent" {
             tracing::warn!(
@@ -332,7 +341,7 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
                 headers.push(("Accept", "application/vnd.github+json".into()));
             }
             let bytes = serde_json::to_vec(&body).unwrap_or_default();
-            let (outcome, attempts) = post(&ctx.conf, &url, &headers, bytes).await;
+            let (outcome, attempts) = post(&ctx.conf, &ctx.metrics, &url, &headers, bytes).await;
             n.outcome = outcome;
             n.attempts = attempts;
         }
@@ -407,18 +416,25 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// Sends one notification with retries. Returns the outcome and every attempt.
-async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, Vec<Attempt>) {
+async fn deliver(
+    conf: &WebConf,
+    metrics: &Metrics,
+    hook: &OutWebhook,
+    body: Vec<u8>,
+) -> (String, Vec<Attempt>) {
     let headers = match (hook.kind, &hook.secret) {
         (HookType::Json, Some(s)) => vec![("X-AMS-Signature-256", sign(s, &body))],
         _ => Vec::new(),
     };
-    post(conf, &hook.url, &headers, body).await
+    post(conf, metrics, &hook.url, &headers, body).await
 }
 
 /// POSTs a JSON body with retries (429 after its `retry_after`, 5xx and network errors with
-/// backoff) through the SSRF guard. Returns the outcome and every attempt.
+/// backoff) through the SSRF guard. Returns the outcome and every attempt, each attempt also
+/// counted in `metrics` by its outcome.
 async fn post(
     conf: &WebConf,
+    metrics: &Metrics,
     target: &str,
     headers: &[(&str, String)],
     body: Vec<u8>,
@@ -426,11 +442,15 @@ async fn post(
     let mut attempts = Vec::new();
     let url = match reqwest::Url::parse(target) {
         Ok(u) => u,
-        Err(_) => return ("failed: the URL does not parse".into(), attempts),
+        Err(_) => {
+            metrics.notification_attempt(AttemptOutcome::Refused);
+            return ("failed: the URL does not parse".into(), attempts);
+        }
     };
     let pinned = match resolve(conf, &url).await {
         Ok(p) => p,
         Err(e) => {
+            metrics.notification_attempt(AttemptOutcome::Refused);
             attempts.push(Attempt {
                 at: timefmt::now(),
                 outcome: e.clone(),
@@ -448,7 +468,10 @@ async fn post(
     }
     let client = match builder.build() {
         Ok(c) => c,
-        Err(e) => return (format!("failed: {}", describe(e)), attempts),
+        Err(e) => {
+            metrics.notification_attempt(AttemptOutcome::NetworkError);
+            return (format!("failed: {}", describe(e)), attempts);
+        }
     };
     for n in 0..MAX_ATTEMPTS {
         let t0 = Instant::now();
@@ -466,6 +489,7 @@ async fn post(
         let wait = match res {
             Ok(resp) => {
                 let status = resp.status();
+                metrics.notification_attempt(AttemptOutcome::of_status(status.as_u16()));
                 attempts.push(Attempt {
                     at,
                     outcome: status.as_u16().to_string(),
@@ -496,6 +520,11 @@ async fn post(
                 }
             }
             Err(e) => {
+                metrics.notification_attempt(if e.is_timeout() {
+                    AttemptOutcome::Timeout
+                } else {
+                    AttemptOutcome::NetworkError
+                });
                 attempts.push(Attempt {
                     at,
                     outcome: describe(e),

@@ -701,6 +701,7 @@ impl Store {
             include_str!("../migrations/0008_build_names_per_project.sql"),
             include_str!("../migrations/0009_retry_of.sql"),
             include_str!("../migrations/0010_schedule_runs.sql"),
+            include_str!("../migrations/0011_builds_by_branch.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -805,6 +806,37 @@ impl Store {
             .bind(index)
             .fetch_optional(&self.pool)
             .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
+    /// The newest build of `project` (of its `branch` when given) that has ended, whatever
+    /// its status: an index lookup, however many builds or unknown branch names are asked for.
+    pub async fn latest_final_build(
+        &self,
+        project: &str,
+        branch: Option<&str>,
+    ) -> Result<Option<BuildRecord>> {
+        let live = "status NOT IN ('pending', 'running')";
+        let row = match branch {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT * FROM builds WHERE project = ? AND {live} ORDER BY id DESC LIMIT 1"
+                ))
+                .bind(project)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Some(b) => {
+                sqlx::query(&format!(
+                    "SELECT * FROM builds INDEXED BY builds_by_branch WHERE project = ? \
+                     AND branch = ? AND {live} ORDER BY id DESC LIMIT 1"
+                ))
+                .bind(project)
+                .bind(b)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
         row.as_ref().map(row_to_build).transpose()
     }
 
@@ -1937,6 +1969,70 @@ mod tests {
         let latest = s.latest_builds().await.unwrap();
         assert_eq!(latest["a"].0, a.id);
         assert_eq!(latest["b"].0, b.id);
+    }
+
+    #[tokio::test]
+    async fn the_latest_final_build_skips_live_ones_and_follows_the_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let make = |branch: &str| {
+            let mut b = nb("p");
+            b.branch = Some(branch.into());
+            b
+        };
+        let end = |status| Finish {
+            status: Some(status),
+            finished_at: 2000.0,
+            ..Default::default()
+        };
+        assert!(s.latest_final_build("p", None).await.unwrap().is_none());
+        let main_pass = s
+            .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.finish(main_pass.id, &end(BuildStatus::Pass))
+            .await
+            .unwrap();
+        let dev_fail = s
+            .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.finish(dev_fail.id, &end(BuildStatus::Fail))
+            .await
+            .unwrap();
+        // Newer but still pending or running: not what a badge shows.
+        let pending = s
+            .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let running = s
+            .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.mark_running(running.id, 1500.0).await.unwrap();
+        let id = |b: Option<BuildRecord>| b.map(|b| b.id);
+        assert_eq!(
+            id(s.latest_final_build("p", None).await.unwrap()),
+            Some(dev_fail.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            Some(main_pass.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("dev")).await.unwrap()),
+            Some(dev_fail.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("nope")).await.unwrap()),
+            None
+        );
+        assert_eq!(id(s.latest_final_build("q", None).await.unwrap()), None);
+        s.finish(pending.id, &end(BuildStatus::Warn)).await.unwrap();
+        assert_eq!(
+            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            Some(pending.id)
+        );
     }
 
     #[tokio::test]

@@ -1114,10 +1114,12 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let store = ams_store::Store::open(&data.db())
         .await
         .context("cannot open the database")?;
+    let metrics = Arc::new(ams_host::metrics::Metrics::new());
     let (notifier, notify_task) = ams_notify::start(
         data.clone(),
         Arc::new(conf.clone()),
         store,
+        metrics.clone(),
         shutdown.clone(),
     );
     for p in ams_notify::startup_problems(&data) {
@@ -1129,6 +1131,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             conf: conf.clone(),
             packer: std::env::current_exe().ok(),
             events: Some(notifier),
+            metrics: metrics.clone(),
         },
         executor,
     )
@@ -1187,6 +1190,8 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         ))
         .merge(ams_web::manage::router(api_state.clone(), &conf.web_root))
         .merge(ams_web::api::health_router(api_state.clone()))
+        .merge(ams_web::metrics::router(api_state.clone()))
+        .merge(ams_web::badge::router(api_state.clone(), &conf.web_root))
         .merge(ams_web::pages::router(api_state, &conf.web_root));
     let bind = |ip: &str, port: u16, what: &'static str| {
         let addr = format!("{ip}:{port}");
@@ -1224,6 +1229,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l,
             web.merge(hooks),
             tls.clone(),
+            metrics.clone(),
             shutdown.clone(),
         )));
     } else {
@@ -1237,6 +1243,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l,
             hooks,
             tls.clone(),
+            metrics.clone(),
             shutdown.clone(),
         )));
         let l = bind(
@@ -1250,7 +1257,13 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l.local_addr()?,
             conf.web_root
         );
-        web_tasks.push(tokio::spawn(ams_web::serve(l, web, tls, shutdown.clone())));
+        web_tasks.push(tokio::spawn(ams_web::serve(
+            l,
+            web,
+            tls,
+            metrics.clone(),
+            shutdown.clone(),
+        )));
     }
     let host_task = tokio::spawn(host.run());
     let schedule_task = tokio::spawn(ams_host::schedule::run(handle.clone(), shutdown.clone()));

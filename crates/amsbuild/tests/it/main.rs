@@ -17,6 +17,7 @@ mod engine;
 mod faults;
 mod install;
 mod manage;
+mod metrics;
 mod notify;
 mod retention;
 mod schedule;
