@@ -135,7 +135,7 @@ pub fn evict(pd: &ProjectDir, max_bytes: u64) -> Vec<(String, u64)> {
             entries.push((used, e.path(), size));
         }
     }
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut total = 0u64;
     let mut removed = Vec::new();
     for (_, path, size) in entries {
