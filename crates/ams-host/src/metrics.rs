@@ -397,6 +397,15 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
+    /// The project's disk use as last measured, in bytes (`None` before the first walk).
+    pub fn disk_of(&self, project: &str) -> Option<u64> {
+        self.disk_bytes
+            .get(&ProjectLabels {
+                project: project.to_string(),
+            })
+            .map(|g| u64::try_from(g.get()).unwrap_or(0))
+    }
+
     fn forget_disk(&self, project: &str) {
         self.disk_bytes.remove(&ProjectLabels {
             project: project.to_string(),

@@ -808,7 +808,10 @@ async fn prepare(
             stop.token(),
         )
         .await
-        .map_err(Failure::host)?;
+        .map_err(|e| match e {
+            git::UpdateError::Remote(e) => Failure::host(e),
+            git::UpdateError::Refused(e) => Failure::project(e),
+        })?;
         log.line(&format!("git_hash {h}"));
         Some(h)
     } else {

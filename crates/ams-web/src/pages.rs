@@ -239,6 +239,22 @@ fn commit_line(m: Option<&str>) -> String {
     format!("<span title=\"{}\">{}{more}</span>", esc(&tip), esc(&short))
 }
 
+/// Bytes for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 pub(crate) fn status_badge(s: &str) -> String {
     format!(
         "<span class=\"status {0}\">{1}</span>",
@@ -326,7 +342,7 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 .map(|(_, p)| p.clone())
         })
         .or_else(|| projects.first().cloned());
-    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th></th></tr>");
+    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th>Disk</th><th></th></tr>");
     for p in &projects {
         let pe = esc(p);
         let last = match latest.get(p) {
@@ -358,8 +374,15 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
         } else {
             ""
         };
+        let disk = st
+            .host
+            .metrics
+            .disk_of(p)
+            .map(human_bytes)
+            .unwrap_or_else(|| "…".to_string());
         s.push_str(&format!(
-            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td><td>{actions}</td></tr>",
+            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td>\
+             <td class=\"disk\" title=\"the project's folder in the data directory\">{disk}</td><td>{actions}</td></tr>",
             query_value(p)
         ));
     }
