@@ -195,9 +195,18 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
         _ => return,
     };
     commit_status(ctx, &b, kind).await;
+    // A project without webhooks.json has no out-webhooks: nothing to send, nothing to say.
+    if !ctx
+        .data
+        .project(&b.project)
+        .config()
+        .join("webhooks.json")
+        .exists()
+    {
+        return;
+    }
     let hooks = match out_webhooks(&ctx.data, &b.project) {
         Ok(h) => h,
-        Err(e) if e.contains("No such file") => return,
         Err(e) => {
             tracing::error!("project {}: notifications not sent: {e}", b.project);
             return;

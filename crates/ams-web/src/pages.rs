@@ -271,6 +271,8 @@ pub const DASH_BUILDS: i64 = 20;
 pub struct DashQuery {
     pub project: Option<String>,
     pub page: Option<i64>,
+    /// Where a link (a notification's, say) leads once signed in: kept through the login.
+    pub page_redirect: Option<String>,
 }
 
 /// At most this many active or queued tasks are listed on the dashboard.
@@ -459,9 +461,17 @@ async fn dashboard(
     Query(q): Query<DashQuery>,
 ) -> Response {
     let root = st.conf.web_root.clone();
+    let back = q.page_redirect.as_deref().unwrap_or("");
     let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, "");
+        return to_login(&root, back);
     };
+    if let Some(target) = session::safe_redirect(back) {
+        return (
+            StatusCode::SEE_OTHER,
+            [("location", format!("/{root}/{target}"))],
+        )
+            .into_response();
+    }
     // The levels per project, or the highest when there are many (the Account page lists all).
     let level = esc(&if v.grant.projects.len() <= 3 {
         v.grant.describe()
