@@ -1211,7 +1211,26 @@ impl Host {
                 return;
             };
             let allowed = i64::from(settings.retry_on_error) + 1;
-            let line = if attempts < allowed {
+            // With only-build-latest, an older commit never runs after a newer build of its
+            // branch: the retry would supersede (SKIP) that build.
+            let newer = if settings.only_latest {
+                let branch = b.branch.clone().unwrap_or_else(|| "null".into());
+                store
+                    .builds_where(&b.project, &[("branch", branch.as_str())], 1, 0)
+                    .await
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .filter(|n| n.id > id)
+            } else {
+                None
+            };
+            let line = if let Some(n) = &newer {
+                format!(
+                    "retry-on-error: not queued again: build {} of the same branch is newer \
+                     (only-build-latest)",
+                    n.name
+                )
+            } else if attempts < allowed {
                 format!(
                     "retry-on-error: queued again (attempt {} of {allowed})",
                     attempts + 1
@@ -1227,7 +1246,7 @@ impl Host {
                 }
             })
             .await;
-            if attempts < allowed {
+            if attempts < allowed && newer.is_none() {
                 let _ = tx.send(Command::Retry { of: id, settings }).await;
             }
         });
