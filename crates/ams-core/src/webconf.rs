@@ -163,8 +163,16 @@ impl WebConf {
                 ),
             );
         }
-        if let Err(e) = parse_size(&self.container_memory) {
-            return bad("container_memory", &e);
+        match parse_size(&self.container_memory) {
+            Err(e) => return bad("container_memory", &e),
+            // The engine refuses a memory limit under 6 MiB: every build would fail there.
+            Ok(n) if n < 6 << 20 => {
+                return bad(
+                    "container_memory",
+                    "is under 6m, the least the Docker engine takes; give at least \"6m\"",
+                )
+            }
+            Ok(_) => {}
         }
         if !(self.container_cpus > 0.0 && self.container_cpus.is_finite()) {
             return bad("container_cpus", "must be a positive number");
@@ -290,6 +298,9 @@ mod tests {
             "max_active_builds"
         );
         assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());
+        let e = WebConf::parse(r#"{"container_memory": "4m"}"#, "w").unwrap_err();
+        assert!(e.to_string().contains("6m"), "{e}");
+        assert!(WebConf::parse(r#"{"container_memory": "6m"}"#, "w").is_ok());
         for (text, field) in [
             (r#"{"retention_keep_builds": 0}"#, "retention_keep_builds"),
             (
