@@ -1163,7 +1163,11 @@ impl Host {
     async fn complete(&mut self, id: i64, fin: &Finish) {
         self.queue.finish(id);
         let active = self.active.remove(&id);
-        self.live.remove(&id);
+        let name = self
+            .live
+            .remove(&id)
+            .map(|b| b.name)
+            .unwrap_or_else(|| format!("#{id}"));
         self.record_finish(id, fin).await;
         let status = fin.status.unwrap_or(BuildStatus::Fail);
         if let Some(a) = active {
@@ -1175,7 +1179,7 @@ impl Host {
             // next periodic walk).
             let _ = self.disk_dirty.try_send(a.project);
         }
-        tracing::info!("build {id} finished: {status}");
+        tracing::info!("build {name} finished: {status}");
         self.hub.end(id, status.as_str());
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);

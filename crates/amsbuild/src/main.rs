@@ -322,6 +322,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -427,6 +429,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
+                if builds.is_empty() {
+                    eprintln!("project {project} has no builds yet");
+                }
                 for b in builds {
                     print_build(&b);
                 }
@@ -448,6 +453,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                if list.is_empty() {
+                    eprintln!("project {project} has no webhook deliveries yet");
+                }
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
                     outln!(
@@ -494,6 +502,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                if list.is_empty() {
+                    eprintln!("project {project} has sent no notifications yet");
+                }
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
                     let tries: Vec<String> = n["attempts"]
