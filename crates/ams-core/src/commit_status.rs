@@ -56,8 +56,9 @@ impl CommitStatusConfig {
             }
         }
         if let Some(a) = &self.api {
+            // The value is not repeated: a token put here by mistake must not reach the logs.
             if !(a.starts_with("https://") || a.starts_with("http://")) {
-                return Err(("api", format!("`{a}` is not an http(s) URL")));
+                return Err(("api", "is not an http(s) URL".into()));
             }
         }
         if self.username.is_some() && self.forge == Forge::Github {

@@ -456,12 +456,17 @@ pub fn ip_is_internal(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (64..128).contains(&o[1]))
                 || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
         }
         IpAddr::V6(v) => {
             if let Some(v4) = v.to_ipv4_mapped() {
                 return ip_is_internal(IpAddr::V4(v4));
             }
             let s = v.segments();
+            // NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48) reaches IPv4 addresses.
+            if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+                return true;
+            }
             v.is_loopback()
                 || v.is_unspecified()
                 || v.is_multicast()
@@ -589,6 +594,9 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "100.64.0.1",
+            "192.0.0.170",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::7f00:1",
         ] {
             assert!(ip_is_internal(a.parse().unwrap()), "{a}");
         }

@@ -126,6 +126,19 @@ pub struct CacheDef {
     pub path: String,
 }
 
+/// An absolute path with its `//` and trailing `/` folded, or `None` when it is relative or
+/// holds a `.` or `..` component.
+fn normal_path(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+    if parts.iter().any(|s| *s == "." || *s == "..") {
+        return None;
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
 impl CacheDef {
     /// The key's pieces: literal text (with `{variables}`) and the files of `{hash:FILE}`.
     fn pieces(&self) -> Vec<(bool, &str)> {
@@ -165,7 +178,7 @@ impl CacheDef {
     /// name.
     pub fn resolve_key(
         &self,
-        hash_of: impl Fn(&str) -> Result<String, String>,
+        mut hash_of: impl FnMut(&str) -> Result<String, String>,
         values: &std::collections::BTreeMap<&str, String>,
     ) -> Result<String, String> {
         let mut key = String::new();
@@ -719,20 +732,48 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
                 let dest = c
                     .string("path", true, MAX_PATH_BYTES, SHORTEN)?
                     .unwrap_or_default();
-                if !dest.starts_with('/') || dest.trim_end_matches('/').is_empty() {
+                let field = format!("{path}.path");
+                let Some(dest) = normal_path(&dest).filter(|d| d != "/") else {
                     return Err(err(
-                        &format!("{path}.path"),
-                        "must be an absolute folder of the container other than `/`, e.g. \"/root/.cache/pip\"",
+                        &field,
+                        "must be an absolute folder of the container other than `/`, without `.` \
+                         or `..`, e.g. \"/root/.cache/pip\"",
                     ));
+                };
+                let nested = |a: &str, b: &str| {
+                    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+                };
+                for (other, what) in [
+                    ("/.ams-ci", "the host's own folder"),
+                    ("/proc", "a folder of the kernel"),
+                    ("/sys", "a folder of the kernel"),
+                    ("/dev", "the devices folder"),
+                ] {
+                    if nested(&dest, other) {
+                        return Err(err(
+                            &field,
+                            format!("meets {other}, {what}; choose another folder"),
+                        ));
+                    }
                 }
-                if dest.starts_with("/.ams-ci") {
-                    return Err(err(
-                        &format!("{path}.path"),
-                        "is the host's own folder; choose another",
-                    ));
+                for (other, what) in [
+                    (&docker.project_dest, "docker.project-dest"),
+                    (&docker.build_output_dest, "docker.build-output-dest"),
+                ] {
+                    if let Some(o) = normal_path(other).filter(|_| !other.contains('{')) {
+                        if nested(&dest, &o) {
+                            return Err(err(
+                                &field,
+                                format!(
+                                    "is, holds or lies in {what} ({o}); a cache needs a folder of \
+                                     its own"
+                                ),
+                            ));
+                        }
+                    }
                 }
-                if out.iter().any(|o| o.path == dest) {
-                    return Err(err(&format!("{path}.path"), "is used by another cache"));
+                if out.iter().any(|o| nested(&o.path, &dest)) {
+                    return Err(err(&field, "is, holds or lies in another cache's folder"));
                 }
                 c.unknown_keys(&mut warnings);
                 out.push(CacheDef { key, path: dest });
@@ -843,6 +884,15 @@ mod tests {
                 r#"[{"key": "k", "path": "/a"}, {"key": "j", "path": "/a"}]"#,
                 "caches[1].path",
             ),
+            (
+                r#"[{"key": "k", "path": "/a"}, {"key": "j", "path": "/a/b"}]"#,
+                "caches[1].path",
+            ),
+            (r#"[{"key": "k", "path": "//.ams-ci/x"}]"#, "caches[0].path"),
+            (r#"[{"key": "k", "path": "/proc/x"}]"#, "caches[0].path"),
+            (r#"[{"key": "k", "path": "/p/"}]"#, "caches[0].path"),
+            (r#"[{"key": "k", "path": "/o/x"}]"#, "caches[0].path"),
+            (r#"[{"key": "k", "path": "/c/../etc"}]"#, "caches[0].path"),
             (r#"[{"path": "/a"}]"#, "caches[0].key"),
             (r#"[{"key": "{nope}", "path": "/a"}]"#, "caches[0].key"),
             (r#"{"key": "k"}"#, "caches"),

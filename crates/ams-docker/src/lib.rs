@@ -44,6 +44,10 @@ pub enum ExecError {
     Unreachable(String),
     #[error("image `{image}` is not present and could not be pulled: {message}")]
     ImagePull { image: String, message: String },
+    /// The engine refused the container's settings (a 400: a duplicate mount point, an
+    /// invalid option), which come from the project's pipeline.json.
+    #[error("the Docker engine refused the build's container settings: {0}")]
+    Refused(String),
     #[error("docker: {0}")]
     Docker(String),
 }
@@ -55,6 +59,10 @@ fn docker_err(e: BollardError) -> ExecError {
         BollardError::HyperLegacyError { err } => ExecError::Unreachable(err.to_string()),
         BollardError::SocketNotFoundError(s) => ExecError::Unreachable(format!("no socket at {s}")),
         BollardError::RequestTimeoutError => ExecError::Unreachable("request timed out".into()),
+        BollardError::DockerResponseServerError {
+            status_code: 400,
+            message,
+        } => ExecError::Refused(message),
         other => ExecError::Docker(other.to_string()),
     }
 }

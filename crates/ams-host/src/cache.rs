@@ -119,9 +119,36 @@ pub fn save(pd: &ProjectDir, scope: &str, key: &str, dir: &Path) -> io::Result<S
     }
 }
 
-/// Removes the least recently used entries of the project until the rest hold at most
-/// `max_bytes`. Returns the entries removed (scope/key) with their sizes.
-pub fn evict(pd: &ProjectDir, max_bytes: u64) -> Vec<(String, u64)> {
+/// What a tree takes on disk: the blocks of every file, folder and link in it (so empty files
+/// and folders count too), without following links, at most [`crate::copy::MAX_DEPTH`] deep
+/// (a deeper tree counts as too big).
+pub fn disk_size(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((p, depth)) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total = total.saturating_add(m.blocks().saturating_mul(512).max(512));
+        if m.is_dir() {
+            if depth >= crate::copy::MAX_DEPTH {
+                return u64::MAX;
+            }
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    total
+}
+
+/// Removes entries of the project until the rest take at most `max_bytes` on disk: the least
+/// recently used first, and those of the `protect` scope (the default branch's) only when the
+/// others are gone, so that no other branch's caches can push the default branch's out. An
+/// entry larger than the whole limit is removed at once. Returns the entries removed
+/// (scope/key) with their sizes.
+pub fn evict(pd: &ProjectDir, max_bytes: u64, protect: &str) -> Vec<(String, u64)> {
     let mut entries = Vec::new();
     for s in std::fs::read_dir(root(pd)).into_iter().flatten().flatten() {
         for e in std::fs::read_dir(s.path()).into_iter().flatten().flatten() {
@@ -131,16 +158,18 @@ pub fn evict(pd: &ProjectDir, max_bytes: u64) -> Vec<(String, u64)> {
                 continue;
             }
             let used = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let size = ams_archive::apparent_size(&e.path()).unwrap_or(0);
-            entries.push((used, e.path(), size));
+            let size = disk_size(&e.path());
+            let protected = s.file_name().to_string_lossy() == protect;
+            entries.push(((protected, used), e.path(), size));
         }
     }
     entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut total = 0u64;
     let mut removed = Vec::new();
     for (_, path, size) in entries {
-        total = total.saturating_add(size);
-        if total > max_bytes && std::fs::remove_dir_all(&path).is_ok() {
+        if total.saturating_add(size) <= max_bytes {
+            total += size;
+        } else if std::fs::remove_dir_all(&path).is_ok() {
             let rel = path
                 .strip_prefix(root(pd))
                 .unwrap_or(&path)
@@ -195,16 +224,32 @@ mod tests {
             std::fs::read(root(&pd).join(&main).join("k/f")).unwrap(),
             vec![b'x'; 10]
         );
-        // Over the limit, the least recently used go first.
+        // Over the limit, the least recently used go first; the default branch's go last, and
+        // one entry too big for the limit takes nothing else with it.
         entry(&pd, &main, "old", 100);
         let past = SystemTime::now() - std::time::Duration::from_secs(3600);
         std::fs::File::open(root(&pd).join(&main).join("old"))
             .unwrap()
             .set_modified(past)
             .unwrap();
-        let removed = evict(&pd, 20);
-        assert_eq!(removed.len(), 1, "{removed:?}");
-        assert!(removed[0].0.ends_with("old"));
+        entry(&pd, &topic, "huge", 64 << 10);
+        let k = disk_size(&root(&pd).join(&main).join("k"));
+        let old = disk_size(&root(&pd).join(&main).join("old"));
+        let removed = evict(&pd, k + old, &main);
+        let names: Vec<&str> = removed.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(names.len(), 2, "{removed:?}");
+        assert!(names.iter().any(|n| n.ends_with("huge")), "{removed:?}");
+        assert!(
+            names.iter().any(|n| n.ends_with(&format!("{topic}/k"))),
+            "{removed:?}"
+        );
         assert!(root(&pd).join(&main).join("k").is_dir());
+        assert!(root(&pd).join(&main).join("old").is_dir());
+        // Folders and empty files count: a tree of folders is not free.
+        let t2 = tempfile::tempdir().unwrap();
+        for i in 0..100 {
+            std::fs::create_dir(t2.path().join(format!("d{i}"))).unwrap();
+        }
+        assert!(disk_size(t2.path()) >= 100 * 512);
     }
 }

@@ -1251,6 +1251,10 @@ impl Host {
             })
             .await;
             if attempts < allowed && newer.is_none() {
+                // A little longer after each attempt: a failure that is over in a moment
+                // does not become a burst of builds and notifications.
+                let wait = Duration::from_secs(2 * attempts.clamp(1, 30) as u64);
+                tokio::time::sleep(wait).await;
                 let _ = tx.send(Command::Retry { of: id, settings }).await;
             }
         });

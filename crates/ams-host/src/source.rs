@@ -291,6 +291,12 @@ fn without_setid(p: fs::Permissions) -> fs::Permissions {
 pub fn strip_setid(dir: &Path) -> io::Result<u64> {
     use std::os::unix::fs::PermissionsExt;
     let mut n = 0;
+    // The folder itself too (a set-group-id folder passes its group to what is made in it).
+    let top = fs::symlink_metadata(dir)?;
+    if top.is_dir() && top.permissions().mode() & 0o6000 != 0 {
+        fs::set_permissions(dir, without_setid(top.permissions()))?;
+        n += 1;
+    }
     let mut stack = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = stack.pop() {
         if depth > crate::copy::MAX_DEPTH {

@@ -116,6 +116,8 @@ pub struct ExecRequest<'a> {
 struct CacheUse {
     key: String,
     scope: String,
+    /// The default branch's scope, whose entries are evicted last.
+    default_scope: String,
     dir: PathBuf,
     path: String,
 }
@@ -540,9 +542,15 @@ pub async fn execute(
         Some(Err(e)) => {
             let msg = e.to_string();
             log.line(&msg);
+            // Settings the engine refuses are the project's; any other engine failure is not.
+            let status = if matches!(e, ams_docker::ExecError::Refused(_)) {
+                BuildStatus::Fail
+            } else {
+                BuildStatus::Error
+            };
             return ExecOutcome {
                 container_gone: false,
-                status: BuildStatus::Error,
+                status,
                 reason: Some(msg),
                 stages,
             };
@@ -917,9 +925,15 @@ async fn prepare(
     })
 }
 
+/// Most bytes of checkout files one build's cache keys may hash (`{hash:FILE}`).
+const CACHE_HASH_BUDGET: u64 = 256 << 20;
+
 /// The build's caches: each key resolved, its folder filled from the newest entry of the
-/// build's branch or, failing that, of the default branch. A cache that cannot be prepared
-/// starts empty (the build runs without it) and says why.
+/// build's scope or, failing that, of the default branch's. A build of its branch's head
+/// (or of a commit a forge pushed to that branch) uses its branch's scope; a build of a commit
+/// named by hand is not known to be on any branch, so it saves into a scope of its own. A
+/// cache that cannot be prepared starts empty (the build runs without it) and says why. The
+/// file reads, hashes and copies run on a blocking thread.
 async fn restore_caches(
     ctx: &WorkerContext,
     b: &BuildRecord,
@@ -928,74 +942,106 @@ async fn restore_caches(
     values: &BTreeMap<&'static str, String>,
     log: &mut BuildLog,
 ) -> Vec<CacheUse> {
+    if pipeline.caches.is_empty() {
+        return Vec::new();
+    }
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
     let default = private.branch.clone().unwrap_or_default();
-    let own = b.branch.clone().unwrap_or_else(|| default.clone());
+    let own = if b.commit.is_some() && b.trigger != ams_core::names::Trigger::Webhook.as_str() {
+        COMMIT_SCOPE.to_string()
+    } else {
+        b.branch.clone().unwrap_or_else(|| default.clone())
+    };
     let mut scopes = vec![crate::cache::scope(&own)];
     if own != default {
         scopes.push(crate::cache::scope(&default));
     }
-    let mut out = Vec::new();
-    for (i, c) in pipeline.caches.iter().enumerate() {
+    let (caches, values) = (pipeline.caches.clone(), values.clone());
+    let default_label = default.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let mut out = Vec::new();
+        let mut hashed: HashMap<String, String> = HashMap::new();
+        let mut budget = CACHE_HASH_BUDGET;
         let src = bd.source();
-        let key = c.resolve_key(
-            |file| match crate::source::read_checkout_file(&src, file, 64 << 20) {
-                Ok(bytes) => Ok(crate::cache::file_hash(&bytes)),
-                Err(crate::source::CheckoutReadError::Missing { .. }) => Ok("none".into()),
-                Err(e) => Err(e.to_string()),
-            },
-            values,
-        );
-        let path = match expand(&format!("caches[{i}].path"), &c.path, values) {
-            Ok(p) => p,
-            Err(e) => {
-                log.line(&format!("cache {}: not used: {e}", c.path));
-                continue;
-            }
-        };
-        let key = match key {
-            Ok(k) => k,
-            Err(e) => {
-                log.line(&format!("cache {path}: not used: key: {e}"));
-                continue;
-            }
-        };
-        let (pd2, scopes2, key2, dir) = (
-            pd.clone(),
-            scopes.clone(),
-            key.clone(),
-            crate::cache::build_folder(&bd, i),
-        );
-        let dir2 = dir.clone();
-        let restored = tokio::task::spawn_blocking(move || {
-            crate::cache::restore(&pd2, &scopes2, &key2, &dir2)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        match restored {
-            Ok(from) => {
-                log.line(&format!(
-                    "cache {key} at {path}: {}",
-                    match from {
-                        Some(s) if s == scopes[0] => "restored".to_string(),
-                        Some(_) => format!("restored from the default branch ({default})"),
-                        None => "none yet; it starts empty".to_string(),
+        for (i, c) in caches.iter().enumerate() {
+            let path = match vars::expand(&c.path, &values) {
+                Ok(p) => p,
+                Err(v) => {
+                    lines.push(format!(
+                        "cache {}: not used: variable `{{{v}}}` has no value",
+                        c.path
+                    ));
+                    continue;
+                }
+            };
+            let key = c.resolve_key(
+                |file| {
+                    if let Some(h) = hashed.get(file) {
+                        return Ok(h.clone());
                     }
-                ));
-                out.push(CacheUse {
-                    key,
-                    scope: scopes[0].clone(),
-                    dir,
-                    path,
-                });
+                    let h = match crate::source::read_checkout_file(&src, file, budget) {
+                        Ok(bytes) => {
+                            budget -= bytes.len() as u64;
+                            crate::cache::file_hash(&bytes)
+                        }
+                        Err(crate::source::CheckoutReadError::Missing { .. }) => "none".into(),
+                        Err(crate::source::CheckoutReadError::TooLarge { .. }) => {
+                            return Err(format!(
+                                "the files of {{hash:…}} hold more than {} MiB in all",
+                                CACHE_HASH_BUDGET >> 20
+                            ))
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    hashed.insert(file.to_string(), h.clone());
+                    Ok(h)
+                },
+                &values,
+            );
+            let key = match key {
+                Ok(k) => k,
+                Err(e) => {
+                    lines.push(format!("cache {path}: not used: key: {e}"));
+                    continue;
+                }
+            };
+            let dir = crate::cache::build_folder(&bd, i);
+            match crate::cache::restore(&pd, &scopes, &key, &dir) {
+                Ok(from) => {
+                    lines.push(format!(
+                        "cache {key} at {path}: {}",
+                        match from {
+                            Some(s) if s == scopes[0] => "restored".to_string(),
+                            Some(_) =>
+                                format!("restored from the default branch ({default_label})"),
+                            None => "none yet; it starts empty".to_string(),
+                        }
+                    ));
+                    out.push(CacheUse {
+                        key,
+                        scope: scopes[0].clone(),
+                        default_scope: crate::cache::scope(&default_label),
+                        dir,
+                        path,
+                    });
+                }
+                Err(e) => lines.push(format!("cache {key}: not used: {e}")),
             }
-            Err(e) => log.line(&format!("cache {key}: not used: {e}")),
         }
+        (out, lines)
+    })
+    .await;
+    let (out, lines) = done.unwrap_or_default();
+    for l in lines {
+        log.line(&l);
     }
     out
 }
+
+/// The scope of builds of a commit named by hand (not known to be on a branch).
+const COMMIT_SCOPE: &str = "@commits";
 
 /// After the build: a passing build's caches become entries of its branch (unless they are
 /// there already); every cache folder leaves the build's folder.
@@ -1011,6 +1057,7 @@ async fn save_caches(
     }
     let pd = ctx.data.project(&b.project);
     let max = ctx.conf.cache_max_bytes;
+    let protect = caches[0].default_scope.clone();
     let lines = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
         for c in &caches {
@@ -1028,7 +1075,7 @@ async fn save_caches(
         if !passed {
             lines.push("caches not saved: the build did not pass".to_string());
         }
-        for (entry, size) in crate::cache::evict(&pd, max) {
+        for (entry, size) in crate::cache::evict(&pd, max, &protect) {
             lines.push(format!(
                 "cache entry {entry} removed ({size} bytes): the project's caches are over \
                  cache_max_bytes in web_conf.json"
@@ -1172,9 +1219,6 @@ pub async fn run_build(
         }
     };
     let container_left = !outcome.container_gone;
-    // A container the engine may still run could write on: keep nothing of it then.
-    let passed = outcome.status == BuildStatus::Pass && outcome.container_gone;
-    save_caches(ctx, b, caches, passed, &mut log).await;
     fin.status = Some(outcome.status);
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
@@ -1237,6 +1281,10 @@ pub async fn run_build(
         }
         log.mark_failure();
     }
+    // Saved once the status is final (packing and the log can still fail the build); a
+    // container the engine may still run could write on: keep nothing of it then.
+    let passed = fin.status == Some(BuildStatus::Pass) && outcome.container_gone;
+    save_caches(ctx, b, caches, passed, &mut log).await;
     fin.finished_at = timefmt::now();
     log.line(&format!(
         "build {} finished: {}{} in {:.2} s",

@@ -318,8 +318,12 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
         }
         Some(repo) => {
             let values = variables(&ctx.conf, b);
+            // An ERROR's reason is about the host (paths, the engine): the forge gets none of it.
             let description = match status {
                 None => format!("build {} running", b.name),
+                Some(ams_core::status::BuildStatus::Error) => {
+                    "ERROR: a failure outside the project; see the build's log".to_string()
+                }
                 Some(s) => match &b.reason {
                     Some(r) => format!("{s}: {r}"),
                     None => format!("{s}"),

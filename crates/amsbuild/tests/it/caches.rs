@@ -101,6 +101,21 @@ fn caches_restore_by_key_save_on_pass_and_cannot_be_poisoned_from_a_branch() {
         log.contains("state=empty"),
         "the branch's entry is not the default's: {log}"
     );
+
+    // Nor can a build of a commit named by hand (not known to be on the default branch).
+    std::fs::write(h.source("c").join("deps.txt"), "a==4").unwrap();
+    let (_, log) = run(
+        &h,
+        "poison",
+        "ok",
+        json!({"commit": "0123456789abcdef0123456789abcdef01234567"}),
+    );
+    assert!(log.contains(": saved"), "{log}");
+    let (_, log) = run(&h, "trusted", "ok", json!({}));
+    assert!(
+        log.contains("state=empty"),
+        "a named commit's entry is not the default's: {log}"
+    );
     assert!(h.containers().is_empty());
 }
 
