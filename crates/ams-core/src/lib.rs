@@ -5,6 +5,7 @@
 pub mod access;
 pub mod docker_args;
 pub mod error;
+pub mod mask;
 pub mod names;
 pub mod notify;
 pub mod pipeline;
@@ -12,6 +13,7 @@ pub mod private_config;
 pub mod protocol;
 pub mod queue;
 pub mod schedule;
+pub mod secrets;
 pub mod status;
 pub mod vars;
 pub mod webconf;

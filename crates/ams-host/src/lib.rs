@@ -10,6 +10,7 @@ pub mod log;
 pub mod paths;
 pub mod project;
 pub mod schedule;
+pub mod secrets;
 pub mod settings;
 pub mod source;
 pub mod timefmt;
