@@ -240,6 +240,11 @@ impl MaskStream {
         }
     }
 
+    /// The masker this stream uses.
+    pub fn masker(&self) -> &Arc<Masker> {
+        &self.m
+    }
+
     /// Bytes held back, waiting to be known not to be part of a form.
     pub fn held(&self) -> usize {
         self.held.len()

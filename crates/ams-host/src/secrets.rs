@@ -266,6 +266,15 @@ fn open(key: &Key, s: &SealedSecret, data: &DataDir) -> Result<String, String> {
     String::from_utf8(plain).map_err(|_| format!("{what} is damaged in the database; set it again"))
 }
 
+/// The error for a secret pipeline.json asks for that the project does not have.
+pub fn unknown(project: &str, name: &str) -> String {
+    format!(
+        "pipeline.json: field `secrets`: project {project} has no secret named {name}; set it \
+         with `amsbuild secret set {project} {name}` (the value on standard input) or on the \
+         project's admin page, or remove it from `secrets`"
+    )
+}
+
 /// The values of the secrets `names` of a project, in that order, for a build. A name the
 /// project does not have is an error that names it and says how to set it.
 pub async fn open_for_build(
@@ -285,13 +294,7 @@ pub async fn open_for_build(
     for n in names {
         match stored.iter().find(|s| &s.name == n) {
             Some(s) => wanted.push(s),
-            None => {
-                return Err(format!(
-                    "pipeline.json: field `secrets`: project {project} has no secret named {n}; \
-                     set it with `amsbuild secret set {project} {n}` (the value on standard \
-                     input) or on the project's admin page, or remove it from `secrets`"
-                ))
-            }
+            None => return Err(unknown(project, n)),
         }
     }
     let key = key_to_open(data, store).await.map_err(|e| e.to_string())?;
