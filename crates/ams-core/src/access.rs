@@ -429,7 +429,11 @@ mod tests {
             assert_eq!(u.may(SeeDeliveries, "mine"), manage, "{level:?} deliveries");
             assert_eq!(u.may(ManageSecrets, "mine"), manage, "{level:?} secrets");
             let other = level == Level::ServerAdmin;
-            assert_eq!(u.may(ManageSecrets, "other"), other, "{level:?} other's secrets");
+            assert_eq!(
+                u.may(ManageSecrets, "other"),
+                other,
+                "{level:?} other's secrets"
+            );
             let other = level == Level::ServerAdmin;
             assert_eq!(u.may(View, "other"), other, "{level:?} other project");
         }

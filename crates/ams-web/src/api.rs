@@ -792,9 +792,8 @@ async fn secret_put(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     secret_keeper(&st, &c, &name)?;
-    let v: Value = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::Bad("send the value as JSON: {\"value\": \"…\"}".into())
-    })?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::Bad("send the value as JSON: {\"value\": \"…\"}".into()))?;
     let value = v
         .get("value")
         .and_then(Value::as_str)
@@ -825,7 +824,10 @@ async fn secret_delete(
 ) -> Result<Json<Value>, ApiError> {
     secret_keeper(&st, &c, &name)?;
     ams_host::secrets::remove(&st.host.data, &st.host.store, &name, &secret).await?;
-    tracing::info!("secret {secret} of project {name} removed by {}", c.user.name);
+    tracing::info!(
+        "secret {secret} of project {name} removed by {}",
+        c.user.name
+    );
     Ok(Json(json!({"removed": secret})))
 }
 

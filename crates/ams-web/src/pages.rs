@@ -1147,7 +1147,10 @@ async fn secret_remove_form(
     };
     match ams_host::secrets::remove(&st.host.data, &st.host.store, &project, &name).await {
         Ok(()) => {
-            tracing::info!("secret {name} of project {project} removed by {}", v.user.name);
+            tracing::info!(
+                "secret {name} of project {project} removed by {}",
+                v.user.name
+            );
             let text = format!("Removed secret {name} of {project}");
             note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
             back(format!("/{root}/admin/{project}"))
@@ -1183,7 +1186,8 @@ async fn admin_page(
     }
     let pe = esc(&project);
     let csrf = esc(&v.csrf);
-    let mut body = format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: administration</h1>");
+    let mut body =
+        format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: administration</h1>");
     if v.grant.may(Action::ManageSecrets, &project) {
         body.push_str(&secrets_html(&st, &root, &project, &csrf).await);
     }

@@ -14,6 +14,7 @@ mod faults;
 mod manage;
 mod notify;
 mod schedule;
+mod secrets;
 mod tidy;
 mod tls;
 mod trust;
