@@ -1191,7 +1191,7 @@ async fn admin_page(
     if v.grant.may(Action::ManageSecrets, &project) {
         body.push_str(&secrets_html(&st, &root, &project, &csrf).await);
     }
-    body.push_str(&format!("<h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>"));
+    body.push_str("<h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>");
     for d in st
         .host
         .store
