@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
-# Makes this machine ready to build and test AMS-Build: installs what is missing (Docker engine,
-# static busybox for the local test image, p7zip to check archives independently, git,
-# e2fsprogs for the fault tests' small file systems, Chromium
-# and its WebDriver for the browser test), starts
-# a Docker engine when none answers, and builds the local test image. Idempotent; run as root
-# (or with sudo available).
+# Makes this machine ready to run AMS-Build, and by default to build and test it: installs the
+# Debian packages that are missing, starts a Docker engine when none answers, and builds the
+# local image ams-busybox:latest. Idempotent; run as root (or with sudo available).
+#
+#   scripts/setup.sh          everything the tests need (what scripts/test.sh and CI run)
+#   scripts/setup.sh demo     only what scripts/demo.sh needs: the Docker engine, busybox-static
+#                             for the local image, and git
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE="${1:-test}"
+case "$MODE" in test | demo) ;; *) echo "usage: scripts/setup.sh [test|demo]" >&2; exit 2 ;; esac
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 need=()
+# What running the host needs: the engine, the local image's busybox, git for projects.
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 command -v git >/dev/null 2>&1 || need+=(git)
-# mkfs.ext4 and chattr, for the fault tests' small file systems.
-command -v mkfs.ext4 >/dev/null 2>&1 && command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
-command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)
+if [ "$MODE" = test ]; then
+  # p7zip checks archives independently.
+  command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
+  # sqlite3, for the backup test to read a copy on its own.
+  command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+  # mkfs.ext4 and chattr, for the fault tests' small file systems.
+  command -v mkfs.ext4 >/dev/null 2>&1 && command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
+  # Chromium and its WebDriver, for the browser test.
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium chromium-driver)
+  # The install tests: curl runs README's API examples, systemd-analyze checks the unit,
+  # strip makes the offline server image, tini (with docker.io) is its init.
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  command -v strip >/dev/null 2>&1 || need+=(binutils)
+  [ -x /usr/bin/tini-static ] || need+=(tini)
+fi
 if [ ${#need[@]} -gt 0 ]; then
-  echo "setup: installing ${need[*]}"
+  echo "setup: installing ${need[*]} (a minute or two)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -1,8 +1,11 @@
 //! IO-free domain model of AMS-Build: pipeline.json and the private configs, web_conf.json,
-//! `{variables}`, build statuses, docker argument policy, the in-container stage protocol and the
+//! `{variables}`, retention, build statuses, docker argument policy, the in-container stage protocol and the
 //! queue's decisions. Nothing here touches files, sockets, clocks or processes.
 
 pub mod access;
+pub mod commit_status;
+#[cfg(test)]
+mod doc_examples;
 pub mod docker_args;
 pub mod error;
 pub mod mask;
@@ -12,6 +15,7 @@ pub mod pipeline;
 pub mod private_config;
 pub mod protocol;
 pub mod queue;
+pub mod retention;
 pub mod schedule;
 pub mod secrets;
 pub mod status;

@@ -113,6 +113,90 @@ impl Default for Cleanup {
     }
 }
 
+/// Most entries of `caches`.
+pub const MAX_CACHES: usize = 8;
+
+/// One entry of `caches`: a folder kept between builds of a project.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheDef {
+    /// The entry's name: text, `{variables}` and `{hash:FILE}` (a hash of a file of the
+    /// checkout), so that the cache follows what it was made from.
+    pub key: String,
+    /// Where the folder is mounted in the container (absolute).
+    pub path: String,
+}
+
+impl CacheDef {
+    /// The key's pieces: literal text (with `{variables}`) and the files of `{hash:FILE}`.
+    fn pieces(&self) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut rest = self.key.as_str();
+        while let Some(at) = rest.find("{hash:") {
+            let after = &rest[at + 6..];
+            let Some(end) = after.find('}') else { break };
+            out.push((false, &rest[..at]));
+            out.push((true, &after[..end]));
+            rest = &after[end + 1..];
+        }
+        out.push((false, rest));
+        out
+    }
+
+    /// The key with its `{hash:FILE}` references left out (for checking its variables).
+    pub fn key_without_hashes(&self) -> String {
+        self.pieces()
+            .into_iter()
+            .filter(|(h, _)| !h)
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// The files whose hashes the key holds.
+    pub fn hashed_files(&self) -> Vec<&str> {
+        self.pieces()
+            .into_iter()
+            .filter(|(h, _)| *h)
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// The key of a build: `{hash:FILE}` from `hash_of`, variables from `values`; characters
+    /// other than letters, digits, `.`, `_` and `-` become `_`, so a key is always one folder
+    /// name.
+    pub fn resolve_key(
+        &self,
+        hash_of: impl Fn(&str) -> Result<String, String>,
+        values: &std::collections::BTreeMap<&str, String>,
+    ) -> Result<String, String> {
+        let mut key = String::new();
+        for (is_hash, text) in self.pieces() {
+            if is_hash {
+                key.push_str(&hash_of(text)?);
+            } else {
+                key.push_str(
+                    &vars::expand(text, values)
+                        .map_err(|v| format!("variable `{{{v}}}` has no value"))?,
+                );
+            }
+        }
+        let mut key: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(128)
+            .collect();
+        if key.starts_with('.') || key.is_empty() {
+            key.insert(0, '_');
+        }
+        Ok(key)
+    }
+}
+
 /// A validated pipeline.json. Strings still hold their `{variables}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
@@ -131,6 +215,8 @@ pub struct Pipeline {
     /// Names of the project's secrets the stages receive as environment variables (when the
     /// build is of a branch that pipeline-config.json's `secret-branches` allows).
     pub secrets: Vec<String>,
+    /// Folders kept between builds.
+    pub caches: Vec<CacheDef>,
     /// Keys that were present but are not used.
     pub warnings: Vec<String>,
 }
@@ -670,6 +756,58 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     };
     let dummy_build = top.boolean("dummy-build", false)?;
     let fail_fast = top.boolean("fail-fast", false)?;
+    let caches = match top.get("caches") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_CACHES {
+                return Err(err(
+                    "caches",
+                    format!(
+                        "has {} entries, over the limit of {MAX_CACHES}",
+                        items.len()
+                    ),
+                ));
+            }
+            let mut out: Vec<CacheDef> = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("caches[{i}]");
+                let mut c = Obj::new(&path, item)?;
+                let key = c
+                    .string("key", true, MAX_NAME_BYTES, SHORTEN)?
+                    .unwrap_or_default();
+                let dest = c
+                    .string("path", true, MAX_PATH_BYTES, SHORTEN)?
+                    .unwrap_or_default();
+                if !dest.starts_with('/') || dest.trim_end_matches('/').is_empty() {
+                    return Err(err(
+                        &format!("{path}.path"),
+                        "must be an absolute folder of the container other than `/`, e.g. \"/root/.cache/pip\"",
+                    ));
+                }
+                if dest.starts_with("/.ams-ci") {
+                    return Err(err(
+                        &format!("{path}.path"),
+                        "is the host's own folder; choose another",
+                    ));
+                }
+                if out.iter().any(|o| o.path == dest) {
+                    return Err(err(&format!("{path}.path"), "is used by another cache"));
+                }
+                c.unknown_keys(&mut warnings);
+                out.push(CacheDef { key, path: dest });
+            }
+            out
+        }
+        Some(other) => {
+            return Err(err(
+                "caches",
+                format!(
+                    "expected a list of {{\"key\": …, \"path\": …}}, found {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
     let timeout_secs = top.uint("timeout", 7 * 24 * 3600)?;
     if timeout_secs == Some(0) {
         return Err(err("timeout", "must be at least 1 second"));
@@ -688,6 +826,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         fail_fast,
         timeout_secs,
         secrets,
+        caches,
         warnings: warnings.finish(),
     };
     p.check_variables()?;
@@ -714,6 +853,14 @@ impl Pipeline {
         for (name, v) in &self.environment {
             check_vars(&format!("environment.{name}"), v, k)?;
         }
+        for (i, c) in self.caches.iter().enumerate() {
+            check_vars(
+                &format!("caches[{i}].key"),
+                c.key_without_hashes().as_str(),
+                k,
+            )?;
+            check_vars(&format!("caches[{i}].path"), &c.path, k)?;
+        }
         for (i, s) in self.stages.iter().enumerate() {
             check_vars(&format!("pipeline[{i}].name"), &s.name, k)?;
             for (j, c) in s.commands.iter().enumerate() {
@@ -727,6 +874,48 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_parse_and_keys_resolve() {
+        let p = parse(
+            r#"{"docker": {"image": "i", "project-dest": "/p", "build-output-dest": "/o"},
+                "pipeline": [{"name": "s", "commands": ["true"]}],
+                "caches": [{"key": "pip-{hash:requirements.txt}-{project}", "path": "/root/.cache/pip"}]}"#,
+        )
+        .unwrap();
+        let c = &p.caches[0];
+        assert_eq!(c.hashed_files(), vec!["requirements.txt"]);
+        let mut values = std::collections::BTreeMap::new();
+        values.insert("project", "a b".to_string());
+        let key = c.resolve_key(|f| Ok(format!("H({f})")), &values).unwrap();
+        assert_eq!(key, "pip-H_requirements.txt_-a_b");
+        let dots = CacheDef {
+            key: "..".into(),
+            path: "/c".into(),
+        };
+        assert_eq!(
+            dots.resolve_key(|_| Ok(String::new()), &values).unwrap(),
+            "_.."
+        );
+        for (caches, field) in [
+            (r#"[{"key": "k", "path": "relative"}]"#, "caches[0].path"),
+            (r#"[{"key": "k", "path": "/"}]"#, "caches[0].path"),
+            (
+                r#"[{"key": "k", "path": "/a"}, {"key": "j", "path": "/a"}]"#,
+                "caches[1].path",
+            ),
+            (r#"[{"path": "/a"}]"#, "caches[0].key"),
+            (r#"[{"key": "{nope}", "path": "/a"}]"#, "caches[0].key"),
+            (r#"{"key": "k"}"#, "caches"),
+        ] {
+            let text = format!(
+                r#"{{"docker": {{"image": "i", "project-dest": "/p", "build-output-dest": "/o"}},
+                    "pipeline": [{{"name": "s", "commands": ["true"]}}], "caches": {caches}}}"#
+            );
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.field, field, "{caches}: {e}");
+        }
+    }
 
     const GOOD: &str = r#"{
       "build-name-format": "{project}_{build_hash}_build_{build_index}",
@@ -1385,6 +1574,7 @@ mod tests {
                         fail_fast,
                         timeout_secs: timeout,
                         secrets: secrets.into_iter().collect(),
+                        caches: Vec::new(),
                         warnings: Vec::new(),
                     },
                 )

@@ -3,6 +3,7 @@
 
 use crate::docker_args::trust_key;
 use crate::error::ConfigError;
+use crate::retention::RetentionConf;
 use serde::Deserialize;
 
 /// How a build gets its own copy of `master/project_source`. Whatever the mode, nothing a
@@ -45,6 +46,14 @@ pub struct PrivateConfig {
     /// Branches whose builds receive the secrets pipeline.json asks for (`*` for any
     /// characters). Empty: no build receives any.
     pub secret_branches: Vec<String>,
+    /// Report each build's state on its commit at the forge.
+    pub commit_status: Option<crate::commit_status::CommitStatusConfig>,
+    /// Which finished builds keep their files (over web_conf.json's defaults).
+    pub retention: RetentionConf,
+    /// Anyone, without logging in, may fetch the status badge of the project's latest final
+    /// build (`/{web_root}/badge/{project}.svg`). Off, the badge answers 404 like an unknown
+    /// project. Nothing else of the project becomes public.
+    pub public_badge: bool,
 }
 
 impl PrivateConfig {
@@ -53,8 +62,18 @@ impl PrivateConfig {
     pub const MAX_RETRIES: u32 = 10;
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: PrivateConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError::json(Self::FILE, &e))?;
+        let cfg: PrivateConfig = serde_json::from_str(text).map_err(|e| {
+            let mut ce = ConfigError::json(Self::FILE, &e);
+            // A key's own check says `field `PATH`: …` (see `retention`): name the field.
+            if let Some((field, message)) = ce
+                .message
+                .strip_prefix("field `")
+                .and_then(|r| r.split_once("`: "))
+            {
+                (ce.field, ce.message) = (field.to_string(), message.to_string());
+            }
+            ce
+        })?;
         if cfg.retry_on_error > Self::MAX_RETRIES {
             return Err(ConfigError::field(
                 Self::FILE,
@@ -65,6 +84,11 @@ impl PrivateConfig {
                     Self::MAX_RETRIES
                 ),
             ));
+        }
+        if let Some(c) = &cfg.commit_status {
+            c.check().map_err(|(field, msg)| {
+                ConfigError::field(Self::FILE, format!("commit-status.{field}"), msg)
+            })?;
         }
         if cfg.schedules.len() > crate::schedule::MAX_SCHEDULES {
             return Err(ConfigError::field(
@@ -138,10 +162,10 @@ mod tests {
     fn parses_and_refuses_unknown_keys() {
         let c = PrivateConfig::parse(
             r#"{"trust-host-commands": true, "allow-docker-args": ["--network host"],
-                "only-build-latest": true, "source-copy": "copy"}"#,
+                "only-build-latest": true, "source-copy": "copy", "public-badge": true}"#,
         )
         .unwrap();
-        assert!(c.trust_host_commands && c.only_build_latest);
+        assert!(c.trust_host_commands && c.only_build_latest && c.public_badge);
         assert_eq!(c.retry_on_error, 0);
         assert_eq!(
             PrivateConfig::parse(r#"{"retry-on-error": 2}"#)
@@ -179,9 +203,35 @@ mod tests {
             .to_string();
         assert!(e.contains("secret-branches[1]"), "{e}");
         assert!(PrivateConfig::parse(r#"{"secret-branches": "main"}"#).is_err());
+        let c = PrivateConfig::parse(r#"{"retention": {"keep-builds": 5, "max-age-days": null}}"#)
+            .unwrap();
+        assert_eq!(c.retention.keep_builds, crate::retention::Setting::Value(5));
+        assert_eq!(c.retention.max_age_days, crate::retention::Setting::Off);
         assert_eq!(
             PrivateConfig::parse("{}").unwrap(),
             PrivateConfig::default()
         );
+        assert!(!PrivateConfig::default().public_badge);
+        assert!(PrivateConfig::parse(r#"{"public_badge": true}"#).is_err());
+    }
+
+    #[test]
+    fn a_bad_retention_names_the_file_the_field_and_the_fix() {
+        let e = PrivateConfig::parse("{\n  \"retention\": {\"keep-builds\": 0}\n}").unwrap_err();
+        assert_eq!(e.field, "retention.keep-builds");
+        let s = e.to_string();
+        assert!(s.starts_with("pipeline-config.json: line 2 column"), "{s}");
+        assert!(
+            s.contains("field `retention.keep-builds`: must be a whole number"),
+            "{s}"
+        );
+        let e = PrivateConfig::parse(r#"{"retention": {"max-age-days": -1}}"#).unwrap_err();
+        assert_eq!(e.field, "retention.max-age-days");
+        assert!(
+            e.message.contains("or null to keep builds of any age"),
+            "{e}"
+        );
+        let e = PrivateConfig::parse(r#"{"retention": {"days": 3}}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `days`"), "{e}");
     }
 }

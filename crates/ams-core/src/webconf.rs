@@ -2,6 +2,7 @@
 
 use crate::docker_args::parse_size;
 use crate::error::ConfigError;
+use crate::retention;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -32,6 +33,9 @@ pub struct WebConf {
     /// A build output larger than this (apparent size: sparse files count in full) is not
     /// archived; the build says why and keeps the folder.
     pub archive_max_bytes: u64,
+    /// The most bytes a project's caches (pipeline.json `caches`) may hold; the least recently
+    /// used entries are removed past it.
+    pub cache_max_bytes: u64,
     /// A build that needs the engine while it is not answering waits this long for it, then
     /// fails with the reason.
     pub engine_wait_secs: u64,
@@ -50,6 +54,15 @@ pub struct WebConf {
     pub session_idle_secs: u64,
     /// …and after this long in any case.
     pub session_max_secs: u64,
+    /// Retention default: keep the files of each project's newest this many final builds
+    /// (a project's pipeline-config.json `retention.keep-builds` overrides it). Off when null.
+    pub retention_keep_builds: Option<u64>,
+    /// Retention default: remove the files of final builds that finished more than this many
+    /// days ago (`retention.max-age-days` overrides it). Off when null.
+    pub retention_max_age_days: Option<f64>,
+    /// When set, `GET /metrics` answers only requests with `Authorization: Bearer <token>`;
+    /// unset, it needs no authentication.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for WebConf {
@@ -67,6 +80,7 @@ impl Default for WebConf {
             build_timeout_secs: 3600,
             log_max_bytes: 64 << 20,
             archive_max_bytes: 8 << 30,
+            cache_max_bytes: 5 << 30,
             engine_wait_secs: 300,
             container_memory: "2g".into(),
             container_cpus: 2.0,
@@ -76,6 +90,9 @@ impl Default for WebConf {
             notify_timeout_secs: 10,
             session_idle_secs: 8 * 3600,
             session_max_secs: 7 * 24 * 3600,
+            retention_keep_builds: None,
+            retention_max_age_days: None,
+            metrics_token: None,
         }
     }
 }
@@ -103,6 +120,9 @@ fn web_root_problem(root: &str) -> Option<&'static str> {
         None
     }
 }
+
+/// The shortest `metrics_token` taken.
+pub const METRICS_TOKEN_MIN: usize = 16;
 
 impl WebConf {
     pub const FILE: &'static str = "web_conf.json";
@@ -143,8 +163,16 @@ impl WebConf {
                 ),
             );
         }
-        if let Err(e) = parse_size(&self.container_memory) {
-            return bad("container_memory", &e);
+        match parse_size(&self.container_memory) {
+            Err(e) => return bad("container_memory", &e),
+            // The engine refuses a memory limit under 6 MiB: every build would fail there.
+            Ok(n) if n < 6 << 20 => {
+                return bad(
+                    "container_memory",
+                    "is under 6m, the least the Docker engine takes; give at least \"6m\"",
+                )
+            }
+            Ok(_) => {}
         }
         if !(self.container_cpus > 0.0 && self.container_cpus.is_finite()) {
             return bad("container_cpus", "must be a positive number");
@@ -172,7 +200,39 @@ impl WebConf {
         if self.container_pids_limit <= 0 {
             return bad("container_pids_limit", "must be a positive number");
         }
+        if self
+            .retention_keep_builds
+            .is_some_and(|n| !retention::keep_builds_ok(n))
+        {
+            return bad("retention_keep_builds", retention::KEEP_BUILDS_RULE);
+        }
+        if self
+            .retention_max_age_days
+            .is_some_and(|d| !retention::max_age_ok(d))
+        {
+            return bad("retention_max_age_days", retention::MAX_AGE_RULE);
+        }
+        if let Some(t) = &self.metrics_token {
+            if t.len() < METRICS_TOKEN_MIN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "metrics_token",
+                    &format!(
+                        "must be at least {METRICS_TOKEN_MIN} printable ASCII characters \
+                         without spaces (it is sent as `Authorization: Bearer <token>`), or \
+                         null for a /metrics without authentication"
+                    ),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The retention every project has unless its pipeline-config.json says otherwise.
+    pub fn retention(&self) -> retention::Policy {
+        retention::Policy {
+            keep_builds: self.retention_keep_builds.map(|n| n as u32),
+            max_age_days: self.retention_max_age_days,
+        }
     }
 
     /// Whether builds may use `image` (see `allowed_registries`).
@@ -238,6 +298,53 @@ mod tests {
             "max_active_builds"
         );
         assert!(WebConf::parse(r#"{"container_memory": "x"}"#, "w").is_err());
+        let e = WebConf::parse(r#"{"container_memory": "4m"}"#, "w").unwrap_err();
+        assert!(e.to_string().contains("6m"), "{e}");
+        assert!(WebConf::parse(r#"{"container_memory": "6m"}"#, "w").is_ok());
+        for (text, field) in [
+            (r#"{"retention_keep_builds": 0}"#, "retention_keep_builds"),
+            (
+                r#"{"retention_keep_builds": 5000000000}"#,
+                "retention_keep_builds",
+            ),
+            (r#"{"retention_max_age_days": 0}"#, "retention_max_age_days"),
+            (
+                r#"{"retention_max_age_days": -2.5}"#,
+                "retention_max_age_days",
+            ),
+        ] {
+            let e = WebConf::parse(text, "/d/web_conf.json").unwrap_err();
+            assert_eq!(e.field, field, "{text}");
+            assert!(e.to_string().contains("or null to keep"), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_read_when_set() {
+        let d = WebConf::default();
+        assert!(d.retention().keeps_all());
+        assert!(d
+            .to_pretty_json()
+            .contains("\"retention_keep_builds\": null"));
+        let c = WebConf::parse(
+            r#"{"retention_keep_builds": 20, "retention_max_age_days": 30}"#,
+            "w",
+        )
+        .unwrap();
+        assert_eq!(c.retention().keep_builds, Some(20));
+        assert_eq!(c.retention().max_age_days, Some(30.0));
+    }
+
+    #[test]
+    fn a_metrics_token_is_long_printable_and_optional() {
+        assert_eq!(WebConf::parse("{}", "w").unwrap().metrics_token, None);
+        let ok = WebConf::parse(r#"{"metrics_token": "0123456789abcdef"}"#, "w").unwrap();
+        assert_eq!(ok.metrics_token.as_deref(), Some("0123456789abcdef"));
+        for bad in ["", "short", "0123456789 abcdef", "0123456789abcdé"] {
+            let text = serde_json::json!({ "metrics_token": bad }).to_string();
+            let e = WebConf::parse(&text, "w").unwrap_err();
+            assert_eq!(e.field, "metrics_token", "{bad:?}");
+        }
     }
 
     #[test]
@@ -271,5 +378,164 @@ mod tests {
         }
         let long = "a".repeat(65);
         assert!(WebConf::parse(&format!(r#"{{"web_root": "{long}"}}"#), "w").is_err());
+    }
+
+    /// A deserializer that only records the field names a derived `Deserialize` asks for: the
+    /// exact keys the parser accepts, whatever serialization would show.
+    struct FieldNames<'a>(&'a mut Vec<&'static str>);
+
+    impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct with named fields"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.extend_from_slice(fields);
+            Err(serde::de::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    fn fields_of<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        let mut names = Vec::new();
+        let _ = T::deserialize(FieldNames(&mut names));
+        assert!(
+            !names.is_empty(),
+            "{} is not a plain struct",
+            std::any::type_name::<T>()
+        );
+        names
+    }
+
+    /// Every key web_conf.json may hold, as `key` or `outer.inner`, with its default.
+    fn accepted_keys() -> std::collections::BTreeMap<String, serde_json::Value> {
+        // The keys whose value is itself an object of keys, and the type that reads it.
+        let nested: &[(&str, Vec<&'static str>)] = &[("ssl", fields_of::<SslConf>())];
+        let defaults = serde_json::to_value(WebConf::default()).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for key in fields_of::<WebConf>() {
+            let default = defaults.get(key).cloned().unwrap_or_else(|| {
+                panic!("`{key}` is accepted but missing from the serialized defaults")
+            });
+            match nested.iter().find(|(k, _)| *k == key) {
+                Some((_, inner)) => {
+                    for sub in inner {
+                        let d = default.get(sub).cloned().unwrap_or_else(|| {
+                            panic!("`{key}.{sub}` is missing from the serialized defaults")
+                        });
+                        out.insert(format!("{key}.{sub}"), d);
+                    }
+                }
+                None => assert!(
+                    !default.is_object(),
+                    "`{key}` holds an object: add its type to `nested` above"
+                ),
+            }
+            out.insert(key.to_string(), default);
+        }
+        out
+    }
+
+    /// The rows of the first table of docs/web_conf.md whose header starts with `Key`:
+    /// (key without backticks, default cell).
+    fn documented_rows(doc: &str) -> Vec<(String, String)> {
+        let cells = |line: &str| -> Vec<String> {
+            line.trim()
+                .trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        };
+        let mut lines = doc.lines().skip_while(|l| {
+            !(l.trim_start().starts_with('|') && cells(l).first().is_some_and(|c| c == "Key"))
+        });
+        assert!(lines.next().is_some(), "no table with a `Key` column");
+        lines
+            .skip(1) // the |---| line
+            .take_while(|l| l.trim_start().starts_with('|'))
+            .map(|l| {
+                let c = cells(l);
+                let key = c[0]
+                    .strip_prefix('`')
+                    .and_then(|k| k.strip_suffix('`'))
+                    .unwrap_or_else(|| panic!("first cell is not a key in backticks: {l}"));
+                (key.to_string(), c.get(1).cloned().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn docs_table_lists_exactly_the_accepted_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/web_conf.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let accepted = accepted_keys();
+        let rows = documented_rows(&doc);
+
+        let mut documented = std::collections::BTreeSet::new();
+        for (key, _) in &rows {
+            assert!(
+                documented.insert(key.clone()),
+                "`{key}` has two rows in {path}"
+            );
+        }
+        let missing: Vec<_> = accepted
+            .keys()
+            .filter(|k| !documented.contains(*k))
+            .collect();
+        let extra: Vec<_> = documented
+            .iter()
+            .filter(|k| !accepted.contains_key(*k))
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{path} and the parser disagree: accepted but not documented {missing:?}; \
+             documented but not accepted {extra:?}"
+        );
+
+        for (key, cell) in &rows {
+            let default = &accepted[key];
+            // Each key is accepted on its own, with its default, by the parser itself.
+            let text = match key.split_once('.') {
+                Some((outer, inner)) => serde_json::json!({ outer: { inner: default } }),
+                None => serde_json::json!({ key.as_str(): default }),
+            };
+            WebConf::parse(&text.to_string(), "w").unwrap_or_else(|e| panic!("`{key}`: {e}"));
+            if default.is_object() {
+                continue; // its keys have rows of their own
+            }
+            let written = cell
+                .split('`')
+                .nth(1)
+                .unwrap_or_else(|| panic!("`{key}`: the default cell has no `value`: {cell}"));
+            let shown: serde_json::Value = serde_json::from_str(written)
+                .unwrap_or_else(|e| panic!("`{key}`: default `{written}` is not JSON: {e}"));
+            assert!(
+                same_json(&shown, default),
+                "`{key}`: {path} says the default is {shown}, the code says {default}"
+            );
+        }
+        assert!(WebConf::parse(r#"{"not_a_key": 1}"#, "w").is_err());
     }
 }

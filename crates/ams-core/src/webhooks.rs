@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// What became of a webhook delivery, as the delivery log records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Verdict {
     /// Verified and decided: its builds were queued.
     #[default]

@@ -1,11 +1,11 @@
-//! The local control socket: how `amsbuild build`, `builds`, `cancel`, `delete-output` and
-//! `status` reach a running host without touching its files.
+//! The local control socket: how `amsbuild build`, `builds`, `cancel`, `delete-output`, `gc`
+//! and `status` reach a running host without touching its files.
 //!
 //! A Unix socket `amsbuild.sock` in the data directory, mode 0600, so only the host's own user
 //! (and root) can use it. One JSON object per line in each direction: a request, then one
 //! answer, or for `follow` a stream of `{"log": …}` lines closed by `{"ok": true, "status": …}`.
 
-use crate::host::{BuildRequest, HostHandle};
+use crate::host::{BuildRef, BuildRequest, HostHandle};
 use crate::log;
 use ams_store::BuildRecord;
 use bytes::Bytes;
@@ -157,11 +157,21 @@ async fn connection(h: HostHandle, stream: UnixStream) {
         },
         "delete-output" => match by_ref(&h, &req).await {
             Ok(b) => match h.delete_output(b.build_id(), &actor).await {
-                Ok(()) => json!({"ok": true}),
+                Ok(()) => json!({"ok": true, "build": b}),
                 Err(e) => err(e.detail()),
             },
             Err(e) => err(e),
         },
+        "gc" => {
+            let dry_run = req.get("dry_run").and_then(Value::as_bool).unwrap_or(false);
+            if !dry_run {
+                tracing::info!("retention run asked for by {actor}");
+            }
+            match h.gc(dry_run).await {
+                Ok(r) => json!({"ok": true, "report": r}),
+                Err(e) => err(e.detail()),
+            }
+        }
         "status" => match h.snapshot().await {
             Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
             Err(e) => err(e.detail()),
@@ -264,21 +274,31 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), v: &Value) -> std::io::Resul
     w.write_all(s.as_bytes()).await
 }
 
-/// The build a request names: `build` as `PROJECT/NAME` or a name alone (which must then be
-/// unique), or `project` and `build` as two fields. The socket's user is the operator, who may
-/// act on every project.
+/// The build a request names (see [`BuildRef::from_fields`]), resolved by the one resolver that
+/// `log`, `cancel` and `delete-output` share. The socket's user is the operator, who may act on
+/// every project.
 async fn by_ref(h: &HostHandle, req: &Value) -> Result<BuildRecord, String> {
-    let reference = str_field(req, "build").unwrap_or_default();
-    let field = str_field(req, "project");
-    let (project, name) = match (field.as_deref(), reference.split_once('/')) {
-        (Some(p), _) => (Some(p), reference.as_str()),
-        (None, Some((p, n))) => (Some(p), n),
-        (None, None) => (None, reference.as_str()),
-    };
-    h.resolve(project, name, |_| true)
+    let r = BuildRef::from_fields(req)?;
+    if let Some(b) = h
+        .resolve_ref(&r, |_| true)
         .await
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no build named `{reference}`"))
+    {
+        return Ok(b);
+    }
+    Err(match &r {
+        BuildRef::Index { project, .. }
+        | BuildRef::Name {
+            project: Some(project),
+            ..
+        } if !crate::project::exists(&h.data, project) => {
+            format!("no project named `{project}`")
+        }
+        BuildRef::Index { project, index } => format!(
+            "project `{project}` has no build {index} (`amsbuild builds {project}` lists them)"
+        ),
+        BuildRef::Name { .. } => format!("no build named `{r}`"),
+    })
 }
 
 async fn follow(h: &HostHandle, req: &Value, w: &mut (impl AsyncWriteExt + Unpin)) {
@@ -312,7 +332,7 @@ async fn follow(h: &HostHandle, req: &Value, w: &mut (impl AsyncWriteExt + Unpin
             _ => "unknown".into(),
         },
     };
-    let _ = send(w, &json!({"ok": true, "status": status})).await;
+    let _ = send(w, &json!({"ok": true, "status": status, "build": b.name})).await;
 }
 
 /// Client side: sends one request and returns the one answer.
@@ -333,16 +353,32 @@ pub async fn request(socket: &Path, req: &Value) -> Result<Value, String> {
     }
 }
 
+/// Client side: a request about one build (`cancel`, `delete-output`), naming it as `build`
+/// says, and its answer.
+pub async fn request_on(
+    socket: &Path,
+    cmd: &str,
+    build: &BuildRef,
+    actor: &str,
+) -> Result<Value, String> {
+    let mut req = build.to_fields();
+    req.insert("cmd".into(), cmd.into());
+    req.insert("actor".into(), actor.into());
+    request(socket, &Value::Object(req)).await
+}
+
 /// Client side: follows a build's log, calling `out` with each piece of text.
-/// Returns the final status.
+/// Returns the build's name and its final status.
 pub async fn follow_log(
     socket: &Path,
-    build: &str,
+    build: &BuildRef,
     out: &mut dyn FnMut(&str),
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
     let stream = connect(socket).await?;
     let (r, mut w) = stream.into_split();
-    send(&mut w, &json!({"cmd": "follow", "build": build}))
+    let mut req = build.to_fields();
+    req.insert("cmd".into(), "follow".into());
+    send(&mut w, &Value::Object(req))
         .await
         .map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(r).lines();
@@ -351,7 +387,10 @@ pub async fn follow_log(
         if let Some(text) = v.get("log").and_then(Value::as_str) {
             out(text);
         } else if let Some(s) = str_field(&v, "status") {
-            return Ok(s);
+            return Ok((
+                str_field(&v, "build").unwrap_or_else(|| build.to_string()),
+                s,
+            ));
         } else if let Some(e) = str_field(&v, "error") {
             return Err(e);
         }

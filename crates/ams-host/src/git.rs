@@ -244,6 +244,20 @@ pub async fn clone(
         .map(|_| ())
 }
 
+/// The URL of the `origin` remote of the checkout at `dir`, if it has one.
+pub async fn origin_url(dir: &Path) -> Option<String> {
+    let out = git(
+        dir,
+        &["config", "--get", "remote.origin.url"],
+        &GitAuth::default(),
+        &CancellationToken::new(),
+    )
+    .await
+    .ok()?;
+    let url = out.trim();
+    (!url.is_empty()).then(|| url.to_string())
+}
+
 /// The message of `commit` in the checkout at `dir`, cut at 4 KiB (on a character boundary).
 pub async fn message(dir: &Path, commit: &str, cancel: &CancellationToken) -> Option<String> {
     if !valid_commit(commit) {
@@ -268,6 +282,29 @@ pub async fn message(dir: &Path, commit: &str, cancel: &CancellationToken) -> Op
     Some(m)
 }
 
+/// Why an update failed, and on whose side: the remote (a fetch failed: the network, the
+/// forge, the credentials) or the request and the checkout (a bad name, a refused repository
+/// config, a commit or branch that is not there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateError {
+    Remote(String),
+    Refused(String),
+}
+
+impl From<String> for UpdateError {
+    fn from(e: String) -> Self {
+        UpdateError::Refused(e)
+    }
+}
+
+impl std::fmt::Display for UpdateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpdateError::Remote(e) | UpdateError::Refused(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Brings the checkout at `dir` to the requested commit (or the head of `branch`, or of the
 /// remote's default branch), discarding local changes and untracked files. Returns the commit.
 pub async fn update(
@@ -276,15 +313,15 @@ pub async fn update(
     commit: Option<&str>,
     auth: &GitAuth,
     cancel: &CancellationToken,
-) -> Result<String, String> {
+) -> Result<String, UpdateError> {
     if let Some(b) = branch {
         if !valid_branch(b) {
-            return Err(format!("`{b}` is not a valid branch name"));
+            return Err(format!("`{b}` is not a valid branch name").into());
         }
     }
     if let Some(c) = commit {
         if !valid_commit(c) {
-            return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)"));
+            return Err(format!("`{c}` is not a commit id (4 to 64 hex digits)").into());
         }
     }
     check_repo_config(dir, cancel).await?;
@@ -306,12 +343,15 @@ pub async fn update(
                     auth,
                     cancel,
                 )
-                .await?;
+                .await
+                .map_err(UpdateError::Remote)?;
                 if git(dir, &["cat-file", "-e", &present(c)], auth, cancel)
                     .await
                     .is_err()
                 {
-                    git(dir, &["fetch", "--quiet", "origin", c], auth, cancel).await?;
+                    git(dir, &["fetch", "--quiet", "origin", c], auth, cancel)
+                        .await
+                        .map_err(UpdateError::Remote)?;
                 }
             }
             c.to_string()
@@ -325,7 +365,8 @@ pub async fn update(
                     auth,
                     cancel,
                 )
-                .await?;
+                .await
+                .map_err(UpdateError::Remote)?;
                 format!("refs/remotes/origin/{b}")
             } else {
                 format!("refs/heads/{b}")
@@ -339,7 +380,8 @@ pub async fn update(
                     auth,
                     cancel,
                 )
-                .await?;
+                .await
+                .map_err(UpdateError::Remote)?;
                 let _ = git(
                     dir,
                     &["remote", "set-head", "origin", "--auto"],
@@ -361,7 +403,7 @@ pub async fn update(
     )
     .await?;
     git(dir, &["clean", "-ffdxq"], auth, cancel).await?;
-    git(dir, &["rev-parse", "HEAD"], auth, cancel).await
+    Ok(git(dir, &["rev-parse", "HEAD"], auth, cancel).await?)
 }
 
 /// Whether `commit` (a full id) is on `branch`: the branch's head or an ancestor of it, the

@@ -7,6 +7,7 @@
 
 use crate::error::HostError;
 use crate::log::LogHub;
+use crate::metrics::Metrics;
 use crate::paths::DataDir;
 use crate::settings::{QueueSettings, SettingsCache};
 use crate::timefmt;
@@ -19,7 +20,7 @@ use ams_core::vars;
 use ams_core::webconf::WebConf;
 use ams_docker::Executor;
 use ams_store::{BuildRecord, Finish, NewBuild, NewDelivery, Store};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -103,6 +104,99 @@ pub enum ResolveError {
     Store(String),
 }
 
+/// How an operator names a build: `amsbuild log`, `cancel` and `delete-output` take the same
+/// words, and the control socket carries them as the same fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildRef {
+    /// The build's full name, with its project when given (`PROJECT/NAME`); a name alone must
+    /// then be used by one project only.
+    Name {
+        project: Option<String>,
+        name: String,
+    },
+    /// A project and the build's index in it (1 for its first build).
+    Index { project: String, index: i64 },
+}
+
+impl BuildRef {
+    /// From the command line's words: `BUILD` or `PROJECT/BUILD`, or `PROJECT INDEX`.
+    pub fn from_args(first: &str, index: Option<i64>) -> BuildRef {
+        match (index, first.split_once('/')) {
+            (Some(index), _) => BuildRef::Index {
+                project: first.to_string(),
+                index,
+            },
+            (None, Some((p, n))) => BuildRef::Name {
+                project: Some(p.to_string()),
+                name: n.to_string(),
+            },
+            (None, None) => BuildRef::Name {
+                project: None,
+                name: first.to_string(),
+            },
+        }
+    }
+
+    /// The fields of a control request that name this build.
+    pub fn to_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        match self {
+            BuildRef::Name { project, name } => {
+                m.insert("build".into(), name.clone().into());
+                if let Some(p) = project {
+                    m.insert("project".into(), p.clone().into());
+                }
+            }
+            BuildRef::Index { project, index } => {
+                m.insert("project".into(), project.clone().into());
+                m.insert("index".into(), (*index).into());
+            }
+        }
+        m
+    }
+
+    /// From a control request: `build` (a name, `PROJECT/NAME`, or a name with `project`), or
+    /// `project` and `index`.
+    pub fn from_fields(req: &serde_json::Value) -> Result<BuildRef, String> {
+        let s = |k: &str| req.get(k).and_then(serde_json::Value::as_str);
+        match (req.get("index"), s("build"), s("project")) {
+            (Some(i), None, Some(project)) => match i.as_i64() {
+                Some(index) if index >= 1 => Ok(BuildRef::Index {
+                    project: project.to_string(),
+                    index,
+                }),
+                _ => Err(format!(
+                    "`{i}` is not a build index: give 1 for a project's first build, 2 for the next…"
+                )),
+            },
+            (Some(_), Some(_), _) => Err("give `build` or `index`, not both".into()),
+            (Some(_), None, None) => Err("`index` needs `project`".into()),
+            (None, Some(name), Some(project)) => Ok(BuildRef::Name {
+                project: Some(project.to_string()),
+                name: name.to_string(),
+            }),
+            (None, Some(name), None) => Ok(BuildRef::from_args(name, None)),
+            (None, None, _) => Err("`build` is required".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for BuildRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildRef::Name {
+                project: Some(p),
+                name,
+            } => write!(f, "{p}/{name}"),
+            BuildRef::Name {
+                project: None,
+                name,
+            } => f.write_str(name),
+            BuildRef::Index { project, index } => write!(f, "{project} {index}"),
+        }
+    }
+}
+
 /// What became of a webhook delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookOutcome {
@@ -129,6 +223,12 @@ pub enum Command {
         build: BuildId,
         by: String,
         reply: Reply<()>,
+    },
+    /// Retention: remove these final builds' files and mark their outputs deleted (see
+    /// [`crate::retention`]). Builds the loop holds as pending or running are refused.
+    Prune {
+        builds: Vec<BuildRecord>,
+        reply: Reply<Vec<crate::retention::Pruned>>,
     },
     Complete {
         id: i64,
@@ -158,6 +258,8 @@ pub struct HostConfig {
     pub packer: Option<std::path::PathBuf>,
     /// Told when builds start and finish.
     pub events: Option<Arc<dyn BuildEvents>>,
+    /// Where the host records what it does (also reachable from the handle).
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for dyn BuildEvents {
@@ -179,6 +281,9 @@ pub struct HostHandle {
     pub changes: tokio::sync::broadcast::Sender<()>,
     /// The engine's state, as the host's monitor last saw it.
     pub engine: watch::Receiver<EngineState>,
+    gc: Arc<crate::retention::Gc>,
+    /// The host's metrics, for the edges that record events and serve them.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -230,6 +335,12 @@ impl HostHandle {
             .await
     }
 
+    /// Runs retention now (see [`crate::retention`]): removes the files of the finished builds
+    /// the projects' retention no longer keeps, or with `dry_run` says which and how much.
+    pub async fn gc(&self, dry_run: bool) -> Result<crate::retention::Report, HostError> {
+        self.gc.run(dry_run).await
+    }
+
     /// Resolves a user's build reference: `project` and the build's name, or the name alone,
     /// which must then name exactly one build among the projects `may` accepts. A number is a
     /// name like any other, never an id.
@@ -263,6 +374,24 @@ impl HostHandle {
                     }),
                 }
             }
+        }
+    }
+
+    /// Resolves a [`BuildRef`] among the projects `may` accepts: by name as [`Self::resolve`],
+    /// or by the project's build index.
+    pub async fn resolve_ref(
+        &self,
+        r: &BuildRef,
+        may: impl Fn(&str) -> bool,
+    ) -> Result<Option<BuildRecord>, ResolveError> {
+        match r {
+            BuildRef::Name { project, name } => self.resolve(project.as_deref(), name, may).await,
+            BuildRef::Index { project, index } if may(project) => self
+                .store
+                .build_by_index(project, *index)
+                .await
+                .map_err(|e| ResolveError::Store(e.to_string())),
+            BuildRef::Index { .. } => Ok(None),
         }
     }
 
@@ -303,6 +432,8 @@ impl HostHandle {
 
 struct Active {
     stop: Arc<StopSignal>,
+    project: String,
+    started_at: f64,
 }
 
 /// The host loop and its state.
@@ -325,6 +456,26 @@ pub struct Host {
     deferred: Option<Command>,
     changes: tokio::sync::broadcast::Sender<()>,
     events: Option<Arc<dyn BuildEvents>>,
+    /// Builds whose files a task is removing (delete-output or retention): never two at once.
+    removing: Arc<Mutex<HashSet<i64>>>,
+    metrics: Arc<Metrics>,
+    /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
+    disk_dirty: mpsc::Sender<String>,
+}
+
+/// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
+struct Removing {
+    set: Arc<Mutex<HashSet<i64>>>,
+    ids: Vec<i64>,
+}
+
+impl Drop for Removing {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.ids {
+            set.remove(id);
+        }
+    }
 }
 
 /// Checks a request's branch and commit (no IO).
@@ -477,6 +628,7 @@ impl Host {
         }
         let (snap_tx, snap_rx) = watch::channel(Arc::new(QueueSnapshot::default()));
         let settings = Arc::new(SettingsCache::default());
+        let (disk_dirty, dirty_rx) = mpsc::channel(64);
         let mut host = Host {
             queue: Queue::new(cfg.conf.max_active_builds),
             live: HashMap::new(),
@@ -493,14 +645,30 @@ impl Host {
             deferred: None,
             changes: changes.clone(),
             events: cfg.events.clone(),
+            removing: Arc::default(),
+            metrics: cfg.metrics.clone(),
+            disk_dirty,
         };
+        host.workers.spawn(crate::metrics::watch_disk(
+            cfg.metrics.clone(),
+            cfg.data.clone(),
+            dirty_rx,
+        ));
         host.recover().await?;
         host.publish();
         let (engine_tx, engine_rx) = watch::channel(EngineState::default());
         let (executor, changes_tx) = (host.ctx.executor.clone(), changes.clone());
         host.workers
             .spawn(monitor_engine(executor, engine_tx, changes_tx));
+        let gc = Arc::new(crate::retention::Gc::new(
+            store.clone(),
+            cfg.data.clone(),
+            cfg.conf.retention(),
+            tx.clone(),
+        ));
+        host.workers.spawn(crate::retention::hourly(gc.clone()));
         let handle = HostHandle {
+            gc,
             tx,
             snap: snap_rx,
             settings,
@@ -509,6 +677,7 @@ impl Host {
             hub,
             data: cfg.data,
             changes,
+            metrics: cfg.metrics,
         };
         Ok((host, handle))
     }
@@ -547,6 +716,8 @@ impl Host {
                         ..Default::default()
                     };
                     self.store.finish(b.id, &fin).await?;
+                    self.metrics
+                        .build_finished(&b.project, BuildStatus::Error, None, []);
                     tracing::warn!("build {} was interrupted by a host restart: ERROR", b.name);
                 }
                 _ => {
@@ -584,6 +755,8 @@ impl Host {
                 .collect(),
             pending_total: self.queue.pending().count(),
         };
+        self.metrics
+            .queue(snap.pending_total, self.queue.active().len());
         self.snap.send_replace(Arc::new(snap));
     }
 
@@ -596,7 +769,10 @@ impl Host {
                 ..Default::default()
             };
             self.record_finish(id, &fin).await;
-            self.live.remove(&id);
+            if let Some(b) = self.live.remove(&id) {
+                self.metrics
+                    .build_finished(&b.project, BuildStatus::Skip, None, []);
+            }
             self.hub.end(id, "skip");
         }
     }
@@ -635,6 +811,7 @@ impl Host {
                 Command::DeleteOutput { build, by, reply } => {
                     self.delete_output(build, &by, reply).await
                 }
+                Command::Prune { builds, reply } => self.prune(builds, reply),
                 Command::Complete { id, finish } => {
                     self.complete(id, &finish).await;
                     self.start_ready().await;
@@ -921,7 +1098,10 @@ impl Host {
                 tracing::error!("cannot record superseded builds: {e}");
             }
             for (id, _) in skipped {
-                self.live.remove(&id);
+                if let Some(b) = self.live.remove(&id) {
+                    self.metrics
+                        .build_finished(&b.project, BuildStatus::Skip, None, []);
+                }
                 self.hub.end(id, "skip");
             }
         }
@@ -957,7 +1137,14 @@ impl Host {
                 continue;
             };
             let stop = Arc::new(StopSignal::default());
-            self.active.insert(q.id, Active { stop: stop.clone() });
+            self.active.insert(
+                q.id,
+                Active {
+                    stop: stop.clone(),
+                    project: record.project.clone(),
+                    started_at: record.started_at.unwrap_or(now),
+                },
+            );
             let ctx = self.ctx.clone();
             let tx = self.tx.clone();
             let log_tx = self.hub.sender(q.id);
@@ -985,11 +1172,24 @@ impl Host {
 
     async fn complete(&mut self, id: i64, fin: &Finish) {
         self.queue.finish(id);
-        self.active.remove(&id);
-        self.live.remove(&id);
+        let active = self.active.remove(&id);
+        let name = self
+            .live
+            .remove(&id)
+            .map(|b| b.name)
+            .unwrap_or_else(|| format!("#{id}"));
         self.record_finish(id, fin).await;
         let status = fin.status.unwrap_or(BuildStatus::Fail);
-        tracing::info!("build {id} finished: {status}");
+        if let Some(a) = active {
+            let ran = fin.finished_at - a.started_at;
+            let stages = fin.stages.iter().map(|s| s.duration_secs);
+            self.metrics
+                .build_finished(&a.project, status, Some(ran), stages);
+            // Its folder changed: measured again off the loop (a full queue waits for the
+            // next periodic walk).
+            let _ = self.disk_dirty.try_send(a.project);
+        }
+        tracing::info!("build {name} finished: {status}");
         self.hub.end(id, status.as_str());
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);
@@ -1025,7 +1225,26 @@ impl Host {
                 return;
             };
             let allowed = i64::from(settings.retry_on_error) + 1;
-            let line = if attempts < allowed {
+            // With only-build-latest, an older commit never runs after a newer build of its
+            // branch: the retry would supersede (SKIP) that build.
+            let newer = if settings.only_latest {
+                let branch = b.branch.clone().unwrap_or_else(|| "null".into());
+                store
+                    .builds_where(&b.project, &[("branch", branch.as_str())], 1, 0)
+                    .await
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .filter(|n| n.id > id)
+            } else {
+                None
+            };
+            let line = if let Some(n) = &newer {
+                format!(
+                    "retry-on-error: not queued again: build {} of the same branch is newer \
+                     (only-build-latest)",
+                    n.name
+                )
+            } else if attempts < allowed {
                 format!(
                     "retry-on-error: queued again (attempt {} of {allowed})",
                     attempts + 1
@@ -1041,7 +1260,7 @@ impl Host {
                 }
             })
             .await;
-            if attempts < allowed {
+            if attempts < allowed && newer.is_none() {
                 let _ = tx.send(Command::Retry { of: id, settings }).await;
             }
         });
@@ -1111,6 +1330,8 @@ impl Host {
             };
             self.store.finish(b.id, &fin).await?;
             self.live.remove(&b.id);
+            self.metrics
+                .build_finished(&b.project, BuildStatus::Cancel, None, []);
             self.hub.end(b.id, "cancel");
         } else if let Some(a) = self.active.get(&b.id) {
             self.store.set_canceled(b.id, by, now).await?;
@@ -1143,25 +1364,23 @@ impl Host {
             ))));
             return;
         }
+        let Some(removing) = self.claim(&[b.id]) else {
+            let _ = reply.send(Err(HostError::Conflict(format!(
+                "the output of build `{}` is being deleted already",
+                b.name
+            ))));
+            return;
+        };
         let bd = self.ctx.data.project(&b.project).build(&b.name);
         let store = self.store.clone();
         let by = by.to_string();
+        let dirty = self.disk_dirty.clone();
         self.workers.spawn(async move {
-            let removed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                for r in [
-                    std::fs::remove_dir_all(&bd.root),
-                    std::fs::remove_file(&bd.archive),
-                ] {
-                    match r {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
-                Ok(())
-            })
-            .await;
+            let _removing = removing;
+            let removed =
+                tokio::task::spawn_blocking(move || crate::retention::remove_output(&bd)).await;
             let r = match removed {
-                Ok(Ok(())) => store
+                Ok(Ok(_)) => store
                     .mark_output_deleted(b.id, timefmt::now())
                     .await
                     .map_err(HostError::store),
@@ -1173,8 +1392,105 @@ impl Host {
             };
             if r.is_ok() {
                 tracing::info!("output of build {} deleted by {by}", b.name);
+                let _ = dirty.try_send(b.project.clone());
             }
             let _ = reply.send(r);
+        });
+    }
+
+    /// Marks builds as being removed, unless one of them is already: the guard takes them
+    /// out again when dropped.
+    fn claim(&self, ids: &[i64]) -> Option<Removing> {
+        let mut set = self.removing.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.iter().any(|id| set.contains(id)) {
+            return None;
+        }
+        set.extend(ids.iter().copied());
+        Some(Removing {
+            set: self.removing.clone(),
+            ids: ids.to_vec(),
+        })
+    }
+
+    /// Retention's removal of final builds' files ([`Command::Prune`]). No file work here:
+    /// the loop only refuses what it still holds as pending or running (or what is being
+    /// removed already), and a task removes the rest on a blocking thread, then marks them.
+    fn prune(&mut self, builds: Vec<BuildRecord>, reply: Reply<Vec<crate::retention::Pruned>>) {
+        use crate::retention::Pruned;
+        let mut out = Vec::with_capacity(builds.len());
+        let mut go = Vec::with_capacity(builds.len());
+        for b in builds {
+            let live = self.live.contains_key(&b.id) || self.active.contains_key(&b.id);
+            if live || !b.status.is_final() {
+                out.push(Pruned {
+                    id: b.id,
+                    result: Err(format!(
+                        "build `{}` is pending or running; retention never touches it",
+                        b.name
+                    )),
+                });
+            } else if let Some(claimed) = self.claim(&[b.id]) {
+                go.push((b, claimed));
+            } else {
+                out.push(Pruned {
+                    id: b.id,
+                    result: Err(format!(
+                        "the output of `{}` is being deleted already",
+                        b.name
+                    )),
+                });
+            }
+        }
+        let data = self.ctx.data.clone();
+        let store = self.store.clone();
+        let dirty = self.disk_dirty.clone();
+        self.workers.spawn(async move {
+            let ids: Vec<i64> = go.iter().map(|(b, _)| b.id).collect();
+            let projects: std::collections::BTreeSet<String> =
+                go.iter().map(|(b, _)| b.project.clone()).collect();
+            let removed = tokio::task::spawn_blocking(move || {
+                go.into_iter()
+                    .map(|(b, claimed)| {
+                        let bd = data.project(&b.project).build(&b.name);
+                        let r = crate::retention::remove_output(&bd)
+                            .map_err(|e| format!("cannot remove its files: {e}"));
+                        (b.id, r, claimed)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let removed = match removed {
+                Ok(r) => r,
+                Err(e) => {
+                    let why = format!("internal error: {e}");
+                    out.extend(ids.into_iter().map(|id| Pruned {
+                        id,
+                        result: Err(why.clone()),
+                    }));
+                    let _ = reply.send(Ok(out));
+                    return;
+                }
+            };
+            let done: Vec<i64> = removed
+                .iter()
+                .filter(|(_, r, _)| r.is_ok())
+                .map(|(id, _, _)| *id)
+                .collect();
+            let marked = store.mark_outputs_deleted(&done, timefmt::now()).await;
+            // Their projects' disk use is measured again, off the loop.
+            for p in projects {
+                let _ = dirty.try_send(p);
+            }
+            for (id, r, _claimed) in removed {
+                let result = match (&marked, r) {
+                    (Err(e), Ok(_)) => Err(format!(
+                        "its files were removed, but its record could not be marked: {e}"
+                    )),
+                    (_, r) => r,
+                };
+                out.push(Pruned { id, result });
+            }
+            let _ = reply.send(Ok(out));
         });
     }
 
@@ -1210,6 +1526,35 @@ mod tests {
     use bytes::Bytes;
     use futures_util::future::BoxFuture;
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn build_refs_cross_the_control_socket_whole_and_bad_ones_are_refused() {
+        use serde_json::{json, Value};
+        for r in [
+            BuildRef::from_args("app_x_build_1", None),
+            BuildRef::from_args("app/3", None),
+            BuildRef::from_args("app", Some(3)),
+        ] {
+            assert_eq!(BuildRef::from_fields(&Value::Object(r.to_fields())), Ok(r));
+        }
+        assert_eq!(
+            BuildRef::from_fields(&json!({"build": "3", "project": "app"})),
+            Ok(BuildRef::Name {
+                project: Some("app".into()),
+                name: "3".into()
+            }),
+            "a name that is a number stays a name"
+        );
+        for bad in [
+            json!({}),
+            json!({"index": 3}),
+            json!({"project": "app", "index": 0}),
+            json!({"project": "app", "index": "3"}),
+            json!({"project": "app", "index": 3, "build": "b"}),
+        ] {
+            assert!(BuildRef::from_fields(&bad).is_err(), "{bad}");
+        }
+    }
 
     /// An engine whose `run` panics for the image `panic` and otherwise ends at once.
     struct FakeExecutor;
@@ -1301,6 +1646,7 @@ mod tests {
             },
             packer: None,
             events: None,
+            metrics: Arc::default(),
         };
         let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
         (h, tokio::spawn(host.run()))
@@ -1323,6 +1669,72 @@ mod tests {
         assert_eq!(snap.pending_total, n - 1);
         // Queue order: the oldest pending first.
         assert!(snap.pending.windows(2).all(|w| w[0].id < w[1].id));
+        h.shutdown().await;
+        looped.await.unwrap();
+    }
+
+    /// The loop's own guard: a Prune naming builds it holds as running or pending (here with
+    /// a forged final status) removes nothing and marks nothing; a final build goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prune_never_touches_a_running_or_pending_build() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        fake_project(&data, "p", "block");
+        fake_project(&data, "done", "fine");
+        let (h, looped) = fake_host(&data).await;
+        let finished = h.build(request("done")).await.unwrap();
+        let finished = wait_final(&h, finished.id).await;
+        let running = h.build(request("p")).await.unwrap();
+        let pending = h.build(request("p")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !h
+            .snapshot()
+            .await
+            .unwrap()
+            .active
+            .iter()
+            .any(|b| b.id == running.id)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dirs: Vec<_> = [&running, &pending]
+            .iter()
+            .map(|b| data.project("p").build(&b.name))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(&d.root).unwrap();
+            std::fs::write(d.root.join("keep.txt"), "x").unwrap();
+        }
+        let forged: Vec<BuildRecord> = [running.clone(), pending.clone(), finished.clone()]
+            .into_iter()
+            .map(|mut b| {
+                b.status = BuildStatus::Pass;
+                b
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        h.tx.send(Command::Prune {
+            builds: forged,
+            reply,
+        })
+        .await
+        .unwrap();
+        let out = rx.await.unwrap().unwrap();
+        let result = |id: i64| out.iter().find(|p| p.id == id).unwrap().result.clone();
+        for b in [&running, &pending] {
+            let e = result(b.id).unwrap_err();
+            assert!(e.contains("pending or running"), "{e}");
+            let rec = h.store.build_by_id(b.id).await.unwrap().unwrap();
+            assert_eq!(rec.output_deleted_at, None);
+        }
+        for d in &dirs {
+            assert!(d.root.join("keep.txt").exists(), "{}", d.root.display());
+        }
+        assert!(result(finished.id).is_ok());
+        assert!(!data.project("done").build(&finished.name).root.exists());
+        let rec = h.store.build_by_id(finished.id).await.unwrap().unwrap();
+        assert!(rec.output_deleted_at.is_some());
         h.shutdown().await;
         looped.await.unwrap();
     }

@@ -1,14 +1,18 @@
 //! The host: the loop that owns the queue, the build workers that prepare, run and clean up
-//! builds, git, build logs with live subscribers, and the local control socket the CLI uses.
+//! builds, git, build logs with live subscribers, retention, and the local control socket the
+//! CLI uses.
 
+pub mod cache;
 pub mod control;
 pub mod copy;
 pub mod error;
 pub mod git;
 pub mod host;
 pub mod log;
+pub mod metrics;
 pub mod paths;
 pub mod project;
+pub mod retention;
 pub mod schedule;
 pub mod secrets;
 pub mod settings;

@@ -1,4 +1,4 @@
-//! The data directory layout of FORMATS.md and its file modes, in one place.
+//! The data directory layout (docs/README.md) and its file modes, in one place.
 //!
 //! The data directory is the host user's alone (0700): the database, configs, logs and
 //! archives inside it are created 0600, and the start warns about anything it finds looser.

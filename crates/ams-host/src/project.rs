@@ -1,4 +1,4 @@
-//! Projects on disk: the skeleton of FORMATS.md, `project add` (clone) and `project init`,
+//! Projects on disk: the described system's skeleton, `project add` (clone) and `project init`,
 //! and loading a project's private configuration.
 
 use crate::git::{self, GitAuth};
@@ -32,7 +32,8 @@ fn private_config_text(branch: Option<&str>) -> String {
         "trust-host-commands": false,
         "allow-docker-args": [],
         "only-build-latest": false,
-        "source-copy": "auto"
+        "source-copy": "auto",
+        "public-badge": false
     });
     if let Some(b) = branch {
         v["branch"] = serde_json::Value::String(b.to_string());

@@ -16,7 +16,7 @@ use crate::copy::{copy_tree, CopyKind, CopyStats};
 use ams_core::private_config::SourceCopy;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -357,7 +357,7 @@ fn unescape_mount_path(s: &str) -> PathBuf {
 /// Why a file of a checkout could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutReadError {
-    #[error("{name} is missing from the root of the source; add it")]
+    #[error("{name} is missing from the source; add it")]
     Missing { name: String },
     #[error("{name} is a symbolic link; the host never follows links in a checkout: commit the file itself")]
     Link { name: String },
@@ -369,33 +369,48 @@ pub enum CheckoutReadError {
     Io { name: String, source: io::Error },
 }
 
-/// Reads `root/name` (one path component, at the checkout's root) without following a link,
-/// refusing anything but a regular file of at most `cap` bytes.
+/// Reads `root/name` (a relative path such as `pipeline.json` or `web/package-lock.json`)
+/// without following a link at any step, refusing anything but a regular file of at most `cap`
+/// bytes.
 pub fn read_checkout_file(root: &Path, name: &str, cap: u64) -> Result<Vec<u8>, CheckoutReadError> {
+    use rustix::fs::{openat, Mode, OFlags};
     let n = || name.to_string();
-    if name.contains('/') || name == ".." || name == "." || name.is_empty() {
+    let parts: Vec<&str> = name.split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
         return Err(CheckoutReadError::NotAFile { name: n() });
     }
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(root.join(name));
-    let mut f = match f {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(CheckoutReadError::Missing { name: n() })
-        }
+    let classify = |e: rustix::io::Errno| match e {
+        rustix::io::Errno::NOENT => CheckoutReadError::Missing { name: n() },
         // O_NOFOLLOW on a link answers ELOOP.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(CheckoutReadError::Link { name: n() })
-        }
-        Err(e) => {
-            return Err(CheckoutReadError::Io {
-                name: n(),
-                source: e,
-            })
-        }
+        rustix::io::Errno::LOOP => CheckoutReadError::Link { name: n() },
+        rustix::io::Errno::NOTDIR => CheckoutReadError::NotAFile { name: n() },
+        e => CheckoutReadError::Io {
+            name: n(),
+            source: e.into(),
+        },
     };
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(classify)?;
+    let (last, dirs) = parts.split_last().unwrap_or((&"", &[]));
+    for d in dirs {
+        dir = openat(&dir, *d, dir_flags, Mode::empty()).map_err(classify)?;
+    }
+    let fd = openat(
+        &dir,
+        *last,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(classify)?;
+    let mut f = fs::File::from(fd);
     let meta = f.metadata().map_err(|e| CheckoutReadError::Io {
         name: n(),
         source: e,

@@ -108,11 +108,21 @@ pub struct ExecRequest<'a> {
     pub source_dir: PathBuf,
     pub output_dir: PathBuf,
     pub ci_dir: PathBuf,
+    /// The build's cache folders and where each is mounted.
+    pub caches: Vec<(PathBuf, String)>,
     pub deadline: Instant,
     pub timeout_secs: u64,
     /// The secrets the stages receive as environment variables (name, value). The log masks
     /// their values already.
     pub secrets: &'a [(String, String)],
+}
+
+/// A cache of the build: its resolved key, the scope it saves into, its folder.
+struct CacheUse {
+    key: String,
+    scope: String,
+    dir: PathBuf,
+    path: String,
 }
 
 /// How an execution ended.
@@ -402,7 +412,14 @@ pub async fn execute(
                 container: "/.ams-ci".into(),
                 read_only: true,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(req.caches.iter().map(|(host, container)| BindMount {
+            host: path_str(host),
+            container: container.clone(),
+            read_only: false,
+        }))
+        .collect(),
         options,
         stop_timeout_secs: stop_timeout,
     };
@@ -764,6 +781,7 @@ struct Prepared {
     source: Option<BuildSource>,
     /// The secrets the stages receive (name, value); empty when withheld or asked for none.
     secrets: Vec<(String, String)>,
+    caches: Vec<CacheUse>,
 }
 
 async fn prepare(
@@ -806,7 +824,10 @@ async fn prepare(
             stop.token(),
         )
         .await
-        .map_err(Failure::host)?;
+        .map_err(|e| match e {
+            git::UpdateError::Remote(e) => Failure::host(e),
+            git::UpdateError::Refused(e) => Failure::project(e),
+        })?;
         log.line(&format!("git_hash {h}"));
         Some(h)
     } else {
@@ -915,6 +936,16 @@ async fn prepare(
         }
         return Err(Failure::project(e));
     }
+    let caches = restore_caches(
+        ctx,
+        b,
+        &pipeline,
+        &private,
+        &values,
+        !secrets.is_empty(),
+        log,
+    )
+    .await;
     Ok(Prepared {
         pipeline,
         private,
@@ -922,6 +953,7 @@ async fn prepare(
         commit_message,
         source: Some(source),
         secrets,
+        caches,
     })
 }
 
@@ -1040,6 +1072,140 @@ async fn build_secrets(
     Ok(values)
 }
 
+/// The build's caches: each key resolved, its folder filled from the newest entry of the
+/// build's branch or, failing that, of the default branch. A cache that cannot be prepared
+/// starts empty (the build runs without it) and says why. A build with secrets uses the
+/// scopes of builds with secrets, one without them the others: nothing a build with secrets
+/// left in a cache reaches a build that may not have them.
+async fn restore_caches(
+    ctx: &WorkerContext,
+    b: &BuildRecord,
+    pipeline: &Pipeline,
+    private: &PrivateConfig,
+    values: &BTreeMap<&'static str, String>,
+    with_secrets: bool,
+    log: &mut BuildLog,
+) -> Vec<CacheUse> {
+    let pd = ctx.data.project(&b.project);
+    let bd = pd.build(&b.name);
+    let default = private.branch.clone().unwrap_or_default();
+    let own = b.branch.clone().unwrap_or_else(|| default.clone());
+    let scope = if with_secrets {
+        crate::cache::secret_scope
+    } else {
+        crate::cache::scope
+    };
+    let mut scopes = vec![scope(&own)];
+    if own != default {
+        scopes.push(scope(&default));
+    }
+    let mut out = Vec::new();
+    for (i, c) in pipeline.caches.iter().enumerate() {
+        let src = bd.source();
+        let key = c.resolve_key(
+            |file| match crate::source::read_checkout_file(&src, file, 64 << 20) {
+                Ok(bytes) => Ok(crate::cache::file_hash(&bytes)),
+                Err(crate::source::CheckoutReadError::Missing { .. }) => Ok("none".into()),
+                Err(e) => Err(e.to_string()),
+            },
+            values,
+        );
+        let path = match expand(&format!("caches[{i}].path"), &c.path, values) {
+            Ok(p) => p,
+            Err(e) => {
+                log.line(&format!("cache {}: not used: {e}", c.path));
+                continue;
+            }
+        };
+        let key = match key {
+            Ok(k) => k,
+            Err(e) => {
+                log.line(&format!("cache {path}: not used: key: {e}"));
+                continue;
+            }
+        };
+        let (pd2, scopes2, key2, dir) = (
+            pd.clone(),
+            scopes.clone(),
+            key.clone(),
+            crate::cache::build_folder(&bd, i),
+        );
+        let dir2 = dir.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            crate::cache::restore(&pd2, &scopes2, &key2, &dir2)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match restored {
+            Ok(from) => {
+                log.line(&format!(
+                    "cache {key} at {path}: {}",
+                    match from {
+                        Some(s) if s == scopes[0] => "restored".to_string(),
+                        Some(_) => format!("restored from the default branch ({default})"),
+                        None => "none yet; it starts empty".to_string(),
+                    }
+                ));
+                out.push(CacheUse {
+                    key,
+                    scope: scopes[0].clone(),
+                    dir,
+                    path,
+                });
+            }
+            Err(e) => log.line(&format!("cache {key}: not used: {e}")),
+        }
+    }
+    out
+}
+
+/// After the build: a passing build's caches become entries of its branch (unless they are
+/// there already); every cache folder leaves the build's folder.
+async fn save_caches(
+    ctx: &WorkerContext,
+    b: &BuildRecord,
+    caches: Vec<CacheUse>,
+    passed: bool,
+    log: &mut BuildLog,
+) {
+    if caches.is_empty() {
+        return;
+    }
+    let pd = ctx.data.project(&b.project);
+    let max = ctx.conf.cache_max_bytes;
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for c in &caches {
+            if passed {
+                lines.push(match crate::cache::save(&pd, &c.scope, &c.key, &c.dir) {
+                    Ok(crate::cache::Saved::Saved) => format!("cache {}: saved", c.key),
+                    Ok(crate::cache::Saved::Kept) => {
+                        format!("cache {}: kept (the entry exists)", c.key)
+                    }
+                    Err(e) => format!("cache {}: not saved: {e}", c.key),
+                });
+            }
+            let _ = std::fs::remove_dir_all(&c.dir);
+        }
+        if !passed {
+            lines.push("caches not saved: the build did not pass".to_string());
+        }
+        for (entry, size) in crate::cache::evict(&pd, max) {
+            lines.push(format!(
+                "cache entry {entry} removed ({size} bytes): the project's caches are over \
+                 cache_max_bytes in web_conf.json"
+            ));
+        }
+        lines
+    })
+    .await
+    .unwrap_or_default();
+    for l in lines {
+        log.line(&l);
+    }
+}
+
 /// Runs a whole build and returns its final record, and whether its container may have been
 /// left on an engine that failed. `log_tx` publishes the live log.
 pub async fn run_build(
@@ -1091,6 +1257,7 @@ pub async fn run_build(
     };
     let mut cleanup_pipeline: Option<Pipeline> = None;
     let mut build_source: Option<BuildSource> = None;
+    let mut caches: Vec<CacheUse> = Vec::new();
     // Packing counts against the build's timeout too (the pipeline's own, once it is known).
     let mut deadline = started + Duration::from_secs(timeout_secs);
     let mut timeout_total = timeout_secs;
@@ -1123,6 +1290,7 @@ pub async fn run_build(
             fin.commit_message = prep.commit_message.clone();
             cleanup_pipeline = Some(prep.pipeline.clone());
             build_source = prep.source.take();
+            caches = std::mem::take(&mut prep.caches);
             let p = &prep.pipeline;
             if p.dummy_build {
                 log.line("dummy build: no container is run");
@@ -1155,6 +1323,10 @@ pub async fn run_build(
                     source_dir: bd.source(),
                     output_dir: bd.output(),
                     ci_dir: bd.ci(),
+                    caches: caches
+                        .iter()
+                        .map(|c| (c.dir.clone(), c.path.clone()))
+                        .collect(),
                     deadline: started + Duration::from_secs(timeout),
                     timeout_secs: timeout,
                     secrets: &prep.secrets,
@@ -1164,6 +1336,9 @@ pub async fn run_build(
         }
     };
     let container_left = !outcome.container_gone;
+    // A container the engine may still run could write on: keep nothing of it then.
+    let passed = outcome.status == BuildStatus::Pass && outcome.container_gone;
+    save_caches(ctx, b, caches, passed, &mut log).await;
     fin.status = Some(outcome.status);
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;

@@ -12,18 +12,21 @@
 //! build's reason or commit message could carry one); when they cannot be read, nothing is
 //! sent and the notification says why.
 
+use ams_core::commit_status as cs;
 use ams_core::notify::{self, BuildEvent, HookType, OutWebhook};
 use ams_core::webconf::WebConf;
 use ams_host::host::{BuildEvents, EventKind};
+use ams_host::metrics::{AttemptOutcome, Metrics};
 use ams_host::{timefmt, DataDir};
 use ams_store::{Attempt, BuildRecord, Notification, Store};
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -57,29 +60,49 @@ struct Ctx {
     data: DataDir,
     conf: Arc<WebConf>,
     store: Store,
+    metrics: Arc<Metrics>,
 }
 
-/// Starts the notifier's worker; it stops when `shutdown` fires.
+/// Starts the notifier's worker; it stops when `shutdown` fires. Each attempt is counted in
+/// `metrics` by its outcome.
 pub fn start(
     data: DataDir,
     conf: Arc<WebConf>,
     store: Store,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> (Arc<Notifier>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<(i64, EventKind)>(QUEUE);
-    let ctx = Ctx { data, conf, store };
+    let ctx = Ctx {
+        data,
+        conf,
+        store,
+        metrics,
+    };
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
         let mut jobs = JoinSet::new();
+        // A build's events go out in order (a late "started" must never follow "finished"
+        // to a forge): each job of a build waits for the one before it to end.
+        let mut started: HashMap<i64, oneshot::Receiver<()>> = HashMap::new();
         loop {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some((id, kind)) = ev else { break };
                     let Ok(permit) = slots.clone().acquire_owned().await else { break };
                     let ctx = ctx.clone();
+                    let before = started.remove(&id);
+                    let (done, after) = oneshot::channel::<()>();
+                    if kind == EventKind::Started {
+                        started.insert(id, after);
+                    }
                     jobs.spawn(async move {
                         let _permit = permit;
+                        if let Some(b) = before {
+                            let _ = b.await;
+                        }
                         handle(&ctx, id, kind).await;
+                        drop(done);
                     });
                 }
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
@@ -175,9 +198,19 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
         Ok(Some(b)) => b,
         _ => return,
     };
+    commit_status(ctx, &b, kind).await;
+    // A project without webhooks.json has no out-webhooks: nothing to send, nothing to say.
+    if !ctx
+        .data
+        .project(&b.project)
+        .config()
+        .join("webhooks.json")
+        .exists()
+    {
+        return;
+    }
     let hooks = match out_webhooks(&ctx.data, &b.project) {
         Ok(h) => h,
-        Err(e) if e.contains("No such file") => return,
         Err(e) => {
             tracing::error!("project {}: notifications not sent: {e}", b.project);
             return;
@@ -216,7 +249,7 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
                     mask_json(&mut body, m);
                 }
                 let bytes = serde_json::to_vec(&body).unwrap_or_default();
-                deliver(&ctx.conf, &hook, bytes).await
+                deliver(&ctx.conf, &ctx.metrics, &hook, bytes).await
             }
             Err(e) => (
                 format!(
@@ -263,6 +296,122 @@ pub fn mask_json(v: &mut Value, m: &Arc<ams_core::mask::Masker>) {
         Value::Array(items) => items.iter_mut().for_each(|i| mask_json(i, m)),
         Value::Object(map) => map.values_mut().for_each(|i| mask_json(i, m)),
         _ => {}
+    }
+}
+
+/// Reports the build's state on its commit when pipeline-config.json asks (`commit-status`),
+/// recorded like a notification (hook `commit-status`).
+async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
+    let pd = ctx.data.project(&b.project);
+    let Some(cfg) = ams_host::project::private_config(&pd)
+        .ok()
+        .and_then(|c| c.commit_status)
+    else {
+        return;
+    };
+    let (status, sha) = match kind {
+        EventKind::Started => (None, b.commit.clone()),
+        EventKind::Finished => (Some(b.status), b.git_hash.clone().or(b.commit.clone())),
+    };
+    // Before its update a branch build knows no commit yet: its final state still goes out.
+    let Some(sha) = sha.filter(|s| ams_host::git::valid_commit(s)) else {
+        return;
+    };
+    let repo = match &cfg.repo {
+        Some(r) => Some(r.clone()),
+        None => ams_host::git::origin_url(&pd.master_source())
+            .await
+            .and_then(|u| cs::repo_from_remote(&u, cfg.forge)),
+    };
+    let state = cs::State::of(status);
+    let mut n = Notification {
+        id: 0,
+        project: b.project.clone(),
+        build_name: b.name.clone(),
+        hook: "commit-status".into(),
+        kind: match cfg.forge {
+            cs::Forge::Github => "github".into(),
+            cs::Forge::Bitbucket => "bitbucket".into(),
+        },
+        target_host: String::new(),
+        event: format!("commit-status {state:?}").to_lowercase(),
+        outcome: String::new(),
+        attempts: Vec::new(),
+        created_at: timefmt::now(),
+        finished_at: 0.0,
+    };
+    match repo {
+        None => {
+            n.outcome = "failed: pipeline-config.json: commit-status.repo is missing and the \
+                         origin remote is not on the forge; add \"repo\": \"owner/name\""
+                .into();
+        }
+        Some(repo) => {
+            let values = variables(&ctx.conf, b);
+            let description = match status {
+                None => format!("build {} running", b.name),
+                Some(s) => match &b.reason {
+                    Some(r) => format!("{s}: {r}"),
+                    None => format!("{s}"),
+                },
+            };
+            let (url, body) = cs::request(
+                &cfg,
+                &repo,
+                &sha,
+                state,
+                &values["output_log"],
+                &description,
+            );
+            n.target_host = notify::url_host(&url);
+            let auth = match &cfg.username {
+                Some(user) => {
+                    use base64::Engine;
+                    let pair = format!("{user}:{}", cfg.token);
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(pair)
+                    )
+                }
+                None => format!("Bearer {}", cfg.token),
+            };
+            let mut headers = vec![("Authorization", auth)];
+            if cfg.forge == cs::Forge::Github {
+                headers.push(("Accept", "application/vnd.github+json".into()));
+            }
+            // The description carries the build's reason: masked like every message.
+            let mut body = body;
+            match ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await {
+                Ok(m) => {
+                    if let Some(m) = m {
+                        mask_json(&mut body, &m);
+                    }
+                    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                    let (outcome, attempts) =
+                        post(&ctx.conf, &ctx.metrics, &url, &headers, bytes).await;
+                    n.outcome = outcome;
+                    n.attempts = attempts;
+                }
+                Err(e) => {
+                    n.outcome = format!(
+                        "failed: not sent: the project's secrets could not be read to mask \
+                         the message ({e})"
+                    );
+                }
+            }
+        }
+    }
+    n.finished_at = timefmt::now();
+    if n.outcome != "sent" {
+        tracing::warn!(
+            "commit status of build {} to {}: {}",
+            b.name,
+            n.target_host,
+            n.outcome
+        );
+    }
+    if let Err(e) = ctx.store.record_notification(&n).await {
+        tracing::error!("cannot record a commit status: {e}");
     }
 }
 
@@ -322,15 +471,41 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// Sends one notification with retries. Returns the outcome and every attempt.
-async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, Vec<Attempt>) {
+async fn deliver(
+    conf: &WebConf,
+    metrics: &Metrics,
+    hook: &OutWebhook,
+    body: Vec<u8>,
+) -> (String, Vec<Attempt>) {
+    let headers = match (hook.kind, &hook.secret) {
+        (HookType::Json, Some(s)) => vec![("X-AMS-Signature-256", sign(s, &body))],
+        _ => Vec::new(),
+    };
+    post(conf, metrics, &hook.url, &headers, body).await
+}
+
+/// POSTs a JSON body with retries (429 after its `retry_after`, 5xx and network errors with
+/// backoff) through the SSRF guard. Returns the outcome and every attempt, each attempt also
+/// counted in `metrics` by its outcome.
+async fn post(
+    conf: &WebConf,
+    metrics: &Metrics,
+    target: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (String, Vec<Attempt>) {
     let mut attempts = Vec::new();
-    let url = match reqwest::Url::parse(&hook.url) {
+    let url = match reqwest::Url::parse(target) {
         Ok(u) => u,
-        Err(_) => return ("failed: the URL does not parse".into(), attempts),
+        Err(_) => {
+            metrics.notification_attempt(AttemptOutcome::Refused);
+            return ("failed: the URL does not parse".into(), attempts);
+        }
     };
     let pinned = match resolve(conf, &url).await {
         Ok(p) => p,
         Err(e) => {
+            metrics.notification_attempt(AttemptOutcome::Refused);
             attempts.push(Attempt {
                 at: timefmt::now(),
                 outcome: e.clone(),
@@ -348,11 +523,10 @@ async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, V
     }
     let client = match builder.build() {
         Ok(c) => c,
-        Err(e) => return (format!("failed: {}", describe(e)), attempts),
-    };
-    let signature = match (hook.kind, &hook.secret) {
-        (HookType::Json, Some(s)) => Some(sign(s, &body)),
-        _ => None,
+        Err(e) => {
+            metrics.notification_attempt(AttemptOutcome::NetworkError);
+            return (format!("failed: {}", describe(e)), attempts);
+        }
     };
     for n in 0..MAX_ATTEMPTS {
         let t0 = Instant::now();
@@ -360,8 +534,8 @@ async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, V
             .post(url.clone())
             .header("Content-Type", "application/json")
             .body(body.clone());
-        if let Some(sig) = &signature {
-            req = req.header("X-AMS-Signature-256", sig);
+        for (k, v) in headers {
+            req = req.header(*k, v);
         }
         let res = req.send().await;
         let millis = t0.elapsed().as_millis() as u64;
@@ -370,6 +544,7 @@ async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, V
         let wait = match res {
             Ok(resp) => {
                 let status = resp.status();
+                metrics.notification_attempt(AttemptOutcome::of_status(status.as_u16()));
                 attempts.push(Attempt {
                     at,
                     outcome: status.as_u16().to_string(),
@@ -400,6 +575,11 @@ async fn deliver(conf: &WebConf, hook: &OutWebhook, body: Vec<u8>) -> (String, V
                 }
             }
             Err(e) => {
+                metrics.notification_attempt(if e.is_timeout() {
+                    AttemptOutcome::Timeout
+                } else {
+                    AttemptOutcome::NetworkError
+                });
                 attempts.push(Attempt {
                     at,
                     outcome: describe(e),

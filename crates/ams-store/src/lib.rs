@@ -363,7 +363,7 @@ pub struct SecretInfo {
     pub set_by: String,
 }
 
-/// A secret as stored: its value sealed (see migration 0011); the store never sees it open.
+/// A secret as stored: its value sealed (see migration 0012); the store never sees it open.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SealedSecret {
     pub project: String,
@@ -385,6 +385,104 @@ pub struct SecretLimits {
     pub max_bytes: usize,
     /// Bytes a sealed value has beyond its value (the tag).
     pub overhead: usize,
+}
+
+/// A final build whose files retention removes, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Expired {
+    pub build: BuildRecord,
+    /// Older than the newest `keep-builds` final builds of its project.
+    pub beyond_keep: bool,
+    /// Finished more than `max-age-days` ago.
+    pub too_old: bool,
+}
+
+/// What [`backup`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupInfo {
+    /// Builds in the copy.
+    pub builds: i64,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+}
+
+/// Writes a consistent copy of the database at `db` to `dest` while other connections (a
+/// running host) go on writing: SQLite's `VACUUM INTO` reads one snapshot, in one read
+/// transaction, through the WAL. `dest` is created here, mode 0600, and never overwritten: an
+/// existing file is an error. The copy is checked (`PRAGMA integrity_check`) before this
+/// returns; a failed copy is removed. The database's schema is left as it is (no migration).
+pub async fn backup(db: &Path, dest: &Path) -> Result<BackupInfo> {
+    use sqlx::{ConnectOptions, Connection};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !db.is_file() {
+        return Err(StoreError::Invalid(format!(
+            "{}: no database there; check the data directory (--data-dir or AMSBUILD_HOME)",
+            db.display()
+        )));
+    }
+    // Created empty first, which VACUUM INTO accepts: nobody else's file is ever replaced, and
+    // the copy is the host user's alone from its first byte.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(|e| {
+            StoreError::Invalid(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{} already exists; a backup never overwrites a file: name a new one",
+                    dest.display()
+                )
+            } else {
+                format!("cannot create {}: {e}", dest.display())
+            })
+        })?;
+    let made = file
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StoreError::Invalid(format!("{}: {e}", dest.display())));
+    drop(file);
+    let copied = async {
+        made?;
+        let mut conn = SqliteConnectOptions::new()
+            .filename(db)
+            .create_if_missing(false)
+            .busy_timeout(Duration::from_secs(30))
+            .connect()
+            .await?;
+        let dest_text = dest.to_str().ok_or_else(|| {
+            StoreError::Invalid(format!("{}: the path is not UTF-8", dest.display()))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest_text)
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let mut copy = SqliteConnectOptions::new()
+            .filename(dest)
+            .read_only(true)
+            .connect()
+            .await?;
+        let check: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_all(&mut copy)
+            .await?;
+        if check != ["ok"] {
+            return Err(StoreError::Invalid(format!(
+                "the copy failed its integrity check: {}",
+                check.join("; ")
+            )));
+        }
+        let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM builds")
+            .fetch_one(&mut copy)
+            .await?;
+        copy.close().await?;
+        let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        Ok(BackupInfo { builds, bytes })
+    }
+    .await;
+    if copied.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    copied
 }
 
 /// One delivery of a batch and the builds it asks for.
@@ -636,7 +734,8 @@ impl Store {
             include_str!("../migrations/0008_build_names_per_project.sql"),
             include_str!("../migrations/0009_retry_of.sql"),
             include_str!("../migrations/0010_schedule_runs.sql"),
-            include_str!("../migrations/0011_secrets.sql"),
+            include_str!("../migrations/0011_builds_by_branch.sql"),
+            include_str!("../migrations/0012_secrets.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -731,6 +830,47 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
+    /// The build of `project` with index `index` (1 for its first build; unique per project).
+    pub async fn build_by_index(&self, project: &str, index: i64) -> Result<Option<BuildRecord>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE project = ? AND build_index = ?")
+            .bind(project)
+            .bind(index)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_build).transpose()
+    }
+
+    /// The newest build of `project` (of its `branch` when given) that has ended, whatever
+    /// its status: an index lookup, however many builds or unknown branch names are asked for.
+    pub async fn latest_final_build(
+        &self,
+        project: &str,
+        branch: Option<&str>,
+    ) -> Result<Option<BuildRecord>> {
+        let live = "status NOT IN ('pending', 'running')";
+        let row = match branch {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT * FROM builds WHERE project = ? AND {live} ORDER BY id DESC LIMIT 1"
+                ))
+                .bind(project)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            Some(b) => {
+                sqlx::query(&format!(
+                    "SELECT * FROM builds INDEXED BY builds_by_branch WHERE project = ? \
+                     AND branch = ? AND {live} ORDER BY id DESC LIMIT 1"
+                ))
+                .bind(project)
+                .bind(b)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
         row.as_ref().map(row_to_build).transpose()
     }
 
@@ -893,6 +1033,66 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The final builds of `project` whose files retention removes, oldest first: those
+    /// beyond the newest `keep` final builds (by id, the build order) and those that finished
+    /// before `finished_before` (Unix seconds). Pending and running builds are never among
+    /// them and do not count towards `keep`; builds whose output is already deleted count
+    /// towards `keep` but are not listed again.
+    pub async fn retention_candidates(
+        &self,
+        project: &str,
+        keep: Option<u32>,
+        finished_before: Option<f64>,
+    ) -> Result<Vec<Expired>> {
+        if keep.is_none() && finished_before.is_none() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT *, COALESCE(?2 IS NOT NULL AND newer >= ?2, 0) AS beyond_keep, \
+                    COALESCE(?3 IS NOT NULL AND finished_at < ?3, 0) AS too_old \
+             FROM (SELECT *, ROW_NUMBER() OVER (ORDER BY id DESC) - 1 AS newer FROM builds \
+                   WHERE project = ?1 AND status NOT IN ('pending', 'running')) \
+             WHERE output_deleted_at IS NULL AND (beyond_keep OR too_old) \
+             ORDER BY id",
+        )
+        .bind(project)
+        .bind(keep.map(i64::from))
+        .bind(finished_before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Expired {
+                    build: row_to_build(r)?,
+                    beyond_keep: r.try_get("beyond_keep")?,
+                    too_old: r.try_get("too_old")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Marks the outputs of final builds deleted, in one transaction (a pending or running
+    /// build is never marked). Returns how many were marked.
+    pub async fn mark_outputs_deleted(&self, ids: &[i64], at: f64) -> Result<u64> {
+        let _touch = self.touch();
+        let mut tx = self.begin().await?;
+        let mut n = 0;
+        for id in ids {
+            n += sqlx::query(
+                "UPDATE builds SET output_deleted_at = ?, archive_name = NULL \
+                 WHERE id = ? AND status NOT IN ('pending', 'running') \
+                 AND output_deleted_at IS NULL",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
     }
 
     pub async fn mark_output_deleted(&self, id: i64, at: f64) -> Result<()> {
@@ -1952,6 +2152,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_latest_final_build_skips_live_ones_and_follows_the_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let make = |branch: &str| {
+            let mut b = nb("p");
+            b.branch = Some(branch.into());
+            b
+        };
+        let end = |status| Finish {
+            status: Some(status),
+            finished_at: 2000.0,
+            ..Default::default()
+        };
+        assert!(s.latest_final_build("p", None).await.unwrap().is_none());
+        let main_pass = s
+            .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.finish(main_pass.id, &end(BuildStatus::Pass))
+            .await
+            .unwrap();
+        let dev_fail = s
+            .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.finish(dev_fail.id, &end(BuildStatus::Fail))
+            .await
+            .unwrap();
+        // Newer but still pending or running: not what a badge shows.
+        let pending = s
+            .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        let running = s
+            .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+        s.mark_running(running.id, 1500.0).await.unwrap();
+        let id = |b: Option<BuildRecord>| b.map(|b| b.id);
+        assert_eq!(
+            id(s.latest_final_build("p", None).await.unwrap()),
+            Some(dev_fail.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            Some(main_pass.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("dev")).await.unwrap()),
+            Some(dev_fail.id)
+        );
+        assert_eq!(
+            id(s.latest_final_build("p", Some("nope")).await.unwrap()),
+            None
+        );
+        assert_eq!(id(s.latest_final_build("q", None).await.unwrap()), None);
+        s.finish(pending.id, &end(BuildStatus::Warn)).await.unwrap();
+        assert_eq!(
+            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            Some(pending.id)
+        );
+    }
+
+    #[tokio::test]
     async fn builds_of_web_and_api_users_leave_a_message_however_they_end() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
@@ -2023,6 +2287,153 @@ mod tests {
             .unwrap();
         assert!(s.remove_user("alice").await.unwrap());
         assert!(s.messages_of("alice", 10).await.unwrap().is_empty());
+    }
+
+    /// The retention rule: the newest N final builds are kept, older final ones and those
+    /// finished before the limit are listed, pending and running builds never (nor do they
+    /// count towards N), and builds whose output is already deleted are not listed again.
+    #[tokio::test]
+    async fn retention_lists_only_final_builds_beyond_the_newest_or_too_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let new = |p: &'static str| {
+            let s = s.clone();
+            async move {
+                s.create_build(&nb(p), |i| Ok(format!("{p}_{i}")))
+                    .await
+                    .unwrap()
+                    .id
+            }
+        };
+        let done = |at: f64| Finish {
+            status: Some(BuildStatus::Pass),
+            finished_at: at,
+            ..Default::default()
+        };
+        let b1 = new("p").await;
+        s.finish(b1, &done(100.0)).await.unwrap();
+        let b2 = new("p").await;
+        s.finish(b2, &done(200.0)).await.unwrap();
+        s.mark_output_deleted(b2, 300.0).await.unwrap();
+        let b3 = new("p").await;
+        s.mark_running(b3, 150.0).await.unwrap();
+        let b4 = new("p").await;
+        s.finish(b4, &done(1000.0)).await.unwrap();
+        let b5 = new("p").await; // pending
+        let b6 = new("p").await;
+        s.finish(b6, &done(1100.0)).await.unwrap();
+        let q1 = new("q").await;
+        s.finish(q1, &done(1.0)).await.unwrap();
+
+        let listed = |keep: Option<u32>, before: Option<f64>| {
+            let s = s.clone();
+            async move {
+                s.retention_candidates("p", keep, before)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.build.id, e.beyond_keep, e.too_old))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(listed(None, None).await, vec![]);
+        // keep 2: b6 and b4 are the newest final builds, although b5 (pending) is newer than
+        // b4; b2 counts but is deleted already; b3 and b5 are never listed.
+        assert_eq!(listed(Some(2), None).await, vec![(b1, true, false)]);
+        assert_eq!(
+            listed(Some(1), None).await,
+            vec![(b1, true, false), (b4, true, false)]
+        );
+        assert_eq!(listed(Some(10), None).await, vec![]);
+        // Finished before 500: b1 only (b2 is deleted already, b3 is running).
+        assert_eq!(listed(None, Some(500.0)).await, vec![(b1, false, true)]);
+        assert_eq!(
+            listed(None, Some(1050.0)).await,
+            vec![(b1, false, true), (b4, false, true)]
+        );
+        assert_eq!(listed(Some(3), Some(150.0)).await, vec![(b1, true, true)]);
+        // Even keeping none and taking every age, the live builds are never listed.
+        let all: Vec<i64> = listed(Some(0), Some(f64::MAX))
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(all, vec![b1, b4, b6]);
+        assert!(!all.contains(&b3) && !all.contains(&b5) && !all.contains(&q1));
+
+        // Marking skips live builds and builds already marked.
+        assert_eq!(
+            s.mark_outputs_deleted(&[b1, b2, b3, b5], 400.0)
+                .await
+                .unwrap(),
+            1
+        );
+        for (id, deleted) in [(b1, Some(400.0)), (b2, Some(300.0)), (b3, None), (b5, None)] {
+            let b = s.build_by_id(id).await.unwrap().unwrap();
+            assert_eq!(b.output_deleted_at, deleted, "build {id}");
+        }
+        assert_eq!(listed(Some(1), None).await, vec![(b4, true, false)]);
+    }
+
+    /// A backup is a complete, checked copy, mode 0600, taken while another connection
+    /// writes; it never replaces a file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_is_a_checked_private_copy_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ams.db");
+        let s = Store::open(&db).await.unwrap();
+        for _ in 0..20 {
+            s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+                .await
+                .unwrap();
+        }
+        // A writer keeps going during the copies.
+        let writer = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let mut counts = Vec::new();
+        for n in 0..3 {
+            let dest = dir.path().join(format!("copy{n}.db"));
+            let info = backup(&db, &dest).await.unwrap();
+            assert!(info.builds >= 20, "{info:?}");
+            assert_eq!(
+                std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            // Each copy is one snapshot: the project's counter matches its builds.
+            let c = Store::open(&dest).await.unwrap();
+            let builds = c.builds_of("p", 10_000, 0).await.unwrap();
+            assert_eq!(builds.len() as i64, info.builds);
+            let latest = c.project_info("p").await.unwrap().unwrap();
+            assert_eq!(latest.latest_build_index, info.builds);
+            c.close().await;
+            counts.push(info.builds);
+        }
+        writer.await.unwrap();
+        let dest = dir.path().join("copy0.db");
+        let before = std::fs::read(&dest).unwrap();
+        let e = backup(&db, &dest).await.unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            before,
+            "the file was left as it was"
+        );
+        let e = backup(&dir.path().join("none.db"), &dir.path().join("x.db"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no database there"), "{e}");
+        assert!(!dir.path().join("x.db").exists());
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
     }
 
     #[tokio::test]

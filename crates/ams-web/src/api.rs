@@ -1,5 +1,5 @@
 //! The JSON API under `/{web_root}/api/`, with the described system's paths and shapes
-//! (FORMATS.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
+//! (docs/api.md): tasks, projects, a project's info, builds and tasks, `{field}/{value}` filters
 //! as path pairs, and the current user; plus POSTs to trigger, cancel and delete output.
 //!
 //! Authentication is by API token (`Authorization: Bearer …`). Errors are consistent: 401 when
@@ -86,6 +86,8 @@ pub enum ApiError {
     Internal,
     /// A command the host refused: the status is the one `HostError` decides.
     Host(HostError),
+    /// A request axum or a body reader refused (415, 413, 400…), with its reason.
+    Rejected(StatusCode, String),
 }
 
 impl From<HostError> for ApiError {
@@ -106,6 +108,7 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error".to_string(),
             ),
+            ApiError::Rejected(code, m) => (code, m),
             ApiError::Host(e) => (
                 StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 e.to_string(),
@@ -119,6 +122,92 @@ impl IntoResponse for ApiError {
         }
         r
     }
+}
+
+/// An optional JSON body: none (or only white space) is `None`; a body must come with
+/// `Content-Type: application/json` (else 415) and be JSON (else 400). Refusals are
+/// [`ApiError`]s, so they answer `{"error": …}` like every other API error.
+pub struct OptionalJson(pub Option<Value>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for OptionalJson {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, st: &S) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let essence = v
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                essence == "application/json"
+                    || (essence.starts_with("application/") && essence.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        let bytes = axum::body::Bytes::from_request(req, st)
+            .await
+            .map_err(|e| ApiError::Rejected(e.status(), e.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        if !json_type {
+            return Err(ApiError::Rejected(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON, sent with `Content-Type: application/json`".into(),
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| OptionalJson(Some(v)))
+            .map_err(|e| ApiError::Bad(format!("the body is not valid JSON: {e}")))
+    }
+}
+
+/// Every API error is JSON `{"error": …}`. The handlers' own errors are [`ApiError`]s; this
+/// wraps what axum answers by itself: its extractors' rejections (a bad path parameter or
+/// query), the 405 of a method a path does not take (axum adds its `Allow` afterwards) and anything else
+/// that is not JSON already. Successful answers pass untouched.
+async fn json_errors(r: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let msg = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.insert(
+        CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(
+        parts,
+        axum::body::Body::from(json!({ "error": msg }).to_string()),
+    )
+}
+
+/// Paths under the API that it does not serve.
+async fn api_not_found() -> ApiError {
+    ApiError::NotFound
 }
 
 /// The authenticated caller.
@@ -209,6 +298,8 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
             "/projects/name/{name}/builds/{build}/delete-output",
             post(delete_output_in_project),
         )
+        .fallback(api_not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state);
     Router::new().nest(&format!("/{web_root}/api"), api)
 }
@@ -323,6 +414,8 @@ pub struct BuildJson<'a> {
     started_at_iso: Option<String>,
     finished_at_iso: Option<String>,
     canceled_at_iso: Option<String>,
+    /// When the build's folder, log and archive were deleted (delete-output or retention).
+    output_deleted_at_iso: Option<String>,
 }
 
 impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
@@ -353,6 +446,7 @@ impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
             started_at_iso: b.started_at.map(timefmt::iso),
             finished_at_iso: b.finished_at.map(timefmt::iso),
             canceled_at_iso: b.canceled_at.map(timefmt::iso),
+            output_deleted_at_iso: b.output_deleted_at.map(timefmt::iso),
         }
     }
 }
@@ -848,10 +942,20 @@ async fn trigger(
     State(st): State<ApiState>,
     c: Caller,
     Path(name): Path<String>,
-    body: Option<Json<Value>>,
+    OptionalJson(body): OptionalJson,
 ) -> Result<Response, ApiError> {
     operate(&st, &c, &name)?;
-    let b = body.map(|Json(v)| v).unwrap_or(Value::Null);
+    let b = body.unwrap_or(Value::Null);
+    if !(b.is_null() || b.is_object()) {
+        return Err(ApiError::Bad(
+            "the body is a JSON object: {\"branch\": …} or {\"commit\": …}".into(),
+        ));
+    }
+    for k in ["branch", "commit"] {
+        if !matches!(b.get(k), None | Some(Value::Null) | Some(Value::String(_))) {
+            return Err(ApiError::Bad(format!("`{k}` must be a string")));
+        }
+    }
     let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
     let project = ams_core::names::ProjectName::new(&name).map_err(|_| ApiError::NotFound)?;
     let req = BuildRequest {
@@ -1097,5 +1201,29 @@ mod tests {
             .map(|s| s.as_str())
             .collect();
         assert_eq!(listed, all);
+    }
+
+    /// docs/api.md has one `### `METHOD /ams-build/api/PATH`` section per route, and none for
+    /// a route the server does not have.
+    #[test]
+    fn the_api_reference_describes_exactly_the_routes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut documented: Vec<(String, String)> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`'))
+            .filter_map(|h| {
+                let (method, rest) = h.split_once(' ')?;
+                let p = rest.strip_prefix("/ams-build/api")?;
+                Some((method.to_ascii_lowercase(), p.to_string()))
+            })
+            .collect();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes, "{path} and api::ROUTES disagree");
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod badge;
 pub mod limits;
 pub mod manage;
+pub mod metrics;
 pub mod pages;
 pub mod session;
 pub mod tls;
@@ -49,14 +51,16 @@ pub const HSTS: &str = "max-age=31536000";
 /// the body within [`BODY_TIMEOUT`], the handler's answer within [`HANDLER_TIMEOUT`], and at
 /// most [`MAX_PER_ADDRESS`] of the [`MAX_CONNECTIONS`] connections come from one address. With
 /// `tls`, every connection is HTTPS (a client speaking plain HTTP fails the handshake and is
-/// dropped) and every answer carries HSTS.
+/// dropped) and every answer carries HSTS. Every answer is counted in `metrics` by its route
+/// template and status.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: Arc<ams_host::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
-    let app = edge(app, tls.is_some());
+    let app = edge(app, tls.is_some(), metrics);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_address = limits::PerAddress::new(MAX_PER_ADDRESS);
     let mut conns = JoinSet::new();
@@ -122,9 +126,10 @@ pub async fn serve(
     .await;
 }
 
-/// The layers every listener's router gets once: the body deadline, the handler timeout and,
-/// under TLS, HSTS on every answer (the timeouts' own included).
-fn edge(app: Router, tls: bool) -> Router {
+/// The layers every listener's router gets once: the body deadline, the handler timeout,
+/// under TLS HSTS on every answer (the timeouts' own included), and outermost the request
+/// count of [`metrics::track`] (which sees those answers too).
+fn edge(app: Router, tls: bool, metrics: Arc<ams_host::metrics::Metrics>) -> Router {
     let app = app
         .layer(axum::middleware::from_fn(|req, next| {
             limits::body_deadline(BODY_TIMEOUT, req, next)
@@ -133,14 +138,18 @@ fn edge(app: Router, tls: bool) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             HANDLER_TIMEOUT,
         ));
-    if tls {
+    let app = if tls {
         app.layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static(HSTS),
         ))
     } else {
         app
-    }
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        metrics,
+        metrics::track,
+    ))
 }
 
 /// The router for one connection: each request carries the client's address.

@@ -247,6 +247,22 @@ fn commit_line(m: Option<&str>) -> String {
     format!("<span title=\"{}\">{}{more}</span>", esc(&tip), esc(&short))
 }
 
+/// Bytes for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 pub(crate) fn status_badge(s: &str) -> String {
     format!(
         "<span class=\"status {0}\">{1}</span>",
@@ -263,6 +279,8 @@ pub const DASH_BUILDS: i64 = 20;
 pub struct DashQuery {
     pub project: Option<String>,
     pub page: Option<i64>,
+    /// Where a link (a notification's, say) leads once signed in: kept through the login.
+    pub page_redirect: Option<String>,
 }
 
 /// At most this many active or queued tasks are listed on the dashboard.
@@ -334,7 +352,7 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 .map(|(_, p)| p.clone())
         })
         .or_else(|| projects.first().cloned());
-    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th></th></tr>");
+    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th>Disk</th><th></th></tr>");
     for p in &projects {
         let pe = esc(p);
         let last = match latest.get(p) {
@@ -366,8 +384,15 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
         } else {
             ""
         };
+        let disk = st
+            .host
+            .metrics
+            .disk_of(p)
+            .map(human_bytes)
+            .unwrap_or_else(|| "…".to_string());
         s.push_str(&format!(
-            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td><td>{actions}</td></tr>",
+            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td>\
+             <td class=\"disk\" title=\"the project's folder in the data directory\">{disk}</td><td>{actions}</td></tr>",
             query_value(p)
         ));
     }
@@ -398,6 +423,8 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 commit_line(b.commit_message.as_deref()),
                 if b.archive_name.is_some() {
                     format!("<a href=\"/{root}/dl/{pe}/{n}\">7z</a>")
+                } else if b.output_deleted_at.is_some() {
+                    "deleted".to_string()
                 } else {
                     String::new()
                 },
@@ -442,9 +469,17 @@ async fn dashboard(
     Query(q): Query<DashQuery>,
 ) -> Response {
     let root = st.conf.web_root.clone();
+    let back = q.page_redirect.as_deref().unwrap_or("");
     let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, "");
+        return to_login(&root, back);
     };
+    if let Some(target) = session::safe_redirect(back) {
+        return (
+            StatusCode::SEE_OTHER,
+            [("location", format!("/{root}/{target}"))],
+        )
+            .into_response();
+    }
     // The levels per project, or the highest when there are many (the Account page lists all).
     let level = esc(&if v.grant.projects.len() <= 3 {
         v.grant.describe()

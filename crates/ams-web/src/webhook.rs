@@ -18,6 +18,7 @@ use ams_core::webhooks::Verdict;
 use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig};
 use ams_host::error::HostError;
 use ams_host::host::{build_requests, WebhookOutcome};
+use ams_host::metrics::DeliveryVerdict;
 use ams_host::{timefmt, HostHandle};
 use ams_store::NewDelivery;
 use axum::body::Body;
@@ -202,25 +203,49 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let (verdict, reply) = receive(&st, &q, &headers, body).await;
+    st.host.metrics.webhook_delivery(verdict);
+    reply
+}
+
+/// Handles one delivery: the answer, and the verdict it is counted under.
+async fn receive(
+    st: &Listener,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> (DeliveryVerdict, Response) {
+    use DeliveryVerdict::{Invalid, Recorded, Unauthorized, Unavailable};
     // Everything up to the read is decided from the request line and headers.
     let (Some(name), Some(project)) = (q.get("name"), q.get("project")) else {
-        return refuse_unread(
-            StatusCode::BAD_REQUEST,
-            "the query must name the webhook and the project: ?name=…&project=…",
+        return (
+            Invalid,
+            refuse_unread(
+                StatusCode::BAD_REQUEST,
+                "the query must name the webhook and the project: ?name=…&project=…",
+            ),
         );
     };
-    let ct = header(&headers, "content-type").unwrap_or("");
+    let ct = header(headers, "content-type").unwrap_or("");
     if !ct
         .trim_start()
         .to_ascii_lowercase()
         .starts_with("application/json")
     {
-        return refuse_unread(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the payload as application/json (set the webhook's content type)",
+        return (
+            Invalid,
+            refuse_unread(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the payload as application/json (set the webhook's content type)",
+            ),
         );
     }
-    let unknown = || refuse_unread(StatusCode::NOT_FOUND, "unknown webhook");
+    let unknown = || {
+        (
+            Invalid,
+            refuse_unread(StatusCode::NOT_FOUND, "unknown webhook"),
+        )
+    };
     let Some((cfg, fields)) = load(&st.host, project) else {
         return unknown();
     };
@@ -228,53 +253,73 @@ async fn handle(
         return unknown();
     };
     let secret = hook.secret.as_deref().filter(|s| !s.is_empty());
-    let sig =
-        header(&headers, "x-hub-signature-256").or_else(|| header(&headers, "x-hub-signature"));
+    let sig = header(headers, "x-hub-signature-256").or_else(|| header(headers, "x-hub-signature"));
     if secret.is_some() && sig.is_none() {
         tracing::warn!("webhook {name} of project {project}: refused an unsigned delivery");
-        return refuse_unread(StatusCode::UNAUTHORIZED, "the delivery is not signed");
+        return (
+            Unauthorized,
+            refuse_unread(StatusCode::UNAUTHORIZED, "the delivery is not signed"),
+        );
     }
-    let cap = match declared_length(&headers) {
+    let cap = match declared_length(headers) {
         Length::Declared(n) if n > MAX_BODY as u64 => {
-            return refuse_unread(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the body is {n} bytes; a delivery may have at most {MAX_BODY} bytes"),
+            return (
+                Invalid,
+                refuse_unread(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the body is {n} bytes; a delivery may have at most {MAX_BODY} bytes"),
+                ),
             )
         }
         Length::Declared(n) => n as usize,
         Length::Chunked => MAX_BODY,
         Length::Missing => {
-            return refuse_unread(
-                StatusCode::LENGTH_REQUIRED,
-                "send the delivery with a Content-Length header",
+            return (
+                Invalid,
+                refuse_unread(
+                    StatusCode::LENGTH_REQUIRED,
+                    "send the delivery with a Content-Length header",
+                ),
             )
         }
         Length::Invalid => {
-            return refuse_unread(
-                StatusCode::BAD_REQUEST,
-                "the Content-Length header is not a number",
+            return (
+                Invalid,
+                refuse_unread(
+                    StatusCode::BAD_REQUEST,
+                    "the Content-Length header is not a number",
+                ),
             )
         }
     };
     let kib = u32::try_from(cap.div_ceil(1024)).unwrap_or(u32::MAX);
     let Ok(_memory) = st.bodies.clone().try_acquire_many_owned(kib) else {
-        return refuse_unread(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many deliveries are being received at once; send this one again later",
+        return (
+            Unavailable,
+            refuse_unread(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many deliveries are being received at once; send this one again later",
+            ),
         );
     };
     let body = match read_capped(body, cap).await {
         Ok(b) => b,
         Err(Unread::TooLarge) => {
-            return refuse_unread(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the body is over {MAX_BODY} bytes, the most a delivery may have"),
+            return (
+                Invalid,
+                refuse_unread(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the body is over {MAX_BODY} bytes, the most a delivery may have"),
+                ),
             )
         }
         Err(Unread::Broken(e)) => {
-            return refuse_unread(
-                StatusCode::BAD_REQUEST,
-                &format!("the body could not be read: {e}"),
+            return (
+                Invalid,
+                refuse_unread(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body could not be read: {e}"),
+                ),
             )
         }
     };
@@ -286,21 +331,21 @@ async fn handle(
         };
         if let Err(why) = verdict {
             tracing::warn!("webhook {name} of project {project}: refused a delivery: {why}");
-            return refuse(StatusCode::UNAUTHORIZED, why);
+            return (Unauthorized, refuse(StatusCode::UNAUTHORIZED, why));
         }
     }
 
-    let github_event = header(&headers, "x-github-event");
-    let event_key = header(&headers, "x-event-key");
+    let github_event = header(headers, "x-github-event");
+    let event_key = header(headers, "x-event-key");
     let sender = Sender::detect(github_event, event_key);
     let event = github_event.or(event_key).unwrap_or("push").to_string();
-    let delivery_id = header(&headers, "x-github-delivery")
-        .or_else(|| header(&headers, "x-request-uuid"))
-        .or_else(|| header(&headers, "x-request-id"))
+    let delivery_id = header(headers, "x-github-delivery")
+        .or_else(|| header(headers, "x-request-uuid"))
+        .or_else(|| header(headers, "x-request-id"))
         .map(|s| s.chars().take(200).collect::<String>());
     let kept: serde_json::Map<String, Value> = KEPT_HEADERS
         .iter()
-        .filter_map(|h| header(&headers, h).map(|v| (h.to_string(), Value::String(v.to_string()))))
+        .filter_map(|h| header(headers, h).map(|v| (h.to_string(), Value::String(v.to_string()))))
         .collect();
     let mut delivery = NewDelivery {
         delivery_id,
@@ -337,52 +382,71 @@ async fn handle(
         Err(e) => {
             let reason = format!("the body is not JSON: {e}");
             let _ = record(delivery, Verdict::Refused, Some(reason.clone())).await;
-            return refuse(StatusCode::BAD_REQUEST, &reason);
+            return (
+                Recorded(Verdict::Refused),
+                refuse(StatusCode::BAD_REQUEST, &reason),
+            );
         }
     };
     let pushes = match decide(hook, sender, &event, &parsed, fields.as_ref()) {
         Decision::Ping => {
             if let Err(r) = record(delivery, Verdict::Ping, None).await {
-                return r;
+                return (Unavailable, r);
             }
-            return answer(StatusCode::OK, json!({"ok": true, "ping": true}));
+            return (
+                Recorded(Verdict::Ping),
+                answer(StatusCode::OK, json!({"ok": true, "ping": true})),
+            );
         }
         Decision::Ignore(reason) => {
             if let Err(r) = record(delivery, Verdict::Ignored, Some(reason.clone())).await {
-                return r;
+                return (Unavailable, r);
             }
-            return answer(
-                StatusCode::OK,
-                json!({"ok": true, "builds": [], "ignored": reason}),
+            return (
+                Recorded(Verdict::Ignored),
+                answer(
+                    StatusCode::OK,
+                    json!({"ok": true, "builds": [], "ignored": reason}),
+                ),
             );
         }
         Decision::Refuse(code, reason) => {
             let _ = record(delivery, Verdict::Refused, Some(reason.clone())).await;
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
-            return refuse(code, &reason);
+            return (Recorded(Verdict::Refused), refuse(code, &reason));
         }
         Decision::Build(p) => p,
     };
     // `load` found the project, so its name is valid.
     let Ok(project) = ams_core::names::ProjectName::new(project) else {
-        return refuse(StatusCode::NOT_FOUND, "no such webhook");
+        return (Invalid, refuse(StatusCode::NOT_FOUND, "no such webhook"));
     };
     let requests = build_requests(&project, pushes);
     delivery.verdict = Verdict::Accepted;
     match st.host.webhook(delivery, requests).await {
-        Ok(WebhookOutcome::Queued(names)) => {
-            answer(StatusCode::ACCEPTED, json!({"ok": true, "builds": names}))
-        }
-        Ok(WebhookOutcome::Duplicate) => answer(
-            StatusCode::OK,
-            json!({"ok": true, "builds": [], "duplicate": true}),
+        Ok(WebhookOutcome::Queued(names)) => (
+            Recorded(Verdict::Accepted),
+            answer(StatusCode::ACCEPTED, json!({"ok": true, "builds": names})),
         ),
-        // A delivery that builds nothing is well-formed but unprocessable; the rest as
-        // `HostError` decides.
-        Err(HostError::Invalid(e)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),
-        Err(e) => refuse(
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            &e.to_string(),
+        Ok(WebhookOutcome::Duplicate) => (
+            Recorded(Verdict::Duplicate),
+            answer(
+                StatusCode::OK,
+                json!({"ok": true, "builds": [], "duplicate": true}),
+            ),
+        ),
+        // A delivery that builds nothing is well-formed but unprocessable (the host records
+        // it as refused); the rest as `HostError` decides.
+        Err(HostError::Invalid(e)) => (
+            Recorded(Verdict::Refused),
+            refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        ),
+        Err(e) => (
+            Unavailable,
+            refuse(
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                &e.to_string(),
+            ),
         ),
     }
 }

@@ -8,12 +8,12 @@ use ams_core::status::BuildStatus;
 use ams_core::webconf::WebConf;
 use ams_docker::DockerExecutor;
 use ams_host::control;
-use ams_host::host::{Host, HostConfig};
+use ams_host::host::{BuildRef, Host, HostConfig};
 use ams_host::log::BuildLog;
 use ams_host::worker::{self, ExecRequest, StopReason, StopSignal};
 use ams_host::{project, timefmt, DataDir};
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "amsbuild",
     version,
-    about = "A lightweight self-hosted CI server"
+    about = "A lightweight self-hosted CI server",
+    after_help = "The data directory is ./ams-data unless --data-dir or AMSBUILD_HOME says \
+                  otherwise. Commands other than serve, project, user, token, run, backup, \
+                  completions and man talk to the running host through its control socket there."
 )]
 struct Cli {
     /// The data directory (web_conf.json, ams.db, projects/).
@@ -41,9 +44,29 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// A build, named the same way for `log`, `cancel` and `delete-output`: its full name, or its
+/// project and index.
+#[derive(clap::Args, Debug)]
+struct BuildArg {
+    /// The build's full name as `amsbuild builds` shows it (`PROJECT/NAME` when several projects
+    /// have a build of that name), or its project when INDEX follows.
+    #[arg(value_name = "BUILD|PROJECT")]
+    build: String,
+    /// The build's number in PROJECT: 1 for its first build, 2 for the next.
+    #[arg(value_name = "INDEX", value_parser = clap::value_parser!(i64).range(1..))]
+    index: Option<i64>,
+}
+
+impl BuildArg {
+    fn to_ref(&self) -> BuildRef {
+        BuildRef::from_args(&self.build, self.index)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the host: the build queue, workers and the local control socket.
+    /// Run the host: the build queue, workers, the web interface, webhooks and the local
+    /// control socket.
     Serve,
     /// Create and list projects.
     #[command(subcommand)]
@@ -60,9 +83,13 @@ enum Cmd {
     Secret(SecretCmd),
     /// Ask the running host to queue a build.
     Build {
+        /// The project to build.
         project: String,
+        /// The branch to build (default: the project's configured branch, else the remote's
+        /// default branch).
         #[arg(long, conflicts_with = "commit")]
         branch: Option<String>,
+        /// The exact commit to build.
         #[arg(long)]
         commit: Option<String>,
         /// Follow the log to the end; exit 0 only for PASS.
@@ -71,7 +98,9 @@ enum Cmd {
     },
     /// List a project's builds, newest first.
     Builds {
+        /// The project whose builds to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -80,7 +109,9 @@ enum Cmd {
     },
     /// List a project's webhook deliveries, newest first.
     Deliveries {
+        /// The project whose deliveries to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -89,7 +120,9 @@ enum Cmd {
     },
     /// List a project's notifications and their attempts, newest first.
     Notifications {
+        /// The project whose notifications to list.
         project: String,
+        /// How many to list.
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print JSON instead of a table.
@@ -102,20 +135,48 @@ enum Cmd {
         /// `#N` or `N`.
         delivery: String,
     },
-    /// Cancel a pending or running build.
-    Cancel { build: String },
-    /// Delete a finished build's folder, log and archive.
-    DeleteOutput { build: String },
+    /// Cancel a pending or running build: `cancel BUILD` or `cancel PROJECT INDEX`.
+    Cancel {
+        #[command(flatten)]
+        build: BuildArg,
+    },
+    /// Delete a finished build's folder, log and archive: `delete-output BUILD` or
+    /// `delete-output PROJECT INDEX`.
+    DeleteOutput {
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Show the active and pending builds.
     Status,
-    /// Follow a build's log to its end.
-    Log { build: String },
+    /// Run retention now through the running host: remove the folders, logs and archives of
+    /// the finished builds that the projects' retention no longer keeps (their records stay,
+    /// marked deleted). The host also does this by itself every hour.
+    Gc {
+        /// Only list what would be removed and the bytes it would free.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a consistent copy of the database (ams.db) to FILE, mode 0600, while the host
+    /// runs or not; an existing FILE is never overwritten. Then say what else to copy.
+    Backup {
+        /// Where to write the copy (a new file).
+        file: PathBuf,
+    },
+    /// Follow a build's log to its end: `log BUILD` or `log PROJECT INDEX`; exit 0 only for
+    /// PASS.
+    Log {
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Internal: pack a folder into a 7z archive and hash it, printing JSON (used by the host so
     /// that the encoder's memory is returned to the system when it exits).
     #[command(name = "__pack", hide = true)]
     Pack {
+        /// The folder to pack.
         src: PathBuf,
+        /// The archive to write.
         dest: PathBuf,
+        /// The hash to compute of the archive (crc32, crc64, sha1, sha256, blake2sp).
         hash: Option<String>,
     },
     /// Run ./pipeline.json once, without a host, through the same executor.
@@ -124,12 +185,25 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Print a shell completion script to standard output (e.g. `amsbuild completions bash >
+    /// /etc/bash_completion.d/amsbuild`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output (e.g. `amsbuild man | man -l -`), or
+    /// the page of one command (`amsbuild man user add`).
+    Man {
+        /// The command whose page to print; none: the page of amsbuild itself.
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Add a user. The password comes from a prompt that does not echo, or --password-stdin.
     Add {
+        /// The user's login name.
         name: String,
         /// The level on each given project: 0 NO AUTH, 1 USER, 2 WEBHOOK, 3 MODERATOR,
         /// 4 ADMIN; or 5, SERVER ADMIN, on every project (then give no projects).
@@ -141,12 +215,15 @@ enum UserCmd {
         /// A project at --level (repeatable; adds to --projects).
         #[arg(long = "project")]
         project: Vec<String>,
+        /// Read the password from the first line of standard input instead of a prompt.
         #[arg(long)]
         password_stdin: bool,
     },
     /// Change a user's password; the user's sessions end and its API tokens are revoked.
     Passwd {
+        /// The user whose password to change.
         name: String,
+        /// Read the password from the first line of standard input instead of a prompt.
         #[arg(long)]
         password_stdin: bool,
     },
@@ -156,7 +233,9 @@ enum UserCmd {
     /// `--projects LIST`: exactly these projects, at --level or else as they were. `--project P
     /// --level N`: N on P only, the other projects untouched.
     Set {
+        /// The user to change.
         name: String,
+        /// The level to set: 0 NO AUTH, 1 USER, 2 WEBHOOK, 3 MODERATOR, 4 ADMIN, 5 SERVER ADMIN.
         #[arg(long)]
         level: Option<u8>,
         /// Comma-separated: the user's projects become exactly these.
@@ -167,27 +246,35 @@ enum UserCmd {
         project: Vec<String>,
     },
     /// Remove a user, with its sessions and tokens.
-    Remove { name: String },
+    Remove {
+        /// The user to remove.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum TokenCmd {
     /// Create an API token for a user; it is printed once.
     Create {
+        /// The user the token acts as.
         #[arg(long)]
         user: String,
+        /// A label to tell the user's tokens apart.
         #[arg(long, default_value = "cli")]
         label: String,
     },
     /// List a user's tokens (never their secrets).
     List {
+        /// The user whose tokens to list.
         #[arg(long)]
         user: String,
     },
     /// Revoke a token by its id.
     Revoke {
+        /// The user the token belongs to.
         #[arg(long)]
         user: String,
+        /// The token's id, as `token list` shows it.
         id: i64,
     },
 }
@@ -213,14 +300,20 @@ enum SecretCmd {
 enum ProjectCmd {
     /// Create a project and clone its source.
     Add {
+        /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
         name: String,
+        /// The git URL to clone (https, http, ssh, git or file).
         #[arg(long)]
         git: String,
+        /// The branch to check out (default: the remote's default branch).
         #[arg(long)]
         branch: Option<String>,
     },
     /// Create a blank project skeleton with an example pipeline.json.
-    Init { name: String },
+    Init {
+        /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
+        name: String,
+    },
     /// List the projects.
     List,
 }
@@ -250,6 +343,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -330,9 +425,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
             }
-            follow(&sock, &name).await
+            follow(
+                &sock,
+                &BuildRef::Name {
+                    project: Some(project),
+                    name,
+                },
+            )
+            .await
         }
-        Cmd::Log { build } => follow(&sock, &build).await,
+        Cmd::Log { build } => follow(&sock, &build.to_ref()).await,
         Cmd::Builds {
             project,
             limit,
@@ -348,6 +450,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
+                if builds.is_empty() {
+                    eprintln!("project {project} has no builds yet");
+                }
                 for b in builds {
                     print_build(&b);
                 }
@@ -369,6 +474,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                if list.is_empty() {
+                    eprintln!("project {project} has no webhook deliveries yet");
+                }
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
                     outln!(
@@ -415,6 +523,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if as_json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                if list.is_empty() {
+                    eprintln!("project {project} has sent no notifications yet");
+                }
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
                     let tries: Vec<String> = n["attempts"]
@@ -467,26 +578,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cancel { build } => {
-            let v = control::request(
-                &sock,
-                &json!({"cmd": "cancel", "build": build, "actor": actor()}),
-            )
-            .await
-            .map_err(|e| anyhow!(e))?;
+            let r = build.to_ref();
+            let v = control::request_on(&sock, "cancel", &r, &actor())
+                .await
+                .map_err(|e| anyhow!(e))?;
             outln!(
                 "cancel requested for {}",
-                v["build"]["name"].as_str().unwrap_or(&build)
+                v["build"]["name"].as_str().unwrap_or(&r.to_string())
             );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DeleteOutput { build } => {
-            control::request(
-                &sock,
-                &json!({"cmd": "delete-output", "build": build, "actor": actor()}),
-            )
-            .await
-            .map_err(|e| anyhow!(e))?;
-            outln!("deleted the output of {build}");
+            let r = build.to_ref();
+            let v = control::request_on(&sock, "delete-output", &r, &actor())
+                .await
+                .map_err(|e| anyhow!(e))?;
+            outln!(
+                "deleted the output of {}",
+                v["build"]["name"].as_str().unwrap_or(&r.to_string())
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
@@ -501,7 +611,34 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Gc { dry_run } => gc(&sock, dry_run).await,
+        Cmd::Backup { file } => backup(&data, &file).await,
         Cmd::Run { dir } => run_local(&dir).await,
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "amsbuild", &mut out);
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { command } => {
+            let mut cmd = Cli::command();
+            // Gives each command its full name (`amsbuild-user-add`, `amsbuild user add`).
+            cmd.build();
+            let mut page = &cmd;
+            for word in &command {
+                page = page
+                    .get_subcommands()
+                    .find(|c| c.get_name() == word && !c.is_hide_set())
+                    .ok_or_else(|| anyhow!("`{}` is not an amsbuild command", command.join(" ")))?;
+            }
+            let mut out = Vec::new();
+            clap_mangen::Man::new(page.clone())
+                .source(format!("amsbuild {}", env!("CARGO_PKG_VERSION")))
+                .manual("AMS-Build")
+                .render(&mut out)?;
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::User(u) => users(&data, u).await,
         Cmd::Token(t) => tokens(&data, t).await,
         Cmd::Secret(c) => secrets(&data, c).await,
@@ -528,10 +665,155 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Bytes for people: `512 B`, `1.5 KiB`, `12.0 MiB`, `3.2 GiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `amsbuild gc [--dry-run]`: one retention run through the host, printed per project.
+async fn gc(sock: &Path, dry_run: bool) -> Result<ExitCode> {
+    let v = control::request(
+        sock,
+        &json!({"cmd": "gc", "dry_run": dry_run, "actor": actor()}),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
+    let r = &v["report"];
+    let projects = r["projects"].as_array().cloned().unwrap_or_default();
+    if projects.is_empty() {
+        outln!(
+            "no project has a retention: set retention_keep_builds or retention_max_age_days \
+             in web_conf.json, or \"retention\" in a project's pipeline-config.json"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut failed = false;
+    for p in &projects {
+        let name = p["project"].as_str().unwrap_or("?");
+        if let Some(e) = p["error"].as_str() {
+            failed = true;
+            outln!("{name}: left alone: {e}");
+            continue;
+        }
+        let policy = match (
+            p["policy"]["keep_builds"].as_u64(),
+            p["policy"]["max_age_days"].as_f64(),
+        ) {
+            (Some(n), Some(d)) => format!("keep-builds {n}, max-age-days {d}"),
+            (Some(n), None) => format!("keep-builds {n}"),
+            (None, Some(d)) => format!("max-age-days {d}"),
+            (None, None) => "keep every build".into(),
+        };
+        let builds = p["builds"].as_array().cloned().unwrap_or_default();
+        if builds.is_empty() {
+            outln!("{name} ({policy}): nothing to remove");
+            continue;
+        }
+        let bytes = p["bytes"].as_u64().unwrap_or(0);
+        outln!(
+            "{name} ({policy}): {verb} {} build(s), {}",
+            builds.len(),
+            human(bytes)
+        );
+        for b in builds {
+            let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
+            match b["error"].as_str() {
+                Some(e) => {
+                    failed = true;
+                    outln!("  {}  {}  kept: {e}", s("name"), s("status").to_uppercase());
+                }
+                None => outln!(
+                    "  {}  {}  {}  {}",
+                    s("name"),
+                    s("status").to_uppercase(),
+                    human(b["bytes"].as_u64().unwrap_or(0)),
+                    s("why")
+                ),
+            }
+        }
+    }
+    let total = r["bytes"].as_u64().unwrap_or(0);
+    outln!(
+        "{} {} ({total} bytes)",
+        if dry_run { "would free" } else { "freed" },
+        human(total)
+    );
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `amsbuild backup FILE`: a consistent copy of the database, then what else to copy.
+async fn backup(data: &DataDir, file: &Path) -> Result<ExitCode> {
+    let dest = std::path::absolute(file)
+        .with_context(|| format!("bad backup file name {}", file.display()))?;
+    let info = ams_store::backup(&data.db(), &dest)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    outln!(
+        "wrote {} (mode 0600): {} builds, {}; its integrity check passed",
+        dest.display(),
+        info.builds,
+        human(info.bytes)
+    );
+    outln!("the database holds the records only; to restore a host, also copy:");
+    outln!(
+        "  {} and {}: the host's configuration and its id",
+        data.web_conf().display(),
+        data.host_id_file().display()
+    );
+    outln!(
+        "  {}: each project's private pipeline-config.json, webhooks.json and keys (in no \
+         repository: copy them at least)",
+        data.projects().join("*/master/config").display()
+    );
+    if data.secrets_key().exists() {
+        outln!(
+            "  {}: the key of the projects' secrets (the copy holds them sealed; without the \
+             key they cannot be opened). Keep it apart from the copy, as safe as the secrets",
+            data.secrets_key().display()
+        );
+    }
+    outln!(
+        "  the rest of {}: sources, build folders, logs and archives (large)",
+        data.projects().display()
+    );
+    let conf = std::fs::read_to_string(data.web_conf())
+        .ok()
+        .and_then(|t| WebConf::parse(&t, "web_conf.json").ok());
+    match conf {
+        Some(c) => {
+            let files: Vec<String> = [&c.ssl.cert_file, &c.ssl.ca_bundle_file, &c.ssl.private_file]
+                .into_iter()
+                .flatten()
+                .map(|f| data.root().join(f).display().to_string())
+                .collect();
+            if !files.is_empty() {
+                outln!("  the TLS files: {}", files.join(", "));
+            }
+        }
+        None => outln!("  the TLS files web_conf.json names under \"ssl\", if any"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_build(b: &Value) {
     let s = |k: &str| b[k].as_str().unwrap_or("-").to_string();
     outln!(
-        "{:<8} {}  {}  by {}  git {}{}",
+        "{:<8} {}  {}  by {}  git {}{}{}",
         s("status").to_uppercase(),
         s("name"),
         b["created_at"]
@@ -546,13 +828,18 @@ fn print_build(b: &Value) {
         b["reason"]
             .as_str()
             .map(|r| format!("  ({r})"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if b["output_deleted_at"].is_number() {
+            "  [output deleted]"
+        } else {
+            ""
+        }
     );
 }
 
-async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
+async fn follow(sock: &Path, build: &BuildRef) -> Result<ExitCode> {
     use std::io::Write;
-    let status = control::follow_log(sock, name, &mut |t| {
+    let (name, status) = control::follow_log(sock, build, &mut |t| {
         let mut o = std::io::stdout().lock();
         let _ = o.write_all(t.as_bytes());
         let _ = o.flush();
@@ -565,6 +852,16 @@ async fn follow(sock: &Path, name: &str) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Writes generated text to standard output; a closed pipe (`| head`) is a quiet end.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn read_password(from_stdin: bool) -> Result<String> {
@@ -922,10 +1219,12 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let store = ams_store::Store::open(&data.db())
         .await
         .context("cannot open the database")?;
+    let metrics = Arc::new(ams_host::metrics::Metrics::new());
     let (notifier, notify_task) = ams_notify::start(
         data.clone(),
         Arc::new(conf.clone()),
         store,
+        metrics.clone(),
         shutdown.clone(),
     );
     for p in ams_notify::startup_problems(&data) {
@@ -937,6 +1236,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             conf: conf.clone(),
             packer: std::env::current_exe().ok(),
             events: Some(notifier),
+            metrics: metrics.clone(),
         },
         executor,
     )
@@ -995,6 +1295,8 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         ))
         .merge(ams_web::manage::router(api_state.clone(), &conf.web_root))
         .merge(ams_web::api::health_router(api_state.clone()))
+        .merge(ams_web::metrics::router(api_state.clone()))
+        .merge(ams_web::badge::router(api_state.clone(), &conf.web_root))
         .merge(ams_web::pages::router(api_state, &conf.web_root));
     let bind = |ip: &str, port: u16, what: &'static str| {
         let addr = format!("{ip}:{port}");
@@ -1032,6 +1334,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l,
             web.merge(hooks),
             tls.clone(),
+            metrics.clone(),
             shutdown.clone(),
         )));
     } else {
@@ -1045,6 +1348,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l,
             hooks,
             tls.clone(),
+            metrics.clone(),
             shutdown.clone(),
         )));
         let l = bind(
@@ -1058,7 +1362,13 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             l.local_addr()?,
             conf.web_root
         );
-        web_tasks.push(tokio::spawn(ams_web::serve(l, web, tls, shutdown.clone())));
+        web_tasks.push(tokio::spawn(ams_web::serve(
+            l,
+            web,
+            tls,
+            metrics.clone(),
+            shutdown.clone(),
+        )));
     }
     let host_task = tokio::spawn(host.run());
     let schedule_task = tokio::spawn(ams_host::schedule::run(handle.clone(), shutdown.clone()));
@@ -1194,10 +1504,14 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         source_dir: dir.clone(),
         output_dir: output_dir.clone(),
         ci_dir: work.join(".ams-ci"),
+        caches: Vec::new(),
         deadline: started + Duration::from_secs(timeout),
         timeout_secs: timeout,
         secrets: &[],
     };
+    if !p.caches.is_empty() {
+        log.line("caches are kept only by the host; `amsbuild run` starts them empty");
+    }
     let outcome = worker::execute(&executor, req, &mut log, &stop).await;
     let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
     eprintln!(
@@ -1214,5 +1528,84 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commands and arguments without help text, by their full command path.
+    fn without_help(c: &clap::Command, missing: &mut Vec<String>) {
+        let path = c.get_bin_name().unwrap_or(c.get_name()).to_string();
+        if c.get_about().is_none() && c.get_long_about().is_none() {
+            missing.push(format!("command `{path}`"));
+        }
+        for a in c.get_arguments() {
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("argument `{}` of `{path}`", a.get_id()));
+            }
+        }
+        for sub in c.get_subcommands() {
+            without_help(sub, missing);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help() {
+        Cli::command().debug_assert();
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        without_help(&cmd, &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        // The walk reaches the nested commands and every argument kind.
+        let mut count = 0;
+        fn all(c: &clap::Command, n: &mut usize) {
+            *n += 1 + c.get_arguments().count();
+            c.get_subcommands().for_each(|s| all(s, n));
+        }
+        all(&cmd, &mut count);
+        assert!(count > 80, "walked only {count} commands and arguments");
+    }
+
+    #[test]
+    fn the_three_build_commands_take_the_same_references() {
+        for cmd in ["log", "cancel", "delete-output"] {
+            let parse = |args: &[&str]| {
+                let mut v = vec!["amsbuild", cmd];
+                v.extend_from_slice(args);
+                Cli::try_parse_from(v).map(|c| match c.cmd {
+                    Cmd::Log { build } | Cmd::Cancel { build } | Cmd::DeleteOutput { build } => {
+                        build.to_ref()
+                    }
+                    other => panic!("{other:?}"),
+                })
+            };
+            assert_eq!(
+                parse(&["app_1_build_3"]).unwrap(),
+                BuildRef::Name {
+                    project: None,
+                    name: "app_1_build_3".into()
+                }
+            );
+            assert_eq!(
+                parse(&["app/3"]).unwrap(),
+                BuildRef::Name {
+                    project: Some("app".into()),
+                    name: "3".into()
+                }
+            );
+            assert_eq!(
+                parse(&["app", "3"]).unwrap(),
+                BuildRef::Index {
+                    project: "app".into(),
+                    index: 3
+                }
+            );
+            for bad in [&["app", "0"][..], &["app", "x"], &["app", "-1"], &[]] {
+                assert!(parse(bad).is_err(), "{cmd} {bad:?}");
+            }
+        }
     }
 }

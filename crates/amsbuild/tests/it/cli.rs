@@ -20,6 +20,8 @@ fn commands_say_when_no_host_runs() {
         vec!["builds", "x"],
         vec!["cancel", "x"],
         vec!["delete-output", "x"],
+        vec!["gc"],
+        vec!["gc", "--dry-run"],
         vec!["status"],
     ] {
         let o = h.cli(&args);
@@ -207,8 +209,8 @@ fn run_refuses_a_malformed_pipeline_with_its_field() {
 }
 
 #[test]
-fn a_dead_docker_engine_fails_the_build_not_the_host() {
-    // Builds wait for a missing engine for engine_wait_secs, then fail with the reason.
+fn a_dead_docker_engine_ends_the_build_error_not_the_host() {
+    // Builds wait for a missing engine for engine_wait_secs, then end ERROR with the reason.
     let mut h = TestHost::with_conf(json!({"engine_wait_secs": 2}));
     let dead = h.tmp.path().join("no-docker.sock");
     h.env
@@ -218,7 +220,7 @@ fn a_dead_docker_engine_fails_the_build_not_the_host() {
     for _ in 0..2 {
         let name = h.build("p");
         let r = h.wait_status("p", &name, std::time::Duration::from_secs(60));
-        assert_eq!(r["status"], "fail");
+        assert_eq!(r["status"], "error");
         let reason = r["reason"].as_str().unwrap();
         assert!(
             reason.contains("Docker engine is not reachable"),

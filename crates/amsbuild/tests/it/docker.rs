@@ -169,6 +169,52 @@ fn error_builds_are_retried_as_configured_and_failures_are_not() {
     assert!(h
         .log("flaky", &first)
         .contains("queued again (attempt 2 of 3)"));
+    // With only-build-latest, a build with a newer one on its branch is not retried (the retry
+    // of its older commit would supersede the newer build).
+    // Both builds wait in a host command until the newer one is queued, then fail to find
+    // their image.
+    let go = h.tmp.path().join("go");
+    h.project(
+        "latest",
+        &pipeline_with(
+            json!([stage("x", &["true"])]),
+            json!({"prepare-build": {"master-dir-commands": [
+                format!("while [ ! -e {} ]; do sleep 0.05; done", go.display())
+            ]}}),
+        )
+        .replace(IMAGE, "ams-no-such-image:never"),
+    );
+    std::fs::write(
+        h.data
+            .join("projects/latest/master/config/pipeline-config.json"),
+        r#"{"retry-on-error": 1, "only-build-latest": true, "trust-host-commands": true}"#,
+    )
+    .unwrap();
+    let older = h.build("latest");
+    wait_for("the older build to start", T, || {
+        (h.record("latest", &older)["status"] == "running").then_some(())
+    });
+    let newer = h.build("latest");
+    std::fs::write(&go, "").unwrap();
+    let list = wait_for("the newer build's retry to end", T, || {
+        let list = h.req(json!({"cmd": "builds", "project": "latest", "limit": 10}))["builds"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let done = list.len() == 3
+            && list.iter().all(|b| b["status"] == "error")
+            && h.log("latest", list[0]["name"].as_str()?)
+                .contains("no retries left");
+        done.then_some(list)
+    });
+    assert_eq!(list[0]["retry_of"], list[1]["id"], "{list:?}");
+    assert_eq!(list[1]["name"], newer.as_str());
+    assert!(
+        h.log("latest", &older).contains("not queued again"),
+        "{}",
+        h.log("latest", &older)
+    );
+
     let failed = h.build("broken");
     assert_eq!(h.wait_status("broken", &failed, T)["status"], "fail");
     let later = h.build("broken");

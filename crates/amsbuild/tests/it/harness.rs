@@ -88,6 +88,8 @@ pub struct TestHost {
     pub data: PathBuf,
     /// Extra environment for the host process.
     pub env: Vec<(String, String)>,
+    /// A command that runs the host (`serve` only), such as `setpriv` with its options.
+    pub wrap: Vec<String>,
     child: Option<Child>,
 }
 
@@ -112,12 +114,25 @@ impl TestHost {
             tmp,
             data,
             env: Vec::new(),
+            wrap: Vec::new(),
             child: None,
         }
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(bin());
+        self.command_via(&[])
+    }
+
+    /// The binary with this data directory, run by `wrap` when it is not empty.
+    fn command_via(&self, wrap: &[String]) -> Command {
+        let mut c = match wrap.split_first() {
+            None => Command::new(bin()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+        };
         c.arg("--data-dir")
             .arg(&self.data)
             .env_remove("AMSBUILD_HOME");
@@ -142,7 +157,7 @@ impl TestHost {
             .open(self.tmp.path().join("host.log"))
             .unwrap();
         let child = self
-            .cmd()
+            .command_via(&self.wrap)
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

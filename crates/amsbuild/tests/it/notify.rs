@@ -425,3 +425,100 @@ fn an_unknown_variable_is_reported_when_the_config_is_loaded() {
     );
     assert!(log.contains("stauts"));
 }
+
+/// `commit-status` reports each build on its commit in the shape each forge documents: GitHub
+/// (bearer token, `pending` then the final state) and Bitbucket Cloud (an app password as
+/// basic auth, retried after a 500), in order, and recorded like notifications.
+#[test]
+fn commit_statuses_reach_the_forge_in_order_and_retry() {
+    require_docker();
+    let rx = Receiver::start();
+    let mut h = TestHost::with_conf(allow());
+    h.project(
+        "gh",
+        &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
+    );
+    h.project("bb", &pipeline(json!([stage("s", &["exit 1"])])));
+    let configs = [
+        (
+            "gh",
+            json!({"type": "github", "token": "gh-token", "repo": "o/r", "api": rx.url("/ok/gh")}),
+        ),
+        (
+            "bb",
+            json!({"type": "bitbucket", "token": "app-pw", "username": "u", "repo": "w/s",
+                   "api": rx.url("/flaky/bb"), "context": "ci/ams"}),
+        ),
+    ];
+    for (p, c) in configs {
+        std::fs::write(
+            h.data
+                .join(format!("projects/{p}/master/config/pipeline-config.json")),
+            json!({"commit-status": c}).to_string(),
+        )
+        .unwrap();
+    }
+    h.start();
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    for p in ["gh", "bb"] {
+        let b = h.build_with(p, json!({"commit": sha}));
+        h.wait_status(p, b["name"].as_str().unwrap(), Duration::from_secs(60));
+    }
+    wait_for("four statuses sent", Duration::from_secs(30), || {
+        let n = ["gh", "bb"]
+            .iter()
+            .flat_map(|p| {
+                h.req(json!({"cmd": "notifications", "project": p, "limit": 100}))["notifications"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|n| n["hook"] == "commit-status" && n["outcome"] == "sent")
+            .count();
+        (n == 4).then_some(())
+    });
+    let got = rx.got.lock().unwrap().clone();
+    let header = |r: &Received, k: &str| {
+        r.headers
+            .iter()
+            .find(|(h, _)| h == k)
+            .map(|x| x.1.clone())
+            .unwrap_or_default()
+    };
+    let gh: Vec<&Received> = got
+        .iter()
+        .filter(|r| r.path == format!("/ok/gh/repos/o/r/statuses/{sha}"))
+        .collect();
+    let states: Vec<&str> = gh
+        .iter()
+        .map(|r| r.body["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "success"]);
+    assert_eq!(header(gh[0], "authorization"), "Bearer gh-token");
+    assert_eq!(header(gh[0], "accept"), "application/vnd.github+json");
+    assert_eq!(gh[1].body["context"], "ams-build");
+    assert!(
+        gh[1].body["target_url"]
+            .as_str()
+            .unwrap()
+            .contains("?page_redirect=output/gh/"),
+        "{}",
+        gh[1].body
+    );
+    let bb: Vec<&Received> = got
+        .iter()
+        .filter(|r| r.path == format!("/flaky/bb/2.0/repositories/w/s/commit/{sha}/statuses/build"))
+        .collect();
+    let states: Vec<&str> = bb
+        .iter()
+        .map(|r| r.body["state"].as_str().unwrap())
+        .collect();
+    // The first answer is a 500: INPROGRESS is sent again, and FAILED only after it.
+    assert_eq!(states, ["INPROGRESS", "INPROGRESS", "FAILED"]);
+    assert_eq!(header(bb[0], "authorization"), "Basic dTphcHAtcHc=");
+    assert_eq!(bb[2].body["key"], "ci/ams");
+    assert!(bb[2].body["description"]
+        .as_str()
+        .unwrap()
+        .starts_with("FAIL"));
+}

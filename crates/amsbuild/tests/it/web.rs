@@ -653,3 +653,40 @@ fn the_deliveries_page_is_for_admins() {
     let (_, _, dash) = w.get("/ams-build/", &moderator);
     assert!(!dash.contains("/ams-build/admin/mine"));
 }
+
+/// The `location` of a redirect's header block.
+fn location(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("location:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A notification's link (`/ams-build/?page_redirect=output/…`) leads to its target through the
+/// login, and straight there with a session; a target off the site is dropped.
+#[test]
+fn notification_links_survive_the_login() {
+    let w = Web::new(json!({}));
+    let target = "output/mine/mine_1";
+    let (st, head, _) = w.get(&format!("/ams-build/?page_redirect={target}"), "");
+    assert_eq!(st, 303, "{head}");
+    assert_eq!(
+        location(&head),
+        format!("/ams-build/login?page_redirect={target}")
+    );
+    let (st, head) = w.login("mod", "correct horse battery", target, None);
+    assert_eq!(st, 303, "{head}");
+    assert_eq!(location(&head), format!("/ams-build/{target}"));
+    let cookie = Web::cookie(&head);
+    let (st, head, _) = w.get(&format!("/ams-build/?page_redirect={target}"), &cookie);
+    assert_eq!(st, 303, "{head}");
+    assert_eq!(location(&head), format!("/ams-build/{target}"));
+    for evil in ["//evil.example/x", "https://evil.example/", "..%2F..%2Fetc"] {
+        let (st, head, _) = w.get(&format!("/ams-build/?page_redirect={evil}"), "");
+        assert_eq!(st, 303, "{head}");
+        assert_eq!(location(&head), "/ams-build/login", "{evil}");
+        let (st, _, page) = w.get(&format!("/ams-build/?page_redirect={evil}"), &cookie);
+        assert_eq!(st, 200, "{evil}: the dashboard itself");
+        assert!(page.contains("Signed in as"), "{evil}");
+    }
+}

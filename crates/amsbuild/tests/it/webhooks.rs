@@ -604,7 +604,7 @@ fn a_burst_of_signed_pushes_loses_nothing_across_a_restart() {
             .get(name)
             .unwrap_or_else(|| panic!("{id}: build {name} lost"));
         assert!(
-            ["dummy", "skip", "fail"].contains(&s.as_str()),
+            ["dummy", "skip", "error"].contains(&s.as_str()),
             "{id}: {name} is {s}"
         );
     }
