@@ -878,20 +878,22 @@ async fn secrets_list(
     Ok(Json(Value::Array(list.iter().map(secret_json).collect())))
 }
 
-/// `PUT` with `{"value": "…"}`: sets or replaces the secret. The answer names it only.
+/// `PUT` with `{"value": "…"}` (`Content-Type: application/json`): sets or replaces the
+/// secret. The answer names it only.
 async fn secret_put(
     State(st): State<ApiState>,
     c: Caller,
     Path((name, secret)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson,
 ) -> Result<Json<Value>, ApiError> {
     secret_keeper(&st, &c, &name)?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::Bad("send the value as JSON: {\"value\": \"…\"}".into()))?;
-    let value = v
-        .get("value")
+    let value = body
+        .as_ref()
+        .and_then(|v| v.get("value"))
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::Bad("send the value as JSON: {\"value\": \"…\"}".into()))?;
+        .ok_or_else(|| {
+            ApiError::Bad("send the value as a JSON object: {\"value\": \"…\"}".into())
+        })?;
     ams_host::secrets::set(
         &st.host.data,
         &st.host.store,
