@@ -841,3 +841,59 @@ fn a_lost_key_fails_builds_clearly() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("is missing"));
     assert!(!h.data.join("secrets.key").exists());
 }
+
+/// A build with secrets that leaves one in its cache (as tools that store credentials do)
+/// does not hand it to a build without secrets, which would otherwise restore the default
+/// branch's cache: the two keep their entries apart.
+#[test]
+fn caches_of_builds_with_secrets_never_reach_builds_without() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "app",
+        &pipeline_with(
+            json!([stage(
+                "s",
+                &[
+                    "cat /root/.cache/dep/state 2>/dev/null || echo state=empty",
+                    r#"echo "state=${S:-nosecret}" > /root/.cache/dep/state"#,
+                ]
+            )]),
+            json!({"secrets": ["S"], "caches": [{"key": "dep", "path": "/root/.cache/dep"}]}),
+        ),
+    );
+    h.private_config(
+        "app",
+        json!({"secret-branches": ["main"], "branch": "main"}),
+    );
+    assert!(set_secret(&h, "app", "S", VALUE).status.success());
+    h.start();
+    let run = |extra: Value| {
+        let name = h.build_with("app", extra)["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let rec = h.wait_status("app", &name, Duration::from_secs(120));
+        assert_eq!(rec["status"], "pass", "{rec}");
+        let log = h.log("app", &name);
+        assert_clean("a build's log", &log);
+        log
+    };
+    let log = run(json!({}));
+    assert!(
+        log.contains("secrets for the stages") && log.contains("state=empty\n"),
+        "{log}"
+    );
+    // The default branch's entry now holds the value; a branch without secrets does not get it.
+    let log = run(json!({"branch": "topic"}));
+    assert!(
+        log.contains("secrets withheld") && log.contains("state=empty\n"),
+        "{log}"
+    );
+    // The default branch's builds with secrets still restore their own entry.
+    let log = run(json!({}));
+    assert!(log.contains("state=***\n"), "{log}");
+    // And the plain entries never held a value.
+    let plain = run(json!({"branch": "topic"}));
+    assert!(plain.contains("state=nosecret\n"), "{plain}");
+}
