@@ -226,8 +226,13 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
             previous: ctx.store.previous_status(&b).await.ok().flatten(),
         },
     };
-    let values = variables(&ctx.conf, &b);
+    let mut values = variables(&ctx.conf, &b);
     let masker = ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await;
+    // Masked before a message is made and cut to its limits: a cut through a value would
+    // leave its beginning unmasked.
+    if let Ok(Some(m)) = &masker {
+        values.values_mut().for_each(|v| *v = m.mask_str(v));
+    }
     for hook in hooks {
         let Some(trigger) = hook.triggers.iter().copied().find(|t| t.fires(event)) else {
             continue;
@@ -348,12 +353,18 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
         }
         Some(repo) => {
             let values = variables(&ctx.conf, b);
+            let masker = ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await;
             let description = match status {
                 None => format!("build {} running", b.name),
                 Some(s) => match &b.reason {
                     Some(r) => format!("{s}: {r}"),
                     None => format!("{s}"),
                 },
+            };
+            // The description carries the build's reason: masked before it is cut to length.
+            let description = match &masker {
+                Ok(Some(m)) => m.mask_str(&description),
+                _ => description,
             };
             let (url, body) = cs::request(
                 &cfg,
@@ -379,9 +390,8 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
             if cfg.forge == cs::Forge::Github {
                 headers.push(("Accept", "application/vnd.github+json".into()));
             }
-            // The description carries the build's reason: masked like every message.
             let mut body = body;
-            match ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await {
+            match masker {
                 Ok(m) => {
                     if let Some(m) = m {
                         mask_json(&mut body, &m);
