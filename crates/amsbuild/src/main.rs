@@ -284,16 +284,27 @@ enum SecretCmd {
     /// Set (or replace) a secret. The value is read from standard input, never from the
     /// command line (which other users of the machine can see): piped in whole (one trailing
     /// newline dropped), or typed at a prompt that does not echo.
-    Set { project: String, name: String },
+    Set {
+        /// The project the secret belongs to.
+        project: String,
+        /// The secret's name, an environment variable name such as DEPLOY_TOKEN.
+        name: String,
+    },
     /// List a project's secrets: names, when and by whom each was set. Never a value.
     List {
+        /// The project whose secrets to list.
         project: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Remove a secret.
-    Rm { project: String, name: String },
+    Rm {
+        /// The project the secret belongs to.
+        project: String,
+        /// The secret's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
