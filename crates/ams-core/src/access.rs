@@ -87,6 +87,8 @@ pub enum Action {
     ManageUsers,
     /// See the project's webhook deliveries and notifications, replay deliveries.
     SeeDeliveries,
+    /// Set, list (names only) and remove the project's secrets. No action shows a value.
+    ManageSecrets,
 }
 
 /// What a manager asks for a user ([`Grant::edit`]).
@@ -227,7 +229,9 @@ impl Grant {
         match action {
             Action::View => true,
             Action::Operate => level >= Level::Moderator,
-            Action::ManageUsers | Action::SeeDeliveries => level >= Level::Admin,
+            Action::ManageUsers | Action::SeeDeliveries | Action::ManageSecrets => {
+                level >= Level::Admin
+            }
         }
     }
 
@@ -423,6 +427,13 @@ mod tests {
             assert_eq!(u.may(Operate, "mine"), operate, "{level:?} operate");
             assert_eq!(u.may(ManageUsers, "mine"), manage, "{level:?} manage");
             assert_eq!(u.may(SeeDeliveries, "mine"), manage, "{level:?} deliveries");
+            assert_eq!(u.may(ManageSecrets, "mine"), manage, "{level:?} secrets");
+            let other = level == Level::ServerAdmin;
+            assert_eq!(
+                u.may(ManageSecrets, "other"),
+                other,
+                "{level:?} other's secrets"
+            );
             let other = level == Level::ServerAdmin;
             assert_eq!(u.may(View, "other"), other, "{level:?} other project");
         }

@@ -10,7 +10,7 @@
 //! the length of each string are capped, and each cap has an error saying which field is over.
 
 use crate::error::{clip, ConfigError};
-use crate::{docker_args, protocol, vars};
+use crate::{docker_args, protocol, secrets, vars};
 use serde_json::{Map, Value};
 
 const FILE: &str = "pipeline.json";
@@ -225,6 +225,9 @@ pub struct Pipeline {
     pub fail_fast: bool,
     /// Build timeout override in seconds.
     pub timeout_secs: Option<u64>,
+    /// Names of the project's secrets the stages receive as environment variables (when the
+    /// build is of a branch that pipeline-config.json's `secret-branches` allows).
+    pub secrets: Vec<String>,
     /// Folders kept between builds.
     pub caches: Vec<CacheDef>,
     /// Keys that were present but are not used.
@@ -471,6 +474,62 @@ fn read_json(text: &str) -> Result<Value, ConfigError> {
         }
         ce
     })
+}
+
+/// The top-level `secrets`: a list of at most [`secrets::MAX_PER_PIPELINE`] secret names, each
+/// once, none also set in `environment`.
+fn secret_names(
+    v: Option<&Value>,
+    environment: &[(String, String)],
+) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(items) = v else {
+        return Err(err(
+            "secrets",
+            format!(
+                "expected a list of secret names, found {}; write \"secrets\": [\"NAME\"]",
+                type_name(v)
+            ),
+        ));
+    };
+    if items.len() > secrets::MAX_PER_PIPELINE {
+        return Err(err(
+            "secrets",
+            format!(
+                "has {} names, over the limit of {}",
+                items.len(),
+                secrets::MAX_PER_PIPELINE
+            ),
+        ));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        crate::work::add(1);
+        let path = format!("secrets[{i}]");
+        let Value::String(name) = item else {
+            return Err(err(
+                &path,
+                format!("expected a secret name, found {}", type_name(item)),
+            ));
+        };
+        secrets::validate_name(name).map_err(|e| err(&path, e))?;
+        if out.contains(name) {
+            return Err(err(&path, format!("`{name}` is listed twice")));
+        }
+        if environment.iter().any(|(k, _)| k == name) {
+            return Err(err(
+                &path,
+                format!(
+                    "`{name}` is also set in `environment`; a variable comes from one place: \
+                     remove it from one of them"
+                ),
+            ));
+        }
+        out.push(name.clone());
+    }
+    Ok(out)
 }
 
 /// Parses and validates the text of a pipeline.json.
@@ -794,6 +853,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     if timeout_secs == Some(0) {
         return Err(err("timeout", "must be at least 1 second"));
     }
+    let secrets = secret_names(top.get("secrets"), &environment)?;
     top.unknown_keys(&mut warnings);
 
     let p = Pipeline {
@@ -806,6 +866,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         dummy_build,
         fail_fast,
         timeout_secs,
+        secrets,
         caches,
         warnings: warnings.finish(),
     };
@@ -929,6 +990,49 @@ mod tests {
         assert_eq!(p.cleanup.hash, Some(HashKind::Blake2sp));
         assert_eq!(p.environment[1], ("N".to_string(), "3".to_string()));
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn secrets_are_a_list_of_names_each_once_and_not_in_environment() {
+        let with = |v: serde_json::Value| {
+            let mut p: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+            p["secrets"] = v;
+            parse(&p.to_string())
+        };
+        let p = with(serde_json::json!(["DEPLOY_TOKEN", "_KEY2"])).unwrap();
+        assert_eq!(p.secrets, vec!["DEPLOY_TOKEN", "_KEY2"]);
+        assert!(parse(GOOD).unwrap().secrets.is_empty());
+        for (v, field, says) in [
+            (serde_json::json!("TOKEN"), "secrets", "expected a list"),
+            (
+                serde_json::json!(["TOKEN", 3]),
+                "secrets[1]",
+                "expected a secret name",
+            ),
+            (
+                serde_json::json!(["token"]),
+                "secrets[0]",
+                "not a secret name",
+            ),
+            (
+                serde_json::json!(["A", "B", "A"]),
+                "secrets[2]",
+                "listed twice",
+            ),
+            (
+                serde_json::json!(["MODE"]),
+                "secrets[0]",
+                "also set in `environment`",
+            ),
+        ] {
+            let e = with(v.clone()).unwrap_err();
+            assert_eq!(e.field, field, "{v}: {e}");
+            assert!(e.message.contains(says), "{v}: {e}");
+        }
+        let many: Vec<String> = (0..=secrets::MAX_PER_PIPELINE)
+            .map(|i| format!("S{i}"))
+            .collect();
+        assert_eq!(with(serde_json::json!(many)).unwrap_err().field, "secrets");
     }
 
     #[test]
@@ -1487,6 +1591,8 @@ mod tests {
                 (any::<bool>(), any::<bool>(), hash()),
                 (any::<bool>(), any::<bool>()),
                 prop::option::of(1u64..=7 * 24 * 3600),
+                // Longer than any generated environment name, so never the same.
+                prop::collection::btree_set("SECRET_[A-Z0-9_]{1,6}", 0..4),
             )
                 .prop_map(
                     |(
@@ -1498,6 +1604,7 @@ mod tests {
                         (remove, archive, hash),
                         (dummy, fail_fast),
                         timeout,
+                        secrets,
                     )| Pipeline {
                         build_name_format: format.to_string(),
                         docker,
@@ -1516,6 +1623,7 @@ mod tests {
                         dummy_build: dummy,
                         fail_fast,
                         timeout_secs: timeout,
+                        secrets: secrets.into_iter().collect(),
                         caches: Vec::new(),
                         warnings: Vec::new(),
                     },
@@ -1544,6 +1652,7 @@ mod tests {
                             "7z_hash": p.cleanup.hash.map(HashKind::name)},
                 "dummy-build": p.dummy_build,
                 "fail-fast": p.fail_fast,
+                "secrets": p.secrets,
             });
             if let Some(t) = p.timeout_secs {
                 v["timeout"] = json!(t);

@@ -43,6 +43,9 @@ pub struct PrivateConfig {
     pub retry_on_error: u32,
     /// Builds queued by the clock (cron expressions in UTC).
     pub schedules: Vec<crate::schedule::Schedule>,
+    /// Branches whose builds receive the secrets pipeline.json asks for (`*` for any
+    /// characters). Empty: no build receives any.
+    pub secret_branches: Vec<String>,
     /// Report each build's state on its commit at the forge.
     pub commit_status: Option<crate::commit_status::CommitStatusConfig>,
     /// Which finished builds keep their files (over web_conf.json's defaults).
@@ -115,6 +118,21 @@ impl PrivateConfig {
                 }
             }
         }
+        if cfg.secret_branches.len() > crate::secrets::MAX_BRANCH_PATTERNS {
+            return Err(ConfigError::field(
+                Self::FILE,
+                "secret-branches",
+                format!(
+                    "has {} entries; at most {} are allowed",
+                    cfg.secret_branches.len(),
+                    crate::secrets::MAX_BRANCH_PATTERNS
+                ),
+            ));
+        }
+        for (i, p) in cfg.secret_branches.iter().enumerate() {
+            crate::secrets::validate_branch_pattern(p)
+                .map_err(|e| ConfigError::field(Self::FILE, format!("secret-branches[{i}]"), e))?;
+        }
         if let Some(k) = &cfg.ssh_key {
             if k.contains('/') || k.contains("..") || k.is_empty() {
                 return Err(ConfigError::field(
@@ -178,6 +196,13 @@ mod tests {
         let e = PrivateConfig::parse("{\"trust_host_commands\": true}").unwrap_err();
         assert!(e.message.contains("trust_host_commands"), "{e}");
         assert!(PrivateConfig::parse(r#"{"ssh-key": "../id"}"#).is_err());
+        let sb = PrivateConfig::parse(r#"{"secret-branches": ["main", "release/*"]}"#).unwrap();
+        assert_eq!(sb.secret_branches, vec!["main", "release/*"]);
+        let e = PrivateConfig::parse(r#"{"secret-branches": ["main", ""]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret-branches[1]"), "{e}");
+        assert!(PrivateConfig::parse(r#"{"secret-branches": "main"}"#).is_err());
         let c = PrivateConfig::parse(r#"{"retention": {"keep-builds": 5, "max-age-days": null}}"#)
             .unwrap();
         assert_eq!(c.retention.keep_builds, crate::retention::Setting::Value(5));

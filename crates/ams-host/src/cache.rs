@@ -8,6 +8,10 @@
 //! and once: the build's folder is renamed into place, and when two builds race for one key
 //! the first rename wins and the other folder is dropped. The entries of a project are kept
 //! under `cache_max_bytes` (web_conf.json) by removing the least recently used.
+//!
+//! Builds that received secrets keep their entries apart ([`secret_scope`]): what such a build
+//! left in a cache (a token a tool wrote into its cache folder, say) is restored only by later
+//! builds that receive secrets too, never by a build of a branch that may not have them.
 
 use crate::copy::{copy_tree, CopyKind};
 use crate::paths::{BuildDir, ProjectDir};
@@ -26,6 +30,13 @@ pub fn scope(branch: &str) -> String {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     )
+}
+
+/// The folder of a branch's entries made by builds that received secrets: restored only by
+/// builds that receive them too. (`\0` is never in a branch name, so no branch's plain scope
+/// is ever this one.)
+pub fn secret_scope(branch: &str) -> String {
+    scope(&format!("{branch}\0with secrets"))
 }
 
 /// The short hash a key's `{hash:FILE}` stands for.

@@ -406,6 +406,42 @@ pub async fn update(
     Ok(git(dir, &["rev-parse", "HEAD"], auth, cancel).await?)
 }
 
+/// Whether `commit` (a full id) is on `branch`: the branch's head or an ancestor of it, the
+/// head fetched from origin first when the checkout has one. Any doubt is an error.
+pub async fn commit_on_branch(
+    dir: &Path,
+    commit: &str,
+    branch: &str,
+    auth: &GitAuth,
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
+    if !valid_branch(branch) {
+        return Err(format!("`{branch}` is not a valid branch name"));
+    }
+    if !valid_commit(commit) {
+        return Err(format!("`{commit}` is not a commit id"));
+    }
+    let has_origin = git(dir, &["remote"], auth, cancel)
+        .await?
+        .lines()
+        .any(|l| l == "origin");
+    let head = if has_origin {
+        let spec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+        git(
+            dir,
+            &["fetch", "--prune", "--quiet", "origin", &spec],
+            auth,
+            cancel,
+        )
+        .await?;
+        format!("refs/remotes/origin/{branch}")
+    } else {
+        format!("refs/heads/{branch}")
+    };
+    let base = git(dir, &["merge-base", commit, &head], auth, cancel).await?;
+    Ok(base == commit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -601,6 +601,15 @@ impl Host {
         }
         let store = Store::open(&cfg.data.db()).await?;
         let host_id = host_id(&cfg.data)?;
+        let sealed = store.secret_count().await.unwrap_or(0);
+        if sealed > 0 && !cfg.data.secrets_key().exists() {
+            tracing::error!(
+                "{} is missing, but the database holds {sealed} secret(s) sealed with it: builds \
+                 that ask for secrets fail until the key file is restored from a backup (or the \
+                 secrets are removed and set again)",
+                cfg.data.secrets_key().display()
+            );
+        }
         let (tx, rx) = mpsc::channel(1024);
         let hub = LogHub::default();
         let (changes, _) = tokio::sync::broadcast::channel(16);
@@ -612,6 +621,7 @@ impl Host {
             master_locks: Mutex::new(HashMap::new()),
             packer: cfg.packer.clone(),
             overlay: Arc::default(),
+            store: store.clone(),
         });
         for m in crate::source::sweep_mounts(&cfg.data.projects()) {
             tracing::warn!("unmounted {} left by an interrupted build", m.display());

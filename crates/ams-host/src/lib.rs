@@ -14,6 +14,7 @@ pub mod paths;
 pub mod project;
 pub mod retention;
 pub mod schedule;
+pub mod secrets;
 pub mod settings;
 pub mod source;
 pub mod timefmt;

@@ -5,7 +5,13 @@
 //! visible truncation marker and drops the rest. A subscriber that falls behind loses chunks from
 //! the channel, never memory: it catches up by reading the file from its own offset, so memory
 //! stays bounded whatever a build prints and however slow a reader is.
+//!
+//! A build that receives secrets gives its log a masker first ([`BuildLog::set_masker`]): from
+//! then on every byte goes through it before the file and the channel see it, so the file, the
+//! live stream and every download hold only masked text. Output is masked as a stream (a value
+//! cut across pieces is still found); the host's own lines are masked whole.
 
+use ams_core::mask::{MaskStream, Masker};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::Write;
@@ -126,6 +132,8 @@ pub struct BuildLog {
     echo: bool,
     /// The first error writing the file (a full disk); nothing more is written after it.
     failed: Option<String>,
+    /// The build's secrets, hidden from everything written from now on.
+    mask: Option<MaskStream>,
 }
 
 impl BuildLog {
@@ -153,6 +161,7 @@ impl BuildLog {
             tx,
             echo: false,
             failed: None,
+            mask: None,
         })
     }
 
@@ -167,6 +176,7 @@ impl BuildLog {
             tx: None,
             echo: true,
             failed: None,
+            mask: None,
         }
     }
 
@@ -236,8 +246,53 @@ impl BuildLog {
         self.offset += data.len() as u64;
     }
 
+    /// Masks everything written from now on with `m` (the values of the build's secrets).
+    pub fn set_masker(&mut self, m: Arc<Masker>) {
+        self.flush_mask();
+        self.mask = Some(MaskStream::new(m));
+    }
+
+    /// Whether a masker is set.
+    pub fn masking(&self) -> bool {
+        self.mask.is_some()
+    }
+
+    /// `text` with the build's secrets hidden (for text that leaves the host another way
+    /// than through this log, such as the build's reason).
+    pub fn mask_text(&self, text: &str) -> String {
+        match &self.mask {
+            Some(m) => m.masker().mask_str(text),
+            None => text.to_string(),
+        }
+    }
+
+    /// Gives out what the masker holds back (before a line of our own, and at the end).
+    fn flush_mask(&mut self) {
+        if let Some(mut m) = self.mask.take() {
+            let mut out = Vec::new();
+            m.flush(&mut out);
+            self.write_unmasked(&out);
+            self.mask = Some(m);
+        }
+    }
+
     /// Appends build output, honouring the size limit.
     pub fn write(&mut self, data: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        match self.mask.take() {
+            Some(mut m) => {
+                let mut out = Vec::with_capacity(data.len());
+                m.push(data, &mut out);
+                self.mask = Some(m);
+                self.write_unmasked(&out);
+            }
+            None => self.write_unmasked(data),
+        }
+    }
+
+    fn write_unmasked(&mut self, data: &[u8]) {
         if self.truncated {
             return;
         }
@@ -257,12 +312,22 @@ impl BuildLog {
     }
 
     /// Writes a line of AMS-Build's own (banners, results); never dropped by the size limit.
+    /// Output the masker still holds goes first, and the line is masked too.
     pub fn line(&mut self, text: &str) {
+        self.flush_mask();
+        let text = self.mask_text(text);
         let mut s = String::with_capacity(text.len() + 12);
         s.push_str("[amsbuild] ");
-        s.push_str(text);
+        s.push_str(&text);
         s.push('\n');
         self.put(s.as_bytes());
+    }
+}
+
+impl Drop for BuildLog {
+    /// Nothing the masker holds back is lost when the log ends without a last line.
+    fn drop(&mut self) {
+        self.flush_mask();
     }
 }
 
@@ -379,6 +444,7 @@ pub async fn follow_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ams_core::mask::Masker;
 
     #[tokio::test]
     async fn a_pending_build_has_no_channel_and_its_followers_wait_for_the_start() {
@@ -424,6 +490,45 @@ mod tests {
         }
         assert_eq!(out, text);
         assert!(carry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_masked_log_never_holds_the_value_in_its_file_or_channel() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("output.txt");
+        let hub = LogHub::default();
+        let mut rx = hub.sender(3).subscribe();
+        let mut log = BuildLog::open(&p, 1 << 20, Some(hub.sender(3))).unwrap();
+        let secret = "p4ss-w0rd-value";
+        log.set_masker(Masker::new(&[secret]).unwrap().unwrap());
+        // Cut at every position across two writes, and once across a line of our own.
+        for i in 0..=secret.len() {
+            log.write(&secret.as_bytes()[..i]);
+            log.write(&secret.as_bytes()[i..]);
+            log.write(b"\n");
+        }
+        log.write(b"p4ss-w0");
+        log.line(&format!("our own line mentions {secret}"));
+        log.write(b"rd-value\n");
+        log.write(b"tail p4ss-w0rd-val");
+        drop(log);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains(secret), "{text}");
+        // One per cut, and the one in our own line.
+        assert_eq!(text.matches("***\n").count(), secret.len() + 2, "{text}");
+        assert!(
+            text.contains("[amsbuild] our own line mentions ***\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("tail p4ss-w0rd-val"),
+            "held bytes are written at the end"
+        );
+        let mut live = Vec::new();
+        while let Ok(LogMsg::Chunk { data, .. }) = rx.try_recv() {
+            live.extend_from_slice(&data);
+        }
+        assert_eq!(String::from_utf8(live).unwrap(), text);
     }
 
     #[tokio::test]

@@ -72,6 +72,7 @@ impl DataDir {
             self.root.join("ams.db-wal"),
             self.root.join("ams.db-shm"),
             self.host_id_file(),
+            self.secrets_key(),
         ];
         if let Ok(rd) = std::fs::read_dir(self.projects()) {
             for e in rd.flatten() {
@@ -105,6 +106,11 @@ impl DataDir {
     /// File holding this data directory's random id, used to label its containers.
     pub fn host_id_file(&self) -> PathBuf {
         self.root.join("host-id")
+    }
+
+    /// The key that seals the projects' secrets (see `secrets`), created 0600 on first use.
+    pub fn secrets_key(&self) -> PathBuf {
+        self.root.join("secrets.key")
     }
 
     pub fn project(&self, name: &str) -> ProjectDir {

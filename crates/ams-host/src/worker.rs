@@ -86,6 +86,8 @@ pub struct WorkerContext {
     pub packer: Option<PathBuf>,
     /// Whether overlay mounts work here (learnt at the first build).
     pub overlay: Arc<OverlaySupport>,
+    /// The database, for the projects' sealed secrets (builds are recorded by the loop).
+    pub store: ams_store::Store,
 }
 
 impl WorkerContext {
@@ -110,6 +112,9 @@ pub struct ExecRequest<'a> {
     pub caches: Vec<(PathBuf, String)>,
     pub deadline: Instant,
     pub timeout_secs: u64,
+    /// The secrets the stages receive as environment variables (name, value). The log masks
+    /// their values already.
+    pub secrets: &'a [(String, String)],
 }
 
 /// A cache of the build: its resolved key, the scope it saves into, its folder.
@@ -239,6 +244,10 @@ pub async fn execute(
                 "{k}={}",
                 expand(&format!("environment.{k}"), val, v)?
             ));
+        }
+        // Only in the container's environment: never in a label, a script or a mount.
+        for (k, val) in req.secrets {
+            env.push(format!("{k}={val}"));
         }
         let mut scripts = Vec::new();
         for (i, s) in p.stages.iter().enumerate() {
@@ -474,7 +483,12 @@ pub async fn execute(
                     let passed = protocol::stage_passed(code, &last_line, def.exit_line.as_deref());
                     let secs = started.elapsed().as_secs_f64();
                     let how = match &def.exit_line {
-                        Some(want) => format!(", last line {last_line:?}, exit-line {want:?}"),
+                        Some(want) => {
+                            // Masked before it is quoted: quoting escapes characters, and an
+                            // escaped value would no longer be found in the line.
+                            let shown = log.mask_text(&last_line);
+                            format!(", last line {shown:?}, exit-line {want:?}")
+                        }
                         None => String::new(),
                     };
                     log.line(&format!(
@@ -773,6 +787,8 @@ struct Prepared {
     commit_message: Option<String>,
     /// Taken by the caller, which releases it when the build ends.
     source: Option<BuildSource>,
+    /// The secrets the stages receive (name, value); empty when withheld or asked for none.
+    secrets: Vec<(String, String)>,
     caches: Vec<CacheUse>,
 }
 
@@ -838,6 +854,20 @@ async fn prepare(
     for w in &pipeline.warnings {
         log.line(w);
     }
+    let secrets = build_secrets(
+        ctx,
+        b,
+        &pipeline,
+        &private,
+        SecretSource {
+            dir: &src,
+            git_hash: git_hash.as_deref(),
+            auth: &auth,
+        },
+        log,
+        stop,
+    )
+    .await?;
     let values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
     host_commands(
         "master-dir-commands",
@@ -914,15 +944,140 @@ async fn prepare(
         }
         return Err(Failure::project(e));
     }
-    let caches = restore_caches(ctx, b, &pipeline, &private, &values, log).await;
+    let caches = restore_caches(
+        ctx,
+        b,
+        &pipeline,
+        &private,
+        &values,
+        !secrets.is_empty(),
+        log,
+    )
+    .await;
     Ok(Prepared {
         pipeline,
         private,
         git_hash,
         commit_message,
         source: Some(source),
+        secrets,
         caches,
     })
+}
+
+/// Where a build's commit can be checked against its branch.
+struct SecretSource<'a> {
+    dir: &'a Path,
+    git_hash: Option<&'a str>,
+    auth: &'a GitAuth,
+}
+
+/// The branch a build is of, for `secret-branches`: the one it names; else, when it names no
+/// commit either, the project's `branch` (the build is of that branch's head). A commit asked
+/// for without a branch, or the remote's default branch, is of no named branch.
+fn secret_branch(b: &BuildRecord, private: &PrivateConfig) -> Option<String> {
+    match (&b.branch, &b.commit) {
+        (Some(br), _) => Some(br.clone()),
+        (None, None) => private.branch.clone(),
+        (None, Some(_)) => None,
+    }
+}
+
+/// The secrets the stages receive: the values of pipeline.json's `secrets`, when the build is
+/// of a branch that pipeline-config.json's `secret-branches` allows (and a commit it names is
+/// on that branch); otherwise none, said in one line of the log. A name the project has no
+/// secret of fails the build (FAIL: the project's pipeline.json) either way; a key that
+/// cannot open them is the host's failure (ERROR). Given secrets set the log's masker before
+/// anything else is written.
+async fn build_secrets(
+    ctx: &WorkerContext,
+    b: &BuildRecord,
+    p: &Pipeline,
+    private: &PrivateConfig,
+    src: SecretSource<'_>,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> Result<Vec<(String, String)>, Failure> {
+    let names = &p.secrets;
+    if names.is_empty() || p.dummy_build {
+        return Ok(Vec::new());
+    }
+    let stored = ctx
+        .store
+        .secrets_of(&b.project)
+        .await
+        .map_err(|e| Failure::host(format!("cannot read the project's secrets: {e}")))?;
+    if let Some(n) = names.iter().find(|n| !stored.iter().any(|s| &s.name == *n)) {
+        return Err(Failure::project(crate::secrets::unknown(&b.project, n)));
+    }
+    let branch = secret_branch(b, private);
+    let listed = || {
+        private
+            .secret_branches
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let withheld = match &branch {
+        _ if private.secret_branches.is_empty() => Some(
+            "pipeline-config.json lists no \"secret-branches\" (add the branches whose builds \
+             may have them)"
+                .to_string(),
+        ),
+        Some(br) if !ams_core::secrets::branch_allowed(&private.secret_branches, Some(br)) => {
+            Some(format!(
+                "branch {br} is not in pipeline-config.json's secret-branches [{}]",
+                listed()
+            ))
+        }
+        None if !ams_core::secrets::branch_allowed(&private.secret_branches, None) => {
+            Some(format!(
+                "the build is of no named branch (a commit by itself, or the remote's default \
+             branch), and pipeline-config.json's secret-branches [{}] does not hold \"*\"",
+                listed()
+            ))
+        }
+        _ => None,
+    };
+    // A commit named beside the branch must be on it: else any commit could be built with
+    // the secrets of a trusted branch.
+    let withheld = match (withheld, &b.commit, &branch) {
+        (None, Some(c), Some(br)) => match src.git_hash {
+            None => Some(format!(
+                "commit {c} cannot be checked against branch {br}: master is not a git checkout"
+            )),
+            Some(h) => match git::commit_on_branch(src.dir, h, br, src.auth, stop.token()).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!("commit {c} is not on branch {br}")),
+                Err(e) => Some(format!(
+                    "cannot tell whether commit {c} is on branch {br} ({e})"
+                )),
+            },
+        },
+        (w, _, _) => w,
+    };
+    if let Some(why) = withheld {
+        log.line(&format!(
+            "secrets withheld: {why}; the stages run without {}",
+            names.join(", ")
+        ));
+        return Ok(Vec::new());
+    }
+    let values = crate::secrets::open_for_build(&ctx.data, &ctx.store, &b.project, names)
+        .await
+        .map_err(Failure::host)?;
+    let masker = crate::secrets::masker(values.iter().map(|(_, v)| v.clone()).collect())
+        .await
+        .map_err(Failure::host)?;
+    if let Some(m) = masker {
+        log.set_masker(m);
+    }
+    log.line(&format!(
+        "secrets for the stages, as environment variables (masked in this log): {}",
+        names.join(", ")
+    ));
+    Ok(values)
 }
 
 /// Most bytes of checkout files one build's cache keys may hash (`{hash:FILE}`).
@@ -934,12 +1089,15 @@ const CACHE_HASH_BUDGET: u64 = 256 << 20;
 /// named by hand is not known to be on any branch, so it saves into a scope of its own. A
 /// cache that cannot be prepared starts empty (the build runs without it) and says why. The
 /// file reads, hashes and copies run on a blocking thread.
+/// A build with secrets uses the scopes of builds with secrets, one without them the others:
+/// nothing a build with secrets left in a cache reaches a build that may not have them.
 async fn restore_caches(
     ctx: &WorkerContext,
     b: &BuildRecord,
     pipeline: &Pipeline,
     private: &PrivateConfig,
     values: &BTreeMap<&'static str, String>,
+    with_secrets: bool,
     log: &mut BuildLog,
 ) -> Vec<CacheUse> {
     if pipeline.caches.is_empty() {
@@ -953,9 +1111,14 @@ async fn restore_caches(
     } else {
         b.branch.clone().unwrap_or_else(|| default.clone())
     };
-    let mut scopes = vec![crate::cache::scope(&own)];
+    let scope = if with_secrets {
+        crate::cache::secret_scope
+    } else {
+        crate::cache::scope
+    };
+    let mut scopes = vec![scope(&own)];
     if own != default {
-        scopes.push(crate::cache::scope(&default));
+        scopes.push(scope(&default));
     }
     let (caches, values) = (pipeline.caches.clone(), values.clone());
     let default_label = default.clone();
@@ -1022,7 +1185,7 @@ async fn restore_caches(
                     out.push(CacheUse {
                         key,
                         scope: scopes[0].clone(),
-                        default_scope: crate::cache::scope(&default_label),
+                        default_scope: scope(&default_label),
                         dir,
                         path,
                     });
@@ -1213,6 +1376,7 @@ pub async fn run_build(
                         .collect(),
                     deadline: started + Duration::from_secs(timeout),
                     timeout_secs: timeout,
+                    secrets: &prep.secrets,
                 };
                 execute(ctx.executor.as_ref(), req, &mut log, stop).await
             }
@@ -1286,6 +1450,10 @@ pub async fn run_build(
     let passed = fin.status == Some(BuildStatus::Pass) && outcome.container_gone;
     save_caches(ctx, b, caches, passed, &mut log).await;
     fin.finished_at = timefmt::now();
+    // The record is shown and sent elsewhere (pages, API, notifications): nothing in it
+    // shows a secret of this build.
+    fin.reason = fin.reason.map(|r| log.mask_text(&r));
+    fin.commit_message = fin.commit_message.map(|m| log.mask_text(&m));
     log.line(&format!(
         "build {} finished: {}{} in {:.2} s",
         b.name,

@@ -7,6 +7,10 @@
 //! unless web_conf.json allows them. 429 answers are retried after `retry_after`, 5xx answers
 //! and network errors with backoff, a bounded number of times. Every attempt is recorded; a
 //! target is only ever shown or logged by its host, since webhook URLs carry tokens.
+//!
+//! Every string of a message is masked with the project's secrets before it is sent (a
+//! build's reason or commit message could carry one); when they cannot be read, nothing is
+//! sent and the notification says why.
 
 use ams_core::commit_status as cs;
 use ams_core::notify::{self, BuildEvent, HookType, OutWebhook};
@@ -222,7 +226,13 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
             previous: ctx.store.previous_status(&b).await.ok().flatten(),
         },
     };
-    let values = variables(&ctx.conf, &b);
+    let mut values = variables(&ctx.conf, &b);
+    let masker = ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await;
+    // Masked before a message is made and cut to its limits: a cut through a value would
+    // leave its beginning unmasked.
+    if let Ok(Some(m)) = &masker {
+        values.values_mut().for_each(|v| *v = m.mask_str(v));
+    }
     for hook in hooks {
         let Some(trigger) = hook.triggers.iter().copied().find(|t| t.fires(event)) else {
             continue;
@@ -236,9 +246,24 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
                 "links": {"output_log": values["output_log"], "7z_link": values["7z_link"]},
             }),
         };
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let created_at = timefmt::now();
-        let (outcome, attempts) = deliver(&ctx.conf, &ctx.metrics, &hook, bytes).await;
+        let (outcome, attempts) = match &masker {
+            Ok(m) => {
+                let mut body = body;
+                if let Some(m) = m {
+                    mask_json(&mut body, m);
+                }
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                deliver(&ctx.conf, &ctx.metrics, &hook, bytes).await
+            }
+            Err(e) => (
+                format!(
+                    "failed: not sent: the project's secrets could not be read to mask the \
+                     message ({e})"
+                ),
+                Vec::new(),
+            ),
+        };
         let host = notify::url_host(&hook.url);
         if outcome != "sent" {
             tracing::warn!(
@@ -266,6 +291,16 @@ async fn handle(ctx: &Ctx, id: i64, kind: EventKind) {
         if let Err(e) = ctx.store.record_notification(&n).await {
             tracing::error!("cannot record a notification: {e}");
         }
+    }
+}
+
+/// Hides the secrets in every string of a message (keys are the hook's own).
+pub fn mask_json(v: &mut Value, m: &Arc<ams_core::mask::Masker>) {
+    match v {
+        Value::String(s) => *s = m.mask_str(s),
+        Value::Array(items) => items.iter_mut().for_each(|i| mask_json(i, m)),
+        Value::Object(map) => map.values_mut().for_each(|i| mask_json(i, m)),
+        _ => {}
     }
 }
 
@@ -318,6 +353,7 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
         }
         Some(repo) => {
             let values = variables(&ctx.conf, b);
+            let masker = ams_host::secrets::project_masker(&ctx.data, &ctx.store, &b.project).await;
             // An ERROR's reason is about the host (paths, the engine): the forge gets none of it.
             let description = match status {
                 None => format!("build {} running", b.name),
@@ -328,6 +364,11 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
                     Some(r) => format!("{s}: {r}"),
                     None => format!("{s}"),
                 },
+            };
+            // The description carries the build's reason: masked before it is cut to length.
+            let description = match &masker {
+                Ok(Some(m)) => m.mask_str(&description),
+                _ => description,
             };
             let (url, body) = cs::request(
                 &cfg,
@@ -353,10 +394,25 @@ async fn commit_status(ctx: &Ctx, b: &BuildRecord, kind: EventKind) {
             if cfg.forge == cs::Forge::Github {
                 headers.push(("Accept", "application/vnd.github+json".into()));
             }
-            let bytes = serde_json::to_vec(&body).unwrap_or_default();
-            let (outcome, attempts) = post(&ctx.conf, &ctx.metrics, &url, &headers, bytes).await;
-            n.outcome = outcome;
-            n.attempts = attempts;
+            let mut body = body;
+            match masker {
+                Ok(m) => {
+                    if let Some(m) = m {
+                        mask_json(&mut body, &m);
+                    }
+                    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                    let (outcome, attempts) =
+                        post(&ctx.conf, &ctx.metrics, &url, &headers, bytes).await;
+                    n.outcome = outcome;
+                    n.attempts = attempts;
+                }
+                Err(e) => {
+                    n.outcome = format!(
+                        "failed: not sent: the project's secrets could not be read to mask \
+                         the message ({e})"
+                    );
+                }
+            }
         }
     }
     n.finished_at = timefmt::now();
@@ -635,6 +691,26 @@ mod tests {
             "{content}"
         );
         assert!(content.contains("?page_redirect=dl/p/p_3>"), "{content}");
+    }
+
+    #[test]
+    fn every_string_of_a_message_is_masked() {
+        let m = ams_core::mask::Masker::new(&["s3cret-value"])
+            .unwrap()
+            .unwrap();
+        let mut b = finished_build();
+        b.reason = Some("deploy with s3cret-value failed".into());
+        b.commit_message = Some("oops: czNjcmV0LXZhbHVl".into());
+        let mut body = json!({"build": b, "list": ["x s3cret-value y"], "n": 3});
+        mask_json(&mut body, &m);
+        let text = body.to_string();
+        assert!(
+            !text.contains("s3cret-value") && !text.contains("czNjcmV0LXZhbHVl"),
+            "{text}"
+        );
+        assert_eq!(body["build"]["reason"], "deploy with *** failed");
+        assert_eq!(body["list"][0], "x *** y");
+        assert_eq!(body["n"], 3);
     }
 
     #[test]

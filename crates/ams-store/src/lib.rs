@@ -354,6 +354,39 @@ pub struct Notification {
     pub finished_at: f64,
 }
 
+/// A secret as listed: never its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub name: String,
+    /// Unix seconds.
+    pub set_at: f64,
+    pub set_by: String,
+}
+
+/// A secret as stored: its value sealed (see migration 0012); the store never sees it open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedSecret {
+    pub project: String,
+    pub name: String,
+    /// Which key sealed it (a hash of the key).
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    /// The ciphertext with its tag.
+    pub sealed: Vec<u8>,
+    pub set_at: f64,
+    pub set_by: String,
+}
+
+/// What a project may hold: checked in the same transaction as the write.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretLimits {
+    pub max_count: usize,
+    /// The most bytes of sealed values (each its value plus `overhead`) together.
+    pub max_bytes: usize,
+    /// Bytes a sealed value has beyond its value (the tag).
+    pub overhead: usize,
+}
+
 /// A final build whose files retention removes, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Expired {
@@ -702,6 +735,7 @@ impl Store {
             include_str!("../migrations/0009_retry_of.sql"),
             include_str!("../migrations/0010_schedule_runs.sql"),
             include_str!("../migrations/0011_builds_by_branch.sql"),
+            include_str!("../migrations/0012_secrets.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -1868,6 +1902,112 @@ impl Store {
             .collect()
     }
 
+    /// Stores a secret (replacing one of the same name) if the project stays within `limits`,
+    /// counted in the same transaction; otherwise `Invalid` with the reason.
+    pub async fn put_secret(&self, s: &SealedSecret, limits: SecretLimits) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let (count, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(length(sealed)), 0) FROM secrets \
+             WHERE project = ? AND name != ?",
+        )
+        .bind(&s.project)
+        .bind(&s.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if count as usize >= limits.max_count {
+            return Err(StoreError::Invalid(format!(
+                "project `{}` holds {count} secrets, the most a project may; remove one first",
+                s.project
+            )));
+        }
+        let value_bytes = |sealed: usize, n: usize| sealed.saturating_sub(n * limits.overhead);
+        let total = value_bytes(bytes as usize, count as usize) + value_bytes(s.sealed.len(), 1);
+        let max = limits.max_bytes;
+        if total > max {
+            return Err(StoreError::Invalid(format!(
+                "the secrets of project `{}` would hold {total} bytes of values together, over \
+                 the limit of {max}; remove or shorten some first",
+                s.project
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO secrets (project, name, key_id, nonce, sealed, set_at, set_by) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(project, name) DO UPDATE SET \
+             key_id = excluded.key_id, nonce = excluded.nonce, sealed = excluded.sealed, \
+             set_at = excluded.set_at, set_by = excluded.set_by",
+        )
+        .bind(&s.project)
+        .bind(&s.name)
+        .bind(&s.key_id)
+        .bind(&s.nonce)
+        .bind(&s.sealed)
+        .bind(s.set_at)
+        .bind(&s.set_by)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A project's secrets, by name: names, when and by whom, never values.
+    pub async fn secrets_of(&self, project: &str) -> Result<Vec<SecretInfo>> {
+        let rows =
+            sqlx::query("SELECT name, set_at, set_by FROM secrets WHERE project = ? ORDER BY name")
+                .bind(project)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretInfo {
+                    name: r.try_get("name")?,
+                    set_at: r.try_get("set_at")?,
+                    set_by: r.try_get("set_by")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A project's secrets as stored (sealed), by name.
+    pub async fn sealed_secrets(&self, project: &str) -> Result<Vec<SealedSecret>> {
+        let rows = sqlx::query("SELECT * FROM secrets WHERE project = ? ORDER BY name")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SealedSecret {
+                    project: r.try_get("project")?,
+                    name: r.try_get("name")?,
+                    key_id: r.try_get("key_id")?,
+                    nonce: r.try_get("nonce")?,
+                    sealed: r.try_get("sealed")?,
+                    set_at: r.try_get("set_at")?,
+                    set_by: r.try_get("set_by")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes a secret; whether it existed.
+    pub async fn remove_secret(&self, project: &str, name: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("DELETE FROM secrets WHERE project = ? AND name = ?")
+                .bind(project)
+                .bind(name)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                == 1,
+        )
+    }
+
+    /// How many secrets are stored, in every project.
+    pub async fn secret_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM secrets")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Whether the database answers a trivial query.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -1904,6 +2044,46 @@ mod tests {
             created_at: 1.0,
             password_changed_at: 1.0,
         }
+    }
+
+    #[tokio::test]
+    async fn secrets_are_listed_by_name_and_kept_within_the_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let limits = SecretLimits {
+            max_count: 2,
+            max_bytes: 40,
+            overhead: 16,
+        };
+        let sealed = |name: &str, len: usize| SealedSecret {
+            project: "p".into(),
+            name: name.into(),
+            key_id: "k".into(),
+            nonce: vec![1; 24],
+            sealed: vec![7; len + 16],
+            set_at: 5.0,
+            set_by: "alice".into(),
+        };
+        s.put_secret(&sealed("A", 10), limits).await.unwrap();
+        s.put_secret(&sealed("B", 30), limits).await.unwrap();
+        // Replacing counts the new value, not the old one.
+        s.put_secret(&sealed("B", 30), limits).await.unwrap();
+        let e = s.put_secret(&sealed("C", 1), limits).await.unwrap_err();
+        assert!(e.to_string().contains("holds 2 secrets"), "{e}");
+        let e = s.put_secret(&sealed("B", 31), limits).await.unwrap_err();
+        assert!(e.to_string().contains("41 bytes"), "{e}");
+        let list = s.secrets_of("p").await.unwrap();
+        assert_eq!(
+            list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
+        assert_eq!(list[0].set_by, "alice");
+        assert!(s.secrets_of("q").await.unwrap().is_empty());
+        assert_eq!(s.sealed_secrets("p").await.unwrap()[1], sealed("B", 30));
+        assert_eq!(s.secret_count().await.unwrap(), 2);
+        assert!(s.remove_secret("p", "A").await.unwrap());
+        assert!(!s.remove_secret("p", "A").await.unwrap());
+        assert_eq!(s.secret_count().await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -282,6 +282,11 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
         .route("/projects/name/{name}/{*rest}", get(project_part))
         .route("/projects/name/{name}/deliveries", get(deliveries))
         .route("/projects/name/{name}/notifications", get(notifications))
+        .route("/projects/name/{name}/secrets", get(secrets_list))
+        .route(
+            "/projects/name/{name}/secrets/{secret}",
+            put(secret_put).delete(secret_delete),
+        )
         .route("/deliveries/{id}/replay", post(replay))
         .route("/builds/{name}/cancel", post(cancel))
         .route("/builds/{name}/delete-output", post(delete_output))
@@ -360,6 +365,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/projects/name/{name}/tasks"),
     ("get", "/projects/name/{name}/deliveries"),
     ("get", "/projects/name/{name}/notifications"),
+    ("get", "/projects/name/{name}/secrets"),
+    ("put", "/projects/name/{name}/secrets/{secret}"),
+    ("delete", "/projects/name/{name}/secrets/{secret}"),
     ("post", "/projects/name/{name}/build"),
     ("post", "/builds/{name}/cancel"),
     ("post", "/builds/{name}/delete-output"),
@@ -841,6 +849,82 @@ async fn replay(
         .await
         .map_err(ApiError::Bad)?;
     Ok(Json(v))
+}
+
+/// ADMIN and SERVER ADMIN manage a project's secrets; no answer ever holds a value.
+fn secret_keeper(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
+    visible(st, c, project)?;
+    if c.grant.may(Action::ManageSecrets, project) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "only ADMIN and SERVER ADMIN manage a project's secrets".into(),
+        ))
+    }
+}
+
+/// A secret as listed: its name, when and by whom it was set.
+pub fn secret_json(s: &ams_store::SecretInfo) -> Value {
+    json!({"name": s.name, "set_at": timefmt::iso(s.set_at), "set_by": s.set_by})
+}
+
+async fn secrets_list(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    secret_keeper(&st, &c, &name)?;
+    let list = ams_host::secrets::list(&st.host.data, &st.host.store, &name).await?;
+    Ok(Json(Value::Array(list.iter().map(secret_json).collect())))
+}
+
+/// `PUT` with `{"value": "…"}` (`Content-Type: application/json`): sets or replaces the
+/// secret. The answer names it only.
+async fn secret_put(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((name, secret)): Path<(String, String)>,
+    OptionalJson(body): OptionalJson,
+) -> Result<Json<Value>, ApiError> {
+    secret_keeper(&st, &c, &name)?;
+    let value = body
+        .as_ref()
+        .and_then(|v| v.get("value"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::Bad("send the value as a JSON object: {\"value\": \"…\"}".into())
+        })?;
+    ams_host::secrets::set(
+        &st.host.data,
+        &st.host.store,
+        &name,
+        &secret,
+        value,
+        &c.user.name,
+    )
+    .await?;
+    tracing::info!("secret {secret} of project {name} set by {}", c.user.name);
+    let list = ams_host::secrets::list(&st.host.data, &st.host.store, &name).await?;
+    let set = list
+        .iter()
+        .find(|s| s.name == secret)
+        .map(secret_json)
+        .unwrap_or_else(|| json!({"name": secret}));
+    Ok(Json(set))
+}
+
+async fn secret_delete(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((name, secret)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    secret_keeper(&st, &c, &name)?;
+    ams_host::secrets::remove(&st.host.data, &st.host.store, &name, &secret).await?;
+    tracing::info!(
+        "secret {secret} of project {name} removed by {}",
+        c.user.name
+    );
+    Ok(Json(json!({"removed": secret})))
 }
 
 fn operate(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {

@@ -67,6 +67,14 @@ pub fn router(state: ApiState, root: &str) -> Router {
             &format!("/{root}/admin/{{project}}/replay/{{id}}"),
             post(replay_form),
         )
+        .route(
+            &format!("/{root}/admin/{{project}}/secrets"),
+            post(secret_set_form),
+        )
+        .route(
+            &format!("/{root}/admin/{{project}}/secrets/{{name}}/remove"),
+            post(secret_remove_form),
+        )
         .with_state(state)
 }
 
@@ -368,7 +376,7 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
         }
         if v.grant.may(Action::SeeDeliveries, p) {
             actions.push_str(&format!(
-                " <a href=\"/{root}/admin/{pe}\">Deliveries and notifications</a>"
+                " <a href=\"/{root}/admin/{pe}\">Administration</a>"
             ));
         }
         let mark = if selected.as_deref() == Some(p.as_str()) {
@@ -1057,7 +1065,141 @@ async fn delete_form(
     build_action(st, headers, project, name, f, true).await
 }
 
-/// ADMIN and SERVER ADMIN: a project's webhook deliveries (with replay) and notifications.
+/// The secrets section of a project's admin page: names, when and by whom, a form to set one
+/// and one to remove each. Never a value: they are write-only.
+async fn secrets_html(st: &ApiState, root: &str, project: &str, csrf: &str) -> String {
+    let pe = esc(project);
+    let mut body = String::from(
+        "<h2>Secrets</h2><p class=\"muted\">Given as environment variables to the stages of \
+         builds whose pipeline.json names them in <code>\"secrets\"</code>, for the branches \
+         that pipeline-config.json's <code>\"secret-branches\"</code> lists, and masked in their \
+         logs. Values are write-only: no page or API answer shows one again. For a value of \
+         several lines use <code>amsbuild secret set</code> or the API.</p>",
+    );
+    match ams_host::secrets::list(&st.host.data, &st.host.store, project).await {
+        Ok(list) if list.is_empty() => body.push_str("<p>No secrets.</p>"),
+        Ok(list) => {
+            body.push_str(
+                "<table class=\"secrets\"><tr><th>Name</th><th>Set</th><th>By</th><th></th></tr>",
+            );
+            for s in list {
+                let n = esc(&s.name);
+                body.push_str(&format!(
+                    "<tr><td><code>{n}</code></td><td>{at}</td><td>{by}</td><td><form \
+                     class=\"inline\" method=\"post\" \
+                     action=\"/{root}/admin/{pe}/secrets/{n}/remove\"><input type=\"hidden\" \
+                     name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Remove</button>\
+                     </form></td></tr>",
+                    at = esc(&timefmt::legacy(s.set_at)),
+                    by = esc(&s.set_by),
+                ));
+            }
+            body.push_str("</table>");
+        }
+        Err(e) => body.push_str(&format!("<p class=\"error\">{}</p>", esc(&e.to_string()))),
+    }
+    body.push_str(&format!(
+        "<form method=\"post\" action=\"/{root}/admin/{pe}/secrets\" autocomplete=\"off\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <input name=\"name\" placeholder=\"NAME\" maxlength=\"64\" required \
+         pattern=\"[A-Z_][A-Z0-9_]*\" title=\"capital letters, digits and _\"> \
+         <input type=\"password\" name=\"value\" placeholder=\"value (8 characters or more)\" \
+         minlength=\"8\" required autocomplete=\"new-password\"> \
+         <button type=\"submit\">Set secret</button></form>"
+    ));
+    body
+}
+
+/// A secret form's post: an ADMIN of the project (404 for a project the user cannot see).
+async fn secret_form_viewer(
+    st: &ApiState,
+    headers: &HeaderMap,
+    project: &str,
+    f: &HashMap<String, String>,
+) -> Result<Viewer, Response> {
+    let root = &st.conf.web_root;
+    let v = form_viewer(st, headers, f).await?;
+    if !v.grant.may(Action::View, project) || !ams_host::project::exists(&st.host.data, project) {
+        return Err(not_found(root));
+    }
+    if !v.grant.may(Action::ManageSecrets, project) {
+        return Err(refused(
+            root,
+            StatusCode::FORBIDDEN,
+            "only ADMIN and SERVER ADMIN manage a project's secrets",
+        ));
+    }
+    Ok(v)
+}
+
+async fn secret_set_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match secret_form_viewer(&st, &headers, &project, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let name = f.get("name").map(|n| n.trim()).unwrap_or("");
+    let value = f.get("value").map(String::as_str).unwrap_or("");
+    let r = ams_host::secrets::set(
+        &st.host.data,
+        &st.host.store,
+        &project,
+        name,
+        value,
+        &v.user.name,
+    )
+    .await;
+    match r {
+        Ok(()) => {
+            tracing::info!("secret {name} of project {project} set by {}", v.user.name);
+            let text = format!("Set secret {name} of {project}");
+            note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
+            back(format!("/{root}/admin/{project}"))
+        }
+        Err(e) => {
+            let text = format!("Could not set a secret of {project}: {e}");
+            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
+            refused(&root, host_status(&e), &e.to_string())
+        }
+    }
+}
+
+async fn secret_remove_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match secret_form_viewer(&st, &headers, &project, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match ams_host::secrets::remove(&st.host.data, &st.host.store, &project, &name).await {
+        Ok(()) => {
+            tracing::info!(
+                "secret {name} of project {project} removed by {}",
+                v.user.name
+            );
+            let text = format!("Removed secret {name} of {project}");
+            note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
+            back(format!("/{root}/admin/{project}"))
+        }
+        Err(e) => {
+            let text = format!("Could not remove secret {name} of {project}: {e}");
+            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
+            refused(&root, host_status(&e), &e.to_string())
+        }
+    }
+}
+
+/// ADMIN and SERVER ADMIN: a project's secrets (names only; set and remove), webhook
+/// deliveries (with replay) and notifications.
 async fn admin_page(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -1079,7 +1221,12 @@ async fn admin_page(
     }
     let pe = esc(&project);
     let csrf = esc(&v.csrf);
-    let mut body = format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: deliveries and notifications</h1><h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>");
+    let mut body =
+        format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: administration</h1>");
+    if v.grant.may(Action::ManageSecrets, &project) {
+        body.push_str(&secrets_html(&st, &root, &project, &csrf).await);
+    }
+    body.push_str("<h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>");
     for d in st
         .host
         .store
@@ -1132,7 +1279,7 @@ async fn admin_page(
     body.push_str("</table>");
     html(
         StatusCode::OK,
-        &format!("{project} deliveries"),
+        &format!("{project} administration"),
         &root,
         &body,
     )

@@ -77,6 +77,10 @@ enum Cmd {
     /// Manage API tokens (`Authorization: Bearer …`).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Manage a project's secrets: held by the host, never in the repository, given to the
+    /// stages of the builds that may have them as environment variables, masked in logs.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Ask the running host to queue a build.
     Build {
         /// The project to build.
@@ -272,6 +276,34 @@ enum TokenCmd {
         user: String,
         /// The token's id, as `token list` shows it.
         id: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretCmd {
+    /// Set (or replace) a secret. The value is read from standard input, never from the
+    /// command line (which other users of the machine can see): piped in whole (one trailing
+    /// newline dropped), or typed at a prompt that does not echo.
+    Set {
+        /// The project the secret belongs to.
+        project: String,
+        /// The secret's name, an environment variable name such as DEPLOY_TOKEN.
+        name: String,
+    },
+    /// List a project's secrets: names, when and by whom each was set. Never a value.
+    List {
+        /// The project whose secrets to list.
+        project: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm {
+        /// The project the secret belongs to.
+        project: String,
+        /// The secret's name.
+        name: String,
     },
 }
 
@@ -620,6 +652,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::User(u) => users(&data, u).await,
         Cmd::Token(t) => tokens(&data, t).await,
+        Cmd::Secret(c) => secrets(&data, c).await,
         Cmd::Pack { src, dest, hash } => {
             let kind = match hash.as_deref() {
                 None => None,
@@ -758,6 +791,13 @@ async fn backup(data: &DataDir, file: &Path) -> Result<ExitCode> {
          repository: copy them at least)",
         data.projects().join("*/master/config").display()
     );
+    if data.secrets_key().exists() {
+        outln!(
+            "  {}: the key of the projects' secrets (the copy holds them sealed; without the \
+             key they cannot be opened). Keep it apart from the copy, as safe as the secrets",
+            data.secrets_key().display()
+        );
+    }
     outln!(
         "  the rest of {}: sources, build folders, logs and archives (large)",
         data.projects().display()
@@ -1083,6 +1123,71 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads a secret's value: all of standard input (one trailing newline dropped), or a prompt
+/// that does not echo when standard input is a terminal. Never an argument.
+fn read_secret_value(name: &str) -> Result<String> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(rpassword::prompt_password(format!("value of {name}: "))?);
+    }
+    let max = ams_core::secrets::MAX_VALUE_BYTES as u64;
+    let mut bytes = Vec::new();
+    stdin.lock().take(max + 3).read_to_end(&mut bytes)?;
+    if bytes.ends_with(b"\r\n") {
+        bytes.truncate(bytes.len() - 2);
+    } else if bytes.ends_with(b"\n") {
+        bytes.pop();
+    }
+    String::from_utf8(bytes).map_err(|_| anyhow!("the value on standard input is not UTF-8 text"))
+}
+
+async fn secrets(data: &DataDir, cmd: SecretCmd) -> Result<ExitCode> {
+    let store = open_store(data).await?;
+    let fail = |e: ams_host::error::HostError| anyhow!(e.detail());
+    match cmd {
+        SecretCmd::Set { project, name } => {
+            // The name is checked before the value is asked for.
+            ams_core::secrets::validate_name(&name).map_err(|e| anyhow!(e))?;
+            if !project::exists(data, &project) {
+                anyhow::bail!("no project named `{project}`");
+            }
+            let value = read_secret_value(&name)?;
+            let by = format!("{} (cli)", actor());
+            ams_host::secrets::set(data, &store, &project, &name, &value, &by)
+                .await
+                .map_err(fail)?;
+            outln!("set secret {name} of project {project}");
+        }
+        SecretCmd::List { project, json } => {
+            let list = ams_host::secrets::list(data, &store, &project)
+                .await
+                .map_err(fail)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                outln!("project {project} has no secrets");
+            } else {
+                for s in list {
+                    outln!(
+                        "{:<32} set {}  by {}",
+                        s.name,
+                        timefmt::legacy(s.set_at),
+                        s.set_by
+                    );
+                }
+            }
+        }
+        SecretCmd::Rm { project, name } => {
+            ams_host::secrets::remove(data, &store, &project, &name)
+                .await
+                .map_err(fail)?;
+            outln!("removed secret {name} of project {project}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Loads web_conf.json, writing the defaults on first start.
 fn load_conf(data: &DataDir) -> Result<WebConf> {
     let path = data.web_conf();
@@ -1376,6 +1481,12 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     if !p.prepare.master_dir_commands.is_empty() || !p.prepare.build_dir_commands.is_empty() {
         log.line("prepare-build host commands are not run by `amsbuild run`");
     }
+    if !p.secrets.is_empty() {
+        log.line(&format!(
+            "secrets withheld: `amsbuild run` has no host to hold them; the stages run without {}",
+            p.secrets.join(", ")
+        ));
+    }
     if p.dummy_build {
         log.line("dummy build: no container is run");
         return Ok(ExitCode::SUCCESS);
@@ -1407,6 +1518,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         caches: Vec::new(),
         deadline: started + Duration::from_secs(timeout),
         timeout_secs: timeout,
+        secrets: &[],
     };
     if !p.caches.is_empty() {
         log.line("caches are kept only by the host; `amsbuild run` starts them empty");

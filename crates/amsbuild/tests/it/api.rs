@@ -614,6 +614,12 @@ fn every_path_of_the_openapi_document_is_served() {
     a.h.wait_status("mine", &build, Duration::from_secs(60));
     let (_, d) = a.call(Some("u_server"), "GET", "/projects/name/mine/deliveries");
     let id = d[0]["id"].as_i64().unwrap().to_string();
+    // A secret for the secret paths (the PUT is sent without a body: 400).
+    cli_with_stdin(
+        &a.h,
+        &["secret", "set", "mine", "TOKEN"],
+        "a value long enough",
+    );
     let (st, doc) = http(&a.addr, "GET", "/ams-build/api/openapi.json", &[], b"");
     assert_eq!(st, 200, "the document is public");
     let mut ops: Vec<(String, String)> = Vec::new();
@@ -630,6 +636,7 @@ fn every_path_of_the_openapi_document_is_served() {
             .replace("{build}", &build)
             .replace("{name}", "mine")
             .replace("{list}", "active")
+            .replace("{secret}", "TOKEN")
             .replace("{id}", &id);
         let (st, v) = a.call(Some("u_server"), &method, &concrete);
         assert!(

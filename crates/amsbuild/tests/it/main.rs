@@ -21,6 +21,7 @@ mod metrics;
 mod notify;
 mod retention;
 mod schedule;
+mod secrets;
 mod tidy;
 mod tls;
 mod trust;
