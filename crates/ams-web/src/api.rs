@@ -783,13 +783,28 @@ async fn project_part(
 
 /// ADMIN and SERVER ADMIN see a project's webhook deliveries and notifications.
 fn admin(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
+    allowed(
+        st,
+        c,
+        project,
+        Action::SeeDeliveries,
+        "only ADMIN and SERVER ADMIN see deliveries and notifications",
+    )
+}
+
+/// The caller may see `project` (else 404) and do `action` on it (else 403 with `why`).
+fn allowed(
+    st: &ApiState,
+    c: &Caller,
+    project: &str,
+    action: Action,
+    why: &str,
+) -> Result<(), ApiError> {
     visible(st, c, project)?;
-    if c.grant.may(Action::SeeDeliveries, project) {
+    if c.grant.may(action, project) {
         Ok(())
     } else {
-        Err(ApiError::Forbidden(
-            "only ADMIN and SERVER ADMIN see deliveries and notifications".into(),
-        ))
+        Err(ApiError::Forbidden(why.into()))
     }
 }
 
@@ -853,14 +868,13 @@ async fn replay(
 
 /// ADMIN and SERVER ADMIN manage a project's secrets; no answer ever holds a value.
 fn secret_keeper(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
-    visible(st, c, project)?;
-    if c.grant.may(Action::ManageSecrets, project) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "only ADMIN and SERVER ADMIN manage a project's secrets".into(),
-        ))
-    }
+    allowed(
+        st,
+        c,
+        project,
+        Action::ManageSecrets,
+        "only ADMIN and SERVER ADMIN manage a project's secrets",
+    )
 }
 
 /// A secret as listed: its name, when and by whom it was set.

@@ -122,26 +122,24 @@ pub fn look(status: Option<BuildStatus>) -> (&'static str, &'static str) {
     }
 }
 
-/// Text for XML: markup characters as entities, characters XML cannot hold replaced, and at
-/// most [`MAX_LABEL`] characters.
+/// Text for XML: at most [`MAX_LABEL`] characters, those XML cannot hold replaced, then
+/// escaped as for HTML (the one escaping rule of the web crate).
 fn xml_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for (i, c) in s.chars().enumerate() {
-        if i == MAX_LABEL {
-            out.push('…');
-            break;
-        }
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() || matches!(c, '\u{FFFE}' | '\u{FFFF}') => out.push('\u{FFFD}'),
-            c => out.push(c),
-        }
+    let mut clean: String = s
+        .chars()
+        .take(MAX_LABEL)
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{FFFE}' | '\u{FFFF}') {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if s.chars().nth(MAX_LABEL).is_some() {
+        clean.push('…');
     }
-    out
+    crate::session::esc(&clean)
 }
 
 /// An estimate of the width of `s` at 11 px in a sans-serif font, with padding.

@@ -1138,7 +1138,6 @@ async fn secret_set_form(
     Path(project): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    let root = st.conf.web_root.clone();
     let v = match secret_form_viewer(&st, &headers, &project, &f).await {
         Ok(v) => v,
         Err(r) => return r,
@@ -1154,17 +1153,41 @@ async fn secret_set_form(
         &v.user.name,
     )
     .await;
+    if r.is_ok() {
+        tracing::info!("secret {name} of project {project} set by {}", v.user.name);
+    }
+    let done = format!("Set secret {name} of {project}");
+    let failed = format!("Could not set a secret of {project}");
+    project_form_outcome(&st, &v.user.name, &project, r, done, failed).await
+}
+
+/// The end of a form of a project's admin page: the outcome goes to the user's message
+/// panel, then back to the page, or to the refusal with the reason.
+async fn project_form_outcome(
+    st: &ApiState,
+    user: &str,
+    project: &str,
+    r: Result<(), ams_host::error::HostError>,
+    done: String,
+    failed: String,
+) -> Response {
+    let root = &st.conf.web_root;
     match r {
         Ok(()) => {
-            tracing::info!("secret {name} of project {project} set by {}", v.user.name);
-            let text = format!("Set secret {name} of {project}");
-            note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
+            note(st, user, "ok", &done, Some(project), None).await;
             back(format!("/{root}/admin/{project}"))
         }
         Err(e) => {
-            let text = format!("Could not set a secret of {project}: {e}");
-            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
-            refused(&root, host_status(&e), &e.to_string())
+            note(
+                st,
+                user,
+                "error",
+                &format!("{failed}: {e}"),
+                Some(project),
+                None,
+            )
+            .await;
+            refused(root, host_status(&e), &e.to_string())
         }
     }
 }
@@ -1175,27 +1198,20 @@ async fn secret_remove_form(
     Path((project, name)): Path<(String, String)>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    let root = st.conf.web_root.clone();
     let v = match secret_form_viewer(&st, &headers, &project, &f).await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    match ams_host::secrets::remove(&st.host.data, &st.host.store, &project, &name).await {
-        Ok(()) => {
-            tracing::info!(
-                "secret {name} of project {project} removed by {}",
-                v.user.name
-            );
-            let text = format!("Removed secret {name} of {project}");
-            note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
-            back(format!("/{root}/admin/{project}"))
-        }
-        Err(e) => {
-            let text = format!("Could not remove secret {name} of {project}: {e}");
-            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
-            refused(&root, host_status(&e), &e.to_string())
-        }
+    let r = ams_host::secrets::remove(&st.host.data, &st.host.store, &project, &name).await;
+    if r.is_ok() {
+        tracing::info!(
+            "secret {name} of project {project} removed by {}",
+            v.user.name
+        );
     }
+    let done = format!("Removed secret {name} of {project}");
+    let failed = format!("Could not remove secret {name} of {project}");
+    project_form_outcome(&st, &v.user.name, &project, r, done, failed).await
 }
 
 /// ADMIN and SERVER ADMIN: a project's secrets (names only; set and remove), webhook

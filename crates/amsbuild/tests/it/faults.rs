@@ -5,7 +5,6 @@
 //! (202, "queued") is in the database, with no build number used twice.
 
 use crate::harness::*;
-use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -23,13 +22,7 @@ const PASSWORD: &str = "correct horse battery";
 const ANSWER_WITHIN: Duration = Duration::from_secs(8);
 
 fn sign(body: &[u8]) -> String {
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body);
-    let bytes = m.finalize().into_bytes();
-    format!(
-        "sha256={}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    sign_with(SECRET, body)
 }
 
 fn run(cmd: &str, args: &[&str]) {

@@ -5,25 +5,14 @@
 //! by branch, escaped, and never tell which projects exist.
 
 use crate::harness::*;
-use hmac::{KeyInit, Mac};
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const SECRET: &str = "a webhook secret for the metrics test";
 const TOKEN: &str = "metrics-token-0123456789";
 
 fn sign(body: &[u8]) -> String {
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body);
-    let bytes = m.finalize().into_bytes();
-    format!(
-        "sha256={}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    sign_with(SECRET, body)
 }
 
 /// One scrape: the status, the header block (lower-cased) and the text.
@@ -62,42 +51,10 @@ fn scrape_until(addr: &str, series: &str, want: f64) -> String {
     )
 }
 
-/// A loopback receiver for notifications that answers every request 204 and counts them.
-fn receiver() -> (String, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let got = Arc::new(AtomicUsize::new(0));
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = line.trim_end().split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            g.fetch_add(1, Ordering::SeqCst);
-            let _ = s.write_all(
-                b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
-        }
-    });
-    (addr, got)
-}
-
 #[test]
 fn builds_deliveries_notifications_and_requests_move_the_metrics() {
     require_docker();
-    let (rx, received) = receiver();
+    let (rx, received) = body_receiver();
     let mut h = TestHost::with_conf(json!({"notify_allow_private": true}));
     h.project("app", &pipeline(json!([stage("s", &["echo ok"])])));
     h.project("bad", &pipeline(json!([stage("s", &["false"])])));
@@ -181,7 +138,7 @@ fn builds_deliveries_notifications_and_requests_move_the_metrics() {
 
     // The finished build's notification was sent, and its attempt counted.
     wait_for("the notification", Duration::from_secs(30), || {
-        (received.load(Ordering::SeqCst) >= 1).then_some(())
+        (!received.lock().unwrap().is_empty()).then_some(())
     });
     scrape_until(
         &addr,

@@ -724,30 +724,7 @@ fn only_admins_manage_secrets_and_forms_need_csrf() {
 #[test]
 fn notifications_and_records_are_masked() {
     require_docker();
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hook_addr = listener.local_addr().unwrap().to_string();
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            g.lock().unwrap().push(body);
-            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
-        }
-    });
+    let (hook_addr, got) = body_receiver();
     let mut h = TestHost::with_conf(json!({"notify_allow_private": true}));
     let repo = h.tmp.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();

@@ -1,7 +1,6 @@
 //! The webhook listener over real HTTP, with the senders' own example payloads.
 
 use crate::harness::*;
-use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,13 +9,7 @@ use std::time::Duration;
 const SECRET: &str = "It's a Secret to Everybody";
 
 fn sign(body: &[u8]) -> String {
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body);
-    let bytes = m.finalize().into_bytes();
-    format!(
-        "sha256={}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    sign_with(SECRET, body)
 }
 
 struct Hooked {
