@@ -120,10 +120,11 @@ pub fn parse_size(s: &str) -> Result<i64, String> {
 /// Normalises a trust entry of pipeline-config.json (`"--network host"`, `"-v"`) to the key
 /// that [`parse`] reports for the flag.
 pub fn trust_key(entry: &str) -> String {
-    let e = entry.trim().trim_start_matches('-').to_ascii_lowercase();
+    let e = entry.trim().trim_start_matches('-');
     let mut parts = e.split(|c: char| c.is_whitespace() || c == '=');
-    let flag = parts.next().unwrap_or("");
-    let flag = match flag {
+    // The flag compares without case; a value (a network's name) keeps its own.
+    let flag = parts.next().unwrap_or("").to_ascii_lowercase();
+    let flag = match flag.as_str() {
         "v" | "mount" => "volume",
         "net" => "network",
         f => f,
@@ -131,6 +132,42 @@ pub fn trust_key(entry: &str) -> String {
     match parts.find(|p| !p.is_empty()) {
         Some(v) => format!("{flag}={v}"),
         None => flag.to_string(),
+    }
+}
+
+/// Checks an `allow-docker-args` entry: a flag that breaks isolation or raises a limit,
+/// written alone (`"--cap-add"` allows every capability), or `--network NAME` and
+/// `--pid|--ipc|--uts host` with their value. Anything else could never match and would
+/// silently allow nothing.
+pub fn check_trust_entry(entry: &str) -> Result<(), String> {
+    let key = trust_key(entry);
+    let (flag, value) = match key.split_once('=') {
+        Some((f, v)) => (f, Some(v)),
+        None => (key.as_str(), None),
+    };
+    const ALONE: &[&str] = &[
+        "privileged",
+        "cap-add",
+        "device",
+        "security-opt",
+        "volume",
+        "memory",
+        "cpus",
+        "pids-limit",
+        "shm-size",
+    ];
+    match (flag, value) {
+        (f, None) if ALONE.contains(&f) => Ok(()),
+        (f, Some(_)) if ALONE.contains(&f) => Err(format!(
+            "`{entry}`: write `--{f}` alone; a trusted flag allows every value"
+        )),
+        ("network", Some(_)) => Ok(()),
+        ("pid" | "ipc" | "uts", Some("host")) => Ok(()),
+        _ => Err(format!(
+            "`{entry}` is not a flag that can be trusted; use one of --privileged, --cap-add, \
+             --device, --security-opt, -v, --memory, --cpus, --pids-limit, --shm-size, \
+             --network NAME, --network container, --pid host, --ipc host, --uts host"
+        )),
     }
 }
 

@@ -85,6 +85,11 @@ impl PrivateConfig {
                 ),
             ));
         }
+        for (i, e) in cfg.allow_docker_args.iter().enumerate() {
+            crate::docker_args::check_trust_entry(e).map_err(|m| {
+                ConfigError::field(Self::FILE, format!("allow-docker-args[{i}]"), m)
+            })?;
+        }
         if let Some(c) = &cfg.commit_status {
             c.check().map_err(|(field, msg)| {
                 ConfigError::field(Self::FILE, format!("commit-status.{field}"), msg)
@@ -176,6 +181,21 @@ mod tests {
         let e = PrivateConfig::parse(r#"{"retry-on-error": 11}"#).unwrap_err();
         assert!(e.to_string().contains("retry-on-error"), "{e}");
         assert!(PrivateConfig::parse(r#"{"retry-on-error": -1}"#).is_err());
+        let e = PrivateConfig::parse(
+            r#"{"allow-docker-args": ["--privileged", "--cap-add SYS_ADMIN"]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("allow-docker-args[1]") && e.contains("`--cap-add` alone"),
+            "{e}"
+        );
+        assert!(PrivateConfig::parse(r#"{"allow-docker-args": ["--bogus"]}"#).is_err());
+        let net =
+            PrivateConfig::parse(r#"{"allow-docker-args": ["--network MyNet", "--pid host"]}"#)
+                .unwrap();
+        crate::docker_args::parse("--network MyNet --pid host", &net.trusted_docker_keys())
+            .expect("a trusted network name keeps its case");
         let sc =
             PrivateConfig::parse(r#"{"schedules": [{"cron": "0 3 * * *", "branch": "main"}]}"#)
                 .unwrap();
