@@ -155,6 +155,13 @@ async fn connection(h: HostHandle, stream: UnixStream) {
             },
             Err(e) => err(e),
         },
+        "rebuild" => match by_ref(&h, &req).await {
+            Ok(b) => match h.rebuild(&b, &actor, ams_core::names::Trigger::Cli).await {
+                Ok(b) => json!({"ok": true, "build": b}),
+                Err(e) => err(e.detail()),
+            },
+            Err(e) => err(e),
+        },
         "delete-output" => match by_ref(&h, &req).await {
             Ok(b) => match h.delete_output(b.build_id(), &actor).await {
                 Ok(()) => json!({"ok": true, "build": b}),

@@ -328,6 +328,32 @@ impl HostHandle {
         self.ask(|reply| Command::Cancel { build, by, reply }).await
     }
 
+    /// Queues a finished build again: the same project, branch and commit (the one it checked
+    /// out, or else the one it asked for), by `actor` through `trigger`. The caller resolved
+    /// and authorized `build`; one still pending or running is refused.
+    pub async fn rebuild(
+        &self,
+        build: &BuildRecord,
+        actor: &str,
+        trigger: Trigger,
+    ) -> Result<BuildRecord, HostError> {
+        if !build.status.is_final() {
+            return Err(HostError::Conflict(format!(
+                "build {} has not finished; cancel it, or wait for it to end",
+                build.name
+            )));
+        }
+        let project = ProjectName::new(&build.project).map_err(HostError::Invalid)?;
+        self.build(BuildRequest {
+            project,
+            branch: build.branch.clone(),
+            commit: build.git_hash.clone().or(build.commit.clone()),
+            actor: actor.to_string(),
+            trigger,
+        })
+        .await
+    }
+
     /// Deletes a finished build's output. The caller resolved and authorized `build`.
     pub async fn delete_output(&self, build: BuildId, by: &str) -> Result<(), HostError> {
         let by = by.to_string();

@@ -289,6 +289,11 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
         )
         .route("/deliveries/{id}/replay", post(replay))
         .route("/builds/{name}/cancel", post(cancel))
+        .route("/builds/{name}/rebuild", post(rebuild))
+        .route(
+            "/projects/name/{name}/builds/{build}/rebuild",
+            post(rebuild_in_project),
+        )
         .route("/builds/{name}/delete-output", post(delete_output))
         .route(
             "/projects/name/{name}/builds/{build}/cancel",
@@ -370,6 +375,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/projects/name/{name}/secrets/{secret}"),
     ("post", "/projects/name/{name}/build"),
     ("post", "/builds/{name}/cancel"),
+    ("post", "/builds/{name}/rebuild"),
+    ("post", "/projects/name/{name}/builds/{build}/rebuild"),
     ("post", "/builds/{name}/delete-output"),
     ("post", "/projects/name/{name}/builds/{build}/cancel"),
     ("post", "/projects/name/{name}/builds/{build}/delete-output"),
@@ -1017,6 +1024,36 @@ async fn cancel_build(
     let b = find_build(&st, &c, project, name).await?;
     let b = st.host.cancel(b.build_id(), &c.user.name).await?;
     Ok(Json(json!({"build": build_json(&b)})))
+}
+
+async fn rebuild_build(
+    st: ApiState,
+    c: Caller,
+    project: Option<&str>,
+    name: &str,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let b = find_build(&st, &c, project, name).await?;
+    let b = st
+        .host
+        .rebuild(&b, &c.user.name, ams_core::names::Trigger::Api)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&b)}))))
+}
+
+async fn rebuild(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    rebuild_build(st, c, None, &name).await
+}
+
+async fn rebuild_in_project(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    rebuild_build(st, c, Some(&project), &name).await
 }
 
 async fn delete_build_output(

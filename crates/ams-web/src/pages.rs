@@ -59,6 +59,10 @@ pub fn router(state: ApiState, root: &str) -> Router {
             post(delete_form),
         )
         .route(
+            &format!("/{root}/build/{{project}}/{{name}}/rebuild"),
+            post(rebuild_form),
+        )
+        .route(
             &format!("/{root}/projects/{{project}}/build"),
             post(trigger_form),
         )
@@ -683,6 +687,7 @@ async fn build_page(
         if !b.status.is_final() {
             body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/cancel\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"cancel\">Cancel</button></form>"));
         } else {
+            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/rebuild\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"rebuild\">Rebuild</button></form> "));
             body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/delete-output\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Delete output</button></form>"));
         }
     }
@@ -1033,6 +1038,58 @@ async fn build_action(
         }
         Err(e) => {
             let text = format!("Could not {what} {}: {e}", b.name);
+            note(
+                &st,
+                &v.user.name,
+                "error",
+                &text,
+                Some(&b.project),
+                Some(&b.name),
+            )
+            .await;
+            refused(&root, host_status(&e), &e.to_string())
+        }
+    }
+}
+
+/// The build page's Rebuild: the same commit again, by the viewer; on to the new build's page.
+async fn rebuild_form(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((project, name)): Path<(String, String)>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let v = match form_viewer(&st, &headers, &f).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(b) = find(&st, &v, &project, &name).await else {
+        return not_found(&root);
+    };
+    if !v.grant.may(Action::Operate, &b.project) {
+        return refused(&root, StatusCode::FORBIDDEN, "you may not do that");
+    }
+    match st
+        .host
+        .rebuild(&b, &v.user.name, ams_core::names::Trigger::Web)
+        .await
+    {
+        Ok(n) => {
+            let text = format!("Queued build {} (again of {})", n.name, b.name);
+            note(
+                &st,
+                &v.user.name,
+                "pending",
+                &text,
+                Some(&n.project),
+                Some(&n.name),
+            )
+            .await;
+            back(format!("/{root}/build/{}/{}", n.project, n.name))
+        }
+        Err(e) => {
+            let text = format!("Could not rebuild {}: {e}", b.name);
             note(
                 &st,
                 &v.user.name,

@@ -140,6 +140,12 @@ enum Cmd {
         #[command(flatten)]
         build: BuildArg,
     },
+    /// Build a finished build's commit again (same branch and commit): `rebuild BUILD` or
+    /// `rebuild PROJECT INDEX`.
+    Rebuild {
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Delete a finished build's folder, log and archive: `delete-output BUILD` or
     /// `delete-output PROJECT INDEX`.
     DeleteOutput {
@@ -596,6 +602,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             outln!(
                 "cancel requested for {}",
                 v["build"]["name"].as_str().unwrap_or(&r.to_string())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rebuild { build } => {
+            let r = build.to_ref();
+            let v = control::request_on(&sock, "rebuild", &r, &actor())
+                .await
+                .map_err(|e| anyhow!(e))?;
+            outln!(
+                "queued build {} (again of {r})",
+                v["build"]["name"].as_str().unwrap_or("?")
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -19,6 +19,7 @@ mod install;
 mod manage;
 mod metrics;
 mod notify;
+mod rebuild;
 mod retention;
 mod schedule;
 mod secrets;
