@@ -5,7 +5,16 @@ use crate::harness::*;
 use serde_json::json;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const CRON: &str = "0 3 * * *";
+/// A daily slot twelve hours from when the test starts (chosen once), so that no slot passes
+/// while it runs.
+fn hour() -> i64 {
+    static HOUR: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *HOUR.get_or_init(|| (now().rem_euclid(86_400) / 3600 + 12) % 24)
+}
+
+fn cron() -> String {
+    format!("0 {} * * *", hour())
+}
 
 fn now() -> i64 {
     SystemTime::now()
@@ -21,7 +30,7 @@ fn slot(h: &TestHost, project: &str) -> Option<i64> {
         .unwrap()
         .block_on(async move {
             let s = ams_store::Store::open(&db).await.unwrap();
-            let v = s.schedule_slot(&project, CRON, "").await.unwrap();
+            let v = s.schedule_slot(&project, &cron(), "").await.unwrap();
             s.close().await;
             v
         })
@@ -45,16 +54,16 @@ fn missed_slots_run_once_at_start_and_a_new_schedule_waits() {
         std::fs::write(
             h.data
                 .join(format!("projects/{p}/master/config/pipeline-config.json")),
-            json!({"schedules": [{"cron": CRON}]}).to_string(),
+            json!({"schedules": [{"cron": cron()}]}).to_string(),
         )
         .unwrap();
     }
-    // `nightly` last fired three days ago: the host was down for three 03:00 slots.
+    // `nightly` last fired three days ago: the host was down for three of its slots.
     let db = h.data.join("ams.db");
     let three_days_ago = now() - 3 * 86_400;
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let s = ams_store::Store::open(&db).await.unwrap();
-        s.set_schedule_slot("nightly", CRON, "", three_days_ago)
+        s.set_schedule_slot("nightly", &cron(), "", three_days_ago)
             .await
             .unwrap();
         s.close().await;
@@ -62,10 +71,11 @@ fn missed_slots_run_once_at_start_and_a_new_schedule_waits() {
     h.start();
     let t = now();
     let midnight = t - t.rem_euclid(86_400);
-    let latest = if midnight + 3 * 3600 <= t {
-        midnight + 3 * 3600
+    let slot_today = midnight + hour() * 3600;
+    let latest = if slot_today <= t {
+        slot_today
     } else {
-        midnight + 3 * 3600 - 86_400
+        slot_today - 86_400
     };
     wait_for(
         "the missed slots to be spent",
