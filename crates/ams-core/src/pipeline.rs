@@ -113,6 +113,48 @@ impl Default for Cleanup {
     }
 }
 
+/// Most entries of `parameters`.
+pub const MAX_PARAMETERS: usize = 64;
+/// Longest parameter value (and default), in bytes.
+pub const MAX_PARAMETER_BYTES: usize = 4096;
+
+/// Checks a trigger's parameters against the declared ones: each must be declared, short
+/// enough and free of NUL. Returns the values the stages get: the given ones over the
+/// defaults; a declared parameter without a default that is not given is an error.
+pub fn resolve_parameters(
+    declared: &[(String, Option<String>)],
+    given: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, String> {
+    for (k, v) in given {
+        if !declared.iter().any(|(d, _)| d == k) {
+            let known: Vec<&str> = declared.iter().map(|(d, _)| d.as_str()).collect();
+            return Err(format!(
+                "parameter `{k}` is not declared in pipeline.json; declare it as \
+                 \"parameters\": {{\"{k}\": {{\"default\": …}}}}{}",
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (declared: {})", known.join(", "))
+                }
+            ));
+        }
+        if v.len() > MAX_PARAMETER_BYTES || v.contains('\0') {
+            return Err(format!(
+                "parameter `{k}`: a value is at most {MAX_PARAMETER_BYTES} bytes, without NUL"
+            ));
+        }
+    }
+    declared
+        .iter()
+        .map(|(k, default)| match given.get(k).or(default.as_ref()) {
+            Some(v) => Ok((k.clone(), v.clone())),
+            None => Err(format!(
+                "parameter `{k}` has no default in pipeline.json; give it (`-p {k}=VALUE`)"
+            )),
+        })
+        .collect()
+}
+
 /// Most entries of `caches`.
 pub const MAX_CACHES: usize = 8;
 
@@ -230,6 +272,9 @@ pub struct Pipeline {
     pub secrets: Vec<String>,
     /// Folders kept between builds.
     pub caches: Vec<CacheDef>,
+    /// Parameters a trigger may give (`-p NAME=VALUE`), with their defaults: the stages get
+    /// them as environment variables. A trigger may give no other.
+    pub parameters: Vec<(String, Option<String>)>,
     /// Keys that were present but are not used.
     pub warnings: Vec<String>,
 }
@@ -769,6 +814,47 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
     };
     let dummy_build = top.boolean("dummy-build", false)?;
     let fail_fast = top.boolean("fail-fast", false)?;
+    let mut parameters = Vec::new();
+    if let Some(v) = top.get("parameters") {
+        let o = Obj::new("parameters", v)?;
+        if o.map.len() > MAX_PARAMETERS {
+            return Err(err(
+                "parameters",
+                format!(
+                    "has {} entries, over the limit of {MAX_PARAMETERS}",
+                    o.map.len()
+                ),
+            ));
+        }
+        for (k, val) in o.map {
+            let path = format!("parameters.{}", clip(k, 64));
+            check_len(&path, k, MAX_NAME_BYTES, SHORTEN)?;
+            if !valid_env_name(k) {
+                return Err(err(
+                    &path,
+                    "is not a valid environment variable name (letters, digits and _, not starting with a digit)",
+                ));
+            }
+            let mut p = Obj::new(&path, val)?;
+            let default = match p.get("default") {
+                None => None,
+                Some(Value::String(s)) => {
+                    check_len(&format!("{path}.default"), s, MAX_PARAMETER_BYTES, SHORTEN)?;
+                    Some(s.clone())
+                }
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(Value::Bool(b)) => Some(b.to_string()),
+                Some(other) => {
+                    return Err(err(
+                        &format!("{path}.default"),
+                        format!("expected a string, found {}", type_name(other)),
+                    ))
+                }
+            };
+            p.unknown_keys(&mut warnings);
+            parameters.push((k.clone(), default));
+        }
+    }
     let caches = match top.get("caches") {
         None => Vec::new(),
         Some(Value::Array(items)) => {
@@ -868,6 +954,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         timeout_secs,
         secrets,
         caches,
+        parameters,
         warnings: warnings.finish(),
     };
     p.check_variables()?;
@@ -915,6 +1002,35 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_are_declared_with_defaults_and_checked() {
+        let p = parse(
+            r#"{"docker": {"image": "i", "project-dest": "/p", "build-output-dest": "/o"},
+                "pipeline": [{"name": "s", "commands": ["true"]}],
+                "parameters": {"MODE": {"default": "fast"}, "N": {"default": 3}, "TARGET": {}}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.parameters.len(), 3);
+        let given = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let r = resolve_parameters(&p.parameters, &given(&[("TARGET", "x"), ("MODE", "slow")]))
+            .unwrap();
+        assert!(r.contains(&("MODE".into(), "slow".into())));
+        assert!(r.contains(&("N".into(), "3".into())));
+        assert!(r.contains(&("TARGET".into(), "x".into())));
+        let e = resolve_parameters(&p.parameters, &given(&[("NOPE", "1")])).unwrap_err();
+        assert!(e.contains("NOPE") && e.contains("not declared"), "{e}");
+        let e = resolve_parameters(&p.parameters, &given(&[])).unwrap_err();
+        assert!(e.contains("TARGET") && e.contains("no default"), "{e}");
+        let bad = r#"{"docker": {"image": "i", "project-dest": "/p", "build-output-dest": "/o"},
+                "pipeline": [{"name": "s", "commands": ["true"]}], "parameters": {"1X": {}}}"#;
+        assert_eq!(parse(bad).unwrap_err().field, "parameters.1X");
+    }
 
     #[test]
     fn caches_parse_and_keys_resolve() {
@@ -1625,6 +1741,7 @@ mod tests {
                         timeout_secs: timeout,
                         secrets: secrets.into_iter().collect(),
                         caches: Vec::new(),
+                        parameters: Vec::new(),
                         warnings: Vec::new(),
                     },
                 )

@@ -123,6 +123,21 @@ async fn connection(h: HostHandle, stream: UnixStream) {
                 commit: str_field(&req, "commit"),
                 actor,
                 trigger,
+                // `{"params": {"NAME": "value"}}`; a value that is not a string is refused.
+                params: match req.get("params") {
+                    None | Some(Value::Null) => Default::default(),
+                    Some(v) => match serde_json::from_value(v.clone()) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            let _ = send(
+                                &mut w,
+                                &err("params: give an object of NAME: \"value\" strings"),
+                            )
+                            .await;
+                            return;
+                        }
+                    },
+                },
             };
             match h.build(r).await {
                 Ok(b) => json!({"ok": true, "build": b}),

@@ -34,6 +34,8 @@ pub struct BuildRequest {
     pub commit: Option<String>,
     pub actor: String,
     pub trigger: Trigger,
+    /// Parameters (`-p NAME=VALUE`), each declared in pipeline.json's `parameters`.
+    pub params: BTreeMap<String, String>,
 }
 
 /// Build requests for the pushes a webhook accepted: the exact commit, the actor as creator.
@@ -53,6 +55,7 @@ pub fn build_requests(
                 .next()
                 .unwrap_or_else(|| "webhook".into()),
             trigger: Trigger::Webhook,
+            params: BTreeMap::new(),
         })
         .collect()
 }
@@ -350,6 +353,7 @@ impl HostHandle {
             commit: build.git_hash.clone().or(build.commit.clone()),
             actor: actor.to_string(),
             trigger,
+            params: build.params.clone(),
         })
         .await
     }
@@ -964,6 +968,7 @@ impl Host {
             commit: b.git_hash.clone().or(b.commit.clone()),
             actor: b.created_by.clone(),
             trigger: Trigger::parse(&b.trigger).unwrap_or(Trigger::Cli),
+            params: b.params.clone(),
         };
         match self.queue_build_of(req, settings, Some(of)).await {
             Ok(r) => tracing::info!("build {} ended ERROR: queued again as {}", b.name, r.name),
@@ -977,6 +982,15 @@ impl Host {
         settings: &QueueSettings,
         retry_of: Option<i64>,
     ) -> Result<BuildRecord, HostError> {
+        // Only declared parameters are taken; one that has no default and is not given fails
+        // the build when it runs (a webhook or a schedule gives none).
+        let declared: Vec<(String, Option<String>)> = settings
+            .parameters
+            .iter()
+            .map(|(k, d)| (k.clone(), Some(d.clone().unwrap_or_default())))
+            .collect();
+        ams_core::pipeline::resolve_parameters(&declared, &req.params)
+            .map_err(HostError::Invalid)?;
         let created = timefmt::now();
         let hash = worker::random_hex(20);
         let nb = NewBuild {
@@ -988,6 +1002,7 @@ impl Host {
             created_by: req.actor.clone(),
             created_at: created,
             retry_of,
+            params: req.params.clone(),
         };
         let format = &settings.name_format;
         let record = self
@@ -1044,6 +1059,7 @@ impl Host {
                             created_by: r.actor,
                             created_at: created,
                             retry_of: None,
+                            params: Default::default(),
                         })
                     }
                     Err(e) => errors.push(e.to_string()),
@@ -1635,6 +1651,7 @@ mod tests {
             commit: None,
             actor: "t".into(),
             trigger: Trigger::Cli,
+            params: BTreeMap::new(),
         }
     }
 

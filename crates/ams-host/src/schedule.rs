@@ -88,6 +88,7 @@ pub async fn tick(host: &HostHandle) {
                 commit: None,
                 actor: ACTOR.to_string(),
                 trigger: Trigger::Schedule,
+                params: Default::default(),
             };
             match host.build(req).await {
                 Ok(b) => tracing::info!(

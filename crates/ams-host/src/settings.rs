@@ -24,6 +24,8 @@ pub struct QueueSettings {
     pub only_latest: bool,
     /// How many times a build that ended ERROR is queued again.
     pub retry_on_error: u32,
+    /// The parameters master's pipeline.json declares, with their defaults.
+    pub parameters: Vec<(String, Option<String>)>,
 }
 
 type Stamp = Option<(u64, u64, i64, i64)>;
@@ -61,18 +63,20 @@ impl SettingsCache {
                 return Ok(v.clone());
             }
         }
-        let name_format =
-            read_checkout_file(&pd.master_source(), "pipeline.json", PIPELINE_MAX_BYTES)
-                .ok()
-                .and_then(|t| String::from_utf8(t).ok())
-                .and_then(|t| pipeline::parse(&t).ok())
-                .map(|p| p.build_name_format)
-                .unwrap_or_else(|| DEFAULT_NAME_FORMAT.to_string());
+        let parsed = read_checkout_file(&pd.master_source(), "pipeline.json", PIPELINE_MAX_BYTES)
+            .ok()
+            .and_then(|t| String::from_utf8(t).ok())
+            .and_then(|t| pipeline::parse(&t).ok());
+        let (name_format, parameters) = match parsed {
+            Some(p) => (p.build_name_format, p.parameters),
+            None => (DEFAULT_NAME_FORMAT.to_string(), Vec::new()),
+        };
         let private = project::private_config(&pd).ok();
         let v = Arc::new(QueueSettings {
             name_format,
             only_latest: private.as_ref().is_some_and(|c| c.only_build_latest),
             retry_on_error: private.as_ref().map_or(0, |c| c.retry_on_error),
+            parameters,
         });
         self.map
             .lock()

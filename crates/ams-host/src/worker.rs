@@ -115,6 +115,8 @@ pub struct ExecRequest<'a> {
     /// The secrets the stages receive as environment variables (name, value). The log masks
     /// their values already.
     pub secrets: &'a [(String, String)],
+    /// The build's parameters, resolved (given values over pipeline.json's defaults).
+    pub params: &'a [(String, String)],
 }
 
 /// A cache of the build: its resolved key, the scope it saves into, its folder.
@@ -244,6 +246,9 @@ pub async fn execute(
                 "{k}={}",
                 expand(&format!("environment.{k}"), val, v)?
             ));
+        }
+        for (k, val) in req.params {
+            env.push(format!("{k}={val}"));
         }
         // Only in the container's environment: never in a label, a script or a mount.
         for (k, val) in req.secrets {
@@ -1339,6 +1344,9 @@ pub async fn run_build(
             build_source = prep.source.take();
             caches = std::mem::take(&mut prep.caches);
             let p = &prep.pipeline;
+            // The parameters against the pipeline at the commit built (it may differ from
+            // master's, which the trigger was checked against).
+            let params = ams_core::pipeline::resolve_parameters(&p.parameters, &b.params);
             if p.dummy_build {
                 log.line("dummy build: no container is run");
                 ExecOutcome {
@@ -1347,7 +1355,16 @@ pub async fn run_build(
                     reason: None,
                     stages: Vec::new(),
                 }
+            } else if let Err(e) = &params {
+                let msg = format!("pipeline.json: {e}");
+                log.line(&msg);
+                ExecOutcome::fail(msg)
             } else {
+                let params = params.unwrap_or_default();
+                if !params.is_empty() {
+                    let names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+                    log.line(&format!("parameters: {}", names.join(", ")));
+                }
                 let timeout = p.timeout_secs.unwrap_or(timeout_secs);
                 deadline = started + Duration::from_secs(timeout);
                 timeout_total = timeout;
@@ -1377,6 +1394,7 @@ pub async fn run_build(
                     deadline: started + Duration::from_secs(timeout),
                     timeout_secs: timeout,
                     secrets: &prep.secrets,
+                    params: &params,
                 };
                 execute(ctx.executor.as_ref(), req, &mut log, stop).await
             }

@@ -656,6 +656,7 @@ mod tests {
             output_deleted_at: None,
             stages: vec![],
             retry_of: None,
+            params: Default::default(),
         }
     }
 

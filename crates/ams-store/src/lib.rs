@@ -180,6 +180,9 @@ pub struct BuildRecord {
     /// The build this one runs again, when that one ended ERROR (`retry-on-error`).
     #[serde(default)]
     pub retry_of: Option<i64>,
+    /// The parameters its trigger gave (`-p NAME=VALUE`); the defaults are not repeated here.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
 }
 
 impl BuildRecord {
@@ -212,6 +215,8 @@ pub struct NewBuild {
     pub created_at: f64,
     /// The build this one runs again (see [`BuildRecord::retry_of`]).
     pub retry_of: Option<i64>,
+    /// The parameters its trigger gave.
+    pub params: std::collections::BTreeMap<String, String>,
 }
 
 /// How a build ended.
@@ -523,7 +528,7 @@ pub struct Store {
 const BUILDS_AS_JSON: &str =
     "SELECT COALESCE(json_group_array(json_array(%COLS%)), '[]') FROM (%INNER%)";
 
-const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages, retry_of";
+const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages, retry_of, params";
 
 /// One build as [`BUILDS_AS_JSON`] spells it: the values of [`BUILD_JSON_ARRAY`] in order.
 #[derive(Deserialize)]
@@ -552,7 +557,14 @@ struct BuildJsonRow(
     Option<f64>,
     String,
     Option<i64>,
+    Option<String>,
 );
+
+/// A build's stored parameters (a JSON object, or NULL for none).
+fn params_of(text: Option<&str>) -> std::collections::BTreeMap<String, String> {
+    text.and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default()
+}
 
 fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
     let rows: Vec<BuildJsonRow> =
@@ -584,6 +596,7 @@ fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
                 output_deleted_at: r.21,
                 stages: serde_json::from_str(&r.22).unwrap_or_default(),
                 retry_of: r.23,
+                params: params_of(r.24.as_deref()),
             })
         })
         .collect()
@@ -617,6 +630,7 @@ fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
         output_deleted_at: r.try_get("output_deleted_at")?,
         stages: serde_json::from_str(&stages).unwrap_or_default(),
         retry_of: r.try_get("retry_of")?,
+        params: params_of(r.try_get::<Option<String>, _>("params")?.as_deref()),
     })
 }
 
@@ -736,6 +750,7 @@ impl Store {
             include_str!("../migrations/0010_schedule_runs.sql"),
             include_str!("../migrations/0011_builds_by_branch.sql"),
             include_str!("../migrations/0012_secrets.sql"),
+            include_str!("../migrations/0013_build_params.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -788,8 +803,8 @@ impl Store {
         let name = name_of(index).map_err(StoreError::Invalid)?;
         let row = sqlx::query(
             "INSERT INTO builds (project, build_index, name, hash, status, trigger_kind, branch, \
-             commit_req, created_by, created_at, retry_of) \
-             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING *",
+             commit_req, created_by, created_at, retry_of, params) \
+             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&nb.project)
         .bind(index)
@@ -801,6 +816,11 @@ impl Store {
         .bind(&nb.created_by)
         .bind(nb.created_at)
         .bind(nb.retry_of)
+        .bind(if nb.params.is_empty() {
+            None
+        } else {
+            serde_json::to_string(&nb.params).ok()
+        })
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -2033,6 +2053,7 @@ mod tests {
             created_by: "alice".into(),
             created_at: 1000.0,
             retry_of: None,
+            params: Default::default(),
         }
     }
 
@@ -2796,6 +2817,7 @@ mod fault_tests {
             created_by: "alice".into(),
             created_at: 1000.0,
             retry_of: None,
+            params: Default::default(),
         }
     }
 

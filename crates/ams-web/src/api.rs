@@ -979,6 +979,12 @@ async fn trigger(
             return Err(ApiError::Bad(format!("`{k}` must be a string")));
         }
     }
+    let params = match b.get("params") {
+        None | Some(Value::Null) => Default::default(),
+        Some(p) => serde_json::from_value(p.clone()).map_err(|_| {
+            ApiError::Bad("`params` is an object of NAME: \"value\" strings".into())
+        })?,
+    };
     let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
     let project = ams_core::names::ProjectName::new(&name).map_err(|_| ApiError::NotFound)?;
     let req = BuildRequest {
@@ -987,6 +993,7 @@ async fn trigger(
         commit: s("commit"),
         actor: c.user.name.clone(),
         trigger: ams_core::names::Trigger::Api,
+        params,
     };
     let r = st.host.build(req).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())

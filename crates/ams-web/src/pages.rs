@@ -374,6 +374,7 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                  <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
                  <input name=\"branch\" placeholder=\"branch\" size=\"10\">\
                  <input name=\"commit\" placeholder=\"commit\" size=\"10\">\
+                 <input name=\"params\" placeholder=\"NAME=value …\" size=\"14\">\
                  <button type=\"submit\" id=\"trigger-{pe}\">Build</button></form>",
                 csrf = esc(&v.csrf)
             ));
@@ -960,12 +961,29 @@ async fn trigger_form(
     let Ok(name) = ams_core::names::ProjectName::new(&project) else {
         return not_found(&root);
     };
+    // `NAME=value` pairs, one per line or separated by spaces.
+    let mut params = std::collections::BTreeMap::new();
+    for pair in opt("params").unwrap_or_default().split_whitespace() {
+        match pair.split_once('=') {
+            Some((k, val)) if !k.is_empty() => {
+                params.insert(k.to_string(), val.to_string());
+            }
+            _ => {
+                return refused(
+                    &root,
+                    StatusCode::BAD_REQUEST,
+                    &format!("`{pair}` is not NAME=value; write each parameter as NAME=value"),
+                )
+            }
+        }
+    }
     let req = BuildRequest {
         project: name,
         branch: opt("branch"),
         commit: opt("commit"),
         actor: v.user.name.clone(),
         trigger: ams_core::names::Trigger::Web,
+        params,
     };
     match st.host.build(req).await {
         Ok(b) => {

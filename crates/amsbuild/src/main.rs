@@ -95,6 +95,10 @@ enum Cmd {
         /// Follow the log to the end; exit 0 only for PASS.
         #[arg(long)]
         wait: bool,
+        /// A parameter for the stages, `NAME=VALUE` (repeat for more); each must be declared
+        /// in pipeline.json's `parameters`.
+        #[arg(short = 'p', long = "param", value_name = "NAME=VALUE", value_parser = param_pair)]
+        params: Vec<(String, String)>,
     },
     /// List a project's builds, newest first.
     Builds {
@@ -349,6 +353,14 @@ macro_rules! outln {
     }};
 }
 
+/// Parses `-p NAME=VALUE`.
+fn param_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (for outbound notifications).
@@ -428,11 +440,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             branch,
             commit,
             wait,
+            params,
         } => {
+            let params: serde_json::Map<String, Value> = params
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
             let v = control::request(
                 &sock,
                 &json!({"cmd": "build", "project": project, "branch": branch,
-                        "commit": commit, "actor": actor()}),
+                        "commit": commit, "actor": actor(), "params": params}),
             )
             .await
             .map_err(|e| anyhow!(e))?;
@@ -1494,6 +1511,8 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     ] {
         values.insert(k, v);
     }
+    let params = ams_core::pipeline::resolve_parameters(&p.parameters, &Default::default())
+        .map_err(|e| anyhow!("pipeline.json: {e}; `amsbuild run` gives only the defaults"))?;
     let mut log = BuildLog::stdout(conf.log_max_bytes);
     if !p.prepare.master_dir_commands.is_empty() || !p.prepare.build_dir_commands.is_empty() {
         log.line("prepare-build host commands are not run by `amsbuild run`");
@@ -1536,6 +1555,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
         deadline: started + Duration::from_secs(timeout),
         timeout_secs: timeout,
         secrets: &[],
+        params: &params,
     };
     if !p.caches.is_empty() {
         log.line("caches are kept only by the host; `amsbuild run` starts them empty");

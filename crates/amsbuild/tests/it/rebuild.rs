@@ -111,3 +111,76 @@ fn a_rebuild_builds_the_same_commit_again_from_the_cli_and_the_api() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("has not finished"));
     assert_eq!(h.req(json!({"cmd": "cancel", "build": slow}))["ok"], true);
 }
+
+/// Parameters declared in pipeline.json reach the stages from the CLI and the API, defaults
+/// fill in, undeclared ones are refused, a missing required one fails the build with the fix,
+/// and a rebuild keeps them.
+#[test]
+fn parameters_reach_the_stages_and_a_rebuild_keeps_them() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "app",
+        &pipeline_with(
+            json!([stage("s", &["echo \"mode=$MODE target=$TARGET\""])]),
+            json!({"parameters": {"MODE": {"default": "fast"}, "TARGET": {}}}),
+        ),
+    );
+    add_user(&h, "mod", "3", "app", "a long password");
+    let mod_token = token(&h, "mod");
+    h.start();
+
+    let o = h.cli(&["build", "app", "-p", "TARGET=x", "--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mode=fast target=x"));
+
+    let o = h.cli(&["build", "app", "-p", "NOPE=1"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("`NOPE` is not declared"), "{e}");
+
+    let missing = h.build("app");
+    let r = h.wait_status("app", &missing, T);
+    assert_eq!(r["status"], "fail", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("-p TARGET=VALUE"),
+        "{r}"
+    );
+
+    let (st, v) = http(
+        &h.web_addr(),
+        "POST",
+        "/ams-build/api/projects/name/app/build",
+        &[
+            ("Authorization", format!("Bearer {mod_token}")),
+            ("Content-Type", "application/json".into()),
+        ],
+        br#"{"params": {"TARGET": "y", "MODE": "slow"}}"#,
+    );
+    assert_eq!(st, 202, "{v}");
+    let name = v["build"]["name"].as_str().unwrap().to_string();
+    h.wait_status("app", &name, T);
+    assert!(h.log("app", &name).contains("mode=slow target=y"));
+    let (st, v) = http(
+        &h.web_addr(),
+        "POST",
+        "/ams-build/api/projects/name/app/build",
+        &[
+            ("Authorization", format!("Bearer {mod_token}")),
+            ("Content-Type", "application/json".into()),
+        ],
+        br#"{"params": {"TARGET": 3}}"#,
+    );
+    assert_eq!(st, 400, "a value is a string: {v}");
+
+    let o = h.cli(&["rebuild", &name]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = h.req(json!({"cmd": "builds", "project": "app", "limit": 1}))["builds"][0].clone();
+    let again = again["name"].as_str().unwrap();
+    h.wait_status("app", again, T);
+    assert!(
+        h.log("app", again).contains("mode=slow target=y"),
+        "{}",
+        h.log("app", again)
+    );
+}

@@ -690,3 +690,36 @@ fn notification_links_survive_the_login() {
         assert!(page.contains("Signed in as"), "{evil}");
     }
 }
+
+/// The dashboard's build form takes parameters as `NAME=value` pairs, declared ones only.
+#[test]
+fn the_build_form_takes_declared_parameters() {
+    let w = Web::new(json!({}));
+    std::fs::write(
+        w.h.source("mine").join("pipeline.json"),
+        pipeline_with(
+            json!([stage("s", &["true"])]),
+            json!({"dummy-build": true, "parameters": {"X": {}, "Y": {"default": "d"}}}),
+        ),
+    )
+    .unwrap();
+    let cookie = w.session("mod", "correct horse battery");
+    let (st, head, _) = w.post_form(
+        "/ams-build/projects/mine/build",
+        &cookie,
+        &[("params", "X=1  Y=two")],
+    );
+    assert_eq!(st, 303, "{head}");
+    let b =
+        w.h.req(json!({"cmd": "builds", "project": "mine", "limit": 1}))["builds"][0].clone();
+    assert_eq!(b["params"], json!({"X": "1", "Y": "two"}), "{b}");
+    for (params, why) in [("Z=1", "not declared"), ("novalue", "not NAME=value")] {
+        let (st, _, page) = w.post_form(
+            "/ams-build/projects/mine/build",
+            &cookie,
+            &[("params", params)],
+        );
+        assert_eq!(st, 400, "{params}: {page}");
+        assert!(page.contains(why), "{params}: {page}");
+    }
+}
