@@ -865,10 +865,13 @@ impl Store {
 
     /// The newest build of `project` (of its `branch` when given) that has ended, whatever
     /// its status: an index lookup, however many builds or unknown branch names are asked for.
+    /// With `default_branch`, builds that named no branch and no commit (they built the
+    /// default branch's head) count as builds of `branch` too.
     pub async fn latest_final_build(
         &self,
         project: &str,
         branch: Option<&str>,
+        default_branch: bool,
     ) -> Result<Option<BuildRecord>> {
         let live = "status NOT IN ('pending', 'running')";
         let row = match branch {
@@ -891,7 +894,22 @@ impl Store {
                 .await?
             }
         };
-        row.as_ref().map(row_to_build).transpose()
+        let mut found = row.as_ref().map(row_to_build).transpose()?;
+        if branch.is_some() && default_branch {
+            let plain = sqlx::query(&format!(
+                "SELECT * FROM builds INDEXED BY builds_by_branch WHERE project = ? \
+                 AND branch IS NULL AND commit_req IS NULL AND {live} ORDER BY id DESC LIMIT 1"
+            ))
+            .bind(project)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(p) = plain.as_ref().map(row_to_build).transpose()? {
+                if found.as_ref().is_none_or(|f| f.id < p.id) {
+                    found = Some(p);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Every build named `name`, in any project (at most 16), oldest first: a name alone may
@@ -2186,7 +2204,11 @@ mod tests {
             finished_at: 2000.0,
             ..Default::default()
         };
-        assert!(s.latest_final_build("p", None).await.unwrap().is_none());
+        assert!(s
+            .latest_final_build("p", None, false)
+            .await
+            .unwrap()
+            .is_none());
         let main_pass = s
             .create_build(&make("main"), |i| Ok(format!("p_{i}")))
             .await
@@ -2213,25 +2235,34 @@ mod tests {
         s.mark_running(running.id, 1500.0).await.unwrap();
         let id = |b: Option<BuildRecord>| b.map(|b| b.id);
         assert_eq!(
-            id(s.latest_final_build("p", None).await.unwrap()),
+            id(s.latest_final_build("p", None, false).await.unwrap()),
             Some(dev_fail.id)
         );
         assert_eq!(
-            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            id(s.latest_final_build("p", Some("main"), false)
+                .await
+                .unwrap()),
             Some(main_pass.id)
         );
         assert_eq!(
-            id(s.latest_final_build("p", Some("dev")).await.unwrap()),
+            id(s.latest_final_build("p", Some("dev"), false).await.unwrap()),
             Some(dev_fail.id)
         );
         assert_eq!(
-            id(s.latest_final_build("p", Some("nope")).await.unwrap()),
+            id(s.latest_final_build("p", Some("nope"), false)
+                .await
+                .unwrap()),
             None
         );
-        assert_eq!(id(s.latest_final_build("q", None).await.unwrap()), None);
+        assert_eq!(
+            id(s.latest_final_build("q", None, false).await.unwrap()),
+            None
+        );
         s.finish(pending.id, &end(BuildStatus::Warn)).await.unwrap();
         assert_eq!(
-            id(s.latest_final_build("p", Some("main")).await.unwrap()),
+            id(s.latest_final_build("p", Some("main"), false)
+                .await
+                .unwrap()),
             Some(pending.id)
         );
     }

@@ -47,18 +47,23 @@ fn not_found() -> Response {
         .into_response()
 }
 
-/// Whether `project` exists and its private config makes its badge public. A config that
+/// The default branch (`branch` of the private config) of `project` when it exists and its
+/// private config makes its badge public; `None` otherwise. A config that
 /// cannot be read or parsed keeps the badge private.
-async fn public(st: &ApiState, project: &str) -> bool {
+async fn public(st: &ApiState, project: &str) -> Option<Option<String>> {
     if !ams_host::project::exists(&st.host.data, project) {
-        return false;
+        return None;
     }
     let pd = st.host.data.project(project);
     tokio::task::spawn_blocking(move || {
-        ams_host::project::private_config(&pd).is_ok_and(|c| c.public_badge)
+        ams_host::project::private_config(&pd)
+            .ok()
+            .filter(|c| c.public_badge)
+            .map(|c| c.branch)
     })
     .await
-    .unwrap_or(false)
+    .ok()
+    .flatten()
 }
 
 async fn badge(
@@ -72,14 +77,21 @@ async fn badge(
     let Some(project) = file.strip_suffix(".svg") else {
         return not_found();
     };
-    if !public(&st, project).await {
+    let Some(default_branch) = public(&st, project).await else {
         return not_found();
-    }
+    };
     let branch = q.get("branch").map(String::as_str);
+    // Builds that named no branch built the default one: they count for it.
+    let is_default = branch.is_some() && branch == default_branch.as_deref();
     // A name git would refuse names no build: nothing to look up.
     let status = match branch {
         Some(b) if !ams_host::git::valid_branch(b) => None,
-        _ => match st.host.store.latest_final_build(project, branch).await {
+        _ => match st
+            .host
+            .store
+            .latest_final_build(project, branch, is_default)
+            .await
+        {
             Ok(b) => b.map(|b| b.status),
             Err(e) => {
                 tracing::error!("badge of {project}: {e}");

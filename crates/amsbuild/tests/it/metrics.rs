@@ -408,6 +408,16 @@ fn badges_show_the_latest_final_status_of_public_projects_only() {
         h.req(json!({"cmd": "cancel", "build": running}))["ok"],
         true
     );
+    // A build that names no branch built the default one: it counts for that branch's badge.
+    h.private_config("pub", json!({"public-badge": true, "branch": "dev"}));
+    std::fs::write(h.source("pub").join("pipeline.json"), &passing).unwrap();
+    let plain = h.build("pub");
+    assert_eq!(
+        h.wait_status("pub", &plain, Duration::from_secs(120))["status"],
+        "pass"
+    );
+    let (_, _, svg) = badge(&addr, "pub.svg?branch=dev");
+    assert_eq!(shown(&svg), ("PASS".into(), "#3c9a1f".into()), "{svg}");
 
     // Not public, unknown, or not a badge name: one and the same 404.
     let priv_build = h.build("priv");
