@@ -873,43 +873,46 @@ impl Store {
         branch: Option<&str>,
         default_branch: bool,
     ) -> Result<Option<BuildRecord>> {
-        let live = "status NOT IN ('pending', 'running')";
-        let row = match branch {
-            None => {
-                sqlx::query(&format!(
-                    "SELECT * FROM builds WHERE project = ? AND {live} ORDER BY id DESC LIMIT 1"
-                ))
-                .bind(project)
-                .fetch_optional(&self.pool)
-                .await?
-            }
+        let found = match branch {
+            None => self.newest_final(project, None).await?,
             Some(b) => {
-                sqlx::query(&format!(
-                    "SELECT * FROM builds INDEXED BY builds_by_branch WHERE project = ? \
-                     AND branch = ? AND {live} ORDER BY id DESC LIMIT 1"
-                ))
-                .bind(project)
-                .bind(b)
-                .fetch_optional(&self.pool)
-                .await?
+                let named = self.newest_final(project, Some(Some(b))).await?;
+                let plain = if default_branch {
+                    self.newest_final(project, Some(None)).await?
+                } else {
+                    None
+                };
+                named.into_iter().chain(plain).max_by_key(|b| b.id)
             }
         };
-        let mut found = row.as_ref().map(row_to_build).transpose()?;
-        if branch.is_some() && default_branch {
-            let plain = sqlx::query(&format!(
-                "SELECT * FROM builds INDEXED BY builds_by_branch WHERE project = ? \
-                 AND branch IS NULL AND commit_req IS NULL AND {live} ORDER BY id DESC LIMIT 1"
-            ))
-            .bind(project)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(p) = plain.as_ref().map(row_to_build).transpose()? {
-                if found.as_ref().is_none_or(|f| f.id < p.id) {
-                    found = Some(p);
-                }
-            }
-        }
         Ok(found)
+    }
+
+    /// The newest ended build of `project`: any (`None`), of a branch (`Some(Some(b))`), or
+    /// of no branch and no commit (`Some(None)`), the last two through the branch index.
+    async fn newest_final(
+        &self,
+        project: &str,
+        branch: Option<Option<&str>>,
+    ) -> Result<Option<BuildRecord>> {
+        let which = match branch {
+            None => "WHERE project = ?",
+            Some(Some(_)) => "INDEXED BY builds_by_branch WHERE project = ? AND branch = ?",
+            Some(None) => {
+                "INDEXED BY builds_by_branch WHERE project = ? AND branch IS NULL \
+                 AND commit_req IS NULL"
+            }
+        };
+        let sql = format!(
+            "SELECT * FROM builds {which} AND status NOT IN ('pending', 'running') \
+             ORDER BY id DESC LIMIT 1"
+        );
+        let mut q = sqlx::query(&sql).bind(project);
+        if let Some(Some(b)) = branch {
+            q = q.bind(b);
+        }
+        let row = q.fetch_optional(&self.pool).await?;
+        row.as_ref().map(row_to_build).transpose()
     }
 
     /// Every build named `name`, in any project (at most 16), oldest first: a name alone may

@@ -1007,6 +1007,26 @@ async fn trigger_form(
     }
 }
 
+/// A build form's viewer (session and CSRF checked) and its build, which the viewer may
+/// operate on; otherwise the answer to give.
+async fn operable_build(
+    st: &ApiState,
+    headers: &HeaderMap,
+    project: &str,
+    name: &str,
+    f: &HashMap<String, String>,
+) -> Result<(Viewer, ams_store::BuildRecord), Response> {
+    let root = &st.conf.web_root;
+    let v = form_viewer(st, headers, f).await?;
+    let Some(b) = find(st, &v, project, name).await else {
+        return Err(not_found(root));
+    };
+    if !v.grant.may(Action::Operate, &b.project) {
+        return Err(refused(root, StatusCode::FORBIDDEN, "you may not do that"));
+    }
+    Ok((v, b))
+}
+
 async fn build_action(
     st: ApiState,
     headers: HeaderMap,
@@ -1016,16 +1036,10 @@ async fn build_action(
     delete: bool,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let v = match form_viewer(&st, &headers, &f).await {
-        Ok(v) => v,
+    let (v, b) = match operable_build(&st, &headers, &project, &name, &f).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    let Some(b) = find(&st, &v, &project, &name).await else {
-        return not_found(&root);
-    };
-    if !v.grant.may(Action::Operate, &b.project) {
-        return refused(&root, StatusCode::FORBIDDEN, "you may not do that");
-    }
     let r = if delete {
         st.host.delete_output(b.build_id(), &v.user.name).await
     } else {
@@ -1078,16 +1092,10 @@ async fn rebuild_form(
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let v = match form_viewer(&st, &headers, &f).await {
-        Ok(v) => v,
+    let (v, b) = match operable_build(&st, &headers, &project, &name, &f).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    let Some(b) = find(&st, &v, &project, &name).await else {
-        return not_found(&root);
-    };
-    if !v.grant.may(Action::Operate, &b.project) {
-        return refused(&root, StatusCode::FORBIDDEN, "you may not do that");
-    }
     match st
         .host
         .rebuild(&b, &v.user.name, ams_core::names::Trigger::Web)
