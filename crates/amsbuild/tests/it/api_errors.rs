@@ -15,9 +15,7 @@ fn host_with_token() -> (TestHost, String) {
         &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
     );
     add_user(&h, "boss", "5", "", "a long password");
-    let o = h.cli(&["token", "create", "--user", "boss"]);
-    assert!(o.status.success());
-    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let token = api_token(&h, "boss");
     h.start();
     (h, token)
 }
@@ -211,19 +209,9 @@ fn the_readme_api_examples_work_as_written() {
     std::fs::write(repo.join("slow"), "").unwrap();
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "slow"]);
-    let o = h.cli(&[
-        "project",
-        "add",
-        "app",
-        "--git",
-        repo.to_str().unwrap(),
-        "--branch",
-        "main",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    add_git_project(&h, "app", &repo);
     add_user(&h, "boss", "5", "", "a long password");
-    let o = h.cli(&["token", "create", "--user", "boss"]);
-    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let token = api_token(&h, "boss");
     h.start();
     let addr = h.web_addr();
 

@@ -538,16 +538,7 @@ fn git_sources_build_the_exact_commit_or_branch_head() {
     git(&repo, &["checkout", "-q", "main"]);
     let _ = std::fs::remove_file("/tmp/ams-pwned-by-branch");
 
-    let o = h.cli(&[
-        "project",
-        "add",
-        "g",
-        "--git",
-        repo.to_str().unwrap(),
-        "--branch",
-        "main",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    add_git_project(&h, "g", &repo);
     h.start();
 
     let b = h.build_with("g", json!({"commit": c1}));

@@ -651,3 +651,24 @@ pub fn body_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>
     });
     (addr, got)
 }
+
+/// Adds project `name` from the git repository at `repo`, building its `main` branch.
+pub fn add_git_project(h: &TestHost, name: &str, repo: &std::path::Path) {
+    let o = h.cli(&[
+        "project",
+        "add",
+        name,
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "main",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A new API token of `user`.
+pub fn api_token(h: &TestHost, user: &str) -> String {
+    let o = h.cli(&["token", "create", "--user", user]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}

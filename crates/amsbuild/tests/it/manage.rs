@@ -413,9 +413,7 @@ fn an_admin_of_one_project_never_changes_a_users_level_on_another() {
     );
     add_user(&w.h, "adm", "4", "mine", PW);
     add_user(&w.h, "shared", "1", "mine,other", PW);
-    let o = w.h.cli(&["token", "create", "--user", "shared"]);
-    assert!(o.status.success());
-    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let token = api_token(&w.h, "shared");
     let as_shared = |method: &str, path: &str| {
         http(
             &w.addr,

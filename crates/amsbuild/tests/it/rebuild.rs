@@ -7,12 +7,6 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
 
-fn token(h: &TestHost, user: &str) -> String {
-    let o = h.cli(&["token", "create", "--user", user]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 #[test]
 fn a_rebuild_builds_the_same_commit_again_from_the_cli_and_the_api() {
     require_docker();
@@ -29,19 +23,10 @@ fn a_rebuild_builds_the_same_commit_again_from_the_cli_and_the_api() {
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "one"]);
     let first = git(&repo, &["rev-parse", "HEAD"]);
-    let o = h.cli(&[
-        "project",
-        "add",
-        "app",
-        "--git",
-        repo.to_str().unwrap(),
-        "--branch",
-        "main",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    add_git_project(&h, "app", &repo);
     add_user(&h, "mod", "3", "app", "a long password");
     add_user(&h, "user", "1", "app", "a long password");
-    let (mod_token, user_token) = (token(&h, "mod"), token(&h, "user"));
+    let (mod_token, user_token) = (api_token(&h, "mod"), api_token(&h, "user"));
     h.start();
 
     let b1 = h.build_with("app", json!({"branch": "main"}))["name"]
@@ -127,7 +112,7 @@ fn parameters_reach_the_stages_and_a_rebuild_keeps_them() {
         ),
     );
     add_user(&h, "mod", "3", "app", "a long password");
-    let mod_token = token(&h, "mod");
+    let mod_token = api_token(&h, "mod");
     h.start();
 
     let o = h.cli(&["build", "app", "-p", "TARGET=x", "--wait"]);

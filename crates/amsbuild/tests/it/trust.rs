@@ -25,16 +25,7 @@ fn git_project(h: &TestHost, name: &str, pipeline_json: &str, private: Value) ->
     std::fs::write(repo.join("tracked.txt"), "original-content").unwrap();
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "one"]);
-    let o = h.cli(&[
-        "project",
-        "add",
-        name,
-        "--git",
-        repo.to_str().unwrap(),
-        "--branch",
-        "main",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    add_git_project(h, name, &repo);
     h.private_config(name, private);
     git(&repo, &["rev-parse", "HEAD"])
 }
@@ -322,9 +313,7 @@ fn build_references_never_cross_projects() {
     h.project("11", &dummy("{project}{build_index}"));
     h.project("b", &dummy("{project}_{build_hash}_build_{build_index}"));
     add_user(&h, "mod1", "3", "1", "a long password");
-    let o = h.cli(&["token", "create", "--user", "mod1"]);
-    assert!(o.status.success());
-    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let token = api_token(&h, "mod1");
     h.start();
 
     // Project `11` takes the name `111` first; project `1` reaches its own build 11 later.
