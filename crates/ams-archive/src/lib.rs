@@ -281,6 +281,137 @@ impl Hasher {
     }
 }
 
+/// One entry of an archive, as [`list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ArchivedFile {
+    /// The path inside the archive, `/`-separated.
+    pub path: String,
+    /// `file`, `dir` or `link`.
+    pub kind: &'static str,
+    /// Bytes of a file (a link's target length for a link, 0 for a folder).
+    pub size: u64,
+    /// The Unix permission bits, when stored.
+    pub mode: Option<u32>,
+}
+
+const S_IFMT: u32 = 0o170000;
+const S_IFLNK: u32 = 0o120000;
+
+fn unix_mode(e: &ArchiveEntry) -> Option<u32> {
+    (e.has_windows_attributes && e.windows_attributes & UNIX_EXTENSION != 0)
+        .then_some(e.windows_attributes >> 16)
+}
+
+fn kind_of(e: &ArchiveEntry) -> &'static str {
+    if e.is_directory() {
+        "dir"
+    } else if unix_mode(e).is_some_and(|m| m & S_IFMT == S_IFLNK) {
+        "link"
+    } else {
+        "file"
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(sevenz_rust2::Error) -> ArchiveError + '_ {
+    move |e| match e {
+        sevenz_rust2::Error::Io(source, _) => ArchiveError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => ArchiveError::SevenZ(format!("{}: {other}", path.display())),
+    }
+}
+
+/// The entries of an archive, in stored order, from its header alone (no content is
+/// decompressed).
+pub fn list(archive: &Path) -> Result<Vec<ArchivedFile>, ArchiveError> {
+    let mut f = File::open(archive).map_err(io_err(archive))?;
+    let a = sevenz_rust2::Archive::read(&mut f, &sevenz_rust2::Password::empty())
+        .map_err(read_err(archive))?;
+    Ok(a.files
+        .iter()
+        .map(|e| ArchivedFile {
+            path: e.name().to_string(),
+            kind: kind_of(e),
+            size: if e.is_directory() { 0 } else { e.size },
+            mode: unix_mode(e).map(|m| m & 0o7777),
+        })
+        .collect())
+}
+
+/// Why one file could not be taken out of an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("the archive holds no file named {0:?}")]
+    NotFound(String),
+    #[error("{0:?} is a {1}, not a file")]
+    NotAFile(String, &'static str),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// The writer refused the bytes (a client that went away, say).
+    #[error("writing the file out failed: {0}")]
+    Write(io::Error),
+}
+
+/// Writes the content of the regular file `name` of `archive` to `out`, decompressing only the
+/// block that holds it; returns the bytes written. The name is matched exactly against the
+/// archive's entries and never touches the file system. Links and folders are refused.
+pub fn extract_one(
+    archive: &Path,
+    name: &str,
+    out: &mut dyn io::Write,
+) -> Result<u64, ExtractError> {
+    let mut f = File::open(archive).map_err(io_err(archive))?;
+    let a = sevenz_rust2::Archive::read(&mut f, &sevenz_rust2::Password::empty())
+        .map_err(read_err(archive))?;
+    let index = a
+        .files
+        .iter()
+        .position(|e| e.name() == name)
+        .ok_or_else(|| ExtractError::NotFound(name.to_string()))?;
+    let entry = &a.files[index];
+    let kind = kind_of(entry);
+    if kind != "file" {
+        return Err(ExtractError::NotAFile(name.to_string(), kind));
+    }
+    let Some(block) = a.stream_map.file_block_index[index] else {
+        // An empty file has no stream.
+        return Ok(0);
+    };
+    let password = sevenz_rust2::Password::empty();
+    let mut written = 0u64;
+    let mut write_failed: Option<io::Error> = None;
+    let target: *const ArchiveEntry = entry;
+    sevenz_rust2::BlockDecoder::new(1, block, &a, &password, &mut f)
+        .for_each_entries(&mut |e, r| {
+            if std::ptr::eq(e, target) {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = r.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if let Err(err) = out.write_all(&buf[..n]) {
+                        write_failed = Some(err);
+                        return Ok(false);
+                    }
+                    written += n as u64;
+                }
+                Ok(false)
+            } else {
+                // Earlier files of a solid block are decoded to reach this one.
+                io::copy(r, &mut io::sink())?;
+                Ok(true)
+            }
+        })
+        .map_err(read_err(archive))?;
+    if let Some(e) = write_failed {
+        return Err(ExtractError::Write(e));
+    }
+    out.flush().map_err(ExtractError::Write)?;
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +466,70 @@ mod tests {
             }
             assert_eq!(h.finish(), hash_bytes(kind, &data));
         }
+    }
+
+    #[test]
+    fn lists_entries_and_extracts_one_file_exactly() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("out");
+        fs::create_dir_all(src.join("reports/deep")).unwrap();
+        // Several files, so that in a solid block the wanted one is not the first.
+        let mut expected = Vec::new();
+        for i in 0..20u32 {
+            let data: Vec<u8> = (0..(5000 + i * 997)).map(|j| (j * 31 + i) as u8).collect();
+            fs::write(src.join(format!("reports/deep/f{i:02}.bin")), &data).unwrap();
+            expected.push(data);
+        }
+        fs::write(src.join("empty.txt"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", src.join("link")).unwrap();
+        let dest = t.path().join("a.7z");
+        pack_dir(&src, &dest).unwrap();
+
+        let files = list(&dest).unwrap();
+        let find = |p: &str| files.iter().find(|f| f.path == p).cloned();
+        assert_eq!(find("reports").unwrap().kind, "dir");
+        assert_eq!(find("link").unwrap().kind, "link");
+        let f13 = find("reports/deep/f13.bin").unwrap();
+        assert_eq!((f13.kind, f13.size), ("file", expected[13].len() as u64));
+        assert_eq!(find("empty.txt").unwrap().size, 0);
+
+        let mut out = Vec::new();
+        let n = extract_one(&dest, "reports/deep/f13.bin", &mut out).unwrap();
+        assert_eq!(n as usize, expected[13].len());
+        assert_eq!(out, expected[13], "the file comes back byte for byte");
+        let mut out = Vec::new();
+        assert_eq!(extract_one(&dest, "empty.txt", &mut out).unwrap(), 0);
+        assert!(matches!(
+            extract_one(&dest, "link", &mut Vec::new()),
+            Err(ExtractError::NotAFile(_, "link"))
+        ));
+        assert!(matches!(
+            extract_one(&dest, "reports", &mut Vec::new()),
+            Err(ExtractError::NotAFile(_, "dir"))
+        ));
+        for missing in ["../out/empty.txt", "/empty.txt", "nope", "reports/deep/"] {
+            assert!(
+                matches!(
+                    extract_one(&dest, missing, &mut Vec::new()),
+                    Err(ExtractError::NotFound(_))
+                ),
+                "{missing}"
+            );
+        }
+        // A writer that fails (a client gone) stops the extraction with that error.
+        struct Broken;
+        impl io::Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(matches!(
+            extract_one(&dest, "reports/deep/f13.bin", &mut Broken),
+            Err(ExtractError::Write(_))
+        ));
     }
 
     #[test]

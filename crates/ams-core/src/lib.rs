@@ -8,6 +8,7 @@ pub mod commit_status;
 mod doc_examples;
 pub mod docker_args;
 pub mod error;
+pub mod junit;
 pub mod mask;
 pub mod names;
 pub mod notify;

@@ -157,6 +157,8 @@ pub fn resolve_parameters(
 
 /// Most entries of `caches`.
 pub const MAX_CACHES: usize = 8;
+/// The most `"test-reports"` patterns.
+pub const MAX_TEST_REPORT_PATTERNS: usize = 16;
 
 /// One entry of `caches`: a folder kept between builds of a project.
 #[derive(Debug, Clone, PartialEq)]
@@ -275,6 +277,9 @@ pub struct Pipeline {
     /// Parameters a trigger may give (`-p NAME=VALUE`), with their defaults: the stages get
     /// them as environment variables. A trigger may give no other.
     pub parameters: Vec<(String, Option<String>)>,
+    /// Glob patterns, relative to the build output, of the JUnit XML files the stages leave
+    /// (`"test-reports"`).
+    pub test_reports: Vec<String>,
     /// Keys that were present but are not used.
     pub warnings: Vec<String>,
 }
@@ -935,6 +940,51 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
             ))
         }
     };
+    let test_reports = match top.get("test-reports") {
+        None => Vec::new(),
+        Some(Value::String(p)) => vec![p.clone()],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_TEST_REPORT_PATTERNS {
+                return Err(err(
+                    "test-reports",
+                    format!(
+                        "has {} patterns, over the limit of {MAX_TEST_REPORT_PATTERNS}; use `**`",
+                        items.len()
+                    ),
+                ));
+            }
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(p) => out.push(p.clone()),
+                    other => {
+                        return Err(err(
+                            &format!("test-reports[{i}]"),
+                            format!(
+                                "expected a glob pattern such as \"junit*.xml\", found {}",
+                                type_name(other)
+                            ),
+                        ))
+                    }
+                }
+            }
+            out
+        }
+        Some(other) => {
+            return Err(err(
+                "test-reports",
+                format!(
+                    "expected a list of glob patterns such as [\"junit*.xml\"], found {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    for (i, p) in test_reports.iter().enumerate() {
+        let field = format!("test-reports[{i}]");
+        check_len(&field, p, MAX_PATH_BYTES, SHORTEN)?;
+        crate::junit::check_pattern(p).map_err(|m| err(&field, m))?;
+    }
     let timeout_secs = top.uint("timeout", 7 * 24 * 3600)?;
     if timeout_secs == Some(0) {
         return Err(err("timeout", "must be at least 1 second"));
@@ -955,6 +1005,7 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
         secrets,
         caches,
         parameters,
+        test_reports,
         warnings: warnings.finish(),
     };
     p.check_variables()?;
@@ -1080,6 +1131,33 @@ mod tests {
             );
             let e = parse(&text).unwrap_err();
             assert_eq!(e.field, field, "{caches}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_report_patterns_parse_and_bad_ones_are_named() {
+        let base = r#""docker": {"image": "i", "project-dest": "/p", "build-output-dest": "/o"},
+                "pipeline": [{"name": "s", "commands": ["true"]}]"#;
+        let p = parse(&format!(
+            r#"{{{base}, "test-reports": ["junit*.xml", "reports/**/*.xml"]}}"#
+        ))
+        .unwrap();
+        assert_eq!(p.test_reports, vec!["junit*.xml", "reports/**/*.xml"]);
+        let one = parse(&format!(r#"{{{base}, "test-reports": "junit.xml"}}"#)).unwrap();
+        assert_eq!(one.test_reports, vec!["junit.xml"]);
+        assert!(parse(&format!("{{{base}}}"))
+            .unwrap()
+            .test_reports
+            .is_empty());
+        for (v, field) in [
+            (r#"["/etc/*.xml"]"#, "test-reports[0]"),
+            (r#"["ok.xml", "../up.xml"]"#, "test-reports[1]"),
+            (r#"["a[.xml"]"#, "test-reports[0]"),
+            (r#"[3]"#, "test-reports[0]"),
+            (r#"{"a": 1}"#, "test-reports"),
+        ] {
+            let e = parse(&format!(r#"{{{base}, "test-reports": {v}}}"#)).unwrap_err();
+            assert_eq!(e.field, field, "{v}: {e}");
         }
     }
 
@@ -1742,6 +1820,7 @@ mod tests {
                         secrets: secrets.into_iter().collect(),
                         caches: Vec::new(),
                         parameters: Vec::new(),
+                        test_reports: Vec::new(),
                         warnings: Vec::new(),
                     },
                 )

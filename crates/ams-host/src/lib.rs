@@ -12,6 +12,7 @@ pub mod log;
 pub mod metrics;
 pub mod paths;
 pub mod project;
+pub mod reports;
 pub mod retention;
 pub mod schedule;
 pub mod secrets;

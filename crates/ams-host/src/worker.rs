@@ -1431,6 +1431,27 @@ pub async fn run_build(
 
     // A build the host failed has no result of the project's to archive.
     if stop.reason() != Some(StopReason::Shutdown) && outcome.status != BuildStatus::Error {
+        if let Some(p) = cleanup_pipeline
+            .as_ref()
+            .filter(|p| !p.test_reports.is_empty())
+        {
+            let (out, patterns) = (bd.output(), p.test_reports.clone());
+            match tokio::task::spawn_blocking(move || crate::reports::collect(&out, &patterns))
+                .await
+            {
+                Ok(Some(mut report)) => {
+                    // Names and messages are the build's text: no secret of it is shown.
+                    report.map_text(|t| log.mask_text(t));
+                    log.line(&report.summary_line());
+                    for u in &report.unreadable {
+                        log.line(&format!("test report {}: {}", u.file, u.reason));
+                    }
+                    fin.tests = Some(report);
+                }
+                Ok(None) => {}
+                Err(e) => log.line(&format!("could not read the test reports: {e}")),
+            }
+        }
         if let Some(p) = &cleanup_pipeline {
             let limits = PackLimits {
                 deadline,

@@ -657,6 +657,7 @@ mod tests {
             stages: vec![],
             retry_of: None,
             params: Default::default(),
+            tests: None,
         }
     }
 

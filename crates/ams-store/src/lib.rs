@@ -183,6 +183,10 @@ pub struct BuildRecord {
     /// The parameters its trigger gave (`-p NAME=VALUE`); the defaults are not repeated here.
     #[serde(default)]
     pub params: std::collections::BTreeMap<String, String>,
+    /// The totals of its test reports, when it read any (the failed tests are in
+    /// [`Store::test_report`]).
+    #[serde(default)]
+    pub tests: Option<ams_core::junit::TestTotals>,
 }
 
 impl BuildRecord {
@@ -231,6 +235,8 @@ pub struct Finish {
     pub archive_name: Option<String>,
     pub archive_hash: Option<String>,
     pub archive_hash_kind: Option<String>,
+    /// What its test reports say, when the pipeline names any.
+    pub tests: Option<ams_core::junit::TestReport>,
 }
 
 /// A webhook delivery as recorded.
@@ -528,7 +534,7 @@ pub struct Store {
 const BUILDS_AS_JSON: &str =
     "SELECT COALESCE(json_group_array(json_array(%COLS%)), '[]') FROM (%INNER%)";
 
-const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages, retry_of, params";
+const BUILD_JSON_ARRAY: &str = "id, project, build_index, name, hash, git_hash, commit_message, status, reason, trigger_kind, branch, commit_req, created_by, created_at, started_at, finished_at, canceled_by, canceled_at, archive_name, archive_hash, archive_hash_kind, output_deleted_at, stages, retry_of, params, tests";
 
 /// One build as [`BUILDS_AS_JSON`] spells it: the values of [`BUILD_JSON_ARRAY`] in order.
 #[derive(Deserialize)]
@@ -557,6 +563,7 @@ struct BuildJsonRow(
     Option<f64>,
     String,
     Option<i64>,
+    Option<String>,
     Option<String>,
 );
 
@@ -597,6 +604,7 @@ fn builds_from_json(text: &str) -> Result<Vec<BuildRecord>> {
                 stages: serde_json::from_str(&r.22).unwrap_or_default(),
                 retry_of: r.23,
                 params: params_of(r.24.as_deref()),
+                tests: r.25.as_deref().and_then(|t| serde_json::from_str(t).ok()),
             })
         })
         .collect()
@@ -631,6 +639,10 @@ fn row_to_build(r: &SqliteRow) -> Result<BuildRecord> {
         stages: serde_json::from_str(&stages).unwrap_or_default(),
         retry_of: r.try_get("retry_of")?,
         params: params_of(r.try_get::<Option<String>, _>("params")?.as_deref()),
+        tests: r
+            .try_get::<Option<String>, _>("tests")?
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
     })
 }
 
@@ -751,6 +763,7 @@ impl Store {
             include_str!("../migrations/0011_builds_by_branch.sql"),
             include_str!("../migrations/0012_secrets.sql"),
             include_str!("../migrations/0013_build_params.sql"),
+            include_str!("../migrations/0014_test_reports.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -1038,7 +1051,7 @@ impl Store {
             "UPDATE builds SET status = ?, reason = ?, finished_at = ?, \
              git_hash = COALESCE(?, git_hash), commit_message = COALESCE(?, commit_message), \
              stages = ?, archive_name = ?, archive_hash = ?, \
-             archive_hash_kind = ? WHERE id = ? AND status IN ('pending', 'running') \
+             archive_hash_kind = ?, tests = ? WHERE id = ? AND status IN ('pending', 'running') \
              RETURNING project",
         )
         .bind(status.as_str())
@@ -1050,9 +1063,21 @@ impl Store {
         .bind(&f.archive_name)
         .bind(&f.archive_hash)
         .bind(&f.archive_hash_kind)
+        .bind(
+            f.tests
+                .as_ref()
+                .and_then(|t| serde_json::to_string(&t.totals).ok()),
+        )
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
+        if let (Some(_), Some(report)) = (&project, &f.tests) {
+            sqlx::query("INSERT OR REPLACE INTO test_reports (build_id, report) VALUES (?, ?)")
+                .bind(id)
+                .bind(serde_json::to_string(report).unwrap_or_else(|_| "{}".into()))
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some(project) = &project {
             sqlx::query("UPDATE projects SET last_complete_time = ? WHERE name = ?")
                 .bind(f.finished_at)
@@ -1062,6 +1087,16 @@ impl Store {
         }
         tx.commit().await?;
         Ok(project.is_some())
+    }
+
+    /// The test report of a build, when it read any.
+    pub async fn test_report(&self, build_id: i64) -> Result<Option<ams_core::junit::TestReport>> {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT report FROM test_reports WHERE build_id = ?")
+                .bind(build_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
     /// Records who canceled a build and when (the status is set by [`Store::finish`]).

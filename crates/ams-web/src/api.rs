@@ -295,6 +295,8 @@ pub fn router(state: ApiState, web_root: &str) -> Router {
             post(rebuild_in_project),
         )
         .route("/builds/{name}/delete-output", post(delete_output))
+        .route("/builds/{name}/tests", get(build_tests))
+        .route("/builds/{name}/files", get(build_files))
         .route(
             "/projects/name/{name}/builds/{build}/cancel",
             post(cancel_in_project),
@@ -378,6 +380,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/builds/{name}/rebuild"),
     ("post", "/projects/name/{name}/builds/{build}/rebuild"),
     ("post", "/builds/{name}/delete-output"),
+    ("get", "/builds/{name}/tests"),
+    ("get", "/builds/{name}/files"),
     ("post", "/projects/name/{name}/builds/{build}/cancel"),
     ("post", "/projects/name/{name}/builds/{build}/delete-output"),
     ("post", "/deliveries/{id}/replay"),
@@ -423,6 +427,8 @@ pub struct BuildJson<'a> {
     canceled_at_iso: Option<String>,
     /// When the build's folder, log and archive were deleted (delete-output or retention).
     output_deleted_at_iso: Option<String>,
+    /// The totals of its JUnit test reports, when the pipeline names any.
+    tests: Option<&'a ams_core::junit::TestTotals>,
 }
 
 impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
@@ -454,6 +460,7 @@ impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
             finished_at_iso: b.finished_at.map(timefmt::iso),
             canceled_at_iso: b.canceled_at.map(timefmt::iso),
             output_deleted_at_iso: b.output_deleted_at.map(timefmt::iso),
+            tests: b.tests.as_ref(),
         }
     }
 }
@@ -1106,6 +1113,204 @@ async fn delete_output_in_project(
     delete_build_output(st, c, Some(&project), &name).await
 }
 
+/// A build the caller may see, by name; `?project=` picks one when the name alone is ambiguous.
+async fn viewable_build(
+    st: &ApiState,
+    c: &Caller,
+    name: &str,
+    q: &HashMap<String, String>,
+) -> Result<BuildRecord, ApiError> {
+    let project = q.get("project").map(String::as_str);
+    st.host
+        .resolve(project, name, |p| c.grant.may(Action::View, p))
+        .await
+        .map_err(|e| match e {
+            ams_host::host::ResolveError::Ambiguous { .. } => {
+                ApiError::Bad(format!("{e}: add ?project=NAME"))
+            }
+            ams_host::host::ResolveError::Store(_) => ApiError::Internal,
+        })?
+        .ok_or(ApiError::NotFound)
+}
+
+/// `GET api/builds/{name}/tests`: the build's test report (totals, failed tests with their
+/// messages, unreadable report files); 404 when it read none.
+async fn build_tests(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let b = viewable_build(&st, &c, &name, &q).await?;
+    let report = st
+        .host
+        .store
+        .test_report(b.id)
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(
+        json!({"build": b.name, "project": b.project, "report": report}),
+    ))
+}
+
+/// The entries of a build's 7z archive (`None`: it has none), read from the archive's header.
+pub async fn archive_files(
+    st: &ApiState,
+    b: &BuildRecord,
+) -> Result<Option<Vec<ams_archive::ArchivedFile>>, ApiError> {
+    if b.archive_name.is_none() || b.output_deleted_at.is_some() {
+        return Ok(None);
+    }
+    let path = st.host.data.project(&b.project).build(&b.name).archive;
+    tokio::task::spawn_blocking(move || match ams_archive::list(&path) {
+        Ok(files) => Ok(Some(files)),
+        Err(ams_archive::ArchiveError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!("cannot list {}: {e}", path.display());
+            Err(ApiError::Internal)
+        }
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+}
+
+/// `GET api/builds/{name}/files`: the files of the build's archive, each with the link that
+/// downloads it alone.
+async fn build_files(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let b = viewable_build(&st, &c, &name, &q).await?;
+    let files = archive_files(&st, &b).await?.ok_or(ApiError::NotFound)?;
+    let list: Vec<Value> = files
+        .iter()
+        .map(|f| {
+            let mut v = json!({"path": f.path, "kind": f.kind, "size": f.size, "mode": f.mode});
+            if f.kind == "file" {
+                v["link"] = json!(file_link(&b.project, &b.name, &f.path));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(
+        json!({"build": b.name, "project": b.project, "files": list}),
+    ))
+}
+
+/// The download link of one archived file, relative to the web root like `7z_link`; every
+/// segment percent-encoded.
+pub fn file_link(project: &str, build: &str, path: &str) -> String {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+    const SEGMENT: &AsciiSet = &CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'/')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}')
+        .add(b'\\')
+        .add(b'^')
+        .add(b'|')
+        .add(b'[')
+        .add(b']')
+        .add(b'\'')
+        .add(b'&')
+        .add(b'+')
+        .add(b';')
+        .add(b'=');
+    let enc = |s: &str| utf8_percent_encode(s, SEGMENT).to_string();
+    let segs: Vec<String> = path.split('/').map(enc).collect();
+    format!("dl/{}/{}/file/{}", enc(project), enc(build), segs.join("/"))
+}
+
+/// Writes into the response body from the blocking extractor, a chunk at a time; fails
+/// (stopping the extraction) when the client has gone.
+struct BodyWriter(tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>);
+
+impl std::io::Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(axum::body::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `/{web_root}/dl/{project}/{build}/file/{path}`: one file of the build's archive, as an
+/// attachment, decompressing only what it needs. The path is matched exactly against the
+/// archive's entries (never the file system); links and folders answer 404.
+async fn archive_file(
+    State(st): State<ApiState>,
+    c: Caller,
+    Path((project, build, path)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (b, dir) = recorded(&st, &c, &project, &build).await?;
+    let files = archive_files(&st, &b).await?.ok_or(ApiError::NotFound)?;
+    let entry = files
+        .into_iter()
+        .find(|f| f.path == path && f.kind == "file")
+        .ok_or(ApiError::NotFound)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let archive = dir.archive.clone();
+    let name = entry.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = BodyWriter(tx.clone());
+        if let Err(e) = ams_archive::extract_one(&archive, &name, &mut w) {
+            if !matches!(e, ams_archive::ExtractError::Write(_)) {
+                tracing::warn!("{}: {name}: {e}", archive.display());
+            }
+            // The body ends with an error: the client sees a cut transfer, never a short file
+            // that looks whole.
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let base = entry.path.rsplit('/').next().unwrap_or("file");
+    let ascii: String = base
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_graphic() && !matches!(ch, '"' | '\\' | ';' | '%') || ch == ' ' {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let disposition = format!(
+        "attachment; filename=\"{ascii}\"; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(base, percent_encoding::NON_ALPHANUMERIC)
+    );
+    Ok((
+        [
+            ("content-type", "application/octet-stream".to_string()),
+            ("content-disposition", disposition),
+            ("content-length", entry.size.to_string()),
+            ("x-content-type-options", "nosniff".to_string()),
+            (
+                "content-security-policy",
+                "default-src 'none'; sandbox".to_string(),
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 /// Downloads: `/{web_root}/output/{project}/{build}` (the log, text/plain) and
 /// `/{web_root}/dl/{project}/{build}` (the 7z, as an attachment). The file's path comes from the
 /// database record, never from the URL: a URL that names no recorded build of a visible project
@@ -1119,6 +1324,10 @@ pub fn files_router(state: ApiState, web_root: &str) -> Router {
         .route(
             &format!("/{web_root}/dl/{{project}}/{{build}}"),
             get(archive),
+        )
+        .route(
+            &format!("/{web_root}/dl/{{project}}/{{build}}/file/{{*path}}"),
+            get(archive_file),
         )
         .with_state(state)
 }

@@ -692,6 +692,14 @@ async fn build_page(
             body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/delete-output\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Delete output</button></form>"));
         }
     }
+    if b.tests.is_some() {
+        if let Ok(Some(report)) = st.host.store.test_report(b.id).await {
+            body.push_str(&tests_html(&report));
+        }
+    }
+    if let Ok(Some(files)) = crate::api::archive_files(&st, &b).await {
+        body.push_str(&files_html(&root, &b, &files));
+    }
     body.push_str(&format!(
         "<h2>Stages</h2><div id=\"stages\" data-src=\"/{root}/build/{p}/{n}/stages\">{}</div>\
          <h2>Log</h2><p><a href=\"/{root}/output/{p}/{n}\" download>Download the whole log</a>{}\
@@ -723,6 +731,101 @@ async fn build_page(
         ansi_to_html(&String::from_utf8_lossy(&text))
     ));
     html(StatusCode::OK, &b.name, &root, &body)
+}
+
+/// The build page's test section: totals, then the failed tests first with their messages.
+fn tests_html(r: &ams_core::junit::TestReport) -> String {
+    let t = &r.totals;
+    let mut h = format!(
+        "<h2 id=\"tests\">Tests</h2><p class=\"tests-totals\"><strong>{} tests</strong> · \
+         <span class=\"status pass\">{} passed</span> · <span class=\"status fail\">{} failed</span> · \
+         <span class=\"status error\">{} errors</span> · {} skipped · {:.2} s · {} report file(s)</p>",
+        t.tests, t.passed, t.failed, t.errors, t.skipped, t.time_secs, t.files
+    );
+    if t.files == 0 && r.unreadable.is_empty() {
+        h.push_str("<p>No file in the output matched the pipeline's <code>test-reports</code> patterns.</p>");
+    }
+    if !r.failures.is_empty() {
+        h.push_str("<h3>Failed tests</h3><ol class=\"failed-tests\">");
+        for f in &r.failures {
+            let who = match &f.class {
+                Some(c) if !c.is_empty() => format!("{}.{}", c, f.name),
+                _ => f.name.clone(),
+            };
+            h.push_str(&format!(
+                "<li><details><summary><span class=\"status {kind}\">{kindu}</span> <code>{who}</code> \
+                 <small>{file}{suite}</small></summary><pre>{msg}</pre></details></li>",
+                kind = if f.kind == "error" { "error" } else { "fail" },
+                kindu = esc(&f.kind.to_uppercase()),
+                who = esc(&who),
+                file = esc(&f.file),
+                suite = if f.suite.is_empty() {
+                    String::new()
+                } else {
+                    format!(" · {}", esc(&f.suite))
+                },
+                msg = esc(&f.message),
+            ));
+        }
+        h.push_str("</ol>");
+        if r.failures_truncated {
+            h.push_str(&format!(
+                "<p>Only the first {} failed tests are listed.</p>",
+                r.failures.len()
+            ));
+        }
+    }
+    if !r.unreadable.is_empty() {
+        h.push_str("<h3>Report files not read</h3><ul>");
+        for u in &r.unreadable {
+            h.push_str(&format!(
+                "<li><code>{}</code>: {}</li>",
+                esc(&u.file),
+                esc(&u.reason)
+            ));
+        }
+        h.push_str("</ul>");
+    }
+    h
+}
+
+/// The most archive entries the build page lists (the API lists them all).
+const FILES_SHOWN: usize = 500;
+
+/// The build page's list of the archive's files, each file a link that downloads it alone.
+fn files_html(root: &str, b: &BuildRecord, files: &[ams_archive::ArchivedFile]) -> String {
+    let n_files = files.iter().filter(|f| f.kind == "file").count();
+    let mut h = format!(
+        "<h2 id=\"files\">Files</h2><details{}><summary>{} files in the archive</summary>\
+         <table class=\"files\"><thead><tr><th>Path</th><th>Size</th></tr></thead><tbody>",
+        if n_files <= 30 { " open" } else { "" },
+        n_files
+    );
+    for f in files.iter().filter(|f| f.kind != "dir").take(FILES_SHOWN) {
+        let cell = if f.kind == "file" {
+            format!(
+                "<a href=\"/{root}/{}\" download>{}</a>",
+                esc(&crate::api::file_link(&b.project, &b.name, &f.path)),
+                esc(&f.path)
+            )
+        } else {
+            format!("{} <small>(link)</small>", esc(&f.path))
+        };
+        h.push_str(&format!(
+            "<tr><td class=\"path\">{cell}</td><td class=\"num\">{}</td></tr>",
+            f.size
+        ));
+    }
+    h.push_str("</tbody></table>");
+    let listed = files.iter().filter(|f| f.kind != "dir").count();
+    if listed > FILES_SHOWN {
+        h.push_str(&format!(
+            "<p>{FILES_SHOWN} of {listed} entries shown; <code>GET api/builds/{}/files</code> lists them all.</p>",
+            esc(&b.name)
+        ));
+    }
+    h.push_str("</details>");
+    h
 }
 
 /// Reads the log bytes `[start, end)`, moving `start` forward to the beginning of a line when it

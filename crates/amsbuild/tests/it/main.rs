@@ -20,6 +20,7 @@ mod manage;
 mod metrics;
 mod notify;
 mod rebuild;
+mod reports;
 mod retention;
 mod schedule;
 mod secrets;
