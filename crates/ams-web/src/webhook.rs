@@ -451,7 +451,8 @@ async fn receive(
     }
 }
 
-/// Warnings to print at start: webhooks that accept unsigned deliveries, broken configs.
+/// Warnings to print at start: webhooks that accept unsigned deliveries, broken configs, a
+/// webhook_fields.json that is not strict JSON (read as the described system's docs wrote it).
 pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
     let mut out = Vec::new();
     for project in ams_host::project::list(&host.data) {
@@ -474,6 +475,12 @@ pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
                 }
             }
             Err(e) => out.push(format!("project {project}: {e}")),
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(WebhookFields::FILE)) {
+            match WebhookFields::parse_with_notes(&text) {
+                Ok((_, notes)) => out.extend(notes.into_iter().map(|n| format!("project {project}: {n}"))),
+                Err(e) => out.push(format!("project {project}: {e}")),
+            }
         }
     }
     out
