@@ -360,6 +360,15 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that never panics: a closed standard error (`amsbuild log B 2>&- | head`) loses
+/// the message instead of ending the command with a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Parses `-p NAME=VALUE`.
 fn param_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -379,6 +388,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // A closed standard error loses the line; never a panic in the fallback report.
+        .log_internal_errors(false)
         // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -389,14 +400,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("amsbuild: cannot start the runtime: {e}");
+            errln!("amsbuild: cannot start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("amsbuild: {e:#}");
+            errln!("amsbuild: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -461,7 +472,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await
             .map_err(|e| anyhow!(e))?;
             let name = v["build"]["name"].as_str().unwrap_or_default().to_string();
-            eprintln!("queued build {name}");
+            errln!("queued build {name}");
             if !wait {
                 outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
@@ -492,7 +503,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
                 if builds.is_empty() {
-                    eprintln!("project {project} has no builds yet");
+                    errln!("project {project} has no builds yet");
                 }
                 for b in builds {
                     print_build(&b);
@@ -516,7 +527,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has no webhook deliveries yet");
+                    errln!("project {project} has no webhook deliveries yet");
                 }
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
@@ -565,7 +576,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has sent no notifications yet");
+                    errln!("project {project} has sent no notifications yet");
                 }
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
@@ -893,12 +904,16 @@ async fn follow(sock: &Path, build: &BuildRef) -> Result<ExitCode> {
     use std::io::Write;
     let (name, status) = control::follow_log(sock, build, &mut |t| {
         let mut o = std::io::stdout().lock();
-        let _ = o.write_all(t.as_bytes());
-        let _ = o.flush();
+        if let Err(e) = o.write_all(t.as_bytes()).and_then(|()| o.flush()) {
+            // The reader went away (`amsbuild log B | head`): stop following, quietly.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
     })
     .await
     .map_err(|e| anyhow!(e))?;
-    eprintln!("build {name}: {}", status.to_uppercase());
+    errln!("build {name}: {}", status.to_uppercase());
     Ok(if status == "pass" {
         ExitCode::SUCCESS
     } else {
@@ -1149,7 +1164,7 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                 )
                 .await?
                 .ok_or_else(|| anyhow!("no user named `{user}`"))?;
-            eprintln!("token {id} for {user}; it is shown only now:");
+            errln!("token {id} for {user}; it is shown only now:");
             outln!("{token}");
         }
         TokenCmd::List { user } => {
@@ -1605,7 +1620,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     })?;
     let p = pipeline::parse(&text).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
     for w in &p.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     // A local run says at once that the engine is missing rather than waiting for it.
     let conf = WebConf {
@@ -1699,7 +1714,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     }
     let outcome = worker::execute(&executor, req, &mut log, &stop).await;
     let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
-    eprintln!(
+    errln!(
         "{}{} in {:.2} s; build output kept in {}",
         outcome.status,
         outcome
