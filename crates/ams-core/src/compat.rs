@@ -76,7 +76,11 @@ pub fn parse_users_json(text: &str) -> Result<Vec<LegacyUser>, ConfigError> {
     for (i, item) in items.iter().enumerate() {
         let at = |k: &str| format!("[{i}].{k}");
         let Value::Object(u) = item else {
-            return Err(ConfigError::field(f, format!("[{i}]"), "expected an object"));
+            return Err(ConfigError::field(
+                f,
+                format!("[{i}]"),
+                "expected an object",
+            ));
         };
         let name = match u.get("username") {
             Some(Value::String(n)) => n.clone(),

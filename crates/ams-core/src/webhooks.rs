@@ -135,8 +135,12 @@ impl WebhooksConfig {
                             return Err(ConfigError::field(
                                 Self::FILE,
                                 format!("{path}.secret"),
-                                "is missing: set the secret the sender signs with, or say \
-                                 \"allow-unsigned\": true to accept unsigned deliveries",
+                                format!(
+                                    "is missing: set \"secret\" to the key the sender signs \
+                                     with, or say \"allow-unsigned\": true to accept unsigned \
+                                     deliveries (the described system had no secret; see {})",
+                                    crate::compat::COMPAT_DOC
+                                ),
                             ));
                         }
                         if cfg.in_webhooks.iter().any(|o| o.name == w.name) {
@@ -190,8 +194,14 @@ pub struct WebhookFields {
 /// The keys of webhook_fields.json, each with the described system's default path (Bitbucket
 /// Cloud's push body), taken when the file leaves the key out.
 const FIELD_DEFAULTS: [(&str, &[DefaultStep]); 4] = [
-    ("actor", &[DefaultStep::K("actor"), DefaultStep::K("display_name")]),
-    ("repository", &[DefaultStep::K("repository"), DefaultStep::K("name")]),
+    (
+        "actor",
+        &[DefaultStep::K("actor"), DefaultStep::K("display_name")],
+    ),
+    (
+        "repository",
+        &[DefaultStep::K("repository"), DefaultStep::K("name")],
+    ),
     (
         "branch",
         &[
@@ -604,10 +614,12 @@ pub fn intent(
             if body.pointer("/push/changes").is_some_and(Value::is_array) {
                 return bitbucket_cloud_push(body);
             }
-            Err("unknown sender: no X-GitHub-Event or X-Event-Key header, no Bitbucket push \
+            Err(
+                "unknown sender: no X-GitHub-Event or X-Event-Key header, no Bitbucket push \
                  (push.changes) in the body, and the project has no webhook_fields.json saying \
                  where the actor, repository, branch and hash are"
-                .into())
+                    .into(),
+            )
         }
         Sender::Custom => {
             let f = fields.ok_or("no webhook_fields.json")?;
@@ -878,7 +890,11 @@ mod tests {
         let (f, notes) = WebhookFields::parse_with_notes(text).unwrap();
         assert_eq!(f, WebhookFields::described_defaults());
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].starts_with("webhook_fields.json: line 6 column 1"), "{}", notes[0]);
+        assert!(
+            notes[0].starts_with("webhook_fields.json: line 6 column 1"),
+            "{}",
+            notes[0]
+        );
         assert!(notes[0].contains("fix: remove"), "{}", notes[0]);
         // Strict JSON gives no note.
         let (_, notes) =
@@ -888,15 +904,25 @@ mod tests {
         let e = WebhookFields::parse("{\n  \"actor\": [\"a\"] \"hash\": [\"h\"]\n}").unwrap_err();
         assert_eq!(e.position, Some((2, 18)), "{e}");
         assert!(e.message.contains("fix the file"), "{e}");
-        assert!(e.to_string().starts_with("webhook_fields.json: line 2 column 18"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("webhook_fields.json: line 2 column 18"),
+            "{e}"
+        );
     }
 
     #[test]
     fn webhook_fields_keys_left_out_take_the_described_defaults() {
         let f = WebhookFields::parse(r#"{"actor": ["sender", "login"]}"#).unwrap();
         let d = WebhookFields::described_defaults();
-        assert_eq!(f.actor, vec![Step::Key("sender".into()), Step::Key("login".into())]);
-        assert_eq!((f.repository, f.branch, f.hash), (d.repository, d.branch, d.hash));
+        assert_eq!(
+            f.actor,
+            vec![Step::Key("sender".into()), Step::Key("login".into())]
+        );
+        assert_eq!(
+            (f.repository, f.branch, f.hash),
+            (d.repository, d.branch, d.hash)
+        );
         let e = WebhookFields::parse(r#"{"acter": ["sender", "login"]}"#).unwrap_err();
         assert_eq!(e.field, "acter");
         let e = WebhookFields::parse(r#"{"actor": "sender.login"}"#).unwrap_err();

@@ -601,7 +601,11 @@ async fn tasks_filtered(
         Some(&"queued") | Some(&"pending") => pending,
         _ => return Err(ApiError::NotFound),
     };
-    Ok(Json(shaped(filter(list, &seg[1..])?, seg.len() > 1, python)))
+    Ok(Json(shaped(
+        filter(list, &seg[1..])?,
+        seg.len() > 1,
+        python,
+    )))
 }
 
 async fn projects(State(st): State<ApiState>, c: Caller) -> Json<Value> {

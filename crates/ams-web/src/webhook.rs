@@ -469,8 +469,9 @@ pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
                 {
                     out.push(format!(
                         "project {project}: webhook `{}` accepts unsigned deliveries (allow-unsigned); \
-                         anyone who can reach the webhook port can start its builds",
-                        w.name
+                         anyone who can reach the webhook port can start its builds (see {})",
+                        w.name,
+                        ams_core::compat::COMPAT_DOC
                     ));
                 }
             }
@@ -478,7 +479,9 @@ pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
         }
         if let Ok(text) = std::fs::read_to_string(dir.join(WebhookFields::FILE)) {
             match WebhookFields::parse_with_notes(&text) {
-                Ok((_, notes)) => out.extend(notes.into_iter().map(|n| format!("project {project}: {n}"))),
+                Ok((_, notes)) => {
+                    out.extend(notes.into_iter().map(|n| format!("project {project}: {n}")))
+                }
                 Err(e) => out.push(format!("project {project}: {e}")),
             }
         }

@@ -1264,8 +1264,8 @@ const LOCKED_PREFIX: &str = "!locked";
 /// `admin` that is the described system's test account (a USER without projects) is left out
 /// when this host's `admin` is to be made; any name already here refuses the whole file.
 async fn import_users(store: &ams_store::Store, file: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let users = ams_core::compat::parse_users_json(&text).map_err(|mut e| {
         e.file = file.display().to_string();
         anyhow!(
@@ -1409,7 +1409,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     if first_start && users_json.exists() {
         // The described system's users, imported once, before the first admin is made.
         let lines = import_users(&handle.store, &users_json).await?;
-        let done = data.root().join(format!("{}.imported", ams_core::compat::USERS_FILE));
+        let done = data
+            .root()
+            .join(format!("{}.imported", ams_core::compat::USERS_FILE));
         std::fs::rename(&users_json, &done).with_context(|| {
             format!("cannot rename {} after importing it", users_json.display())
         })?;
