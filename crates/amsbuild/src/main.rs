@@ -1392,6 +1392,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     for p in ams_notify::startup_problems(&data) {
         tracing::error!("{p}");
     }
+    for w in ams_notify::startup_warnings(&data) {
+        tracing::warn!("{w}");
+    }
     let (host, handle) = Host::start(
         HostConfig {
             data: data.clone(),

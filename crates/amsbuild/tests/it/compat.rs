@@ -181,6 +181,12 @@ fn the_documented_webhook_payload_builds() {
             && log.contains(DOC),
         "{log}"
     );
+    // Its Discord template's link would double the address here: said with the fix.
+    assert!(
+        log.contains("`{base_web_address}/{output_log}` doubles the address")
+            && log.contains("write {output_log} alone"),
+        "{log}"
+    );
     h.term();
 
     // The one-line fix: a secret.
