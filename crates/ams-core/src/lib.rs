@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod commit_status;
+pub mod compat;
 #[cfg(test)]
 mod doc_examples;
 pub mod docker_args;

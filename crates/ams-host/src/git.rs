@@ -258,6 +258,17 @@ pub async fn origin_url(dir: &Path) -> Option<String> {
     (!url.is_empty()).then(|| url.to_string())
 }
 
+/// The commit the checkout at `dir` is at (`get-git-hash` after trusted master-dir-commands),
+/// once its repository config is checked again (the commands may have changed it).
+pub async fn head(dir: &Path, cancel: &CancellationToken) -> Option<String> {
+    check_repo_config(dir, cancel).await.ok()?;
+    let out = git(dir, &["rev-parse", "HEAD"], &GitAuth::default(), cancel)
+        .await
+        .ok()?;
+    let h = out.trim().to_string();
+    valid_commit(&h).then_some(h)
+}
+
 /// The message of `commit` in the checkout at `dir`, cut at 4 KiB (on a character boundary).
 pub async fn message(dir: &Path, commit: &str, cancel: &CancellationToken) -> Option<String> {
     if !valid_commit(commit) {

@@ -730,18 +730,19 @@ async fn host_commands(
     trusted: bool,
     log: &mut BuildLog,
     stop: &StopSignal,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     if commands.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     if !trusted {
         log.line(&format!(
             "refused {} host command(s) of prepare-build.{what}: the project's private \
              config/pipeline-config.json does not set \"trust-host-commands\": true; the built-in \
-             git update prepared the source instead",
-            commands.len()
+             git update prepared the source instead (see {})",
+            commands.len(),
+            ams_core::compat::COMPAT_DOC
         ));
-        return Ok(());
+        return Ok(false);
     }
     for (i, c) in commands.iter().enumerate() {
         let cmd = expand(&format!("prepare-build.{what}[{i}]"), c, values)?;
@@ -775,7 +776,7 @@ async fn host_commands(
             return Err(format!("prepare-build.{what}[{i}] failed with {status}"));
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The largest pipeline.json the host reads: the parser's own cap.
@@ -797,11 +798,20 @@ struct Prepared {
     caches: Vec<CacheUse>,
 }
 
+/// What preparation learnt before it could fail: a build that fails after the git update
+/// still records the commit it was at.
+#[derive(Default)]
+struct Seen {
+    git_hash: Option<String>,
+    commit_message: Option<String>,
+}
+
 async fn prepare(
     ctx: &WorkerContext,
     b: &BuildRecord,
     log: &mut BuildLog,
     stop: &StopSignal,
+    seen: &mut Seen,
 ) -> Result<Prepared, Failure> {
     let prep_started = Instant::now();
     let pd = ctx.data.project(&b.project);
@@ -851,6 +861,8 @@ async fn prepare(
         Some(h) => git::message(&src, h, stop.token()).await,
         None => None,
     };
+    seen.git_hash = git_hash.clone();
+    seen.commit_message = commit_message.clone();
     let text = crate::source::read_checkout_file(&src, "pipeline.json", PIPELINE_MAX_BYTES)
         .map_err(|e| Failure::project(format!("master/project_source/{e}")))?;
     let text = String::from_utf8(text)
@@ -873,8 +885,8 @@ async fn prepare(
         stop,
     )
     .await?;
-    let values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
-    host_commands(
+    let mut values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
+    let ran_in_master = host_commands(
         "master-dir-commands",
         &pipeline.prepare.master_dir_commands,
         &src,
@@ -885,6 +897,39 @@ async fn prepare(
     )
     .await
     .map_err(Failure::project)?;
+    let mut git_hash = git_hash;
+    let mut commit_message = commit_message;
+    if let Some(h) = &git_hash {
+        if !pipeline.prepare.get_git_hash {
+            log.line(&format!(
+                "prepare-build.get-git-hash is false: the described system then left \
+                 {{git_hash}} empty; AMS-Build always knows the commit it builds and records \
+                 {h} (see {})",
+                ams_core::compat::COMPAT_DOC
+            ));
+        } else if ran_in_master {
+            // get-git-hash: the commit master is at after its commands, as the described
+            // system read it; that is the source the build copies.
+            match git::head(&src, stop.token()).await {
+                Some(now) if now != *h => {
+                    log.line(&format!(
+                        "get-git-hash: master-dir-commands moved master from {h} to {now}; \
+                         building and recording {now}"
+                    ));
+                    commit_message = git::message(&src, &now, stop.token()).await;
+                    values.insert("git_hash", now.clone());
+                    git_hash = Some(now);
+                    seen.git_hash = git_hash.clone();
+                    seen.commit_message = commit_message.clone();
+                }
+                Some(_) => {}
+                None => log.line(
+                    "get-git-hash: cannot read master's commit after master-dir-commands; \
+                     recording the commit of the update",
+                ),
+            }
+        }
+    }
 
     // The build's own source: nothing it writes reaches master or another build.
     let started = Instant::now();
@@ -1299,8 +1344,9 @@ pub async fn run_build(
 
     // One deadline covers preparation and stages.
     let timeout_secs = ctx.conf.build_timeout_secs;
+    let mut seen = Seen::default();
     let prepared = tokio::select! {
-        r = prepare(ctx, b, &mut log, stop) => Some(r),
+        r = prepare(ctx, b, &mut log, stop, &mut seen) => Some(r),
         _ = tokio::time::sleep(Duration::from_secs(timeout_secs)) => {
             stop.stop(StopReason::Timeout { secs: timeout_secs });
             None
@@ -1313,6 +1359,8 @@ pub async fn run_build(
     // Packing counts against the build's timeout too (the pipeline's own, once it is known).
     let mut deadline = started + Duration::from_secs(timeout_secs);
     let mut timeout_total = timeout_secs;
+    fin.git_hash = seen.git_hash;
+    fin.commit_message = seen.commit_message;
     let outcome = match prepared {
         None => {
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));

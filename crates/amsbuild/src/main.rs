@@ -260,6 +260,13 @@ enum UserCmd {
         /// The user to remove.
         name: String,
     },
+    /// Import the users of the described (Python) system's users.json: names, levels and
+    /// projects. Their passwords cannot be carried over, so each is created locked until
+    /// `amsbuild user passwd NAME` sets one. A name already here refuses the whole file.
+    Import {
+        /// The users.json file (the described system kept it in CI-Host/data/).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -353,6 +360,15 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that never panics: a closed standard error (`amsbuild log B 2>&- | head`) loses
+/// the message instead of ending the command with a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Parses `-p NAME=VALUE`.
 fn param_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -372,6 +388,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // A closed standard error loses the line; never a panic in the fallback report.
+        .log_internal_errors(false)
         // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -382,14 +400,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("amsbuild: cannot start the runtime: {e}");
+            errln!("amsbuild: cannot start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("amsbuild: {e:#}");
+            errln!("amsbuild: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -454,7 +472,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await
             .map_err(|e| anyhow!(e))?;
             let name = v["build"]["name"].as_str().unwrap_or_default().to_string();
-            eprintln!("queued build {name}");
+            errln!("queued build {name}");
             if !wait {
                 outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
@@ -485,7 +503,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
                 if builds.is_empty() {
-                    eprintln!("project {project} has no builds yet");
+                    errln!("project {project} has no builds yet");
                 }
                 for b in builds {
                     print_build(&b);
@@ -509,7 +527,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has no webhook deliveries yet");
+                    errln!("project {project} has no webhook deliveries yet");
                 }
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
@@ -558,7 +576,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has sent no notifications yet");
+                    errln!("project {project} has sent no notifications yet");
                 }
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
@@ -886,12 +904,16 @@ async fn follow(sock: &Path, build: &BuildRef) -> Result<ExitCode> {
     use std::io::Write;
     let (name, status) = control::follow_log(sock, build, &mut |t| {
         let mut o = std::io::stdout().lock();
-        let _ = o.write_all(t.as_bytes());
-        let _ = o.flush();
+        if let Err(e) = o.write_all(t.as_bytes()).and_then(|()| o.flush()) {
+            // The reader went away (`amsbuild log B | head`): stop following, quietly.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
     })
     .await
     .map_err(|e| anyhow!(e))?;
-    eprintln!("build {name}: {}", status.to_uppercase());
+    errln!("build {name}: {}", status.to_uppercase());
     Ok(if status == "pass" {
         ExitCode::SUCCESS
     } else {
@@ -1079,7 +1101,18 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
         }
         UserCmd::List => {
             for u in store.users().await? {
-                outln!("{:<24} {}", u.name, u.grant.describe());
+                let locked = if u.password_hash.starts_with(LOCKED_PREFIX) {
+                    "  (locked: no password yet; set one with `amsbuild user passwd`)"
+                } else {
+                    ""
+                };
+                outln!("{:<24} {}{locked}", u.name, u.grant.describe());
+            }
+        }
+        UserCmd::Import { file } => {
+            let imported = import_users(&store, &file).await?;
+            for line in imported {
+                outln!("{line}");
             }
         }
         UserCmd::Set {
@@ -1131,7 +1164,7 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                 )
                 .await?
                 .ok_or_else(|| anyhow!("no user named `{user}`"))?;
-            eprintln!("token {id} for {user}; it is shown only now:");
+            errln!("token {id} for {user}; it is shown only now:");
             outln!("{token}");
         }
         TokenCmd::List { user } => {
@@ -1222,6 +1255,90 @@ async fn secrets(data: &DataDir, cmd: SecretCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a locked account's password hash begins: no password verifies against it (it is no
+/// argon2 hash), and `user list` shows the account as locked.
+const LOCKED_PREFIX: &str = "!locked";
+
+/// Imports the described system's users.json (locked accounts, see `UserCmd::Import`) and
+/// returns the lines to print: each user, its levels, and how to unlock it. A user named
+/// `admin` that is the described system's test account (a USER without projects) is left out
+/// when this host's `admin` is to be made; any name already here refuses the whole file.
+async fn import_users(store: &ams_store::Store, file: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let users = ams_core::compat::parse_users_json(&text).map_err(|mut e| {
+        e.file = file.display().to_string();
+        anyhow!(
+            "{e}\nfix the file and start again, or move it away to start without its users (see {})",
+            ams_core::compat::COMPAT_DOC
+        )
+    })?;
+    let existing = store.users().await?;
+    let first = existing.is_empty();
+    let mut lines = Vec::new();
+    let mut to_create = Vec::new();
+    for u in users {
+        if let Some(o) = existing
+            .iter()
+            .find(|o| o.name.eq_ignore_ascii_case(&u.name))
+        {
+            anyhow::bail!(
+                "{}: user `{}` exists here already (as `{}`); remove it from the file, or \
+                 remove the user here first (`amsbuild user remove {}`), then import again",
+                file.display(),
+                u.name,
+                o.name,
+                o.name
+            );
+        }
+        let test_account = !u.grant.server_admin
+            && u.grant.projects.is_empty()
+            && u.name.eq_ignore_ascii_case("admin");
+        if first && test_account {
+            lines.push(format!(
+                "users.json: `{}` (the described system's test account, no projects) is not \
+                 imported: `admin` is this host's SERVER ADMIN",
+                u.name
+            ));
+            continue;
+        }
+        to_create.push(u);
+    }
+    let now = timefmt::now();
+    for u in &to_create {
+        store
+            .create_user(&ams_store::User {
+                name: u.name.clone(),
+                password_hash: format!(
+                    "{LOCKED_PREFIX}: imported from users.json; no password is set"
+                ),
+                grant: u.grant.clone(),
+                created_at: now,
+                password_changed_at: now,
+            })
+            .await?;
+        let notes = if u.notes.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", u.notes.join("; "))
+        };
+        lines.push(format!(
+            "imported user {} ({}){notes}: locked until a password is set with \
+             `amsbuild user passwd {}` (the described system's passwords cannot be carried over)",
+            u.name,
+            u.grant.describe(),
+            u.name
+        ));
+    }
+    lines.push(format!(
+        "imported {} user(s) from {}; see {}",
+        to_create.len(),
+        file.display(),
+        ams_core::compat::COMPAT_DOC
+    ));
+    Ok(lines)
+}
+
 /// Loads web_conf.json, writing the defaults on first start.
 fn load_conf(data: &DataDir) -> Result<WebConf> {
     let path = data.web_conf();
@@ -1275,6 +1392,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     for p in ams_notify::startup_problems(&data) {
         tracing::error!("{p}");
     }
+    for w in ams_notify::startup_warnings(&data) {
+        tracing::warn!("{w}");
+    }
     let (host, handle) = Host::start(
         HostConfig {
             data: data.clone(),
@@ -1287,13 +1407,47 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     )
     .await
     .context("cannot start the host")?;
-    if handle.store.user_count().await.unwrap_or(1) == 0 {
+    let users_json = data.root().join(ams_core::compat::USERS_FILE);
+    let first_start = handle.store.user_count().await.unwrap_or(1) == 0;
+    if first_start && users_json.exists() {
+        // The described system's users, imported once, before the first admin is made.
+        let lines = import_users(&handle.store, &users_json).await?;
+        let done = data
+            .root()
+            .join(format!("{}.imported", ams_core::compat::USERS_FILE));
+        std::fs::rename(&users_json, &done).with_context(|| {
+            format!("cannot rename {} after importing it", users_json.display())
+        })?;
+        for line in lines {
+            outln!("{line}");
+        }
+        outln!(
+            "{} is renamed {}; it is not read again",
+            users_json.display(),
+            done.display()
+        );
+    } else if users_json.exists() {
+        tracing::warn!(
+            "{} is read only on the first start, when the database has no users; to import \
+             its users now run `amsbuild user import {}` (see {})",
+            users_json.display(),
+            users_json.display(),
+            ams_core::compat::COMPAT_DOC
+        );
+    }
+    if first_start {
+        // `admin`, unless users.json brought a user of that name.
+        let taken = handle.store.users().await?;
+        let admin = ["admin", "amsbuild-admin"]
+            .into_iter()
+            .find(|n| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n)))
+            .unwrap_or("amsbuild-admin");
         let pw = ams_web::auth::random_password();
         let now = timefmt::now();
         handle
             .store
             .create_user(&ams_store::User {
-                name: "admin".into(),
+                name: admin.into(),
                 password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
                 grant: Grant::server_admin(),
                 created_at: now,
@@ -1301,8 +1455,11 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             })
             .await?;
         outln!(
-            "first start: created the user `admin` (SERVER ADMIN) with the password {pw}\n\
-             it is shown only now; change it with `amsbuild user passwd admin`"
+            "first start: created the user `{admin}` (SERVER ADMIN) with the password {pw}\n\
+             it is shown only now; change it with `amsbuild user passwd {admin}`\n\
+             note: this `{admin}` administers every project and user; the described Python \
+             system's first-run `admin` was a USER without projects (see {})",
+            ams_core::compat::COMPAT_DOC
         );
     }
     tracing::info!(
@@ -1468,7 +1625,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     })?;
     let p = pipeline::parse(&text).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
     for w in &p.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     // A local run says at once that the engine is missing rather than waiting for it.
     let conf = WebConf {
@@ -1562,7 +1719,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     }
     let outcome = worker::execute(&executor, req, &mut log, &stop).await;
     let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
-    eprintln!(
+    errln!(
         "{}{} in {:.2} s; build output kept in {}",
         outcome.status,
         outcome

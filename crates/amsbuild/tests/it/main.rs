@@ -10,6 +10,7 @@ mod browser;
 mod buildref;
 mod caches;
 mod cli;
+mod compat;
 mod container;
 mod docker;
 mod edge;
