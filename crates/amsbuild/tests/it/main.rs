@@ -23,6 +23,7 @@ mod rebuild;
 mod retention;
 mod schedule;
 mod secrets;
+mod ssh;
 mod tidy;
 mod tls;
 mod trust;
