@@ -200,7 +200,10 @@ impl PrivateConfig {
             check_key_name(k).map_err(|m| ConfigError::field(Self::FILE, "ssh-key", m))?;
         }
         for (field, sec) in cfg.prepare_build.sections() {
-            if let Some(n) = sec.and_then(|s| s.ssh.as_ref()).and_then(|u| u.name.as_ref()) {
+            if let Some(n) = sec
+                .and_then(|s| s.ssh.as_ref())
+                .and_then(|u| u.name.as_ref())
+            {
                 check_key_name(n).map_err(|m| {
                     ConfigError::field(Self::FILE, format!("prepare-build.{field}.ssh.name"), m)
                 })?;
@@ -220,7 +223,10 @@ impl PrivateConfig {
         let mut keys = SshKeys::default();
         let mut described = |field: &str, sec: Option<&SshSection>| -> Option<KeyChoice> {
             let u = sec?.ssh.as_ref().filter(|u| u.enabled)?;
-            let file = u.name.clone().unwrap_or_else(|| DESCRIBED_DEFAULT_KEY.into());
+            let file = u
+                .name
+                .clone()
+                .unwrap_or_else(|| DESCRIBED_DEFAULT_KEY.into());
             let field = format!("prepare-build.{field}.ssh");
             match &self.ssh_key {
                 Some(k) if *k != file => {
@@ -392,7 +398,10 @@ mod tests {
         .unwrap();
         let k = blank.ssh_keys();
         let m = k.master.unwrap();
-        assert_eq!((m.file.as_str(), m.field.as_str()), ("id.rsa", "prepare-build.master-dir-commands.ssh"));
+        assert_eq!(
+            (m.file.as_str(), m.field.as_str()),
+            ("id.rsa", "prepare-build.master-dir-commands.ssh")
+        );
         assert!(m.from_described_section());
         assert_eq!(k.build, None);
         assert!(k.notes.is_empty());
@@ -405,9 +414,11 @@ mod tests {
         .ssh_keys();
         assert_eq!(both.master.unwrap().file, "ams.id.rsa");
         assert_eq!(both.build.unwrap().file, DESCRIBED_DEFAULT_KEY);
-        let off = PrivateConfig::parse(r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": false}}}}"#)
-            .unwrap()
-            .ssh_keys();
+        let off = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": false}}}}"#,
+        )
+        .unwrap()
+        .ssh_keys();
         assert_eq!(off, SshKeys::default());
         // Our own key wins everywhere; a section naming another file is noted.
         let own = PrivateConfig::parse(
@@ -419,13 +430,20 @@ mod tests {
         assert_eq!(own.build.as_ref().unwrap().field, "ssh-key");
         assert!(!own.master.unwrap().from_described_section());
         assert_eq!(own.notes.len(), 1);
-        assert!(own.notes[0].contains("prepare-build.master-dir-commands.ssh") && own.notes[0].contains("`id_rsa`"));
+        assert!(
+            own.notes[0].contains("prepare-build.master-dir-commands.ssh")
+                && own.notes[0].contains("`id_rsa`")
+        );
         // Bad names and unknown keys name the field.
-        let e = PrivateConfig::parse(r#"{"prepare-build": {"build-dir-commands": {"ssh": {"use": true, "name": "../k"}}}}"#)
-            .unwrap_err();
+        let e = PrivateConfig::parse(
+            r#"{"prepare-build": {"build-dir-commands": {"ssh": {"use": true, "name": "../k"}}}}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "prepare-build.build-dir-commands.ssh.name");
-        let e = PrivateConfig::parse(r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "key": "k"}}}}"#)
-            .unwrap_err();
+        let e = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "key": "k"}}}}"#,
+        )
+        .unwrap_err();
         assert!(e.message.contains("unknown field `key`"), "{e}");
         let e = PrivateConfig::parse(r#"{"ssh-key": "webhooks.json"}"#).unwrap_err();
         assert_eq!(e.field, "ssh-key");

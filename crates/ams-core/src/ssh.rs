@@ -319,11 +319,18 @@ yZNFaNeqVbpYMitg==
             Err(KeyProblem::PublicKey)
         );
         let pem = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n";
-        assert_eq!(check_private_key(pem.as_bytes()), Err(KeyProblem::Passphrase));
+        assert_eq!(
+            check_private_key(pem.as_bytes()),
+            Err(KeyProblem::Passphrase)
+        );
         let pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----\n";
         assert_eq!(check_private_key(pem.as_bytes()), Ok(()));
-        let p8 = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIE\n-----END ENCRYPTED PRIVATE KEY-----\n";
-        assert_eq!(check_private_key(p8.as_bytes()), Err(KeyProblem::Passphrase));
+        let p8 =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIE\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert_eq!(
+            check_private_key(p8.as_bytes()),
+            Err(KeyProblem::Passphrase)
+        );
         assert!(matches!(
             check_private_key(b"hello"),
             Err(KeyProblem::NotAKey(_))
@@ -345,7 +352,10 @@ yZNFaNeqVbpYMitg==
         assert!(m.contains("/d/master/config/id") && m.contains("passphrase"));
         assert!(m.contains("ssh-keygen -p -N ''"), "{m}");
         let m = KeyProblem::TooOpen(0o100644).message("/d/k");
-        assert!(m.contains("mode 0644") && m.contains("chmod 600 '/d/k'"), "{m}");
+        assert!(
+            m.contains("mode 0644") && m.contains("chmod 600 '/d/k'"),
+            "{m}"
+        );
         let m = KeyProblem::Unreadable("Permission denied (os error 13)".into()).message("/d/k");
         assert!(m.contains("cannot read") && m.contains("chown"), "{m}");
         assert!(too_open(0o644) && too_open(0o640) && too_open(0o602));
@@ -383,7 +393,9 @@ yZNFaNeqVbpYMitg==
             "SHA256:qNmVRHMtuwOS/YnXF8TkfUPuCvS7OJouaiMizmswq3o"
         );
         assert_eq!(p[1].marker.as_deref(), Some("@revoked"));
-        assert!(p[1].to_string().starts_with("@revoked bad.example ssh-ed25519 SHA256:"));
+        assert!(p[1]
+            .to_string()
+            .starts_with("@revoked bad.example ssh-ed25519 SHA256:"));
         let before = format!("[a]:1 {}\n", PUBLIC.trim());
         let after = format!("{before}[b]:2 {}\n", PUBLIC.trim());
         let n = new_pins(&before, &after);
@@ -392,7 +404,8 @@ yZNFaNeqVbpYMitg==
         assert!(new_pins(&after, &after).is_empty());
         let line = first_use_line("demo", &n[0]);
         assert!(
-            line.contains("[b]:2") && line.contains("SHA256:qNmVRHMtuwOS")
+            line.contains("[b]:2")
+                && line.contains("SHA256:qNmVRHMtuwOS")
                 && line.contains("ssh-hostkey demo --reset"),
             "{line}"
         );
@@ -420,8 +433,12 @@ yZNFaNeqVbpYMitg==
         let m = explain_failure(denied, ctx).unwrap();
         assert!(m.contains("refused the key /d/master/config/id"), "{m}");
         let m = explain_failure(denied, SshContext { key: None, ..ctx }).unwrap();
-        assert!(m.contains("host user's own keys") && m.contains("ssh-key"), "{m}");
-        let open = "WARNING: UNPROTECTED PRIVATE KEY FILE!\nPermissions 0640 for '/d/k' are too open.";
+        assert!(
+            m.contains("host user's own keys") && m.contains("ssh-key"),
+            "{m}"
+        );
+        let open =
+            "WARNING: UNPROTECTED PRIVATE KEY FILE!\nPermissions 0640 for '/d/k' are too open.";
         assert!(explain_failure(open, ctx).unwrap().contains("mode 0640"));
         assert!(explain_failure("fatal: repository not found", ctx).is_none());
     }

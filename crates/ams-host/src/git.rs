@@ -80,7 +80,10 @@ impl GitAuth {
     /// Our words for ssh's failure in git's `stderr`, when it is one we know.
     fn explain(&self, stderr: &str) -> Option<String> {
         self.known_hosts.as_ref()?;
-        let key = self.ssh_key.as_ref().map(|k| k.to_string_lossy().to_string());
+        let key = self
+            .ssh_key
+            .as_ref()
+            .map(|k| k.to_string_lossy().to_string());
         ssh::explain_failure(
             stderr,
             ssh::SshContext {

@@ -25,7 +25,8 @@ fn run(cmd: &mut Command) -> String {
 
 /// A new ed25519 key pair at `path` (and `path.pub`), with `passphrase` ("" for none).
 fn keygen(path: &Path, passphrase: &str) {
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-C", "ams-test", "-N"])
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-C", "ams-test", "-N"])
         .arg(passphrase)
         .arg("-f")
         .arg(path));
@@ -128,7 +129,10 @@ impl Sshd {
                 return;
             }
             let log = std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default();
-            assert!(self.port == 0, "sshd did not start again on its port:\n{log}");
+            assert!(
+                self.port == 0,
+                "sshd did not start again on its port:\n{log}"
+            );
         }
         panic!("sshd did not start");
     }
@@ -208,7 +212,13 @@ impl Fixture {
         std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
         git(
             &base,
-            &["clone", "-q", "--bare", work.to_str().unwrap(), bare.to_str().unwrap()],
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().unwrap(),
+                bare.to_str().unwrap(),
+            ],
         );
         git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
         Fixture {
@@ -243,7 +253,11 @@ impl Fixture {
     }
 
     fn config(&self, project: &str) -> PathBuf {
-        self.h.data.join("projects").join(project).join("master/config")
+        self.h
+            .data
+            .join("projects")
+            .join(project)
+            .join("master/config")
     }
 
     fn build(&self, project: &str) -> (Value, String) {
@@ -295,9 +309,10 @@ fn a_project_added_with_a_key_clones_builds_and_pins_the_host_key_on_first_use()
         std::fs::read(&f.key).unwrap()
     );
     assert_eq!(mode(&copy), 0o600);
-    let private: Value =
-        serde_json::from_str(&std::fs::read_to_string(config.join("pipeline-config.json")).unwrap())
-            .unwrap();
+    let private: Value = serde_json::from_str(
+        &std::fs::read_to_string(config.join("pipeline-config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(private["ssh-key"], "id_test");
     assert_eq!(mode(&config.join("known_hosts")), 0o600);
     assert_eq!(
@@ -310,17 +325,29 @@ fn a_project_added_with_a_key_clones_builds_and_pins_the_host_key_on_first_use()
     let c2 = f.push("two");
     let (r, log) = f.build("viassh");
     assert_eq!(r["status"], "pass", "{log}");
-    assert!(log.contains(&format!("git_hash {c2}")) && log.contains("version=two"), "{log}");
-    assert!(!log.contains("pinned the host key"), "pinned at add already: {log}");
+    assert!(
+        log.contains(&format!("git_hash {c2}")) && log.contains("version=two"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("pinned the host key"),
+        "pinned at add already: {log}"
+    );
 
     let shown = text(&f.h.cli(&["project", "ssh-hostkey", "viassh"]));
     assert_eq!(shown.trim(), format!("{} ssh-ed25519 {fp}", f.sshd.host()));
     let o = f.h.cli(&["project", "ssh-hostkey", "viassh", "--reset"]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains(&format!("removed {} ssh-ed25519 {fp}", f.sshd.host())), "{out}");
+    assert!(
+        out.contains(&format!("removed {} ssh-ed25519 {fp}", f.sshd.host())),
+        "{out}"
+    );
     let shown = text(&f.h.cli(&["project", "ssh-hostkey", "viassh"]));
-    assert!(shown.contains("no host key is pinned for project viassh"), "{shown}");
+    assert!(
+        shown.contains("no host key is pinned for project viassh"),
+        "{shown}"
+    );
 
     // The next connection pins again: the build's log and the host's log show the fingerprint.
     let c3 = f.push("three");
@@ -355,8 +382,10 @@ fn a_changed_host_key_is_refused_until_the_pin_is_reset() {
     let reason = r["reason"].as_str().unwrap_or_default().to_string();
     for text in [&log, &reason] {
         assert!(
-            text.contains(&format!("the SSH host key of {} has changed", f.sshd.host()))
-                && text.contains(&format!("({new})"))
+            text.contains(&format!(
+                "the SSH host key of {} has changed",
+                f.sshd.host()
+            )) && text.contains(&format!("({new})"))
                 && text.contains("amsbuild project ssh-hostkey moved --reset"),
             "{text}"
         );
@@ -451,9 +480,10 @@ fn a_trusted_host_command_pulls_over_ssh_with_the_key() {
     let (r, log) = f.build("pulls");
     assert_eq!(r["status"], "pass", "{log}");
     assert!(
-        log.contains("prepare-build.master-dir-commands.ssh (the described system's SSH setup) \
-                      gives the key")
-            && log.contains(&format!("git_hash {c2}"))
+        log.contains(
+            "prepare-build.master-dir-commands.ssh (the described system's SSH setup) \
+                      gives the key"
+        ) && log.contains(&format!("git_hash {c2}"))
             && log.contains(&format!("pulled={c2}")),
         "{log}"
     );
@@ -473,7 +503,9 @@ fn a_trusted_host_command_pulls_over_ssh_with_the_key() {
     git(&f.work, &["push", "-q", "origin", "main"]);
     let name = f.h.build("pulls");
     wait_for("the host command to wait", T, || {
-        f.h.log("pulls", &name).contains("host $ while").then_some(())
+        f.h.log("pulls", &name)
+            .contains("host $ while")
+            .then_some(())
     });
     let c4 = f.push("four");
     std::fs::write(&go, "").unwrap();
@@ -496,7 +528,8 @@ fn a_project_from_the_described_blank_template_builds_with_a_warning() {
     h.project("blank", &pipeline(json!([stage("s", &["echo blank ok"])])));
     // The template's config/pipeline-config.json, as it ships.
     std::fs::write(
-        h.data.join("projects/blank/master/config/pipeline-config.json"),
+        h.data
+            .join("projects/blank/master/config/pipeline-config.json"),
         "{\n  \"prepare-build\": {\n    \"master-dir-commands\": {\n      \"ssh\": {\n        \
          \"use\": true,\n        \"name\": \"id.rsa\"\n      }\n    }\n  }\n}",
     )
