@@ -420,4 +420,62 @@ mod tests {
         assert!(!t.path().join("evil").exists());
         assert_eq!(list(&d), vec!["demo".to_string()]);
     }
+
+    #[test]
+    fn key_files_are_checked_before_ssh_sees_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = DataDir::new(t.path());
+        let p = init(&d, "k").unwrap();
+        let key = p.config().join("id_ed25519");
+        let ok = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert_eq!(check_key_file(&key), Ok(()));
+        assert_eq!(
+            check_key_file(&p.config().join("nope")),
+            Err(KeyProblem::Missing)
+        );
+        assert!(matches!(
+            check_key_file(&p.config()),
+            Err(KeyProblem::NotAKey(_))
+        ));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(check_key_file(&key), Err(KeyProblem::TooOpen(0o100640)));
+
+        // `ssh-key` naming an unusable or missing file is an error naming the field and file.
+        let cfg = |v: &str| PrivateConfig::parse(v).unwrap();
+        let e = ssh(&p, "k", &cfg(r#"{"ssh-key": "id_ed25519"}"#)).unwrap_err();
+        assert!(
+            e.starts_with("ssh-key `id_ed25519` of pipeline-config.json: ")
+                && e.contains("mode 0640"),
+            "{e}"
+        );
+        let e = ssh(&p, "k", &cfg(r#"{"ssh-key": "other"}"#)).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = ssh(&p, "k", &cfg(r#"{"ssh-key": "id_ed25519"}"#)).unwrap();
+        assert_eq!(s.git.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.build_commands.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.git.known_hosts, Some(p.config().join("known_hosts")));
+        assert!(s.notes.is_empty());
+        // The described section: a present key is used (and said so), a missing one is a note.
+        let described = r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "name": "id_ed25519"}},
+                                              "build-dir-commands": {"ssh": {"use": true}}}}"#;
+        let s = ssh(&p, "k", &cfg(described)).unwrap();
+        assert_eq!(s.git.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.build_commands.ssh_key, None);
+        assert_eq!(s.notes.len(), 2, "{:?}", s.notes);
+        assert!(
+            s.notes[0].contains("gives the key")
+                && s.notes[0].contains("git and master-dir-commands")
+        );
+        assert!(
+            s.notes[1].contains("names the key `id_rsa`, which is not in")
+                && s.notes[1].contains("build-dir-commands run without a key")
+        );
+    }
 }

@@ -319,9 +319,11 @@ enum SecretCmd {
 
 #[derive(Subcommand, Debug)]
 enum ProjectCmd {
-    /// Create a project and clone its source. For an SSH remote, the server's host key is
-    /// pinned in the project's own master/config/known_hosts on first use (the fingerprint is
-    /// printed); see `project ssh-hostkey`.
+    /// Create a project and clone its source.
+    ///
+    /// For an SSH remote, the server's host key is pinned in the project's own
+    /// master/config/known_hosts on first use (the fingerprint is printed); see `project
+    /// ssh-hostkey`.
     Add {
         /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
         name: String,
@@ -339,14 +341,16 @@ enum ProjectCmd {
         #[arg(long, value_name = "FILE")]
         ssh_key: Option<std::path::PathBuf>,
     },
-    /// Show the SSH host keys pinned for a project's remote (master/config/known_hosts: host,
-    /// key type, SHA256 fingerprint), or forget them with --reset. A server whose key differs
-    /// from the pinned one is refused; after a deliberate change of the server's key, reset and
-    /// the next connection pins the new key (its fingerprint shows in the build log).
+    /// Show (or --reset) the SSH host key pinned for a project's remote.
+    ///
+    /// The keys are in the project's master/config/known_hosts, shown as host, key type and
+    /// SHA256 fingerprint. A server whose key differs from the pinned one is refused; after a
+    /// deliberate change of the server's key, reset, and the next connection pins the new key
+    /// (its fingerprint shows in the build log and the host's log).
     SshHostkey {
         /// The project.
         name: String,
-        /// Forget the pinned keys.
+        /// Forget the pinned keys: the next connection pins the server's key again.
         #[arg(long)]
         reset: bool,
     },
