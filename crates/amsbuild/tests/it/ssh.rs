@@ -369,6 +369,7 @@ fn a_project_added_with_a_key_clones_builds_and_pins_the_host_key_on_first_use()
 /// new fingerprint and the reset command; the pin stays. After the reset the new key is pinned.
 #[test]
 fn a_changed_host_key_is_refused_until_the_pin_is_reset() {
+    require_docker();
     let mut f = Fixture::new(&show_pipeline());
     let old = f.sshd.host_fingerprint();
     let o = f.add("moved", &f.key);
