@@ -20,6 +20,7 @@ pub mod queue;
 pub mod retention;
 pub mod schedule;
 pub mod secrets;
+pub mod ssh;
 pub mod status;
 pub mod vars;
 pub mod webconf;

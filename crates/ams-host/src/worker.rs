@@ -721,20 +721,29 @@ pub fn build_vars(
     m
 }
 
+/// How a list of prepare-build host commands runs.
+struct HostRun<'a> {
+    values: &'a BTreeMap<&'static str, String>,
+    /// pipeline-config.json's `trust-host-commands`.
+    trusted: bool,
+    /// The list's SSH settings, given to its git as `GIT_SSH_COMMAND`: the project's key for
+    /// the list and its known_hosts (a host key pinned on first use is logged).
+    ssh: &'a GitAuth,
+}
+
 /// Runs trusted host commands one by one in `dir`, streaming their output into the log.
 async fn host_commands(
     what: &str,
     commands: &[String],
     dir: &Path,
-    values: &BTreeMap<&'static str, String>,
-    trusted: bool,
+    run: &HostRun<'_>,
     log: &mut BuildLog,
     stop: &StopSignal,
 ) -> Result<bool, String> {
     if commands.is_empty() {
         return Ok(false);
     }
-    if !trusted {
+    if !run.trusted {
         log.line(&format!(
             "refused {} host command(s) of prepare-build.{what}: the project's private \
              config/pipeline-config.json does not set \"trust-host-commands\": true; the built-in \
@@ -744,12 +753,32 @@ async fn host_commands(
         ));
         return Ok(false);
     }
+    let ssh_command = run.ssh.ssh_command()?;
+    let watch = run.ssh.watch();
+    let result = run_host_commands(what, commands, dir, run.values, &ssh_command, log, stop).await;
+    for l in watch.first_use_lines() {
+        tracing::info!("project {}: {l}", run.ssh.project);
+        log.line(&l);
+    }
+    result.map(|()| true)
+}
+
+async fn run_host_commands(
+    what: &str,
+    commands: &[String],
+    dir: &Path,
+    values: &BTreeMap<&'static str, String>,
+    ssh_command: &str,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> Result<(), String> {
     for (i, c) in commands.iter().enumerate() {
         let cmd = expand(&format!("prepare-build.{what}[{i}]"), c, values)?;
         log.line(&format!("host $ {cmd}"));
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!("exec 2>&1\n{cmd}"))
+            .env("GIT_SSH_COMMAND", ssh_command)
             .current_dir(dir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -776,7 +805,7 @@ async fn host_commands(
             return Err(format!("prepare-build.{what}[{i}] failed with {status}"));
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The largest pipeline.json the host reads: the parser's own cap.
@@ -823,9 +852,11 @@ async fn prepare(
         )));
     }
     let private = project::private_config(&pd).map_err(Failure::project)?;
-    let auth = GitAuth {
-        ssh_key: private.ssh_key.as_ref().map(|k| pd.config().join(k)),
-    };
+    let ssh = project::ssh(&pd, &b.project, &private).map_err(Failure::project)?;
+    for n in &ssh.notes {
+        log.line(n);
+    }
+    let auth = ssh.git.clone();
     let lock = ctx.master_lock(&b.project);
     let _guard = lock.lock().await;
     let src = pd.master_source();
@@ -839,6 +870,7 @@ async fn prepare(
                 (None, None) => "head of the default branch".to_string(),
             }
         ));
+        let watch = auth.watch();
         let h = git::update(
             &src,
             branch.as_deref(),
@@ -846,8 +878,12 @@ async fn prepare(
             &auth,
             stop.token(),
         )
-        .await
-        .map_err(|e| match e {
+        .await;
+        for l in watch.first_use_lines() {
+            tracing::info!("project {}: {l}", b.project);
+            log.line(&l);
+        }
+        let h = h.map_err(|e| match e {
             git::UpdateError::Remote(e) => Failure::host(e),
             git::UpdateError::Refused(e) => Failure::project(e),
         })?;
@@ -890,8 +926,11 @@ async fn prepare(
         "master-dir-commands",
         &pipeline.prepare.master_dir_commands,
         &src,
-        &values,
-        private.trust_host_commands,
+        &HostRun {
+            values: &values,
+            trusted: private.trust_host_commands,
+            ssh: &ssh.git,
+        },
         log,
         stop,
     )
@@ -982,8 +1021,11 @@ async fn prepare(
         "build-dir-commands",
         &pipeline.prepare.build_dir_commands,
         &bd.source(),
-        &values,
-        private.trust_host_commands,
+        &HostRun {
+            values: &values,
+            trusted: private.trust_host_commands,
+            ssh: &ssh.build_commands,
+        },
         log,
         stop,
     )

@@ -895,13 +895,19 @@ async fn create_project(
     let user = v.user.name.clone();
     let task = tokio::spawn(async move {
         let made = if git.is_empty() {
-            ams_host::project::init(&task_st.host.data, &name)
+            ams_host::project::init(&task_st.host.data, &name).map(|_| Vec::new())
         } else {
-            ams_host::project::add(&task_st.host.data, &name, &git, branch.as_deref()).await
+            ams_host::project::add(&task_st.host.data, &name, &git, branch.as_deref(), None)
+                .await
+                .map(|(_, pinned)| pinned)
         };
         match &made {
-            Ok(_) => {
-                let text = format!("Created the project {name}");
+            Ok(pinned) => {
+                let mut text = format!("Created the project {name}");
+                for l in pinned {
+                    tracing::info!("project {name}: {l}");
+                    text.push_str(&format!(". {l}"));
+                }
                 note(&task_st, &user, "ok", &text, None, None).await;
             }
             Err(e) => note(&task_st, &user, "error", e, None, None).await,

@@ -68,7 +68,7 @@ enum Cmd {
     /// Run the host: the build queue, workers, the web interface, webhooks and the local
     /// control socket.
     Serve,
-    /// Create and list projects.
+    /// Create and list projects, and show or reset their pinned SSH host keys.
     #[command(subcommand)]
     Project(ProjectCmd),
     /// Manage the users of the web interface and API.
@@ -327,15 +327,39 @@ enum SecretCmd {
 #[derive(Subcommand, Debug)]
 enum ProjectCmd {
     /// Create a project and clone its source.
+    ///
+    /// For an SSH remote, the server's host key is pinned in the project's own
+    /// master/config/known_hosts on first use (the fingerprint is printed); see `project
+    /// ssh-hostkey`.
     Add {
         /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
         name: String,
-        /// The git URL to clone (https, http, ssh, git or file).
+        /// The git URL to clone (https, http, ssh, git or file), e.g.
+        /// ssh://git@example.com/team/repo.git.
         #[arg(long)]
         git: String,
         /// The branch to check out (default: the remote's default branch).
         #[arg(long)]
         branch: Option<String>,
+        /// A private SSH key (without a passphrase) for the remote: copied into the project's
+        /// master/config/ under its file name (mode 0600) and named by "ssh-key" in
+        /// pipeline-config.json before the clone, which uses it, as every later git operation
+        /// and trusted host command does.
+        #[arg(long, value_name = "FILE")]
+        ssh_key: Option<std::path::PathBuf>,
+    },
+    /// Show (or --reset) the SSH host key pinned for a project's remote.
+    ///
+    /// The keys are in the project's master/config/known_hosts, shown as host, key type and
+    /// SHA256 fingerprint. A server whose key differs from the pinned one is refused; after a
+    /// deliberate change of the server's key, reset, and the next connection pins the new key
+    /// (its fingerprint shows in the build log and the host's log).
+    SshHostkey {
+        /// The project.
+        name: String,
+        /// Forget the pinned keys: the next connection pins the server's key again.
+        #[arg(long)]
+        reset: bool,
     },
     /// Create a blank project skeleton with an example pipeline.json.
     Init {
@@ -437,13 +461,28 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Project(ProjectCmd::Add { name, git, branch }) => {
-            let p = project::add(&data, &name, &git, branch.as_deref())
-                .await
-                .map_err(|e| anyhow!(e))?;
+        Cmd::Project(ProjectCmd::Add {
+            name,
+            git,
+            branch,
+            ssh_key,
+        }) => {
+            let (p, pinned) =
+                project::add(&data, &name, &git, branch.as_deref(), ssh_key.as_deref())
+                    .await
+                    .map_err(|e| anyhow!(e))?;
+            for l in pinned {
+                outln!("{l}");
+            }
             outln!("created project {name} at {}", p.root.display());
             if !p.master_source().join("pipeline.json").exists() {
                 outln!("note: the repository has no pipeline.json at its root yet; builds fail until it has one");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Project(ProjectCmd::SshHostkey { name, reset }) => {
+            for l in project::ssh_hostkey(&data, &name, reset).map_err(|e| anyhow!(e))? {
+                outln!("{l}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1472,6 +1511,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
 
     for w in ams_web::webhook::startup_warnings(&handle) {
+        tracing::warn!("{w}");
+    }
+    for w in project::ssh_startup_warnings(&data) {
         tracing::warn!("{w}");
     }
     let hooks = ams_web::webhook::router(

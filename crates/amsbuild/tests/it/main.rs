@@ -25,6 +25,7 @@ mod reports;
 mod retention;
 mod schedule;
 mod secrets;
+mod ssh;
 mod tidy;
 mod tls;
 mod trust;
