@@ -1242,7 +1242,7 @@ async fn build_files(
         })
         .collect();
     Ok(Json(
-        json!({"build": b.name, "project": b.project, "files": list}),
+        json!({"build": b.name, "project": b.project, "archived": archived, "files": list}),
     ))
 }
 
