@@ -356,9 +356,13 @@ pub enum ExtractError {
 /// Writes the content of the regular file `name` of `archive` to `out`, decompressing only the
 /// block that holds it; returns the bytes written. The name is matched exactly against the
 /// archive's entries and never touches the file system. Links and folders are refused.
+///
+/// `found` hears the file's size once the entry is known to be a regular file, before any
+/// byte is written (a server can then answer with its headers, or with 404 on an error).
 pub fn extract_one(
     archive: &Path,
     name: &str,
+    found: &mut dyn FnMut(u64),
     out: &mut dyn io::Write,
 ) -> Result<u64, ExtractError> {
     let mut f = File::open(archive).map_err(io_err(archive))?;
@@ -374,6 +378,7 @@ pub fn extract_one(
     if kind != "file" {
         return Err(ExtractError::NotAFile(name.to_string(), kind));
     }
+    found(entry.size);
     let Some(block) = a.stream_map.file_block_index[index] else {
         // An empty file has no stream.
         return Ok(0);
@@ -494,23 +499,26 @@ mod tests {
         assert_eq!(find("empty.txt").unwrap().size, 0);
 
         let mut out = Vec::new();
-        let n = extract_one(&dest, "reports/deep/f13.bin", &mut out).unwrap();
+        let n = extract_one(&dest, "reports/deep/f13.bin", &mut |_| {}, &mut out).unwrap();
         assert_eq!(n as usize, expected[13].len());
         assert_eq!(out, expected[13], "the file comes back byte for byte");
         let mut out = Vec::new();
-        assert_eq!(extract_one(&dest, "empty.txt", &mut out).unwrap(), 0);
+        assert_eq!(
+            extract_one(&dest, "empty.txt", &mut |_| {}, &mut out).unwrap(),
+            0
+        );
         assert!(matches!(
-            extract_one(&dest, "link", &mut Vec::new()),
+            extract_one(&dest, "link", &mut |_| {}, &mut Vec::new()),
             Err(ExtractError::NotAFile(_, "link"))
         ));
         assert!(matches!(
-            extract_one(&dest, "reports", &mut Vec::new()),
+            extract_one(&dest, "reports", &mut |_| {}, &mut Vec::new()),
             Err(ExtractError::NotAFile(_, "dir"))
         ));
         for missing in ["../out/empty.txt", "/empty.txt", "nope", "reports/deep/"] {
             assert!(
                 matches!(
-                    extract_one(&dest, missing, &mut Vec::new()),
+                    extract_one(&dest, missing, &mut |_| {}, &mut Vec::new()),
                     Err(ExtractError::NotFound(_))
                 ),
                 "{missing}"
@@ -527,7 +535,7 @@ mod tests {
             }
         }
         assert!(matches!(
-            extract_one(&dest, "reports/deep/f13.bin", &mut Broken),
+            extract_one(&dest, "reports/deep/f13.bin", &mut |_| {}, &mut Broken),
             Err(ExtractError::Write(_))
         ));
     }

@@ -680,6 +680,9 @@ async fn project_tasks(st: &ApiState, c: &Caller, name: &str) -> Result<Value, A
 
 /// Builds newest first, a page at a time: `?page=1&per_page=50&fields=name,status`.
 /// `?per_page=` (1 to 500, default 50) and `?page=` (from 1) as (limit, offset).
+/// The highest page number a list accepts (past the end, a page is simply empty).
+pub const MAX_PAGE: i64 = 1_000_000;
+
 fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
     let per_page: i64 = q
         .get("per_page")
@@ -690,8 +693,8 @@ fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
         .get("page")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
-        .max(1);
-    (per_page, (page - 1) * per_page)
+        .clamp(1, MAX_PAGE);
+    (per_page, (page - 1).saturating_mul(per_page))
 }
 
 /// (column, value) filters that SQL applies.
@@ -1230,9 +1233,18 @@ async fn build_files(
     let b = viewable_build(&st, &c, &name, &q).await?;
     let files = archive_files(&st, &b).await?;
     let archived = files.is_some();
+    let files = files.unwrap_or_default();
+    let total = files.len();
+    let offset: usize = q.get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+        .clamp(1, 10_000);
     let list: Vec<Value> = files
-        .unwrap_or_default()
-        .iter()
+        .into_iter()
+        .skip(offset)
+        .take(limit)
         .map(|f| {
             let mut v = json!({"path": f.path, "kind": f.kind, "size": f.size, "mode": f.mode});
             if f.kind == "file" {
@@ -1242,7 +1254,8 @@ async fn build_files(
         })
         .collect();
     Ok(Json(
-        json!({"build": b.name, "project": b.project, "archived": archived, "files": list}),
+        json!({"build": b.name, "project": b.project, "archived": archived, "total": total,
+               "offset": offset, "files": list}),
     ))
 }
 
@@ -1302,18 +1315,30 @@ async fn archive_file(
     Path((project, build, path)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (b, dir) = recorded(&st, &c, &project, &build).await?;
-    let files = archive_files(&st, &b).await?.ok_or(ApiError::NotFound)?;
-    let entry = files
-        .into_iter()
-        .find(|f| f.path == path && f.kind == "file")
-        .ok_or(ApiError::NotFound)?;
+    if b.archive_name.is_none() || b.output_deleted_at.is_some() {
+        return Err(ApiError::NotFound);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel::<u64>();
     let archive = dir.archive.clone();
-    let name = entry.path.clone();
+    let name = path.clone();
+    // One pass over the archive's header: the entry is checked, its size told, then its
+    // bytes streamed; any error before the size is a 404.
     tokio::task::spawn_blocking(move || {
         let mut w = BodyWriter(tx.clone());
-        if let Err(e) = ams_archive::extract_one(&archive, &name, &mut w) {
-            if !matches!(e, ams_archive::ExtractError::Write(_)) {
+        let mut found_tx = Some(found_tx);
+        let mut found = |size: u64| {
+            if let Some(t) = found_tx.take() {
+                let _ = t.send(size);
+            }
+        };
+        if let Err(e) = ams_archive::extract_one(&archive, &name, &mut found, &mut w) {
+            if !matches!(
+                e,
+                ams_archive::ExtractError::Write(_)
+                    | ams_archive::ExtractError::NotFound(_)
+                    | ams_archive::ExtractError::NotAFile(..)
+            ) {
                 tracing::warn!("{}: {name}: {e}", archive.display());
             }
             // The body ends with an error: the client sees a cut transfer, never a short file
@@ -1321,8 +1346,10 @@ async fn archive_file(
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
+    let size = found_rx.await.map_err(|_| ApiError::NotFound)?;
+    let entry_path = path;
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let base = entry.path.rsplit('/').next().unwrap_or("file");
+    let base = entry_path.rsplit('/').next().unwrap_or("file");
     let ascii: String = base
         .chars()
         .map(|ch| {
@@ -1341,7 +1368,7 @@ async fn archive_file(
         [
             ("content-type", "application/octet-stream".to_string()),
             ("content-disposition", disposition),
-            ("content-length", entry.size.to_string()),
+            ("content-length", size.to_string()),
             ("x-content-type-options", "nosniff".to_string()),
             (
                 "content-security-policy",

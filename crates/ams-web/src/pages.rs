@@ -570,7 +570,7 @@ pub async fn build_list(
     page: i64,
     filter: Option<&BuildFilter>,
 ) -> BuildListV {
-    let page = page.max(1);
+    let page = page.clamp(1, crate::api::MAX_PAGE);
     // One more than shown tells whether an older page exists.
     let mut builds = match filter {
         None => st
@@ -1757,7 +1757,7 @@ pub struct ProjectV {
     pub f_actor: String,
     pub statuses: Vec<StatusOptV>,
     pub filtered: bool,
-    /// The filters as a query prefix for the pager (`branch=x&`).
+    /// The filters as a query prefix for the pager (`branch=x&`; the template escapes it).
     pub filter_query: String,
 }
 
@@ -2009,7 +2009,7 @@ async fn project_page(
         .iter()
         .map(|(k, val)| {
             let key = if *k == "created_by" { "actor" } else { k };
-            format!("{key}={}&amp;", query_value(val))
+            format!("{key}={}&", query_value(val))
         })
         .collect();
     let list = build_list(

@@ -1477,16 +1477,18 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     if first_start {
         // `admin`, unless users.json brought a user of that name.
         let taken = handle.store.users().await?;
-        let admin = ["admin", "amsbuild-admin"]
+        let free = |n: &str| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n));
+        let admin = ["admin".to_string(), "amsbuild-admin".to_string()]
             .into_iter()
-            .find(|n| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n)))
-            .unwrap_or("amsbuild-admin");
+            .chain((2..).map(|i| format!("amsbuild-admin-{i}")))
+            .find(|n| free(n))
+            .unwrap_or_default();
         let pw = ams_web::auth::random_password();
         let now = timefmt::now();
         handle
             .store
             .create_user(&ams_store::User {
-                name: admin.into(),
+                name: admin.clone(),
                 password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
                 grant: Grant::server_admin(),
                 created_at: now,

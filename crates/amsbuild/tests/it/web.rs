@@ -741,21 +741,21 @@ fn the_project_page_shows_history_schedules_webhooks_and_filtered_builds() {
         .to_string(),
     )
     .unwrap();
-    let names: Vec<String> = (0..3).map(|_| w.h.build("mine")).collect();
+    let names: Vec<String> = (0..22).map(|_| w.h.build("mine")).collect();
     for n in &names {
         w.h.wait_status("mine", n, Duration::from_secs(60));
     }
     let cookie = w.session("mod", "correct horse battery");
     let (st, _, page) = w.get("/ams-build/project/mine", &cookie);
     assert_eq!(st, 200, "{page}");
-    // Three bars, all of the pass family (dummy builds), and the pass rate of the last 100.
+    // One bar per build, all of the pass family (dummy builds), and the pass rate.
     assert_eq!(
         page.matches("<rect class=\"bar-pass\"").count(),
-        3,
+        22,
         "{page}"
     );
     assert!(page.contains("<b>100 %</b>"), "{page}");
-    for n in &names {
+    for n in &names[2..] {
         assert!(
             page.contains(&format!("/ams-build/build/mine/{n}\"")),
             "{n}"
@@ -778,9 +778,30 @@ fn the_project_page_shows_history_schedules_webhooks_and_filtered_builds() {
     assert!(failed.contains("<option value=\"fail\" selected>"));
     let (_, _, mine) = w.get("/ams-build/project/mine?actor=tester", &cookie);
     assert_eq!(mine.matches("class=\"build-list\"").count(), 1);
-    for n in &names {
+    for n in &names[2..] {
         assert!(mine.contains(&format!("title=\"{n}\"")), "{n}");
     }
+    // The pager keeps the filters (escaped once, so the browser reads `actor` and `page`).
+    assert!(
+        mine.contains("/ams-build/project/mine?actor=tester&amp;page=2#builds\">older"),
+        "{mine}"
+    );
+    let (_, _, older) = w.get("/ams-build/project/mine?actor=tester&page=2", &cookie);
+    assert!(older.contains(&format!("title=\"{}\"", names[0])));
+    // A page number past any end is an empty page, not a crash (it once overflowed).
+    for path in [
+        "/ams-build/project/mine?page=9223372036854775807",
+        "/ams-build/?project=mine&page=9223372036854775807",
+    ] {
+        let (st, _, p) = w.get(path, &cookie);
+        assert_eq!(st, 200, "{path}");
+        assert!(p.contains("No builds."), "{path}");
+    }
+    let (st, _, p) = w.get(
+        "/ams-build/api/projects/name/mine/builds?page=461168601842738791&per_page=9223372036854775807",
+        &cookie,
+    );
+    assert_eq!((st, p.trim()), (200, "[]"), "the API's pages too");
     let (_, _, nobody) = w.get("/ams-build/project/mine?actor=nobody", &cookie);
     assert!(nobody.contains("No builds."));
     // A project that is not there, or not visible, is the same 404.
