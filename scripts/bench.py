@@ -26,7 +26,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "amsbuild")
+BIN = os.environ.get("AMSBUILD_BIN", os.path.join(ROOT, "target", "release", "amsbuild"))
 IMAGE = "ams-busybox:latest"
 
 
