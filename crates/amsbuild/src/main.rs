@@ -405,17 +405,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (for outbound notifications).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // AMSBUILD_LOG: a level (`debug`) or `target=level` directives (`info,ams_host=debug`);
+    // anything else means `info`. (`Targets` rather than `EnvFilter`: no regex engine in the
+    // binary.)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter: tracing_subscriber::filter::Targets = std::env::var("AMSBUILD_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::INFO)
+        });
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMSBUILD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
         .with_writer(std::io::stderr)
         .with_target(false)
         // A closed standard error loses the line; never a panic in the fallback report.
         .log_internal_errors(false)
         // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(filter)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
