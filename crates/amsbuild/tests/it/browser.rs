@@ -321,30 +321,7 @@ fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z(
             ]
         )])),
     );
-    {
-        use std::io::Write;
-        let mut c = h
-            .cmd()
-            .args([
-                "user",
-                "add",
-                "carol",
-                "--level",
-                "3",
-                "--projects",
-                "demo",
-                "--password-stdin",
-            ])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(b"correct horse battery\n")
-            .unwrap();
-        assert!(c.wait().unwrap().success());
-    }
+    add_user(&h, "carol", "3", "demo", "correct horse battery");
     h.start();
     let web = format!("http://{}/ams-build", h.web_addr());
     let d = Driver::start();
@@ -653,7 +630,7 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     git(&repo, &["commit", "-q", "--allow-empty", "-m", &message]);
     let failed = build(
         PROJECT,
-        json!({"branch": BRANCH, "params": {"OUTCOME": "fail"}}),
+        json!({"branch": BRANCH, "params": {"OUTCOME": "fail", "PAUSE": "2"}}),
     );
     assert_eq!(h.record(PROJECT, &failed)["status"], "fail");
 
