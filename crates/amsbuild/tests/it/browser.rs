@@ -206,9 +206,9 @@ impl Driver {
         self.script("return document.documentElement.clientWidth;")
     }
 
-    /// axe-core's serious and critical violations on the current page, one line each: the rule,
-    /// its impact, its help text and the selectors of the offending nodes.
-    fn axe_violations(&self, axe: &str) -> Vec<String> {
+    /// axe-core's violations on the current page, one line each: the rule, its impact, its
+    /// help text and the selectors of the offending nodes; true for a serious or critical one.
+    fn axe_violations(&self, axe: &str) -> Vec<(bool, String)> {
         // Injected through WebDriver, so the pages' `script-src 'self'` does not apply.
         let loaded = self.script(&format!("{axe}\nreturn typeof window.axe;"));
         assert_eq!(loaded, json!("object"), "axe-core did not load");
@@ -222,7 +222,6 @@ impl Driver {
             panic!("axe-core failed: {found}");
         };
         list.iter()
-            .filter(|v| matches!(v["impact"].as_str(), Some("serious" | "critical")))
             .map(|v| {
                 let nodes: Vec<&str> = v["nodes"]
                     .as_array()
@@ -230,13 +229,14 @@ impl Driver {
                     .iter()
                     .filter_map(Value::as_str)
                     .collect();
-                format!(
-                    "axe {} ({}): {} — at {}",
+                let impact = v["impact"].as_str().unwrap_or("?");
+                let line = format!(
+                    "axe {} ({impact}): {} — at {}",
                     v["id"].as_str().unwrap_or("?"),
-                    v["impact"].as_str().unwrap_or("?"),
                     v["help"].as_str().unwrap_or("?"),
                     nodes.join(" | ")
-                )
+                );
+                (matches!(impact, "serious" | "critical"), line)
             })
             .collect()
     }
@@ -661,7 +661,13 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     d.call("POST", "/timeouts", json!({"script": 120_000}));
     let mut problems = Vec::new();
     // Each page in both colour schemes, on a desktop and on a phone.
-    let check = |d: &Driver, page: &str, url: &str, problems: &mut Vec<String>| {
+    // Moderate and minor findings are reported once per page, and do not fail the test.
+    let mut notes = std::collections::BTreeSet::new();
+    let check = |d: &Driver,
+                 page: &str,
+                 url: &str,
+                 problems: &mut Vec<String>,
+                 notes: &mut std::collections::BTreeSet<String>| {
         for dark in [false, true] {
             d.color_scheme(dark);
             let scheme = if dark { "dark" } else { "light" };
@@ -684,8 +690,12 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
                 if let Some(o) = d.horizontal_overflow() {
                     problems.push(format!("{at}: scrolls sideways: {o}"));
                 }
-                for v in d.axe_violations(&axe) {
-                    problems.push(format!("{at}: {v}"));
+                for (serious, v) in d.axe_violations(&axe) {
+                    if serious {
+                        problems.push(format!("{at}: {v}"));
+                    } else {
+                        notes.insert(format!("{page}: {v}"));
+                    }
                 }
             }
         }
@@ -693,7 +703,13 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     };
 
     // Signed out: the login page.
-    check(&d, "login", &format!("{web}/login"), &mut problems);
+    check(
+        &d,
+        "login",
+        &format!("{web}/login"),
+        &mut problems,
+        &mut notes,
+    );
     // The checks find what they look for: an image without a text alternative, and a box
     // wider than the window.
     d.viewport(1280, 800, false);
@@ -707,7 +723,7 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     assert!(
         found
             .iter()
-            .any(|v| v.starts_with("axe image-alt (critical)")),
+            .any(|(serious, v)| *serious && v.starts_with("axe image-alt (critical)")),
         "{found:?}"
     );
     let wide = d.horizontal_overflow().expect("a 3,000 px box overflows");
@@ -723,7 +739,7 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     });
 
     for (page, url) in &pages {
-        check(&d, page, url, &mut problems);
+        check(&d, page, url, &mut problems, &mut notes);
     }
     // The photographs, light at 1,280 px; the dashboard and the build also dark, and the
     // build on a phone.
@@ -742,6 +758,9 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     d.open(&pages[2].1);
     save(&d, "build-phone.png", 390);
 
+    for n in &notes {
+        eprintln!("axe, moderate or minor (not failing): {n}");
+    }
     assert!(
         problems.is_empty(),
         "{} problem(s) in the pages:\n{}",
