@@ -34,11 +34,28 @@ if [ "$MODE" = test ]; then
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
   command -v strip >/dev/null 2>&1 || need+=(binutils)
   [ -x /usr/bin/tini-static ] || need+=(tini)
+  # The SSH tests run the ssh client against their own sshd (openssh-server, below).
+  command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (a minute or two)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ "$MODE" = test ] && [ ! -x /usr/sbin/sshd ]; then
+  # The SSH tests start their own sshd; the package must not start the system's on port 22:
+  # a policy-rc.d that refuses every service start, for this install only.
+  echo "setup: installing openssh-server (its service is not started)"
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    guard=/usr/sbin/policy-rc.d
+    trap '$SUDO rm -f "$guard"' EXIT
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$guard" >/dev/null
+    $SUDO chmod 755 "$guard"
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssh-server >/dev/null
+  if [ -n "$guard" ]; then $SUDO rm -f "$guard"; trap - EXIT; fi
 fi
 
 if ! docker info >/dev/null 2>&1; then

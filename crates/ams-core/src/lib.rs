@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod commit_status;
+pub mod compat;
 #[cfg(test)]
 mod doc_examples;
 pub mod docker_args;
@@ -19,6 +20,7 @@ pub mod queue;
 pub mod retention;
 pub mod schedule;
 pub mod secrets;
+pub mod ssh;
 pub mod status;
 pub mod vars;
 pub mod webconf;

@@ -25,10 +25,31 @@ pub const NOTIFY_VARS: &[&str] = &[
     "actor",
     "created",
     "status",
+    "legacy_status",
     "canceled_by",
     "7z_link",
     "output_log",
 ];
+
+/// Templates written for the described system that would double an address here: its
+/// `{output_log}` and `{7z_link}` were paths to put after `{base_web_address}`, ours are whole
+/// links. One line per such use, with the fix, for the start-up log.
+pub fn doubled_links(webhooks_json: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for var in ["output_log", "7z_link"] {
+        for sep in ["/", ""] {
+            let pat = format!("{{base_web_address}}{sep}{{{var}}}");
+            if webhooks_json.contains(&pat) {
+                out.push(format!(
+                    "webhooks.json: `{pat}` doubles the address: {{{var}}} is a whole link \
+                     here (in the described system it was a path); write {{{var}}} alone (see {})",
+                    crate::compat::COMPAT_DOC
+                ));
+            }
+        }
+    }
+    out
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookType {
@@ -479,6 +500,15 @@ pub fn ip_is_internal(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubled_links_are_found_with_the_fix() {
+        let w = doubled_links(r#"{"content": "[View]({base_web_address}/{output_log})"}"#);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("write {output_log} alone"), "{}", w[0]);
+        assert!(doubled_links(r#"{"content": "[View]({output_log})"}"#).is_empty());
+        assert_eq!(doubled_links("{base_web_address}{7z_link}").len(), 1);
+    }
 
     fn values() -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();

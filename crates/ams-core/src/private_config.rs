@@ -54,7 +54,65 @@ pub struct PrivateConfig {
     /// build (`/{web_root}/badge/{project}.svg`). Off, the badge answers 404 like an unknown
     /// project. Nothing else of the project becomes public.
     pub public_badge: bool,
+    /// The described system's SSH setup (`prepare-build.*.ssh`), read as [`PrivateConfig::ssh_keys`]
+    /// says.
+    pub prepare_build: PrepareBuildSsh,
 }
+
+/// The described system's `"prepare-build"` section of pipeline-config.json: for each list of
+/// host commands of pipeline.json, whether an SSH key is loaded while it runs, and which.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default, rename_all = "kebab-case")]
+pub struct PrepareBuildSsh {
+    pub master_dir_commands: Option<SshSection>,
+    pub build_dir_commands: Option<SshSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshSection {
+    pub ssh: Option<SshUse>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshUse {
+    #[serde(rename = "use")]
+    pub enabled: bool,
+    /// The key's file name; the described system's default is `id_rsa`.
+    pub name: Option<String>,
+}
+
+/// Which key file (a name in `master/config/`) each part of a build's preparation uses, and
+/// where the name came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SshKeys {
+    /// For git (clone, fetch, the update of master) and `master-dir-commands`.
+    pub master: Option<KeyChoice>,
+    /// For `build-dir-commands`.
+    pub build: Option<KeyChoice>,
+    /// What the operator should know: a section of the described system's that is not used.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChoice {
+    /// The file's name in `master/config/`.
+    pub file: String,
+    /// The field that named it: `ssh-key` or `prepare-build.….ssh`.
+    pub field: String,
+}
+
+impl KeyChoice {
+    /// Named by the described system's section, whose key may simply not have been copied over
+    /// (its blank template names one): a missing file is then a warning, not an error.
+    pub fn from_described_section(&self) -> bool {
+        self.field.starts_with("prepare-build")
+    }
+}
+
+/// The described system's key name when its section names none.
+pub const DESCRIBED_DEFAULT_KEY: &str = "id_rsa";
 
 impl PrivateConfig {
     pub const FILE: &'static str = "pipeline-config.json";
@@ -139,15 +197,61 @@ impl PrivateConfig {
                 .map_err(|e| ConfigError::field(Self::FILE, format!("secret-branches[{i}]"), e))?;
         }
         if let Some(k) = &cfg.ssh_key {
-            if k.contains('/') || k.contains("..") || k.is_empty() {
-                return Err(ConfigError::field(
-                    Self::FILE,
-                    "ssh-key",
-                    "must be the name of a file in master/config/, without a path",
-                ));
+            check_key_name(k).map_err(|m| ConfigError::field(Self::FILE, "ssh-key", m))?;
+        }
+        for (field, sec) in cfg.prepare_build.sections() {
+            if let Some(n) = sec
+                .and_then(|s| s.ssh.as_ref())
+                .and_then(|u| u.name.as_ref())
+            {
+                check_key_name(n).map_err(|m| {
+                    ConfigError::field(Self::FILE, format!("prepare-build.{field}.ssh.name"), m)
+                })?;
             }
         }
         Ok(cfg)
+    }
+
+    /// The SSH keys of the build's preparation. `ssh-key` is the key of every git operation and
+    /// of both lists of host commands. Without it, the described system's
+    /// `prepare-build.master-dir-commands.ssh` (`"use": true`) names the key of git (whose
+    /// update replaces that system's `git pull` in master) and of master-dir-commands, and
+    /// `prepare-build.build-dir-commands.ssh` the key of build-dir-commands; `"name"` defaults
+    /// to `id_rsa`, the file is looked for in `master/config/`. With both, `ssh-key` wins and a
+    /// section naming another file gets a note.
+    pub fn ssh_keys(&self) -> SshKeys {
+        let mut keys = SshKeys::default();
+        let mut described = |field: &str, sec: Option<&SshSection>| -> Option<KeyChoice> {
+            let u = sec?.ssh.as_ref().filter(|u| u.enabled)?;
+            let file = u
+                .name
+                .clone()
+                .unwrap_or_else(|| DESCRIBED_DEFAULT_KEY.into());
+            let field = format!("prepare-build.{field}.ssh");
+            match &self.ssh_key {
+                Some(k) if *k != file => {
+                    keys.notes.push(format!(
+                        "{}: {field} names the key `{file}`, but \"ssh-key\" names `{k}`, which \
+                         is used for all of git and the host commands; remove the \
+                         \"prepare-build\" section (or make both name the same file)",
+                        Self::FILE
+                    ));
+                    None
+                }
+                Some(_) => None,
+                None => Some(KeyChoice { file, field }),
+            }
+        };
+        let pb = &self.prepare_build;
+        let master = described("master-dir-commands", pb.master_dir_commands.as_ref());
+        let build = described("build-dir-commands", pb.build_dir_commands.as_ref());
+        let own = self.ssh_key.as_ref().map(|k| KeyChoice {
+            file: k.clone(),
+            field: "ssh-key".into(),
+        });
+        keys.master = own.clone().or(master);
+        keys.build = own.or(build);
+        keys
     }
 
     /// The trusted docker flags as keys comparable with the docker args parser.
@@ -158,6 +262,36 @@ impl PrivateConfig {
             .collect()
     }
 }
+
+impl PrepareBuildSsh {
+    fn sections(&self) -> [(&'static str, Option<&SshSection>); 2] {
+        [
+            ("master-dir-commands", self.master_dir_commands.as_ref()),
+            ("build-dir-commands", self.build_dir_commands.as_ref()),
+        ]
+    }
+}
+
+/// A key's file name in `master/config/`: no path, and not one of the folder's other files.
+pub fn check_key_name(k: &str) -> Result<(), String> {
+    if k.is_empty() || k.contains('/') || k.contains("..") || k.chars().any(char::is_control) {
+        return Err("must be the name of a file in master/config/, without a path".into());
+    }
+    if RESERVED_NAMES.contains(&k) {
+        return Err(format!(
+            "`{k}` is one of the folder's own files; name the key file differently, e.g. \"id_ed25519\""
+        ));
+    }
+    Ok(())
+}
+
+/// The files of `master/config/` that are not keys.
+pub const RESERVED_NAMES: &[&str] = &[
+    PrivateConfig::FILE,
+    "webhooks.json",
+    "webhook_fields.json",
+    crate::ssh::KNOWN_HOSTS,
+];
 
 #[cfg(test)]
 mod tests {
@@ -253,5 +387,65 @@ mod tests {
         );
         let e = PrivateConfig::parse(r#"{"retention": {"days": 3}}"#).unwrap_err();
         assert!(e.message.contains("unknown field `days`"), "{e}");
+    }
+
+    #[test]
+    fn the_described_systems_ssh_section_maps_onto_our_keys() {
+        // The described system's blank project template, as it ships.
+        let blank = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "name": "id.rsa"}}}}"#,
+        )
+        .unwrap();
+        let k = blank.ssh_keys();
+        let m = k.master.unwrap();
+        assert_eq!(
+            (m.file.as_str(), m.field.as_str()),
+            ("id.rsa", "prepare-build.master-dir-commands.ssh")
+        );
+        assert!(m.from_described_section());
+        assert_eq!(k.build, None);
+        assert!(k.notes.is_empty());
+        // Its documented example: a key for each list, the default name when none is given.
+        let both = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "name": "ams.id.rsa"}},
+                                  "build-dir-commands": {"ssh": {"use": true}}}}"#,
+        )
+        .unwrap()
+        .ssh_keys();
+        assert_eq!(both.master.unwrap().file, "ams.id.rsa");
+        assert_eq!(both.build.unwrap().file, DESCRIBED_DEFAULT_KEY);
+        let off = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": false}}}}"#,
+        )
+        .unwrap()
+        .ssh_keys();
+        assert_eq!(off, SshKeys::default());
+        // Our own key wins everywhere; a section naming another file is noted.
+        let own = PrivateConfig::parse(
+            r#"{"ssh-key": "deploy", "prepare-build": {"master-dir-commands": {"ssh": {"use": true}}}}"#,
+        )
+        .unwrap()
+        .ssh_keys();
+        assert_eq!(own.master.as_ref().unwrap().file, "deploy");
+        assert_eq!(own.build.as_ref().unwrap().field, "ssh-key");
+        assert!(!own.master.unwrap().from_described_section());
+        assert_eq!(own.notes.len(), 1);
+        assert!(
+            own.notes[0].contains("prepare-build.master-dir-commands.ssh")
+                && own.notes[0].contains("`id_rsa`")
+        );
+        // Bad names and unknown keys name the field.
+        let e = PrivateConfig::parse(
+            r#"{"prepare-build": {"build-dir-commands": {"ssh": {"use": true, "name": "../k"}}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "prepare-build.build-dir-commands.ssh.name");
+        let e = PrivateConfig::parse(
+            r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "key": "k"}}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("unknown field `key`"), "{e}");
+        let e = PrivateConfig::parse(r#"{"ssh-key": "webhooks.json"}"#).unwrap_err();
+        assert_eq!(e.field, "ssh-key");
     }
 }

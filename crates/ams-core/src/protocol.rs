@@ -1,7 +1,8 @@
 //! The in-container stage protocol.
 //!
 //! One container runs a whole build. Its main process is a small POSIX shell driver, written by
-//! [`driver_script`], that runs each stage's script in a fresh `sh` with stderr joined to stdout,
+//! [`driver_script`], that runs each stage's script in a fresh shell (bash where the image has
+//! it, else `sh`, chosen once per build) with stderr joined to stdout,
 //! forwards SIGTERM to the running stage, and prints a marker line before and after each stage:
 //! `\n\x1eAMS-{nonce} begin {i}` and `\n\x1eAMS-{nonce} end {i} {exit code}`; each stage script
 //! traces its commands as `\n\x1eAMS-{nonce} trace + {command}`. The nonce is random
@@ -38,20 +39,26 @@ pub enum AfterStage {
 /// scripts, the nonce and what to do after each stage.
 pub fn driver_script(script_dir: &str, nonce: &str, stages: &[AfterStage]) -> String {
     let dir = shell_quote(script_dir);
+    let n = shell_quote(nonce);
     let mut s = String::from(
         "# AMS-Build stage driver (generated)\n\
          term=0\nchild=\n\
-         trap 'term=1; if [ -n \"$child\" ]; then kill -TERM \"$child\" 2>/dev/null; fi' TERM INT\n\
-         run_stage() {\n",
+         trap 'term=1; if [ -n \"$child\" ]; then kill -TERM \"$child\" 2>/dev/null; fi' TERM INT\n",
     );
+    // The stages' shell, chosen once per build: bash where the image has it (the described
+    // system ran its commands with bash), else sh. Said in the log as a trace line.
+    s.push_str(&format!(
+        "if command -v bash >/dev/null 2>&1; then ams_sh=bash; else ams_sh=sh; fi\n\
+         printf '\\n\\036AMS-%s trace %s\\n' {n} \"stages run in $ams_sh (set -e)\"\n\
+         run_stage() {{\n"
+    ));
     s.push_str(&format!(
         "  printf '\\n\\036AMS-%s begin %s\\n' {n} \"$1\"\n  \
-         sh {dir}/stage-\"$1\".sh </dev/null 2>&1 &\n  \
+         \"$ams_sh\" {dir}/stage-\"$1\".sh </dev/null 2>&1 &\n  \
          child=$!\n  \
          while :; do wait \"$child\"; rc=$?; kill -0 \"$child\" 2>/dev/null || break; done\n  \
          child=\n  \
          printf '\\n\\036AMS-%s end %s %s\\n' {n} \"$1\" \"$rc\"\n}}\n",
-        n = shell_quote(nonce),
     ));
     if stages.contains(&AfterStage::AskHost) {
         s.push_str(&format!(

@@ -131,7 +131,14 @@ impl WebConf {
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
         let cfg: WebConf = serde_json::from_str(text).map_err(|e| {
             let mut ce = ConfigError::json(file, &e);
-            if ce.message.starts_with("unknown field") {
+            if ce.message.starts_with("unknown field `user_ssl`") {
+                // The described system's SSL example spells the key so; its code read use_ssl.
+                ce.message = format!(
+                    "unknown key `user_ssl`: the described system's documentation misspells \
+                     `use_ssl`; rename it to \"use_ssl\" (see {})",
+                    crate::compat::COMPAT_DOC
+                );
+            } else if ce.message.starts_with("unknown field") {
                 ce.message = format!(
                     "{}; remove the key or correct its spelling",
                     ce.message.replacen("unknown field", "unknown key", 1)
@@ -273,6 +280,14 @@ mod tests {
         let d = WebConf::default();
         assert_eq!(WebConf::parse(&d.to_pretty_json(), "w").unwrap(), d);
         assert_eq!(WebConf::parse("{}", "w").unwrap(), d);
+    }
+
+    #[test]
+    fn the_documented_user_ssl_typo_names_the_fix() {
+        let e = WebConf::parse("{\n\"user_ssl\": false\n}", "web_conf.json").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+        assert!(e.message.contains("rename it to \"use_ssl\""), "{e}");
+        assert!(e.message.contains("coming-from-python"), "{e}");
     }
 
     #[test]

@@ -135,8 +135,12 @@ impl WebhooksConfig {
                             return Err(ConfigError::field(
                                 Self::FILE,
                                 format!("{path}.secret"),
-                                "is missing: set the secret the sender signs with, or say \
-                                 \"allow-unsigned\": true to accept unsigned deliveries",
+                                format!(
+                                    "is missing: set \"secret\" to the key the sender signs \
+                                     with, or say \"allow-unsigned\": true to accept unsigned \
+                                     deliveries (the described system had no secret; see {})",
+                                    crate::compat::COMPAT_DOC
+                                ),
                             ));
                         }
                         if cfg.in_webhooks.iter().any(|o| o.name == w.name) {
@@ -187,19 +191,139 @@ pub struct WebhookFields {
     pub hash: Vec<Step>,
 }
 
+/// The keys of webhook_fields.json, each with the described system's default path (Bitbucket
+/// Cloud's push body), taken when the file leaves the key out.
+const FIELD_DEFAULTS: [(&str, &[DefaultStep]); 4] = [
+    (
+        "actor",
+        &[DefaultStep::K("actor"), DefaultStep::K("display_name")],
+    ),
+    (
+        "repository",
+        &[DefaultStep::K("repository"), DefaultStep::K("name")],
+    ),
+    (
+        "branch",
+        &[
+            DefaultStep::K("push"),
+            DefaultStep::K("changes"),
+            DefaultStep::I(0),
+            DefaultStep::K("new"),
+            DefaultStep::K("name"),
+        ],
+    ),
+    (
+        "hash",
+        &[
+            DefaultStep::K("push"),
+            DefaultStep::K("changes"),
+            DefaultStep::I(0),
+            DefaultStep::K("new"),
+            DefaultStep::K("target"),
+            DefaultStep::K("hash"),
+        ],
+    ),
+];
+
+/// A step of a default path, written as a constant.
+#[derive(Clone, Copy)]
+enum DefaultStep {
+    K(&'static str),
+    I(usize),
+}
+
 impl WebhookFields {
     pub const FILE: &'static str = "webhook_fields.json";
 
+    /// The described system's paths, for Bitbucket Cloud's push body: what it used for every
+    /// key a project's file leaves out.
+    pub fn described_defaults() -> Self {
+        let path = |i: usize| {
+            FIELD_DEFAULTS[i]
+                .1
+                .iter()
+                .map(|s| match s {
+                    DefaultStep::K(k) => Step::Key((*k).to_string()),
+                    DefaultStep::I(n) => Step::Index(*n),
+                })
+                .collect()
+        };
+        WebhookFields {
+            actor: path(0),
+            repository: path(1),
+            branch: path(2),
+            hash: path(3),
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let root: Value =
-            serde_json::from_str(text).map_err(|e| ConfigError::json(Self::FILE, &e))?;
-        let path = |k: &str| -> Result<Vec<Step>, ConfigError> {
-            let Some(Value::Array(items)) = root.get(k) else {
+        Self::parse_with_notes(text).map(|(f, _)| f)
+    }
+
+    /// Parses the file, and says what it accepted that strict JSON would not: the described
+    /// system's documented example carries a trailing comma, so a file written from it is read
+    /// as JSON with comments and trailing commas (and single-quoted strings), with a note that
+    /// names the line and column and the fix. A key left out takes the described system's
+    /// default path (Bitbucket Cloud's); `test`, a key of that system's defaults, is accepted
+    /// and unused.
+    pub fn parse_with_notes(text: &str) -> Result<(Self, Vec<String>), ConfigError> {
+        let mut notes = Vec::new();
+        let root: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(strict) => match lenient_json(text) {
+                Some(v) => {
+                    notes.push(format!(
+                        "{}: line {} column {}: {}; read it as JSON with comments and trailing \
+                         commas, as the described system's example is written; fix: remove the \
+                         comments and the comma before a closing `}}` or `]` (see \
+                         docs/coming-from-python.md)",
+                        Self::FILE,
+                        strict.line(),
+                        strict.column(),
+                        ConfigError::json(Self::FILE, &strict).message
+                    ));
+                    v
+                }
+                None => {
+                    let mut e = ConfigError::json(Self::FILE, &strict);
+                    e.message.push_str(
+                        "; fix the file so it is one JSON object such as {\"actor\": [\"actor\", \
+                         \"display_name\"]} (see docs/webhooks.md#webhook_fieldsjson)",
+                    );
+                    return Err(e);
+                }
+            },
+        };
+        let Value::Object(map) = &root else {
+            return Err(ConfigError::field(
+                Self::FILE,
+                "(top level)",
+                "expected an object of paths, e.g. {\"actor\": [\"actor\", \"display_name\"]}",
+            ));
+        };
+        for k in map.keys() {
+            if k != "test" && !FIELD_DEFAULTS.iter().any(|(d, _)| d == k) {
                 return Err(ConfigError::field(
                     Self::FILE,
-                    k,
-                    "is missing; give a list of keys and indexes, e.g. [\"push\", \"changes\", 0]",
+                    k.as_str(),
+                    "is not a known key: give actor, repository, branch and hash (a key left \
+                     out takes the Bitbucket Cloud path)",
                 ));
+            }
+        }
+        let defaults = Self::described_defaults();
+        let path = |k: &str, default: &[Step]| -> Result<Vec<Step>, ConfigError> {
+            let items = match root.get(k) {
+                None => return Ok(default.to_vec()),
+                Some(Value::Array(items)) => items,
+                Some(_) => {
+                    return Err(ConfigError::field(
+                        Self::FILE,
+                        k,
+                        "is not a list; give a list of keys and indexes, e.g. \
+                         [\"push\", \"changes\", 0]",
+                    ))
+                }
             };
             if items.len() > MAX_PATH_STEPS {
                 return Err(ConfigError::field(
@@ -237,13 +361,32 @@ impl WebhookFields {
                 })
                 .collect()
         };
-        Ok(WebhookFields {
-            actor: path("actor")?,
-            repository: path("repository")?,
-            branch: path("branch")?,
-            hash: path("hash")?,
-        })
+        let fields = WebhookFields {
+            actor: path("actor", &defaults.actor)?,
+            repository: path("repository", &defaults.repository)?,
+            branch: path("branch", &defaults.branch)?,
+            hash: path("hash", &defaults.hash)?,
+        };
+        Ok((fields, notes))
     }
+}
+
+/// JSON as people write it by hand: comments (`//`, `/* */`), trailing commas and single-quoted
+/// strings; nothing looser (no missing commas, bare words or special numbers).
+fn lenient_json(text: &str) -> Option<Value> {
+    let opts = jsonc_parser::ParseOptions {
+        allow_comments: true,
+        allow_trailing_commas: true,
+        allow_single_quoted_strings: true,
+        allow_loose_object_property_names: false,
+        allow_missing_commas: false,
+        allow_hexadecimal_numbers: false,
+        allow_unary_plus_numbers: false,
+        allow_bare_decimal_point_numbers: false,
+        allow_non_finite_numbers: false,
+        allow_extended_string_escapes: false,
+    };
+    jsonc_parser::parse_to_serde_value::<Value>(text, &opts).ok()
 }
 
 /// Follows a path into a JSON value and returns the string (or number) found there.
@@ -425,37 +568,7 @@ pub fn intent(
                     "Bitbucket event `{event}` does not build"
                 )));
             }
-            let actors = names(
-                body,
-                &["/actor/display_name", "/actor/nickname", "/actor/username"],
-            );
-            let repositories = names(body, &["/repository/name", "/repository/full_name"]);
-            let changes = body
-                .pointer("/push/changes")
-                .and_then(Value::as_array)
-                .ok_or("repo:push without push.changes")?;
-            let mut pushes = Vec::new();
-            for c in changes {
-                crate::work::add(1);
-                let new = match c.get("new") {
-                    Some(n) if !n.is_null() => n,
-                    _ => continue, // a deletion
-                };
-                if new.get("type").and_then(Value::as_str) != Some("branch") {
-                    continue; // a tag
-                }
-                let (Some(branch), Some(commit)) = (s(new, "/name"), s(new, "/target/hash")) else {
-                    continue;
-                };
-                take(&mut pushes, &actors, &repositories, &branch, commit)?;
-            }
-            if pushes.is_empty() {
-                Ok(Intent::Ignore(
-                    "no branch head in this push (tags or deletions only)".into(),
-                ))
-            } else {
-                Ok(Intent::Pushes(pushes))
-            }
+            bitbucket_cloud_push(body)
         }
         Sender::BitbucketServer => match event {
             "diagnostics:ping" => Ok(Intent::Ping),
@@ -495,11 +608,21 @@ pub fn intent(
                 "Bitbucket event `{other}` does not build"
             ))),
         },
+        // Without webhook_fields.json, the described system read every delivery as a
+        // Bitbucket Cloud push (its documented payload), with or without the event header.
+        Sender::Custom if fields.is_none() => {
+            if body.pointer("/push/changes").is_some_and(Value::is_array) {
+                return bitbucket_cloud_push(body);
+            }
+            Err(
+                "unknown sender: no X-GitHub-Event or X-Event-Key header, no Bitbucket push \
+                 (push.changes) in the body, and the project has no webhook_fields.json saying \
+                 where the actor, repository, branch and hash are"
+                    .into(),
+            )
+        }
         Sender::Custom => {
-            let f = fields.ok_or(
-                "unknown sender: no X-GitHub-Event or X-Event-Key header, and the project has no \
-                 webhook_fields.json",
-            )?;
+            let f = fields.ok_or("no webhook_fields.json")?;
             let get = |p: &[Step], what: &str| {
                 extract(body, p).ok_or_else(|| format!("no {what} where webhook_fields.json says"))
             };
@@ -527,6 +650,49 @@ pub fn intent(
             )?;
             Ok(Intent::Pushes(pushes))
         }
+    }
+}
+
+/// A Bitbucket Cloud push (`repo:push`): every branch head of `push.changes`. A change whose
+/// `new` has a `name` is a branch unless its `type` says otherwise (the described system's
+/// documented payload has no `type`); deletions and tags build nothing.
+fn bitbucket_cloud_push(body: &Value) -> Result<Intent, String> {
+    let actors = names(
+        body,
+        &["/actor/display_name", "/actor/nickname", "/actor/username"],
+    );
+    // `repository` as a plain string: the described system's first documented payload.
+    let repositories = names(
+        body,
+        &["/repository/name", "/repository/full_name", "/repository"],
+    );
+    let changes = body
+        .pointer("/push/changes")
+        .and_then(Value::as_array)
+        .ok_or("repo:push without push.changes")?;
+    let mut pushes = Vec::new();
+    for c in changes {
+        crate::work::add(1);
+        let new = match c.get("new") {
+            Some(n) if !n.is_null() => n,
+            _ => continue, // a deletion
+        };
+        match new.get("type") {
+            None | Some(Value::Null) => {}
+            Some(t) if t.as_str() == Some("branch") => {}
+            Some(_) => continue, // a tag
+        }
+        let (Some(branch), Some(commit)) = (s(new, "/name"), s(new, "/target/hash")) else {
+            continue;
+        };
+        take(&mut pushes, &actors, &repositories, &branch, commit)?;
+    }
+    if pushes.is_empty() {
+        Ok(Intent::Ignore(
+            "no branch head in this push (tags or deletions only)".into(),
+        ))
+    } else {
+        Ok(Intent::Pushes(pushes))
     }
 }
 
@@ -673,6 +839,94 @@ mod tests {
         let mut h = hook(None, None);
         h.authorized_actors = vec!["bob".into()];
         assert!(matches!(d(&h), Decision::Refuse(403, _)));
+    }
+
+    /// The Bitbucket payload the described system documents: no `type`, maybe no header.
+    fn documented_payload() -> Value {
+        serde_json::json!({"actor": {"display_name": "Git Actor"},
+            "repository": {"name": "MyRepo"},
+            "push": {"changes": [{"new": {"name": "main", "target": {"hash": "c9bffcd6"}}}]}})
+    }
+
+    #[test]
+    fn the_documented_bitbucket_payload_builds_with_or_without_its_header() {
+        for (sender, event) in [
+            (Sender::Custom, "push"),
+            (Sender::BitbucketCloud, "repo:push"),
+        ] {
+            let Ok(Intent::Pushes(p)) = intent(sender, event, &documented_payload(), None) else {
+                panic!("{sender:?}: not a push");
+            };
+            assert_eq!(p.len(), 1);
+            assert_eq!(p[0].branch, "main");
+            assert_eq!(p[0].commit, "c9bffcd6");
+            assert_eq!(p[0].actors, vec!["Git Actor".to_string()]);
+            assert_eq!(p[0].repositories, vec!["MyRepo".to_string()]);
+        }
+        // A `type` other than branch is still a tag, and a repository given as a plain string
+        // (the described system's first documented shape) is a repository name.
+        let mut tag = documented_payload();
+        tag["push"]["changes"][0]["new"]["type"] = "tag".into();
+        assert!(matches!(
+            intent(Sender::Custom, "push", &tag, None),
+            Ok(Intent::Ignore(_))
+        ));
+        let mut plain = documented_payload();
+        plain["repository"] = "MyRepo".into();
+        let Ok(Intent::Pushes(p)) = intent(Sender::Custom, "push", &plain, None) else {
+            panic!()
+        };
+        assert_eq!(p[0].repositories, vec!["MyRepo".to_string()]);
+        // A body that is no Bitbucket push, from an unknown sender, still needs the file.
+        let e = intent(Sender::Custom, "push", &serde_json::json!({"x": 1}), None).unwrap_err();
+        assert!(e.contains("webhook_fields.json"), "{e}");
+    }
+
+    #[test]
+    fn webhook_fields_as_the_described_docs_write_it_is_read_with_a_note() {
+        // The documented example: a trailing comma, which strict JSON refuses.
+        let text = "{\n  \"actor\": [\"actor\", \"display_name\"],\n  \"repository\": [\"repository\", \"name\"],\n  \"branch\": [\"push\", \"changes\", 0, \"new\", \"name\"],\n  \"hash\": [\"push\", \"changes\", 0, \"new\", \"target\", \"hash\"],\n}\n";
+        assert!(serde_json::from_str::<Value>(text).is_err());
+        let (f, notes) = WebhookFields::parse_with_notes(text).unwrap();
+        assert_eq!(f, WebhookFields::described_defaults());
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("webhook_fields.json: line 6 column 1"),
+            "{}",
+            notes[0]
+        );
+        assert!(notes[0].contains("fix: remove"), "{}", notes[0]);
+        // Strict JSON gives no note.
+        let (_, notes) =
+            WebhookFields::parse_with_notes(r#"{"actor": ["a"], "test": ["test"]}"#).unwrap();
+        assert!(notes.is_empty());
+        // Anything looser than comments and trailing commas is refused with the position.
+        let e = WebhookFields::parse("{\n  \"actor\": [\"a\"] \"hash\": [\"h\"]\n}").unwrap_err();
+        assert_eq!(e.position, Some((2, 18)), "{e}");
+        assert!(e.message.contains("fix the file"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("webhook_fields.json: line 2 column 18"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn webhook_fields_keys_left_out_take_the_described_defaults() {
+        let f = WebhookFields::parse(r#"{"actor": ["sender", "login"]}"#).unwrap();
+        let d = WebhookFields::described_defaults();
+        assert_eq!(
+            f.actor,
+            vec![Step::Key("sender".into()), Step::Key("login".into())]
+        );
+        assert_eq!(
+            (f.repository, f.branch, f.hash),
+            (d.repository, d.branch, d.hash)
+        );
+        let e = WebhookFields::parse(r#"{"acter": ["sender", "login"]}"#).unwrap_err();
+        assert_eq!(e.field, "acter");
+        let e = WebhookFields::parse(r#"{"actor": "sender.login"}"#).unwrap_err();
+        assert_eq!(e.field, "actor");
     }
 
     #[test]

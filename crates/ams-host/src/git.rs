@@ -8,7 +8,8 @@
 //! checkout's `.git/config` holding any key outside a short list of inert ones is refused
 //! before git reads it (see [`check_repo_config`]).
 
-use std::path::Path;
+use ams_core::ssh;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
@@ -39,10 +40,80 @@ pub fn valid_commit(c: &str) -> bool {
     (4..=64).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Where git may find an SSH key for the remote.
+/// How git (and a trusted host command's git) reaches a project's remote over SSH. The default
+/// is ssh's own settings in batch mode, for commands that never connect.
 #[derive(Debug, Clone, Default)]
 pub struct GitAuth {
-    pub ssh_key: Option<std::path::PathBuf>,
+    /// The project's private key (checked by `project::ssh` before it gets here).
+    pub ssh_key: Option<PathBuf>,
+    /// The project's own `known_hosts`, where the server's host key is pinned on first use.
+    pub known_hosts: Option<PathBuf>,
+    /// The project's name, for the messages.
+    pub project: String,
+}
+
+impl GitAuth {
+    /// The `GIT_SSH_COMMAND` git and trusted host commands get (see [`ssh::ssh_command`]).
+    pub fn ssh_command(&self) -> Result<String, String> {
+        let s = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().to_string());
+        ssh::ssh_command(s(&self.ssh_key).as_deref(), s(&self.known_hosts).as_deref())
+    }
+
+    /// Starts watching the project's `known_hosts` for keys pinned on first use, creating the
+    /// file (empty, 0600) when it is missing so that ssh appends to a file only we may read.
+    pub fn watch(&self) -> PinWatch {
+        let before = self.known_hosts.as_ref().map(|p| {
+            if !p.exists() {
+                if let Err(e) = crate::paths::write_private(p, b"") {
+                    tracing::warn!("{}: {e}", p.display());
+                }
+            }
+            std::fs::read_to_string(p).unwrap_or_default()
+        });
+        PinWatch {
+            path: self.known_hosts.clone(),
+            before: before.unwrap_or_default(),
+            project: self.project.clone(),
+        }
+    }
+
+    /// Our words for ssh's failure in git's `stderr`, when it is one we know.
+    fn explain(&self, stderr: &str) -> Option<String> {
+        self.known_hosts.as_ref()?;
+        let key = self
+            .ssh_key
+            .as_ref()
+            .map(|k| k.to_string_lossy().to_string());
+        ssh::explain_failure(
+            stderr,
+            ssh::SshContext {
+                project: &self.project,
+                key: key.as_deref(),
+            },
+        )
+    }
+}
+
+/// The project's `known_hosts` as it was before a connection, to tell what ssh pinned since.
+#[derive(Debug)]
+pub struct PinWatch {
+    path: Option<PathBuf>,
+    before: String,
+    project: String,
+}
+
+impl PinWatch {
+    /// One line per host key pinned since the watch began, with its fingerprint.
+    pub fn first_use_lines(&self) -> Vec<String> {
+        let Some(p) = &self.path else {
+            return Vec::new();
+        };
+        let after = std::fs::read_to_string(p).unwrap_or_default();
+        ssh::new_pins(&self.before, &after)
+            .iter()
+            .map(|pin| ssh::first_use_line(&self.project, pin))
+            .collect()
+    }
 }
 
 async fn git(
@@ -77,21 +148,12 @@ async fn git(
         .env_remove("GIT_CONFIG_COUNT")
         .env_remove("GIT_DIR")
         .env_remove("GIT_WORK_TREE")
-        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+        .env("GIT_SSH_COMMAND", auth.ssh_command()?)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(key) = &auth.ssh_key {
-        cmd.env(
-            "GIT_SSH_COMMAND",
-            format!(
-                "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
-                ams_core::protocol::shell_quote(&key.to_string_lossy())
-            ),
-        );
-    }
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot run git: {e}; install git"))?;
@@ -106,7 +168,14 @@ async fn git(
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
         let mut err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        err.truncate(4000);
+        if let Some(ours) = auth.explain(&err) {
+            return Err(format!("git {} failed: {ours}", args.join(" ")));
+        }
+        let mut cut = err.len().min(4000);
+        while !err.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        err.truncate(cut);
         Err(format!("git {} failed: {err}", args.join(" ")))
     }
 }
@@ -256,6 +325,17 @@ pub async fn origin_url(dir: &Path) -> Option<String> {
     .ok()?;
     let url = out.trim();
     (!url.is_empty()).then(|| url.to_string())
+}
+
+/// The commit the checkout at `dir` is at (`get-git-hash` after trusted master-dir-commands),
+/// once its repository config is checked again (the commands may have changed it).
+pub async fn head(dir: &Path, cancel: &CancellationToken) -> Option<String> {
+    check_repo_config(dir, cancel).await.ok()?;
+    let out = git(dir, &["rev-parse", "HEAD"], &GitAuth::default(), cancel)
+        .await
+        .ok()?;
+    let h = out.trim().to_string();
+    valid_commit(&h).then_some(h)
 }
 
 /// The message of `commit` in the checkout at `dir`, cut at 4 KiB (on a character boundary).

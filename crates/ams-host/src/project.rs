@@ -1,11 +1,14 @@
-//! Projects on disk: the described system's skeleton, `project add` (clone) and `project init`,
-//! and loading a project's private configuration.
+//! Projects on disk: the described system's skeleton, `project add` (clone, with a key) and
+//! `project init`, loading a project's private configuration, and its SSH keys and pinned host
+//! keys.
 
 use crate::git::{self, GitAuth};
 use crate::paths::{create_private_dir, write_private, DataDir, ProjectDir};
 use ams_core::names::validate_project_name;
-use ams_core::private_config::PrivateConfig;
+use ams_core::private_config::{KeyChoice, PrivateConfig};
+use ams_core::ssh::{self, KeyProblem};
 use std::fs;
+use std::path::{Path, PathBuf};
 
 /// The pipeline.json written by `project init`: a runnable example to edit.
 pub const TEMPLATE_PIPELINE: &str = r#"{
@@ -27,7 +30,7 @@ pub const TEMPLATE_PIPELINE: &str = r#"{
 
 const TEMPLATE_WEBHOOKS: &str = "{\n  \"in-webhooks\": [],\n  \"out-webhooks\": []\n}\n";
 
-fn private_config_text(branch: Option<&str>) -> String {
+fn private_config_text(branch: Option<&str>, ssh_key: Option<&str>) -> String {
     let mut v = serde_json::json!({
         "trust-host-commands": false,
         "allow-docker-args": [],
@@ -38,17 +41,23 @@ fn private_config_text(branch: Option<&str>) -> String {
     if let Some(b) = branch {
         v["branch"] = serde_json::Value::String(b.to_string());
     }
+    if let Some(k) = ssh_key {
+        v["ssh-key"] = serde_json::Value::String(k.to_string());
+    }
     serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
 }
 
-fn skeleton(p: &ProjectDir, branch: Option<&str>) -> std::io::Result<()> {
+fn skeleton(p: &ProjectDir, branch: Option<&str>, key: Option<&NewKey>) -> std::io::Result<()> {
     fs::create_dir_all(p.master_build())?;
     // The private config holds secrets: the host's user alone reads it.
     create_private_dir(&p.config())?;
     fs::create_dir_all(p.builds())?;
+    if let Some(k) = key {
+        write_private(&p.config().join(&k.name), &k.bytes)?;
+    }
     write_private(
         &p.config().join(PrivateConfig::FILE),
-        private_config_text(branch).as_bytes(),
+        private_config_text(branch, key.map(|k| k.name.as_str())).as_bytes(),
     )?;
     write_private(
         &p.config().join("webhooks.json"),
@@ -74,7 +83,7 @@ fn check_new(data: &DataDir, name: &str) -> Result<ProjectDir, String> {
 pub fn init(data: &DataDir, name: &str) -> Result<ProjectDir, String> {
     let p = check_new(data, name)?;
     let r = (|| -> std::io::Result<()> {
-        skeleton(&p, None)?;
+        skeleton(&p, None, None)?;
         fs::create_dir_all(p.master_source())?;
         fs::write(p.master_source().join("pipeline.json"), TEMPLATE_PIPELINE)?;
         Ok(())
@@ -86,25 +95,227 @@ pub fn init(data: &DataDir, name: &str) -> Result<ProjectDir, String> {
     Ok(p)
 }
 
-/// `amsbuild project add NAME --git URL [--branch BR]`: the skeleton plus a clone of the source.
-/// Nothing is left behind when the clone fails.
+/// A private key given to `project add --ssh-key FILE`: its file name and its bytes, checked.
+struct NewKey {
+    name: String,
+    bytes: Vec<u8>,
+}
+
+impl NewKey {
+    /// Reads and checks the key at `path`: a private key without a passphrase, whose file name
+    /// can be its name in `master/config/`. The original's mode is not checked: the copy is
+    /// 0600.
+    fn read(path: &Path) -> Result<NewKey, String> {
+        let shown = path.display().to_string();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        ams_core::private_config::check_key_name(&name)
+            .map_err(|e| format!("--ssh-key {shown}: the file's name {e}"))?;
+        let meta = fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("--ssh-key {shown}: there is no such file"),
+            _ => KeyProblem::Unreadable(e.to_string()).message(&shown),
+        })?;
+        if !meta.is_file() {
+            return Err(KeyProblem::NotAKey("it is not a regular file".into()).message(&shown));
+        }
+        let bytes = read_capped(path).map_err(|e| KeyProblem::Unreadable(e).message(&shown))?;
+        ssh::check_private_key(&bytes).map_err(|p| p.message(&shown))?;
+        Ok(NewKey { name, bytes })
+    }
+}
+
+/// At most one byte more than [`ssh::MAX_KEY_BYTES`] of a file (so a bigger one is told apart).
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| {
+            f.take(ssh::MAX_KEY_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// `amsbuild project add NAME --git URL [--branch BR] [--ssh-key FILE]`: the skeleton plus a
+/// clone of the source. With a key, it is copied into `master/config/` (0600) and named by
+/// `ssh-key` before the clone, which uses it. Returns the project and the lines to show (a
+/// host key pinned on first use). Nothing is left behind when the clone fails.
 pub async fn add(
     data: &DataDir,
     name: &str,
     url: &str,
     branch: Option<&str>,
-) -> Result<ProjectDir, String> {
+    ssh_key: Option<&Path>,
+) -> Result<(ProjectDir, Vec<String>), String> {
+    let key = ssh_key.map(NewKey::read).transpose()?;
     let p = check_new(data, name)?;
     let result = async {
-        skeleton(&p, branch).map_err(|e| e.to_string())?;
-        git::clone(url, &p.master_source(), branch, &GitAuth::default()).await
+        skeleton(&p, branch, key.as_ref()).map_err(|e| e.to_string())?;
+        let private = private_config(&p)?;
+        let auth = ssh(&p, name, &private)?.git;
+        let watch = auth.watch();
+        let cloned = git::clone(url, &p.master_source(), branch, &auth).await;
+        let pinned = watch.first_use_lines();
+        cloned.map(|()| pinned)
     }
     .await;
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&p.root);
-        return Err(format!("cannot add project `{name}`: {e}"));
+    match result {
+        Ok(lines) => Ok((p, lines)),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&p.root);
+            Err(format!("cannot add project `{name}`: {e}"))
+        }
     }
-    Ok(p)
+}
+
+/// The SSH settings of a project's preparation: git's (also master-dir-commands') and
+/// build-dir-commands', from [`PrivateConfig::ssh_keys`], each key file checked.
+#[derive(Debug, Clone)]
+pub struct ProjectSsh {
+    pub git: GitAuth,
+    pub build_commands: GitAuth,
+    /// What the operator should know (logged at start and in each build's log).
+    pub notes: Vec<String>,
+}
+
+/// Resolves and checks a project's SSH keys. A key that is there but unusable (unreadable, too
+/// open, protected by a passphrase, not a private key) is an error with the fix, as is a key
+/// named by `ssh-key` that is missing; a key named only by the described system's
+/// `prepare-build` section that is missing is a note, and git runs without it (its blank
+/// template names one).
+pub fn ssh(p: &ProjectDir, name: &str, private: &PrivateConfig) -> Result<ProjectSsh, String> {
+    let keys = private.ssh_keys();
+    let config = p.config();
+    let mut notes = keys.notes;
+    let mut resolve = |choice: &Option<KeyChoice>, uses: &str| -> Result<Option<PathBuf>, String> {
+        let Some(c) = choice else {
+            return Ok(None);
+        };
+        let path = config.join(&c.file);
+        let shown = path.display().to_string();
+        match check_key_file(&path) {
+            Ok(()) => {
+                if c.from_described_section() {
+                    notes.push(format!(
+                        "{}: {} (the described system's SSH setup) gives the key {shown} to \
+                         {uses}; \"ssh-key\": \"{}\" says the same for all of git and the host \
+                         commands",
+                        PrivateConfig::FILE,
+                        c.field,
+                        c.file
+                    ));
+                }
+                Ok(Some(path))
+            }
+            Err(KeyProblem::Missing) if c.from_described_section() => {
+                notes.push(format!(
+                    "{}: {} (the described system's SSH setup) names the key `{}`, which is not \
+                     in {}: {uses} run without a key. Fix: copy the key to {shown} (chmod 600), \
+                     or remove the \"prepare-build\" section if the remote needs no key (see \
+                     docs/coming-from-python.md)",
+                    PrivateConfig::FILE,
+                    c.field,
+                    c.file,
+                    config.display()
+                ));
+                Ok(None)
+            }
+            Err(e) => Err(format!(
+                "{} `{}` of {}: {}",
+                c.field,
+                c.file,
+                PrivateConfig::FILE,
+                e.message(&shown)
+            )),
+        }
+    };
+    let master = resolve(&keys.master, "git and master-dir-commands")?;
+    let build = resolve(&keys.build, "build-dir-commands")?;
+    let auth = |key| GitAuth {
+        ssh_key: key,
+        known_hosts: Some(config.join(ssh::KNOWN_HOSTS)),
+        project: name.to_string(),
+    };
+    Ok(ProjectSsh {
+        git: auth(master),
+        build_commands: auth(build),
+        notes,
+    })
+}
+
+/// Checks a private key file where the host will give it to ssh: there, a regular file, only
+/// the host's user may read it, readable, and a private key without a passphrase.
+pub fn check_key_file(path: &Path) -> Result<(), KeyProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => KeyProblem::Missing,
+        _ => KeyProblem::Unreadable(e.to_string()),
+    })?;
+    if !meta.is_file() {
+        return Err(KeyProblem::NotAKey("it is not a regular file".into()));
+    }
+    let mode = meta.permissions().mode();
+    if ssh::too_open(mode) {
+        return Err(KeyProblem::TooOpen(mode));
+    }
+    let bytes = read_capped(path).map_err(KeyProblem::Unreadable)?;
+    ssh::check_private_key(&bytes)
+}
+
+/// `amsbuild project ssh-hostkey NAME [--reset]`: the host keys pinned in the project's
+/// `known_hosts`, one line each; with `reset`, the file is emptied first (and the lines say
+/// what was removed), so the next connection pins the server's key again.
+pub fn ssh_hostkey(data: &DataDir, name: &str, reset: bool) -> Result<Vec<String>, String> {
+    if !exists(data, name) {
+        return Err(format!("no project `{name}`"));
+    }
+    let path = data.project(name).config().join(ssh::KNOWN_HOSTS);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let pins = ssh::pins(&text);
+    let mut out = Vec::new();
+    if reset {
+        write_private(&path, b"").map_err(|e| format!("{}: {e}", path.display()))?;
+        for p in &pins {
+            out.push(format!("removed {p}"));
+        }
+        out.push(format!(
+            "{}: emptied; the next connection to the remote pins the server's host key again \
+             (the build log and the host log show its fingerprint)",
+            path.display()
+        ));
+    } else if pins.is_empty() {
+        out.push(format!(
+            "no host key is pinned for project {name} ({}); the first connection to an SSH \
+             remote pins the server's key (trust on first use)",
+            path.display()
+        ));
+    } else {
+        out.extend(pins.iter().map(ToString::to_string));
+    }
+    Ok(out)
+}
+
+/// Start-up warnings about the projects' SSH settings: the notes of [`ssh`] and its errors.
+pub fn ssh_startup_warnings(data: &DataDir) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in list(data) {
+        let p = data.project(&name);
+        let Ok(private) = private_config(&p) else {
+            continue;
+        };
+        match ssh(&p, &name, &private) {
+            Ok(s) => out.extend(s.notes.into_iter().map(|n| format!("project {name}: {n}"))),
+            Err(e) => out.push(format!("project {name}: {e}")),
+        }
+    }
+    out
 }
 
 /// Names of the projects in the data directory, sorted.
@@ -208,5 +419,63 @@ mod tests {
         assert!(init(&d, "../evil").is_err());
         assert!(!t.path().join("evil").exists());
         assert_eq!(list(&d), vec!["demo".to_string()]);
+    }
+
+    #[test]
+    fn key_files_are_checked_before_ssh_sees_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = DataDir::new(t.path());
+        let p = init(&d, "k").unwrap();
+        let key = p.config().join("id_ed25519");
+        let ok = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert_eq!(check_key_file(&key), Ok(()));
+        assert_eq!(
+            check_key_file(&p.config().join("nope")),
+            Err(KeyProblem::Missing)
+        );
+        assert!(matches!(
+            check_key_file(&p.config()),
+            Err(KeyProblem::NotAKey(_))
+        ));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(check_key_file(&key), Err(KeyProblem::TooOpen(0o100640)));
+
+        // `ssh-key` naming an unusable or missing file is an error naming the field and file.
+        let cfg = |v: &str| PrivateConfig::parse(v).unwrap();
+        let e = ssh(&p, "k", &cfg(r#"{"ssh-key": "id_ed25519"}"#)).unwrap_err();
+        assert!(
+            e.starts_with("ssh-key `id_ed25519` of pipeline-config.json: ")
+                && e.contains("mode 0640"),
+            "{e}"
+        );
+        let e = ssh(&p, "k", &cfg(r#"{"ssh-key": "other"}"#)).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = ssh(&p, "k", &cfg(r#"{"ssh-key": "id_ed25519"}"#)).unwrap();
+        assert_eq!(s.git.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.build_commands.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.git.known_hosts, Some(p.config().join("known_hosts")));
+        assert!(s.notes.is_empty());
+        // The described section: a present key is used (and said so), a missing one is a note.
+        let described = r#"{"prepare-build": {"master-dir-commands": {"ssh": {"use": true, "name": "id_ed25519"}},
+                                              "build-dir-commands": {"ssh": {"use": true}}}}"#;
+        let s = ssh(&p, "k", &cfg(described)).unwrap();
+        assert_eq!(s.git.ssh_key.as_deref(), Some(key.as_path()));
+        assert_eq!(s.build_commands.ssh_key, None);
+        assert_eq!(s.notes.len(), 2, "{:?}", s.notes);
+        assert!(
+            s.notes[0].contains("gives the key")
+                && s.notes[0].contains("git and master-dir-commands")
+        );
+        assert!(
+            s.notes[1].contains("names the key `id_rsa`, which is not in")
+                && s.notes[1].contains("build-dir-commands run without a key")
+        );
     }
 }

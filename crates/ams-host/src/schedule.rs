@@ -49,6 +49,46 @@ async fn scheduled(host: &HostHandle) -> Vec<(String, Vec<Schedule>)> {
     .unwrap_or_default()
 }
 
+/// A schedule as the project page shows it.
+#[derive(Debug, Clone)]
+pub struct ScheduleInfo {
+    pub cron: String,
+    pub branch: Option<String>,
+    /// The next slot (unix seconds), when the expression is valid.
+    pub next: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// The schedules of one project with their next runs; an unreadable pipeline-config.json is
+/// the error.
+pub async fn overview(host: &HostHandle, name: &str) -> Result<Vec<ScheduleInfo>, String> {
+    let data = host.data.clone();
+    let name = name.to_string();
+    let schedules = tokio::task::spawn_blocking(move || {
+        project::private_config(&data.project(&name)).map(|c| c.schedules)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let now = unix_now();
+    Ok(schedules
+        .into_iter()
+        .map(|s| match parse_cron(&s.cron) {
+            Ok(cron) => ScheduleInfo {
+                next: due(&cron, now, now).next,
+                cron: s.cron,
+                branch: s.branch,
+                error: None,
+            },
+            Err(e) => ScheduleInfo {
+                cron: s.cron,
+                branch: s.branch,
+                next: None,
+                error: Some(e),
+            },
+        })
+        .collect())
+}
+
 /// Fires every schedule that is due now.
 pub async fn tick(host: &HostHandle) {
     for (name, schedules) in scheduled(host).await {

@@ -721,34 +721,64 @@ pub fn build_vars(
     m
 }
 
+/// How a list of prepare-build host commands runs.
+struct HostRun<'a> {
+    values: &'a BTreeMap<&'static str, String>,
+    /// pipeline-config.json's `trust-host-commands`.
+    trusted: bool,
+    /// The list's SSH settings, given to its git as `GIT_SSH_COMMAND`: the project's key for
+    /// the list and its known_hosts (a host key pinned on first use is logged).
+    ssh: &'a GitAuth,
+}
+
 /// Runs trusted host commands one by one in `dir`, streaming their output into the log.
 async fn host_commands(
     what: &str,
     commands: &[String],
     dir: &Path,
-    values: &BTreeMap<&'static str, String>,
-    trusted: bool,
+    run: &HostRun<'_>,
     log: &mut BuildLog,
     stop: &StopSignal,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     if commands.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    if !trusted {
+    if !run.trusted {
         log.line(&format!(
             "refused {} host command(s) of prepare-build.{what}: the project's private \
              config/pipeline-config.json does not set \"trust-host-commands\": true; the built-in \
-             git update prepared the source instead",
-            commands.len()
+             git update prepared the source instead (see {})",
+            commands.len(),
+            ams_core::compat::COMPAT_DOC
         ));
-        return Ok(());
+        return Ok(false);
     }
+    let ssh_command = run.ssh.ssh_command()?;
+    let watch = run.ssh.watch();
+    let result = run_host_commands(what, commands, dir, run.values, &ssh_command, log, stop).await;
+    for l in watch.first_use_lines() {
+        tracing::info!("project {}: {l}", run.ssh.project);
+        log.line(&l);
+    }
+    result.map(|()| true)
+}
+
+async fn run_host_commands(
+    what: &str,
+    commands: &[String],
+    dir: &Path,
+    values: &BTreeMap<&'static str, String>,
+    ssh_command: &str,
+    log: &mut BuildLog,
+    stop: &StopSignal,
+) -> Result<(), String> {
     for (i, c) in commands.iter().enumerate() {
         let cmd = expand(&format!("prepare-build.{what}[{i}]"), c, values)?;
         log.line(&format!("host $ {cmd}"));
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!("exec 2>&1\n{cmd}"))
+            .env("GIT_SSH_COMMAND", ssh_command)
             .current_dir(dir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -797,11 +827,20 @@ struct Prepared {
     caches: Vec<CacheUse>,
 }
 
+/// What preparation learnt before it could fail: a build that fails after the git update
+/// still records the commit it was at.
+#[derive(Default)]
+struct Seen {
+    git_hash: Option<String>,
+    commit_message: Option<String>,
+}
+
 async fn prepare(
     ctx: &WorkerContext,
     b: &BuildRecord,
     log: &mut BuildLog,
     stop: &StopSignal,
+    seen: &mut Seen,
 ) -> Result<Prepared, Failure> {
     let prep_started = Instant::now();
     let pd = ctx.data.project(&b.project);
@@ -813,9 +852,11 @@ async fn prepare(
         )));
     }
     let private = project::private_config(&pd).map_err(Failure::project)?;
-    let auth = GitAuth {
-        ssh_key: private.ssh_key.as_ref().map(|k| pd.config().join(k)),
-    };
+    let ssh = project::ssh(&pd, &b.project, &private).map_err(Failure::project)?;
+    for n in &ssh.notes {
+        log.line(n);
+    }
+    let auth = ssh.git.clone();
     let lock = ctx.master_lock(&b.project);
     let _guard = lock.lock().await;
     let src = pd.master_source();
@@ -829,6 +870,7 @@ async fn prepare(
                 (None, None) => "head of the default branch".to_string(),
             }
         ));
+        let watch = auth.watch();
         let h = git::update(
             &src,
             branch.as_deref(),
@@ -836,8 +878,12 @@ async fn prepare(
             &auth,
             stop.token(),
         )
-        .await
-        .map_err(|e| match e {
+        .await;
+        for l in watch.first_use_lines() {
+            tracing::info!("project {}: {l}", b.project);
+            log.line(&l);
+        }
+        let h = h.map_err(|e| match e {
             git::UpdateError::Remote(e) => Failure::host(e),
             git::UpdateError::Refused(e) => Failure::project(e),
         })?;
@@ -851,6 +897,8 @@ async fn prepare(
         Some(h) => git::message(&src, h, stop.token()).await,
         None => None,
     };
+    seen.git_hash = git_hash.clone();
+    seen.commit_message = commit_message.clone();
     let text = crate::source::read_checkout_file(&src, "pipeline.json", PIPELINE_MAX_BYTES)
         .map_err(|e| Failure::project(format!("master/project_source/{e}")))?;
     let text = String::from_utf8(text)
@@ -873,18 +921,54 @@ async fn prepare(
         stop,
     )
     .await?;
-    let values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
-    host_commands(
+    let mut values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
+    let ran_in_master = host_commands(
         "master-dir-commands",
         &pipeline.prepare.master_dir_commands,
         &src,
-        &values,
-        private.trust_host_commands,
+        &HostRun {
+            values: &values,
+            trusted: private.trust_host_commands,
+            ssh: &ssh.git,
+        },
         log,
         stop,
     )
     .await
     .map_err(Failure::project)?;
+    let mut git_hash = git_hash;
+    let mut commit_message = commit_message;
+    if let Some(h) = &git_hash {
+        if !pipeline.prepare.get_git_hash {
+            log.line(&format!(
+                "prepare-build.get-git-hash is false: the described system then left \
+                 {{git_hash}} empty; AMS-Build always knows the commit it builds and records \
+                 {h} (see {})",
+                ams_core::compat::COMPAT_DOC
+            ));
+        } else if ran_in_master {
+            // get-git-hash: the commit master is at after its commands, as the described
+            // system read it; that is the source the build copies.
+            match git::head(&src, stop.token()).await {
+                Some(now) if now != *h => {
+                    log.line(&format!(
+                        "get-git-hash: master-dir-commands moved master from {h} to {now}; \
+                         building and recording {now}"
+                    ));
+                    commit_message = git::message(&src, &now, stop.token()).await;
+                    values.insert("git_hash", now.clone());
+                    git_hash = Some(now);
+                    seen.git_hash = git_hash.clone();
+                    seen.commit_message = commit_message.clone();
+                }
+                Some(_) => {}
+                None => log.line(
+                    "get-git-hash: cannot read master's commit after master-dir-commands; \
+                     recording the commit of the update",
+                ),
+            }
+        }
+    }
 
     // The build's own source: nothing it writes reaches master or another build.
     let started = Instant::now();
@@ -937,8 +1021,11 @@ async fn prepare(
         "build-dir-commands",
         &pipeline.prepare.build_dir_commands,
         &bd.source(),
-        &values,
-        private.trust_host_commands,
+        &HostRun {
+            values: &values,
+            trusted: private.trust_host_commands,
+            ssh: &ssh.build_commands,
+        },
         log,
         stop,
     )
@@ -1299,8 +1386,9 @@ pub async fn run_build(
 
     // One deadline covers preparation and stages.
     let timeout_secs = ctx.conf.build_timeout_secs;
+    let mut seen = Seen::default();
     let prepared = tokio::select! {
-        r = prepare(ctx, b, &mut log, stop) => Some(r),
+        r = prepare(ctx, b, &mut log, stop, &mut seen) => Some(r),
         _ = tokio::time::sleep(Duration::from_secs(timeout_secs)) => {
             stop.stop(StopReason::Timeout { secs: timeout_secs });
             None
@@ -1313,6 +1401,8 @@ pub async fn run_build(
     // Packing counts against the build's timeout too (the pipeline's own, once it is known).
     let mut deadline = started + Duration::from_secs(timeout_secs);
     let mut timeout_total = timeout_secs;
+    fin.git_hash = seen.git_hash;
+    fin.commit_message = seen.commit_message;
     let outcome = match prepared {
         None => {
             let (s, r) = stopped_outcome(stop).unwrap_or((BuildStatus::Fail, "stopped".into()));

@@ -133,6 +133,21 @@ pub fn startup_problems(data: &DataDir) -> Vec<String> {
         .collect()
 }
 
+/// Warnings to print at start: out-webhook templates written for the described system that
+/// would double an address here (`{base_web_address}/{output_log}`).
+pub fn startup_warnings(data: &DataDir) -> Vec<String> {
+    ams_host::project::list(data)
+        .into_iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(data.project(&p).config().join("webhooks.json"))
+                .unwrap_or_default();
+            ams_core::notify::doubled_links(&text)
+                .into_iter()
+                .map(move |w| format!("project {p}: {w}"))
+        })
+        .collect()
+}
+
 const QUOTES: &[&str] = &[
     "It works on my container.",
     "Green is my favourite colour.",
@@ -173,10 +188,21 @@ pub fn variables(conf: &WebConf, b: &BuildRecord) -> BTreeMap<&'static str, Stri
     m.insert("build_hash", b.hash.clone());
     m.insert("git_hash", b.git_hash.clone().unwrap_or_default());
     m.insert("7z_hash", b.archive_hash.clone().unwrap_or_default());
-    m.insert("trigger_method", b.trigger.clone());
+    // The described system's words (webhook, www_interface), as the API's trigger_method.
+    m.insert(
+        "trigger_method",
+        ams_core::names::Trigger::parse(&b.trigger)
+            .map(ams_core::compat::trigger_method)
+            .unwrap_or(&b.trigger)
+            .to_string(),
+    );
     m.insert("actor", b.created_by.clone());
     m.insert("created", timefmt::legacy(b.created_at));
     m.insert("status", b.status.to_string());
+    m.insert(
+        "legacy_status",
+        ams_core::compat::legacy_status(b.status).to_string(),
+    );
     m.insert("canceled_by", b.canceled_by.clone().unwrap_or_default());
     m.insert(
         "7z_link",

@@ -978,6 +978,23 @@ impl Store {
         builds_from_json(&text)
     }
 
+    /// The newest build of each branch of `project` (builds that named no branch count as one
+    /// branch), newest first, at most `limit`.
+    pub async fn latest_per_branch(&self, project: &str, limit: i64) -> Result<Vec<BuildRecord>> {
+        let inner =
+            "SELECT * FROM builds WHERE id IN (SELECT MAX(id) FROM builds WHERE project = ? \
+                     GROUP BY branch) ORDER BY id DESC LIMIT ?";
+        let sql = BUILDS_AS_JSON
+            .replace("%COLS%", BUILD_JSON_ARRAY)
+            .replace("%INNER%", inner);
+        let text = sqlx::query_scalar::<_, String>(&sql)
+            .bind(project)
+            .bind(limit)
+            .fetch_one(&self.pool)
+            .await?;
+        builds_from_json(&text)
+    }
+
     /// Each project's newest build: project → (build id, name, status), in one query.
     pub async fn latest_builds(&self) -> Result<HashMap<String, (i64, String, String)>> {
         let rows = sqlx::query(

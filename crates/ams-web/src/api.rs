@@ -417,6 +417,10 @@ pub struct BuildJson<'a> {
     output_log: String,
     project: &'a str,
     trigger: &'a str,
+    /// The described system's word for the trigger (`webhook`, `www_interface`).
+    trigger_method: &'a str,
+    /// The described system's word for the status (`warning`, `DEBUG-DUMMY-BUILD`).
+    legacy_status: &'static str,
     branch: Option<&'a str>,
     commit: Option<&'a str>,
     reason: Option<&'a str>,
@@ -451,6 +455,10 @@ impl<'a> From<&'a BuildRecord> for BuildJson<'a> {
             output_log: format!("output/{}/{}", b.project, b.name),
             project: &b.project,
             trigger: &b.trigger,
+            trigger_method: ams_core::names::Trigger::parse(&b.trigger)
+                .map(ams_core::compat::trigger_method)
+                .unwrap_or(&b.trigger),
+            legacy_status: ams_core::compat::legacy_status(b.status),
             branch: b.branch.as_deref(),
             commit: b.commit.as_deref(),
             reason: b.reason.as_deref(),
@@ -478,16 +486,24 @@ fn task_json(b: &BuildRecord) -> Value {
     })
 }
 
-/// Keeps the items whose fields equal the values of `pairs` (`field/value/field/value`).
+/// Keeps the items whose fields equal the values of `pairs` (`field/value/field/value`). A
+/// status may be given in either system's word (`warn` or `warning`).
 fn filter(items: Vec<Value>, pairs: &[&str]) -> Result<Vec<Value>, ApiError> {
     if !pairs.len().is_multiple_of(2) {
         return Err(ApiError::Bad("filters come in field/value pairs".into()));
     }
+    let same = |field: &str, have: &str, want: &str| {
+        have == want
+            || (matches!(field, "status" | "legacy_status")
+                && ams_core::compat::parse_status_word(have).is_some()
+                && ams_core::compat::parse_status_word(have)
+                    == ams_core::compat::parse_status_word(want))
+    };
     Ok(items
         .into_iter()
         .filter(|it| {
             pairs.chunks(2).all(|p| match it.get(p[0]) {
-                Some(Value::String(s)) => s == p[1],
+                Some(Value::String(s)) => same(p[0], s, p[1]),
                 Some(Value::Null) => p[1] == "null",
                 Some(Value::Number(n)) => n.to_string() == p[1],
                 Some(Value::Bool(b)) => b.to_string() == p[1],
@@ -496,6 +512,43 @@ fn filter(items: Vec<Value>, pairs: &[&str]) -> Result<Vec<Value>, ApiError> {
             })
         })
         .collect())
+}
+
+/// `?compat=python`: the described system's API shapes for the caller that asks, so its
+/// clients read what they read there: a filtered list that matches exactly one item is that
+/// item, and `status` holds its words (`warning`, `DEBUG-DUMMY-BUILD`). Without it our shapes
+/// stay as they are (a list is always a list). Any other value is 400.
+fn compat_python(q: &HashMap<String, String>) -> Result<bool, ApiError> {
+    match q.get("compat").map(String::as_str) {
+        None => Ok(false),
+        Some("python") => Ok(true),
+        Some(other) => Err(ApiError::Bad(format!(
+            "compat takes `python` (the described system's API shapes), not `{}`",
+            ams_core::error::clip(other, 64)
+        ))),
+    }
+}
+
+/// A filtered list as the caller asked: under `?compat=python` one match is the item itself,
+/// and builds carry the described system's status words.
+fn shaped(list: Vec<Value>, filtered: bool, python: bool) -> Value {
+    if !python {
+        return Value::Array(list);
+    }
+    let mut list: Vec<Value> = list
+        .into_iter()
+        .map(|mut v| {
+            if let Some(w) = v.get("legacy_status").cloned() {
+                v["status"] = w;
+            }
+            v
+        })
+        .collect();
+    if filtered && list.len() == 1 {
+        list.pop().unwrap_or(Value::Null)
+    } else {
+        Value::Array(list)
+    }
 }
 
 fn segments(rest: &str) -> Vec<&str> {
@@ -545,7 +598,9 @@ async fn tasks_filtered(
     State(st): State<ApiState>,
     c: Caller,
     Path(rest): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let python = compat_python(&q)?;
     let seg = segments(&rest);
     let (active, pending) = visible_tasks(&st, &c).await?;
     let list = match seg.first() {
@@ -553,7 +608,11 @@ async fn tasks_filtered(
         Some(&"queued") | Some(&"pending") => pending,
         _ => return Err(ApiError::NotFound),
     };
-    Ok(Json(Value::Array(filter(list, &seg[1..])?)))
+    Ok(Json(shaped(
+        filter(list, &seg[1..])?,
+        seg.len() > 1,
+        python,
+    )))
 }
 
 async fn projects(State(st): State<ApiState>, c: Caller) -> Json<Value> {
@@ -624,6 +683,13 @@ fn split_filters<'a>(pairs: &[&'a str]) -> Result<(ColumnFilters<'a>, Vec<&'a st
     let mut sql = Vec::new();
     let mut rest = Vec::new();
     for p in pairs.chunks(2) {
+        // A status in either system's word is the status column's word.
+        if matches!(p[0], "status" | "legacy_status") {
+            if let Some(st) = ams_core::compat::parse_status_word(p[1]) {
+                sql.push(("status", st.as_str()));
+                continue;
+            }
+        }
         match ams_store::BUILD_FILTER_COLUMNS
             .iter()
             .find(|(field, _)| *field == p[0])
@@ -752,11 +818,16 @@ async fn project(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     visible(&st, &c, &name)?;
+    let python = compat_python(&q)?;
+    let builds = match builds(&st, &name, &q, &[]).await? {
+        Value::Array(l) => shaped(l, false, python),
+        other => other,
+    };
     Ok(Json(json!({
         "name": name,
         "base_path": st.host.data.project(&name).root,
         "project_info": project_info(&st, &name).await?,
-        "builds": builds(&st, &name, &q, &[]).await?,
+        "builds": builds,
         "tasks": project_tasks(&st, &c, &name).await?,
     })))
 }
@@ -768,14 +839,21 @@ async fn project_part(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     visible(&st, &c, &name)?;
+    let python = compat_python(&q)?;
     let seg = segments(&rest);
     Ok(Json(match seg.first() {
         Some(&"project_info") if seg.len() == 1 => project_info(&st, &name).await?,
         Some(&"builds") | Some(&"build") => {
-            if let Some(r) = builds_direct(&st, &name, &q, &seg[1..]).await {
-                return r;
+            if !python {
+                if let Some(r) = builds_direct(&st, &name, &q, &seg[1..]).await {
+                    return r;
+                }
             }
-            builds(&st, &name, &q, &seg[1..]).await?
+            let list = builds(&st, &name, &q, &seg[1..]).await?;
+            match list {
+                Value::Array(l) => shaped(l, seg.len() > 1, python),
+                other => other,
+            }
         }
         Some(&"tasks") if seg.len() == 1 => project_tasks(&st, &c, &name).await?,
         Some(&"tasks") => {
@@ -785,10 +863,11 @@ async fn project_part(
                 Some(&"queued") | Some(&"pending") => t["pending"].clone(),
                 _ => return Err(ApiError::NotFound),
             };
-            Value::Array(filter(
-                list.as_array().cloned().unwrap_or_default(),
-                &seg[2..],
-            )?)
+            shaped(
+                filter(list.as_array().cloned().unwrap_or_default(), &seg[2..])?,
+                seg.len() > 2,
+                python,
+            )
         }
         _ => return Err(ApiError::NotFound),
     })

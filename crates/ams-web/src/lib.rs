@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pages;
 pub mod session;
 pub mod tls;
+pub mod view;
 pub mod webhook;
 
 use axum::http::{header, HeaderValue, Request, StatusCode};

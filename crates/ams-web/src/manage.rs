@@ -12,7 +12,7 @@
 
 use crate::api::ApiState;
 use crate::auth;
-use crate::pages::{self, back, form_viewer, html, not_found, refused, status_badge, Viewer};
+use crate::pages::{self, back, form_viewer, html, not_found, refused, Viewer};
 use crate::session::esc;
 use ams_core::access::{Action, Change, Grant, Level};
 use ams_host::timefmt;
@@ -43,7 +43,10 @@ pub fn router(state: ApiState, root: &str) -> Router {
             post(reset_password),
         )
         .route(&format!("/{root}/users/{{name}}/remove"), post(remove_user))
-        .route(&format!("/{root}/projects"), post(create_project))
+        .route(
+            &format!("/{root}/projects"),
+            get(pages::projects_page).post(create_project),
+        )
         .with_state(state)
 }
 
@@ -68,50 +71,30 @@ pub async fn note(
 }
 
 /// The message panel: the user's own messages, newest first, about projects they still see.
-pub async fn messages_html(st: &ApiState, v: &Viewer) -> String {
+/// The viewer's messages for the dashboard's panel, those about projects they may still see.
+pub async fn messages_view(st: &ApiState, v: &Viewer) -> Vec<crate::pages::MessageV> {
     let root = &st.conf.web_root;
-    let list = st
-        .host
+    st.host
         .store
         .messages_of(&v.user.name, MESSAGES_SHOWN)
         .await
-        .unwrap_or_default();
-    let mut s = String::from("<div class=\"panel\" id=\"messages\"><h2>Messages</h2>");
-    let shown: Vec<_> = list
-        .iter()
+        .unwrap_or_default()
+        .into_iter()
         .filter(|m| {
             m.project
                 .as_deref()
                 .is_none_or(|p| v.grant.may(Action::View, p))
         })
-        .collect();
-    if shown.is_empty() {
-        s.push_str("<p>No messages.</p></div>");
-        return s;
-    }
-    s.push_str("<ul class=\"messages\">");
-    for m in shown {
-        let text = match (&m.project, &m.build) {
-            (Some(p), Some(b)) => format!(
-                "<a href=\"/{root}/build/{}/{}\">{}</a>",
-                esc(p),
-                esc(b),
-                esc(&m.text)
-            ),
-            _ => esc(&m.text),
-        };
-        s.push_str(&format!(
-            "<li class=\"message\">{} <time>{}</time> {text}</li>",
-            status_badge(&m.kind),
-            esc(&timefmt::legacy(m.at)),
-        ));
-    }
-    s.push_str(&format!(
-        "</ul><form class=\"inline\" method=\"post\" action=\"/{root}/messages/clear\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\">Clear messages</button></form></div>",
-        esc(&v.csrf)
-    ));
-    s
+        .map(|m| crate::pages::MessageV {
+            link: match (&m.project, &m.build) {
+                (Some(p), Some(b)) => Some(format!("/{root}/build/{p}/{b}")),
+                _ => None,
+            },
+            kind: m.kind,
+            at: crate::view::Ts::at(m.at),
+            text: m.text,
+        })
+        .collect()
 }
 
 /// The form fields: `level:PROJECT` gives the level on a project (empty: not a member);
@@ -247,7 +230,7 @@ async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Resp
          revokes every API token.</p>",
         min = auth::MIN_PASSWORD
     ));
-    html(StatusCode::OK, "Account", root, &b)
+    html(StatusCode::OK, "Account", root, Some(v), &b)
 }
 
 /// Checks a new password's length and hashes it within the argon2 budget.
@@ -594,7 +577,7 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
              <button type=\"submit\" id=\"create-project\">Create</button></form>"
         ));
     }
-    html(StatusCode::OK, "Users", &root, &b)
+    html(StatusCode::OK, "Users", &root, Some(&v), &b)
 }
 
 /// Reads what the form asks for: `level:PROJECT` fields (empty: off the project; projects not
@@ -912,13 +895,19 @@ async fn create_project(
     let user = v.user.name.clone();
     let task = tokio::spawn(async move {
         let made = if git.is_empty() {
-            ams_host::project::init(&task_st.host.data, &name)
+            ams_host::project::init(&task_st.host.data, &name).map(|_| Vec::new())
         } else {
-            ams_host::project::add(&task_st.host.data, &name, &git, branch.as_deref()).await
+            ams_host::project::add(&task_st.host.data, &name, &git, branch.as_deref(), None)
+                .await
+                .map(|(_, pinned)| pinned)
         };
         match &made {
-            Ok(_) => {
-                let text = format!("Created the project {name}");
+            Ok(pinned) => {
+                let mut text = format!("Created the project {name}");
+                for l in pinned {
+                    tracing::info!("project {name}: {l}");
+                    text.push_str(&format!(". {l}"));
+                }
                 note(&task_st, &user, "ok", &text, None, None).await;
             }
             Err(e) => note(&task_st, &user, "error", e, None, None).await,

@@ -6,6 +6,7 @@
 use crate::api::ApiState;
 use crate::manage::note;
 use crate::session::{self, esc, secrets_equal};
+use crate::view::{self, Chrome};
 use ams_core::access::{Action, Grant};
 use ams_host::host::BuildRequest;
 use ams_host::timefmt;
@@ -34,6 +35,9 @@ pub fn router(state: ApiState, root: &str) -> Router {
         .route(&format!("/{root}/events"), get(events))
         .route(&format!("/{root}/static/app.js"), get(js))
         .route(&format!("/{root}/static/app.css"), get(css))
+        .route(&format!("/{root}/static/favicon/{{name}}"), get(favicon))
+        .route("/", get(to_dashboard))
+        .route(&format!("/{root}"), get(to_dashboard))
         .route(
             &format!("/{root}/build/{{project}}/{{name}}"),
             get(build_page),
@@ -67,6 +71,7 @@ pub fn router(state: ApiState, root: &str) -> Router {
             post(trigger_form),
         )
         .route(&format!("/{root}/admin/{{project}}"), get(admin_page))
+        .route(&format!("/{root}/project/{{project}}"), get(project_page))
         .route(
             &format!("/{root}/admin/{{project}}/replay/{{id}}"),
             post(replay_form),
@@ -80,6 +85,27 @@ pub fn router(state: ApiState, root: &str) -> Router {
             post(secret_remove_form),
         )
         .with_state(state)
+}
+
+/// `/` and `/{web_root}` lead to the dashboard (which leads to the login page when needed).
+async fn to_dashboard(State(st): State<ApiState>) -> Response {
+    back(format!("/{}/", st.conf.web_root))
+}
+
+/// A status favicon (`pass.svg`, `fail.svg`, …), for the build page and its live updates.
+async fn favicon(Path(name): Path<String>) -> Response {
+    match name.strip_suffix(".svg").and_then(view::favicon_svg) {
+        Some(svg) => (
+            [
+                ("content-type", "image/svg+xml"),
+                ("cache-control", "public, max-age=86400"),
+                ("x-content-type-options", "nosniff"),
+            ],
+            svg,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn js() -> Response {
@@ -104,26 +130,21 @@ async fn css() -> Response {
         .into_response()
 }
 
-pub(crate) fn html(status: StatusCode, title: &str, root: &str, body: &str) -> Response {
-    let doc = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width\"><title>{} · AMS-Build</title>\
-         <link rel=\"stylesheet\" href=\"/{root}/static/app.css\">\
-         <script src=\"/{root}/static/app.js\" defer></script></head><body>{body}</body></html>",
-        esc(title)
-    );
-    (
+/// A page whose body was built (and escaped) by the caller, in the frame with the top bar.
+pub(crate) fn html(
+    status: StatusCode,
+    title: &str,
+    root: &str,
+    v: Option<&Viewer>,
+    body: &str,
+) -> Response {
+    view::render(
         status,
-        [
-            ("content-type", "text/html; charset=utf-8"),
-            ("content-security-policy", CSP),
-            ("x-content-type-options", "nosniff"),
-            ("referrer-policy", "same-origin"),
-            ("cache-control", "no-store"),
-        ],
-        doc,
+        &view::PageT {
+            chrome: Chrome::new(root, title, v),
+            body,
+        },
     )
-        .into_response()
 }
 
 pub(crate) fn fragment(body: String) -> Response {
@@ -157,48 +178,6 @@ pub(crate) fn to_login(root: &str, back: &str) -> Response {
         None => format!("/{root}/login"),
     };
     (StatusCode::SEE_OTHER, [("location", target)]).into_response()
-}
-
-/// ANSI colour codes to spans (classes only); every other escape sequence is dropped.
-pub fn ansi_to_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 64);
-    let mut open = false;
-    let mut rest = text;
-    while let Some(i) = rest.find('\u{1b}') {
-        out.push_str(&esc_links(&rest[..i]));
-        rest = &rest[i + 1..];
-        if let Some(r) = rest.strip_prefix('[') {
-            let end = r.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(r.len());
-            let (params, tail) = r.split_at(end);
-            let cmd = tail.chars().next();
-            rest = tail.get(1..).unwrap_or("");
-            if cmd == Some('m') {
-                if open {
-                    out.push_str("</span>");
-                    open = false;
-                }
-                let classes: Vec<String> = params
-                    .split(';')
-                    .filter_map(|p| p.parse::<u32>().ok())
-                    .filter_map(|c| match c {
-                        1 => Some("b".to_string()),
-                        30..=37 => Some(format!("c{}", c - 30)),
-                        90..=97 => Some(format!("c{}", c - 90)),
-                        _ => None,
-                    })
-                    .collect();
-                if !classes.is_empty() {
-                    out.push_str(&format!("<span class=\"{}\">", classes.join(" ")));
-                    open = true;
-                }
-            }
-        }
-    }
-    out.push_str(&esc_links(rest));
-    if open {
-        out.push_str("</span>");
-    }
-    out
 }
 
 /// Escapes text and makes its http(s) URLs links; no other scheme ever becomes a link.
@@ -238,19 +217,6 @@ pub fn esc_links(text: &str) -> String {
     }
 }
 
-/// A commit message's first line, cut to 60 characters; the start of the message (300
-/// characters, to keep the dashboard small) is the tooltip.
-fn commit_line(m: Option<&str>) -> String {
-    let Some(m) = m else {
-        return String::new();
-    };
-    let first = m.lines().next().unwrap_or("");
-    let short: String = first.chars().take(60).collect();
-    let more = if short.len() < first.len() { "…" } else { "" };
-    let tip: String = m.chars().take(300).collect();
-    format!("<span title=\"{}\">{}{more}</span>", esc(&tip), esc(&short))
-}
-
 /// Bytes for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -265,14 +231,6 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
-}
-
-pub(crate) fn status_badge(s: &str) -> String {
-    format!(
-        "<span class=\"status {0}\">{1}</span>",
-        esc(s),
-        esc(&s.to_uppercase())
-    )
 }
 
 /// Builds per page of the dashboard's Builds panel.
@@ -294,50 +252,185 @@ const DASHBOARD_TASKS: usize = 50;
 /// tasks; the projects (each with its latest status and, for those who may, the build form);
 /// and the builds of one project, paged. The size stays bounded however many projects and
 /// builds there are.
-async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
-    let root = &st.conf.web_root;
-    let snap = st.host.snapshot().await.unwrap_or_default();
-    let mut s = String::new();
-    if st.host.engine.borrow().up == Some(false) {
-        s.push_str(
-            "<p class=\"engine-down\" role=\"alert\">The Docker engine is not answering: \
-             builds that need it wait for it.</p>",
-        );
+pub struct PanelsV {
+    pub root: String,
+    pub csrf: String,
+    pub engine_down: bool,
+    pub messages: Vec<MessageV>,
+    pub tasks: Vec<TaskListV>,
+    pub projects: Vec<ProjectRowV>,
+    pub selected: Option<BuildListV>,
+}
+
+pub struct MessageV {
+    pub kind: String,
+    pub at: view::Ts,
+    pub text: String,
+    pub link: Option<String>,
+}
+
+pub struct TaskListV {
+    pub title: &'static str,
+    pub rows: Vec<TaskV>,
+    pub more: usize,
+}
+
+pub struct TaskV {
+    pub project: String,
+    pub name: String,
+    pub index: i64,
+    pub by: String,
+    pub at: view::Ts,
+}
+
+pub struct ProjectRowV {
+    pub name: String,
+    pub query: String,
+    /// The latest build's name and status.
+    pub latest: Option<(String, String)>,
+    pub disk: String,
+    pub can_operate: bool,
+    pub can_admin: bool,
+    pub selected: bool,
+}
+
+/// A page of one project's builds (the dashboard's Builds panel, the project page's list).
+pub struct BuildListV {
+    pub root: String,
+    pub project: String,
+    pub query: String,
+    pub builds: Vec<BuildRowV>,
+    pub newer: Option<i64>,
+    pub older: Option<i64>,
+}
+
+pub struct BuildRowV {
+    pub project: String,
+    pub trigger: String,
+    pub name: String,
+    pub index: i64,
+    pub status: String,
+    pub by: String,
+    pub at: view::Ts,
+    pub duration: Option<String>,
+    pub branch: String,
+    pub git: String,
+    pub git_short: String,
+    pub commit_line: String,
+    pub commit_tip: String,
+    pub archive: bool,
+    pub deleted: bool,
+    pub hash: String,
+    /// `failed/total` of its test reports.
+    pub tests: Option<String>,
+}
+
+impl BuildRowV {
+    pub fn of(b: &BuildRecord) -> BuildRowV {
+        let first = b
+            .commit_message
+            .as_deref()
+            .and_then(|m| m.lines().next())
+            .unwrap_or("");
+        let short: String = first.chars().take(60).collect();
+        let more = if short.len() < first.len() { "…" } else { "" };
+        let git = b.git_hash.clone().unwrap_or_default();
+        BuildRowV {
+            project: b.project.clone(),
+            trigger: b.trigger.clone(),
+            name: b.name.clone(),
+            index: b.build_index,
+            status: b.status.as_str().to_string(),
+            by: b.created_by.clone(),
+            at: view::Ts::at(b.created_at),
+            duration: match (b.started_at, b.finished_at) {
+                (Some(s), Some(f)) if f >= s => Some(human_secs(f - s)),
+                _ => None,
+            },
+            branch: b.branch.clone().unwrap_or_default(),
+            git_short: git.chars().take(10).collect(),
+            git,
+            commit_line: format!("{short}{more}"),
+            commit_tip: b
+                .commit_message
+                .as_deref()
+                .map(|m| m.chars().take(300).collect())
+                .unwrap_or_default(),
+            archive: b.archive_name.is_some(),
+            deleted: b.output_deleted_at.is_some(),
+            hash: b.archive_hash.clone().unwrap_or_default(),
+            tests: b
+                .tests
+                .as_ref()
+                .map(|t| format!("{}/{} tests failed", t.failing(), t.tests)),
+        }
     }
-    s.push_str(&crate::manage::messages_html(st, v).await);
-    s.push_str("<div class=\"columns\"><div class=\"tasks\">");
-    for (title, list) in [
+}
+
+/// A duration for people: `0.4 s`, `12 s`, `3 min 05 s`, `2 h 04 min`.
+pub fn human_secs(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else if s < 60.0 {
+        format!("{s:.0} s")
+    } else if s < 3600.0 {
+        format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+#[derive(askama::Template)]
+#[template(path = "panels_fragment.html")]
+struct PanelsT {
+    p: PanelsV,
+}
+
+#[derive(askama::Template)]
+#[template(path = "dashboard.html")]
+struct DashboardT {
+    chrome: Chrome,
+    name: String,
+    level: String,
+    src: String,
+    p: PanelsV,
+}
+
+async fn panels_view(st: &ApiState, v: &Viewer, q: &DashQuery) -> PanelsV {
+    let root = st.conf.web_root.clone();
+    let snap = st.host.snapshot().await.unwrap_or_default();
+    let messages = crate::manage::messages_view(st, v).await;
+    let tasks = [
         ("Active tasks", &snap.active),
         ("Queued tasks", &snap.pending),
-    ] {
-        s.push_str(&format!("<div class=\"panel\"><h2>{title}</h2><table><tr><th>Task</th><th>Project</th><th>Created by</th><th>Created at</th></tr>"));
-        let mut shown = 0;
-        let mut more = 0;
-        for b in list
+    ]
+    .into_iter()
+    .map(|(title, list)| {
+        let visible: Vec<&BuildRecord> = list
             .iter()
             .filter(|b| v.grant.may(Action::View, &b.project))
-        {
-            // The page stays small however long the queue is.
-            if shown == DASHBOARD_TASKS {
-                more += 1;
-                continue;
-            }
-            shown += 1;
-            s.push_str(&format!(
-                "<tr><td><a href=\"/{root}/build/{p}/{n}\">{n}</a></td><td>{p}</td><td>{by}</td><td>{at}</td></tr>",
-                p = esc(&b.project),
-                n = esc(&b.name),
-                by = esc(&b.created_by),
-                at = esc(&timefmt::legacy(b.created_at))
-            ));
+            .collect();
+        TaskListV {
+            title,
+            more: visible.len().saturating_sub(DASHBOARD_TASKS),
+            rows: visible
+                .into_iter()
+                .take(DASHBOARD_TASKS)
+                .map(|b| TaskV {
+                    project: b.project.clone(),
+                    name: b.name.clone(),
+                    index: b.build_index,
+                    by: b.created_by.clone(),
+                    at: view::Ts::at(b.created_at),
+                })
+                .collect(),
         }
-        s.push_str("</table>");
-        if more > 0 {
-            s.push_str(&format!("<p>and {more} more</p>"));
-        }
-        s.push_str("</div>");
-    }
-    s.push_str("</div><div class=\"projects\">");
+    })
+    .collect();
     let projects: Vec<String> = ams_host::project::list(&st.host.data)
         .into_iter()
         .filter(|p| v.grant.may(Action::View, p))
@@ -356,103 +449,109 @@ async fn panels_html(st: &ApiState, v: &Viewer, q: &DashQuery) -> String {
                 .map(|(_, p)| p.clone())
         })
         .or_else(|| projects.first().cloned());
-    s.push_str("<div class=\"panel\"><h2>Projects</h2><table><tr><th>Project</th><th>Latest build</th><th>Disk</th><th></th></tr>");
-    for p in &projects {
-        let pe = esc(p);
-        let last = match latest.get(p) {
-            Some((_, name, status)) => format!(
-                "<a href=\"/{root}/build/{pe}/{}\">{}</a>",
-                esc(name),
-                status_badge(status)
-            ),
-            None => "no builds yet".to_string(),
-        };
-        let mut actions = String::new();
-        if v.grant.may(Action::Operate, p) {
-            actions.push_str(&format!(
-                "<form class=\"inline\" method=\"post\" action=\"/{root}/projects/{pe}/build\">\
-                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                 <input name=\"branch\" placeholder=\"branch\" size=\"10\">\
-                 <input name=\"commit\" placeholder=\"commit\" size=\"10\">\
-                 <input name=\"params\" placeholder=\"NAME=value …\" size=\"14\">\
-                 <button type=\"submit\" id=\"trigger-{pe}\">Build</button></form>",
-                csrf = esc(&v.csrf)
-            ));
-        }
-        if v.grant.may(Action::SeeDeliveries, p) {
-            actions.push_str(&format!(
-                " <a href=\"/{root}/admin/{pe}\">Administration</a>"
-            ));
-        }
-        let mark = if selected.as_deref() == Some(p.as_str()) {
-            " class=\"selected\""
-        } else {
-            ""
-        };
-        let disk = st
-            .host
-            .metrics
-            .disk_of(p)
-            .map(human_bytes)
-            .unwrap_or_else(|| "…".to_string());
-        s.push_str(&format!(
-            "<tr{mark}><td><a href=\"/{root}/?project={}\">{pe}</a></td><td>{last}</td>\
-             <td class=\"disk\" title=\"the project's folder in the data directory\">{disk}</td><td>{actions}</td></tr>",
-            query_value(p)
-        ));
+    let rows = projects
+        .iter()
+        .map(|p| ProjectRowV {
+            name: p.clone(),
+            query: query_value(p),
+            latest: latest.get(p).map(|(_, n, s)| (n.clone(), s.clone())),
+            disk: st
+                .host
+                .metrics
+                .disk_of(p)
+                .map(human_bytes)
+                .unwrap_or_else(|| "…".to_string()),
+            can_operate: v.grant.may(Action::Operate, p),
+            can_admin: v.grant.may(Action::SeeDeliveries, p),
+            selected: selected.as_deref() == Some(p.as_str()),
+        })
+        .collect();
+    let selected = match selected {
+        Some(p) => Some(build_list(st, &p, q.page.unwrap_or(1), None).await),
+        None => None,
+    };
+    PanelsV {
+        root,
+        csrf: v.csrf.clone(),
+        engine_down: st.host.engine.borrow().up == Some(false),
+        messages,
+        tasks,
+        projects: rows,
+        selected,
     }
-    s.push_str("</table></div>");
-    if let Some(p) = &selected {
-        let pe = esc(p);
-        let page = q.page.unwrap_or(1).max(1);
-        // One more than shown tells whether an older page exists.
-        let mut builds = st
+}
+
+/// A page of a project's builds, [`DASH_BUILDS`] to a page, newest first; with `filter`, only
+/// those it keeps.
+pub async fn build_list(
+    st: &ApiState,
+    project: &str,
+    page: i64,
+    filter: Option<&BuildFilter>,
+) -> BuildListV {
+    let page = page.max(1);
+    // One more than shown tells whether an older page exists.
+    let mut builds = match filter {
+        None => st
             .host
             .store
-            .builds_of(p, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
+            .builds_of(project, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
             .await
-            .unwrap_or_default();
-        let older = builds.len() as i64 > DASH_BUILDS;
-        builds.truncate(DASH_BUILDS as usize);
-        s.push_str(&format!("<div class=\"panel builds\" id=\"builds\"><h2>Builds of {pe}</h2><table><tr><th>Build</th><th>Status</th><th>Created by</th><th>Created at</th><th>Branch</th><th>Git hash</th><th>Commit</th><th>Log</th><th>7z</th><th>Hash</th></tr>"));
-        for b in &builds {
-            let n = esc(&b.name);
-            s.push_str(&format!(
-                "<tr><td><a href=\"/{root}/build/{pe}/{n}\">{n}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                 <td><a href=\"/{root}/output/{pe}/{n}\">output</a></td><td>{}</td><td>{}</td></tr>",
-                status_badge(b.status.as_str()),
-                esc(&b.created_by),
-                esc(&timefmt::legacy(b.created_at)),
-                esc(b.branch.as_deref().unwrap_or("")),
-                esc(b.git_hash.as_deref().map(|h| &h[..h.len().min(12)]).unwrap_or("")),
-                commit_line(b.commit_message.as_deref()),
-                if b.archive_name.is_some() {
-                    format!("<a href=\"/{root}/dl/{pe}/{n}\">7z</a>")
-                } else if b.output_deleted_at.is_some() {
-                    "deleted".to_string()
-                } else {
-                    String::new()
-                },
-                esc(b.archive_hash.as_deref().unwrap_or(""))
-            ));
+            .unwrap_or_default(),
+        Some(f) => {
+            let sql = f.sql();
+            let pairs: Vec<(&str, &str)> = sql.iter().map(|(c, v)| (*c, v.as_str())).collect();
+            st.host
+                .store
+                .builds_where(project, &pairs, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
+                .await
+                .unwrap_or_default()
         }
-        s.push_str("</table><p class=\"pager\">");
-        let link = |n: i64, label: &str| {
-            format!(
-                "<a href=\"/{root}/?project={}&amp;page={n}\">{label}</a> ",
-                query_value(p)
-            )
-        };
-        if page > 1 {
-            s.push_str(&link(page - 1, "← newer"));
-        }
-        if older {
-            s.push_str(&link(page + 1, "older →"));
-        }
-        s.push_str("</p></div>");
+    };
+    let older = builds.len() as i64 > DASH_BUILDS;
+    builds.truncate(DASH_BUILDS as usize);
+    BuildListV {
+        root: st.conf.web_root.clone(),
+        project: project.to_string(),
+        query: query_value(project),
+        builds: builds.iter().map(BuildRowV::of).collect(),
+        newer: (page > 1).then_some(page - 1),
+        older: older.then_some(page + 1),
     }
-    s.push_str("</div></div>");
-    s
+}
+
+/// The project page's build filters.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct BuildFilter {
+    pub branch: Option<String>,
+    pub status: Option<String>,
+    pub actor: Option<String>,
+    pub page: Option<i64>,
+}
+
+impl BuildFilter {
+    fn clean(v: &Option<String>) -> Option<&str> {
+        v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
+
+    /// The filters as the store's column filters.
+    pub fn sql(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(b) = Self::clean(&self.branch) {
+            out.push(("branch", b.to_string()));
+        }
+        if let Some(s) = Self::clean(&self.status) {
+            out.push(("status", s.to_ascii_lowercase()));
+        }
+        if let Some(a) = Self::clean(&self.actor) {
+            out.push(("created_by", a.to_string()));
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sql().is_empty()
+    }
 }
 
 /// A value for a URL query, percent-encoded (and then safe inside an HTML attribute).
@@ -486,11 +585,11 @@ async fn dashboard(
             .into_response();
     }
     // The levels per project, or the highest when there are many (the Account page lists all).
-    let level = esc(&if v.grant.projects.len() <= 3 {
+    let level = if v.grant.projects.len() <= 3 {
         v.grant.describe()
     } else {
         format!("up to {}", v.grant.top().name())
-    });
+    };
     // The live refresh asks for the same view.
     let mut src = format!("/{root}/panels");
     if let Some(p) = &q.project {
@@ -500,23 +599,14 @@ async fn dashboard(
             q.page.unwrap_or(1).max(1)
         ));
     }
-    let body = format!(
-        "<header><h1>AMS-Build</h1><p>Signed in as <strong>{}</strong> ({level}) · \
-         <a href=\"/{root}/account\">Account</a>{users} \
-         <form class=\"inline\" method=\"post\" action=\"/{root}/logout\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\">Log out</button></form></p></header>\
-         <main id=\"panels\" data-src=\"{}\" data-events=\"/{root}/events\">{}</main>",
-        esc(&v.user.name),
-        esc(&v.csrf),
-        esc(&src),
-        panels_html(&st, &v, &q).await,
-        users = if v.grant.manages_users() {
-            format!(" · <a href=\"/{root}/users\">Users</a>")
-        } else {
-            String::new()
-        },
-    );
-    html(StatusCode::OK, "Dashboard", &root, &body)
+    let t = DashboardT {
+        chrome: Chrome::new(&root, "Dashboard", Some(&v)).section("dashboard"),
+        name: v.user.name.clone(),
+        level,
+        src,
+        p: panels_view(&st, &v, &q).await,
+    };
+    view::render(StatusCode::OK, &t)
 }
 
 async fn panels(
@@ -525,7 +615,9 @@ async fn panels(
     Query(q): Query<DashQuery>,
 ) -> Response {
     match viewer(&st, &headers).await {
-        Some(v) => fragment(panels_html(&st, &v, &q).await),
+        Some(v) => view::render_fragment(&PanelsT {
+            p: panels_view(&st, &v, &q).await,
+        }),
         None => StatusCode::UNAUTHORIZED.into_response(),
     }
 }
@@ -628,25 +720,133 @@ async fn find(st: &ApiState, v: &Viewer, project: &str, name: &str) -> Option<Bu
         .flatten()
 }
 
-fn stages_html(b: &BuildRecord) -> String {
-    let mut s = String::from("<table><tr><th>Stage</th><th>Result</th><th>Exit code</th><th>Started</th><th>Duration</th></tr>");
-    for st in &b.stages {
-        s.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2} s</td></tr>",
-            esc(&st.name),
-            status_badge(if st.passed { "pass" } else { "fail" }),
-            st.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-            esc(&timefmt::iso(st.started_at)),
-            st.duration_secs
-        ));
+/// The part of the build page that changes as the build goes: its buttons, archive link,
+/// reason, stages, tests and files.
+pub struct LiveV {
+    pub root: String,
+    pub project: String,
+    pub name: String,
+    pub status: String,
+    pub final_: bool,
+    pub deleted: bool,
+    pub can_operate: bool,
+    pub csrf: String,
+    pub archive: bool,
+    pub hash: String,
+    pub hash_kind: String,
+    pub reason: Option<String>,
+    pub stages: Vec<StageV>,
+    pub tests: Option<ams_core::junit::TestReport>,
+    pub tests_time: String,
+    pub files: Option<FilesV>,
+}
+
+pub struct StageV {
+    pub name: String,
+    pub result: &'static str,
+    pub exit: String,
+    pub started: view::Ts,
+    pub duration: String,
+}
+
+pub struct FilesV {
+    pub count: usize,
+    pub rows: Vec<FileV>,
+    pub hidden: usize,
+}
+
+pub struct FileV {
+    pub path: String,
+    pub size: u64,
+    pub link: Option<String>,
+}
+
+/// The most archive entries the build page lists (the API lists them all).
+const FILES_SHOWN: usize = 500;
+
+async fn live_view(st: &ApiState, v: &Viewer, b: &BuildRecord) -> LiveV {
+    let tests = match b.tests {
+        Some(_) => st.host.store.test_report(b.id).await.ok().flatten(),
+        None => None,
+    };
+    let files = crate::api::archive_files(st, b)
+        .await
+        .ok()
+        .flatten()
+        .map(|list| {
+            let shown: Vec<&ams_archive::ArchivedFile> =
+                list.iter().filter(|f| f.kind != "dir").collect();
+            FilesV {
+                count: list.iter().filter(|f| f.kind == "file").count(),
+                hidden: shown.len().saturating_sub(FILES_SHOWN),
+                rows: shown
+                    .into_iter()
+                    .take(FILES_SHOWN)
+                    .map(|f| FileV {
+                        path: f.path.clone(),
+                        size: f.size,
+                        link: (f.kind == "file")
+                            .then(|| crate::api::file_link(&b.project, &b.name, &f.path)),
+                    })
+                    .collect(),
+            }
+        });
+    LiveV {
+        root: st.conf.web_root.clone(),
+        project: b.project.clone(),
+        name: b.name.clone(),
+        status: b.status.as_str().to_string(),
+        final_: b.status.is_final(),
+        deleted: b.output_deleted_at.is_some(),
+        can_operate: v.grant.may(Action::Operate, &b.project),
+        csrf: v.csrf.clone(),
+        archive: b.archive_name.is_some() && b.output_deleted_at.is_none(),
+        hash: b.archive_hash.clone().unwrap_or_default(),
+        hash_kind: b.archive_hash_kind.clone().unwrap_or_default(),
+        reason: b.reason.clone(),
+        stages: b
+            .stages
+            .iter()
+            .map(|s| StageV {
+                name: s.name.clone(),
+                result: if s.passed { "pass" } else { "fail" },
+                exit: s
+                    .exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                started: view::Ts::at(s.started_at),
+                duration: human_secs(s.duration_secs),
+            })
+            .collect(),
+        tests_time: tests
+            .as_ref()
+            .map(|t| human_secs(t.totals.time_secs))
+            .unwrap_or_default(),
+        tests,
+        files,
     }
-    s.push_str("</table>");
-    if let Some(r) = &b.reason {
-        s.push_str(&format!("<p>{}</p>", esc(r)));
-    }
-    s
+}
+
+#[derive(askama::Template)]
+#[template(path = "build_live.html")]
+struct LiveT {
+    live: LiveV,
+}
+
+#[derive(askama::Template)]
+#[template(path = "build.html")]
+struct BuildT {
+    chrome: Chrome,
+    b: BuildRowV,
+    started: Option<view::Ts>,
+    params: Vec<(String, String)>,
+    commit_html: Option<String>,
+    live: LiveV,
+    from: u64,
+    hidden_kib: u64,
+    first_line: u64,
+    stream: Option<String>,
+    log_html: String,
 }
 
 async fn build_page(
@@ -667,165 +867,121 @@ async fn build_page(
         .map(|m| m.len())
         .unwrap_or(0);
     let (from, text) = read_chunk(&bd.log(), len, len.saturating_sub(TAIL)).await;
-    let (p, n) = (esc(&b.project), esc(&b.name));
-    let mut body = format!(
-        "<p><a href=\"/{root}/\">Dashboard</a></p><h1>{n}</h1>\
-         <p>Status <span id=\"status\" class=\"status {st}\">{stu}</span> · project {p} · by {by} · {trig} · branch {branch} · git {git}</p>{msg}",
-        st = esc(b.status.as_str()),
-        stu = esc(&b.status.as_str().to_uppercase()),
-        by = esc(&b.created_by),
-        trig = esc(&b.trigger),
-        branch = esc(b.branch.as_deref().unwrap_or("-")),
-        git = esc(b.git_hash.as_deref().unwrap_or("-")),
-        msg = b
-            .commit_message
-            .as_deref()
-            .map(|m| format!("<pre class=\"commit\">{}</pre>", esc_links(m)))
-            .unwrap_or_default(),
-    );
-    if v.grant.may(Action::Operate, &b.project) {
-        let csrf = esc(&v.csrf);
-        if !b.status.is_final() {
-            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/cancel\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"cancel\">Cancel</button></form>"));
-        } else {
-            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/rebuild\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"rebuild\">Rebuild</button></form> "));
-            body.push_str(&format!("<form class=\"inline\" method=\"post\" action=\"/{root}/build/{p}/{n}/delete-output\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Delete output</button></form>"));
-        }
-    }
-    if b.tests.is_some() {
-        if let Ok(Some(report)) = st.host.store.test_report(b.id).await {
-            body.push_str(&tests_html(&report));
-        }
-    }
-    if let Ok(Some(files)) = crate::api::archive_files(&st, &b).await {
-        body.push_str(&files_html(&root, &b, &files));
-    }
-    body.push_str(&format!(
-        "<h2>Stages</h2><div id=\"stages\" data-src=\"/{root}/build/{p}/{n}/stages\">{}</div>\
-         <h2>Log</h2><p><a href=\"/{root}/output/{p}/{n}\" download>Download the whole log</a>{}\
-         {} <label><input type=\"checkbox\" id=\"follow\" checked> follow</label></p>\
-         <p id=\"trimmed\" hidden>Earlier lines left the page to keep it light; the download has them all.</p>",
-        stages_html(&b),
-        if from > 0 {
-            format!(
-                " · <button type=\"button\" id=\"load-more\" data-src=\"/{root}/build/{p}/{n}/log\" \
-                 data-before=\"{from}\">Load earlier lines</button> ({} KiB not shown)",
-                from.div_ceil(1024)
-            )
-        } else {
-            String::new()
-        },
-        if b.archive_name.is_some() {
-            format!(" · <a id=\"archive\" href=\"/{root}/dl/{p}/{n}\">7z</a>")
-        } else {
-            String::new()
-        },
-    ));
-    let stream = if b.status.is_final() {
-        String::new()
-    } else {
-        format!(" data-stream=\"/{root}/build/{p}/{n}/stream?from={len}\"")
+    let first_line = count_lines(&bd.log(), from).await + 1;
+    let t = BuildT {
+        chrome: Chrome::new(&root, format!("{} #{}", b.project, b.build_index), Some(&v))
+            .icon_for(b.status.as_str()),
+        b: BuildRowV::of(&b),
+        started: b.started_at.map(view::Ts::at),
+        params: b
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        commit_html: b.commit_message.as_deref().map(esc_links),
+        live: live_view(&st, &v, &b).await,
+        from,
+        hidden_kib: from.div_ceil(1024),
+        first_line,
+        stream: (!b.status.is_final())
+            .then(|| format!("/{root}/build/{}/{}/stream?from={len}", b.project, b.name)),
+        log_html: log_lines_html(&String::from_utf8_lossy(&text), first_line),
     };
-    body.push_str(&format!(
-        "<pre id=\"log\"{stream}>{}</pre>",
-        ansi_to_html(&String::from_utf8_lossy(&text))
-    ));
-    html(StatusCode::OK, &b.name, &root, &body)
+    view::render(StatusCode::OK, &t)
 }
 
-/// The build page's test section: totals, then the failed tests first with their messages.
-fn tests_html(r: &ams_core::junit::TestReport) -> String {
-    let t = &r.totals;
-    let mut h = format!(
-        "<h2 id=\"tests\">Tests</h2><p class=\"tests-totals\"><strong>{} tests</strong> · \
-         <span class=\"status pass\">{} passed</span> · <span class=\"status fail\">{} failed</span> · \
-         <span class=\"status error\">{} errors</span> · {} skipped · {:.2} s · {} report file(s)</p>",
-        t.tests, t.passed, t.failed, t.errors, t.skipped, t.time_secs, t.files
-    );
-    if t.files == 0 && r.unreadable.is_empty() {
-        h.push_str("<p>No file in the output matched the pipeline's <code>test-reports</code> patterns.</p>");
+/// The number of lines that end before byte `upto` of the log (its `\n` bytes).
+async fn count_lines(path: &std::path::Path, upto: u64) -> u64 {
+    use tokio::io::AsyncReadExt;
+    if upto == 0 {
+        return 0;
     }
-    if !r.failures.is_empty() {
-        h.push_str("<h3>Failed tests</h3><ol class=\"failed-tests\">");
-        for f in &r.failures {
-            let who = match &f.class {
-                Some(c) if !c.is_empty() => format!("{}.{}", c, f.name),
-                _ => f.name.clone(),
-            };
-            h.push_str(&format!(
-                "<li><details><summary><span class=\"status {kind}\">{kindu}</span> <code>{who}</code> \
-                 <small>{file}{suite}</small></summary><pre>{msg}</pre></details></li>",
-                kind = if f.kind == "error" { "error" } else { "fail" },
-                kindu = esc(&f.kind.to_uppercase()),
-                who = esc(&who),
-                file = esc(&f.file),
-                suite = if f.suite.is_empty() {
-                    String::new()
-                } else {
-                    format!(" · {}", esc(&f.suite))
-                },
-                msg = esc(&f.message),
-            ));
+    let Ok(f) = tokio::fs::File::open(path).await else {
+        return 0;
+    };
+    let mut r = f.take(upto);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    while let Ok(k) = r.read(&mut buf).await {
+        if k == 0 {
+            break;
         }
-        h.push_str("</ol>");
-        if r.failures_truncated {
-            h.push_str(&format!(
-                "<p>Only the first {} failed tests are listed.</p>",
-                r.failures.len()
-            ));
-        }
+        n += buf[..k].iter().filter(|&&c| c == b'\n').count() as u64;
     }
-    if !r.unreadable.is_empty() {
-        h.push_str("<h3>Report files not read</h3><ul>");
-        for u in &r.unreadable {
-            h.push_str(&format!(
-                "<li><code>{}</code>: {}</li>",
-                esc(&u.file),
-                esc(&u.reason)
-            ));
-        }
-        h.push_str("</ul>");
-    }
-    h
+    n
 }
 
-/// The most archive entries the build page lists (the API lists them all).
-const FILES_SHOWN: usize = 500;
-
-/// The build page's list of the archive's files, each file a link that downloads it alone.
-fn files_html(root: &str, b: &BuildRecord, files: &[ams_archive::ArchivedFile]) -> String {
-    let n_files = files.iter().filter(|f| f.kind == "file").count();
-    let mut h = format!(
-        "<h2 id=\"files\">Files</h2><details{}><summary>{} files in the archive</summary>\
-         <table class=\"files\"><thead><tr><th>Path</th><th>Size</th></tr></thead><tbody>",
-        if n_files <= 30 { " open" } else { "" },
-        n_files
-    );
-    for f in files.iter().filter(|f| f.kind != "dir").take(FILES_SHOWN) {
-        let cell = if f.kind == "file" {
-            format!(
-                "<a href=\"/{root}/{}\" download>{}</a>",
-                esc(&crate::api::file_link(&b.project, &b.name, &f.path)),
-                esc(&f.path)
-            )
-        } else {
-            format!("{} <small>(link)</small>", esc(&f.path))
+/// A log as numbered lines, `first` the number of its first line: each line a `span.line`
+/// with an anchor (`#L120`) and its ANSI colours as classes (carried across lines). The text
+/// of the lines, newlines included, is the log's text exactly.
+pub fn log_lines_html(text: &str, first: u64) -> String {
+    let mut out = String::with_capacity(text.len() * 2 + 64);
+    let mut classes: Vec<String> = Vec::new();
+    let mut n = first;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (line, tail) = match rest.find('\n') {
+            Some(i) => (&rest[..=i], &rest[i + 1..]),
+            None => (rest, ""),
         };
-        h.push_str(&format!(
-            "<tr><td class=\"path\">{cell}</td><td class=\"num\">{}</td></tr>",
-            f.size
+        let amsline = line.starts_with("[amsbuild] ");
+        // Bare: the page's script adds the number links (`#L120` works without it).
+        out.push_str(&format!(
+            "<span class=\"line{}\" id=\"L{n}\">",
+            if amsline { " amsline" } else { "" }
         ));
+        out.push_str(&ansi_line(line, &mut classes));
+        out.push_str("</span>");
+        n += 1;
+        rest = tail;
     }
-    h.push_str("</tbody></table>");
-    let listed = files.iter().filter(|f| f.kind != "dir").count();
-    if listed > FILES_SHOWN {
-        h.push_str(&format!(
-            "<p>{FILES_SHOWN} of {listed} entries shown; <code>GET api/builds/{}/files</code> lists them all.</p>",
-            esc(&b.name)
-        ));
+    out
+}
+
+/// One line with ANSI colour codes as spans of classes; `classes` carries the colours on to
+/// the next line. Every other escape sequence is dropped.
+fn ansi_line(line: &str, classes: &mut Vec<String>) -> String {
+    let open = |c: &[String]| {
+        if c.is_empty() {
+            String::new()
+        } else {
+            format!("<span class=\"{}\">", c.join(" "))
+        }
+    };
+    let mut out = open(classes);
+    let mut rest = line;
+    while let Some(i) = rest.find('\u{1b}') {
+        out.push_str(&esc_links(&rest[..i]));
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(r.len());
+            let (params, tail) = r.split_at(end);
+            let cmd = tail.chars().next();
+            rest = tail.get(1..).unwrap_or("");
+            if cmd == Some('m') {
+                if !classes.is_empty() {
+                    out.push_str("</span>");
+                }
+                for c in params.split(';').map(|p| p.parse::<u32>().unwrap_or(0)) {
+                    match c {
+                        0 => classes.clear(),
+                        1 => classes.push("b".into()),
+                        30..=37 | 90..=97 => {
+                            classes.retain(|k| k == "b");
+                            classes.push(format!("c{}", c % 10));
+                        }
+                        _ => {}
+                    }
+                }
+                out.push_str(&open(classes));
+            }
+        }
     }
-    h.push_str("</details>");
-    h
+    out.push_str(&esc_links(rest));
+    if !classes.is_empty() {
+        out.push_str("</span>");
+    }
+    out
 }
 
 /// Reads the log bytes `[start, end)`, moving `start` forward to the beginning of a line when it
@@ -859,7 +1015,8 @@ async fn read_chunk(path: &std::path::Path, end: u64, start: u64) -> (u64, Vec<u
 }
 
 /// An earlier part of a log, for "load earlier lines": up to [`TAIL`] bytes of whole lines
-/// ending before byte `before`, as text; `x-log-start` says where it begins (0: the first line).
+/// ending before byte `before`, as text; `x-log-start` says where it begins (0: the first line)
+/// and `x-log-first-line` the number of its first line.
 async fn log_chunk(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -889,12 +1046,14 @@ async fn log_chunk(
             .into_response();
     };
     let (start, bytes) = read_chunk(&path, before, before.saturating_sub(TAIL)).await;
+    let first_line = count_lines(&path, start).await + 1;
     (
         [
             ("content-type", "text/plain; charset=utf-8".to_string()),
             ("x-content-type-options", "nosniff".to_string()),
             ("cache-control", "no-store".to_string()),
             ("x-log-start", start.to_string()),
+            ("x-log-first-line", first_line.to_string()),
         ],
         String::from_utf8_lossy(&bytes).into_owned(),
     )
@@ -910,7 +1069,9 @@ async fn stages_fragment(
         return StatusCode::UNAUTHORIZED.into_response();
     };
     match find(&st, &v, &project, &name).await {
-        Some(b) => fragment(stages_html(&b)),
+        Some(b) => view::render_fragment(&LiveT {
+            live: live_view(&st, &v, &b).await,
+        }),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -1009,11 +1170,14 @@ pub(crate) fn back(to: String) -> Response {
 }
 
 pub(crate) fn not_found(root: &str) -> Response {
-    html(
+    view::render(
         StatusCode::NOT_FOUND,
-        "Not found",
-        root,
-        "<h1>Not found</h1><p>There is nothing here, or you may not see it.</p>",
+        &view::MessageT {
+            chrome: Chrome::new(root, "Not found", None),
+            heading: "Not found",
+            message: "There is nothing here, or you may not see it.",
+            class: "muted",
+        },
     )
 }
 
@@ -1024,14 +1188,14 @@ pub(crate) fn host_status(e: &ams_host::error::HostError) -> StatusCode {
 }
 
 pub(crate) fn refused(root: &str, status: StatusCode, why: &str) -> Response {
-    html(
+    view::render(
         status,
-        "Refused",
-        root,
-        &format!(
-            "<h1>Refused</h1><p class=\"error\">{}</p><p><a href=\"/{root}/\">Dashboard</a></p>",
-            esc(why)
-        ),
+        &view::MessageT {
+            chrome: Chrome::new(root, "Refused", None),
+            heading: "Refused",
+            message: why,
+            class: "error",
+        },
     )
 }
 
@@ -1483,6 +1647,7 @@ async fn admin_page(
         StatusCode::OK,
         &format!("{project} administration"),
         &root,
+        Some(&v),
         &body,
     )
 }
@@ -1572,13 +1737,400 @@ mod tests {
 
     #[test]
     fn ansi_becomes_classes_and_markup_is_escaped() {
+        let mut c = Vec::new();
         assert_eq!(
-            ansi_to_html("\u{1b}[1;31mred <b>\u{1b}[0m plain & \u{1b}[2Kgone"),
+            ansi_line("\u{1b}[1;31mred <b>\u{1b}[0m plain & \u{1b}[2Kgone", &mut c),
             "<span class=\"b c1\">red &lt;b&gt;</span> plain &amp; gone"
         );
         assert_eq!(
-            ansi_to_html("<script>alert(1)</script>"),
+            ansi_line("<script>alert(1)</script>", &mut c),
             "&lt;script&gt;alert(1)&lt;/script&gt;"
         );
+        // Colours carry on to the next line, and each line is its own numbered element whose
+        // text is the log's text exactly.
+        let html = log_lines_html("\u{1b}[32mgreen\nstill\u{1b}[0m\n[amsbuild] x", 7);
+        assert_eq!(
+            html,
+            "<span class=\"line\" id=\"L7\"><span class=\"c2\">green\n</span></span>\
+             <span class=\"line\" id=\"L8\"><span class=\"c2\">still</span>\n</span>\
+             <span class=\"line amsline\" id=\"L9\">[amsbuild] x</span>"
+        );
     }
+
+    #[test]
+    fn the_history_chart_has_one_bar_per_finished_build() {
+        assert!(history_chart(&[]).bars.is_empty());
+    }
+}
+
+/// The project page's data.
+pub struct ProjectV {
+    pub name: String,
+    pub csrf: String,
+    pub can_operate: bool,
+    pub can_admin: bool,
+    pub latest_status: Option<String>,
+    pub sample: usize,
+    pub pass_rate: String,
+    pub median: String,
+    pub total: i64,
+    pub disk: String,
+    pub chart: ChartV,
+    pub branches: Vec<BranchV>,
+    pub schedules: Vec<ScheduleV>,
+    pub schedules_error: Option<String>,
+    pub webhooks: Vec<WebhookV>,
+    pub webhooks_error: Option<String>,
+    pub list: BuildListV,
+    pub f_branch: String,
+    pub f_actor: String,
+    pub statuses: Vec<StatusOptV>,
+    pub filtered: bool,
+    /// The filters as a query prefix for the pager (`branch=x&`).
+    pub filter_query: String,
+}
+
+pub struct StatusOptV {
+    pub value: &'static str,
+    pub label: &'static str,
+    pub selected: bool,
+}
+
+pub struct BranchV {
+    pub branch: String,
+    pub name: String,
+    pub index: i64,
+    pub status: String,
+    pub at: view::Ts,
+}
+
+pub struct ScheduleV {
+    pub cron: String,
+    pub branch: Option<String>,
+    pub next: Option<view::Ts>,
+    pub error: Option<String>,
+}
+
+pub struct WebhookV {
+    pub name: String,
+    pub branch: Option<String>,
+    pub auth: String,
+}
+
+/// The history chart: one bar per finished build, oldest left, its height the duration.
+pub struct ChartV {
+    pub width: u32,
+    pub height: u32,
+    pub base: u32,
+    pub bar_w: String,
+    pub bars: Vec<BarV>,
+    pub max_label: String,
+    pub desc: String,
+}
+
+pub struct BarV {
+    pub name: String,
+    pub index: i64,
+    pub status: String,
+    pub class: &'static str,
+    pub x: String,
+    pub y: String,
+    pub h: String,
+    pub label: String,
+}
+
+/// The builds the chart and the pass rate look at.
+const HISTORY: i64 = 100;
+
+/// The chart of `builds` (newest first, as the store lists them).
+pub fn history_chart(builds: &[BuildRecord]) -> ChartV {
+    let (width, height, base) = (800u32, 160u32, 150u32);
+    let done: Vec<&BuildRecord> = builds
+        .iter()
+        .rev()
+        .filter(|b| b.status.is_final())
+        .collect();
+    let dur = |b: &BuildRecord| match (b.started_at, b.finished_at) {
+        (Some(s), Some(f)) if f >= s => f - s,
+        _ => 0.0,
+    };
+    let max = done.iter().map(|b| dur(b)).fold(0.0f64, f64::max);
+    let slot = width as f64 / HISTORY as f64;
+    let bar_w = slot * 0.8;
+    let usable = (base - 10) as f64;
+    let (mut passed, mut failed) = (0, 0);
+    let bars = done
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = dur(b);
+            let h = if max > 0.0 {
+                (d / max * usable).max(2.0)
+            } else {
+                2.0
+            };
+            let status = b.status.as_str();
+            let class = match status {
+                "pass" | "dummy" => {
+                    passed += 1;
+                    "pass"
+                }
+                "fail" => {
+                    failed += 1;
+                    "fail"
+                }
+                "warn" => "warn",
+                "error" => "error",
+                _ => "other",
+            };
+            BarV {
+                name: b.name.clone(),
+                index: b.build_index,
+                status: status.to_string(),
+                class,
+                x: format!("{:.1}", i as f64 * slot + (slot - bar_w) / 2.0),
+                y: format!("{:.1}", base as f64 - h),
+                h: format!("{h:.1}"),
+                label: human_secs(d),
+            }
+        })
+        .collect::<Vec<_>>();
+    ChartV {
+        width,
+        height,
+        base,
+        bar_w: format!("{bar_w:.1}"),
+        desc: format!(
+            "{} builds: {passed} passed, {failed} failed; the longest took {}",
+            bars.len(),
+            human_secs(max)
+        ),
+        bars,
+        max_label: human_secs(max),
+    }
+}
+
+#[derive(askama::Template)]
+#[template(path = "project.html")]
+struct ProjectT {
+    chrome: Chrome,
+    pr: ProjectV,
+}
+
+/// `/{web_root}/project/{name}`: latest status per branch, the history chart and pass rate,
+/// schedules and webhooks (never a secret), disk use, and the builds with filters and pages.
+async fn project_page(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    Query(f): Query<BuildFilter>,
+) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, &format!("project/{project}"));
+    };
+    if !v.grant.may(Action::View, &project) || !ams_host::project::exists(&st.host.data, &project) {
+        return not_found(&root);
+    }
+    let recent = st
+        .host
+        .store
+        .builds_of(&project, HISTORY, 0)
+        .await
+        .unwrap_or_default();
+    let finished: Vec<&BuildRecord> = recent
+        .iter()
+        .filter(|b| b.status.is_final() && !matches!(b.status.as_str(), "skip" | "cancel"))
+        .collect();
+    let passed = finished
+        .iter()
+        .filter(|b| matches!(b.status.as_str(), "pass" | "dummy"))
+        .count();
+    let mut durations: Vec<f64> = finished
+        .iter()
+        .filter_map(|b| Some(b.finished_at? - b.started_at?))
+        .collect();
+    durations.sort_by(|a, b| a.total_cmp(b));
+    let branches = st
+        .host
+        .store
+        .latest_per_branch(&project, 20)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|b| BranchV {
+            branch: b.branch.clone().unwrap_or_default(),
+            name: b.name.clone(),
+            index: b.build_index,
+            status: b.status.as_str().to_string(),
+            at: view::Ts::at(b.created_at),
+        })
+        .collect();
+    let (schedules, schedules_error) = match ams_host::schedule::overview(&st.host, &project).await
+    {
+        Ok(list) => (
+            list.into_iter()
+                .map(|s| ScheduleV {
+                    cron: s.cron,
+                    branch: s.branch,
+                    next: s.next.map(|t| view::Ts::at(t as f64)),
+                    error: s.error,
+                })
+                .collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let data = st.host.data.clone();
+    let name = project.clone();
+    let hooks = tokio::task::spawn_blocking(move || {
+        ams_host::project::webhooks(&data.project(&name)).map(|(c, _)| c.in_webhooks)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let (webhooks, webhooks_error) = match hooks {
+        Ok(list) => (
+            list.into_iter()
+                .map(|w| WebhookV {
+                    auth: match (&w.secret, w.allow_unsigned) {
+                        (Some(_), _) => "signature (HMAC-SHA256)".to_string(),
+                        (None, true) => "no signature (allow_unsigned)".to_string(),
+                        (None, false) => "no secret set: deliveries are refused".to_string(),
+                    } + &format!(", {} actor(s)", w.authorized_actors.len()),
+                    name: w.name,
+                    branch: w.branch,
+                })
+                .collect(),
+            None,
+        ),
+        Err(e) if e.ends_with(ams_host::project::NO_WEBHOOKS) => {
+            (Vec::new(), Some("No webhooks.json.".to_string()))
+        }
+        Err(_) => (
+            Vec::new(),
+            Some("webhooks.json cannot be read; see the host's log.".to_string()),
+        ),
+    };
+    let status_now = f
+        .status
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let statuses = [
+        ("", "any"),
+        ("pass", "pass"),
+        ("fail", "fail"),
+        ("warn", "warn"),
+        ("error", "error"),
+        ("running", "running"),
+        ("pending", "pending"),
+        ("cancel", "cancel"),
+        ("skip", "skip"),
+        ("dummy", "dummy"),
+    ]
+    .into_iter()
+    .map(|(value, label)| StatusOptV {
+        value,
+        label,
+        selected: value == status_now,
+    })
+    .collect();
+    let filter_query: String = f
+        .sql()
+        .iter()
+        .map(|(k, val)| {
+            let key = if *k == "created_by" { "actor" } else { k };
+            format!("{key}={}&amp;", query_value(val))
+        })
+        .collect();
+    let list = build_list(
+        &st,
+        &project,
+        f.page.unwrap_or(1),
+        (!f.is_empty()).then_some(&f),
+    )
+    .await;
+    let pr = ProjectV {
+        csrf: v.csrf.clone(),
+        can_operate: v.grant.may(Action::Operate, &project),
+        can_admin: v.grant.may(Action::SeeDeliveries, &project),
+        latest_status: recent.first().map(|b| b.status.as_str().to_string()),
+        sample: finished.len(),
+        pass_rate: if finished.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0} %", passed as f64 * 100.0 / finished.len() as f64)
+        },
+        median: durations
+            .get(durations.len() / 2)
+            .map(|d| human_secs(*d))
+            .unwrap_or_else(|| "–".to_string()),
+        total: recent.first().map(|b| b.build_index).unwrap_or(0),
+        disk: st
+            .host
+            .metrics
+            .disk_of(&project)
+            .map(human_bytes)
+            .unwrap_or_else(|| "…".to_string()),
+        chart: history_chart(&recent),
+        branches,
+        schedules,
+        schedules_error,
+        webhooks,
+        webhooks_error,
+        list,
+        f_branch: f.branch.clone().unwrap_or_default(),
+        f_actor: f.actor.clone().unwrap_or_default(),
+        statuses,
+        filtered: !f.is_empty(),
+        filter_query,
+        name: project.clone(),
+    };
+    let t = ProjectT {
+        chrome: Chrome::new(&root, project.as_str(), Some(&v)).section("projects"),
+        pr,
+    };
+    view::render(StatusCode::OK, &t)
+}
+
+pub struct ProjectListRowV {
+    pub name: String,
+    pub latest: Option<(String, String)>,
+    pub disk: String,
+}
+
+#[derive(askama::Template)]
+#[template(path = "projects.html")]
+struct ProjectsT {
+    chrome: Chrome,
+    rows: Vec<ProjectListRowV>,
+}
+
+/// `/{web_root}/projects`: the projects the viewer may see, each with its latest status.
+pub async fn projects_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, "projects");
+    };
+    let latest = st.host.store.latest_builds().await.unwrap_or_default();
+    let rows = ams_host::project::list(&st.host.data)
+        .into_iter()
+        .filter(|p| v.grant.may(Action::View, p))
+        .map(|p| ProjectListRowV {
+            latest: latest.get(&p).map(|(_, n, s)| (n.clone(), s.clone())),
+            disk: st
+                .host
+                .metrics
+                .disk_of(&p)
+                .map(human_bytes)
+                .unwrap_or_else(|| "…".to_string()),
+            name: p,
+        })
+        .collect();
+    let t = ProjectsT {
+        chrome: Chrome::new(&root, "Projects", Some(&v)).section("projects"),
+        rows,
+    };
+    view::render(StatusCode::OK, &t)
 }

@@ -214,53 +214,22 @@ pub fn safe_redirect(target: &str) -> Option<&str> {
     ok.then_some(target)
 }
 
-/// Escapes text for HTML.
+/// Escapes text for HTML (the one rule: the templates' escaper is the same function).
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
+    let _ = crate::view::escape_into(&mut out, s);
     out
 }
 
-pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
-                       frame-ancestors 'none'; base-uri 'none'";
-
-pub fn page(status: StatusCode, title: &str, body: &str) -> Response {
-    let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · AMS-Build</title>\
-         </head><body>{body}</body></html>",
-        esc(title)
-    );
-    (
+/// The login page (its own answers: an error message, the redirect target kept).
+fn login_form(root: &str, status: StatusCode, redirect: &str, message: &str) -> Response {
+    crate::view::render(
         status,
-        [
-            ("content-type", "text/html; charset=utf-8"),
-            ("content-security-policy", CSP),
-            ("x-content-type-options", "nosniff"),
-            ("referrer-policy", "same-origin"),
-        ],
-        html,
-    )
-        .into_response()
-}
-
-fn login_form(root: &str, redirect: &str, message: &str) -> String {
-    format!(
-        "<h1>AMS-Build</h1>{}<form method=\"post\" action=\"/{root}/login\">\
-         <input type=\"hidden\" name=\"page_redirect\" value=\"{}\">\
-         <label>User <input name=\"username\" autocomplete=\"username\" required></label>\
-         <label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
-         <button type=\"submit\">Log in</button></form>",
-        if message.is_empty() { String::new() } else { format!("<p role=\"alert\">{}</p>", esc(message)) },
-        esc(redirect)
+        &crate::view::LoginT {
+            chrome: crate::view::Chrome::new(root, "Log in", None),
+            redirect,
+            message,
+        },
     )
 }
 
@@ -272,11 +241,7 @@ pub async fn login_page(
         .get("page_redirect")
         .and_then(|r| safe_redirect(r))
         .unwrap_or("");
-    page(
-        StatusCode::OK,
-        "Log in",
-        &login_form(&st.conf.web_root, redirect, ""),
-    )
+    login_form(&st.conf.web_root, StatusCode::OK, redirect, "")
 }
 
 const GENERIC: &str = "wrong user name or password";
@@ -289,11 +254,7 @@ pub async fn login(
 ) -> Response {
     let root = st.conf.web_root.clone();
     if !same_origin(&headers, st.conf.use_ssl) {
-        return page(
-            StatusCode::FORBIDDEN,
-            "Log in",
-            &login_form(&root, "", "cross-site login refused"),
-        );
+        return login_form(&root, StatusCode::FORBIDDEN, "", "cross-site login refused");
     }
     let ip = client_ip(addr);
     let user = f
@@ -307,10 +268,11 @@ pub async fn login(
         .unwrap_or("")
         .to_string();
     let Some(attempt) = st.guard.reserve(&user, &ip) else {
-        return page(
+        return login_form(
+            &root,
             StatusCode::TOO_MANY_REQUESTS,
-            "Log in",
-            &login_form(&root, &redirect, "too many failed logins; try again later"),
+            &redirect,
+            "too many failed logins; try again later",
         );
     };
     let record = st.host.store.user(&user).await.ok().flatten();
@@ -322,11 +284,7 @@ pub async fn login(
     let allowed = record.as_ref().is_some_and(|u| u.grant.can_log_in());
     let Some(u) = record.filter(|_| good && allowed) else {
         drop(attempt);
-        return page(
-            StatusCode::UNAUTHORIZED,
-            "Log in",
-            &login_form(&root, &redirect, GENERIC),
-        );
+        return login_form(&root, StatusCode::UNAUTHORIZED, &redirect, GENERIC);
     };
     attempt.succeeded();
     // A fresh id at every login; an old session of this browser ends.
@@ -350,14 +308,11 @@ pub async fn login(
     match made {
         Ok(true) => {}
         Ok(false) => {
-            return page(
+            return login_form(
+                &root,
                 StatusCode::UNAUTHORIZED,
-                "Log in",
-                &login_form(
-                    &root,
-                    &redirect,
-                    "the password changed meanwhile; log in again",
-                ),
+                &redirect,
+                "the password changed meanwhile; log in again",
             );
         }
         Err(e) => {
@@ -374,7 +329,7 @@ pub async fn login(
                     "cannot log in now: internal error".to_string(),
                 )
             };
-            return page(code, "Log in", &login_form(&root, &redirect, &why));
+            return login_form(&root, code, &redirect, &why);
         }
     }
     let secure = if st.conf.use_ssl { "; Secure" } else { "" };
@@ -421,10 +376,10 @@ pub async fn logout(
     if let Some((_, csrf)) = live {
         let sent = f.get("csrf").map(String::as_str).unwrap_or("");
         if !secrets_equal(sent, &csrf) || !same_origin(&headers, st.conf.use_ssl) {
-            return page(
+            return crate::pages::refused(
+                &st.conf.web_root,
                 StatusCode::FORBIDDEN,
-                "Log out",
-                "<p>missing or wrong CSRF token</p>",
+                "missing or wrong CSRF token",
             );
         }
         let _ = st.host.store.end_session(&hash).await;

@@ -451,7 +451,8 @@ async fn receive(
     }
 }
 
-/// Warnings to print at start: webhooks that accept unsigned deliveries, broken configs.
+/// Warnings to print at start: webhooks that accept unsigned deliveries, broken configs, a
+/// webhook_fields.json that is not strict JSON (read as the described system's docs wrote it).
 pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
     let mut out = Vec::new();
     for project in ams_host::project::list(&host.data) {
@@ -468,12 +469,21 @@ pub fn startup_warnings(host: &HostHandle) -> Vec<String> {
                 {
                     out.push(format!(
                         "project {project}: webhook `{}` accepts unsigned deliveries (allow-unsigned); \
-                         anyone who can reach the webhook port can start its builds",
-                        w.name
+                         anyone who can reach the webhook port can start its builds (see {})",
+                        w.name,
+                        ams_core::compat::COMPAT_DOC
                     ));
                 }
             }
             Err(e) => out.push(format!("project {project}: {e}")),
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(WebhookFields::FILE)) {
+            match WebhookFields::parse_with_notes(&text) {
+                Ok((_, notes)) => {
+                    out.extend(notes.into_iter().map(|n| format!("project {project}: {n}")))
+                }
+                Err(e) => out.push(format!("project {project}: {e}")),
+            }
         }
     }
     out

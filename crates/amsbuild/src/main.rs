@@ -68,7 +68,7 @@ enum Cmd {
     /// Run the host: the build queue, workers, the web interface, webhooks and the local
     /// control socket.
     Serve,
-    /// Create and list projects.
+    /// Create and list projects, and show or reset their pinned SSH host keys.
     #[command(subcommand)]
     Project(ProjectCmd),
     /// Manage the users of the web interface and API.
@@ -260,6 +260,13 @@ enum UserCmd {
         /// The user to remove.
         name: String,
     },
+    /// Import the users of the described (Python) system's users.json: names, levels and
+    /// projects. Their passwords cannot be carried over, so each is created locked until
+    /// `amsbuild user passwd NAME` sets one. A name already here refuses the whole file.
+    Import {
+        /// The users.json file (the described system kept it in CI-Host/data/).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -320,15 +327,39 @@ enum SecretCmd {
 #[derive(Subcommand, Debug)]
 enum ProjectCmd {
     /// Create a project and clone its source.
+    ///
+    /// For an SSH remote, the server's host key is pinned in the project's own
+    /// master/config/known_hosts on first use (the fingerprint is printed); see `project
+    /// ssh-hostkey`.
     Add {
         /// The project's name: no `/`, `\`, `..` or spaces, not starting with `.` or `-`.
         name: String,
-        /// The git URL to clone (https, http, ssh, git or file).
+        /// The git URL to clone (https, http, ssh, git or file), e.g.
+        /// ssh://git@example.com/team/repo.git.
         #[arg(long)]
         git: String,
         /// The branch to check out (default: the remote's default branch).
         #[arg(long)]
         branch: Option<String>,
+        /// A private SSH key (without a passphrase) for the remote: copied into the project's
+        /// master/config/ under its file name (mode 0600) and named by "ssh-key" in
+        /// pipeline-config.json before the clone, which uses it, as every later git operation
+        /// and trusted host command does.
+        #[arg(long, value_name = "FILE")]
+        ssh_key: Option<std::path::PathBuf>,
+    },
+    /// Show (or --reset) the SSH host key pinned for a project's remote.
+    ///
+    /// The keys are in the project's master/config/known_hosts, shown as host, key type and
+    /// SHA256 fingerprint. A server whose key differs from the pinned one is refused; after a
+    /// deliberate change of the server's key, reset, and the next connection pins the new key
+    /// (its fingerprint shows in the build log and the host's log).
+    SshHostkey {
+        /// The project.
+        name: String,
+        /// Forget the pinned keys: the next connection pins the server's key again.
+        #[arg(long)]
+        reset: bool,
     },
     /// Create a blank project skeleton with an example pipeline.json.
     Init {
@@ -353,6 +384,15 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that never panics: a closed standard error (`amsbuild log B 2>&- | head`) loses
+/// the message instead of ending the command with a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Parses `-p NAME=VALUE`.
 fn param_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -372,6 +412,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // A closed standard error loses the line; never a panic in the fallback report.
+        .log_internal_errors(false)
         // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -382,14 +424,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("amsbuild: cannot start the runtime: {e}");
+            errln!("amsbuild: cannot start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("amsbuild: {e:#}");
+            errln!("amsbuild: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -419,13 +461,28 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Project(ProjectCmd::Add { name, git, branch }) => {
-            let p = project::add(&data, &name, &git, branch.as_deref())
-                .await
-                .map_err(|e| anyhow!(e))?;
+        Cmd::Project(ProjectCmd::Add {
+            name,
+            git,
+            branch,
+            ssh_key,
+        }) => {
+            let (p, pinned) =
+                project::add(&data, &name, &git, branch.as_deref(), ssh_key.as_deref())
+                    .await
+                    .map_err(|e| anyhow!(e))?;
+            for l in pinned {
+                outln!("{l}");
+            }
             outln!("created project {name} at {}", p.root.display());
             if !p.master_source().join("pipeline.json").exists() {
                 outln!("note: the repository has no pipeline.json at its root yet; builds fail until it has one");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Project(ProjectCmd::SshHostkey { name, reset }) => {
+            for l in project::ssh_hostkey(&data, &name, reset).map_err(|e| anyhow!(e))? {
+                outln!("{l}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -454,7 +511,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await
             .map_err(|e| anyhow!(e))?;
             let name = v["build"]["name"].as_str().unwrap_or_default().to_string();
-            eprintln!("queued build {name}");
+            errln!("queued build {name}");
             if !wait {
                 outln!("{name}");
                 return Ok(ExitCode::SUCCESS);
@@ -485,7 +542,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&builds)?);
             } else {
                 if builds.is_empty() {
-                    eprintln!("project {project} has no builds yet");
+                    errln!("project {project} has no builds yet");
                 }
                 for b in builds {
                     print_build(&b);
@@ -509,7 +566,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has no webhook deliveries yet");
+                    errln!("project {project} has no webhook deliveries yet");
                 }
                 for d in list {
                     let s = |k: &str| d[k].as_str().unwrap_or("-").to_string();
@@ -558,7 +615,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 if list.is_empty() {
-                    eprintln!("project {project} has sent no notifications yet");
+                    errln!("project {project} has sent no notifications yet");
                 }
                 for n in list {
                     let s = |k: &str| n[k].as_str().unwrap_or("-").to_string();
@@ -886,12 +943,16 @@ async fn follow(sock: &Path, build: &BuildRef) -> Result<ExitCode> {
     use std::io::Write;
     let (name, status) = control::follow_log(sock, build, &mut |t| {
         let mut o = std::io::stdout().lock();
-        let _ = o.write_all(t.as_bytes());
-        let _ = o.flush();
+        if let Err(e) = o.write_all(t.as_bytes()).and_then(|()| o.flush()) {
+            // The reader went away (`amsbuild log B | head`): stop following, quietly.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
     })
     .await
     .map_err(|e| anyhow!(e))?;
-    eprintln!("build {name}: {}", status.to_uppercase());
+    errln!("build {name}: {}", status.to_uppercase());
     Ok(if status == "pass" {
         ExitCode::SUCCESS
     } else {
@@ -1079,7 +1140,18 @@ async fn users(data: &DataDir, cmd: UserCmd) -> Result<ExitCode> {
         }
         UserCmd::List => {
             for u in store.users().await? {
-                outln!("{:<24} {}", u.name, u.grant.describe());
+                let locked = if u.password_hash.starts_with(LOCKED_PREFIX) {
+                    "  (locked: no password yet; set one with `amsbuild user passwd`)"
+                } else {
+                    ""
+                };
+                outln!("{:<24} {}{locked}", u.name, u.grant.describe());
+            }
+        }
+        UserCmd::Import { file } => {
+            let imported = import_users(&store, &file).await?;
+            for line in imported {
+                outln!("{line}");
             }
         }
         UserCmd::Set {
@@ -1131,7 +1203,7 @@ async fn tokens(data: &DataDir, cmd: TokenCmd) -> Result<ExitCode> {
                 )
                 .await?
                 .ok_or_else(|| anyhow!("no user named `{user}`"))?;
-            eprintln!("token {id} for {user}; it is shown only now:");
+            errln!("token {id} for {user}; it is shown only now:");
             outln!("{token}");
         }
         TokenCmd::List { user } => {
@@ -1222,6 +1294,90 @@ async fn secrets(data: &DataDir, cmd: SecretCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a locked account's password hash begins: no password verifies against it (it is no
+/// argon2 hash), and `user list` shows the account as locked.
+const LOCKED_PREFIX: &str = "!locked";
+
+/// Imports the described system's users.json (locked accounts, see `UserCmd::Import`) and
+/// returns the lines to print: each user, its levels, and how to unlock it. A user named
+/// `admin` that is the described system's test account (a USER without projects) is left out
+/// when this host's `admin` is to be made; any name already here refuses the whole file.
+async fn import_users(store: &ams_store::Store, file: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let users = ams_core::compat::parse_users_json(&text).map_err(|mut e| {
+        e.file = file.display().to_string();
+        anyhow!(
+            "{e}\nfix the file and start again, or move it away to start without its users (see {})",
+            ams_core::compat::COMPAT_DOC
+        )
+    })?;
+    let existing = store.users().await?;
+    let first = existing.is_empty();
+    let mut lines = Vec::new();
+    let mut to_create = Vec::new();
+    for u in users {
+        if let Some(o) = existing
+            .iter()
+            .find(|o| o.name.eq_ignore_ascii_case(&u.name))
+        {
+            anyhow::bail!(
+                "{}: user `{}` exists here already (as `{}`); remove it from the file, or \
+                 remove the user here first (`amsbuild user remove {}`), then import again",
+                file.display(),
+                u.name,
+                o.name,
+                o.name
+            );
+        }
+        let test_account = !u.grant.server_admin
+            && u.grant.projects.is_empty()
+            && u.name.eq_ignore_ascii_case("admin");
+        if first && test_account {
+            lines.push(format!(
+                "users.json: `{}` (the described system's test account, no projects) is not \
+                 imported: `admin` is this host's SERVER ADMIN",
+                u.name
+            ));
+            continue;
+        }
+        to_create.push(u);
+    }
+    let now = timefmt::now();
+    for u in &to_create {
+        store
+            .create_user(&ams_store::User {
+                name: u.name.clone(),
+                password_hash: format!(
+                    "{LOCKED_PREFIX}: imported from users.json; no password is set"
+                ),
+                grant: u.grant.clone(),
+                created_at: now,
+                password_changed_at: now,
+            })
+            .await?;
+        let notes = if u.notes.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", u.notes.join("; "))
+        };
+        lines.push(format!(
+            "imported user {} ({}){notes}: locked until a password is set with \
+             `amsbuild user passwd {}` (the described system's passwords cannot be carried over)",
+            u.name,
+            u.grant.describe(),
+            u.name
+        ));
+    }
+    lines.push(format!(
+        "imported {} user(s) from {}; see {}",
+        to_create.len(),
+        file.display(),
+        ams_core::compat::COMPAT_DOC
+    ));
+    Ok(lines)
+}
+
 /// Loads web_conf.json, writing the defaults on first start.
 fn load_conf(data: &DataDir) -> Result<WebConf> {
     let path = data.web_conf();
@@ -1275,6 +1431,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     for p in ams_notify::startup_problems(&data) {
         tracing::error!("{p}");
     }
+    for w in ams_notify::startup_warnings(&data) {
+        tracing::warn!("{w}");
+    }
     let (host, handle) = Host::start(
         HostConfig {
             data: data.clone(),
@@ -1287,13 +1446,47 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     )
     .await
     .context("cannot start the host")?;
-    if handle.store.user_count().await.unwrap_or(1) == 0 {
+    let users_json = data.root().join(ams_core::compat::USERS_FILE);
+    let first_start = handle.store.user_count().await.unwrap_or(1) == 0;
+    if first_start && users_json.exists() {
+        // The described system's users, imported once, before the first admin is made.
+        let lines = import_users(&handle.store, &users_json).await?;
+        let done = data
+            .root()
+            .join(format!("{}.imported", ams_core::compat::USERS_FILE));
+        std::fs::rename(&users_json, &done).with_context(|| {
+            format!("cannot rename {} after importing it", users_json.display())
+        })?;
+        for line in lines {
+            outln!("{line}");
+        }
+        outln!(
+            "{} is renamed {}; it is not read again",
+            users_json.display(),
+            done.display()
+        );
+    } else if users_json.exists() {
+        tracing::warn!(
+            "{} is read only on the first start, when the database has no users; to import \
+             its users now run `amsbuild user import {}` (see {})",
+            users_json.display(),
+            users_json.display(),
+            ams_core::compat::COMPAT_DOC
+        );
+    }
+    if first_start {
+        // `admin`, unless users.json brought a user of that name.
+        let taken = handle.store.users().await?;
+        let admin = ["admin", "amsbuild-admin"]
+            .into_iter()
+            .find(|n| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n)))
+            .unwrap_or("amsbuild-admin");
         let pw = ams_web::auth::random_password();
         let now = timefmt::now();
         handle
             .store
             .create_user(&ams_store::User {
-                name: "admin".into(),
+                name: admin.into(),
                 password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
                 grant: Grant::server_admin(),
                 created_at: now,
@@ -1301,8 +1494,11 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             })
             .await?;
         outln!(
-            "first start: created the user `admin` (SERVER ADMIN) with the password {pw}\n\
-             it is shown only now; change it with `amsbuild user passwd admin`"
+            "first start: created the user `{admin}` (SERVER ADMIN) with the password {pw}\n\
+             it is shown only now; change it with `amsbuild user passwd {admin}`\n\
+             note: this `{admin}` administers every project and user; the described Python \
+             system's first-run `admin` was a USER without projects (see {})",
+            ams_core::compat::COMPAT_DOC
         );
     }
     tracing::info!(
@@ -1315,6 +1511,9 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let control_task = tokio::spawn(control::serve(handle.clone(), listener, shutdown.clone()));
 
     for w in ams_web::webhook::startup_warnings(&handle) {
+        tracing::warn!("{w}");
+    }
+    for w in project::ssh_startup_warnings(&data) {
         tracing::warn!("{w}");
     }
     let hooks = ams_web::webhook::router(
@@ -1468,7 +1667,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     })?;
     let p = pipeline::parse(&text).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
     for w in &p.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     // A local run says at once that the engine is missing rather than waiting for it.
     let conf = WebConf {
@@ -1562,7 +1761,7 @@ async fn run_local(dir: &Path) -> Result<ExitCode> {
     }
     let outcome = worker::execute(&executor, req, &mut log, &stop).await;
     let _ = std::fs::remove_dir_all(work.join(".ams-ci"));
-    eprintln!(
+    errln!(
         "{}{} in {:.2} s; build output kept in {}",
         outcome.status,
         outcome

@@ -153,6 +153,25 @@ fn the_access_matrix_of_pages_downloads_and_live_streams() {
                 op,
                 "{ctx}: form"
             );
+            let (st, _, page) = w.get(&format!("/ams-build/project/{p}"), &cookie);
+            assert_eq!(st, hidden(200), "{ctx}: project page");
+            assert_eq!(
+                page.contains(&format!("/ams-build/build/{p}/{b}\"")),
+                see,
+                "{ctx}"
+            );
+            assert_eq!(page.contains(&format!("id=\"trigger-{p}\"")), op, "{ctx}");
+            assert_eq!(
+                page.contains(&format!("/ams-build/admin/{p}\"")),
+                admin,
+                "{ctx}: administration link"
+            );
+            let (_, _, list) = w.get("/ams-build/projects", &cookie);
+            assert_eq!(
+                list.contains(&format!("/ams-build/project/{p}\"")),
+                see,
+                "{ctx}: the projects page"
+            );
             let (st, _, page) = w.get(&format!("/ams-build/build/{p}/{b}"), &cookie);
             assert_eq!(st, hidden(200), "{ctx}: build page");
             if see {

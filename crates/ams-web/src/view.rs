@@ -1,0 +1,214 @@
+//! The pages' frame: askama templates (in `templates/`, escaping by construction), the top bar's
+//! data, the one time format, and the response headers every page carries.
+
+use crate::pages::{Viewer, CSP};
+use askama::Template;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// What the frame of every page needs: the web root, the signed-in user (none on the login
+/// page), the page title, the top bar's current section and the favicon's status.
+pub struct Chrome {
+    pub root: String,
+    pub title: String,
+    pub section: &'static str,
+    pub icon: &'static str,
+    pub user: Option<ChromeUser>,
+}
+
+pub struct ChromeUser {
+    pub name: String,
+    /// The levels, for the tooltip.
+    pub level: String,
+    pub csrf: String,
+    pub manages_users: bool,
+}
+
+impl Chrome {
+    pub fn new(root: &str, title: impl Into<String>, v: Option<&Viewer>) -> Chrome {
+        Chrome {
+            root: root.to_string(),
+            title: title.into(),
+            section: "",
+            icon: "app",
+            user: v.map(|v| ChromeUser {
+                name: v.user.name.clone(),
+                level: v.grant.describe(),
+                csrf: v.csrf.clone(),
+                manages_users: v.grant.manages_users(),
+            }),
+        }
+    }
+
+    pub fn section(mut self, s: &'static str) -> Chrome {
+        self.section = s;
+        self
+    }
+
+    /// The favicon shows a build's status.
+    pub fn icon_for(mut self, status: &str) -> Chrome {
+        self.icon = favicon_name(status);
+        self
+    }
+}
+
+/// The favicons there are: one per status family, and the app's own.
+pub fn favicon_name(status: &str) -> &'static str {
+    match status {
+        "pass" | "dummy" => "pass",
+        "fail" => "fail",
+        "error" => "error",
+        "warn" => "warn",
+        "running" | "pending" => "running",
+        "cancel" | "skip" => "cancel",
+        _ => "app",
+    }
+}
+
+/// The favicon SVG of a status family (`/{root}/static/favicon/{name}.svg`).
+pub fn favicon_svg(name: &str) -> Option<String> {
+    let (colour, mark) = match name {
+        "pass" => ("#1e7b34", "M9 16.5l4.5 4.5L23 11"),
+        "fail" => ("#b3261e", "M10.5 10.5l11 11M21.5 10.5l-11 11"),
+        "error" => ("#7b3fa0", "M16 9v9M16 22.5v.5"),
+        "warn" => ("#b07800", "M16 9v9M16 22.5v.5"),
+        "running" => ("#1a5fb4", "M12 16h8"),
+        "cancel" => ("#535b66", "M10 22l12-12"),
+        "app" => ("#1a5fb4", "M10 22l6-12 6 12M12.5 18h7"),
+        _ => return None,
+    };
+    Some(format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 32 32\"><circle cx=\"16\" \
+         cy=\"16\" r=\"15\" fill=\"{colour}\"/><path d=\"{mark}\" stroke=\"#fff\" \
+         stroke-width=\"3.2\" stroke-linecap=\"round\" stroke-linejoin=\"round\" \
+         fill=\"none\"/></svg>"
+    ))
+}
+
+/// A moment, in the one format pages use: ISO 8601 for machines (the browser shows it in the
+/// viewer's time zone, with this UTC text on hover) and `YYYY-MM-DD HH:MM:SS UTC` as text.
+#[derive(Clone)]
+pub struct Ts {
+    pub iso: String,
+    pub text: String,
+}
+
+impl Ts {
+    pub fn at(unix: f64) -> Ts {
+        let iso = ams_host::timefmt::iso(unix);
+        let text = format!("{} UTC", iso.trim_end_matches('Z').replace('T', " "));
+        Ts { iso, text }
+    }
+}
+
+/// Writes `s` escaped for HTML text and attribute values: `& < > " '` become entities.
+pub fn escape_into<W: std::fmt::Write>(mut dest: W, s: &str) -> std::fmt::Result {
+    let mut last = 0;
+    for (i, c) in s.char_indices() {
+        let rep = match c {
+            '&' => "&amp;",
+            '<' => "&lt;",
+            '>' => "&gt;",
+            '"' => "&quot;",
+            '\'' => "&#39;",
+            _ => continue,
+        };
+        dest.write_str(&s[last..i])?;
+        dest.write_str(rep)?;
+        last = i + 1;
+    }
+    dest.write_str(&s[last..])
+}
+
+/// The templates' HTML escaper (askama.toml), so pages escape as [`crate::session::esc`] does.
+#[derive(Debug, Clone, Copy)]
+pub struct Html;
+
+impl askama::filters::Escaper for Html {
+    fn write_escaped_str<W: std::fmt::Write>(&self, dest: W, string: &str) -> std::fmt::Result {
+        escape_into(dest, string)
+    }
+}
+
+/// Renders a template as a page with the security headers.
+pub fn render<T: Template>(status: StatusCode, t: &T) -> Response {
+    match t.render() {
+        Ok(body) => (
+            status,
+            [
+                ("content-type", "text/html; charset=utf-8"),
+                ("content-security-policy", CSP),
+                ("x-content-type-options", "nosniff"),
+                ("referrer-policy", "same-origin"),
+                ("cache-control", "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!("a page failed to render: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Renders a template as a fragment for the live views.
+pub fn render_fragment<T: Template>(t: &T) -> Response {
+    match t.render() {
+        Ok(body) => crate::pages::fragment(body),
+        Err(e) => {
+            tracing::error!("a fragment failed to render: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// A page whose body is built elsewhere (escaped where it was built).
+#[derive(Template)]
+#[template(path = "page.html")]
+pub struct PageT<'a> {
+    pub chrome: Chrome,
+    pub body: &'a str,
+}
+
+/// A one-message page: not found, refused.
+#[derive(Template)]
+#[template(path = "message.html")]
+pub struct MessageT<'a> {
+    pub chrome: Chrome,
+    pub heading: &'a str,
+    pub message: &'a str,
+    pub class: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+pub struct LoginT<'a> {
+    pub chrome: Chrome,
+    pub redirect: &'a str,
+    pub message: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_escape_with_the_one_escaper() {
+        let t = MessageT {
+            chrome: Chrome::new("ams-build", "t<i>'\"&", None),
+            heading: "<script>alert(1)</script>",
+            message: "a & b",
+            class: "x\" onclick=\"y",
+        };
+        let html = t.render().unwrap();
+        assert!(
+            html.contains("<h1>&lt;script&gt;alert(1)&lt;/script&gt;</h1>"),
+            "{html}"
+        );
+        assert!(html.contains("<title>t&lt;i&gt;&#39;&quot;&amp; · AMS-Build</title>"));
+        assert!(html.contains("class=\"x&quot; onclick=&quot;y\""));
+        assert!(!html.contains("<script>alert"));
+        assert_eq!(crate::session::esc("<'&\">"), "&lt;&#39;&amp;&quot;&gt;");
+    }
+}
