@@ -183,7 +183,9 @@ impl Driver {
         );
     }
 
-    /// Opens `url` and waits until it has loaded with its stylesheets and fonts.
+    /// Opens `url` and waits until it has loaded with its stylesheets and fonts, and its
+    /// scripts have done their first work: the document has not changed for 300 ms (or has
+    /// kept changing for 10 s, as a running build's page may; it is checked as it is then).
     fn open(&self, url: &str) {
         self.go(url);
         wait_for(url, Duration::from_secs(30), || {
@@ -194,6 +196,16 @@ impl Driver {
             ) == json!(true))
             .then_some(())
         });
+        self.script_async(
+            "const done = arguments[arguments.length - 1];\
+             const start = performance.now(); let last = start;\
+             const seen = new MutationObserver(() => { last = performance.now(); });\
+             seen.observe(document, {subtree: true, childList: true, attributes: true, characterData: true});\
+             const tick = () => { const now = performance.now();\
+               if (now - last >= 300 || now - start >= 10000) { seen.disconnect(); done(true); }\
+               else setTimeout(tick, 50); };\
+             setTimeout(tick, 50);",
+        );
     }
 
     /// The HTTP status the current page was answered with.
