@@ -262,6 +262,11 @@ fn the_readme_api_examples_work_as_written() {
             assert!(bytes.starts_with(b"7z\xbc\xaf\x27\x1c"), "{line}: not a 7z");
         } else if line.contains("/output/") {
             assert!(stdout.contains("built"), "{line}: not the log: {stdout}");
+        } else if line.contains("/file/") {
+            assert_eq!(
+                stdout, "readme-example\n",
+                "{line}: one file of the archive"
+            );
         } else {
             let v: Value = serde_json::from_str(&stdout)
                 .unwrap_or_else(|e| panic!("{line}: not JSON ({e}): {stdout}"));
@@ -285,6 +290,9 @@ fn the_readme_api_examples_work_as_written() {
                 assert_eq!(v["build"]["branch"], "main", "{line}: {v}");
             } else if line.contains("/cancel") {
                 assert_eq!(v["build"]["name"], running.as_str(), "{line}: {v}");
+            } else if line.contains("/tests") {
+                assert_eq!(v["build"], done.as_str(), "{line}: {v}");
+                assert!(v["report"].is_null(), "no test-reports: no report: {v}");
             }
         }
     }
