@@ -357,7 +357,9 @@ function firstErrorButton() {
   const status = document.getElementById("status");
   if (!btn || !status || !["fail", "error", "warn"].includes(status.dataset.status)) return;
   const lines = Array.from(Log.el.querySelectorAll(".line"));
-  const target = lines.find((l) => !l.classList.contains("amsline") && ERROR_WORDS.test(l.textContent)) ||
+  // The commands' own output: not our lines, not the trace of a command ("+ cmd").
+  const output = (l) => !l.classList.contains("amsline") && !lineText(l).startsWith("+ ");
+  const target = lines.find((l) => output(l) && ERROR_WORDS.test(l.textContent)) ||
     lines.find((l) => l.classList.contains("amsline") && /: (FAIL|ERROR)\b/.test(l.textContent));
   if (!target) return;
   btn.hidden = false;

@@ -148,6 +148,18 @@ impl Driver {
         self.call("POST", &format!("/element/{id}/click"), json!({}));
     }
 
+    /// Signs `user` in through the login form and waits for the dashboard, which lists
+    /// `project` (with its build button).
+    fn log_in(&self, web: &str, user: &str, password: &str, project: &str) {
+        self.go(&format!("{web}/login"));
+        self.type_into("input[name=username]", user);
+        self.type_into("input[name=password]", password);
+        self.click("button[type=submit]");
+        wait_for("the dashboard", Duration::from_secs(30), || {
+            self.try_text(&format!("#trigger-{project}")).map(|_| ())
+        });
+    }
+
     fn script(&self, js: &str) -> Value {
         self.call("POST", "/execute/sync", json!({"script": js, "args": []}))
     }
@@ -337,13 +349,7 @@ fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z(
     h.start();
     let web = format!("http://{}/ams-build", h.web_addr());
     let d = Driver::start();
-    d.go(&format!("{web}/login"));
-    d.type_into("input[name=username]", "carol");
-    d.type_into("input[name=password]", "correct horse battery");
-    d.click("button[type=submit]");
-    wait_for("the dashboard", Duration::from_secs(30), || {
-        d.try_text("#trigger-demo").map(|_| ())
-    });
+    d.log_in(&web, "carol", "correct horse battery", "demo");
     d.click("#trigger-demo");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -368,14 +374,67 @@ fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z(
     }
     // Mark this page: if it were reloaded, the mark would be gone.
     d.script("window.amsMark = 42; return 1;");
+    assert!(
+        d.try_text("#cancel").is_some(),
+        "a running build offers Cancel"
+    );
+    // The stage shows up while it runs, with its live duration.
+    wait_for("the running stage, live", Duration::from_secs(60), || {
+        d.try_text("#stage-rows")
+            .filter(|t| t.contains("RUNNING"))
+            .map(|_| ())
+    });
     wait_for("the build to pass, live", Duration::from_secs(90), || {
         d.try_text("#status").filter(|s| s == "PASS").map(|_| ())
     });
+    // Without a reload: the record's stages, the buttons of a finished build, the archive
+    // link, and the status in the title and the favicon.
+    wait_for(
+        "the finished build's buttons",
+        Duration::from_secs(30),
+        || d.try_text("#rebuild").map(|_| ()),
+    );
+    assert!(
+        d.try_text("#cancel").is_none(),
+        "a finished build never offers Cancel"
+    );
+    assert!(d.try_text("#archive").is_some(), "the archive link appears");
+    let stages = d.try_text("#stages").unwrap_or_default();
+    assert!(
+        stages.contains("PASS") && !stages.contains("RUNNING"),
+        "{stages}"
+    );
+    assert_eq!(
+        d.script("return document.title.startsWith('[PASS] ');"),
+        json!(true),
+        "the title shows the status"
+    );
+    assert_eq!(
+        d.script("return document.getElementById('favicon').href.endsWith('/pass.svg');"),
+        json!(true),
+        "the favicon shows the status"
+    );
     assert_eq!(
         d.script("return window.amsMark;"),
         json!(42),
         "the page was reloaded"
     );
+    // Log tools: numbered lines with links, stage sections, search.
+    assert_eq!(
+        d.script("return document.querySelectorAll('#log .line > a.ln[href^=\"#L\"]').length > 3;"),
+        json!(true)
+    );
+    assert_eq!(
+        d.script("return document.querySelectorAll('#log details.stage').length;"),
+        json!(1),
+        "the stage is a section of the log"
+    );
+    d.type_into("#log-search", "finished-ok");
+    wait_for("the search's hits", Duration::from_secs(10), || {
+        d.try_text("#log-hits")
+            .filter(|t| t.starts_with("2 matching lines"))
+            .map(|_| ())
+    });
     let log = d.try_text("#log").unwrap();
     assert!(
         log.contains("starting") && log.contains("finished-ok"),
@@ -770,12 +829,7 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
     d.viewport(1280, 800, false);
     d.open(&format!("{web}/login"));
     save(&d, "login.png", 1280);
-    d.type_into("input[name=username]", USER);
-    d.type_into("input[name=password]", "correct horse battery");
-    d.click("button[type=submit]");
-    wait_for("the dashboard", Duration::from_secs(30), || {
-        d.try_text(&format!("#trigger-{PROJECT}")).map(|_| ())
-    });
+    d.log_in(&web, USER, "correct horse battery", PROJECT);
 
     for (page, url) in &pages {
         check(&d, page, url, &mut problems, &mut notes);
@@ -806,4 +860,77 @@ fn the_pages_pass_axe_fit_a_phone_and_a_desktop_and_are_photographed() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// The project page's chart and pass rate, and a failed build's "jump to the first error", in
+/// a real browser.
+#[test]
+fn the_project_page_charts_builds_and_a_failed_build_jumps_to_its_first_error() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "proj",
+        &pipeline(json!([
+            stage("prepare", &["echo preparing", "echo all fine"]),
+            stage(
+                "test",
+                &[
+                    "echo running the tests",
+                    "echo 'error: boom in test_io'",
+                    "exit 3"
+                ]
+            )
+        ])),
+    );
+    add_user(&h, "carol", "3", "proj", "correct horse battery");
+    h.start();
+    let failed = h.build("proj");
+    assert_eq!(
+        h.wait_status("proj", &failed, Duration::from_secs(120))["status"],
+        "warn"
+    );
+    let web = format!("http://{}/ams-build", h.web_addr());
+    let d = Driver::start();
+    d.log_in(&web, "carol", "correct horse battery", "proj");
+
+    d.go(&format!("{web}/build/proj/{failed}"));
+    wait_for("the first-error button", Duration::from_secs(30), || {
+        d.try_text("#first-error")
+            .filter(|t| !t.is_empty())
+            .map(|_| ())
+    });
+    d.click("#first-error");
+    let hit = d.try_text(".first-error").unwrap_or_default();
+    assert_eq!(
+        hit, "error: boom in test_io",
+        "the output line, not the command's trace"
+    );
+    assert_eq!(
+        d.script("return location.hash.startsWith('#L');"),
+        json!(true),
+        "the line is linked"
+    );
+    // Collapsing the stages hides their lines.
+    d.click("#fold-all");
+    assert_eq!(
+        d.script("return Array.from(document.querySelectorAll('#log details.stage')).every(s => !s.open);"),
+        json!(true)
+    );
+
+    d.go(&format!("{web}/project/proj"));
+    wait_for("the project page", Duration::from_secs(30), || {
+        d.try_text("#chart-h").map(|_| ())
+    });
+    assert_eq!(
+        d.script("return document.querySelectorAll('svg.history rect').length;"),
+        json!(1),
+        "one bar per finished build"
+    );
+    assert_eq!(
+        d.script("return document.querySelector('svg.history rect').getAttribute('class');"),
+        json!("bar-warn")
+    );
+    let page = d.try_text("main").unwrap_or_default();
+    assert!(page.contains("Pass rate"), "{page}");
+    assert!(page.contains("0 %"), "a WARN build is not a pass: {page}");
 }

@@ -734,3 +734,69 @@ fn the_build_form_takes_declared_parameters() {
         assert!(page.contains(why), "{params}: {page}");
     }
 }
+
+/// The project page: the history chart and pass rate, the latest build per branch, the
+/// schedules with their next run, the webhooks without their secrets, and the build list with
+/// its filters.
+#[test]
+fn the_project_page_shows_history_schedules_webhooks_and_filtered_builds() {
+    let w = Web::new(json!({}));
+    w.h.private_config(
+        "mine",
+        json!({"schedules": [{"cron": "0 3 * * *", "branch": "main"}, {"cron": "@weekly"}]}),
+    );
+    std::fs::write(
+        w.h.data.join("projects/mine/master/config/webhooks.json"),
+        json!({"in-webhooks": [{"name": "gh-push", "branch": "main", "authorized-actors": ["a"],
+                                 "secret": "hook-secret-do-not-show"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let names: Vec<String> = (0..3).map(|_| w.h.build("mine")).collect();
+    for n in &names {
+        w.h.wait_status("mine", n, Duration::from_secs(60));
+    }
+    let cookie = w.session("mod", "correct horse battery");
+    let (st, _, page) = w.get("/ams-build/project/mine", &cookie);
+    assert_eq!(st, 200, "{page}");
+    // Three bars, all of the pass family (dummy builds), and the pass rate of the last 100.
+    assert_eq!(
+        page.matches("<rect class=\"bar-pass\"").count(),
+        3,
+        "{page}"
+    );
+    assert!(page.contains("<b>100 %</b>"), "{page}");
+    for n in &names {
+        assert!(
+            page.contains(&format!("/ams-build/build/mine/{n}\"")),
+            "{n}"
+        );
+    }
+    // Schedules with their next run (UTC on the server; the browser shows local time).
+    assert!(page.contains("<code>0 3 * * *</code>"), "{page}");
+    assert!(
+        page.contains(" 03:00:00 UTC</time>"),
+        "the next 03:00 run: {page}"
+    );
+    assert!(page.contains("<code>@weekly</code>"));
+    // Webhooks by name, how they are checked, never the secret.
+    assert!(page.contains("<code>gh-push</code>"));
+    assert!(page.contains("signature (HMAC-SHA256)"));
+    assert!(!page.contains("hook-secret-do-not-show"));
+    // Filters.
+    let (_, _, failed) = w.get("/ams-build/project/mine?status=fail", &cookie);
+    assert!(failed.contains("No builds."), "{failed}");
+    assert!(failed.contains("<option value=\"fail\" selected>"));
+    let (_, _, mine) = w.get("/ams-build/project/mine?actor=tester", &cookie);
+    assert_eq!(mine.matches("class=\"build-list\"").count(), 1);
+    for n in &names {
+        assert!(mine.contains(&format!("title=\"{n}\"")), "{n}");
+    }
+    let (_, _, nobody) = w.get("/ams-build/project/mine?actor=nobody", &cookie);
+    assert!(nobody.contains("No builds."));
+    // A project that is not there, or not visible, is the same 404.
+    assert_eq!(w.get("/ams-build/project/nope", &cookie).0, 404);
+    // The projects page lists it.
+    let (_, _, list) = w.get("/ams-build/projects", &cookie);
+    assert!(list.contains("/ams-build/project/mine\""));
+}
