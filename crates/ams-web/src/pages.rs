@@ -1826,7 +1826,8 @@ pub fn history_chart(builds: &[BuildRecord]) -> ChartV {
         _ => 0.0,
     };
     let max = done.iter().map(|b| dur(b)).fold(0.0f64, f64::max);
-    let slot = width as f64 / HISTORY as f64;
+    // The bars fill the width (at most 30 px each for a short history).
+    let slot = width as f64 / (done.len().max(27)) as f64;
     let bar_w = slot * 0.8;
     let usable = (base - 10) as f64;
     let (mut passed, mut failed) = (0, 0);
@@ -1872,8 +1873,9 @@ pub fn history_chart(builds: &[BuildRecord]) -> ChartV {
         base,
         bar_w: format!("{bar_w:.1}"),
         desc: format!(
-            "{} builds: {passed} passed, {failed} failed; the longest took {}",
+            "{} build{}: {passed} passed, {failed} failed; the longest took {}",
             bars.len(),
+            if bars.len() == 1 { "" } else { "s" },
             human_secs(max)
         ),
         bars,

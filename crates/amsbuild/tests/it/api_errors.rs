@@ -296,5 +296,12 @@ fn the_readme_api_examples_work_as_written() {
             }
         }
     }
-    assert_eq!(h.wait_status("app", &running, T)["status"], "cancel");
+    let r = h.wait_status("app", &running, T);
+    assert_eq!(r["status"], "cancel");
+    // The reason is the cancel alone: a stopped build is not packed (it once said packing
+    // "failed" because of the same cancel).
+    assert_eq!(r["reason"], "canceled by boss", "{r}");
+    assert!(h
+        .log("app", &running)
+        .contains("the output is not read or archived: canceled by boss"));
 }
