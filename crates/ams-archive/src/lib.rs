@@ -40,8 +40,9 @@ const FILE_ATTRIBUTE_DIRECTORY: u32 = 0x10;
 const FILE_ATTRIBUTE_ARCHIVE: u32 = 0x20;
 
 /// A file name as 7z stores it (Unicode): valid UTF-8 as it is; each byte of an invalid
-/// sequence as `%XX`, so two different names never become one (a lossy conversion would turn
-/// both into U+FFFD and one file would overwrite the other on extraction).
+/// sequence as `%XX` (a lossy conversion would turn every such name into U+FFFD). That can
+/// still meet a real name spelled with `%XX` (`z%FF.txt` beside the bytes `z\xFF.txt`): `walk`
+/// keeps the names of one folder distinct by suffixing a repeat with `~N`.
 fn entry_name(name: &std::ffi::OsStr) -> String {
     let bytes = name.as_encoded_bytes();
     match std::str::from_utf8(bytes) {
@@ -70,6 +71,8 @@ pub struct PackSummary {
     pub symlinks: u64,
     /// Sockets, FIFOs and devices, which are left out.
     pub skipped: u64,
+    /// Names that read the same as another of their folder once stored, stored with `~N`.
+    pub renamed: u64,
     pub bytes: u64,
 }
 
@@ -243,9 +246,21 @@ fn walk(
         .collect::<Result<Vec<_>, _>>()
         .map_err(io_err(dir))?;
     names.sort_by_key(|e| e.file_name());
+    let mut seen = std::collections::HashSet::new();
     for de in names {
         let path = de.path();
-        let name = format!("{prefix}{}", entry_name(&de.file_name()));
+        let mut base = entry_name(&de.file_name());
+        // Two names of one folder that read the same in the archive: the later one is renamed,
+        // so neither overwrites the other on extraction and each downloads on its own.
+        if !seen.insert(base.clone()) {
+            let mut n = 1;
+            while !seen.insert(format!("{base}~{n}")) {
+                n += 1;
+            }
+            base = format!("{base}~{n}");
+            summary.renamed += 1;
+        }
+        let name = format!("{prefix}{base}");
         // symlink_metadata: a link is described, never followed.
         let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
         let ft = meta.file_type();
@@ -765,6 +780,35 @@ pub fn extract_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_meet_once_stored_are_kept_apart() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("out");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("z%FF.txt"), b"literal").unwrap();
+        fs::write(
+            src.join(std::ffi::OsStr::from_bytes(b"z\xff.txt")),
+            b"invalid",
+        )
+        .unwrap();
+        let dest = t.path().join("a.7z");
+        let s = pack_dir(&src, &dest).unwrap();
+        assert_eq!(s.renamed, 1);
+        let files = list(&dest).unwrap();
+        let mut names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["z%FF.txt", "z%FF.txt~1"]);
+        let get = |n: &str| {
+            let mut out = Vec::new();
+            extract_one(&dest, n, &mut |_| {}, &mut out).unwrap();
+            out
+        };
+        let mut both = vec![get("z%FF.txt"), get("z%FF.txt~1")];
+        both.sort();
+        assert_eq!(both, [b"invalid".to_vec(), b"literal".to_vec()]);
+    }
 
     #[test]
     fn invalid_utf8_names_stay_distinct() {
