@@ -429,6 +429,15 @@ fn a_browser_logs_in_triggers_a_build_watches_it_pass_live_and_downloads_the_7z(
         json!(1),
         "the stage is a section of the log"
     );
+    // Times: the viewer's zone as text, UTC on hover; relative on demand.
+    let t = d.script(
+        "const t = document.querySelector('time[datetime]'); return [t.textContent, t.title];",
+    );
+    let (text, title) = (t[0].as_str().unwrap(), t[1].as_str().unwrap());
+    assert!(!text.contains("UTC") && title.ends_with(" UTC"), "{t}");
+    d.click("#time-mode");
+    let rel = d.script("return document.querySelector('time[datetime]').textContent;");
+    assert!(rel.as_str().unwrap().ends_with(" ago"), "{rel}");
     d.type_into("#log-search", "finished-ok");
     wait_for("the search's hits", Duration::from_secs(10), || {
         d.try_text("#log-hits")
