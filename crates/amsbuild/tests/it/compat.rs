@@ -42,6 +42,20 @@ fn config_dir(h: &TestHost, project: &str) -> PathBuf {
     h.data.join("projects").join(project).join("master/config")
 }
 
+/// A git project made from the described system's blank template: its head commit and its
+/// private config folder.
+fn blank_git_project(h: &TestHost, name: &str) -> (String, std::path::PathBuf) {
+    let (origin, head) = repo(
+        h,
+        &[(
+            "pipeline.json",
+            &template("blankProject/pipeline.json", IMAGE),
+        )],
+    );
+    add_git_project(h, name, &origin);
+    (head, config_dir(h, name))
+}
+
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// The example project, as its docs describe it (docker args, environment with a variable,
@@ -159,15 +173,7 @@ fn stages_run_in_bash_where_the_image_has_it() {
 fn the_documented_webhook_payload_builds() {
     require_docker();
     let mut h = TestHost::new();
-    let (origin, head) = repo(
-        &h,
-        &[(
-            "pipeline.json",
-            &template("blankProject/pipeline.json", IMAGE),
-        )],
-    );
-    add_git_project(&h, "exampleProject", &origin);
-    let cfg = config_dir(&h, "exampleProject");
+    let (head, cfg) = blank_git_project(&h, "exampleProject");
     std::fs::write(
         cfg.join("webhooks.json"),
         compat_fixture("exampleProject/webhooks.json"),
@@ -230,15 +236,7 @@ fn the_documented_webhook_payload_builds() {
 fn webhook_fields_as_documented_is_read_with_a_note() {
     require_docker();
     let mut h = TestHost::new();
-    let (origin, head) = repo(
-        &h,
-        &[(
-            "pipeline.json",
-            &template("blankProject/pipeline.json", IMAGE),
-        )],
-    );
-    add_git_project(&h, "p", &origin);
-    let cfg = config_dir(&h, "p");
+    let (head, cfg) = blank_git_project(&h, "p");
     std::fs::write(
         cfg.join("webhooks.json"),
         json!({"in-webhooks": [{"name": "w", "authorized-actors": ["git actor"],
