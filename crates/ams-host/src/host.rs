@@ -270,6 +270,8 @@ pub enum Command {
     Complete {
         id: i64,
         finish: Box<Finish>,
+        /// The engine failed under the build (its container may be left).
+        engine_failed: bool,
     },
     /// A verified webhook delivery: queue its builds unless its id was accepted before, and
     /// record it. Serial in the loop, so two copies of one delivery cannot both build.
@@ -532,6 +534,8 @@ pub struct Host {
     metrics: Arc<Metrics>,
     /// Each engine's health and slots in use (see [`EngineHealth`]).
     engine_health: Arc<watch::Sender<Vec<EngineHealth>>>,
+    /// Wakes an engine's monitor to ping it now.
+    nudges: Vec<Arc<tokio::sync::Notify>>,
     /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
     disk_dirty: mpsc::Sender<String>,
 }
@@ -621,6 +625,7 @@ async fn monitor_engine(
     overall: Arc<watch::Sender<EngineState>>,
     tx: mpsc::Sender<Command>,
     changes: tokio::sync::broadcast::Sender<()>,
+    nudge: Arc<tokio::sync::Notify>,
 ) {
     let mut was: Option<bool> = None;
     loop {
@@ -660,7 +665,12 @@ async fn monitor_engine(
             was = Some(up);
         }
         let pause = if up { 10 } else { 2 };
-        tokio::time::sleep(Duration::from_secs(pause)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+            // The loop saw a build fail on this engine and took it out of placement: check
+            // now, and tell the loop either way.
+            _ = nudge.notified() => was = None,
+        }
     }
 }
 
@@ -743,6 +753,7 @@ impl Host {
                     .collect(),
             ),
             engine_health: Arc::new(watch::channel(Vec::new()).0),
+            nudges: engines.iter().map(|_| Arc::default()).collect(),
             live: HashMap::new(),
             snap: snap_tx,
             settings: settings.clone(),
@@ -792,6 +803,7 @@ impl Host {
                 engine_tx.clone(),
                 tx.clone(),
                 changes.clone(),
+                host.nudges[i].clone(),
             ));
         }
         let gc = Arc::new(crate::retention::Gc::new(
@@ -981,7 +993,18 @@ impl Host {
                     self.delete_output(build, &by, reply).await
                 }
                 Command::Prune { builds, reply } => self.prune(builds, reply),
-                Command::Complete { id, finish } => {
+                Command::Complete {
+                    id,
+                    finish,
+                    engine_failed,
+                } => {
+                    if engine_failed {
+                        // No new build goes there until its monitor hears it answer again.
+                        if let Some(e) = self.queue.engine_of(id) {
+                            self.queue.set_healthy(e, false);
+                            self.nudges[e].notify_one();
+                        }
+                    }
                     self.complete(id, &finish).await;
                     self.start_ready().await;
                 }
@@ -1364,6 +1387,7 @@ impl Host {
                     .send(Command::Complete {
                         id: record.id,
                         finish: Box::new(fin),
+                        engine_failed: container_left,
                     })
                     .await;
                 if container_left {
@@ -1712,7 +1736,7 @@ impl Host {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while !self.active.is_empty() {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
+                Ok(Some(Command::Complete { id, finish, .. })) => self.complete(id, &finish).await,
                 Ok(Some(Command::Build(_, _, r))) => {
                     let _ = r.send(Err(HostError::ShuttingDown));
                 }
