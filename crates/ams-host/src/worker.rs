@@ -1555,7 +1555,7 @@ pub async fn run_build(
                     .filter(|l| !engine.labels.contains(l))
                     .collect();
                 if missing.is_empty() {
-                    log.line(&format!("engine {}", engine.name));
+                    log.line(&format!("runs on engine {}", engine.name));
                     execute(engine.executor.as_ref(), req, &mut log, stop).await
                 } else {
                     let msg = format!(
