@@ -139,7 +139,7 @@ impl Queue {
     /// What to do next, if anything: a build no engine can ever take, or the first pending
     /// build that has an engine now. Builds asking for the same labels start in the order they
     /// were queued; one waiting for its engines does not hold back builds of other labels.
-    pub fn next(&mut self) -> Option<Next> {
+    pub fn decide(&mut self) -> Option<Next> {
         if let Some(i) = self.pending.iter().position(|b| !self.can_place(&b.labels)) {
             let b = self.pending.remove(i)?;
             let why = self.impossible_reason(&b.labels);
@@ -251,7 +251,7 @@ mod tests {
     }
 
     fn started(queue: &mut Queue) -> Option<(BuildId, usize)> {
-        match queue.next()? {
+        match queue.decide()? {
             Next::Start(b, e) => Some((b.id, e)),
             Next::Impossible(b, why) => panic!("build {} impossible: {why}", b.id),
         }
@@ -270,11 +270,11 @@ mod tests {
         }
         assert_eq!(started(&mut queue), Some((1, 0)));
         assert_eq!(started(&mut queue), Some((2, 0)));
-        assert!(queue.next().is_none(), "third slot must not open");
+        assert!(queue.decide().is_none(), "third slot must not open");
         assert!(queue.finish(1));
         assert!(!queue.finish(1), "a slot is freed once");
         assert_eq!(started(&mut queue), Some((3, 0)));
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
     }
 
     #[test]
@@ -296,10 +296,10 @@ mod tests {
         let mut queue = Queue::new(1);
         queue.push(q(1, "a", false));
         queue.push(q(2, "a", false));
-        let Some(Next::Start(first, _)) = queue.next() else {
+        let Some(Next::Start(first, _)) = queue.decide() else {
             panic!("nothing started")
         };
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
         queue.put_back(first);
         assert!(!queue.is_active(1));
         assert_eq!(queue.engines()[0].in_use, 0);
@@ -316,7 +316,7 @@ mod tests {
         assert!(queue.remove_pending(2));
         assert!(!queue.remove_pending(2));
         assert_eq!(started(&mut queue).unwrap().0, 1);
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
     }
 
     #[test]
@@ -347,7 +347,7 @@ mod tests {
         let mut queue = Queue::with_engines(vec![engine("a", 1, &["linux"])]);
         queue.push(q(1, "m", false));
         queue.push(ql(2, "m", false, &["gpu"]));
-        match queue.next() {
+        match queue.decide() {
             Some(Next::Impossible(b, why)) => {
                 assert_eq!(b.id, 2);
                 assert!(why.contains("gpu") && why.contains("a [linux]"), "{why}");
@@ -368,11 +368,11 @@ mod tests {
         assert_eq!(started(&mut queue), Some((1, 1)));
         // 2 waits for b; 3 may run on a meanwhile, and 4 waits behind 3.
         assert_eq!(started(&mut queue), Some((3, 0)));
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
         // b frees: 2 goes before 4 (4 could run on b too, but 2 was first).
         queue.finish(1);
         assert_eq!(started(&mut queue), Some((2, 1)));
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
         queue.finish(3);
         assert_eq!(started(&mut queue), Some((4, 0)));
     }
@@ -386,13 +386,13 @@ mod tests {
         queue.push(q(3, "m", false));
         assert_eq!(started(&mut queue), Some((1, 1)));
         assert_eq!(started(&mut queue), Some((2, 1)));
-        assert!(queue.next().is_none(), "a is down and b is full");
+        assert!(queue.decide().is_none(), "a is down and b is full");
         queue.set_healthy(0, true);
         assert_eq!(started(&mut queue), Some((3, 0)));
         // A down engine still counts as able to take the labels: waiting, not impossible.
         let mut queue = Queue::with_engines(vec![engine("a", 1, &["x"])]);
         queue.set_healthy(0, false);
         queue.push(ql(1, "m", false, &["x"]));
-        assert!(queue.next().is_none());
+        assert!(queue.decide().is_none());
     }
 }

@@ -311,7 +311,10 @@ impl WebConf {
         for (i, e) in engines.iter().enumerate() {
             let at = |k: &str| format!("engines[{i}].{k}");
             if let Some(p) = label_problem(&e.name) {
-                return bad(at("name"), format!("`{}` {p}", crate::error::clip(&e.name, 64)));
+                return bad(
+                    at("name"),
+                    format!("`{}` {p}", crate::error::clip(&e.name, 64)),
+                );
             }
             if engines[..i].iter().any(|o| o.name == e.name) {
                 return bad(
@@ -472,7 +475,10 @@ mod tests {
         // Without the key: one local engine with max_active_builds slots.
         let one = WebConf::parse(r#"{"max_active_builds": 3}"#, "w").unwrap();
         let list = one.engine_list();
-        assert_eq!((list.len(), list[0].slots, list[0].is_local()), (1, 3, true));
+        assert_eq!(
+            (list.len(), list[0].slots, list[0].is_local()),
+            (1, 3, true)
+        );
         for (text, field, fix) in [
             (r#"{"engines": []}"#, "engines", "at least one engine"),
             (

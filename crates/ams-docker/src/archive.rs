@@ -194,7 +194,9 @@ fn clear(path: &Path) -> Result<(), &'static str> {
 /// sticky bits. More than `max_bytes` of file content, or a tar much larger than that, stops
 /// it with [`ExtractError::TooLarge`].
 pub fn extract(reader: impl Read, dest: &Path, max_bytes: u64) -> Result<Extracted, ExtractError> {
-    let limit = max_bytes.saturating_add(max_bytes / 8).saturating_add(64 << 20);
+    let limit = max_bytes
+        .saturating_add(max_bytes / 8)
+        .saturating_add(64 << 20);
     let bounded = Bounded {
         inner: reader,
         left: limit,
@@ -341,13 +343,43 @@ mod tests {
         let mut t = Vec::new();
         raw_entry(&mut t, "output/", tar::EntryType::Directory, "", b"");
         raw_entry(&mut t, "/abs", tar::EntryType::Regular, "", b"x");
-        raw_entry(&mut t, "output/../../outside/dots", tar::EntryType::Regular, "", b"x");
+        raw_entry(
+            &mut t,
+            "output/../../outside/dots",
+            tar::EntryType::Regular,
+            "",
+            b"x",
+        );
         raw_entry(&mut t, "output/esc", tar::EntryType::Symlink, out_s, b"");
-        raw_entry(&mut t, "output/esc/through", tar::EntryType::Regular, "", b"x");
-        raw_entry(&mut t, "output/esc", tar::EntryType::Regular, "", b"replaced");
+        raw_entry(
+            &mut t,
+            "output/esc/through",
+            tar::EntryType::Regular,
+            "",
+            b"x",
+        );
+        raw_entry(
+            &mut t,
+            "output/esc",
+            tar::EntryType::Regular,
+            "",
+            b"replaced",
+        );
         raw_entry(&mut t, "output/dev", tar::EntryType::Char, "", b"");
-        raw_entry(&mut t, "output/hl", tar::EntryType::Link, "output/nothing", b"");
-        raw_entry(&mut t, "output/ok.txt", tar::EntryType::Regular, "", b"fine");
+        raw_entry(
+            &mut t,
+            "output/hl",
+            tar::EntryType::Link,
+            "output/nothing",
+            b"",
+        );
+        raw_entry(
+            &mut t,
+            "output/ok.txt",
+            tar::EntryType::Regular,
+            "",
+            b"fine",
+        );
         t.extend(std::iter::repeat_n(0u8, 1024));
         let got = extract(&t[..], &dest, 1 << 20).unwrap();
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{got:?}");

@@ -234,7 +234,6 @@ impl EngineTarget {
     }
 }
 
-
 /// The Docker Engine API executor. It connects on first use and keeps the connection; an
 /// engine that is down makes each call fail with [`ExecError::Unreachable`] until it is back,
 /// so a dead engine fails builds with a clear message instead of stopping the host.
@@ -524,7 +523,10 @@ impl DockerExecutor {
         done.map_err(|e| {
             let m = e.to_string();
             if m.contains("No such container") || m.contains("404") {
-                ExecError::Docker(format!("the output folder {} is missing: {m}", out.container))
+                ExecError::Docker(format!(
+                    "the output folder {} is missing: {m}",
+                    out.container
+                ))
             } else {
                 ExecError::Docker(format!("cannot read the output back: {m}"))
             }

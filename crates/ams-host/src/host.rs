@@ -631,7 +631,11 @@ async fn monitor_engine(
     loop {
         let answer = executor.version().await;
         let up = answer.is_ok();
-        let name = health.borrow().get(index).map(|h| h.name.clone()).unwrap_or_default();
+        let name = health
+            .borrow()
+            .get(index)
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
         health.send_modify(|all| {
             if let Some(h) = all.get_mut(index) {
                 h.up = Some(up);
@@ -1322,7 +1326,7 @@ impl Host {
     }
 
     async fn start_ready(&mut self) {
-        while let Some(next) = self.queue.next() {
+        while let Some(next) = self.queue.decide() {
             let (q, engine_index) = match next {
                 ams_core::queue::Next::Start(q, e) => (q, e),
                 ams_core::queue::Next::Impossible(q, why) => {

@@ -734,7 +734,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     Some(false) => "down",
                     None => "unknown",
                 };
-                let host = e["host"].as_str().filter(|h| !h.is_empty()).unwrap_or("(local)");
+                let host = e["host"]
+                    .as_str()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("(local)");
                 outln!(
                     "{:<16} {:<8} {:<10} {:>5}  {:<28} {}",
                     e["name"].as_str().unwrap_or("?"),

@@ -121,13 +121,27 @@ impl ExtraEngine {
         must("ip", &["link", "set", &self.peer, "netns", &self.netns]);
         must(
             "ip",
-            &["addr", "add", &format!("{}/24", self.host_ip), "dev", &self.veth],
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.host_ip),
+                "dev",
+                &self.veth,
+            ],
         );
         must("ip", &["link", "set", &self.veth, "up"]);
         let ns = &self.netns;
         must(
             "ip",
-            &["-n", ns, "addr", "add", &format!("{}/24", self.ip), "dev", &self.peer],
+            &[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.ip),
+                "dev",
+                &self.peer,
+            ],
         );
         must("ip", &["-n", ns, "link", "set", &self.peer, "up"]);
         must("ip", &["-n", ns, "link", "set", "lo", "up"]);
@@ -169,14 +183,18 @@ impl ExtraEngine {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_for("the extra engine to answer", Duration::from_secs(90), || {
-            self.docker()
-                .args(["version", "--format", "{{.Server.Version}}"])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| ())
-        });
+        wait_for(
+            "the extra engine to answer",
+            Duration::from_secs(90),
+            || {
+                self.docker()
+                    .args(["version", "--format", "{{.Server.Version}}"])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|_| ())
+            },
+        );
     }
 
     fn load_image(&self) {
@@ -341,7 +359,8 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     );
     let outside = tempfile::tempdir().unwrap();
     let outside_s = outside.path().to_string_lossy().to_string();
-    let escape = format!("ln -s {outside_s} Builds/esc && mkdir Builds/d && ln -s {outside_s} Builds/d/l");
+    let escape =
+        format!("ln -s {outside_s} Builds/esc && mkdir Builds/d && ln -s {outside_s} Builds/d/l");
     let keep = json!({"remove_build_source": true, "7z_build": false});
     h.project(
         "big",
@@ -394,21 +413,42 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     let log = h.log("big", &name);
     assert_eq!(r["status"], "pass", "{r}\n{log}");
     assert_eq!(engine_in_log(&log).as_deref(), Some("b1"), "{log}");
+    // Through the archive endpoint, not a bind mount (the test engines share this machine's
+    // disk, so a mount would work here and hide a broken copy).
+    assert!(log.contains("output read back from the engine: "), "{log}");
     let out = h.build_dir("big").join(&name).join("build");
     assert_eq!(std::fs::read(out.join("sub/blob.bin")).unwrap(), blob);
-    let mode = std::fs::metadata(out.join("run.sh")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(out.join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o741);
-    assert_eq!(std::fs::read_link(out.join("inner")).unwrap(), Path::new("sub/blob.bin"));
-    assert_eq!(std::fs::read_link(out.join("outer")).unwrap(), Path::new("/etc/hostname"));
+    assert_eq!(
+        std::fs::read_link(out.join("inner")).unwrap(),
+        Path::new("sub/blob.bin")
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("outer")).unwrap(),
+        Path::new("/etc/hostname")
+    );
     assert_eq!(
         std::fs::read_to_string(out.join("new.txt")).unwrap(),
         "made-in-container\n"
     );
     // Links the container made are links in the output, and nothing was written through them.
-    assert_eq!(std::fs::read_link(out.join("esc")).unwrap(), PathBuf::from(&outside_s));
-    assert!(std::fs::symlink_metadata(out.join("d/l")).unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_link(out.join("esc")).unwrap(),
+        PathBuf::from(&outside_s)
+    );
+    assert!(std::fs::symlink_metadata(out.join("d/l"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
-    assert!(b1.containers(&h.host_id()).is_empty(), "the container is removed");
+    assert!(
+        b1.containers(&h.host_id()).is_empty(),
+        "the container is removed"
+    );
 
     // Slots and load: four unlabelled builds at once fill every slot.
     let names: Vec<String> = (0..4).map(|_| h.build("any")).collect();
@@ -425,8 +465,14 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     assert!(text.contains("b1") && text.contains("up"), "{text}");
     let (_, _, body) = http_raw(&h.web_addr(), "/metrics", &[]);
     let body = String::from_utf8_lossy(&body);
-    assert!(body.contains("amsbuild_engine_slots{engine=\"b2\"} 2"), "{body}");
-    assert!(body.contains("amsbuild_engine_up{engine=\"b1\"} 1"), "{body}");
+    assert!(
+        body.contains("amsbuild_engine_slots{engine=\"b2\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("amsbuild_engine_up{engine=\"b1\"} 1"),
+        "{body}"
+    );
     h.term();
 }
 
@@ -481,9 +527,11 @@ fn an_engine_lost_mid_build_errors_retries_elsewhere_comes_back_and_is_swept_at_
 
     // A host killed with builds on both engines removes its containers on both at restart.
     let id = h.host_id();
-    wait_for("containers on both engines", Duration::from_secs(20), || {
-        (!b1.containers(&id).is_empty() && !b2.containers(&id).is_empty()).then_some(())
-    });
+    wait_for(
+        "containers on both engines",
+        Duration::from_secs(20),
+        || (!b1.containers(&id).is_empty() && !b2.containers(&id).is_empty()).then_some(()),
+    );
     h.kill();
     h.start();
     wait_for("both engines swept", Duration::from_secs(60), || {
