@@ -395,6 +395,8 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     );
     h.project("gpu", &gpu_pipeline);
     h.project("any", &pipeline(json!([stage("s", &["sleep 3"])])));
+    add_user(&h, "boss", "5", "", "a long password");
+    add_user(&h, "dev", "3", "any", "a long password");
     h.start();
     wait_for("both extra engines up", Duration::from_secs(60), || {
         (engine_up(&h, "b1") == Some(true) && engine_up(&h, "b2") == Some(true)).then_some(())
@@ -473,6 +475,30 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
         body.contains("amsbuild_engine_up{engine=\"b1\"} 1"),
         "{body}"
     );
+    // The admin page: SERVER ADMIN sees every engine; anyone else gets the 404 of no page.
+    let web = h.web_addr();
+    let page = |user: &str| {
+        let (st, head, _) = http_full(
+            &web,
+            "POST",
+            "/ams-build/login",
+            &[(
+                "Content-Type",
+                "application/x-www-form-urlencoded".to_string(),
+            )],
+            &form(&[("username", user), ("password", "a long password")]),
+        );
+        assert_eq!(st, 303, "{head}");
+        let (st, _, body) = http_raw(&web, "/ams-build/engines", &[("Cookie", set_cookie(&head))]);
+        (st, String::from_utf8_lossy(&body).to_string())
+    };
+    let (st, body) = page("boss");
+    assert_eq!(st, 200, "{body}");
+    for part in ["b1", "b2", "local", &b1.tcp(), "big", "folders by archive"] {
+        assert!(body.contains(part), "{part}: {body}");
+    }
+    let (st, body) = page("dev");
+    assert_eq!(st, 404, "{body}");
     h.term();
 }
 
