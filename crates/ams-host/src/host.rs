@@ -1002,7 +1002,7 @@ impl Host {
                     finish,
                     engine_failed,
                 } => {
-                    if engine_failed {
+                    if engine_failed && self.ctx.conf.engines.is_some() {
                         // No new build goes there until its monitor hears it answer again.
                         if let Some(e) = self.queue.engine_of(id) {
                             self.queue.set_healthy(e, false);
@@ -1046,8 +1046,12 @@ impl Host {
                     }
                 }
                 Command::EngineHealth { engine, up } => {
-                    self.queue.set_healthy(engine, up);
-                    self.start_ready().await;
+                    // Without `engines` in web_conf.json the one engine is waited for by each
+                    // build (engine_wait_secs), as before pools: health gates only a pool.
+                    if self.ctx.conf.engines.is_some() {
+                        self.queue.set_healthy(engine, up);
+                        self.start_ready().await;
+                    }
                 }
                 Command::Shutdown(done) => {
                     self.shutdown().await;
