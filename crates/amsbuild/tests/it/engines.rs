@@ -569,3 +569,41 @@ fn an_engine_lost_mid_build_errors_retries_elsewhere_comes_back_and_is_swept_at_
     }
     h.term();
 }
+
+#[test]
+fn an_engine_cut_off_the_network_ends_its_build_error_within_bounded_time() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    h.project("long", &pipeline(json!([stage("s", &["sleep 120"])])));
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let name = h.build("long");
+    h.wait_running("long", &name);
+    // The veth pair goes: no reset reaches the host, the connection just goes quiet.
+    must("ip", &["link", "del", &b1.veth]);
+    let t0 = std::time::Instant::now();
+    let r = h.wait_status("long", &name, Duration::from_secs(90));
+    let log = h.log("long", &name);
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(log.contains("stopped answering"), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    wait_for("b1 to show down", Duration::from_secs(30), || {
+        (engine_up(&h, "b1") == Some(false)).then_some(())
+    });
+    // Back on the network, it answers again and its left container is removed.
+    b1.link();
+    wait_for("b1 to answer again", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let id = h.host_id();
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    h.term();
+}
