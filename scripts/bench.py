@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """AMS-Build benchmarks. Builds nothing itself: run `cargo build --release` first.
 
-    python3 scripts/bench.py            # all six, writes BENCHMARKS.md
+    python3 scripts/bench.py            # all eight, writes BENCHMARKS.md
     python3 scripts/bench.py --runs 30  # more runs for (a)
 
 (a) trigger-to-finish of a one-command pipeline vs plain `docker run --rm` of the same image and
     command, interleaved in the same run; (f) a build that restores its cache vs the one that
     filled it; (b) preparation of a 200 MB / 10,000-file git repository
     vs `cp -a` of it; (c) host RSS when idle with 1,000 finished builds recorded; (d) webhook
-    intake with wrk; (e) the JSON API's build list with 10,000 builds, the dashboard's size and
-    the host's RSS under that load; (g) 60 builds that sleep 2 s drained by one engine vs three,
-    and trigger-to-finish over an engine on TCP with mutual TLS vs `docker -H … run` (root).
+    intake with wrk, against an empty delivery log and one of 1,000,000 deliveries; (e) the
+    JSON API's build list with 10,000 builds, the dashboard's size and the host's RSS under that
+    load; (g) the packer against `7z a -mx=5 -mmt=2` of 56 MB of crate sources; (h) the size of
+    the release binary;
+    (i) 60 builds that sleep 2 s drained by one engine vs three, and trigger-to-finish over an
+    engine on TCP with mutual TLS vs `docker -H … run` (root).
 """
 
 import argparse
@@ -25,7 +28,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "amsbuild")
+BIN = os.environ.get("AMSBUILD_BIN", os.path.join(ROOT, "target", "release", "amsbuild"))
 IMAGE = "ams-busybox:latest"
 
 
@@ -210,15 +213,49 @@ def bench_c(host, n):
     return {"idle_kb": idle, "after_burst_kb": busy, "builds": n}
 
 
-def bench_d(tmp, seconds=10):
-    """Webhook intake: signed GitHub pushes with wrk on loopback, 2 threads, 50 connections."""
+def prefill_deliveries(db_path, n, body, with_body=10_000):
+    """Writes `n` recorded deliveries of project `p` (most accepted, some pings and ignored
+    events), the oldest first: the newest `with_body` are younger than the body age and keep
+    the fixture's body, the older ones kept none (as the host's upkeep leaves them)."""
+    import sqlite3
+    db = sqlite3.connect(db_path)
+    now = time.time()
+    headers = json.dumps({"content-type": "application/json", "x-github-event": "push"})
+    verdicts = ["accepted"] * 8 + ["ping", "ignored"]
+
+    def rows():
+        for i in range(n):
+            keep = i >= n - with_body
+            verdict = "accepted" if keep else verdicts[i % len(verdicts)]
+            at = now - 3600 + i * 3600 / n if keep else now - 30 * 86400 + i * (20 * 86400) / n
+            yield (f"old-{i}", "p", "gh", at, "github", "push", verdict, None,
+                   json.dumps([f"p_{i:040x}_build_{i}"]) if verdict == "accepted" else "[]",
+                   headers, body if keep else None)
+    db.executemany(
+        "INSERT INTO deliveries (delivery_id, project, webhook, received_at, sender, event, "
+        "verdict, reason, builds, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows())
+    db.commit()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+def file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def bench_d(tmp, seconds=10, prefill=0):
+    """Webhook intake: signed GitHub pushes with wrk on loopback, 2 threads, 50 connections,
+    against an empty delivery log or one of `prefill` deliveries."""
     import hashlib
     import hmac
     import shutil
     if not shutil.which("wrk"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
                        stdout=subprocess.DEVNULL)
-    host = Host(os.path.join(tmp, "hooks"), {"max_active_builds": 2, "webhook_ip": "127.0.0.1",
+    host = Host(os.path.join(tmp, f"hooks{prefill}"), {"max_active_builds": 2, "webhook_ip": "127.0.0.1",
                                              "webhook_port": 0,
                                                 "web_interface_ip": "127.0.0.1", "web_interface_port": 0})
     host.project("p", pipeline([{"name": "s", "commands": ["true"]}], **{"dummy-build": True}))
@@ -254,23 +291,41 @@ request = function()
 end
 """)
     host.start()
-    with open(os.path.join(tmp, "hooks-host.log"), "w"):
-        pass
     addr = None
     # The host logs its listener address; find it through the socket-less route: the log file.
     host.stop()
-    logf = open(os.path.join(tmp, "hooks-host.log"), "w")
+    db_path = os.path.join(host.data, "ams.db")
+    t0 = time.perf_counter()
+    if prefill:
+        prefill_deliveries(db_path, prefill, body)
+    fill_secs = time.perf_counter() - t0
+    db_before = file_size(db_path)
+    logpath = os.path.join(tmp, f"hooks{prefill}-host.log")
+    logf = open(logpath, "w")
     host.proc = subprocess.Popen([BIN, "--data-dir", host.data, "serve"],
                                  stdout=logf, stderr=logf)
     deadline = time.time() + 30
     while time.time() < deadline and addr is None:
-        with open(os.path.join(tmp, "hooks-host.log")) as f:
+        with open(logpath) as f:
             for line in f:
                 if "webhooks listening on http://" in line:
                     addr = line.split("http://")[1].split("/")[0]
         time.sleep(0.05)
+    # The write-ahead log's largest size during the run, sampled every 100 ms.
+    import threading
+    wal_peak = [0]
+    stop = threading.Event()
+
+    def sample_wal():
+        while not stop.is_set():
+            wal_peak[0] = max(wal_peak[0], file_size(db_path + "-wal"))
+            time.sleep(0.1)
+    sampler = threading.Thread(target=sample_wal)
+    sampler.start()
     out = subprocess.run(["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", "-s", lua,
                           f"http://{addr}"], capture_output=True, text=True, check=True).stdout
+    stop.set()
+    sampler.join()
     rss = host.rss_kb()
     host.stop()
     rate = float(out.split("Requests/sec:")[1].split()[0])
@@ -282,9 +337,13 @@ end
     import sqlite3
     db = sqlite3.connect(os.path.join(host.data, "ams.db"))
     accepted = db.execute("SELECT COUNT(*) FROM deliveries WHERE verdict='accepted'").fetchone()[0]
+    rows = db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
     builds = dict(db.execute("SELECT status, COUNT(*) FROM builds GROUP BY status").fetchall())
+    db.close()
     return {"rate": rate, "p50": lat(50), "p99": lat(99), "total": total, "non2xx": non2xx,
-            "accepted": accepted, "builds": builds, "rss_kb": rss, "seconds": seconds}
+            "accepted": accepted, "builds": builds, "rss_kb": rss, "seconds": seconds,
+            "prefill": prefill, "rows": rows, "fill_secs": fill_secs, "db_before": db_before,
+            "db_after": file_size(db_path), "wal_peak": wal_peak[0]}
 
 
 def web_addr(logpath):
@@ -443,6 +502,83 @@ def bench_f(host, rounds=3):
             "speedup": statistics.median(miss) / statistics.median(hit), "rounds": rounds}
 
 
+def crate_tree(dest, target=56_000_000):
+    """A copy of Rust crate sources from ~/.cargo/registry/src: crates in name order (the
+    `windows*`/`winapi*` import-library crates left out, they are mostly binary), each taken
+    if it still fits under `target` bytes. Returns (bytes, files)."""
+    import glob
+    import shutil
+    regs = sorted(glob.glob(os.path.expanduser("~/.cargo/registry/src/*/")))
+    if not regs:
+        raise SystemExit("no crate sources in ~/.cargo/registry/src: run cargo build first")
+    os.makedirs(dest)
+    total = files = 0
+    for d in sorted(os.listdir(regs[0])):
+        if d.startswith(("windows", "winapi")):
+            continue
+        src = os.path.join(regs[0], d)
+        sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs
+                 if not os.path.islink(os.path.join(r, f))]
+        if total + sum(sizes) > target:
+            continue
+        shutil.copytree(src, os.path.join(dest, d), symlinks=True)
+        total += sum(sizes)
+        files += len(sizes)
+    return total, files
+
+
+def bench_g(tmp, rounds=3):
+    """The packer (`amsbuild __pack`, as the host runs it) against `7z a -mx=5 -mmt=2` of the
+    same tree, interleaved; then `7z t` of ours."""
+    src = os.path.join(tmp, "crates")
+    size, files = crate_tree(src)
+    ours, ref, ours_size, ref_size = [], [], 0, 0
+    entries = sorted(os.listdir(src))
+    for r in range(rounds):
+        a, b = os.path.join(tmp, f"ours{r}.7z"), os.path.join(tmp, f"ref{r}.7z")
+        t0 = time.perf_counter()
+        subprocess.run([BIN, "__pack", src, a], check=True, stdout=subprocess.DEVNULL)
+        t1 = time.perf_counter()
+        subprocess.run(["7z", "a", "-mx=5", "-mmt=2", b, *entries], cwd=src, check=True,
+                       stdout=subprocess.DEVNULL)
+        t2 = time.perf_counter()
+        ours.append(t1 - t0)
+        ref.append(t2 - t1)
+        ours_size, ref_size = os.path.getsize(a), os.path.getsize(b)
+        tested = subprocess.run(["7z", "t", a], capture_output=True, text=True)
+        assert tested.returncode == 0 and "Everything is Ok" in tested.stdout, tested.stdout
+        os.remove(a)
+        os.remove(b)
+    return {"size": size, "files": files, "rounds": rounds, "ours": ours, "ref": ref,
+            "ours_size": ours_size, "ref_size": ref_size,
+            "time_ratio": statistics.median(ours) / statistics.median(ref),
+            "size_ratio": ours_size / ref_size}
+
+
+def bench_h():
+    """The release binary's size (the profile strips it) and whether symbols are left."""
+    out = subprocess.run(["file", BIN], capture_output=True, text=True).stdout
+    return {"bytes": os.path.getsize(BIN), "stripped": "not stripped" not in out}
+
+
+def pack_section(g):
+    ours = ", ".join(f"{x:.1f}" for x in g["ours"])
+    ref = ", ".join(f"{x:.1f}" for x in g["ref"])
+    return f"""## (g) Archiving a build output
+
+{g['size'] / 1e6:.0f} MB / {g['files']:,} files of Rust crate sources (from `~/.cargo/registry/src`,
+copied to a temporary folder), packed by `amsbuild __pack` (what the host runs after a build)
+and by `7z a -mx=5 -mmt=2` of the same tree, interleaved, {g['rounds']} rounds; every archive of
+ours passes `7z t`.
+
+| | time (s), each round | median | size |
+|---|---|---|---|
+| amsbuild packer | {ours} | {statistics.median(g['ours']):.1f} s | {g['ours_size'] / 1e6:.2f} MB |
+| `7z a -mx=5 -mmt=2` | {ref} | {statistics.median(g['ref']):.1f} s | {g['ref_size'] / 1e6:.2f} MB |
+| **ratio** | | **{g['time_ratio']:.2f}×** (target ≤ 1.2×) | **{g['size_ratio']:.3f}×** (target ≤ 1.05×) |
+"""
+
+
 def caches_section(f):
     return f"""## (f) Caches
 
@@ -570,7 +706,7 @@ class Engines:
         self.procs = []
 
 
-def bench_g(tmp, builds=60, runs=10):
+def bench_i(tmp, builds=60, runs=10):
     """The engine pool: `builds` builds of a pipeline that sleeps 2 s drained by one local engine
     of 2 slots, then by it and two extra engines of 2 slots; and trigger-to-finish of a
     one-command build on an engine over TCP with mutual TLS against `docker -H … run --rm` on the
@@ -625,9 +761,9 @@ def bench_g(tmp, builds=60, runs=10):
 
 
 def engines_section(g):
-    return f"""## (g) A pool of engines
+    return f"""## (i) A pool of engines
 
-`python3 scripts/bench.py --only g` (as root: it starts two extra `dockerd`s, each in its own
+`python3 scripts/bench.py --only i` (as root: it starts two extra `dockerd`s, each in its own
 network namespace joined by a veth pair and reached over TCP with mutual TLS, as the engines
 test does). All engines run on this one 2-core machine, so the pool adds slots, not CPUs; the
 builds sleep, so slots are what they need.
@@ -657,7 +793,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g"], help="run one benchmark, print it, write nothing")
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i"],
+                    help="run one benchmark, print it, write nothing")
     ap.add_argument("--bin", help="the amsbuild binary (default: target/release/amsbuild)")
     args = ap.parse_args()
     global BIN
@@ -680,13 +817,19 @@ def main():
             print("c", c, flush=True)
             d = bench_d(tmp) if args.only in (None, "d") else None
             print("d", d, flush=True)
+            d1m = bench_d(tmp, prefill=1_000_000) if args.only in (None, "d") else None
+            print("d 1M", d1m, flush=True)
             e = bench_e(tmp) if args.only in (None, "e") else None
             print("e", json.dumps(e, indent=1), flush=True)
             f = bench_f(host) if args.only in (None, "f") else None
             print("f", f, flush=True)
             g = bench_g(tmp) if args.only in (None, "g") else None
-            if g:
-                print(engines_section(g), flush=True)
+            print("g", g, flush=True)
+            hb = bench_h() if args.only in (None, "h") else None
+            print("h", hb, flush=True)
+            i = bench_i(tmp) if args.only in (None, "i") else None
+            if i:
+                print(engines_section(i), flush=True)
         finally:
             host.stop()
     if args.only:
@@ -753,15 +896,20 @@ each) sent by `wrk -t2 -c50 -d{d['seconds']}s` on loopback to the release host, 
 The project's builds are dummy builds with only-build-latest, so the builds run beside the
 intake without containers.
 
-| | |
-|---|---|
-| **deliveries/s** | **{d['rate']:.0f}** (target ≥ 2,000) |
-| **p99 latency** | **{ms(d['p99'])}** (target ≤ 50 ms) |
-| p50 latency | {ms(d['p50'])} |
-| requests / non-2xx answers | {d['total']:,} / {d['non2xx']} |
-| deliveries recorded as accepted | {d['accepted']:,} |
-| their builds (by status) | {', '.join(f"{k} {v:,}" for k, v in sorted(d['builds'].items()))} |
-| host RSS at the end | {d['rss_kb'] / 1024:.1f} MB |
+The same run again against a delivery log of {d1m['prefill']:,} recorded deliveries (written
+before the start: the newest 10,000 with their bodies, the older ones without, as the host's
+upkeep leaves deliveries older than `delivery_body_max_age_days`).
+
+| | empty log | {d1m['prefill']:,} deliveries |
+|---|---|---|
+| **deliveries/s** | **{d['rate']:.0f}** | **{d1m['rate']:.0f}** (target ≥ 5,000) |
+| **p99 latency** | **{ms(d['p99'])}** | **{ms(d1m['p99'])}** (target ≤ 20 ms) |
+| p50 latency | {ms(d['p50'])} | {ms(d1m['p50'])} |
+| requests / non-2xx answers | {d['total']:,} / {d['non2xx']} | {d1m['total']:,} / {d1m['non2xx']} |
+| deliveries recorded as accepted | {d['accepted']:,} | {d1m['accepted']:,} |
+| `ams.db` before → after | {d['db_before'] / 1e6:.1f} → {d['db_after'] / 1e6:.1f} MB | {d1m['db_before'] / 1e6:.0f} → {d1m['db_after'] / 1e6:.0f} MB |
+| `ams.db-wal`, largest during the run | {d['wal_peak'] / 1e6:.1f} MB | {d1m['wal_peak'] / 1e6:.1f} MB |
+| host RSS at the end | {d['rss_kb'] / 1024:.1f} MB | {d1m['rss_kb'] / 1024:.1f} MB |
 
 Accepted deliveries are written in group commits: the host loop takes every delivery waiting
 in its channel into one transaction and answers each sender after the commit.
@@ -794,7 +942,13 @@ page as one JSON row, and the response is serialized straight from the records. 
 columns run in SQL. Non-2xx answers across these runs: {sum(v["non2xx"] for v in r.values())}.
 
 {caches_section(f)}
-{engines_section(g)}"""
+{pack_section(g)}
+## (h) The release binary
+
+`target/release/amsbuild` as `cargo build --release` leaves it (the profile has fat LTO, one
+codegen unit and `strip`): **{hb['bytes'] / 1e6:.1f} MB**{'' if hb['stripped'] else ' (NOT stripped)'} (target ≤ 12 MB).
+
+{engines_section(i)}"""
     with open(args.out, "w") as f:
         f.write(out)
     print(out)

@@ -169,10 +169,14 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Option<String> {
         })
 }
 
+/// The longest time a case may claim: a year. Longer claims are dropped, so sums stay finite
+/// (a report stored with an infinite total would not read back).
+const MAX_CASE_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 fn seconds(e: &BytesStart<'_>) -> Option<f64> {
     attr(e, b"time")
         .and_then(|t| t.trim().replace(',', "").parse::<f64>().ok())
-        .filter(|t| t.is_finite() && *t >= 0.0)
+        .filter(|t| t.is_finite() && (0.0..=MAX_CASE_SECS).contains(t))
 }
 
 /// The case being read.
@@ -536,6 +540,21 @@ E       assert 1 == 2</failure>
         assert!(parse("d.xml", deep.as_bytes())
             .unwrap_err()
             .contains("nested deeper"));
+    }
+
+    #[test]
+    fn absurd_times_cannot_make_the_report_unstorable() {
+        let xml = r#"<testsuite><testcase name="t" time="1e308"/><testcase name="u" time="1e308"><failure message="hidden"/></testcase><testcase name="v" time="NaN"/><testcase name="w" time="-1"/></testsuite>"#;
+        let mut r = TestReport::default();
+        for _ in 0..3 {
+            r.add_file("a.xml", xml.as_bytes());
+        }
+        assert!(r.totals.time_secs.is_finite());
+        assert_eq!(r.totals.failed, 3);
+        // It survives the round trip the store makes.
+        let text = serde_json::to_string(&r).unwrap();
+        let back: TestReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct WebConf {
     /// Retention default: remove the files of final builds that finished more than this many
     /// days ago (`retention.max-age-days` overrides it). Off when null.
     pub retention_max_age_days: Option<f64>,
+    /// The delivery log keeps a webhook delivery's body (for replay) this many days; older
+    /// bodies are dropped, the rest of the record stays. Null: kept as long as the record.
+    pub delivery_body_max_age_days: Option<f64>,
     /// When set, `GET /metrics` answers only requests with `Authorization: Bearer <token>`;
     /// unset, it needs no authentication.
     pub metrics_token: Option<String>,
@@ -122,6 +125,9 @@ pub fn label_problem(label: &str) -> Option<&'static str> {
     }
 }
 
+/// Days a webhook delivery's body is kept by default.
+pub const DELIVERY_BODY_DAYS: f64 = 7.0;
+
 impl Default for WebConf {
     fn default() -> Self {
         WebConf {
@@ -149,6 +155,7 @@ impl Default for WebConf {
             session_max_secs: 7 * 24 * 3600,
             retention_keep_builds: None,
             retention_max_age_days: None,
+            delivery_body_max_age_days: Some(DELIVERY_BODY_DAYS),
             metrics_token: None,
             engines: None,
         }
@@ -276,6 +283,16 @@ impl WebConf {
             .is_some_and(|d| !retention::max_age_ok(d))
         {
             return bad("retention_max_age_days", retention::MAX_AGE_RULE);
+        }
+        if self
+            .delivery_body_max_age_days
+            .is_some_and(|d| !retention::max_age_ok(d))
+        {
+            return bad(
+                "delivery_body_max_age_days",
+                "must be a number of days greater than 0 (such as 7; fractions allowed), or \
+                 null to keep delivery bodies as long as their records",
+            );
         }
         if let Some(t) = &self.metrics_token {
             if t.len() < METRICS_TOKEN_MIN || !t.bytes().all(|b| b.is_ascii_graphic()) {
@@ -576,6 +593,10 @@ mod tests {
             (
                 r#"{"retention_max_age_days": -2.5}"#,
                 "retention_max_age_days",
+            ),
+            (
+                r#"{"delivery_body_max_age_days": 0}"#,
+                "delivery_body_max_age_days",
             ),
         ] {
             let e = WebConf::parse(text, "/d/web_conf.json").unwrap_err();

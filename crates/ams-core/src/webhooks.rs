@@ -39,6 +39,14 @@ impl Verdict {
             Verdict::Duplicate => "duplicate",
         }
     }
+
+    /// Whether a delivery with this verdict keeps its body (for replay, until
+    /// `delivery_body_max_age_days`): accepted and refused ones, which an admin may want to run
+    /// again once the webhook's settings are fixed. A ping, an ignored event and a duplicate
+    /// keep none: they are most of a busy sender's deliveries and nothing replays them usefully.
+    pub fn keeps_body(self) -> bool {
+        matches!(self, Verdict::Accepted | Verdict::Refused)
+    }
 }
 
 impl std::fmt::Display for Verdict {

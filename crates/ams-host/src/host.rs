@@ -817,6 +817,10 @@ impl Host {
             tx.clone(),
         ));
         host.workers.spawn(crate::retention::hourly(gc.clone()));
+        host.workers.spawn(crate::deliveries::upkeep(
+            store.clone(),
+            cfg.conf.delivery_body_max_age_days,
+        ));
         let handle = HostHandle {
             gc,
             tx,

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod control;
 pub mod copy;
+pub mod deliveries;
 pub mod error;
 pub mod git;
 pub mod host;

@@ -1599,8 +1599,22 @@ pub async fn run_build(
         }
     }
 
+    // A build stopped before its cleanup (canceled, timed out) is not reported on or archived:
+    // say so once, rather than starting a packer the stop ends at once.
+    if let Some((_, why)) =
+        stopped_outcome(stop).filter(|_| stop.reason() != Some(StopReason::Shutdown))
+    {
+        if cleanup_pipeline
+            .as_ref()
+            .is_some_and(|p| p.cleanup.archive || !p.test_reports.is_empty())
+        {
+            log.line(&format!(
+                "the output is not read or archived: {why}; the output folder is kept"
+            ));
+        }
+    }
     // A build the host failed has no result of the project's to archive.
-    if stop.reason() != Some(StopReason::Shutdown) && outcome.status != BuildStatus::Error {
+    if stop.reason().is_none() && outcome.status != BuildStatus::Error {
         if let Some(p) = cleanup_pipeline
             .as_ref()
             .filter(|p| !p.test_reports.is_empty())

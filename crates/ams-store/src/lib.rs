@@ -255,6 +255,9 @@ pub struct Delivery {
     pub reason: Option<String>,
     /// Names of the builds it queued.
     pub builds: Vec<String>,
+    /// Size of the body kept for replay (0: none, or dropped with age).
+    #[serde(default)]
+    pub body_bytes: i64,
 }
 
 /// A delivery to record; `headers` (JSON) and `body` are kept for replay.
@@ -271,6 +274,14 @@ pub struct NewDelivery {
     pub builds: Vec<String>,
     pub headers: String,
     pub body: Vec<u8>,
+}
+
+impl NewDelivery {
+    /// The body as stored: only a verdict that keeps one (`Verdict::keeps_body`) stores it,
+    /// and an empty body is no body.
+    fn kept_body(&self) -> Option<&[u8]> {
+        (self.verdict.keeps_body() && !self.body.is_empty()).then_some(self.body.as_slice())
+    }
 }
 
 /// A user of the web interface and API. The password is stored only as its argon2id hash.
@@ -730,6 +741,8 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
+            // A write-ahead log that grew under load is cut back to 64 MiB when it restarts.
+            .pragma("journal_size_limit", "67108864")
             .read_only(read_only);
         let pool = SqlitePoolOptions::new()
             .max_connections(connections)
@@ -764,6 +777,7 @@ impl Store {
             include_str!("../migrations/0012_secrets.sql"),
             include_str!("../migrations/0013_build_params.sql"),
             include_str!("../migrations/0014_test_reports.sql"),
+            include_str!("../migrations/0018_delivery_bodies.sql"),
         ];
         // Read first: a database already up to date opens without a write (read-only too).
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -1380,7 +1394,7 @@ impl Store {
                     .bind(&d.reason)
                     .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
                     .bind(&d.headers)
-                    .bind(&d.body);
+                    .bind(d.kept_body());
             }
             q.execute(&mut *tx).await?;
         }
@@ -1437,7 +1451,7 @@ impl Store {
         .bind(&d.reason)
         .bind(serde_json::to_string(&d.builds).unwrap_or_else(|_| "[]".into()))
         .bind(&d.headers)
-        .bind(&d.body)
+        .bind(d.kept_body())
         .fetch_one(&self.pool)
         .await?;
         Ok(id)
@@ -1960,17 +1974,27 @@ impl Store {
             verdict: r.try_get("verdict")?,
             reason: r.try_get("reason")?,
             builds: serde_json::from_str(&builds).unwrap_or_default(),
+            body_bytes: 0,
         };
         let headers: String = r.try_get("headers")?;
         let body: Option<Vec<u8>> = r.try_get("body")?;
-        Ok(Some((d, headers, body.unwrap_or_default())))
+        let body = body.unwrap_or_default();
+        Ok(Some((
+            Delivery {
+                body_bytes: body.len() as i64,
+                ..d
+            },
+            headers,
+            body,
+        )))
     }
 
     /// A project's deliveries, newest first.
     pub async fn deliveries_of(&self, project: &str, limit: i64) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(
             "SELECT id, delivery_id, project, webhook, received_at, sender, event, verdict, \
-             reason, builds FROM deliveries WHERE project = ? ORDER BY id DESC LIMIT ?",
+             reason, builds, coalesce(length(body), 0) AS body_bytes FROM deliveries \
+             WHERE project = ? ORDER BY id DESC LIMIT ?",
         )
         .bind(project)
         .bind(limit)
@@ -1990,9 +2014,46 @@ impl Store {
                     verdict: r.try_get("verdict")?,
                     reason: r.try_get("reason")?,
                     builds: serde_json::from_str(&builds).unwrap_or_default(),
+                    body_bytes: r.try_get("body_bytes")?,
                 })
             })
             .collect()
+    }
+
+    /// Drops the bodies of deliveries received before `before` (seconds since the epoch), a
+    /// thousand rows a statement so that no write waits long behind it. Returns how many.
+    pub async fn drop_delivery_bodies(&self, before: f64) -> Result<u64> {
+        let mut dropped = 0;
+        loop {
+            let n = sqlx::query(
+                "UPDATE deliveries SET body = NULL WHERE id IN (SELECT id FROM deliveries \
+                 INDEXED BY deliveries_with_body WHERE body IS NOT NULL AND received_at < ? \
+                 LIMIT 1000)",
+            )
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            dropped += n;
+            if n < 1000 {
+                return Ok(dropped);
+            }
+        }
+    }
+
+    /// Copies the write-ahead log into the database (never waiting); when the log holds more
+    /// than `max_frames` pages, checkpoints it whole and truncates the file. Returns the log's
+    /// pages before.
+    pub async fn checkpoint(&self, max_frames: i64) -> Result<i64> {
+        let (_, log, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.pool)
+            .await?;
+        if log > max_frames {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(log)
     }
 
     /// Stores a secret (replacing one of the same name) if the project stays within `limits`,
@@ -2600,6 +2661,87 @@ mod tests {
         assert_eq!(info.latest_build_key.as_deref(), Some("p_2"));
         assert_eq!(info.last_complete_time, Some(1002.0));
         assert_eq!(s.builds_of("p", 10, 0).await.unwrap()[0].name, "p_2");
+    }
+
+    /// Pings, ignored deliveries and duplicates keep no body, through either write path; the
+    /// others keep theirs until `drop_delivery_bodies` passes their time.
+    #[tokio::test]
+    async fn delivery_bodies_are_kept_only_where_replay_needs_them_and_only_so_long() {
+        use ams_core::webhooks::Verdict;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+        let d = |id: &str, verdict: Verdict, at: f64| NewDelivery {
+            delivery_id: Some(id.into()),
+            project: "p".into(),
+            webhook: "w".into(),
+            received_at: at,
+            verdict,
+            body: format!("{{\"id\": \"{id}\"}}").into_bytes(),
+            ..Default::default()
+        };
+        let batch = [
+            d("old", Verdict::Accepted, 100.0),
+            d("ping", Verdict::Ping, 100.0),
+            d("ignored", Verdict::Ignored, 100.0),
+            d("new", Verdict::Accepted, 300.0),
+            d("old", Verdict::Accepted, 300.0),
+        ];
+        s.accept_deliveries(
+            batch
+                .into_iter()
+                .map(|delivery| DeliveryBatchItem {
+                    delivery,
+                    builds: vec![],
+                })
+                .collect(),
+            |_, i| Ok(format!("p_{i}")),
+        )
+        .await
+        .unwrap();
+        s.record_delivery(&d("refused", Verdict::Refused, 100.0))
+            .await
+            .unwrap();
+        s.record_delivery(&d("ping2", Verdict::Ping, 300.0))
+            .await
+            .unwrap();
+        let kept = |s: &Store| {
+            let s = s.clone();
+            async move {
+                let mut v: Vec<(String, String, i64)> = s
+                    .deliveries_of("p", 10)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|d| (d.delivery_id.unwrap(), d.verdict, d.body_bytes))
+                    .collect();
+                v.reverse();
+                v
+            }
+        };
+        let with = |id: &str, v: &str, n: i64| (id.to_string(), v.to_string(), n);
+        assert_eq!(
+            kept(&s).await,
+            vec![
+                with("old", "accepted", 13),
+                with("ping", "ping", 0),
+                with("ignored", "ignored", 0),
+                with("new", "accepted", 13),
+                with("old", "duplicate", 0),
+                with("refused", "refused", 17),
+                with("ping2", "ping", 0),
+            ]
+        );
+        assert_eq!(s.drop_delivery_bodies(200.0).await.unwrap(), 2);
+        assert_eq!(s.drop_delivery_bodies(200.0).await.unwrap(), 0);
+        let after = kept(&s).await;
+        assert_eq!(after[0], with("old", "accepted", 0));
+        assert_eq!(after[3], with("new", "accepted", 13));
+        assert_eq!(after[5], with("refused", "refused", 0));
+        let (_, _, body) = s.delivery_payload(1).await.unwrap().unwrap();
+        assert!(body.is_empty());
+        // The log is checkpointed on demand (all of it when it holds more than the limit).
+        s.checkpoint(0).await.unwrap();
+        assert_eq!(s.checkpoint(0).await.unwrap(), 0, "the log was truncated");
     }
 
     #[tokio::test]

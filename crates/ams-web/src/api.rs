@@ -7,9 +7,8 @@
 //! existence of a project never leaks to a user without access to it.
 
 use crate::{auth, session};
-use ams_core::access::{Action, Grant, Level};
+use ams_core::access::{Action, Grant};
 use ams_host::error::HostError;
-use ams_host::host::BuildRequest;
 use ams_host::{timefmt, HostHandle};
 use ams_store::{BuildRecord, User};
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -269,6 +268,29 @@ impl FromRequestParts<ApiState> for Caller {
 /// The session's CSRF token, for pages that render forms.
 #[derive(Debug, Clone)]
 pub struct CsrfToken(pub String);
+
+impl From<crate::ops::OpError> for ApiError {
+    fn from(e: crate::ops::OpError) -> Self {
+        use crate::ops::OpError;
+        match e {
+            OpError::NotFound => ApiError::NotFound,
+            OpError::Forbidden(m) => ApiError::Forbidden(m),
+            OpError::Bad(m) => ApiError::Bad(m),
+            OpError::Host(h) => ApiError::Host(h),
+            OpError::Internal => ApiError::Internal,
+        }
+    }
+}
+
+impl Caller {
+    /// The caller as the operations layer sees it.
+    pub fn who(&self) -> crate::ops::Who<'_> {
+        crate::ops::Who {
+            name: &self.user.name,
+            grant: &self.grant,
+        }
+    }
+}
 
 pub fn router(state: ApiState, web_root: &str) -> Router {
     let api = Router::new()
@@ -658,6 +680,9 @@ async fn project_tasks(st: &ApiState, c: &Caller, name: &str) -> Result<Value, A
 
 /// Builds newest first, a page at a time: `?page=1&per_page=50&fields=name,status`.
 /// `?per_page=` (1 to 500, default 50) and `?page=` (from 1) as (limit, offset).
+/// The highest page number a list accepts (past the end, a page is simply empty).
+pub const MAX_PAGE: i64 = 1_000_000;
+
 fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
     let per_page: i64 = q
         .get("per_page")
@@ -668,8 +693,8 @@ fn page_args(q: &HashMap<String, String>) -> (i64, i64) {
         .get("page")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
-        .max(1);
-    (per_page, (page - 1) * per_page)
+        .clamp(1, MAX_PAGE);
+    (per_page, (page - 1).saturating_mul(per_page))
 }
 
 /// (column, value) filters that SQL applies.
@@ -945,17 +970,7 @@ async fn replay(
     c: Caller,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    let (d, _, _) = st
-        .host
-        .store
-        .delivery_payload(id)
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .ok_or(ApiError::NotFound)?;
-    admin(&st, &c, &d.project)?;
-    let v = ams_host::control::replay(&st.host, id, &c.user.name)
-        .await
-        .map_err(ApiError::Bad)?;
+    let (_, v) = crate::ops::replay(&st, c.who(), None, id).await?;
     Ok(Json(v))
 }
 
@@ -1034,26 +1049,13 @@ async fn secret_delete(
     Ok(Json(json!({"removed": secret})))
 }
 
-fn operate(st: &ApiState, c: &Caller, project: &str) -> Result<(), ApiError> {
-    visible(st, c, project)?;
-    if c.grant.may(Action::Operate, project) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(format!(
-            "{} on `{project}` may not trigger, cancel or delete builds; ask an ADMIN of the \
-             project for MODERATOR",
-            c.grant.level_on(project).unwrap_or(Level::NoAuth).name()
-        )))
-    }
-}
-
 async fn trigger(
     State(st): State<ApiState>,
     c: Caller,
     Path(name): Path<String>,
     OptionalJson(body): OptionalJson,
 ) -> Result<Response, ApiError> {
-    operate(&st, &c, &name)?;
+    crate::ops::may_operate(c.who(), &name)?;
     let b = body.unwrap_or(Value::Null);
     if !(b.is_null() || b.is_object()) {
         return Err(ApiError::Bad(
@@ -1072,40 +1074,17 @@ async fn trigger(
         })?,
     };
     let s = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_string);
-    let project = ams_core::names::ProjectName::new(&name).map_err(|_| ApiError::NotFound)?;
-    let req = BuildRequest {
-        project,
-        branch: s("branch"),
-        commit: s("commit"),
-        actor: c.user.name.clone(),
-        trigger: ams_core::names::Trigger::Api,
+    let r = crate::ops::trigger(
+        &st,
+        c.who(),
+        &name,
+        s("branch"),
+        s("commit"),
         params,
-    };
-    let r = st.host.build(req).await?;
+        ams_core::names::Trigger::Api,
+    )
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&r)}))).into_response())
-}
-
-/// Resolves a build reference once, here at the edge, to one build of a project the caller
-/// may see, then checks that it may act on it; only the build's id goes on to the host.
-async fn find_build(
-    st: &ApiState,
-    c: &Caller,
-    project: Option<&str>,
-    name: &str,
-) -> Result<BuildRecord, ApiError> {
-    let b = st
-        .host
-        .resolve(project, name, |p| c.grant.may(Action::View, p))
-        .await
-        .map_err(|e| match e {
-            ams_host::host::ResolveError::Ambiguous { .. } => ApiError::Bad(format!(
-                "{e}: POST api/projects/name/{{project}}/builds/{name}/…"
-            )),
-            ams_host::host::ResolveError::Store(_) => ApiError::Internal,
-        })?
-        .ok_or(ApiError::NotFound)?;
-    operate(st, c, &b.project)?;
-    Ok(b)
 }
 
 async fn cancel_build(
@@ -1114,8 +1093,7 @@ async fn cancel_build(
     project: Option<&str>,
     name: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let b = find_build(&st, &c, project, name).await?;
-    let b = st.host.cancel(b.build_id(), &c.user.name).await?;
+    let b = crate::ops::cancel(&st, c.who(), project, name).await?;
     Ok(Json(json!({"build": build_json(&b)})))
 }
 
@@ -1125,11 +1103,8 @@ async fn rebuild_build(
     project: Option<&str>,
     name: &str,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let b = find_build(&st, &c, project, name).await?;
-    let b = st
-        .host
-        .rebuild(&b, &c.user.name, ams_core::names::Trigger::Api)
-        .await?;
+    let (b, _) =
+        crate::ops::rebuild(&st, c.who(), project, name, ams_core::names::Trigger::Api).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"build": build_json(&b)}))))
 }
 
@@ -1155,8 +1130,7 @@ async fn delete_build_output(
     project: Option<&str>,
     name: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let b = find_build(&st, &c, project, name).await?;
-    st.host.delete_output(b.build_id(), &c.user.name).await?;
+    crate::ops::delete_output(&st, c.who(), project, name).await?;
     Ok(Json(json!({"ok": true})))
 }
 
@@ -1200,20 +1174,11 @@ async fn viewable_build(
     q: &HashMap<String, String>,
 ) -> Result<BuildRecord, ApiError> {
     let project = q.get("project").map(String::as_str);
-    st.host
-        .resolve(project, name, |p| c.grant.may(Action::View, p))
-        .await
-        .map_err(|e| match e {
-            ams_host::host::ResolveError::Ambiguous { .. } => {
-                ApiError::Bad(format!("{e}: add ?project=NAME"))
-            }
-            ams_host::host::ResolveError::Store(_) => ApiError::Internal,
-        })?
-        .ok_or(ApiError::NotFound)
+    Ok(crate::ops::visible_build(st, c.who(), project, name).await?)
 }
 
 /// `GET api/builds/{name}/tests`: the build's test report (totals, failed tests with their
-/// messages, unreadable report files); 404 when it read none.
+/// messages, unreadable report files); `"report": null` when it read none.
 async fn build_tests(
     State(st): State<ApiState>,
     c: Caller,
@@ -1226,8 +1191,7 @@ async fn build_tests(
         .store
         .test_report(b.id)
         .await
-        .map_err(|_| ApiError::Internal)?
-        .ok_or(ApiError::NotFound)?;
+        .map_err(|_| ApiError::Internal)?;
     Ok(Json(
         json!({"build": b.name, "project": b.project, "report": report}),
     ))
@@ -1267,9 +1231,20 @@ async fn build_files(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let b = viewable_build(&st, &c, &name, &q).await?;
-    let files = archive_files(&st, &b).await?.ok_or(ApiError::NotFound)?;
+    let files = archive_files(&st, &b).await?;
+    let archived = files.is_some();
+    let files = files.unwrap_or_default();
+    let total = files.len();
+    let offset: usize = q.get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+        .clamp(1, 10_000);
     let list: Vec<Value> = files
-        .iter()
+        .into_iter()
+        .skip(offset)
+        .take(limit)
         .map(|f| {
             let mut v = json!({"path": f.path, "kind": f.kind, "size": f.size, "mode": f.mode});
             if f.kind == "file" {
@@ -1279,7 +1254,8 @@ async fn build_files(
         })
         .collect();
     Ok(Json(
-        json!({"build": b.name, "project": b.project, "files": list}),
+        json!({"build": b.name, "project": b.project, "archived": archived, "total": total,
+               "offset": offset, "files": list}),
     ))
 }
 
@@ -1339,18 +1315,30 @@ async fn archive_file(
     Path((project, build, path)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (b, dir) = recorded(&st, &c, &project, &build).await?;
-    let files = archive_files(&st, &b).await?.ok_or(ApiError::NotFound)?;
-    let entry = files
-        .into_iter()
-        .find(|f| f.path == path && f.kind == "file")
-        .ok_or(ApiError::NotFound)?;
+    if b.archive_name.is_none() || b.output_deleted_at.is_some() {
+        return Err(ApiError::NotFound);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel::<u64>();
     let archive = dir.archive.clone();
-    let name = entry.path.clone();
+    let name = path.clone();
+    // One pass over the archive's header: the entry is checked, its size told, then its
+    // bytes streamed; any error before the size is a 404.
     tokio::task::spawn_blocking(move || {
         let mut w = BodyWriter(tx.clone());
-        if let Err(e) = ams_archive::extract_one(&archive, &name, &mut w) {
-            if !matches!(e, ams_archive::ExtractError::Write(_)) {
+        let mut found_tx = Some(found_tx);
+        let mut found = |size: u64| {
+            if let Some(t) = found_tx.take() {
+                let _ = t.send(size);
+            }
+        };
+        if let Err(e) = ams_archive::extract_one(&archive, &name, &mut found, &mut w) {
+            if !matches!(
+                e,
+                ams_archive::ExtractError::Write(_)
+                    | ams_archive::ExtractError::NotFound(_)
+                    | ams_archive::ExtractError::NotAFile(..)
+            ) {
                 tracing::warn!("{}: {name}: {e}", archive.display());
             }
             // The body ends with an error: the client sees a cut transfer, never a short file
@@ -1358,8 +1346,10 @@ async fn archive_file(
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
+    let size = found_rx.await.map_err(|_| ApiError::NotFound)?;
+    let entry_path = path;
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let base = entry.path.rsplit('/').next().unwrap_or("file");
+    let base = entry_path.rsplit('/').next().unwrap_or("file");
     let ascii: String = base
         .chars()
         .map(|ch| {
@@ -1378,7 +1368,7 @@ async fn archive_file(
         [
             ("content-type", "application/octet-stream".to_string()),
             ("content-disposition", disposition),
-            ("content-length", entry.size.to_string()),
+            ("content-length", size.to_string()),
             ("x-content-type-options", "nosniff".to_string()),
             (
                 "content-security-policy",

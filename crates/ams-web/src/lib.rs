@@ -7,6 +7,7 @@ pub mod badge;
 pub mod limits;
 pub mod manage;
 pub mod metrics;
+pub mod ops;
 pub mod pages;
 pub mod session;
 pub mod tls;

@@ -12,12 +12,11 @@
 
 use crate::api::ApiState;
 use crate::auth;
-use crate::pages::{self, back, form_viewer, html, not_found, refused, Viewer};
-use crate::session::esc;
+use crate::pages::{self, back, not_found, refused, FormViewer, PageViewer, Viewer};
 use ams_core::access::{Action, Change, Grant, Level};
 use ams_host::timefmt;
-use axum::extract::{Form, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -141,96 +140,68 @@ impl Fields {
     }
 }
 
-async fn posted(
-    st: &ApiState,
-    headers: &HeaderMap,
-    pairs: Vec<(String, String)>,
-) -> Result<(Viewer, Fields), Response> {
-    let f = Fields::new(pairs);
-    let v = form_viewer(st, headers, &f.one).await?;
-    Ok((v, f))
+/// A checked form post (session, CSRF, origin) with its fields.
+fn posted(fv: FormViewer) -> (Viewer, Fields) {
+    (fv.v, Fields::new(fv.pairs))
 }
 
-async fn clear_messages(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Form(pairs): Form<Vec<(String, String)>>,
-) -> Response {
-    let (v, _) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn clear_messages(State(st): State<ApiState>, fv: FormViewer) -> Response {
+    let (v, _) = posted(fv);
     let _ = st.host.store.clear_messages(&v.user.name).await;
     let _ = st.host.changes.send(());
     back(format!("/{}/", st.conf.web_root))
 }
 
-fn header(root: &str, v: &Viewer, title: &str) -> String {
-    let mut links =
-        format!("<a href=\"/{root}/\">Dashboard</a> · <a href=\"/{root}/account\">Account</a>");
-    if v.grant.manages_users() {
-        links.push_str(&format!(" · <a href=\"/{root}/users\">Users</a>"));
-    }
-    format!("<p>{links}</p><h1>{}</h1>", esc(title))
+async fn account_page(State(st): State<ApiState>, PageViewer(v): PageViewer) -> Response {
+    account(&st, &v, None).await
 }
 
-async fn account_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
-    let root = st.conf.web_root.clone();
-    let Some(v) = pages::viewer(&st, &headers).await else {
-        return pages::to_login(&root, "account");
-    };
-    account(&st, &v, None).await
+pub struct TokenV {
+    pub id: i64,
+    pub label: String,
+    pub created: crate::view::Ts,
+    pub used: Option<crate::view::Ts>,
+}
+
+#[derive(askama::Template)]
+#[template(path = "account.html")]
+struct AccountT<'a> {
+    chrome: crate::view::Chrome,
+    name: &'a str,
+    access: String,
+    csrf: &'a str,
+    fresh: Option<(&'a str, &'a str)>,
+    tokens: Vec<TokenV>,
+    min_pw: usize,
 }
 
 /// The account page; `fresh` is a token just created, shown this once.
 async fn account(st: &ApiState, v: &Viewer, fresh: Option<(&str, &str)>) -> Response {
     let root = &st.conf.web_root;
-    let csrf = esc(&v.csrf);
-    let mut b = header(root, v, &format!("Account of {}", v.user.name));
-    b.push_str(&format!("<p>Access: {}</p>", esc(&v.grant.describe())));
-    if let Some((label, token)) = fresh {
-        b.push_str(&format!(
-            "<div class=\"panel fresh\"><p>New token <strong>{}</strong>. Copy it now: it is shown only \
-             this once and stored only as a hash.</p><pre id=\"new-token\">{}</pre>\
-             <p>Use it as <code>Authorization: Bearer …</code>.</p></div>",
-            esc(label),
-            esc(token)
-        ));
-    }
-    b.push_str("<h2>API tokens</h2><table><tr><th>#</th><th>Label</th><th>Created</th><th>Last used</th><th></th></tr>");
-    for t in st
+    let tokens = st
         .host
         .store
         .tokens_of(&v.user.name)
         .await
         .unwrap_or_default()
-    {
-        b.push_str(&format!(
-            "<tr><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td><form class=\"inline\" method=\"post\" \
-             action=\"/{root}/account/tokens/{id}/revoke\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-             <button type=\"submit\">Revoke</button></form></td></tr>",
-            esc(&t.label),
-            esc(&timefmt::legacy(t.created_at)),
-            esc(&t.last_used.map(timefmt::legacy).unwrap_or_else(|| "never".into())),
-            id = t.id,
-        ));
-    }
-    b.push_str(&format!(
-        "</table><form method=\"post\" action=\"/{root}/account/tokens\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input name=\"label\" placeholder=\"label, e.g. deploy script\" required maxlength=\"100\"> \
-         <label>Current password <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
-         <button type=\"submit\" id=\"create-token\">Create a token</button></form>\
-         <h2>Password</h2><form method=\"post\" action=\"/{root}/account/password\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <label>Current <input type=\"password\" name=\"current\" autocomplete=\"current-password\" required></label> \
-         <label>New <input type=\"password\" name=\"new\" autocomplete=\"new-password\" minlength=\"{min}\" required></label> \
-         <button type=\"submit\">Change the password</button></form>\
-         <p>Changing the password ends every session of this account, this one included, and \
-         revokes every API token.</p>",
-        min = auth::MIN_PASSWORD
-    ));
-    html(StatusCode::OK, "Account", root, Some(v), &b)
+        .into_iter()
+        .map(|t| TokenV {
+            id: t.id,
+            label: t.label,
+            created: crate::view::Ts::at(t.created_at),
+            used: t.last_used.map(crate::view::Ts::at),
+        })
+        .collect();
+    let t = AccountT {
+        chrome: crate::view::Chrome::new(root, "Account", Some(v)).section("account"),
+        name: &v.user.name,
+        access: v.grant.describe(),
+        csrf: &v.csrf,
+        fresh,
+        tokens,
+        min_pw: auth::MIN_PASSWORD,
+    };
+    crate::view::render(StatusCode::OK, &t)
 }
 
 /// Checks a new password's length and hashes it within the argon2 budget.
@@ -296,13 +267,9 @@ async fn check_current_password(
 async fn create_token(
     State(st): State<ApiState>,
     addr: Option<axum::Extension<crate::session::ClientAddr>>,
-    headers: HeaderMap,
-    Form(pairs): Form<Vec<(String, String)>>,
+    fv: FormViewer,
 ) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (v, f) = posted(fv);
     let root = &st.conf.web_root;
     let label = f.get("label");
     if label.is_empty() || label.chars().count() > 100 {
@@ -350,16 +317,8 @@ async fn create_token(
     }
 }
 
-async fn revoke_token(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
-    Form(pairs): Form<Vec<(String, String)>>,
-) -> Response {
-    let (v, _) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn revoke_token(State(st): State<ApiState>, Path(id): Path<i64>, fv: FormViewer) -> Response {
+    let (v, _) = posted(fv);
     let root = &st.conf.web_root;
     // Only one's own tokens: another user's id is simply not found.
     match st.host.store.revoke_token(&v.user.name, id).await {
@@ -382,13 +341,9 @@ async fn revoke_token(
 async fn change_password(
     State(st): State<ApiState>,
     addr: Option<axum::Extension<crate::session::ClientAddr>>,
-    headers: HeaderMap,
-    Form(pairs): Form<Vec<(String, String)>>,
+    fv: FormViewer,
 ) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (v, f) = posted(fv);
     let root = &st.conf.web_root;
     if let Err(r) = check_current_password(&st, &v, addr, f.raw("current")).await {
         return r;
@@ -423,75 +378,86 @@ async fn change_password(
     }
 }
 
-/// A `<select>` of the levels this viewer may give on one project, `—` (not a member) first,
-/// with `current` selected.
-fn level_select(v: &Viewer, name: &str, id: &str, current: Option<Level>) -> String {
+pub struct OptV {
+    pub value: String,
+    pub label: &'static str,
+    pub selected: bool,
+}
+
+/// One project's level choice in the users page.
+pub struct LevelFieldV {
+    pub project: String,
+    pub name: String,
+    pub id: String,
+    pub options: Vec<OptV>,
+}
+
+pub struct UserRowV {
+    pub name: String,
+    pub me: bool,
+    pub describe: String,
+    /// The SERVER ADMIN box (SERVER ADMIN viewers only) and whether it is ticked.
+    pub server_admin: Option<bool>,
+    pub levels: Vec<LevelFieldV>,
+    pub others: String,
+}
+
+/// The levels this viewer may give on one project, `—` (not a member) first, `current`
+/// selected; a level it may not give stays shown as it is.
+fn level_options(v: &Viewer, current: Option<Level>) -> Vec<OptV> {
     let max = v.grant.max_grantable().unwrap_or(Level::NoAuth);
-    let mut s = format!(
-        "<select name=\"{}\" id=\"{}\"><option value=\"\">—</option>",
-        esc(name),
-        esc(id)
-    );
+    let mut out = vec![OptV {
+        value: String::new(),
+        label: "—",
+        selected: current.is_none(),
+    }];
     for l in Level::PER_PROJECT
         .into_iter()
         .filter(|l| *l != Level::NoAuth && *l <= max)
     {
-        s.push_str(&format!(
-            "<option value=\"{}\"{}>{}</option>",
-            u8::from(l),
-            if current == Some(l) { " selected" } else { "" },
-            esc(l.name())
-        ));
+        out.push(OptV {
+            value: u8::from(l).to_string(),
+            label: l.name(),
+            selected: current == Some(l),
+        });
     }
-    // A level this viewer may not give stays shown as it is.
     if let Some(c) = current.filter(|c| *c > max || *c == Level::NoAuth) {
-        s.push_str(&format!(
-            "<option value=\"{}\" selected>{}</option>",
-            u8::from(c),
-            esc(c.name())
-        ));
+        out.push(OptV {
+            value: u8::from(c).to_string(),
+            label: c.name(),
+            selected: true,
+        });
     }
-    s.push_str("</select>");
-    s
+    out
 }
 
-/// One labelled level choice per project this viewer may change for `target`.
-fn level_fields(v: &Viewer, target: &Grant, projects: &[String], id: &str) -> String {
+/// One level choice per project this viewer may change for `target`.
+fn level_fields(v: &Viewer, target: &Grant, projects: &[String], id: &str) -> Vec<LevelFieldV> {
     projects
         .iter()
         .filter(|p| v.grant.may_change(target, p))
-        .map(|p| {
-            format!(
-                "<label>{} {}</label> ",
-                esc(p),
-                level_select(
-                    v,
-                    &format!("{LEVEL_ON}{p}"),
-                    &format!("{id}-{p}"),
-                    target.projects.get(p).copied()
-                )
-            )
+        .map(|p| LevelFieldV {
+            project: p.clone(),
+            name: format!("{LEVEL_ON}{p}"),
+            id: format!("{id}-{p}"),
+            options: level_options(v, target.projects.get(p).copied()),
         })
         .collect()
 }
 
-/// The SERVER ADMIN box, for SERVER ADMIN viewers only.
-fn server_admin_box(v: &Viewer, id: &str, checked: bool) -> String {
-    if !v.grant.is_server_admin() {
-        return String::new();
-    }
-    format!(
-        "<label><input type=\"checkbox\" name=\"server_admin\" value=\"on\" id=\"{}\"{}> SERVER ADMIN</label> ",
-        esc(id),
-        if checked { " checked" } else { "" }
-    )
+#[derive(askama::Template)]
+#[template(path = "users.html")]
+struct UsersT {
+    chrome: crate::view::Chrome,
+    csrf: String,
+    users: Vec<UserRowV>,
+    new_levels: Vec<LevelFieldV>,
+    server_admin: bool,
+    min_pw: usize,
 }
 
-async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+async fn users_page(State(st): State<ApiState>, PageViewer(v): PageViewer) -> Response {
     let root = st.conf.web_root.clone();
-    let Some(v) = pages::viewer(&st, &headers).await else {
-        return pages::to_login(&root, "users");
-    };
     if !v.grant.manages_users() {
         return refused(
             &root,
@@ -501,83 +467,43 @@ async fn users_page(State(st): State<ApiState>, headers: HeaderMap) -> Response 
     }
     let all = ams_host::project::list(&st.host.data);
     let managed = v.grant.managed_projects(&all);
-    let csrf = esc(&v.csrf);
-    let mut b = header(&root, &v, "Users");
-    b.push_str(
-        "<p>A user has a level on each of its projects: — means not a member. ADMIN gives \
-         MODERATOR at most, on its own projects only; the other projects' levels are kept.</p>\
-         <table><tr><th>User</th><th>Levels</th><th></th></tr>",
-    );
-    for u in st.host.store.users().await.unwrap_or_default() {
-        let g = &u.grant;
-        let ue = esc(&u.name);
-        if u.name == v.user.name {
-            b.push_str(&format!(
-                "<tr><td>{ue} (you)</td><td>{}</td><td></td></tr>",
-                esc(&g.describe())
-            ));
-            continue;
-        }
-        if !v.grant.may_manage(g) {
-            continue;
-        }
-        // Entries outside this viewer's reach are shown by project name, not editable.
-        let others: Vec<&str> = g
-            .projects
-            .keys()
-            .filter(|p| !managed.contains(p) || !v.grant.may_change(g, p))
-            .map(String::as_str)
-            .collect();
-        let others = if others.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " <span class=\"muted\">also: {}</span>",
-                esc(&others.join(", "))
-            )
-        };
-        let mut actions = format!(
-            "<form class=\"inline\" method=\"post\" action=\"/{root}/users/{ue}/remove\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\" id=\"remove-{ue}\">Remove</button></form>"
-        );
-        if v.grant.is_server_admin() {
-            actions.push_str(&format!(
-                "<form class=\"inline\" method=\"post\" action=\"/{root}/users/{ue}/password\">\
-                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                 <input type=\"password\" name=\"password\" placeholder=\"new password\" autocomplete=\"new-password\" minlength=\"{}\" required>\
-                 <button type=\"submit\">Set password</button></form>",
-                auth::MIN_PASSWORD
-            ));
-        }
-        b.push_str(&format!(
-            "<tr><td>{ue}</td><td><form class=\"inline\" method=\"post\" action=\"/{root}/users/{ue}\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{}{}{others} \
-             <button type=\"submit\" id=\"save-{ue}\">Save</button></form></td><td>{actions}</td></tr>",
-            server_admin_box(&v, &format!("sa-{}", u.name), g.is_server_admin()),
-            level_fields(&v, g, &managed, &format!("p-{}", u.name)),
-        ));
-    }
-    b.push_str(&format!(
-        "</table><h2>Add a user</h2><form method=\"post\" action=\"/{root}/users\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input name=\"name\" placeholder=\"name\" required> \
-         <input type=\"password\" name=\"password\" placeholder=\"password\" autocomplete=\"new-password\" minlength=\"{}\" required> \
-         {}{} <button type=\"submit\" id=\"add-user\">Add</button></form>",
-        auth::MIN_PASSWORD,
-        server_admin_box(&v, "sa-new", false),
-        level_fields(&v, &Grant::default(), &managed, "new"),
-    ));
-    if v.grant.is_server_admin() {
-        b.push_str(&format!(
-            "<h2>Create a project</h2><form method=\"post\" action=\"/{root}/projects\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-             <input name=\"name\" placeholder=\"name\" required> \
-             <input name=\"git\" placeholder=\"git URL (empty: a blank project)\" size=\"40\"> \
-             <input name=\"branch\" placeholder=\"branch (optional)\"> \
-             <button type=\"submit\" id=\"create-project\">Create</button></form>"
-        ));
-    }
-    html(StatusCode::OK, "Users", &root, Some(&v), &b)
+    let sa = v.grant.is_server_admin();
+    let users = st
+        .host
+        .store
+        .users()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|u| u.name == v.user.name || v.grant.may_manage(&u.grant))
+        .map(|u| {
+            let g = &u.grant;
+            // Entries outside this viewer's reach are shown by project name, not editable.
+            let others: Vec<&str> = g
+                .projects
+                .keys()
+                .filter(|p| !managed.contains(p) || !v.grant.may_change(g, p))
+                .map(String::as_str)
+                .collect();
+            UserRowV {
+                me: u.name == v.user.name,
+                describe: g.describe(),
+                server_admin: sa.then_some(g.is_server_admin()),
+                levels: level_fields(&v, g, &managed, &format!("p-{}", u.name)),
+                others: others.join(", "),
+                name: u.name,
+            }
+        })
+        .collect();
+    let t = UsersT {
+        chrome: crate::view::Chrome::new(&root, "Users", Some(&v)).section("users"),
+        csrf: v.csrf.clone(),
+        users,
+        new_levels: level_fields(&v, &Grant::default(), &managed, "new"),
+        server_admin: sa,
+        min_pw: auth::MIN_PASSWORD,
+    };
+    crate::view::render(StatusCode::OK, &t)
 }
 
 /// Reads what the form asks for: `level:PROJECT` fields (empty: off the project; projects not
@@ -638,15 +564,8 @@ fn wanted(v: &Viewer, f: &Fields) -> Result<Change, String> {
     })
 }
 
-async fn add_user(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Form(pairs): Form<Vec<(String, String)>>,
-) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn add_user(State(st): State<ApiState>, fv: FormViewer) -> Response {
+    let (v, f) = posted(fv);
     let root = st.conf.web_root.clone();
     if !v.grant.manages_users() {
         return refused(
@@ -730,14 +649,10 @@ fn change_failed(root: &str, e: ams_store::StoreError) -> Response {
 
 async fn set_user(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    Form(pairs): Form<Vec<(String, String)>>,
+    fv: FormViewer,
 ) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (v, f) = posted(fv);
     let root = st.conf.web_root.clone();
     if let Err(r) = target(&st, &v, &name).await {
         return r;
@@ -779,14 +694,10 @@ async fn set_user(
 
 async fn reset_password(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    Form(pairs): Form<Vec<(String, String)>>,
+    fv: FormViewer,
 ) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (v, f) = posted(fv);
     let root = st.conf.web_root.clone();
     if !v.grant.is_server_admin() {
         return refused(
@@ -829,14 +740,10 @@ async fn reset_password(
 
 async fn remove_user(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    Form(pairs): Form<Vec<(String, String)>>,
+    fv: FormViewer,
 ) -> Response {
-    let (v, _) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (v, _) = posted(fv);
     let root = st.conf.web_root.clone();
     if let Err(r) = target(&st, &v, &name).await {
         return r;
@@ -869,15 +776,8 @@ async fn remove_user(
     }
 }
 
-async fn create_project(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Form(pairs): Form<Vec<(String, String)>>,
-) -> Response {
-    let (v, f) = match posted(&st, &headers, pairs).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+async fn create_project(State(st): State<ApiState>, fv: FormViewer) -> Response {
+    let (v, f) = posted(fv);
     let root = st.conf.web_root.clone();
     if !v.grant.is_server_admin() {
         return refused(

@@ -8,8 +8,6 @@ use crate::manage::note;
 use crate::session::{self, esc, secrets_equal};
 use crate::view::{self, Chrome};
 use ams_core::access::{Action, Grant};
-use ams_host::host::BuildRequest;
-use ams_host::timefmt;
 use ams_store::{BuildRecord, User};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -131,23 +129,6 @@ async fn css() -> Response {
         .into_response()
 }
 
-/// A page whose body was built (and escaped) by the caller, in the frame with the top bar.
-pub(crate) fn html(
-    status: StatusCode,
-    title: &str,
-    root: &str,
-    v: Option<&Viewer>,
-    body: &str,
-) -> Response {
-    view::render(
-        status,
-        &view::PageT {
-            chrome: Chrome::new(root, title, v),
-            body,
-        },
-    )
-}
-
 pub(crate) fn fragment(body: String) -> Response {
     (
         [
@@ -171,6 +152,106 @@ pub(crate) async fn viewer(st: &ApiState, headers: &HeaderMap) -> Option<Viewer>
     let (user, csrf) = session::lookup(st, headers).await?;
     let grant = user.grant.clone();
     grant.can_log_in().then_some(Viewer { user, grant, csrf })
+}
+
+/// A fragment's or live stream's viewer: without a session, 401.
+impl axum::extract::FromRequestParts<ApiState> for Viewer {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        viewer(st, &parts.headers)
+            .await
+            .ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
+/// A page's viewer: without a session, the login page, which comes back to this page after.
+pub struct PageViewer(pub Viewer);
+
+impl axum::extract::FromRequestParts<ApiState> for PageViewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        match viewer(st, &parts.headers).await {
+            Some(v) => Ok(PageViewer(v)),
+            None => {
+                let root = &st.conf.web_root;
+                let path = parts.uri.path();
+                let mut back = path
+                    .strip_prefix(&format!("/{root}/"))
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(q) = parts.uri.query() {
+                    back.push('?');
+                    back.push_str(q);
+                }
+                Err(to_login(root, &back))
+            }
+        }
+    }
+}
+
+/// A form post from a page, checked once here: a session, its CSRF token in the form, and
+/// our own Origin. `pairs` is the form as sent (a field may repeat).
+pub struct FormViewer {
+    pub v: Viewer,
+    pub pairs: Vec<(String, String)>,
+}
+
+impl FormViewer {
+    /// A field's first value.
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The form with one value per field (the first).
+    pub fn map(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        for (k, v) in &self.pairs {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        m
+    }
+}
+
+impl axum::extract::FromRequest<ApiState> for FormViewer {
+    type Rejection = Response;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        st: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let Form(pairs) = Form::<Vec<(String, String)>>::from_request(req, st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let root = &st.conf.web_root;
+        let v = viewer(st, &headers)
+            .await
+            .ok_or_else(|| to_login(root, ""))?;
+        let sent = pairs
+            .iter()
+            .find(|(k, _)| k == "csrf")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        if !secrets_equal(sent, &v.csrf) || !session::same_origin(&headers, st.conf.use_ssl) {
+            return Err(refused(
+                root,
+                StatusCode::FORBIDDEN,
+                "missing or wrong CSRF token",
+            ));
+        }
+        Ok(FormViewer { v, pairs })
+    }
 }
 
 pub(crate) fn to_login(root: &str, back: &str) -> Response {
@@ -490,7 +571,7 @@ pub async fn build_list(
     page: i64,
     filter: Option<&BuildFilter>,
 ) -> BuildListV {
-    let page = page.max(1);
+    let page = page.clamp(1, crate::api::MAX_PAGE);
     // One more than shown tells whether an older page exists.
     let mut builds = match filter {
         None => st
@@ -852,13 +933,10 @@ struct BuildT {
 
 async fn build_page(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    PageViewer(v): PageViewer,
     Path((project, name)): Path<(String, String)>,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, &format!("build/{project}/{name}"));
-    };
     let Some(b) = find(&st, &v, &project, &name).await else {
         return not_found(&root);
     };
@@ -1020,13 +1098,10 @@ async fn read_chunk(path: &std::path::Path, end: u64, start: u64) -> (u64, Vec<u
 /// and `x-log-first-line` the number of its first line.
 async fn log_chunk(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    v: Viewer,
     Path((project, name)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(v) = viewer(&st, &headers).await else {
-        return StatusCode::UNAUTHORIZED.into_response();
-    };
     let Some(b) = find(&st, &v, &project, &name).await else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -1063,12 +1138,9 @@ async fn log_chunk(
 
 async fn stages_fragment(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    v: Viewer,
     Path((project, name)): Path<(String, String)>,
 ) -> Response {
-    let Some(v) = viewer(&st, &headers).await else {
-        return StatusCode::UNAUTHORIZED.into_response();
-    };
     match find(&st, &v, &project, &name).await {
         Some(b) => view::render_fragment(&LiveT {
             live: live_view(&st, &v, &b).await,
@@ -1080,13 +1152,11 @@ async fn stages_fragment(
 /// The live log from byte `from`, as `log` events, then one `end` event with the status.
 async fn stream(
     State(st): State<ApiState>,
+    v: Viewer,
     headers: HeaderMap,
     Path((project, name)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(v) = viewer(&st, &headers).await else {
-        return StatusCode::UNAUTHORIZED.into_response();
-    };
     let Some(b) = find(&st, &v, &project, &name).await else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -1145,27 +1215,6 @@ async fn stream(
         .into_response()
 }
 
-/// A form post from a page: a session, its CSRF token in the form, and our own Origin.
-pub(crate) async fn form_viewer(
-    st: &ApiState,
-    headers: &HeaderMap,
-    form: &HashMap<String, String>,
-) -> Result<Viewer, Response> {
-    let root = &st.conf.web_root;
-    let v = viewer(st, headers)
-        .await
-        .ok_or_else(|| to_login(root, ""))?;
-    let sent = form.get("csrf").map(String::as_str).unwrap_or("");
-    if !secrets_equal(sent, &v.csrf) || !session::same_origin(headers, st.conf.use_ssl) {
-        return Err(refused(
-            root,
-            StatusCode::FORBIDDEN,
-            "missing or wrong CSRF token",
-        ));
-    }
-    Ok(v)
-}
-
 pub(crate) fn back(to: String) -> Response {
     (StatusCode::SEE_OTHER, [("location", to)]).into_response()
 }
@@ -1200,34 +1249,39 @@ pub(crate) fn refused(root: &str, status: StatusCode, why: &str) -> Response {
     )
 }
 
+impl Viewer {
+    /// The viewer as the operations layer sees it.
+    pub fn who(&self) -> crate::ops::Who<'_> {
+        crate::ops::Who {
+            name: &self.user.name,
+            grant: &self.grant,
+        }
+    }
+}
+
+/// A refused operation as a page: 404 alike for what may not be seen, else the reason.
+pub(crate) fn op_refused(root: &str, e: &crate::ops::OpError) -> Response {
+    use crate::ops::OpError;
+    match e {
+        OpError::NotFound => not_found(root),
+        OpError::Forbidden(m) => refused(root, StatusCode::FORBIDDEN, m),
+        OpError::Bad(m) => refused(root, StatusCode::BAD_REQUEST, m),
+        OpError::Host(h) => refused(root, host_status(h), &h.to_string()),
+        OpError::Internal => refused(root, StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
 async fn trigger_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path(project): Path<String>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let v = match form_viewer(&st, &headers, &f).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    if !v.grant.may(Action::View, &project) {
-        return not_found(&root);
-    }
-    if !v.grant.may(Action::Operate, &project) {
-        return refused(
-            &root,
-            StatusCode::FORBIDDEN,
-            "you may not trigger builds of this project",
-        );
-    }
+    let v = &fv.v;
     let opt = |k: &str| {
-        f.get(k)
+        fv.get(k)
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
-    };
-    let Ok(name) = ams_core::names::ProjectName::new(&project) else {
-        return not_found(&root);
     };
     // `NAME=value` pairs, one per line or separated by spaces.
     let mut params = std::collections::BTreeMap::new();
@@ -1245,15 +1299,17 @@ async fn trigger_form(
             }
         }
     }
-    let req = BuildRequest {
-        project: name,
-        branch: opt("branch"),
-        commit: opt("commit"),
-        actor: v.user.name.clone(),
-        trigger: ams_core::names::Trigger::Web,
+    let r = crate::ops::trigger(
+        &st,
+        v.who(),
+        &project,
+        opt("branch"),
+        opt("commit"),
         params,
-    };
-    match st.host.build(req).await {
+        ams_core::names::Trigger::Web,
+    )
+    .await;
+    match r {
         Ok(b) => {
             let text = format!("Queued build {}", b.name);
             note(
@@ -1268,67 +1324,36 @@ async fn trigger_form(
             back(format!("/{root}/build/{}/{}", b.project, b.name))
         }
         Err(e) => {
-            let text = format!("Could not trigger a build of {project}: {e}");
-            note(&st, &v.user.name, "error", &text, Some(&project), None).await;
-            refused(&root, host_status(&e), &e.to_string())
+            if !matches!(e, crate::ops::OpError::NotFound) {
+                let text = format!("Could not trigger a build of {project}: {e}");
+                note(&st, &v.user.name, "error", &text, Some(&project), None).await;
+            }
+            op_refused(&root, &e)
         }
     }
 }
 
-/// A build form's viewer (session and CSRF checked) and its build, which the viewer may
-/// operate on; otherwise the answer to give.
-async fn operable_build(
+/// The result of a build form's operation: a message for the viewer, then the build page (or
+/// the reason it was refused).
+async fn after_build_action(
     st: &ApiState,
-    headers: &HeaderMap,
-    project: &str,
+    v: &Viewer,
     name: &str,
-    f: &HashMap<String, String>,
-) -> Result<(Viewer, ams_store::BuildRecord), Response> {
-    let root = &st.conf.web_root;
-    let v = form_viewer(st, headers, f).await?;
-    let Some(b) = find(st, &v, project, name).await else {
-        return Err(not_found(root));
-    };
-    if !v.grant.may(Action::Operate, &b.project) {
-        return Err(refused(root, StatusCode::FORBIDDEN, "you may not do that"));
-    }
-    Ok((v, b))
-}
-
-async fn build_action(
-    st: ApiState,
-    headers: HeaderMap,
-    project: String,
-    name: String,
-    f: HashMap<String, String>,
-    delete: bool,
+    r: Result<(String, BuildRecord), crate::ops::OpError>,
+    failed: &str,
 ) -> Response {
-    let root = st.conf.web_root.clone();
-    let (v, b) = match operable_build(&st, &headers, &project, &name, &f).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let r = if delete {
-        st.host.delete_output(b.build_id(), &v.user.name).await
-    } else {
-        st.host.cancel(b.build_id(), &v.user.name).await.map(|_| ())
-    };
-    let what = if delete {
-        "delete the output of"
-    } else {
-        "cancel"
-    };
+    let root = &st.conf.web_root;
     match r {
-        Ok(()) => {
-            let text = if delete {
-                format!("Deleted the output of {}", b.name)
+        Ok((text, b)) => {
+            let kind = if text.starts_with("Queued") {
+                "pending"
             } else {
-                format!("Asked build {} to cancel", b.name)
+                "ok"
             };
             note(
-                &st,
+                st,
                 &v.user.name,
-                "ok",
+                kind,
                 &text,
                 Some(&b.project),
                 Some(&b.name),
@@ -1337,17 +1362,11 @@ async fn build_action(
             back(format!("/{root}/build/{}/{}", b.project, b.name))
         }
         Err(e) => {
-            let text = format!("Could not {what} {}: {e}", b.name);
-            note(
-                &st,
-                &v.user.name,
-                "error",
-                &text,
-                Some(&b.project),
-                Some(&b.name),
-            )
-            .await;
-            refused(&root, host_status(&e), &e.to_string())
+            if !matches!(e, crate::ops::OpError::NotFound) {
+                let text = format!("Could not {failed} {name}: {e}");
+                note(st, &v.user.name, "error", &text, None, None).await;
+            }
+            op_refused(root, &e)
         }
     }
 }
@@ -1355,146 +1374,71 @@ async fn build_action(
 /// The build page's Rebuild: the same commit again, by the viewer; on to the new build's page.
 async fn rebuild_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path((project, name)): Path<(String, String)>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
-    let root = st.conf.web_root.clone();
-    let (v, b) = match operable_build(&st, &headers, &project, &name, &f).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    match st
-        .host
-        .rebuild(&b, &v.user.name, ams_core::names::Trigger::Web)
-        .await
-    {
-        Ok(n) => {
-            let text = format!("Queued build {} (again of {})", n.name, b.name);
-            note(
-                &st,
-                &v.user.name,
-                "pending",
-                &text,
-                Some(&n.project),
-                Some(&n.name),
-            )
-            .await;
-            back(format!("/{root}/build/{}/{}", n.project, n.name))
-        }
-        Err(e) => {
-            let text = format!("Could not rebuild {}: {e}", b.name);
-            note(
-                &st,
-                &v.user.name,
-                "error",
-                &text,
-                Some(&b.project),
-                Some(&b.name),
-            )
-            .await;
-            refused(&root, host_status(&e), &e.to_string())
-        }
-    }
+    let r = crate::ops::rebuild(
+        &st,
+        fv.v.who(),
+        Some(&project),
+        &name,
+        ams_core::names::Trigger::Web,
+    )
+    .await
+    .map(|(n, b)| (format!("Queued build {} (again of {})", n.name, b.name), n));
+    after_build_action(&st, &fv.v, &name, r, "rebuild").await
 }
 
 async fn cancel_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path((project, name)): Path<(String, String)>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
-    build_action(st, headers, project, name, f, false).await
+    let r = crate::ops::cancel(&st, fv.v.who(), Some(&project), &name)
+        .await
+        .map(|b| (format!("Asked build {} to cancel", b.name), b));
+    after_build_action(&st, &fv.v, &name, r, "cancel").await
 }
 
 async fn delete_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path((project, name)): Path<(String, String)>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
-    build_action(st, headers, project, name, f, true).await
-}
-
-/// The secrets section of a project's admin page: names, when and by whom, a form to set one
-/// and one to remove each. Never a value: they are write-only.
-async fn secrets_html(st: &ApiState, root: &str, project: &str, csrf: &str) -> String {
-    let pe = esc(project);
-    let mut body = String::from(
-        "<h2>Secrets</h2><p class=\"muted\">Given as environment variables to the stages of \
-         builds whose pipeline.json names them in <code>\"secrets\"</code>, for the branches \
-         that pipeline-config.json's <code>\"secret-branches\"</code> lists, and masked in their \
-         logs. Values are write-only: no page or API answer shows one again. For a value of \
-         several lines use <code>amsbuild secret set</code> or the API.</p>",
-    );
-    match ams_host::secrets::list(&st.host.data, &st.host.store, project).await {
-        Ok(list) if list.is_empty() => body.push_str("<p>No secrets.</p>"),
-        Ok(list) => {
-            body.push_str(
-                "<table class=\"secrets\"><tr><th>Name</th><th>Set</th><th>By</th><th></th></tr>",
-            );
-            for s in list {
-                let n = esc(&s.name);
-                body.push_str(&format!(
-                    "<tr><td><code>{n}</code></td><td>{at}</td><td>{by}</td><td><form \
-                     class=\"inline\" method=\"post\" \
-                     action=\"/{root}/admin/{pe}/secrets/{n}/remove\"><input type=\"hidden\" \
-                     name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Remove</button>\
-                     </form></td></tr>",
-                    at = esc(&timefmt::legacy(s.set_at)),
-                    by = esc(&s.set_by),
-                ));
-            }
-            body.push_str("</table>");
-        }
-        Err(e) => body.push_str(&format!("<p class=\"error\">{}</p>", esc(&e.to_string()))),
-    }
-    body.push_str(&format!(
-        "<form method=\"post\" action=\"/{root}/admin/{pe}/secrets\" autocomplete=\"off\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <input name=\"name\" placeholder=\"NAME\" maxlength=\"64\" required \
-         pattern=\"[A-Z_][A-Z0-9_]*\" title=\"capital letters, digits and _\"> \
-         <input type=\"password\" name=\"value\" placeholder=\"value (8 characters or more)\" \
-         minlength=\"8\" required autocomplete=\"new-password\"> \
-         <button type=\"submit\">Set secret</button></form>"
-    ));
-    body
+    let r = crate::ops::delete_output(&st, fv.v.who(), Some(&project), &name)
+        .await
+        .map(|b| (format!("Deleted the output of {}", b.name), b));
+    after_build_action(&st, &fv.v, &name, r, "delete the output of").await
 }
 
 /// A secret form's post: an ADMIN of the project (404 for a project the user cannot see).
-async fn secret_form_viewer(
-    st: &ApiState,
-    headers: &HeaderMap,
-    project: &str,
-    f: &HashMap<String, String>,
-) -> Result<Viewer, Response> {
+/// A secret form's poster must be an ADMIN of the project (404 for a project it cannot see).
+fn may_manage_secrets(st: &ApiState, v: &Viewer, project: &str) -> Option<Response> {
     let root = &st.conf.web_root;
-    let v = form_viewer(st, headers, f).await?;
     if !v.grant.may(Action::View, project) || !ams_host::project::exists(&st.host.data, project) {
-        return Err(not_found(root));
+        return Some(not_found(root));
     }
     if !v.grant.may(Action::ManageSecrets, project) {
-        return Err(refused(
+        return Some(refused(
             root,
             StatusCode::FORBIDDEN,
             "only ADMIN and SERVER ADMIN manage a project's secrets",
         ));
     }
-    Ok(v)
+    None
 }
 
 async fn secret_set_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path(project): Path<String>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
-    let v = match secret_form_viewer(&st, &headers, &project, &f).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let name = f.get("name").map(|n| n.trim()).unwrap_or("");
-    let value = f.get("value").map(String::as_str).unwrap_or("");
+    let v = &fv.v;
+    if let Some(r) = may_manage_secrets(&st, v, &project) {
+        return r;
+    }
+    let name = fv.get("name").map(|n| n.trim()).unwrap_or("");
+    let value = fv.get("value").unwrap_or("");
     let r = ams_host::secrets::set(
         &st.host.data,
         &st.host.store,
@@ -1545,14 +1489,13 @@ async fn project_form_outcome(
 
 async fn secret_remove_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path((project, name)): Path<(String, String)>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
-    let v = match secret_form_viewer(&st, &headers, &project, &f).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    let v = &fv.v;
+    if let Some(r) = may_manage_secrets(&st, v, &project) {
+        return r;
+    }
     let r = ams_host::secrets::remove(&st.host.data, &st.host.store, &project, &name).await;
     if r.is_ok() {
         tracing::info!(
@@ -1569,13 +1512,10 @@ async fn secret_remove_form(
 /// deliveries (with replay) and notifications.
 async fn admin_page(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    PageViewer(v): PageViewer,
     Path(project): Path<String>,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, &format!("admin/{project}"));
-    };
     if !v.grant.may(Action::View, &project) || !ams_host::project::exists(&st.host.data, &project) {
         return not_found(&root);
     }
@@ -1586,106 +1526,137 @@ async fn admin_page(
             "only ADMIN and SERVER ADMIN see this page",
         );
     }
-    let pe = esc(&project);
-    let csrf = esc(&v.csrf);
-    let mut body =
-        format!("<p><a href=\"/{root}/\">Dashboard</a></p><h1>{pe}: administration</h1>");
-    if v.grant.may(Action::ManageSecrets, &project) {
-        body.push_str(&secrets_html(&st, &root, &project, &csrf).await);
-    }
-    body.push_str("<h2>Webhook deliveries</h2><table><tr><th>#</th><th>Received</th><th>Sender</th><th>Event</th><th>Delivery id</th><th>Verdict</th><th>Builds</th><th></th></tr>");
-    for d in st
+    let secrets = if v.grant.may(Action::ManageSecrets, &project) {
+        Some(ams_host::secrets::list(&st.host.data, &st.host.store, &project).await)
+    } else {
+        None
+    };
+    let (secrets, secrets_error) = match secrets {
+        None => (None, None),
+        Some(Ok(list)) => (
+            Some(
+                list.into_iter()
+                    .map(|s| SecretV {
+                        name: s.name,
+                        at: view::Ts::at(s.set_at),
+                        by: s.set_by,
+                    })
+                    .collect(),
+            ),
+            None,
+        ),
+        Some(Err(e)) => (Some(Vec::new()), Some(e.to_string())),
+    };
+    let deliveries = st
         .host
         .store
         .deliveries_of(&project, 200)
         .await
         .unwrap_or_default()
-    {
-        let builds: Vec<String> = d
-            .builds
-            .iter()
-            .map(|b| format!("<a href=\"/{root}/build/{pe}/{0}\">{0}</a>", esc(b)))
-            .collect();
-        body.push_str(&format!(
-            "<tr><td>{id}</td><td>{at}</td><td>{sender}</td><td>{event}</td><td>{did}</td><td>{verdict}{reason}</td><td>{builds}</td>\
-             <td><form class=\"inline\" method=\"post\" action=\"/{root}/admin/{pe}/replay/{id}\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Replay</button></form></td></tr>",
-            id = d.id,
-            at = esc(&timefmt::legacy(d.received_at)),
-            sender = esc(&d.sender),
-            event = esc(&d.event),
-            did = esc(d.delivery_id.as_deref().unwrap_or("")),
-            verdict = esc(&d.verdict),
-            reason = d.reason.as_deref().map(|r| format!(": {}", esc(r))).unwrap_or_default(),
-            builds = builds.join(" ")
-        ));
-    }
-    body.push_str("</table><h2>Notifications</h2><table><tr><th>Sent</th><th>Build</th><th>Hook</th><th>Event</th><th>To</th><th>Outcome</th><th>Attempts</th></tr>");
-    for n in st
+        .into_iter()
+        .map(|d| DeliveryV {
+            id: d.id,
+            at: view::Ts::at(d.received_at),
+            sender: d.sender,
+            event: d.event,
+            delivery_id: d.delivery_id.unwrap_or_default(),
+            verdict: d.verdict,
+            reason: d.reason,
+            builds: d.builds,
+        })
+        .collect();
+    let notifications = st
         .host
         .store
         .notifications_of(&project, 200)
         .await
         .unwrap_or_default()
-    {
-        let tries: Vec<String> = n
-            .attempts
-            .iter()
-            .map(|a| format!("{} ({} ms)", esc(&a.outcome), a.millis))
-            .collect();
-        body.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&timefmt::legacy(n.created_at)),
-            esc(&n.build_name),
-            esc(&n.hook),
-            esc(&n.event),
-            esc(&n.target_host),
-            esc(&n.outcome),
-            tries.join(", ")
-        ));
-    }
-    body.push_str("</table>");
-    html(
-        StatusCode::OK,
-        &format!("{project} administration"),
-        &root,
-        Some(&v),
-        &body,
-    )
+        .into_iter()
+        .map(|n| NotificationV {
+            at: view::Ts::at(n.created_at),
+            attempts: n
+                .attempts
+                .iter()
+                .map(|a| format!("{} ({} ms)", a.outcome, a.millis))
+                .collect::<Vec<_>>()
+                .join(", "),
+            build: n.build_name,
+            hook: n.hook,
+            event: n.event,
+            to: n.target_host,
+            outcome: n.outcome,
+        })
+        .collect();
+    let t = AdminT {
+        chrome: Chrome::new(&root, format!("{project} administration"), Some(&v)),
+        csrf: v.csrf.clone(),
+        secrets,
+        secrets_error,
+        deliveries,
+        notifications,
+        project,
+    };
+    view::render(StatusCode::OK, &t)
+}
+
+pub struct SecretV {
+    pub name: String,
+    pub at: view::Ts,
+    pub by: String,
+}
+
+pub struct DeliveryV {
+    pub id: i64,
+    pub at: view::Ts,
+    pub sender: String,
+    pub event: String,
+    pub delivery_id: String,
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub builds: Vec<String>,
+}
+
+pub struct NotificationV {
+    pub at: view::Ts,
+    pub build: String,
+    pub hook: String,
+    pub event: String,
+    pub to: String,
+    pub outcome: String,
+    pub attempts: String,
+}
+
+#[derive(askama::Template)]
+#[template(path = "admin.html")]
+struct AdminT {
+    chrome: Chrome,
+    project: String,
+    csrf: String,
+    secrets: Option<Vec<SecretV>>,
+    secrets_error: Option<String>,
+    deliveries: Vec<DeliveryV>,
+    notifications: Vec<NotificationV>,
 }
 
 async fn replay_form(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Path((project, id)): Path<(String, i64)>,
-    Form(f): Form<HashMap<String, String>>,
+    fv: FormViewer,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let v = match form_viewer(&st, &headers, &f).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let owned = st
-        .host
-        .store
-        .delivery_payload(id)
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|(d, _, _)| d.project == project);
-    if !owned || !v.grant.may(Action::SeeDeliveries, &project) {
-        return not_found(&root);
-    }
-    match ams_host::control::replay(&st.host, id, &v.user.name).await {
+    let v = &fv.v;
+    match crate::ops::replay(&st, v.who(), Some(&project), id).await {
         Ok(_) => {
             let text = format!("Replayed delivery {id} of {project}");
             note(&st, &v.user.name, "ok", &text, Some(&project), None).await;
             back(format!("/{root}/admin/{project}"))
         }
-        Err(e) => {
+        Err(crate::ops::OpError::Bad(e)) => {
             let text = format!("Could not replay delivery {id} of {project}: {e}");
             note(&st, &v.user.name, "error", &text, Some(&project), None).await;
             refused(&root, StatusCode::CONFLICT, &e)
         }
+        Err(e) => op_refused(&root, &e),
     }
 }
 
@@ -1787,7 +1758,7 @@ pub struct ProjectV {
     pub f_actor: String,
     pub statuses: Vec<StatusOptV>,
     pub filtered: bool,
-    /// The filters as a query prefix for the pager (`branch=x&`).
+    /// The filters as a query prefix for the pager (`branch=x&`; the template escapes it).
     pub filter_query: String,
 }
 
@@ -1856,7 +1827,8 @@ pub fn history_chart(builds: &[BuildRecord]) -> ChartV {
         _ => 0.0,
     };
     let max = done.iter().map(|b| dur(b)).fold(0.0f64, f64::max);
-    let slot = width as f64 / HISTORY as f64;
+    // The bars fill the width (at most 30 px each for a short history).
+    let slot = width as f64 / (done.len().max(27)) as f64;
     let bar_w = slot * 0.8;
     let usable = (base - 10) as f64;
     let (mut passed, mut failed) = (0, 0);
@@ -1902,8 +1874,9 @@ pub fn history_chart(builds: &[BuildRecord]) -> ChartV {
         base,
         bar_w: format!("{bar_w:.1}"),
         desc: format!(
-            "{} builds: {passed} passed, {failed} failed; the longest took {}",
+            "{} build{}: {passed} passed, {failed} failed; the longest took {}",
             bars.len(),
+            if bars.len() == 1 { "" } else { "s" },
             human_secs(max)
         ),
         bars,
@@ -1922,14 +1895,11 @@ struct ProjectT {
 /// schedules and webhooks (never a secret), disk use, and the builds with filters and pages.
 async fn project_page(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    PageViewer(v): PageViewer,
     Path(project): Path<String>,
     Query(f): Query<BuildFilter>,
 ) -> Response {
     let root = st.conf.web_root.clone();
-    let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, &format!("project/{project}"));
-    };
     if !v.grant.may(Action::View, &project) || !ams_host::project::exists(&st.host.data, &project) {
         return not_found(&root);
     }
@@ -2042,7 +2012,7 @@ async fn project_page(
         .iter()
         .map(|(k, val)| {
             let key = if *k == "created_by" { "actor" } else { k };
-            format!("{key}={}&amp;", query_value(val))
+            format!("{key}={}&", query_value(val))
         })
         .collect();
     let list = build_list(
@@ -2109,11 +2079,8 @@ struct ProjectsT {
 }
 
 /// `/{web_root}/projects`: the projects the viewer may see, each with its latest status.
-pub async fn projects_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+pub async fn projects_page(State(st): State<ApiState>, PageViewer(v): PageViewer) -> Response {
     let root = st.conf.web_root.clone();
-    let Some(v) = viewer(&st, &headers).await else {
-        return to_login(&root, "projects");
-    };
     let latest = st.host.store.latest_builds().await.unwrap_or_default();
     let rows = ams_host::project::list(&st.host.data)
         .into_iter()

@@ -163,14 +163,6 @@ pub fn render_fragment<T: Template>(t: &T) -> Response {
     }
 }
 
-/// A page whose body is built elsewhere (escaped where it was built).
-#[derive(Template)]
-#[template(path = "page.html")]
-pub struct PageT<'a> {
-    pub chrome: Chrome,
-    pub body: &'a str,
-}
-
 /// A one-message page: not found, refused.
 #[derive(Template)]
 #[template(path = "message.html")]

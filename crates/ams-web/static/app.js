@@ -118,6 +118,17 @@ function newLine(n) {
   return line;
 }
 
+// A line that heads a stage section sits in its <summary>, which may hold no link: its
+// number becomes plain text there (the line keeps its id, so #L links still reach it).
+function plainNumber(line) {
+  const a = line.querySelector("a.ln");
+  if (!a) return;
+  const span = document.createElement("span");
+  span.className = "ln";
+  span.dataset.n = a.dataset.n;
+  line.replaceChild(span, a);
+}
+
 function lineText(line) {
   return line.textContent.replace(/\n$/, "");
 }
@@ -133,6 +144,7 @@ function groupLines(lines, target) {
       group.className = "stage";
       group.open = true;
       const summary = document.createElement("summary");
+      plainNumber(line);
       summary.appendChild(line);
       group.appendChild(summary);
       target.appendChild(group);
@@ -206,6 +218,7 @@ const Log = {
       g.open = true;
       const s = document.createElement("summary");
       line.parentNode.removeChild(line);
+      plainNumber(line);
       s.appendChild(line);
       g.appendChild(s);
       this.el.appendChild(g);
@@ -357,7 +370,9 @@ function firstErrorButton() {
   const status = document.getElementById("status");
   if (!btn || !status || !["fail", "error", "warn"].includes(status.dataset.status)) return;
   const lines = Array.from(Log.el.querySelectorAll(".line"));
-  const target = lines.find((l) => !l.classList.contains("amsline") && ERROR_WORDS.test(l.textContent)) ||
+  // The commands' own output: not our lines, not the trace of a command ("+ cmd").
+  const output = (l) => !l.classList.contains("amsline") && !lineText(l).startsWith("+ ");
+  const target = lines.find((l) => output(l) && ERROR_WORDS.test(l.textContent)) ||
     lines.find((l) => l.classList.contains("amsline") && /: (FAIL|ERROR)\b/.test(l.textContent));
   if (!target) return;
   btn.hidden = false;

@@ -407,17 +407,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (for outbound notifications).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // AMSBUILD_LOG: a level (`debug`) or `target=level` directives (`info,ams_host=debug`);
+    // anything else means `info`. (`Targets` rather than `EnvFilter`: no regex engine in the
+    // binary.)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter: tracing_subscriber::filter::Targets = std::env::var("AMSBUILD_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::INFO)
+        });
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMSBUILD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
         .with_writer(std::io::stderr)
         .with_target(false)
         // A closed standard error loses the line; never a panic in the fallback report.
         .log_internal_errors(false)
         // Colours only on a terminal: a pipe, a file, journald or `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(filter)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1547,16 +1557,18 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     if first_start {
         // `admin`, unless users.json brought a user of that name.
         let taken = handle.store.users().await?;
-        let admin = ["admin", "amsbuild-admin"]
+        let free = |n: &str| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n));
+        let admin = ["admin".to_string(), "amsbuild-admin".to_string()]
             .into_iter()
-            .find(|n| !taken.iter().any(|u| u.name.eq_ignore_ascii_case(n)))
-            .unwrap_or("amsbuild-admin");
+            .chain((2..).map(|i| format!("amsbuild-admin-{i}")))
+            .find(|n| free(n))
+            .unwrap_or_default();
         let pw = ams_web::auth::random_password();
         let now = timefmt::now();
         handle
             .store
             .create_user(&ams_store::User {
-                name: admin.into(),
+                name: admin.clone(),
                 password_hash: ams_web::auth::hash_password(&pw).map_err(|e| anyhow!(e))?,
                 grant: Grant::server_admin(),
                 created_at: now,

@@ -262,6 +262,11 @@ fn the_readme_api_examples_work_as_written() {
             assert!(bytes.starts_with(b"7z\xbc\xaf\x27\x1c"), "{line}: not a 7z");
         } else if line.contains("/output/") {
             assert!(stdout.contains("built"), "{line}: not the log: {stdout}");
+        } else if line.contains("/file/") {
+            assert_eq!(
+                stdout, "readme-example\n",
+                "{line}: one file of the archive"
+            );
         } else {
             let v: Value = serde_json::from_str(&stdout)
                 .unwrap_or_else(|e| panic!("{line}: not JSON ({e}): {stdout}"));
@@ -285,8 +290,18 @@ fn the_readme_api_examples_work_as_written() {
                 assert_eq!(v["build"]["branch"], "main", "{line}: {v}");
             } else if line.contains("/cancel") {
                 assert_eq!(v["build"]["name"], running.as_str(), "{line}: {v}");
+            } else if line.contains("/tests") {
+                assert_eq!(v["build"], done.as_str(), "{line}: {v}");
+                assert!(v["report"].is_null(), "no test-reports: no report: {v}");
             }
         }
     }
-    assert_eq!(h.wait_status("app", &running, T)["status"], "cancel");
+    let r = h.wait_status("app", &running, T);
+    assert_eq!(r["status"], "cancel");
+    // The reason is the cancel alone: a stopped build is not packed (it once said packing
+    // "failed" because of the same cancel).
+    assert_eq!(r["reason"], "canceled by boss", "{r}");
+    assert!(h
+        .log("app", &running)
+        .contains("the output is not read or archived: canceled by boss"));
 }

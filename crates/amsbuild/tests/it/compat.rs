@@ -564,3 +564,29 @@ fn the_api_speaks_the_described_systems_words_when_asked() {
     );
     assert_eq!(code, 400, "{v}");
 }
+
+/// A users.json holding both `admin` and `amsbuild-admin` (SERVER ADMINs, locked as every
+/// imported user is) still leaves a first-start admin with a password: once, a crafted file made
+/// the start fail after the import, and the next start had no usable account.
+#[test]
+fn a_users_json_that_takes_both_admin_names_still_gets_an_admin() {
+    let mut h = TestHost::new();
+    std::fs::write(
+        h.data.join("users.json"),
+        r#"[{"username": "admin", "access_level": 5, "projects": []},
+            {"username": "amsbuild-admin", "access_level": 5, "projects": []}]"#,
+    )
+    .unwrap();
+    h.start();
+    let log = h.host_log();
+    assert!(
+        log.contains("created the user `amsbuild-admin-2` (SERVER ADMIN) with the password"),
+        "{log}"
+    );
+    let list = String::from_utf8_lossy(&h.cli(&["user", "list"]).stdout).to_string();
+    let line = list
+        .lines()
+        .find(|l| l.starts_with("amsbuild-admin-2"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(!line.contains("locked"), "{list}");
+}

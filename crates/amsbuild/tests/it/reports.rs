@@ -148,6 +148,16 @@ fn test_reports_and_single_archived_files_reach_the_page_and_the_api() {
     assert!(entry("junit-link.xml").unwrap().get("link").is_none());
     let weird = entry("we ird #1?.txt").expect("listed");
     let weird_link = weird["link"].as_str().unwrap().to_string();
+    assert_eq!(v["total"], files.len());
+    let (_, one) = http(
+        &addr,
+        "GET",
+        &format!("/ams-build/api/builds/{name}/files?offset=1&limit=1"),
+        &auth(&user),
+        b"",
+    );
+    assert_eq!(one["files"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["files"][0], files[1], "a page of the list");
     assert_eq!(
         weird_link,
         format!("dl/app/{name}/file/we%20ird%20%231%3F.txt")

@@ -276,8 +276,12 @@ fn every_https_answer_tells_browsers_to_stay_on_https() {
             https(&addr, &cert.der, "GET", "/ams-build/nope", &[], b""),
         ),
         (
-            "a page outside web_root",
+            "the root, which leads to the dashboard",
             https(&addr, &cert.der, "GET", "/", &[], b""),
+        ),
+        (
+            "a page outside web_root",
+            https(&addr, &cert.der, "GET", "/nope", &[], b""),
         ),
         (
             "the API without a token",
@@ -296,7 +300,7 @@ fn every_https_answer_tells_browsers_to_stay_on_https() {
         ),
     ];
     let statuses: Vec<u16> = answers.iter().map(|(_, (st, _, _))| *st).collect();
-    assert_eq!(statuses, [200, 401, 303, 404, 404, 401, 400]);
+    assert_eq!(statuses, [200, 401, 303, 404, 303, 404, 401, 400]);
     for (what, (_, head, _)) in &answers {
         assert_eq!(
             hsts(head),

@@ -19,7 +19,11 @@ struct Hooked {
 
 impl Hooked {
     fn new(webhooks: Value) -> Self {
-        let mut h = TestHost::new();
+        Self::with_conf(webhooks, json!({}))
+    }
+
+    fn with_conf(webhooks: Value, conf: Value) -> Self {
+        let mut h = TestHost::with_conf(conf);
         h.project(
             "p",
             &pipeline_with(json!([stage("s", &["true"])]), json!({"dummy-build": true})),
@@ -223,6 +227,62 @@ fn pings_tags_deletions_and_other_events_build_nothing() {
     assert_eq!(st, 200, "{v}");
     assert!(v["ignored"].as_str().unwrap().contains("pull_request"));
     assert!(t.builds().is_empty());
+}
+
+/// The delivery log stays bounded: a ping and an ignored delivery are recorded without a body
+/// (so there is nothing to replay), and an accepted delivery's body is dropped once it is older
+/// than `delivery_body_max_age_days`, its record kept.
+#[test]
+fn delivery_bodies_are_kept_only_for_replay_and_only_so_long() {
+    let age = Duration::from_secs(6);
+    let t = Hooked::with_conf(
+        gh_hook(json!({})),
+        json!({"delivery_body_max_age_days": age.as_secs_f64() / 86_400.0}),
+    );
+    let (st, v) = t.github("ping", "b-ping", &fixture("github_ping.json"));
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = t.github("push", "b-tag", &fixture("github_push_tag_deleted.json"));
+    assert_eq!(st, 200, "{v}");
+    assert!(v["ignored"].is_string(), "{v}");
+    let body = fixture("github_push_new_branch.json");
+    let sent = std::time::Instant::now();
+    let (st, v) = t.github("push", "b-push", &body);
+    assert_eq!(st, 202, "{v}");
+    let find = |id: &str| {
+        t.deliveries()
+            .into_iter()
+            .find(|d| d["delivery_id"] == id)
+            .unwrap_or_else(|| panic!("no delivery {id}"))
+    };
+    let pushed = find("b-push");
+    assert!(
+        sent.elapsed() < age,
+        "the machine is too slow for this test"
+    );
+    assert_eq!(pushed["body_bytes"], body.len(), "{pushed}");
+    assert_eq!(pushed["verdict"], "accepted");
+    for id in ["b-ping", "b-tag"] {
+        let d = find(id);
+        assert_eq!(d["body_bytes"], 0, "{d}");
+        let o = t.h.cli(&["replay", &d["id"].to_string()]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("kept no body"), "{err}");
+    }
+    // The accepted delivery's body goes once it is older than the age, its record stays.
+    let gone = wait_for(
+        "the old body to be dropped",
+        Duration::from_secs(60),
+        || {
+            let d = find("b-push");
+            (d["body_bytes"] == 0).then_some(d)
+        },
+    );
+    assert!(sent.elapsed() >= age, "dropped before its time");
+    assert_eq!(gone["verdict"], "accepted");
+    assert_eq!(gone["builds"].as_array().unwrap().len(), 1);
+    let o = t.h.cli(&["replay", &gone["id"].to_string()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("kept no body"));
 }
 
 #[test]
