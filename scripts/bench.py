@@ -11,7 +11,9 @@
     intake with wrk, against an empty delivery log and one of 1,000,000 deliveries; (e) the
     JSON API's build list with 10,000 builds, the dashboard's size and the host's RSS under that
     load; (g) the packer against `7z a -mx=5 -mmt=2` of 56 MB of crate sources; (h) the size of
-    the release binary.
+    the release binary;
+    (i) 60 builds that sleep 2 s drained by one engine vs three, and trigger-to-finish over an
+    engine on TCP with mutual TLS vs `docker -H … run` (root).
 """
 
 import argparse
@@ -594,13 +596,210 @@ misses and saves the entry, the second restores it (a clone of the entry into th
 """
 
 
+class Engines:
+    """Extra Docker engines as if on other machines: each `dockerd` in its own network namespace
+    (never the host's: it would take over docker0), joined by a veth pair, reached over TCP with
+    mutual TLS (certificates made here with openssl), with the test image loaded. Needs root."""
+
+    def __init__(self, tmp, n):
+        self.tmp, self.n, self.procs = tmp, n, []
+        self.pki = os.path.join(tmp, "pki")
+        os.makedirs(self.pki)
+        o = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+        k = lambda name: os.path.join(self.pki, name)
+        o("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench CA",
+          "-keyout", k("ca-key.pem"), "-out", k("ca.pem"))
+        self.tag = f"{os.getpid() % 10000}"
+        for i in range(1, n + 1):
+            ip = f"10.232.{i}.2"
+            self._issue(f"e{i}", f"subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth")
+        self._issue("client", "extendedKeyUsage=clientAuth")
+        try:
+            for i in range(1, n + 1):
+                self._start(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _issue(self, name, ext):
+        k = lambda f: os.path.join(self.pki, f)
+        with open(k(name + ".ext"), "w") as f:
+            f.write(ext.replace("\\n", "\n") + "\n")
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                        "-keyout", k(name + "-key.pem"), "-out", k(name + ".csr")],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", k(name + ".csr"), "-CA", k("ca.pem"),
+                        "-CAkey", k("ca-key.pem"), "-CAcreateserial", "-days", "2",
+                        "-extfile", k(name + ".ext"), "-out", k(name + ".pem")],
+                       check=True, capture_output=True)
+
+    def addr(self, i):
+        return f"tcp://10.232.{i}.2:2376"
+
+    def _start(self, i):
+        ns, veth, peer = f"amsb{self.tag}{i}", f"amsbh{self.tag}{i}", f"amsbp{self.tag}{i}"
+        d = os.path.join(self.tmp, f"engine{i}")
+        os.makedirs(d)
+        run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)
+        run("ip", "netns", "add", ns)
+        self.procs.append(("netns", ns, veth))
+        run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+        run("ip", "link", "set", peer, "netns", ns)
+        run("ip", "addr", "add", f"10.232.{i}.1/24", "dev", veth)
+        run("ip", "link", "set", veth, "up")
+        run("ip", "-n", ns, "addr", "add", f"10.232.{i}.2/24", "dev", peer)
+        run("ip", "-n", ns, "link", "set", peer, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        k = lambda f: os.path.join(self.pki, f)
+        log = open(os.path.join(d, "dockerd.log"), "w")
+        p = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", "dockerd",
+                              "--host", self.addr(i), "--host", f"unix://{d}/docker.sock",
+                              "--data-root", f"{d}/root", "--exec-root", f"{d}/exec",
+                              "--pidfile", f"{d}/pid", "--tlsverify", "--tlscacert", k("ca.pem"),
+                              "--tlscert", k(f"e{i}.pem"), "--tlskey", k(f"e{i}-key.pem")],
+                             stdout=log, stderr=log)
+        self.procs.append(("dockerd", p, d))
+        env = dict(os.environ, DOCKER_HOST=f"unix://{d}/docker.sock")
+        deadline = time.time() + 90
+        while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode:
+            if time.time() > deadline:
+                raise SystemExit(f"engine {i} did not start; see {d}/dockerd.log")
+            time.sleep(0.2)
+        save = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "load"], stdin=save.stdout, env=env, check=True,
+                       capture_output=True)
+        save.wait()
+
+    def docker_args(self, i):
+        k = lambda f: os.path.join(self.pki, f)
+        return ["docker", "-H", self.addr(i), "--tlsverify", "--tlscacert", k("ca.pem"),
+                "--tlscert", k("client.pem"), "--tlskey", k("client-key.pem")]
+
+    def conf(self, i, slots):
+        k = lambda f: os.path.join(self.pki, f)
+        return {"name": f"e{i}", "host": self.addr(i), "slots": slots,
+                "tls": {"ca": k("ca.pem"), "cert": k("client.pem"), "key": k("client-key.pem")}}
+
+    def close(self):
+        for kind, a, b in reversed(self.procs):
+            if kind == "dockerd":
+                a.terminate()
+                try:
+                    a.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    a.kill()
+                # Its containerd and shims, found by the engine's own folder.
+                for pid in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            if b.encode() in f.read():
+                                os.kill(int(pid), 9)
+                    except (OSError, ValueError):
+                        pass
+                with open("/proc/self/mountinfo") as f:
+                    mounts = [l.split()[4] for l in f if l.split()[4].startswith(b)]
+                for m in sorted(mounts, key=len, reverse=True):
+                    subprocess.run(["umount", "-l", m], capture_output=True)
+            else:
+                subprocess.run(["ip", "link", "del", b], capture_output=True)
+                subprocess.run(["ip", "netns", "del", a], capture_output=True)
+        self.procs = []
+
+
+def bench_i(tmp, builds=60, runs=10):
+    """The engine pool: `builds` builds of a pipeline that sleeps 2 s drained by one local engine
+    of 2 slots, then by it and two extra engines of 2 slots; and trigger-to-finish of a
+    one-command build on an engine over TCP with mutual TLS against `docker -H … run --rm` on the
+    same engine, interleaved."""
+    engines = Engines(tmp, 2)
+    out = {"builds": builds, "runs": runs}
+    try:
+        local = {"name": "local", "host": "unix:///var/run/docker.sock", "slots": 2}
+        for key, pool in (("one", [local]), ("three", [local, engines.conf(1, 2), engines.conf(2, 2)])):
+            host = Host(os.path.join(tmp, f"pool-{key}"), {"engines": pool, "webhook_ip": "127.0.0.1",
+                                                           "webhook_port": 0, "web_interface_ip": "127.0.0.1",
+                                                           "web_interface_port": 0})
+            host.project("sleepy", pipeline([{"name": "s", "commands": ["sleep 2"]}]))
+            host.start()
+            try:
+                # One warm-up build per engine, so the networks exist before the clock starts.
+                for name in [host.build("sleepy") for _ in pool]:
+                    follow(host.sock, name)
+                t0 = time.perf_counter()
+                names = [host.build("sleepy") for _ in range(builds)]
+                for name in names:
+                    assert follow(host.sock, name) == "pass", host.log("sleepy", name)
+                out[key] = time.perf_counter() - t0
+            finally:
+                host.stop()
+        host = Host(os.path.join(tmp, "pool-remote"), {"engines": [engines.conf(1, 1)],
+                                                       "webhook_ip": "127.0.0.1", "webhook_port": 0,
+                                                       "web_interface_ip": "127.0.0.1",
+                                                       "web_interface_port": 0})
+        host.project("one", pipeline([{"name": "s", "commands": ["true"]}]))
+        host.start()
+        ours, plain = [], []
+        try:
+            for r in range(runs + 2):
+                t0 = time.perf_counter()
+                name = host.build("one")
+                assert follow(host.sock, name) == "pass", host.log("one", name)
+                t1 = time.perf_counter()
+                subprocess.run(engines.docker_args(1) + ["run", "--rm", IMAGE, "sh", "-c", "true"],
+                               check=True, capture_output=True)
+                t2 = time.perf_counter()
+                if r >= 2:
+                    ours.append(t1 - t0)
+                    plain.append(t2 - t1)
+        finally:
+            host.stop()
+        out["remote"] = statistics.median(ours)
+        out["remote_plain"] = statistics.median(plain)
+    finally:
+        engines.close()
+    return out
+
+
+def engines_section(g):
+    return f"""## (i) A pool of engines
+
+`python3 scripts/bench.py --only i` (as root: it starts two extra `dockerd`s, each in its own
+network namespace joined by a veth pair and reached over TCP with mutual TLS, as the engines
+test does). All engines run on this one 2-core machine, so the pool adds slots, not CPUs; the
+builds sleep, so slots are what they need.
+
+{g['builds']} builds of a pipeline whose one stage is `sleep 2`, queued at once, from the first
+trigger until the last record is final (after one warm-up build per engine):
+
+| pool | drain time |
+|---|---|
+| one local engine, 2 slots | {g['one']:.1f} s |
+| **the local engine and two engines over TCP+TLS, 2 slots each** | **{g['three']:.1f} s** ({g['one'] / g['three']:.2f}× faster) |
+
+Trigger to final record of a one-command build on an engine over TCP with mutual TLS (the
+source, the stage scripts and the output travel through the archive endpoint), against
+`docker -H tcp://… --tlsverify run --rm {IMAGE} sh -c true` on the same engine, interleaved,
+{g['runs']} runs each after two warm-up rounds:
+
+| | median |
+|---|---|
+| amsbuild over the remote engine | {ms(g['remote'])} |
+| `docker -H … run --rm` on it | {ms(g['remote_plain'])} |
+| **overhead** | **{ms(g['remote'] - g['remote_plain'])}** |
+"""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g", "h"],
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i"],
                     help="run one benchmark, print it, write nothing")
+    ap.add_argument("--bin", help="the amsbuild binary (default: target/release/amsbuild)")
     args = ap.parse_args()
+    global BIN
+    if args.bin:
+        BIN = os.path.abspath(args.bin)
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "image.sh")], check=True)
@@ -628,6 +827,9 @@ def main():
             print("g", g, flush=True)
             hb = bench_h() if args.only in (None, "h") else None
             print("h", hb, flush=True)
+            i = bench_i(tmp) if args.only in (None, "i") else None
+            if i:
+                print(engines_section(i), flush=True)
         finally:
             host.stop()
     if args.only:
@@ -745,7 +947,8 @@ columns run in SQL. Non-2xx answers across these runs: {sum(v["non2xx"] for v in
 
 `target/release/amsbuild` as `cargo build --release` leaves it (the profile has fat LTO, one
 codegen unit and `strip`): **{hb['bytes'] / 1e6:.1f} MB**{'' if hb['stripped'] else ' (NOT stripped)'} (target ≤ 12 MB).
-"""
+
+{engines_section(i)}"""
     with open(args.out, "w") as f:
         f.write(out)
     print(out)

@@ -77,6 +77,8 @@ pub struct DockerSection {
     pub project_dest: String,
     pub build_output_dest: String,
     pub stop_timeout_secs: u64,
+    /// The engine labels the build needs (web_conf.json `engines[].labels`).
+    pub labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -644,7 +646,22 @@ pub fn parse(text: &str) -> Result<Pipeline, ConfigError> {
             .string("build-output-dest", true, MAX_PATH_BYTES, SHORTEN)?
             .unwrap_or_default(),
         stop_timeout_secs: d.uint("stop-timeout", 3600)?.unwrap_or(10),
+        labels: d.strings("labels")?,
     };
+    if docker.labels.len() > crate::webconf::MAX_LABELS {
+        return Err(err(
+            "docker.labels",
+            format!("has more than {} labels", crate::webconf::MAX_LABELS),
+        ));
+    }
+    for (i, l) in docker.labels.iter().enumerate() {
+        if let Some(p) = crate::webconf::label_problem(l) {
+            return Err(err(
+                &format!("docker.labels[{i}]"),
+                format!("`{}` {p}", clip(l, 64)),
+            ));
+        }
+    }
     for (field, v) in [
         ("docker.project-dest", &docker.project_dest),
         ("docker.build-output-dest", &docker.build_output_dest),
@@ -1754,6 +1771,7 @@ mod tests {
                     project_dest,
                     build_output_dest: out.replace(['{', '}'], "_"),
                     stop_timeout_secs: stop,
+                    labels: Vec::new(),
                 });
             let stage = (
                 "[a-z][a-z {}_]{0,8}",

@@ -66,6 +66,63 @@ pub struct WebConf {
     /// When set, `GET /metrics` answers only requests with `Authorization: Bearer <token>`;
     /// unset, it needs no authentication.
     pub metrics_token: Option<String>,
+    /// The Docker engines builds run on. `None`: one local engine (`DOCKER_HOST` or the local
+    /// socket) with `max_active_builds` slots.
+    pub engines: Option<Vec<EngineConf>>,
+}
+
+/// The client certificate files of an engine reached over TCP with mutual TLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineTls {
+    /// PEM file with the certificate authority that signed the engine's certificate.
+    pub ca: String,
+    /// PEM file with this host's client certificate.
+    pub cert: String,
+    /// PEM file with the client certificate's private key.
+    pub key: String,
+}
+
+/// One Docker engine of the pool (web_conf.json `engines[i]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConf {
+    pub name: String,
+    /// `unix:///path/docker.sock` (an engine on this machine: builds bind-mount the host's
+    /// folders) or `tcp://HOST:PORT` (an engine elsewhere: source and output travel through
+    /// the Engine API's archive endpoint).
+    pub host: String,
+    #[serde(default)]
+    pub tls: Option<EngineTls>,
+    /// Builds that may run on it at once.
+    pub slots: usize,
+    /// What it offers; a pipeline's `docker.labels` must all be among them.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+impl EngineConf {
+    /// Whether the engine shares this machine's file system (a Unix socket).
+    pub fn is_local(&self) -> bool {
+        self.host.is_empty() || self.host.starts_with("unix://")
+    }
+}
+
+/// Most labels an engine or a pipeline may name.
+pub const MAX_LABELS: usize = 32;
+
+/// What is wrong with a label, if anything: 1 to 64 letters, digits, `-`, `_`, `.`.
+pub fn label_problem(label: &str) -> Option<&'static str> {
+    if label.is_empty() || label.len() > 64 {
+        Some("must be 1 to 64 characters")
+    } else if !label
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        Some("may hold only letters, digits, '-', '_' and '.'")
+    } else {
+        None
+    }
 }
 
 /// Days a webhook delivery's body is kept by default.
@@ -100,6 +157,7 @@ impl Default for WebConf {
             retention_max_age_days: None,
             delivery_body_max_age_days: Some(DELIVERY_BODY_DAYS),
             metrics_token: None,
+            engines: None,
         }
     }
 }
@@ -248,7 +306,127 @@ impl WebConf {
                 );
             }
         }
+        if let Some(engines) = &self.engines {
+            self.validate_engines(file, engines)?;
+        }
         Ok(())
+    }
+
+    fn validate_engines(&self, file: &str, engines: &[EngineConf]) -> Result<(), ConfigError> {
+        let bad = |field: String, msg: String| Err(ConfigError::field(file, field, msg));
+        if engines.is_empty() {
+            return bad(
+                "engines".into(),
+                "is an empty list, so no build could run; list at least one engine, or remove \
+                 the key for the one local engine"
+                    .into(),
+            );
+        }
+        if engines.len() > 64 {
+            return bad("engines".into(), "lists more than 64 engines".into());
+        }
+        for (i, e) in engines.iter().enumerate() {
+            let at = |k: &str| format!("engines[{i}].{k}");
+            if let Some(p) = label_problem(&e.name) {
+                return bad(
+                    at("name"),
+                    format!("`{}` {p}", crate::error::clip(&e.name, 64)),
+                );
+            }
+            if engines[..i].iter().any(|o| o.name == e.name) {
+                return bad(
+                    at("name"),
+                    format!("`{}` names two engines; give each its own name", e.name),
+                );
+            }
+            if e.slots == 0 || e.slots > 256 {
+                return bad(at("slots"), "must be from 1 to 256".into());
+            }
+            if let Some(rest) = e.host.strip_prefix("unix://") {
+                if !rest.starts_with('/') {
+                    return bad(
+                        at("host"),
+                        "a Unix socket needs an absolute path, as in \
+                         \"unix:///var/run/docker.sock\""
+                            .into(),
+                    );
+                }
+                if e.tls.is_some() {
+                    return bad(
+                        at("tls"),
+                        "is for engines reached over TCP; remove it from a unix:// engine".into(),
+                    );
+                }
+            } else if let Some(rest) = e.host.strip_prefix("tcp://") {
+                let ok = rest
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return bad(
+                        at("host"),
+                        format!(
+                            "`{}` has no host and port; write \"tcp://HOST:PORT\", as in \
+                             \"tcp://10.0.0.5:2376\"",
+                            crate::error::clip(&e.host, 100)
+                        ),
+                    );
+                }
+                if e.tls.is_none() {
+                    return bad(
+                        at("tls"),
+                        "is missing: an engine over TCP is reached only with mutual TLS; add \
+                         \"tls\": {\"ca\": …, \"cert\": …, \"key\": …} with the engine's CA and \
+                         this host's client certificate and key"
+                            .into(),
+                    );
+                }
+            } else {
+                return bad(
+                    at("host"),
+                    format!(
+                        "`{}` is neither unix:///PATH nor tcp://HOST:PORT",
+                        crate::error::clip(&e.host, 100)
+                    ),
+                );
+            }
+            if let Some(t) = &e.tls {
+                for (k, v) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+                    if v.trim().is_empty() {
+                        return bad(
+                            format!("engines[{i}].tls.{k}"),
+                            "is empty; give the path of a PEM file".into(),
+                        );
+                    }
+                }
+            }
+            if e.labels.len() > MAX_LABELS {
+                return bad(at("labels"), format!("has more than {MAX_LABELS} labels"));
+            }
+            for (j, l) in e.labels.iter().enumerate() {
+                if let Some(p) = label_problem(l) {
+                    return bad(
+                        format!("engines[{i}].labels[{j}]"),
+                        format!("`{}` {p}", crate::error::clip(l, 64)),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The engines builds run on: those of `engines`, or the one local engine (`host` empty:
+    /// `DOCKER_HOST` or the local socket) with `max_active_builds` slots.
+    pub fn engine_list(&self) -> Vec<EngineConf> {
+        match &self.engines {
+            Some(list) => list.clone(),
+            None => vec![EngineConf {
+                name: "local".into(),
+                host: String::new(),
+                tls: None,
+                slots: self.max_active_builds,
+                labels: Vec::new(),
+            }],
+        }
     }
 
     /// The retention every project has unless its pipeline-config.json says otherwise.
@@ -297,6 +475,78 @@ mod tests {
         let d = WebConf::default();
         assert_eq!(WebConf::parse(&d.to_pretty_json(), "w").unwrap(), d);
         assert_eq!(WebConf::parse("{}", "w").unwrap(), d);
+    }
+
+    #[test]
+    fn engines_are_checked_with_the_key_and_the_fix() {
+        let ok = r#"{"engines": [
+            {"name": "local", "host": "unix:///var/run/docker.sock", "slots": 2},
+            {"name": "b1", "host": "tcp://10.0.0.5:2376",
+             "tls": {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"},
+             "slots": 4, "labels": ["linux", "big"]}]}"#;
+        let c = WebConf::parse(ok, "web_conf.json").unwrap();
+        let list = c.engine_list();
+        assert_eq!(list.len(), 2);
+        assert!(list[0].is_local() && !list[1].is_local());
+        assert_eq!(list[1].labels, ["linux", "big"]);
+        // Without the key: one local engine with max_active_builds slots.
+        let one = WebConf::parse(r#"{"max_active_builds": 3}"#, "w").unwrap();
+        let list = one.engine_list();
+        assert_eq!(
+            (list.len(), list[0].slots, list[0].is_local()),
+            (1, 3, true)
+        );
+        for (text, field, fix) in [
+            (r#"{"engines": []}"#, "engines", "at least one engine"),
+            (
+                r#"{"engines": [{"name": "a", "host": "tcp://h:1", "slots": 1}]}"#,
+                "engines[0].tls",
+                "mutual TLS",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "tcp://h", "slots": 1}]}"#,
+                "engines[0].host",
+                "tcp://HOST:PORT",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "ssh://h", "slots": 1}]}"#,
+                "engines[0].host",
+                "unix:///PATH",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 0}]}"#,
+                "engines[0].slots",
+                "1 to 256",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 1},
+                                {"name": "a", "host": "unix:///t", "slots": 1}]}"#,
+                "engines[1].name",
+                "its own name",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 1, "labels": ["b c"]}]}"#,
+                "engines[0].labels[0]",
+                "letters, digits",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 1,
+                   "tls": {"ca": "a", "cert": "b", "key": "c"}}]}"#,
+                "engines[0].tls",
+                "over TCP",
+            ),
+        ] {
+            let e = WebConf::parse(text, "web_conf.json").unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(fix), "{e}");
+            assert!(e.to_string().starts_with("web_conf.json"), "{e}");
+        }
+        let e = WebConf::parse(
+            r#"{"engines": [{"name": "a", "host": "unix:///s", "slot": 1}]}"#,
+            "web_conf.json",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`slot`"), "{e}");
     }
 
     #[test]

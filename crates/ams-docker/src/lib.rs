@@ -4,7 +4,11 @@
 //! One call to [`Executor::run`] owns one container from creation to removal: it removes a
 //! leftover of the same name, creates the container with its labels and limits, attaches to its
 //! output before starting it, streams the output to a bounded channel, stops it (SIGTERM, then
-//! SIGKILL after the stop timeout) when told to, and removes it whatever happened.
+//! SIGKILL after the stop timeout) when told to, and removes it whatever happened. For an
+//! engine on another machine it sends the build's folders in and reads the output back through
+//! the archive endpoint ([`archive`]) instead of bind mounts.
+
+pub mod archive;
 
 use ams_core::docker_args::DockerOptions;
 use bollard::errors::Error as BollardError;
@@ -20,6 +24,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +118,21 @@ pub struct ContainerSpec {
     pub options: DockerOptions,
     /// Seconds between SIGTERM and SIGKILL when stopped.
     pub stop_timeout_secs: u64,
+    /// Host folders sent into the container before it starts (host folder, path inside),
+    /// for engines that cannot bind-mount them.
+    pub copy_in: Vec<(PathBuf, String)>,
+    /// A container folder read back into a host folder once the container has ended.
+    pub copy_out: Option<CopyOut>,
+}
+
+/// A folder to read back from the container after its run (see [`archive::extract`]).
+#[derive(Debug, Clone, Default)]
+pub struct CopyOut {
+    pub container: String,
+    pub host: PathBuf,
+    pub max_bytes: u64,
+    /// What the copy did, or why it failed; filled in by [`Executor::run`].
+    pub report: Arc<Mutex<Option<Result<archive::Extracted, String>>>>,
 }
 
 /// A host folder mounted into the container.
@@ -162,6 +183,55 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Whether the engine answers, within [`CALL_TIMEOUT`].
     fn ping(&self) -> BoxFuture<'_, Result<(), ExecError>>;
+
+    /// The engine's version, within [`CALL_TIMEOUT`].
+    fn version(&self) -> BoxFuture<'_, Result<String, ExecError>> {
+        Box::pin(async move { self.ping().await.map(|_| String::new()) })
+    }
+
+    /// Whether containers on it can bind-mount this machine's folders; when not, the
+    /// worker gives folders as [`ContainerSpec::copy_in`] and [`ContainerSpec::copy_out`].
+    fn shares_files(&self) -> bool {
+        true
+    }
+}
+
+/// Where an engine is and how to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EngineTarget {
+    /// `DOCKER_HOST`, else the local socket.
+    #[default]
+    Default,
+    /// A Unix socket on this machine.
+    Unix(String),
+    /// `tcp://HOST:PORT` with mutual TLS: the CA that signed the engine's certificate, and
+    /// this host's client certificate and key (PEM files).
+    Tls {
+        addr: String,
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+impl EngineTarget {
+    /// Checks that the TLS files can be read and hold PEM blocks, so a wrong path stops the
+    /// start instead of failing every build. The error names the file.
+    pub fn check(&self) -> Result<(), String> {
+        if let EngineTarget::Tls { ca, cert, key, .. } = self {
+            for (what, p) in [("ca", ca), ("cert", cert), ("key", key)] {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("tls.{what}: cannot read {}: {e}", p.display()))?;
+                if !text.contains("-----BEGIN ") {
+                    return Err(format!(
+                        "tls.{what}: {} holds no PEM block (-----BEGIN …)",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The Docker Engine API executor. It connects on first use and keeps the connection; an
@@ -169,6 +239,7 @@ pub trait Executor: Send + Sync + 'static {
 /// so a dead engine fails builds with a clear message instead of stopping the host.
 #[derive(Debug, Default)]
 pub struct DockerExecutor {
+    target: EngineTarget,
     cell: tokio::sync::Mutex<Option<Docker>>,
     /// Whether [`BUILD_NETWORK`] is known to exist.
     network_ready: tokio::sync::Mutex<bool>,
@@ -177,6 +248,38 @@ pub struct DockerExecutor {
 impl DockerExecutor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An executor for the engine at `target`; it connects on first use.
+    pub fn for_target(target: EngineTarget) -> Self {
+        DockerExecutor {
+            target,
+            ..Default::default()
+        }
+    }
+
+    fn connect_now(&self) -> Result<Docker, BollardError> {
+        match &self.target {
+            EngineTarget::Default => Docker::connect_with_defaults(),
+            EngineTarget::Unix(path) => Docker::connect_with_unix(
+                path,
+                CALL_TIMEOUT.as_secs() * 6,
+                bollard::API_DEFAULT_VERSION,
+            ),
+            EngineTarget::Tls {
+                addr,
+                ca,
+                cert,
+                key,
+            } => Docker::connect_with_ssl(
+                addr,
+                key,
+                cert,
+                ca,
+                CALL_TIMEOUT.as_secs() * 6,
+                bollard::API_DEFAULT_VERSION,
+            ),
+        }
     }
 
     /// Connects now (DOCKER_HOST or the local socket) and negotiates the API version, so an
@@ -192,7 +295,7 @@ impl DockerExecutor {
         if let Some(d) = cell.as_ref() {
             return Ok(d.clone());
         }
-        let docker = Docker::connect_with_defaults().map_err(docker_err)?;
+        let docker = self.connect_now().map_err(docker_err)?;
         let docker = timed("version", CALL_TIMEOUT, docker.negotiate_version())
             .await?
             .map_err(docker_err)?;
@@ -390,6 +493,46 @@ impl DockerExecutor {
         }
     }
 
+    /// Reads `out.container` back into `out.host` (see [`archive::extract`]).
+    async fn copy_out(
+        &self,
+        docker: &Docker,
+        name: &str,
+        out: &CopyOut,
+    ) -> Result<archive::Extracted, ExecError> {
+        let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
+            .path(&out.container)
+            .build();
+        let stream = docker
+            .download_from_container(name, Some(opts))
+            .map(|r| r.map_err(std::io::Error::other));
+        let reader = tokio_util::io::StreamReader::new(stream);
+        let sync = tokio_util::io::SyncIoBridge::new(reader);
+        let (dest, max) = (out.host.clone(), out.max_bytes);
+        let handle = tokio::runtime::Handle::current();
+        let done = tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            std::fs::create_dir_all(&dest)?;
+            archive::extract(sync, &dest, max).map_err(|e| match e {
+                archive::ExtractError::Io(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })
+        })
+        .await
+        .map_err(|e| ExecError::Docker(format!("reading the output failed: {e}")))?;
+        done.map_err(|e| {
+            let m = e.to_string();
+            if m.contains("No such container") || m.contains("404") {
+                ExecError::Docker(format!(
+                    "the output folder {} is missing: {m}",
+                    out.container
+                ))
+            } else {
+                ExecError::Docker(format!("cannot read the output back: {m}"))
+            }
+        })
+    }
+
     async fn run_inner(
         &self,
         spec: &ContainerSpec,
@@ -410,6 +553,26 @@ impl DockerExecutor {
         )
         .await?
         .map_err(docker_err)?;
+        if !spec.copy_in.is_empty() {
+            // The folders go in as one tar at the root, each under its own path, streamed as
+            // the engine reads it.
+            let rx = archive::tar_stream(spec.copy_in.clone());
+            let body = bollard::body_try_stream(tokio_stream_of(rx));
+            let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::new()
+                .path("/")
+                .build();
+            tokio::select! {
+                r = docker.upload_to_container(&spec.name, Some(opts), body) => {
+                    r.map_err(|e| match docker_err(e) {
+                        ExecError::Unreachable(m) => ExecError::Unreachable(m),
+                        other => ExecError::Docker(format!(
+                            "cannot send the build's folders into the container: {other}"
+                        )),
+                    })?;
+                }
+                _ = stop.cancelled() => return Ok(RunEnd::Stopped(-1)),
+            }
+        }
         let attach = AttachContainerOptions {
             stream: true,
             stdout: true,
@@ -456,8 +619,28 @@ impl DockerExecutor {
             tokio::time::sleep(stop_grace).await;
         };
         tokio::pin!(given_up);
+        // An engine that stops answering (killed, network cut) may leave the stream open
+        // without data: pinged every 5 s, three failed pings in a row end the run.
+        let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut missed = 0u32;
         loop {
             tokio::select! {
+                _ = watchdog.tick() => {
+                    match tokio::time::timeout(WATCHDOG_EVERY, docker.ping()).await {
+                        Ok(Ok(_)) => missed = 0,
+                        _ => {
+                            missed += 1;
+                            if missed >= WATCHDOG_MISSES {
+                                return Err(ExecError::Unreachable(format!(
+                                    "the engine stopped answering during the build (no answer \
+                                     to {WATCHDOG_MISSES} pings {} s apart)",
+                                    WATCHDOG_EVERY.as_secs()
+                                )));
+                            }
+                        }
+                    }
+                }
                 _ = &mut given_up => {
                     return Err(ExecError::Unreachable(format!(
                         "the engine did not stop container {} within {} s of the stop",
@@ -502,6 +685,14 @@ impl DockerExecutor {
             Some(Err(e)) => return Err(docker_err(e)),
             None => -1,
         };
+        if let Some(out) = &spec.copy_out {
+            let r = self.copy_out(&docker, &spec.name, out).await;
+            if let Err(ExecError::Unreachable(e)) = &r {
+                return Err(ExecError::Unreachable(e.clone()));
+            }
+            *out.report.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(r.map_err(|e| e.to_string()));
+        }
         if stopping {
             return Ok(RunEnd::Stopped(code));
         }
@@ -594,6 +785,20 @@ impl Executor for DockerExecutor {
         })
     }
 
+    fn shares_files(&self) -> bool {
+        !matches!(self.target, EngineTarget::Tls { .. })
+    }
+
+    fn version(&self) -> BoxFuture<'_, Result<String, ExecError>> {
+        Box::pin(async move {
+            let docker = self.docker().await?;
+            let v = timed("version", CALL_TIMEOUT, docker.version())
+                .await?
+                .map_err(docker_err)?;
+            Ok(v.version.unwrap_or_default())
+        })
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), ExecError>> {
         Box::pin(async move {
             let docker = self.docker().await?;
@@ -639,6 +844,17 @@ impl Executor for DockerExecutor {
             Ok(removed)
         })
     }
+}
+
+/// How often a running build's engine is pinged, and how many missed pings end the build.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
+const WATCHDOG_MISSES: u32 = 3;
+
+/// A stream over a channel's items.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
 /// The network a build joins: ours for the default (`bridge`, `default` or none given),

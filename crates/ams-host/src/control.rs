@@ -198,6 +198,7 @@ async fn connection(h: HostHandle, stream: UnixStream) {
             Ok(s) => json!({"ok": true, "active": s.active, "pending": s.pending}),
             Err(e) => err(e.detail()),
         },
+        "engines" => json!({"ok": true, "engines": *h.engines.borrow()}),
         "follow" => {
             follow(&h, &req, &mut w).await;
             return;

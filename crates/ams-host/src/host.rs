@@ -93,6 +93,40 @@ pub struct EngineState {
     pub error: Option<String>,
 }
 
+/// One Docker engine of the pool, as the host uses it.
+pub struct Engine {
+    pub name: String,
+    pub slots: usize,
+    pub labels: Vec<String>,
+    /// Where it is, as web_conf.json gives it (empty: `DOCKER_HOST` or the local socket).
+    pub host: String,
+    pub executor: Arc<dyn Executor>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({})", self.name)
+    }
+}
+
+/// What the host knows of one engine: from its pings (state, version, last error) and from the
+/// loop (slots in use).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineHealth {
+    pub name: String,
+    pub host: String,
+    /// `None` until the first ping has answered.
+    pub up: Option<bool>,
+    pub version: Option<String>,
+    /// The last failure of a ping, kept after the engine answers again.
+    pub last_error: Option<String>,
+    pub slots: usize,
+    pub in_use: usize,
+    pub labels: Vec<String>,
+    /// Whether builds on it get their folders through the archive endpoint.
+    pub remote: bool,
+}
+
 /// At most this many pending builds are listed in a snapshot.
 pub const SNAPSHOT_PENDING: usize = 500;
 
@@ -236,6 +270,8 @@ pub enum Command {
     Complete {
         id: i64,
         finish: Box<Finish>,
+        /// The engine failed under the build (its container may be left).
+        engine_failed: bool,
     },
     /// A verified webhook delivery: queue its builds unless its id was accepted before, and
     /// record it. Serial in the loop, so two copies of one delivery cannot both build.
@@ -249,6 +285,11 @@ pub enum Command {
     Retry {
         of: i64,
         settings: Arc<QueueSettings>,
+    },
+    /// An engine's monitor saw it start or stop answering.
+    EngineHealth {
+        engine: usize,
+        up: bool,
     },
     Shutdown(oneshot::Sender<()>),
 }
@@ -282,8 +323,10 @@ pub struct HostHandle {
     pub data: DataDir,
     /// Ticks whenever the queue or a build's state may have changed (for live views).
     pub changes: tokio::sync::broadcast::Sender<()>,
-    /// The engine's state, as the host's monitor last saw it.
+    /// The engines' state, as a whole: up while any engine answers.
     pub engine: watch::Receiver<EngineState>,
+    /// Each engine's state, version, slots in use and last error.
+    pub engines: watch::Receiver<Vec<EngineHealth>>,
     gc: Arc<crate::retention::Gc>,
     /// The host's metrics, for the edges that record events and serve them.
     pub metrics: Arc<Metrics>,
@@ -489,6 +532,10 @@ pub struct Host {
     /// Builds whose files a task is removing (delete-output or retention): never two at once.
     removing: Arc<Mutex<HashSet<i64>>>,
     metrics: Arc<Metrics>,
+    /// Each engine's health and slots in use (see [`EngineHealth`]).
+    engine_health: Arc<watch::Sender<Vec<EngineHealth>>>,
+    /// Wakes an engine's monitor to ping it now.
+    nudges: Vec<Arc<tokio::sync::Notify>>,
     /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
     disk_dirty: mpsc::Sender<String>,
 }
@@ -544,14 +591,17 @@ fn build_name(
 
 /// Removes a build's container (by this host's and the build's labels) once the engine
 /// answers, retrying every 5 s for an hour.
-async fn remove_when_back(ctx: &WorkerContext, build: i64) {
+async fn remove_when_back(ctx: &WorkerContext, engine: usize, build: i64) {
+    let Some(engine) = ctx.engines.get(engine) else {
+        return;
+    };
     let id = build.to_string();
     let labels = [
         (ams_docker::LABEL_HOST, ctx.host_id.as_str()),
         (ams_docker::LABEL_BUILD_ID, id.as_str()),
     ];
     for _ in 0..720 {
-        match ctx.executor.remove_labelled(&labels).await {
+        match engine.executor.remove_labelled(&labels).await {
             Ok(names) => {
                 for n in names {
                     tracing::warn!(
@@ -565,43 +615,66 @@ async fn remove_when_back(ctx: &WorkerContext, build: i64) {
     }
 }
 
-/// Pings the engine every 10 s (every 2 s while it is down), publishes its state, and logs
-/// each change once (never a line per failed ping).
+/// Pings engine `index` every 10 s (every 2 s while it is down), keeps its version and last
+/// error in `health`, tells the loop when it starts or stops answering, and logs each change
+/// once (never a line per failed ping).
 async fn monitor_engine(
+    index: usize,
     executor: Arc<dyn Executor>,
-    state: watch::Sender<EngineState>,
+    health: Arc<watch::Sender<Vec<EngineHealth>>>,
+    overall: Arc<watch::Sender<EngineState>>,
+    tx: mpsc::Sender<Command>,
     changes: tokio::sync::broadcast::Sender<()>,
+    nudge: Arc<tokio::sync::Notify>,
 ) {
+    let mut was: Option<bool> = None;
     loop {
-        let now = match executor.ping().await {
-            Ok(()) => EngineState {
-                up: Some(true),
-                error: None,
-            },
-            Err(e) => EngineState {
-                up: Some(false),
-                error: Some(e.to_string()),
-            },
-        };
-        let was = state.borrow().up;
-        if was != now.up {
-            match (&now.up, &now.error) {
-                (Some(true), _) if was.is_some() => {
-                    tracing::warn!("the Docker engine answers again")
+        let answer = executor.version().await;
+        let up = answer.is_ok();
+        let name = health
+            .borrow()
+            .get(index)
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
+        health.send_modify(|all| {
+            if let Some(h) = all.get_mut(index) {
+                h.up = Some(up);
+                match &answer {
+                    Ok(v) => h.version = Some(v.clone()).filter(|v| !v.is_empty()),
+                    Err(e) => h.last_error = Some(e.to_string()),
                 }
-                (Some(true), _) => tracing::info!("the Docker engine answers"),
-                (_, Some(e)) => tracing::warn!(
-                    "the Docker engine is not answering: {e}; builds that need it wait for it"
-                ),
-                _ => {}
             }
-            state.send_replace(now.clone());
+        });
+        if was != Some(up) {
+            match (&answer, was) {
+                (Ok(_), Some(false)) => tracing::warn!("the Docker engine {name} answers again"),
+                (Ok(_), _) => tracing::info!("the Docker engine {name} answers"),
+                (Err(e), _) => tracing::warn!(
+                    "the Docker engine {name} is not answering: {e}; it takes no new builds"
+                ),
+            }
+            let _ = tx.send(Command::EngineHealth { engine: index, up }).await;
+            let now = {
+                let all = health.borrow();
+                let any_up = all.iter().any(|h| h.up == Some(true));
+                EngineState {
+                    up: Some(any_up),
+                    error: (!any_up)
+                        .then(|| all.iter().find_map(|h| h.last_error.clone()))
+                        .flatten(),
+                }
+            };
+            overall.send_replace(now);
             let _ = changes.send(());
-        } else if now.error != state.borrow().error {
-            state.send_replace(now.clone());
+            was = Some(up);
         }
-        let pause = if now.up == Some(true) { 10 } else { 2 };
-        tokio::time::sleep(Duration::from_secs(pause)).await;
+        let pause = if up { 10 } else { 2 };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+            // The loop saw a build fail on this engine and took it out of placement: check
+            // now, and tell the loop either way.
+            _ = nudge.notified() => was = None,
+        }
     }
 }
 
@@ -625,6 +698,23 @@ impl Host {
         cfg: HostConfig,
         executor: Arc<dyn Executor>,
     ) -> anyhow::Result<(Host, HostHandle)> {
+        let engine = Engine {
+            name: "local".into(),
+            slots: cfg.conf.max_active_builds,
+            labels: Vec::new(),
+            host: String::new(),
+            executor,
+        };
+        Self::start_pool(cfg, vec![engine]).await
+    }
+
+    /// Like [`Host::start`], with a pool of engines (web_conf.json `engines`).
+    pub async fn start_pool(
+        cfg: HostConfig,
+        engines: Vec<Engine>,
+    ) -> anyhow::Result<(Host, HostHandle)> {
+        anyhow::ensure!(!engines.is_empty(), "no engine to run builds on");
+        let engines: Vec<Arc<Engine>> = engines.into_iter().map(Arc::new).collect();
         cfg.data.create()?;
         for w in cfg.data.loose_modes() {
             tracing::warn!("{w}");
@@ -646,7 +736,7 @@ impl Host {
         let ctx = Arc::new(WorkerContext {
             data: cfg.data.clone(),
             conf: Arc::new(cfg.conf.clone()),
-            executor,
+            engines: engines.clone(),
             host_id,
             master_locks: Mutex::new(HashMap::new()),
             packer: cfg.packer.clone(),
@@ -660,7 +750,14 @@ impl Host {
         let settings = Arc::new(SettingsCache::default());
         let (disk_dirty, dirty_rx) = mpsc::channel(64);
         let mut host = Host {
-            queue: Queue::new(cfg.conf.max_active_builds),
+            queue: Queue::with_engines(
+                engines
+                    .iter()
+                    .map(|e| ams_core::queue::EngineSlots::new(&e.name, e.slots, &e.labels))
+                    .collect(),
+            ),
+            engine_health: Arc::new(watch::channel(Vec::new()).0),
+            nudges: engines.iter().map(|_| Arc::default()).collect(),
             live: HashMap::new(),
             snap: snap_tx,
             settings: settings.clone(),
@@ -687,9 +784,32 @@ impl Host {
         host.recover().await?;
         host.publish();
         let (engine_tx, engine_rx) = watch::channel(EngineState::default());
-        let (executor, changes_tx) = (host.ctx.executor.clone(), changes.clone());
-        host.workers
-            .spawn(monitor_engine(executor, engine_tx, changes_tx));
+        let engine_tx = Arc::new(engine_tx);
+        host.engine_health.send_replace(
+            engines
+                .iter()
+                .map(|e| EngineHealth {
+                    name: e.name.clone(),
+                    host: e.host.clone(),
+                    slots: e.slots,
+                    labels: e.labels.clone(),
+                    remote: !e.executor.shares_files(),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        let engines_rx = host.engine_health.subscribe();
+        for (i, e) in engines.iter().enumerate() {
+            host.workers.spawn(monitor_engine(
+                i,
+                e.executor.clone(),
+                host.engine_health.clone(),
+                engine_tx.clone(),
+                tx.clone(),
+                changes.clone(),
+                host.nudges[i].clone(),
+            ));
+        }
         let gc = Arc::new(crate::retention::Gc::new(
             store.clone(),
             cfg.data.clone(),
@@ -707,6 +827,7 @@ impl Host {
             snap: snap_rx,
             settings,
             engine: engine_rx,
+            engines: engines_rx,
             store,
             hub,
             data: cfg.data,
@@ -719,20 +840,40 @@ impl Host {
     /// Ends builds a previous run left running, removes their containers, requeues the pending.
     async fn recover(&mut self) -> anyhow::Result<()> {
         // In the background: the host serves at once whatever the engine does.
-        let (executor, host_id) = (self.ctx.executor.clone(), self.ctx.host_id.clone());
-        self.workers.spawn(async move {
-            match executor
-                .remove_labelled(&[(ams_docker::LABEL_HOST, &host_id)])
-                .await
-            {
-                Ok(names) => {
-                    for n in names {
-                        tracing::warn!("removed container {n} left by an interrupted build");
+        // On every engine of the pool; one that does not answer now is swept when it does.
+        for engine in self.ctx.engines.clone() {
+            let host_id = self.ctx.host_id.clone();
+            self.workers.spawn(async move {
+                for attempt in 0..720 {
+                    match engine
+                        .executor
+                        .remove_labelled(&[(ams_docker::LABEL_HOST, &host_id)])
+                        .await
+                    {
+                        Ok(names) => {
+                            for n in names {
+                                tracing::warn!(
+                                    "removed container {n} left by an interrupted build on \
+                                     engine {}",
+                                    engine.name
+                                );
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            if attempt == 0 {
+                                tracing::error!(
+                                    "cannot remove leftover containers on engine {} now: {e}; \
+                                     trying again while it does not answer",
+                                    engine.name
+                                );
+                            }
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
                     }
                 }
-                Err(e) => tracing::error!("cannot remove leftover containers now: {e}"),
-            }
-        });
+            });
+        }
         for b in self.store.unfinished().await? {
             match b.status {
                 BuildStatus::Running => {
@@ -756,16 +897,17 @@ impl Host {
                 }
                 _ => {
                     self.hub.queued(b.id);
-                    let only_latest = self
+                    let (only_latest, labels) = self
                         .settings
                         .get(&self.ctx.data, &b.project)
-                        .map(|s| s.only_latest)
-                        .unwrap_or(false);
+                        .map(|s| (s.only_latest, s.labels.clone()))
+                        .unwrap_or_default();
                     let skipped = self.queue.push(Queued {
                         id: b.id,
                         project: b.project.clone(),
                         branch: b.branch.clone(),
                         only_latest,
+                        labels,
                     });
                     let name = b.name.clone();
                     self.live.insert(b.id, b);
@@ -780,7 +922,7 @@ impl Host {
     fn publish(&self) {
         let rec = |id: &i64| self.live.get(id).cloned();
         let snap = QueueSnapshot {
-            active: self.queue.active().iter().filter_map(rec).collect(),
+            active: self.queue.active().filter_map(|id| rec(&id)).collect(),
             pending: self
                 .queue
                 .pending()
@@ -790,7 +932,20 @@ impl Host {
             pending_total: self.queue.pending().count(),
         };
         self.metrics
-            .queue(snap.pending_total, self.queue.active().len());
+            .queue(snap.pending_total, self.queue.active_count());
+        let slots = self.queue.engines();
+        self.engine_health.send_if_modified(|all| {
+            let mut changed = false;
+            for (h, e) in all.iter_mut().zip(slots) {
+                changed |= h.in_use != e.in_use;
+                h.in_use = e.in_use;
+            }
+            changed
+        });
+        for h in self.engine_health.borrow().iter() {
+            self.metrics
+                .engine(&h.name, h.slots, h.in_use, h.up == Some(true));
+        }
         self.snap.send_replace(Arc::new(snap));
     }
 
@@ -846,7 +1001,18 @@ impl Host {
                     self.delete_output(build, &by, reply).await
                 }
                 Command::Prune { builds, reply } => self.prune(builds, reply),
-                Command::Complete { id, finish } => {
+                Command::Complete {
+                    id,
+                    finish,
+                    engine_failed,
+                } => {
+                    if engine_failed && self.ctx.conf.engines.is_some() {
+                        // No new build goes there until its monitor hears it answer again.
+                        if let Some(e) = self.queue.engine_of(id) {
+                            self.queue.set_healthy(e, false);
+                            self.nudges[e].notify_one();
+                        }
+                    }
                     self.complete(id, &finish).await;
                     self.start_ready().await;
                 }
@@ -881,6 +1047,14 @@ impl Host {
                     self.publish();
                     for (reply, answer) in answers {
                         let _ = reply.send(answer);
+                    }
+                }
+                Command::EngineHealth { engine, up } => {
+                    // Without `engines` in web_conf.json the one engine is waited for by each
+                    // build (engine_wait_secs), as before pools: health gates only a pool.
+                    if self.ctx.conf.engines.is_some() {
+                        self.queue.set_healthy(engine, up);
+                        self.start_ready().await;
                     }
                 }
                 Command::Shutdown(done) => {
@@ -930,8 +1104,9 @@ impl Host {
             }
         }
         let ctx = self.ctx.clone();
+        let engine = self.queue.engine_of(id).unwrap_or(0);
         self.workers
-            .spawn(async move { remove_when_back(&ctx, id).await });
+            .spawn(async move { remove_when_back(&ctx, engine, id).await });
         let fin = Finish {
             status: Some(BuildStatus::Error),
             reason: Some(why),
@@ -1025,6 +1200,7 @@ impl Host {
             project: record.project.clone(),
             branch: record.branch.clone(),
             only_latest: settings.only_latest,
+            labels: settings.labels.clone(),
         });
         self.live.insert(record.id, record.clone());
         self.skip(skipped, &record.name).await;
@@ -1117,12 +1293,15 @@ impl Host {
                     let mut names = Vec::new();
                     for r in records {
                         self.hub.queued(r.id);
-                        let latest = settings_of.get(&r.project).is_some_and(|s| s.only_latest);
+                        let s = settings_of.get(&r.project);
+                        let latest = s.is_some_and(|s| s.only_latest);
+                        let labels = s.map(|s| s.labels.clone()).unwrap_or_default();
                         for id in self.queue.push(Queued {
                             id: r.id,
                             project: r.project.clone(),
                             branch: r.branch.clone(),
                             only_latest: latest,
+                            labels,
                         }) {
                             skipped.push((id, format!("superseded by {}", r.name)));
                         }
@@ -1155,7 +1334,22 @@ impl Host {
     }
 
     async fn start_ready(&mut self) {
-        while let Some(q) = self.queue.start_next() {
+        while let Some(next) = self.queue.decide() {
+            let (q, engine_index) = match next {
+                ams_core::queue::Next::Start(q, e) => (q, e),
+                ams_core::queue::Next::Impossible(q, why) => {
+                    tracing::warn!("build {} cannot run on any engine: {why}", q.id);
+                    let fin = Finish {
+                        status: Some(BuildStatus::Fail),
+                        reason: Some(why),
+                        finished_at: timefmt::now(),
+                        ..Default::default()
+                    };
+                    self.complete(q.id, &fin).await;
+                    continue;
+                }
+            };
+            let engine = self.ctx.engines[engine_index].clone();
             let now = timefmt::now();
             let record = match self.store.mark_running(q.id, now).await {
                 Ok(()) => match self.live.get_mut(&q.id) {
@@ -1199,17 +1393,19 @@ impl Host {
             }
             let task = self.workers.spawn(async move {
                 tracing::info!("build {} started", record.name);
-                let (fin, container_left) = worker::run_build(&ctx, &record, &stop, log_tx).await;
+                let (fin, container_left) =
+                    worker::run_build(&ctx, &engine, &record, &stop, log_tx).await;
                 let _ = tx
                     .send(Command::Complete {
                         id: record.id,
                         finish: Box::new(fin),
+                        engine_failed: container_left,
                     })
                     .await;
                 if container_left {
                     // The engine failed under the build: remove its container once the engine
                     // answers again (for an hour at most; a restart sweeps what is left).
-                    remove_when_back(&ctx, record.id).await;
+                    remove_when_back(&ctx, engine_index, record.id).await;
                 }
             });
             self.worker_builds.insert(task.id(), q.id);
@@ -1552,7 +1748,7 @@ impl Host {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while !self.active.is_empty() {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Command::Complete { id, finish })) => self.complete(id, &finish).await,
+                Ok(Some(Command::Complete { id, finish, .. })) => self.complete(id, &finish).await,
                 Ok(Some(Command::Build(_, _, r))) => {
                     let _ = r.send(Err(HostError::ShuttingDown));
                 }

@@ -228,6 +228,15 @@ pub struct Metrics {
     notification_attempts: Family<AttemptLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     disk_bytes: Family<ProjectLabels, Gauge>,
+    engine_slots: Family<EngineLabels, Gauge>,
+    engine_in_use: Family<EngineLabels, Gauge>,
+    engine_up: Family<EngineLabels, Gauge>,
+}
+
+/// The label of the per-engine gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EngineLabels {
+    pub engine: String,
 }
 
 impl Default for Metrics {
@@ -299,7 +308,28 @@ impl Metrics {
             Unit::Bytes,
             disk_bytes.clone(),
         );
+        let engine_slots = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "engine_slots",
+            "Builds each engine may run at once",
+            engine_slots.clone(),
+        );
+        let engine_in_use = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "engine_builds_active",
+            "Builds running on each engine",
+            engine_in_use.clone(),
+        );
+        let engine_up = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "engine_up",
+            "1 while the engine answers its pings, else 0",
+            engine_up.clone(),
+        );
         Metrics {
+            engine_slots,
+            engine_in_use,
+            engine_up,
             registry,
             builds_finished,
             build_duration,
@@ -363,6 +393,20 @@ impl Metrics {
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
         self.builds_active
             .set(i64::try_from(active).unwrap_or(i64::MAX));
+    }
+
+    /// One engine's slots, builds on it and whether it answers.
+    pub fn engine(&self, name: &str, slots: usize, in_use: usize, up: bool) {
+        let l = EngineLabels {
+            engine: name.to_string(),
+        };
+        self.engine_slots
+            .get_or_create(&l)
+            .set(i64::try_from(slots).unwrap_or(i64::MAX));
+        self.engine_in_use
+            .get_or_create(&l)
+            .set(i64::try_from(in_use).unwrap_or(i64::MAX));
+        self.engine_up.get_or_create(&l).set(i64::from(up));
     }
 
     pub fn webhook_delivery(&self, verdict: DeliveryVerdict) {

@@ -26,6 +26,8 @@ pub struct QueueSettings {
     pub retry_on_error: u32,
     /// The parameters master's pipeline.json declares, with their defaults.
     pub parameters: Vec<(String, Option<String>)>,
+    /// The engine labels master's pipeline.json asks for (`docker.labels`).
+    pub labels: Vec<String>,
 }
 
 type Stamp = Option<(u64, u64, i64, i64)>;
@@ -67,9 +69,9 @@ impl SettingsCache {
             .ok()
             .and_then(|t| String::from_utf8(t).ok())
             .and_then(|t| pipeline::parse(&t).ok());
-        let (name_format, parameters) = match parsed {
-            Some(p) => (p.build_name_format, p.parameters),
-            None => (DEFAULT_NAME_FORMAT.to_string(), Vec::new()),
+        let (name_format, parameters, labels) = match parsed {
+            Some(p) => (p.build_name_format, p.parameters, p.docker.labels),
+            None => (DEFAULT_NAME_FORMAT.to_string(), Vec::new(), Vec::new()),
         };
         let private = project::private_config(&pd).ok();
         let v = Arc::new(QueueSettings {
@@ -77,6 +79,7 @@ impl SettingsCache {
             only_latest: private.as_ref().is_some_and(|c| c.only_build_latest),
             retry_on_error: private.as_ref().map_or(0, |c| c.retry_on_error),
             parameters,
+            labels,
         });
         self.map
             .lock()

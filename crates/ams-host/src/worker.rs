@@ -77,7 +77,8 @@ impl StopSignal {
 pub struct WorkerContext {
     pub data: DataDir,
     pub conf: Arc<WebConf>,
-    pub executor: Arc<dyn Executor>,
+    /// The engines builds run on (the host's pool).
+    pub engines: Vec<Arc<crate::host::Engine>>,
     pub host_id: String,
     /// One lock per project around the update and copy of master.
     pub master_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -396,17 +397,14 @@ pub async fn execute(
         ));
     }
     let path_str = |p: &Path| p.to_string_lossy().to_string();
-    let spec = ContainerSpec {
-        name: req.container_name.clone(),
-        image,
-        labels: req.labels.clone(),
-        env,
-        cmd: vec!["/bin/sh".into(), "/.ams-ci/driver.sh".into()],
-        workdir: Some(project_dest.clone()),
-        mounts: vec![
+    // An engine on this machine bind-mounts the build's folders; one elsewhere gets them
+    // through the archive endpoint, and the output comes back the same way after the run.
+    let shares = executor.shares_files();
+    let (mounts, copy_in, copy_out) = if shares {
+        let mounts = vec![
             BindMount {
                 host: path_str(&req.source_dir),
-                container: project_dest,
+                container: project_dest.clone(),
                 read_only: false,
             },
             BindMount {
@@ -426,9 +424,39 @@ pub async fn execute(
             container: container.clone(),
             read_only: false,
         }))
-        .collect(),
+        .collect();
+        (mounts, Vec::new(), None)
+    } else {
+        if !req.caches.is_empty() {
+            log.line("caches are not used on an engine on another machine");
+        }
+        let _ = std::fs::create_dir_all(&req.output_dir);
+        let copy_in = vec![
+            (req.source_dir.clone(), project_dest.clone()),
+            (req.output_dir.clone(), output_dest.clone()),
+            (req.ci_dir.clone(), "/.ams-ci".to_string()),
+        ];
+        let out = ams_docker::CopyOut {
+            container: output_dest,
+            host: req.output_dir.clone(),
+            max_bytes: req.conf.archive_max_bytes,
+            report: Default::default(),
+        };
+        (Vec::new(), copy_in, Some(out))
+    };
+    let copy_report = copy_out.as_ref().map(|c| c.report.clone());
+    let spec = ContainerSpec {
+        name: req.container_name.clone(),
+        image,
+        labels: req.labels.clone(),
+        env,
+        cmd: vec!["/bin/sh".into(), "/.ams-ci/driver.sh".into()],
+        workdir: Some(project_dest),
+        mounts,
         options,
         stop_timeout_secs: stop_timeout,
+        copy_in,
+        copy_out,
     };
 
     log.line(&format!("container {}", req.container_name));
@@ -576,6 +604,39 @@ pub async fn execute(
         }
         None => RunEnd::Exited(-1),
     };
+    let copied = copy_report.and_then(|r| r.lock().unwrap_or_else(|e| e.into_inner()).take());
+    match copied {
+        Some(Ok(x)) => {
+            log.line(&format!(
+                "output read back from the engine: {} file(s), {} bytes",
+                x.files, x.bytes
+            ));
+            if x.refused_total > 0 {
+                log.line(&format!(
+                    "{} entr(ies) of the output were not written (they would leave the output \
+                     folder or are not files, folders or links): {}",
+                    x.refused_total,
+                    x.refused.join("; ")
+                ));
+            }
+        }
+        Some(Err(e)) => {
+            let msg = format!("the build's output could not be read back from the engine: {e}");
+            log.line(&msg);
+            let status = if e.contains("archive_max_bytes") {
+                BuildStatus::Fail
+            } else {
+                BuildStatus::Error
+            };
+            return ExecOutcome {
+                container_gone: true,
+                status,
+                reason: Some(msg),
+                stages,
+            };
+        }
+        None => {}
+    }
     if let Some((i, t, at)) = current.take() {
         // The stage was cut off (stopped, or the container died).
         let def = &p.stages[i.min(p.stages.len() - 1)];
@@ -1349,6 +1410,7 @@ async fn save_caches(
 /// left on an engine that failed. `log_tx` publishes the live log.
 pub async fn run_build(
     ctx: &WorkerContext,
+    engine: &crate::host::Engine,
     b: &BuildRecord,
     stop: &StopSignal,
     log_tx: broadcast::Sender<LogMsg>,
@@ -1486,7 +1548,25 @@ pub async fn run_build(
                     secrets: &prep.secrets,
                     params: &params,
                 };
-                execute(ctx.executor.as_ref(), req, &mut log, stop).await
+                let missing: Vec<&String> = p
+                    .docker
+                    .labels
+                    .iter()
+                    .filter(|l| !engine.labels.contains(l))
+                    .collect();
+                if missing.is_empty() {
+                    log.line(&format!("runs on engine {}", engine.name));
+                    execute(engine.executor.as_ref(), req, &mut log, stop).await
+                } else {
+                    let msg = format!(
+                        "pipeline.json: field `docker.labels`: this commit asks for {:?}, which \
+                         engine {} (chosen by master's pipeline.json when the build was queued) \
+                         lacks; build again once master's pipeline.json has the same labels",
+                        missing, engine.name
+                    );
+                    log.line(&msg);
+                    ExecOutcome::fail(msg)
+                }
             }
         }
     };

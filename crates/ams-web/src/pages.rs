@@ -69,6 +69,7 @@ pub fn router(state: ApiState, root: &str) -> Router {
             post(trigger_form),
         )
         .route(&format!("/{root}/admin/{{project}}"), get(admin_page))
+        .route(&format!("/{root}/engines"), get(engines_page))
         .route(&format!("/{root}/project/{{project}}"), get(project_page))
         .route(
             &format!("/{root}/admin/{{project}}/replay/{{id}}"),
@@ -2098,6 +2099,30 @@ pub async fn projects_page(State(st): State<ApiState>, PageViewer(v): PageViewer
     let t = ProjectsT {
         chrome: Chrome::new(&root, "Projects", Some(&v)).section("projects"),
         rows,
+    };
+    view::render(StatusCode::OK, &t)
+}
+
+#[derive(askama::Template)]
+#[template(path = "engines.html")]
+struct EnginesT {
+    chrome: Chrome,
+    engines: Vec<ams_host::host::EngineHealth>,
+}
+
+/// The Docker engines builds run on, their state, version, slots in use and last error
+/// (SERVER ADMIN only; anyone else gets the same 404 as a missing page).
+pub async fn engines_page(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    let root = st.conf.web_root.clone();
+    let Some(v) = viewer(&st, &headers).await else {
+        return to_login(&root, "engines");
+    };
+    if !v.grant.is_server_admin() {
+        return not_found(&root);
+    }
+    let t = EnginesT {
+        chrome: Chrome::new(&root, "Engines", Some(&v)),
+        engines: st.host.engines.borrow().clone(),
     };
     view::render(StatusCode::OK, &t)
 }

@@ -158,6 +158,8 @@ enum Cmd {
     },
     /// Show the active and pending builds.
     Status,
+    /// Show the Docker engines builds run on: state, version, slots in use, last error.
+    Engines,
     /// Run retention now through the running host: remove the folders, logs and archives of
     /// the finished builds that the projects' retention no longer keeps (their records stay,
     /// marked deleted). The host also does this by itself every hour.
@@ -720,6 +722,41 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 for b in v[list].as_array().cloned().unwrap_or_default() {
                     print_build(&b);
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Engines => {
+            let v = control::request(&sock, &json!({"cmd": "engines"}))
+                .await
+                .map_err(|e| anyhow!(e))?;
+            outln!(
+                "{:<16} {:<8} {:<10} {:>5}  {:<28} {}",
+                "ENGINE",
+                "STATE",
+                "VERSION",
+                "SLOTS",
+                "HOST",
+                "LAST ERROR"
+            );
+            for e in v["engines"].as_array().cloned().unwrap_or_default() {
+                let state = match e["up"].as_bool() {
+                    Some(true) => "up",
+                    Some(false) => "down",
+                    None => "unknown",
+                };
+                let host = e["host"]
+                    .as_str()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("(local)");
+                outln!(
+                    "{:<16} {:<8} {:<10} {:>5}  {:<28} {}",
+                    e["name"].as_str().unwrap_or("?"),
+                    state,
+                    e["version"].as_str().unwrap_or("-"),
+                    format!("{}/{}", e["in_use"], e["slots"]),
+                    host,
+                    e["last_error"].as_str().unwrap_or("")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1404,6 +1441,39 @@ fn load_conf(data: &DataDir) -> Result<WebConf> {
     }
 }
 
+/// The engines of web_conf.json (or the one local engine), each with its executor. A TLS file
+/// that cannot be read stops the start, naming the key and the file.
+fn engine_pool(conf: &WebConf, data: &DataDir) -> Result<Vec<ams_host::host::Engine>> {
+    let mut out = Vec::new();
+    for (i, e) in conf.engine_list().into_iter().enumerate() {
+        let target = match (&e.tls, e.host.as_str()) {
+            (_, "") => ams_docker::EngineTarget::Default,
+            (None, h) => ams_docker::EngineTarget::Unix(h.to_string()),
+            (Some(t), h) => ams_docker::EngineTarget::Tls {
+                addr: h.to_string(),
+                ca: data.root().join(&t.ca),
+                cert: data.root().join(&t.cert),
+                key: data.root().join(&t.key),
+            },
+        };
+        target.check().map_err(|m| {
+            anyhow!(
+                "{}: field `engines[{i}].{m}; give the path of a readable PEM file (relative \
+                 paths are relative to the data directory)",
+                data.web_conf().display()
+            )
+        })?;
+        out.push(ams_host::host::Engine {
+            name: e.name,
+            slots: e.slots,
+            labels: e.labels,
+            host: e.host,
+            executor: Arc::new(DockerExecutor::for_target(target)),
+        });
+    }
+    Ok(out)
+}
+
 async fn serve(data: DataDir) -> Result<ExitCode> {
     // Signal handlers first, so a SIGTERM during start-up is a clean stop, not a kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -1425,7 +1495,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let listener = control::bind(&data.socket())
         .await
         .map_err(|e| anyhow!(e))?;
-    let executor = Arc::new(DockerExecutor::new());
+    let engines = engine_pool(&conf, &data)?;
     let shutdown = CancellationToken::new();
     let store = ams_store::Store::open(&data.db())
         .await
@@ -1444,7 +1514,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     for w in ams_notify::startup_warnings(&data) {
         tracing::warn!("{w}");
     }
-    let (host, handle) = Host::start(
+    let (host, handle) = Host::start_pool(
         HostConfig {
             data: data.clone(),
             conf: conf.clone(),
@@ -1452,7 +1522,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             events: Some(notifier),
             metrics: metrics.clone(),
         },
-        executor,
+        engines,
     )
     .await
     .context("cannot start the host")?;

@@ -15,6 +15,7 @@ mod container;
 mod docker;
 mod edge;
 mod engine;
+mod engines;
 mod faults;
 mod install;
 mod manage;

@@ -1,0 +1,609 @@
+//! A pool of engines: two extra `dockerd`s, each in its own network namespace joined to the
+//! host by a veth pair and reached over TCP with mutual TLS (certificates made here by rcgen),
+//! with the local test image loaded. Placement by labels and slots, source and output through
+//! the archive endpoint, an engine killed mid-build and back, restart cleanup on every engine.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+fn run(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn must(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The certificates of one test: a CA, the engines' server certificates and the host's client
+/// certificate.
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "ams test engines CA");
+        let ca = p.self_signed(&ca_key).unwrap();
+        Pki {
+            ca,
+            ca_params: p,
+            ca_key,
+        }
+    }
+
+    /// A certificate signed by the CA for `names` (DNS names or IP addresses), as PEM.
+    fn issue(&self, names: &[&str], client: bool) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// One extra engine: its namespace, veth pair, folders and `dockerd`. Everything is removed
+/// when it drops, whatever the test did.
+struct ExtraEngine {
+    netns: String,
+    veth: String,
+    peer: String,
+    host_ip: String,
+    ip: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ExtraEngine {
+    fn new(pki: &Pki) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let e = ExtraEngine {
+            netns: format!("amse{tag}"),
+            veth: format!("amsh{tag}"),
+            peer: format!("amsp{tag}"),
+            host_ip: format!("10.231.{n}.1"),
+            ip: format!("10.231.{n}.2"),
+            dir: tempfile::Builder::new().prefix("amse").tempdir().unwrap(),
+            child: None,
+        };
+        must("ip", &["netns", "add", &e.netns]);
+        e.link();
+        let (cert, key) = pki.issue(&[&e.ip], false);
+        let d = e.dir.path();
+        std::fs::write(d.join("ca.pem"), pki.ca.pem()).unwrap();
+        std::fs::write(d.join("cert.pem"), cert).unwrap();
+        std::fs::write(d.join("key.pem"), key).unwrap();
+        let mut e = e;
+        e.start();
+        e.load_image();
+        e
+    }
+
+    /// The veth pair between the host and the namespace, with its addresses.
+    fn link(&self) {
+        must(
+            "ip",
+            &[
+                "link", "add", &self.veth, "type", "veth", "peer", "name", &self.peer,
+            ],
+        );
+        must("ip", &["link", "set", &self.peer, "netns", &self.netns]);
+        must(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.host_ip),
+                "dev",
+                &self.veth,
+            ],
+        );
+        must("ip", &["link", "set", &self.veth, "up"]);
+        let ns = &self.netns;
+        must(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.ip),
+                "dev",
+                &self.peer,
+            ],
+        );
+        must("ip", &["-n", ns, "link", "set", &self.peer, "up"]);
+        must("ip", &["-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    fn sock(&self) -> String {
+        format!("unix://{}/docker.sock", self.dir.path().display())
+    }
+
+    pub fn tcp(&self) -> String {
+        format!("tcp://{}:2376", self.ip)
+    }
+
+    fn docker(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.env("DOCKER_HOST", self.sock());
+        c
+    }
+
+    /// Starts `dockerd` in the namespace (never in the host's: it would take over docker0).
+    fn start(&mut self) {
+        let d = self.dir.path();
+        let p = |s: &str| d.join(s).to_string_lossy().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .args(["dockerd", "--host", &self.tcp(), "--host", &self.sock()])
+            .args(["--data-root", &p("root"), "--exec-root", &p("exec")])
+            .args(["--pidfile", &p("pid"), "--tlsverify"])
+            .args(["--tlscacert", &p("ca.pem"), "--tlscert", &p("cert.pem")])
+            .args(["--tlskey", &p("key.pem")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for(
+            "the extra engine to answer",
+            Duration::from_secs(90),
+            || {
+                self.docker()
+                    .args(["version", "--format", "{{.Server.Version}}"])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|_| ())
+            },
+        );
+    }
+
+    fn load_image(&self) {
+        let mut save = Command::new("docker")
+            .args(["save", IMAGE])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let st = self
+            .docker()
+            .arg("load")
+            .stdin(save.stdout.take().unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success() && save.wait().unwrap().success());
+    }
+
+    /// Kills `dockerd` at once, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Containers of the host `host_id` on this engine.
+    fn containers(&self, host_id: &str) -> Vec<String> {
+        let out = self
+            .docker()
+            .args(["ps", "-a", "-q", "--filter"])
+            .arg(format!("label=io.ams-build.host={host_id}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The processes this engine left (its containerd and shims), found by its folder.
+    fn leftover_pids(&self) -> Vec<i32> {
+        let needle = self.dir.path().to_string_lossy().to_string();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for ExtraEngine {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        if let Some(mut c) = self.child.take() {
+            for _ in 0..200 {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.leftover_pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        // Mounts the engine left under its folder, deepest first.
+        let root = self.dir.path().to_string_lossy().to_string();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = run("umount", &["-l", m]);
+        }
+        let _ = run("ip", &["link", "del", &self.veth]);
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// Two extra engines and a host whose pool is `engines` (with `{b1}`/`{b2}` in `host`
+/// replaced by their addresses and their TLS files given).
+fn pool(engines: Value, extra_conf: Value) -> (ExtraEngine, ExtraEngine, TestHost) {
+    require_docker();
+    let pki = Pki::new();
+    let b1 = ExtraEngine::new(&pki);
+    let b2 = ExtraEngine::new(&pki);
+    let mut list = engines.as_array().unwrap().clone();
+    for e in &mut list {
+        let host = e["host"].as_str().unwrap().to_string();
+        let addr = match host.as_str() {
+            "{b1}" => Some(b1.tcp()),
+            "{b2}" => Some(b2.tcp()),
+            _ => None,
+        };
+        if let Some(a) = addr {
+            e["host"] = json!(a);
+            e["tls"] = json!({"ca": "engines/ca.pem", "cert": "engines/cert.pem",
+                              "key": "engines/key.pem"});
+        }
+    }
+    let mut conf = json!({"engines": list, "engine_wait_secs": 0});
+    for (k, v) in extra_conf.as_object().unwrap() {
+        conf[k] = v.clone();
+    }
+    let h = TestHost::with_conf(conf);
+    let certs = h.data.join("engines");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (cert, key) = pki.issue(&["ams-host"], true);
+    std::fs::write(certs.join("ca.pem"), pki.ca.pem()).unwrap();
+    std::fs::write(certs.join("cert.pem"), cert).unwrap();
+    std::fs::write(certs.join("key.pem"), key).unwrap();
+    (b1, b2, h)
+}
+
+fn engines_of(h: &TestHost) -> Vec<Value> {
+    h.req(json!({"cmd": "engines"}))["engines"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn engine_up(h: &TestHost, name: &str) -> Option<bool> {
+    engines_of(h)
+        .into_iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["up"].as_bool())
+}
+
+/// Which engine a build ran on, from its log.
+fn engine_in_log(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("[amsbuild] runs on engine "))
+        .map(|s| s.trim().to_string())
+}
+
+#[test]
+fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
+    let (b1, _b2, mut h) = pool(
+        json!([
+            {"name": "local", "host": "unix:///var/run/docker.sock", "slots": 1},
+            {"name": "b1", "host": "{b1}", "slots": 1, "labels": ["big"]},
+            {"name": "b2", "host": "{b2}", "slots": 2, "labels": ["linux"]}
+        ]),
+        json!({}),
+    );
+    let outside = tempfile::tempdir().unwrap();
+    let outside_s = outside.path().to_string_lossy().to_string();
+    let escape =
+        format!("ln -s {outside_s} Builds/esc && mkdir Builds/d && ln -s {outside_s} Builds/d/l");
+    let keep = json!({"remove_build_source": true, "7z_build": false});
+    h.project(
+        "big",
+        &pipeline_with(
+            json!([stage(
+                "copy",
+                &[
+                    "cp -a run.sh sub inner outer Builds/",
+                    "echo made-in-container > Builds/new.txt",
+                    &escape,
+                ]
+            )]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "stop-timeout": 2,
+                              "labels": ["big"]},
+                   "cleanup": keep}),
+        ),
+    );
+    // The source: a binary file, an executable with its own mode, a link inside, a link out.
+    let src = h.source("big");
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/blob.bin"), &blob).unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    std::fs::set_permissions(src.join("run.sh"), std::fs::Permissions::from_mode(0o741)).unwrap();
+    std::os::unix::fs::symlink("sub/blob.bin", src.join("inner")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", src.join("outer")).unwrap();
+    let gpu_pipeline = pipeline_with(
+        json!([stage("s", &["true"])]),
+        json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                          "build-output-dest": "/root/project/Builds", "labels": ["gpu"]}}),
+    );
+    h.project("gpu", &gpu_pipeline);
+    h.project("any", &pipeline(json!([stage("s", &["sleep 3"])])));
+    add_user(&h, "boss", "5", "", "a long password");
+    add_user(&h, "dev", "3", "any", "a long password");
+    h.start();
+    wait_for("both extra engines up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true) && engine_up(&h, "b2") == Some(true)).then_some(())
+    });
+
+    // A build whose labels no engine has fails at once, saying why.
+    let gpu = h.build("gpu");
+    let r = h.wait_status("gpu", &gpu, Duration::from_secs(20));
+    assert_eq!(r["status"], "fail", "{r}");
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("gpu") && reason.contains("b1 [big]"), "{r}");
+
+    // Labels: `big` goes to b1 only; the source arrives and the output comes back intact.
+    let name = h.build("big");
+    let r = h.wait_status("big", &name, Duration::from_secs(120));
+    let log = h.log("big", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert_eq!(engine_in_log(&log).as_deref(), Some("b1"), "{log}");
+    // Through the archive endpoint, not a bind mount (the test engines share this machine's
+    // disk, so a mount would work here and hide a broken copy).
+    assert!(log.contains("output read back from the engine: "), "{log}");
+    let out = h.build_dir("big").join(&name).join("build");
+    assert_eq!(std::fs::read(out.join("sub/blob.bin")).unwrap(), blob);
+    let mode = std::fs::metadata(out.join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o741);
+    assert_eq!(
+        std::fs::read_link(out.join("inner")).unwrap(),
+        Path::new("sub/blob.bin")
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("outer")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("new.txt")).unwrap(),
+        "made-in-container\n"
+    );
+    // Links the container made are links in the output, and nothing was written through them.
+    assert_eq!(
+        std::fs::read_link(out.join("esc")).unwrap(),
+        PathBuf::from(&outside_s)
+    );
+    assert!(std::fs::symlink_metadata(out.join("d/l"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    assert!(
+        b1.containers(&h.host_id()).is_empty(),
+        "the container is removed"
+    );
+
+    // Slots and load: four unlabelled builds at once fill every slot.
+    let names: Vec<String> = (0..4).map(|_| h.build("any")).collect();
+    let mut on = Vec::new();
+    for n in &names {
+        let r = h.wait_status("any", n, Duration::from_secs(120));
+        let log = h.log("any", n);
+        assert_eq!(r["status"], "pass", "{r}\n{log}");
+        on.push(engine_in_log(&log).unwrap_or_default());
+    }
+    // Empty engines tie (the first listed wins), then the fewest builds per slot.
+    assert_eq!(on, ["local", "b1", "b2", "b2"]);
+    let text = String::from_utf8(h.cli(&["engines"]).stdout).unwrap();
+    assert!(text.contains("b1") && text.contains("up"), "{text}");
+    let (_, _, body) = http_raw(&h.web_addr(), "/metrics", &[]);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("amsbuild_engine_slots{engine=\"b2\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("amsbuild_engine_up{engine=\"b1\"} 1"),
+        "{body}"
+    );
+    // The admin page: SERVER ADMIN sees every engine; anyone else gets the 404 of no page.
+    let web = h.web_addr();
+    let page = |user: &str| {
+        let (st, head, _) = http_full(
+            &web,
+            "POST",
+            "/ams-build/login",
+            &[(
+                "Content-Type",
+                "application/x-www-form-urlencoded".to_string(),
+            )],
+            &form(&[("username", user), ("password", "a long password")]),
+        );
+        assert_eq!(st, 303, "{head}");
+        let (st, _, body) = http_raw(&web, "/ams-build/engines", &[("Cookie", set_cookie(&head))]);
+        (st, String::from_utf8_lossy(&body).to_string())
+    };
+    let (st, body) = page("boss");
+    assert_eq!(st, 200, "{body}");
+    for part in ["b1", "b2", "local", &b1.tcp(), "big", "folders by archive"] {
+        assert!(body.contains(part), "{part}: {body}");
+    }
+    let (st, body) = page("dev");
+    assert_eq!(st, 404, "{body}");
+    h.term();
+}
+
+#[test]
+fn an_engine_lost_mid_build_errors_retries_elsewhere_comes_back_and_is_swept_at_restart() {
+    let (mut b1, b2, mut h) = pool(
+        json!([
+            {"name": "b1", "host": "{b1}", "slots": 1},
+            {"name": "b2", "host": "{b2}", "slots": 1}
+        ]),
+        json!({}),
+    );
+    h.project("long", &pipeline(json!([stage("s", &["sleep 25"])])));
+    h.private_config("long", json!({"retry-on-error": 1}));
+    h.start();
+    wait_for("both extra engines up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true) && engine_up(&h, "b2") == Some(true)).then_some(())
+    });
+    let first = h.build("long");
+    h.wait_running("long", &first);
+    assert_eq!(engine_in_log(&h.log("long", &first)).as_deref(), Some("b1"));
+    b1.kill();
+    let t0 = std::time::Instant::now();
+    let r = h.wait_status("long", &first, Duration::from_secs(60));
+    assert_eq!(r["status"], "error", "{r}\n{}", h.log("long", &first));
+    assert!(t0.elapsed() < Duration::from_secs(45), "{:?}", t0.elapsed());
+    wait_for("b1 to show down", Duration::from_secs(20), || {
+        (engine_up(&h, "b1") == Some(false)).then_some(())
+    });
+    // retry-on-error queues it again, and it runs on the engine that answers.
+    let retry = wait_for("the retry", Duration::from_secs(30), || {
+        let a = h.req(json!({"cmd": "builds", "project": "long", "limit": 10}));
+        a["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] != first.as_str())
+            .cloned()
+    });
+    let retry = retry["name"].as_str().unwrap().to_string();
+    h.wait_running("long", &retry);
+    assert_eq!(engine_in_log(&h.log("long", &retry)).as_deref(), Some("b2"));
+
+    // b1 comes back and takes builds again (b2 is busy with the retry).
+    b1.start();
+    wait_for("b1 to answer again", Duration::from_secs(40), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let again = h.build("long");
+    h.wait_running("long", &again);
+    assert_eq!(engine_in_log(&h.log("long", &again)).as_deref(), Some("b1"));
+
+    // A host killed with builds on both engines removes its containers on both at restart.
+    let id = h.host_id();
+    wait_for(
+        "containers on both engines",
+        Duration::from_secs(20),
+        || (!b1.containers(&id).is_empty() && !b2.containers(&id).is_empty()).then_some(()),
+    );
+    h.kill();
+    h.start();
+    wait_for("both engines swept", Duration::from_secs(60), || {
+        (b1.containers(&id).is_empty() && b2.containers(&id).is_empty()).then_some(())
+    });
+    for n in [&retry, &again] {
+        let r = h.wait_status("long", n, Duration::from_secs(20));
+        assert_eq!(r["status"], "error", "{r}");
+    }
+    h.term();
+}
+
+#[test]
+fn an_engine_cut_off_the_network_ends_its_build_error_within_bounded_time() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    h.project("long", &pipeline(json!([stage("s", &["sleep 120"])])));
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let name = h.build("long");
+    h.wait_running("long", &name);
+    // The veth pair goes: no reset reaches the host, the connection just goes quiet.
+    must("ip", &["link", "del", &b1.veth]);
+    let t0 = std::time::Instant::now();
+    let r = h.wait_status("long", &name, Duration::from_secs(90));
+    let log = h.log("long", &name);
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(log.contains("stopped answering"), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    wait_for("b1 to show down", Duration::from_secs(30), || {
+        (engine_up(&h, "b1") == Some(false)).then_some(())
+    });
+    // Back on the network, it answers again and its left container is removed.
+    b1.link();
+    wait_for("b1 to answer again", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let id = h.host_id();
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    h.term();
+}
