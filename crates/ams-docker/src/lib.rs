@@ -271,14 +271,7 @@ impl DockerExecutor {
                 ca,
                 cert,
                 key,
-            } => Docker::connect_with_ssl(
-                addr,
-                key,
-                cert,
-                ca,
-                CALL_TIMEOUT.as_secs() * 6,
-                bollard::API_DEFAULT_VERSION,
-            ),
+            } => connect_pinned_tls(addr, ca, cert, key),
         }
     }
 
@@ -875,6 +868,64 @@ pub fn split_image(image: &str) -> (&str, &str) {
         Some(i) if !image[i..].contains('/') => (&image[..i], &image[i + 1..]),
         _ => (image, "latest"),
     }
+}
+
+/// A remote engine over mutual TLS that trusts the configured CA and nothing else: bollard's
+/// own TLS client also trusts the system's public CAs, so a publicly signed certificate for the
+/// engine's name would pass. The client presents the configured certificate and key.
+fn connect_pinned_tls(
+    addr: &str,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Docker, BollardError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &std::path::Path| BollardError::CertPathError {
+        path: path.to_path_buf(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|_| bad(ca))? {
+        roots.add(c.map_err(|_| bad(ca))?).map_err(|_| bad(ca))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(ca));
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|_| bad(cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad(cert))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|_| bad(key))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|_| bad(ca))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|_| bad(key))?;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnector::from((http, config));
+    let client = std::sync::Arc::new(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(https),
+    );
+    let host = addr.replacen("tcp://", "", 1).replacen("https://", "", 1);
+    Docker::connect_with_custom_transport(
+        move |req: bollard::BollardRequest| {
+            let client = client.clone();
+            async move {
+                client
+                    .request(req)
+                    .await
+                    .map_err(|err| BollardError::HyperLegacyError { err })
+            }
+        },
+        Some(format!("https://{host}")),
+        CALL_TIMEOUT.as_secs() * 6,
+        bollard::API_DEFAULT_VERSION,
+    )
 }
 
 #[cfg(test)]

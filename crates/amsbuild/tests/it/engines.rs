@@ -607,3 +607,32 @@ fn an_engine_cut_off_the_network_ends_its_build_error_within_bounded_time() {
     );
     h.term();
 }
+
+/// Mutual TLS trusts the configured CA and nothing else. Here the engine's real CA is one the
+/// system trusts (`SSL_CERT_FILE`, which a client using the system's roots reads) and the
+/// configured CA is another: the engine must be refused, as one holding a publicly signed
+/// certificate for its name would be.
+#[test]
+fn only_the_configured_ca_is_trusted_not_the_systems() {
+    let (_b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    let configured = h.data.join("engines/ca.pem");
+    let system = h.tmp.path().join("system-roots.pem");
+    std::fs::copy(&configured, &system).unwrap();
+    std::fs::write(&configured, Pki::new().ca.pem()).unwrap();
+    h.env
+        .push(("SSL_CERT_FILE".into(), system.display().to_string()));
+    h.start();
+    // A client that also trusted the system's roots connects at once and never gets here.
+    wait_for("b1 refused", Duration::from_secs(60), || {
+        engines_of(&h)
+            .into_iter()
+            .find(|e| e["name"] == "b1" && e["up"] == false && !e["last_error"].is_null())
+    });
+    assert!(
+        engines_of(&h).iter().all(|e| e["version"].is_null()),
+        "never spoken to"
+    );
+}
