@@ -1732,6 +1732,42 @@ mod tests {
     #[test]
     fn the_history_chart_has_one_bar_per_finished_build() {
         assert!(history_chart(&[]).bars.is_empty());
+        let rec = |i: i64, status: &str, secs: f64| -> BuildRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": i, "project": "p", "build_index": i, "name": format!("p_{i}"),
+                "hash": "h", "status": status, "trigger": "cli", "created_by": "me",
+                "created_at": 0.0, "started_at": 10.0, "finished_at": 10.0 + secs,
+                "stages": []
+            }))
+            .unwrap()
+        };
+        // Newest first, as the store lists them; the running build has no bar.
+        let builds = [
+            rec(4, "running", 0.0),
+            rec(3, "fail", 1.0),
+            rec(2, "pass", 4.0),
+            rec(1, "warn", 2.0),
+        ];
+        let c = history_chart(&builds);
+        let order: Vec<(i64, &str)> = c.bars.iter().map(|b| (b.index, b.class)).collect();
+        assert_eq!(
+            order,
+            [(1, "warn"), (2, "pass"), (3, "fail")],
+            "oldest left"
+        );
+        // The longest build is the full height; the others in proportion.
+        let h: Vec<f64> = c.bars.iter().map(|b| b.h.parse().unwrap()).collect();
+        let full = (c.base - 10) as f64;
+        assert_eq!(h[1], full);
+        assert!(
+            (h[0] - full / 2.0).abs() < 0.1 && (h[2] - full / 4.0).abs() < 0.1,
+            "{h:?}"
+        );
+        assert!(
+            c.desc.starts_with("3 builds: 1 passed, 1 failed"),
+            "{}",
+            c.desc
+        );
     }
 }
 
