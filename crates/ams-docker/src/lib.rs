@@ -215,23 +215,85 @@ pub enum EngineTarget {
 }
 
 impl EngineTarget {
-    /// Checks that the TLS files can be read and hold PEM blocks, so a wrong path stops the
-    /// start instead of failing every build. The error names the file.
+    /// Checks the TLS files as the connection will use them: each can be read and holds
+    /// what it should (the CA's certificates, this host's certificate chain, a private key),
+    /// and the key is the certificate's. A wrong file stops the start instead of leaving the
+    /// engine down with a vague error. The error names the key and the file.
     pub fn check(&self) -> Result<(), String> {
         if let EngineTarget::Tls { ca, cert, key, .. } = self {
-            for (what, p) in [("ca", ca), ("cert", cert), ("key", key)] {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("tls.{what}: cannot read {}: {e}", p.display()))?;
-                if !text.contains("-----BEGIN ") {
-                    return Err(format!(
-                        "tls.{what}: {} holds no PEM block (-----BEGIN …)",
-                        p.display()
-                    ));
-                }
-            }
+            tls_config(ca, cert, key)?;
         }
         Ok(())
     }
+}
+
+/// The client configuration of a remote engine: the configured CA alone as roots, and this
+/// host's certificate and key. Errors are `tls.FIELD: …` naming the file and the fix.
+fn tls_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            format!(
+                "tls.{what}: cannot read {}: {e}; give the path of a readable PEM file",
+                p.display()
+            )
+        })
+    };
+    let certs = |what: &str, p: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, String> {
+        let bytes = read(what, p)?;
+        let list = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("tls.{what}: {} is not valid PEM: {e}", p.display()))?;
+        if list.is_empty() {
+            return Err(format!(
+                "tls.{what}: {} holds no certificate (-----BEGIN CERTIFICATE-----)",
+                p.display()
+            ));
+        }
+        Ok(list)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("ca", ca)? {
+        roots.add(c).map_err(|e| {
+            format!(
+                "tls.ca: {} holds a certificate that cannot be used: {e}",
+                ca.display()
+            )
+        })?;
+    }
+    let chain = certs("cert", cert)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read("key", key)?).map_err(|e| {
+        format!(
+            "tls.key: {} holds no private key (-----BEGIN PRIVATE KEY----- or the RSA/EC \
+             forms): {e}",
+            key.display()
+        )
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "is not the key of the certificate in {}; give the key that was made with \
+                     that certificate",
+                    cert.display()
+                ),
+                other => format!(
+                    "cannot be used with the certificate in {}: {other}",
+                    cert.display()
+                ),
+            };
+            format!("tls.key: {} {why}", key.display())
+        })
 }
 
 /// The Docker Engine API executor. It connects on first use and keeps the connection; an
@@ -879,30 +941,9 @@ fn connect_pinned_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Docker, BollardError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |path: &std::path::Path| BollardError::CertPathError {
-        path: path.to_path_buf(),
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|_| bad(ca))? {
-        roots.add(c.map_err(|_| bad(ca))?).map_err(|_| bad(ca))?;
-    }
-    if roots.is_empty() {
-        return Err(bad(ca));
-    }
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|_| bad(cert))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| bad(cert))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|_| bad(key))?;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|_| bad(ca))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key_der)
-        .map_err(|_| bad(key))?;
+    let config = tls_config(ca, cert, key).map_err(|m| BollardError::IOError {
+        err: std::io::Error::other(m),
+    })?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnector::from((http, config));

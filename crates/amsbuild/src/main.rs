@@ -1457,9 +1457,10 @@ fn engine_pool(conf: &WebConf, data: &DataDir) -> Result<Vec<ams_host::host::Eng
             },
         };
         target.check().map_err(|m| {
+            let (field, why) = m.split_once(": ").unwrap_or(("tls", m.as_str()));
             anyhow!(
-                "{}: field `engines[{i}].{m}; give the path of a readable PEM file (relative \
-                 paths are relative to the data directory)",
+                "{}: field `engines[{i}].{field}`: {why} (relative paths are relative to the \
+                 data directory)",
                 data.web_conf().display()
             )
         })?;

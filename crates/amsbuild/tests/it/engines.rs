@@ -636,3 +636,100 @@ fn only_the_configured_ca_is_trusted_not_the_systems() {
         "never spoken to"
     );
 }
+
+/// A TLS file that cannot serve stops the start with the field, the file and the fix: a
+/// missing CA, a certificate file holding no certificate, and (the easy mistake when an
+/// engine's files are copied around) the key of another certificate, which would otherwise
+/// only show later as an engine that never answers.
+#[test]
+fn a_wrong_tls_file_stops_the_start_naming_the_field_and_the_fix() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(&["ams-host"], true);
+    let (_, other_key) = pki.issue(&["ams-host"], true);
+    let cases: [(&str, &str, &str, &[&str]); 3] = [
+        (
+            "no CA file",
+            "",
+            &key,
+            &[
+                "`engines[0].tls.ca`",
+                "cannot read",
+                "ca.pem",
+                "readable PEM file",
+            ],
+        ),
+        (
+            "a key where the certificate goes",
+            "cert",
+            &key,
+            &["`engines[0].tls.cert`", "holds no certificate", "cert.pem"],
+        ),
+        (
+            "the key of another certificate",
+            "ok",
+            &other_key,
+            &[
+                "`engines[0].tls.key`",
+                "key.pem",
+                "is not the key of the certificate",
+                "cert.pem",
+            ],
+        ),
+    ];
+    for (what, cert_case, key_pem, wanted) in cases {
+        let h = TestHost::with_conf(json!({
+            "engines": [{"name": "b1", "host": "tcp://127.0.0.1:9", "slots": 1,
+                         "tls": {"ca": "engines/ca.pem", "cert": "engines/cert.pem",
+                                 "key": "engines/key.pem"}}]
+        }));
+        let dir = h.data.join("engines");
+        std::fs::create_dir_all(&dir).unwrap();
+        if !cert_case.is_empty() {
+            std::fs::write(dir.join("ca.pem"), pki.ca.pem()).unwrap();
+        }
+        let cert_pem = if cert_case == "cert" {
+            key.clone()
+        } else {
+            cert.clone()
+        };
+        std::fs::write(dir.join("cert.pem"), cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), key_pem).unwrap();
+        // A host that starts anyway is stopped and the test fails, rather than waiting on it.
+        let mut child = h
+            .cmd()
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ended = wait_for_opt(Duration::from_secs(30), || child.try_wait().unwrap());
+        if ended.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            ended.is_some_and(|s| !s.success()),
+            "{what}: the host must not start: {err}"
+        );
+        for w in wanted {
+            assert!(err.contains(w), "{what}: {w:?} missing from: {err}");
+        }
+        assert!(err.contains("web_conf.json"), "{what}: {err}");
+    }
+}
+
+/// `f`'s first `Some` within `timeout`, or `None` once it has passed.
+fn wait_for_opt<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
