@@ -121,8 +121,8 @@ pub struct ContainerSpec {
     /// Host folders sent into the container before it starts (host folder, path inside),
     /// for engines that cannot bind-mount them.
     pub copy_in: Vec<(PathBuf, String)>,
-    /// A container folder read back into a host folder once the container has ended.
-    pub copy_out: Option<CopyOut>,
+    /// Container folders read back into host folders once the container has ended, in order.
+    pub copy_out: Vec<CopyOut>,
 }
 
 /// A folder to read back from the container after its run (see [`archive::extract`]).
@@ -131,6 +131,9 @@ pub struct CopyOut {
     pub container: String,
     pub host: PathBuf,
     pub max_bytes: u64,
+    /// Whether the host folder is emptied first, so that it holds exactly what the container
+    /// left (a cache the build pruned), not that over what was there.
+    pub replace: bool,
     /// What the copy did, or why it failed; filled in by [`Executor::run`].
     pub report: Arc<Mutex<Option<Result<archive::Extracted, String>>>>,
 }
@@ -563,10 +566,16 @@ impl DockerExecutor {
             .map(|r| r.map_err(std::io::Error::other));
         let reader = tokio_util::io::StreamReader::new(stream);
         let sync = tokio_util::io::SyncIoBridge::new(reader);
-        let (dest, max) = (out.host.clone(), out.max_bytes);
+        let (dest, max, replace) = (out.host.clone(), out.max_bytes, out.replace);
         let handle = tokio::runtime::Handle::current();
         let done = tokio::task::spawn_blocking(move || {
             let _guard = handle.enter();
+            if replace {
+                match std::fs::remove_dir_all(&dest) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
             std::fs::create_dir_all(&dest)?;
             archive::extract(sync, &dest, max).map_err(|e| match e {
                 archive::ExtractError::Io(e) => e,
@@ -740,7 +749,7 @@ impl DockerExecutor {
             Some(Err(e)) => return Err(docker_err(e)),
             None => -1,
         };
-        if let Some(out) = &spec.copy_out {
+        for out in &spec.copy_out {
             let r = self.copy_out(&docker, &spec.name, out).await;
             if let Err(ExecError::Unreachable(e)) = &r {
                 return Err(ExecError::Unreachable(e.clone()));

@@ -400,6 +400,18 @@ pub async fn execute(
     // An engine on this machine bind-mounts the build's folders; one elsewhere gets them
     // through the archive endpoint, and the output comes back the same way after the run.
     let shares = executor.shares_files();
+    if !shares && !options.binds.is_empty() {
+        // On another machine the path names that machine's folder (or its engine's socket).
+        let msg = format!(
+            "docker.args mounts a folder of the host's machine ({}), which an engine on another \
+             machine cannot give the container; ask for a label only engines on this machine \
+             have (docker.labels, and `labels` of the engine in web_conf.json), or use a named \
+             volume",
+            options.binds.join(", ")
+        );
+        log.line(&msg);
+        return ExecOutcome::fail(msg);
+    }
     let (mounts, copy_in, copy_out) = if shares {
         let mounts = vec![
             BindMount {
@@ -425,26 +437,43 @@ pub async fn execute(
             read_only: false,
         }))
         .collect();
-        (mounts, Vec::new(), None)
+        (mounts, Vec::new(), Vec::new())
     } else {
-        if !req.caches.is_empty() {
-            log.line("caches are not used on an engine on another machine");
-        }
         let _ = std::fs::create_dir_all(&req.output_dir);
-        let copy_in = vec![
+        let copy_out = |container: &str, host: &Path, max_bytes: u64| ams_docker::CopyOut {
+            container: container.to_string(),
+            host: host.to_path_buf(),
+            max_bytes,
+            replace: true,
+            report: Default::default(),
+        };
+        // Caches go in with the source and come back after the run into the build's own copy
+        // of each entry, which is saved (or not) exactly as on this machine.
+        let copy_in = [
             (req.source_dir.clone(), project_dest.clone()),
             (req.output_dir.clone(), output_dest.clone()),
             (req.ci_dir.clone(), "/.ams-ci".to_string()),
-        ];
-        let out = ams_docker::CopyOut {
-            container: output_dest,
-            host: req.output_dir.clone(),
-            max_bytes: req.conf.archive_max_bytes,
-            report: Default::default(),
-        };
-        (Vec::new(), copy_in, Some(out))
+        ]
+        .into_iter()
+        .chain(req.caches.iter().cloned())
+        .collect();
+        let outs = std::iter::once(copy_out(
+            &output_dest,
+            &req.output_dir,
+            req.conf.archive_max_bytes,
+        ))
+        .chain(
+            req.caches
+                .iter()
+                .map(|(host, container)| copy_out(container, host, req.conf.cache_max_bytes)),
+        )
+        .collect();
+        (Vec::new(), copy_in, outs)
     };
-    let copy_report = copy_out.as_ref().map(|c| c.report.clone());
+    let copy_reports: Vec<_> = copy_out
+        .iter()
+        .map(|c| (c.container.clone(), c.host.clone(), c.report.clone()))
+        .collect();
     let spec = ContainerSpec {
         name: req.container_name.clone(),
         image,
@@ -604,7 +633,42 @@ pub async fn execute(
         }
         None => RunEnd::Exited(-1),
     };
-    let copied = copy_report.and_then(|r| r.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let mut reports = copy_reports
+        .into_iter()
+        .map(|(container, host, r)| {
+            let taken = r.lock().unwrap_or_else(|e| e.into_inner()).take();
+            (container, host, taken)
+        })
+        .collect::<Vec<_>>()
+        .into_iter();
+    let copied = reports.next().and_then(|(_, _, r)| r);
+    // The caches' copies: one that did not come back whole is dropped, so it is never saved.
+    for (container, host, r) in reports {
+        match r {
+            Some(Ok(x)) => log.line(&format!(
+                "cache {container} read back from the engine: {} file(s), {} bytes",
+                x.files, x.bytes
+            )),
+            Some(Err(e)) => {
+                let e = if e.contains("archive_max_bytes") {
+                    format!(
+                        "it holds more than cache_max_bytes ({} bytes) in web_conf.json",
+                        req.conf.cache_max_bytes
+                    )
+                } else {
+                    e
+                };
+                log.line(&format!(
+                    "cache {container} could not be read back from the engine ({e}); it is not \
+                     saved"
+                ));
+                let _ = std::fs::remove_dir_all(&host);
+            }
+            None => {
+                let _ = std::fs::remove_dir_all(&host);
+            }
+        }
+    }
     match copied {
         Some(Ok(x)) => {
             log.line(&format!(

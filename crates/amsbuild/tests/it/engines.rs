@@ -395,6 +395,34 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     );
     h.project("gpu", &gpu_pipeline);
     h.project("any", &pipeline(json!([stage("s", &["sleep 3"])])));
+    // A cache on a remote engine: in with the source, back after the run, then saved.
+    h.project(
+        "cached",
+        &pipeline_with(
+            json!([stage(
+                "s",
+                &[
+                    "echo \"seen: $(cat /root/.cache/dep/seen 2>/dev/null || echo none)\"",
+                    "cat note > /root/.cache/dep/seen",
+                    "ln -sf /etc/passwd /root/.cache/dep/link"
+                ]
+            )]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "labels": ["linux"]},
+                   "caches": [{"key": "dep", "path": "/root/.cache/dep"}]}),
+        ),
+    );
+    // A trusted bind of a host folder cannot be given on another machine's engine.
+    h.project(
+        "bind",
+        &pipeline_with(
+            json!([stage("s", &["ls /hostdir"])]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds", "labels": ["big"],
+                              "args": "-v /tmp:/hostdir"}}),
+        ),
+    );
+    h.private_config("bind", json!({"allow-docker-args": ["-v"]}));
     add_user(&h, "boss", "5", "", "a long password");
     add_user(&h, "dev", "3", "any", "a long password");
     h.start();
@@ -499,6 +527,45 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     }
     let (st, body) = page("dev");
     assert_eq!(st, 404, "{body}");
+
+    let name = h.build("bind");
+    let r = h.wait_status("bind", &name, Duration::from_secs(60));
+    assert_eq!(r["status"], "fail", "{r}");
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("/tmp:/hostdir") && reason.contains("another machine"),
+        "{r}"
+    );
+
+    let mut logs = Vec::new();
+    for note in ["first", "second"] {
+        std::fs::write(h.source("cached").join("note"), note).unwrap();
+        let name = h.build("cached");
+        let r = h.wait_status("cached", &name, Duration::from_secs(120));
+        let log = h.log("cached", &name);
+        assert_eq!(r["status"], "pass", "{r}\n{log}");
+        assert_eq!(engine_in_log(&log).as_deref(), Some("b2"), "{log}");
+        logs.push(log);
+    }
+    assert!(logs[0].contains("seen: none"), "{}", logs[0]);
+    assert!(logs[0].contains("cache dep: saved"), "{}", logs[0]);
+    // The second build restored what the first one's container wrote on the other engine.
+    assert!(logs[1].contains("seen: first"), "{}", logs[1]);
+    let caches = h.data.join("projects/cached/caches");
+    let entry = std::fs::read_dir(&caches)
+        .unwrap()
+        .flatten()
+        .map(|s| s.path().join("dep"))
+        .find(|p| p.is_dir())
+        .expect("an entry");
+    assert_eq!(
+        std::fs::read_to_string(entry.join("seen")).unwrap(),
+        "first"
+    );
+    assert_eq!(
+        std::fs::read_link(entry.join("link")).unwrap(),
+        Path::new("/etc/passwd")
+    );
     h.term();
 }
 
