@@ -80,8 +80,9 @@ pub struct WorkerContext {
     /// The engines builds run on (the host's pool).
     pub engines: Vec<Arc<crate::host::Engine>>,
     pub host_id: String,
-    /// One lock per project around the update and copy of master.
-    pub master_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per project around the update and copy of master, holding what the last
+    /// update of master fetched.
+    pub master_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
     /// A program that packs and hashes in a child process (`amsbuild __pack`), so the LZMA
     /// encoder's large buffers never stay in the host's heap. `None`: pack in-process.
     pub packer: Option<PathBuf>,
@@ -91,8 +92,22 @@ pub struct WorkerContext {
     pub store: ams_store::Store,
 }
 
+/// Master as the last update of a branch's head left it. A build of that branch's head queued
+/// before that fetch started needs no fetch of its own: what the remote had when the build was
+/// queued is in it (or something newer, as a fetch of its own would have given). Anything else
+/// that moves master (an update to a given commit, another branch, master-dir-commands, a
+/// failed update) forgets it.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub branch: Option<String>,
+    /// When the fetch started (seconds since the epoch, as `created_at`).
+    pub started_at: f64,
+    pub hash: String,
+    pub message: Option<String>,
+}
+
 impl WorkerContext {
-    fn master_lock(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn master_lock(&self, project: &str) -> Arc<tokio::sync::Mutex<Option<Fetched>>> {
         let mut m = self.master_locks.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(project.to_string()).or_default().clone()
     }
@@ -983,9 +998,9 @@ async fn prepare(
     }
     let auth = ssh.git.clone();
     let lock = ctx.master_lock(&b.project);
-    let _guard = lock.lock().await;
+    let mut fetched = lock.lock().await;
     let src = pd.master_source();
-    let git_hash = if src.join(".git").exists() {
+    let (git_hash, commit_message) = if src.join(".git").exists() {
         let branch = b.branch.clone().or_else(|| private.branch.clone());
         log.line(&format!(
             "updating master: {}",
@@ -995,32 +1010,52 @@ async fn prepare(
                 (None, None) => "head of the default branch".to_string(),
             }
         ));
-        let watch = auth.watch();
-        let h = git::update(
-            &src,
-            branch.as_deref(),
-            b.commit.as_deref(),
-            &auth,
-            stop.token(),
-        )
-        .await;
-        for l in watch.first_use_lines() {
-            tracing::info!("project {}: {l}", b.project);
-            log.line(&l);
+        let fresh = fetched
+            .as_ref()
+            .filter(|f| b.commit.is_none() && f.branch == branch && f.started_at > b.created_at)
+            .cloned();
+        if let Some(f) = fresh {
+            log.line(&format!(
+                "master was fetched at {}, after this build was queued: no fetch needed",
+                timefmt::iso(f.started_at)
+            ));
+            log.line(&format!("git_hash {}", f.hash));
+            (Some(f.hash), f.message)
+        } else {
+            *fetched = None;
+            let started_at = timefmt::now();
+            let watch = auth.watch();
+            let h = git::update(
+                &src,
+                branch.as_deref(),
+                b.commit.as_deref(),
+                &auth,
+                stop.token(),
+            )
+            .await;
+            for l in watch.first_use_lines() {
+                tracing::info!("project {}: {l}", b.project);
+                log.line(&l);
+            }
+            let h = h.map_err(|e| match e {
+                git::UpdateError::Remote(e) => Failure::host(e),
+                git::UpdateError::Refused(e) => Failure::project(e),
+            })?;
+            log.line(&format!("git_hash {h}"));
+            let message = git::message(&src, &h, stop.token()).await;
+            if b.commit.is_none() {
+                *fetched = Some(Fetched {
+                    branch,
+                    started_at,
+                    hash: h.clone(),
+                    message: message.clone(),
+                });
+            }
+            (Some(h), message)
         }
-        let h = h.map_err(|e| match e {
-            git::UpdateError::Remote(e) => Failure::host(e),
-            git::UpdateError::Refused(e) => Failure::project(e),
-        })?;
-        log.line(&format!("git_hash {h}"));
-        Some(h)
     } else {
         log.line("master/project_source is not a git checkout: building it as it is");
-        None
-    };
-    let commit_message = match &git_hash {
-        Some(h) => git::message(&src, h, stop.token()).await,
-        None => None,
+        (None, None)
     };
     seen.git_hash = git_hash.clone();
     seen.commit_message = commit_message.clone();
@@ -1047,6 +1082,10 @@ async fn prepare(
     )
     .await?;
     let mut values = build_vars(&ctx.data, b, git_hash.as_deref().unwrap_or(""));
+    if !pipeline.prepare.master_dir_commands.is_empty() {
+        // They may move master or change its files, even when they fail.
+        *fetched = None;
+    }
     let ran_in_master = host_commands(
         "master-dir-commands",
         &pipeline.prepare.master_dir_commands,
@@ -1136,7 +1175,7 @@ async fn prepare(
         },
         started.elapsed().as_secs_f64()
     ));
-    drop(_guard);
+    drop(fetched);
     log.line(&format!(
         "source prepared in {:.3} s",
         prep_started.elapsed().as_secs_f64()

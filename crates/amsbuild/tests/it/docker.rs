@@ -509,6 +509,72 @@ fn trusted_docker_args_and_host_commands() {
     assert!(h.source("args").join("host-ran.txt").exists());
 }
 
+/// Builds of a branch head queued before an update of master started share its fetch (a queue
+/// of them drains without one fetch each), and a build queued after a push still fetches and
+/// builds the push, as does one after master was moved to another commit.
+#[test]
+fn builds_queued_before_a_fetch_share_it_and_a_later_push_is_fetched() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
+    let repo = h.tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        repo.join("pipeline.json"),
+        pipeline(json!([stage("show", &["echo version=$(cat version.txt)"])])),
+    )
+    .unwrap();
+    std::fs::write(repo.join("version.txt"), "one").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    add_git_project(&h, "g", &repo);
+    h.project("blocker", &pipeline(json!([stage("s", &["sleep 600"])])));
+    h.start();
+
+    // The one slot is taken while five builds of g are queued.
+    let blocker = h.build("blocker");
+    h.wait_running("blocker", &blocker);
+    let names: Vec<String> = (0..5).map(|_| h.build("g")).collect();
+    let a = h.req(json!({"cmd": "cancel", "build": blocker, "actor": "t"}));
+    assert_eq!(a["ok"], true, "{a}");
+    let shared = "after this build was queued: no fetch needed";
+    for (i, n) in names.iter().enumerate() {
+        let r = h.wait_status("g", n, T);
+        let log = h.log("g", n);
+        assert_eq!(r["status"], "pass", "{log}");
+        assert_eq!(r["git_hash"], c1.as_str(), "{log}");
+        assert!(log.contains("version=one"), "{log}");
+        assert_eq!(log.contains(shared), i > 0, "build {i}: {log}");
+    }
+
+    // A push after that fetch: the next build fetches it.
+    std::fs::write(repo.join("version.txt"), "two").unwrap();
+    git(&repo, &["commit", "-q", "-am", "two"]);
+    let c2 = git(&repo, &["rev-parse", "HEAD"]);
+    let n = h.build("g");
+    let r = h.wait_status("g", &n, T);
+    let log = h.log("g", &n);
+    assert_eq!(r["git_hash"], c2.as_str(), "{log}");
+    assert!(
+        log.contains("version=two") && !log.contains(shared),
+        "{log}"
+    );
+
+    // Master moved to an older commit: the next head build fetches again.
+    let b = h.build_with("g", json!({"commit": c1}));
+    let old = b["name"].as_str().unwrap().to_string();
+    assert_eq!(h.wait_status("g", &old, T)["git_hash"], c1.as_str());
+    let n = h.build("g");
+    let r = h.wait_status("g", &n, T);
+    let log = h.log("g", &n);
+    assert_eq!(r["git_hash"], c2.as_str(), "{log}");
+    assert!(
+        log.contains("version=two") && !log.contains(shared),
+        "{log}"
+    );
+}
+
 #[test]
 fn git_sources_build_the_exact_commit_or_branch_head() {
     require_docker();
