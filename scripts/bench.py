@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""AMS-Build benchmarks. Builds nothing itself: run `cargo build --release` first.
+"""AMS-Build benchmarks. Run `cargo build --release` first (only the small `bare_run` baseline of
+(a) is built here when missing).
 
-    python3 scripts/bench.py            # all eight, writes BENCHMARKS.md
+    python3 scripts/bench.py            # all of them, writes BENCHMARKS.md
     python3 scripts/bench.py --runs 30  # more runs for (a)
 
 (a) trigger-to-finish of a one-command pipeline vs plain `docker run --rm` of the same image and
-    command, interleaved in the same run; (f) a build that restores its cache vs the one that
+    command and vs the bare Engine API sequence (bollard alone), interleaved in the same run; (f) a build that restores its cache vs the one that
     filled it; (b) preparation of a 200 MB / 10,000-file git repository
     vs `cp -a` of it; (c) host RSS when idle with 1,000 finished builds recorded; (d) webhook
     intake with wrk, against an empty delivery log and one of 1,000,000 deliveries; (e) the
@@ -13,7 +14,9 @@
     load; (g) the packer against `7z a -mx=5 -mmt=2` of 56 MB of crate sources; (h) the size of
     the release binary;
     (i) 60 builds that sleep 2 s drained by one engine vs three, and trigger-to-finish over an
-    engine on TCP with mutual TLS vs `docker -H … run` (root).
+    engine on TCP with mutual TLS vs `docker -H … run` (root); (j) queue drain of 200 dummy builds
+    of a git project vs a project without git; (k) 200 one-command container builds with 4 slots
+    vs 200 `docker run --rm` 4 at a time.
 """
 
 import argparse
@@ -119,9 +122,19 @@ def ms(x):
     return f"{x * 1000:.1f} ms" if x < 0.01 else f"{x * 1000:.0f} ms"
 
 
+def bare_run_bin():
+    """The bollard-only baseline (crates/ams-docker/examples/bare_run.rs), built if missing."""
+    path = os.path.join(ROOT, "target", "release", "examples", "bare_run")
+    if not os.path.exists(path):
+        subprocess.run(["cargo", "build", "--release", "--example", "bare_run", "-p", "ams-docker"],
+                       cwd=ROOT, check=True)
+    return path
+
+
 def bench_a(host, runs):
     host.project("one", pipeline([{"name": "s", "commands": ["true"]}]))
-    ours, plain = [], []
+    bare = bare_run_bin()
+    ours, plain, api, api_net = [], [], [], []
     for i in range(runs + 2):
         t0 = time.perf_counter()
         status = follow(host.sock, host.build("one"))
@@ -129,13 +142,24 @@ def bench_a(host, runs):
         assert status == "pass", status
         subprocess.run(["docker", "run", "--rm", IMAGE, "sh", "-c", "true"], check=True)
         t2 = time.perf_counter()
+        # The same container through the Engine API alone (timed inside the bench binary), on
+        # the default bridge and on the build network.
+        one = float(subprocess.run([bare, IMAGE, "1"], check=True, capture_output=True,
+                                   text=True).stdout.split()[0])
+        net = float(subprocess.run([bare, IMAGE, "1", "ams-build"], check=True,
+                                   capture_output=True, text=True).stdout.split()[0])
         if i >= 2:  # two warm-up rounds
             ours.append(t1 - t0)
             plain.append(t2 - t1)
+            api.append(one)
+            api_net.append(net)
     mo, mp = statistics.median(ours), statistics.median(plain)
-    return {"ours": mo, "plain": mp, "overhead": mo - mp,
-            "ours_p90": sorted(ours)[int(len(ours) * 0.9) - 1],
-            "plain_p90": sorted(plain)[int(len(plain) * 0.9) - 1], "runs": runs}
+    ma, mn = statistics.median(api), statistics.median(api_net)
+    p90 = lambda xs: sorted(xs)[int(len(xs) * 0.9) - 1]
+    return {"ours": mo, "plain": mp, "overhead": mo - mp, "api": ma, "api_net": mn,
+            "over_api": mo - ma, "over_api_net": mo - mn,
+            "ours_p90": p90(ours), "plain_p90": p90(plain), "api_p90": p90(api),
+            "api_net_p90": p90(api_net), "runs": runs}
 
 
 def bench_b(host, tmp, runs):
@@ -706,6 +730,97 @@ class Engines:
         self.procs = []
 
 
+def bench_j(tmp, n=200, rounds=3):
+    """Queue drain: `n` dummy builds of one git project queued at once (4 slots), from the last
+    trigger until every record is final; the same for a project without git as the baseline."""
+    out = {"n": n, "git": [], "plain": [], "git_total": [], "plain_total": []}
+    host = Host(os.path.join(tmp, "drain"), {"max_active_builds": 4, "webhook_ip": "127.0.0.1",
+                                             "webhook_port": 0, "web_interface_ip": "127.0.0.1",
+                                             "web_interface_port": 0})
+    repo = os.path.join(tmp, "drain-repo")
+    os.makedirs(repo)
+    git = lambda *a: subprocess.run(["git", "-C", repo, *a], check=True, capture_output=True)
+    git("init", "-q", "-b", "main")
+    with open(os.path.join(repo, "pipeline.json"), "w") as f:
+        json.dump(pipeline([{"name": "s", "commands": ["true"]}], **{"dummy-build": True}), f)
+    git("add", ".")
+    git("-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "one")
+    host.cli("project", "add", "withgit", "--git", repo, "--branch", "main")
+    host.project("nogit", pipeline([{"name": "s", "commands": ["true"]}], **{"dummy-build": True}))
+    host.start()
+    try:
+        for r in range(rounds + 1):
+            for project, key in (("withgit", "git"), ("nogit", "plain")):
+                t0 = time.perf_counter()
+                names = [host.build(project) for _ in range(n)]
+                t1 = time.perf_counter()
+                for name in names:
+                    assert follow(host.sock, name) == "dummy", host.log(project, name)
+                t2 = time.perf_counter()
+                if r >= 1:  # one warm-up round
+                    out[key].append(t2 - t1)
+                    out[key + "_total"].append(t2 - t0)
+    finally:
+        host.stop()
+    return out
+
+
+def bench_k(tmp, n=200, slots=4, rounds=2):
+    """`n` one-command container builds with `slots` slots, from the first trigger until every
+    record is final, against `n` `docker run --rm` with the same parallelism, interleaved."""
+    import concurrent.futures
+    out = {"n": n, "slots": slots, "ours": [], "plain": []}
+    host = Host(os.path.join(tmp, "many"), {"max_active_builds": slots, "webhook_ip": "127.0.0.1",
+                                            "webhook_port": 0, "web_interface_ip": "127.0.0.1",
+                                            "web_interface_port": 0})
+    host.project("one", pipeline([{"name": "s", "commands": ["true"]}]))
+    host.start()
+    run = lambda _: subprocess.run(["docker", "run", "--rm", IMAGE, "sh", "-c", "true"],
+                                   check=True, capture_output=True)
+    try:
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            names = [host.build("one") for _ in range(n)]
+            for name in names:
+                assert follow(host.sock, name) == "pass", host.log("one", name)
+            out["ours"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(slots) as ex:
+                list(ex.map(run, range(n)))
+            out["plain"].append(time.perf_counter() - t0)
+    finally:
+        host.stop()
+    return out
+
+
+def drain_section(j, k):
+    span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f} s" if len(xs) > 1 else f"{xs[0]:.2f} s"
+    rate = lambda xs, n: f"{n / max(xs):.0f}–{n / min(xs):.0f}/s"
+    return f"""## (j) Queue drain
+
+`python3 scripts/bench.py --only j`: {j['n']} dummy builds (prepared, no container) of one
+project queued at once on the control socket, 4 slots, {len(j['git'])} rounds after a warm-up
+round. "Drain" is from the last trigger until every record is final; "total" from the first.
+
+| project | drain after the last trigger | total |
+|---|---|---|
+| **from git** (each build: the update of master, the source snapshot, the records) | **{span(j['git'])}** (target ≤ 1 s) | {span(j['git_total'])} |
+| without git (baseline) | {span(j['plain'])} | {span(j['plain_total'])} |
+
+## (k) Many container builds
+
+`python3 scripts/bench.py --only k`: {k['n']} builds of a one-command pipeline (`true`, default
+cleanup) with {k['slots']} slots, from the first trigger until every record is final, against
+{k['n']} `docker run --rm {IMAGE} sh -c true` run {k['slots']} at a time, interleaved, {len(k['ours'])} rounds.
+
+| | time | builds/s |
+|---|---|---|
+| amsbuild, {k['slots']} slots | {span(k['ours'])} | {rate(k['ours'], k['n'])} |
+| `docker run --rm`, {k['slots']} at a time | {span(k['plain'])} | {rate(k['plain'], k['n'])} |
+| **ratio of the medians** | **{statistics.median(k['ours']) / statistics.median(k['plain']):.2f}×** (target ≤ 1.10×) | |
+"""
+
+
 def bench_i(tmp, builds=60, runs=10):
     """The engine pool: `builds` builds of a pipeline that sleeps 2 s drained by one local engine
     of 2 slots, then by it and two extra engines of 2 slots; and trigger-to-finish of a
@@ -793,7 +908,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i"],
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"],
                     help="run one benchmark, print it, write nothing")
     ap.add_argument("--bin", help="the amsbuild binary (default: target/release/amsbuild)")
     args = ap.parse_args()
@@ -830,6 +945,12 @@ def main():
             i = bench_i(tmp) if args.only in (None, "i") else None
             if i:
                 print(engines_section(i), flush=True)
+            j = bench_j(tmp) if args.only in (None, "j") else None
+            print("j", j, flush=True)
+            k = bench_k(tmp) if args.only in (None, "k") else None
+            print("k", k, flush=True)
+            if j and k:
+                print(drain_section(j, k), flush=True)
         finally:
             host.stop()
     if args.only:
@@ -853,7 +974,10 @@ its SHA1), from the trigger on the control socket until the build's record is fi
 |---|---|---|
 | amsbuild trigger → final record | {ms(a['ours'])} | {ms(a['ours_p90'])} |
 | plain `docker run --rm` | {ms(a['plain'])} | {ms(a['plain_p90'])} |
-| **median overhead** | **{ms(a['overhead'])}** (target ≤ 150 ms) | |
+| the same container through the Engine API alone (create, start, wait, remove; `bare_run`) | {ms(a['api'])} | {ms(a['api_p90'])} |
+| the same on the `ams-build` network | {ms(a['api_net'])} | {ms(a['api_net_p90'])} |
+| **median overhead** over `docker run` | **{ms(a['overhead'])}** (target ≤ 150 ms) | |
+| **median overhead** over the bare Engine API sequence | **{ms(a['over_api'])}** (target ≤ 10 ms); {ms(a['over_api_net'])} over it on the build network | |
 
 The plain baseline pays for the `docker` CLI process and its separate API calls; amsbuild talks to
 the engine directly, so its whole flow (database records, source copy, container, 7z and hash of
@@ -948,7 +1072,8 @@ columns run in SQL. Non-2xx answers across these runs: {sum(v["non2xx"] for v in
 `target/release/amsbuild` as `cargo build --release` leaves it (the profile has fat LTO, one
 codegen unit and `strip`): **{hb['bytes'] / 1e6:.1f} MB**{'' if hb['stripped'] else ' (NOT stripped)'} (target ≤ 12 MB).
 
-{engines_section(i)}"""
+{engines_section(i)}
+{drain_section(j, k)}"""
     with open(args.out, "w") as f:
         f.write(out)
     print(out)
