@@ -304,6 +304,9 @@ pub struct HostConfig {
     pub events: Option<Arc<dyn BuildEvents>>,
     /// Where the host records what it does (also reachable from the handle).
     pub metrics: Arc<Metrics>,
+    /// The database already open in this process (the notifier's), shared so that one set of
+    /// connections serves both; `None` opens the data directory's.
+    pub store: Option<Store>,
 }
 
 impl std::fmt::Debug for dyn BuildEvents {
@@ -513,6 +516,9 @@ struct Active {
 pub struct Host {
     ctx: Arc<WorkerContext>,
     store: Store,
+    /// Whether the host opened the store (and so closes it when it stops); a shared one stays
+    /// open for the others (the notifier's last deliveries).
+    owns_store: bool,
     hub: LogHub,
     queue: Queue,
     active: HashMap<i64, Active>,
@@ -719,7 +725,11 @@ impl Host {
         for w in cfg.data.loose_modes() {
             tracing::warn!("{w}");
         }
-        let store = Store::open(&cfg.data.db()).await?;
+        let owns_store = cfg.store.is_none();
+        let store = match cfg.store.clone() {
+            Some(s) => s,
+            None => Store::open(&cfg.data.db()).await?,
+        };
         let host_id = host_id(&cfg.data)?;
         let sealed = store.secret_count().await.unwrap_or(0);
         if sealed > 0 && !cfg.data.secrets_key().exists() {
@@ -763,6 +773,7 @@ impl Host {
             settings: settings.clone(),
             ctx,
             store: store.clone(),
+            owns_store,
             hub: hub.clone(),
             active: HashMap::new(),
             workers: JoinSet::new(),
@@ -1761,7 +1772,9 @@ impl Host {
         }
         self.workers.abort_all();
         while self.workers.join_next().await.is_some() {}
-        self.store.close().await;
+        if self.owns_store {
+            self.store.close().await;
+        }
     }
 }
 
@@ -1894,6 +1907,7 @@ mod tests {
             packer: None,
             events: None,
             metrics: Arc::default(),
+            store: None,
         };
         let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
         (h, tokio::spawn(host.run()))

@@ -1505,7 +1505,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let (notifier, notify_task) = ams_notify::start(
         data.clone(),
         Arc::new(conf.clone()),
-        store,
+        store.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -1522,6 +1522,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             packer: std::env::current_exe().ok(),
             events: Some(notifier),
             metrics: metrics.clone(),
+            store: Some(store),
         },
         engines,
     )
