@@ -1,3 +1,6 @@
+//! The store's behaviour through its public methods: builds and their indexes, retention,
+//! deliveries, users, sessions, tokens, messages, secrets, migrations and backups.
+
 use crate::*;
 use ams_core::access::Grant;
 use ams_core::status::BuildStatus;
