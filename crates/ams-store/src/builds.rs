@@ -67,37 +67,86 @@ impl BuildRecord {
     }
 
     /// A row of `builds` (any query that selects its columns by name), read the one way every
-    /// query of builds reads it.
+    /// query of builds reads it. Reading many rows of one statement, resolve the columns once
+    /// with [`BuildColumns::of`] instead.
     pub(crate) fn from_row(r: &Row) -> rusqlite::Result<BuildRecord> {
-        let status: String = r.get("status")?;
-        let stages: String = r.get("stages")?;
-        let params: Option<String> = r.get("params")?;
-        let tests: Option<String> = r.get("tests")?;
+        BuildColumns::of(r.as_ref())?.read(r)
+    }
+}
+
+/// Where a statement has each column of `builds`, found by name once per statement (looking a
+/// name up on every row of a page cost more than the query itself).
+pub(crate) struct BuildColumns([usize; 26]);
+
+impl BuildColumns {
+    const NAMES: [&str; 26] = [
+        "id",
+        "project",
+        "build_index",
+        "name",
+        "hash",
+        "git_hash",
+        "commit_message",
+        "status",
+        "reason",
+        "trigger_kind",
+        "branch",
+        "commit_req",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "canceled_by",
+        "canceled_at",
+        "archive_name",
+        "archive_hash",
+        "archive_hash_kind",
+        "output_deleted_at",
+        "stages",
+        "retry_of",
+        "params",
+        "tests",
+    ];
+
+    pub(crate) fn of(st: &rusqlite::Statement) -> rusqlite::Result<BuildColumns> {
+        let mut at = [0; 26];
+        for (i, name) in Self::NAMES.iter().enumerate() {
+            at[i] = st.column_index(name)?;
+        }
+        Ok(BuildColumns(at))
+    }
+
+    pub(crate) fn read(&self, r: &Row) -> rusqlite::Result<BuildRecord> {
+        let c = &self.0;
+        let status: String = r.get(c[7])?;
+        let stages: String = r.get(c[22])?;
+        let params: Option<String> = r.get(c[24])?;
+        let tests: Option<String> = r.get(c[25])?;
         Ok(BuildRecord {
-            id: r.get("id")?,
-            project: r.get("project")?,
-            build_index: r.get("build_index")?,
-            name: r.get("name")?,
-            hash: r.get("hash")?,
-            git_hash: r.get("git_hash")?,
-            commit_message: r.get("commit_message")?,
+            id: r.get(c[0])?,
+            project: r.get(c[1])?,
+            build_index: r.get(c[2])?,
+            name: r.get(c[3])?,
+            hash: r.get(c[4])?,
+            git_hash: r.get(c[5])?,
+            commit_message: r.get(c[6])?,
             status: BuildStatus::from_str(&status).map_err(|e| bad_column("status", e))?,
-            reason: r.get("reason")?,
-            trigger: r.get("trigger_kind")?,
-            branch: r.get("branch")?,
-            commit: r.get("commit_req")?,
-            created_by: r.get("created_by")?,
-            created_at: r.get("created_at")?,
-            started_at: r.get("started_at")?,
-            finished_at: r.get("finished_at")?,
-            canceled_by: r.get("canceled_by")?,
-            canceled_at: r.get("canceled_at")?,
-            archive_name: r.get("archive_name")?,
-            archive_hash: r.get("archive_hash")?,
-            archive_hash_kind: r.get("archive_hash_kind")?,
-            output_deleted_at: r.get("output_deleted_at")?,
+            reason: r.get(c[8])?,
+            trigger: r.get(c[9])?,
+            branch: r.get(c[10])?,
+            commit: r.get(c[11])?,
+            created_by: r.get(c[12])?,
+            created_at: r.get(c[13])?,
+            started_at: r.get(c[14])?,
+            finished_at: r.get(c[15])?,
+            canceled_by: r.get(c[16])?,
+            canceled_at: r.get(c[17])?,
+            archive_name: r.get(c[18])?,
+            archive_hash: r.get(c[19])?,
+            archive_hash_kind: r.get(c[20])?,
+            output_deleted_at: r.get(c[21])?,
             stages: serde_json::from_str(&stages).unwrap_or_default(),
-            retry_of: r.get("retry_of")?,
+            retry_of: r.get(c[23])?,
             params: params
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or_default(),
@@ -191,7 +240,8 @@ pub const BUILD_FILTER_COLUMNS: &[(&str, &str)] = &[
 /// The builds a query selects (through a cached statement).
 pub(crate) fn query(c: &Connection, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<BuildRecord>> {
     let mut st = c.prepare_cached(sql)?;
-    let rows = st.query_map(args, BuildRecord::from_row)?;
+    let columns = BuildColumns::of(&st)?;
+    let rows = st.query_map(args, |r| columns.read(r))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -615,11 +665,12 @@ impl Store {
                  WHERE output_deleted_at IS NULL AND (beyond_keep OR too_old) \
                  ORDER BY id",
             )?;
+            let columns = BuildColumns::of(&st)?;
             let rows = st.query_map(
                 params![project, keep.map(i64::from), finished_before],
                 |r| {
                     Ok(Expired {
-                        build: BuildRecord::from_row(r)?,
+                        build: columns.read(r)?,
                         beyond_keep: r.get("beyond_keep")?,
                         too_old: r.get("too_old")?,
                     })
