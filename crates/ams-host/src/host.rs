@@ -1194,10 +1194,17 @@ impl Host {
             retry_of,
             params: req.params.clone(),
         };
-        let format = &settings.name_format;
+        // The store names the build on its writer thread: the closure owns what it reads.
+        let (format, project, name_hash) = (
+            settings.name_format.clone(),
+            nb.project.clone(),
+            hash.clone(),
+        );
         let record = self
             .store
-            .create_build(&nb, |i| build_name(format, &req.project, &hash, i, created))
+            .create_build(&nb, move |i| {
+                build_name(&format, &project, &name_hash, i, created)
+            })
             .await
             .map_err(|e| match e {
                 ams_store::StoreError::Invalid(m) if !ams_store::is_unavailable(&m) => {
@@ -1277,12 +1284,15 @@ impl Host {
         }
         let outcomes = self
             .store
-            .accept_deliveries(items, |b, index| {
-                let f = settings_of
-                    .get(&b.project)
-                    .map(|s| s.name_format.as_str())
-                    .unwrap_or(DEFAULT_NAME_FORMAT);
-                build_name(f, &b.project, &b.hash, index, b.created_at)
+            .accept_deliveries(items, {
+                let settings_of = settings_of.clone();
+                move |b, index| {
+                    let f = settings_of
+                        .get(&b.project)
+                        .map(|s| s.name_format.as_str())
+                        .unwrap_or(DEFAULT_NAME_FORMAT);
+                    build_name(f, &b.project, &b.hash, index, b.created_at)
+                }
             })
             .await;
         let outcomes = match outcomes {

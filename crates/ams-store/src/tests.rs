@@ -1,0 +1,849 @@
+//! The store's behaviour through its public methods: builds and their indexes, retention,
+//! deliveries, users, sessions, tokens, messages, secrets, migrations and backups.
+
+use crate::*;
+use ams_core::access::Grant;
+use ams_core::status::BuildStatus;
+
+fn nb(project: &str) -> NewBuild {
+    NewBuild {
+        project: project.into(),
+        hash: "h".repeat(40),
+        trigger: "cli".into(),
+        branch: Some("main".into()),
+        commit: None,
+        created_by: "alice".into(),
+        created_at: 1000.0,
+        retry_of: None,
+        params: Default::default(),
+    }
+}
+
+fn user(name: &str) -> User {
+    User {
+        name: name.into(),
+        password_hash: "x".into(),
+        grant: Grant::uniform(4, &["p".into()]),
+        created_at: 1.0,
+        password_changed_at: 1.0,
+    }
+}
+
+#[tokio::test]
+async fn secrets_are_listed_by_name_and_kept_within_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let limits = SecretLimits {
+        max_count: 2,
+        max_bytes: 40,
+        overhead: 16,
+    };
+    let sealed = |name: &str, len: usize| SealedSecret {
+        project: "p".into(),
+        name: name.into(),
+        key_id: "k".into(),
+        nonce: vec![1; 24],
+        sealed: vec![7; len + 16],
+        set_at: 5.0,
+        set_by: "alice".into(),
+    };
+    s.put_secret(&sealed("A", 10), limits).await.unwrap();
+    s.put_secret(&sealed("B", 30), limits).await.unwrap();
+    // Replacing counts the new value, not the old one.
+    s.put_secret(&sealed("B", 30), limits).await.unwrap();
+    let e = s.put_secret(&sealed("C", 1), limits).await.unwrap_err();
+    assert!(e.to_string().contains("holds 2 secrets"), "{e}");
+    let e = s.put_secret(&sealed("B", 31), limits).await.unwrap_err();
+    assert!(e.to_string().contains("41 bytes"), "{e}");
+    let list = s.secrets_of("p").await.unwrap();
+    assert_eq!(
+        list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["A", "B"]
+    );
+    assert_eq!(list[0].set_by, "alice");
+    assert!(s.secrets_of("q").await.unwrap().is_empty());
+    assert_eq!(s.sealed_secrets("p").await.unwrap()[1], sealed("B", 30));
+    assert_eq!(s.secret_count().await.unwrap(), 2);
+    assert!(s.remove_secret("p", "A").await.unwrap());
+    assert!(!s.remove_secret("p", "A").await.unwrap());
+    assert_eq!(s.secret_count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn attempts_follow_the_retry_chain_and_survive_in_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let name = |i: i64| Ok(format!("p_{i}"));
+    let first = s.create_build(&nb("p"), name).await.unwrap();
+    let second = s
+        .create_build(
+            &NewBuild {
+                retry_of: Some(first.id),
+                ..nb("p")
+            },
+            name,
+        )
+        .await
+        .unwrap();
+    let third = s
+        .create_build(
+            &NewBuild {
+                retry_of: Some(second.id),
+                ..nb("p")
+            },
+            name,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.attempts(first.id).await.unwrap(), 1);
+    assert_eq!(s.attempts(second.id).await.unwrap(), 2);
+    assert_eq!(s.attempts(third.id).await.unwrap(), 3);
+    assert_eq!(third.retry_of, Some(second.id));
+    let listed = s.builds_of("p", 10, 0).await.unwrap();
+    assert_eq!(
+        listed[0].retry_of,
+        Some(second.id),
+        "the JSON list path keeps it"
+    );
+    assert_eq!(listed[2].retry_of, None);
+}
+
+#[tokio::test]
+async fn build_names_are_unique_per_project_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    // Project `1` names its builds `{project}{build_index}`; project `b` uses `b…`, but a
+    // name format may produce anything: another project's name never blocks a build.
+    let a = s.create_build(&nb("a"), |_| Ok("11".into())).await.unwrap();
+    let b = s.create_build(&nb("b"), |_| Ok("11".into())).await.unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!(s.build_by_name("a", "11").await.unwrap().unwrap().id, a.id);
+    assert_eq!(s.build_by_name("b", "11").await.unwrap().unwrap().id, b.id);
+    let both: Vec<i64> = s
+        .builds_named("11")
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(both, vec![a.id, b.id]);
+    // Within one project a name is still unique.
+    assert!(s.create_build(&nb("a"), |_| Ok("11".into())).await.is_err());
+    let latest = s.latest_builds().await.unwrap();
+    assert_eq!(latest["a"].0, a.id);
+    assert_eq!(latest["b"].0, b.id);
+}
+
+#[tokio::test]
+async fn the_latest_final_build_skips_live_ones_and_follows_the_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let make = |branch: &str| {
+        let mut b = nb("p");
+        b.branch = Some(branch.into());
+        b
+    };
+    let end = |status| Finish {
+        status: Some(status),
+        finished_at: 2000.0,
+        ..Default::default()
+    };
+    assert!(s
+        .latest_final_build("p", None, false)
+        .await
+        .unwrap()
+        .is_none());
+    let main_pass = s
+        .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    s.finish(main_pass.id, &end(BuildStatus::Pass))
+        .await
+        .unwrap();
+    let dev_fail = s
+        .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    s.finish(dev_fail.id, &end(BuildStatus::Fail))
+        .await
+        .unwrap();
+    // Newer but still pending or running: not what a badge shows.
+    let pending = s
+        .create_build(&make("main"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let running = s
+        .create_build(&make("dev"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    s.mark_running(running.id, 1500.0).await.unwrap();
+    let id = |b: Option<BuildRecord>| b.map(|b| b.id);
+    assert_eq!(
+        id(s.latest_final_build("p", None, false).await.unwrap()),
+        Some(dev_fail.id)
+    );
+    assert_eq!(
+        id(s.latest_final_build("p", Some("main"), false)
+            .await
+            .unwrap()),
+        Some(main_pass.id)
+    );
+    assert_eq!(
+        id(s.latest_final_build("p", Some("dev"), false).await.unwrap()),
+        Some(dev_fail.id)
+    );
+    assert_eq!(
+        id(s.latest_final_build("p", Some("nope"), false)
+            .await
+            .unwrap()),
+        None
+    );
+    assert_eq!(
+        id(s.latest_final_build("q", None, false).await.unwrap()),
+        None
+    );
+    s.finish(pending.id, &end(BuildStatus::Warn)).await.unwrap();
+    assert_eq!(
+        id(s.latest_final_build("p", Some("main"), false)
+            .await
+            .unwrap()),
+        Some(pending.id)
+    );
+}
+
+#[tokio::test]
+async fn builds_of_web_and_api_users_leave_a_message_however_they_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    s.create_user(&user("alice")).await.unwrap();
+    let mut web = nb("p");
+    web.trigger = "web".into();
+    let a = s
+        .create_build(&web, |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let b = s
+        .create_build(&web, |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let cli = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let mut stranger = web.clone();
+    stranger.created_by = "nobody".into();
+    let d = s
+        .create_build(&stranger, |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let fin = Finish {
+        status: Some(BuildStatus::Fail),
+        reason: Some("stage `s` failed".into()),
+        finished_at: 5.0,
+        ..Default::default()
+    };
+    s.finish(a.id, &fin).await.unwrap();
+    s.skip_builds(&[(b.id, "superseded".into())], 6.0)
+        .await
+        .unwrap();
+    s.finish(cli.id, &fin).await.unwrap();
+    s.finish(d.id, &fin).await.unwrap();
+    let m = s.messages_of("alice", 10).await.unwrap();
+    let texts: Vec<_> = m.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        vec![
+            "Build p_2 ended SKIP: superseded",
+            "Build p_1 ended FAIL: stage `s` failed"
+        ],
+        "CLI builds and unknown users leave nothing"
+    );
+    assert_eq!(m[1].kind, "fail");
+    assert_eq!(m[1].build.as_deref(), Some("p_1"));
+    // Kept bounded, newest kept.
+    for i in 0..(MESSAGES_KEPT + 10) {
+        s.add_message("alice", "ok", &format!("m{i}"), None, None, 7.0)
+            .await
+            .unwrap();
+    }
+    let m = s.messages_of("alice", 1000).await.unwrap();
+    assert_eq!(m.len() as i64, MESSAGES_KEPT);
+    assert_eq!(m[0].text, format!("m{}", MESSAGES_KEPT + 9));
+    // Messages to unknown users are dropped; removing a user removes theirs.
+    s.add_message("ghost", "ok", "x", None, None, 7.0)
+        .await
+        .unwrap();
+    assert!(s.messages_of("ghost", 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.clear_messages("alice").await.unwrap() as i64,
+        MESSAGES_KEPT
+    );
+    s.add_message("alice", "ok", "again", None, None, 8.0)
+        .await
+        .unwrap();
+    assert!(s.remove_user("alice").await.unwrap());
+    assert!(s.messages_of("alice", 10).await.unwrap().is_empty());
+}
+
+/// The retention rule: the newest N final builds are kept, older final ones and those
+/// finished before the limit are listed, pending and running builds never (nor do they
+/// count towards N), and builds whose output is already deleted are not listed again.
+#[tokio::test]
+async fn retention_lists_only_final_builds_beyond_the_newest_or_too_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let new = |p: &'static str| {
+        let s = s.clone();
+        async move {
+            s.create_build(&nb(p), move |i| Ok(format!("{p}_{i}")))
+                .await
+                .unwrap()
+                .id
+        }
+    };
+    let done = |at: f64| Finish {
+        status: Some(BuildStatus::Pass),
+        finished_at: at,
+        ..Default::default()
+    };
+    let b1 = new("p").await;
+    s.finish(b1, &done(100.0)).await.unwrap();
+    let b2 = new("p").await;
+    s.finish(b2, &done(200.0)).await.unwrap();
+    s.mark_output_deleted(b2, 300.0).await.unwrap();
+    let b3 = new("p").await;
+    s.mark_running(b3, 150.0).await.unwrap();
+    let b4 = new("p").await;
+    s.finish(b4, &done(1000.0)).await.unwrap();
+    let b5 = new("p").await; // pending
+    let b6 = new("p").await;
+    s.finish(b6, &done(1100.0)).await.unwrap();
+    let q1 = new("q").await;
+    s.finish(q1, &done(1.0)).await.unwrap();
+
+    let listed = |keep: Option<u32>, before: Option<f64>| {
+        let s = s.clone();
+        async move {
+            s.retention_candidates("p", keep, before)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.build.id, e.beyond_keep, e.too_old))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(None, None).await, vec![]);
+    // keep 2: b6 and b4 are the newest final builds, although b5 (pending) is newer than
+    // b4; b2 counts but is deleted already; b3 and b5 are never listed.
+    assert_eq!(listed(Some(2), None).await, vec![(b1, true, false)]);
+    assert_eq!(
+        listed(Some(1), None).await,
+        vec![(b1, true, false), (b4, true, false)]
+    );
+    assert_eq!(listed(Some(10), None).await, vec![]);
+    // Finished before 500: b1 only (b2 is deleted already, b3 is running).
+    assert_eq!(listed(None, Some(500.0)).await, vec![(b1, false, true)]);
+    assert_eq!(
+        listed(None, Some(1050.0)).await,
+        vec![(b1, false, true), (b4, false, true)]
+    );
+    assert_eq!(listed(Some(3), Some(150.0)).await, vec![(b1, true, true)]);
+    // Even keeping none and taking every age, the live builds are never listed.
+    let all: Vec<i64> = listed(Some(0), Some(f64::MAX))
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(all, vec![b1, b4, b6]);
+    assert!(!all.contains(&b3) && !all.contains(&b5) && !all.contains(&q1));
+
+    // Marking skips live builds and builds already marked.
+    assert_eq!(
+        s.mark_outputs_deleted(&[b1, b2, b3, b5], 400.0)
+            .await
+            .unwrap(),
+        1
+    );
+    for (id, deleted) in [(b1, Some(400.0)), (b2, Some(300.0)), (b3, None), (b5, None)] {
+        let b = s.build_by_id(id).await.unwrap().unwrap();
+        assert_eq!(b.output_deleted_at, deleted, "build {id}");
+    }
+    assert_eq!(listed(Some(1), None).await, vec![(b4, true, false)]);
+}
+
+/// A backup is a complete, checked copy, mode 0600, taken while another connection
+/// writes; it never replaces a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_is_a_checked_private_copy_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ams.db");
+    let s = Store::open(&db).await.unwrap();
+    for _ in 0..20 {
+        s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+            .await
+            .unwrap();
+    }
+    // A writer keeps going during the copies.
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut counts = Vec::new();
+    for n in 0..3 {
+        let dest = dir.path().join(format!("copy{n}.db"));
+        let info = backup(&db, &dest).await.unwrap();
+        assert!(info.builds >= 20, "{info:?}");
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Each copy is one snapshot: the project's counter matches its builds.
+        let c = Store::open(&dest).await.unwrap();
+        let builds = c.builds_of("p", 10_000, 0).await.unwrap();
+        assert_eq!(builds.len() as i64, info.builds);
+        let latest = c.project_info("p").await.unwrap().unwrap();
+        assert_eq!(latest.latest_build_index, info.builds);
+        c.close().await;
+        counts.push(info.builds);
+    }
+    writer.await.unwrap();
+    let dest = dir.path().join("copy0.db");
+    let before = std::fs::read(&dest).unwrap();
+    let e = backup(&db, &dest).await.unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        before,
+        "the file was left as it was"
+    );
+    let e = backup(&dir.path().join("none.db"), &dir.path().join("x.db"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no database there"), "{e}");
+    assert!(!dir.path().join("x.db").exists());
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+}
+
+#[tokio::test]
+async fn builds_get_increasing_indexes_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ams.db");
+    let s = Store::open(&db).await.unwrap();
+    let a = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let b = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let c = s
+        .create_build(&nb("q"), |i| Ok(format!("q_{i}")))
+        .await
+        .unwrap();
+    assert_eq!((a.build_index, b.build_index, c.build_index), (1, 2, 1));
+    assert_eq!(a.status, BuildStatus::Pending);
+    s.mark_running(a.id, 1001.0).await.unwrap();
+    let stages = vec![StageResult {
+        name: "s".into(),
+        exit_code: Some(0),
+        passed: true,
+        started_at: 1001.0,
+        duration_secs: 0.5,
+    }];
+    let done = Finish {
+        status: Some(BuildStatus::Pass),
+        finished_at: 1002.0,
+        stages: stages.clone(),
+        ..Default::default()
+    };
+    assert!(s.finish(a.id, &done).await.unwrap());
+    assert!(
+        !s.finish(a.id, &done).await.unwrap(),
+        "a final build is not finished twice"
+    );
+    s.close().await;
+
+    let s = Store::open(&db).await.unwrap();
+    let a2 = s.build_by_name("p", "p_1").await.unwrap().unwrap();
+    assert_eq!(a2.status, BuildStatus::Pass);
+    assert_eq!(a2.stages, stages);
+    let live: Vec<_> = s
+        .unfinished()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(live, vec!["p_2", "q_1"]);
+    let info = s.project_info("p").await.unwrap().unwrap();
+    assert_eq!(info.latest_build_index, 2);
+    assert_eq!(info.latest_build_key.as_deref(), Some("p_2"));
+    assert_eq!(info.last_complete_time, Some(1002.0));
+    assert_eq!(s.builds_of("p", 10, 0).await.unwrap()[0].name, "p_2");
+}
+
+/// Pings, ignored deliveries and duplicates keep no body, through either write path; the
+/// others keep theirs until `drop_delivery_bodies` passes their time.
+#[tokio::test]
+async fn delivery_bodies_are_kept_only_where_replay_needs_them_and_only_so_long() {
+    use ams_core::webhooks::Verdict;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let d = |id: &str, verdict: Verdict, at: f64| NewDelivery {
+        delivery_id: Some(id.into()),
+        project: "p".into(),
+        webhook: "w".into(),
+        received_at: at,
+        verdict,
+        body: format!("{{\"id\": \"{id}\"}}").into_bytes(),
+        ..Default::default()
+    };
+    let batch = [
+        d("old", Verdict::Accepted, 100.0),
+        d("ping", Verdict::Ping, 100.0),
+        d("ignored", Verdict::Ignored, 100.0),
+        d("new", Verdict::Accepted, 300.0),
+        d("old", Verdict::Accepted, 300.0),
+    ];
+    s.accept_deliveries(
+        batch
+            .into_iter()
+            .map(|delivery| DeliveryBatchItem {
+                delivery,
+                builds: vec![],
+            })
+            .collect(),
+        |_, i| Ok(format!("p_{i}")),
+    )
+    .await
+    .unwrap();
+    s.record_delivery(&d("refused", Verdict::Refused, 100.0))
+        .await
+        .unwrap();
+    s.record_delivery(&d("ping2", Verdict::Ping, 300.0))
+        .await
+        .unwrap();
+    let kept = |s: &Store| {
+        let s = s.clone();
+        async move {
+            let mut v: Vec<(String, String, i64)> = s
+                .deliveries_of("p", 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.delivery_id.unwrap(), d.verdict, d.body_bytes))
+                .collect();
+            v.reverse();
+            v
+        }
+    };
+    let with = |id: &str, v: &str, n: i64| (id.to_string(), v.to_string(), n);
+    assert_eq!(
+        kept(&s).await,
+        vec![
+            with("old", "accepted", 13),
+            with("ping", "ping", 0),
+            with("ignored", "ignored", 0),
+            with("new", "accepted", 13),
+            with("old", "duplicate", 0),
+            with("refused", "refused", 17),
+            with("ping2", "ping", 0),
+        ]
+    );
+    assert_eq!(s.drop_delivery_bodies(200.0).await.unwrap(), 2);
+    assert_eq!(s.drop_delivery_bodies(200.0).await.unwrap(), 0);
+    let after = kept(&s).await;
+    assert_eq!(after[0], with("old", "accepted", 0));
+    assert_eq!(after[3], with("new", "accepted", 13));
+    assert_eq!(after[5], with("refused", "refused", 0));
+    let (_, _, body) = s.delivery_payload(1).await.unwrap().unwrap();
+    assert!(body.is_empty());
+    // The log is checkpointed on demand (all of it when it holds more than the limit).
+    s.checkpoint(0).await.unwrap();
+    assert_eq!(s.checkpoint(0).await.unwrap(), 0, "the log was truncated");
+}
+
+#[tokio::test]
+async fn a_delivery_batch_is_deduplicated_and_indexed_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    s.create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let item = |id: &str, n: usize| DeliveryBatchItem {
+        delivery: NewDelivery {
+            delivery_id: Some(id.into()),
+            project: "p".into(),
+            webhook: "w".into(),
+            verdict: ams_core::webhooks::Verdict::Accepted,
+            ..Default::default()
+        },
+        builds: vec![nb("p"); n],
+    };
+    let out = s
+        .accept_deliveries(vec![item("a", 1), item("b", 2), item("a", 1)], |_, i| {
+            Ok(format!("p_{i}"))
+        })
+        .await
+        .unwrap();
+    let names = |o: &DeliveryOutcome| match o {
+        DeliveryOutcome::Accepted(b) => b.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+        _ => vec![],
+    };
+    assert_eq!(names(&out[0]), vec!["p_2"]);
+    assert_eq!(names(&out[1]), vec!["p_3", "p_4"]);
+    assert_eq!(out[2], DeliveryOutcome::Duplicate);
+    let again = s
+        .accept_deliveries(vec![item("b", 1)], |_, i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    assert_eq!(again[0], DeliveryOutcome::Duplicate);
+    assert_eq!(
+        s.project_info("p")
+            .await
+            .unwrap()
+            .unwrap()
+            .latest_build_index,
+        4
+    );
+    let d = s.deliveries_of("p", 10).await.unwrap();
+    assert_eq!(d.len(), 4);
+    assert_eq!(d[3].builds, vec!["p_2".to_string()]);
+    s.skip_builds(&[(3, "superseded".into())], 5.0)
+        .await
+        .unwrap();
+    let b = s.build_by_name("p", "p_3").await.unwrap().unwrap();
+    assert_eq!(b.status, BuildStatus::Skip);
+    assert_eq!(b.reason.as_deref(), Some("superseded"));
+}
+
+#[tokio::test]
+async fn sessions_end_when_idle_or_too_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let u = User {
+        name: "u".into(),
+        password_hash: "h".into(),
+        grant: Grant::uniform(3, &[]),
+        created_at: 0.0,
+        password_changed_at: 0.0,
+    };
+    s.create_user(&u).await.unwrap();
+    assert!(s.create_session("a", "u", "c", 1000.0, "h").await.unwrap());
+    // Checked against a password that is no longer the user's: nothing is made.
+    assert!(!s
+        .create_session("x", "u", "c", 1000.0, "old")
+        .await
+        .unwrap());
+    assert!(s
+        .create_token("u", "t", "tx", 1000.0, Some("old"))
+        .await
+        .unwrap()
+        .is_none());
+    // Used within the idle limit: alive, and the use counts.
+    assert!(s
+        .session("a", 1050.0, 100.0, 500.0)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .session("a", 1140.0, 100.0, 500.0)
+        .await
+        .unwrap()
+        .is_some());
+    // Idle too long: gone, for good.
+    assert!(s
+        .session("a", 1241.0, 100.0, 500.0)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.session("a", 1242.0, 1e9, 1e9).await.unwrap().is_none());
+    // Used all the time, but past the absolute limit: gone.
+    s.create_session("b", "u", "c", 1000.0, "h").await.unwrap();
+    for t in [1090.0, 1180.0, 1270.0, 1360.0, 1450.0] {
+        assert!(s.session("b", t, 100.0, 500.0).await.unwrap().is_some());
+    }
+    assert!(s
+        .session("b", 1501.0, 100.0, 500.0)
+        .await
+        .unwrap()
+        .is_none());
+    // A password change ends every session of the user and revokes its tokens.
+    s.create_session("c", "u", "c", 1000.0, "h").await.unwrap();
+    s.create_token("u", "ci", "th", 1000.0, Some("h"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.token_user("th", 1000.5).await.unwrap().is_some());
+    s.set_password("u", "h2", 1001.0).await.unwrap();
+    assert!(s
+        .session("c", 1002.0, 100.0, 500.0)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.token_user("th", 1002.0).await.unwrap().is_none());
+    assert!(s.tokens_of("u").await.unwrap().is_empty());
+}
+
+/// A database of schema 6 with users in the described system's shape (one level, a list
+/// of projects) is converted by migration 0007 to per-project levels.
+#[tokio::test]
+async fn migration_7_gives_each_listed_project_the_old_level() {
+    use ams_core::access::Level;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ams.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for sql in [
+            include_str!("../migrations/0001_builds.sql"),
+            include_str!("../migrations/0002_deliveries.sql"),
+            include_str!("../migrations/0003_notifications.sql"),
+            include_str!("../migrations/0004_users.sql"),
+            include_str!("../migrations/0005_messages.sql"),
+            include_str!("../migrations/0006_commit_message.sql"),
+            "PRAGMA user_version = 6",
+        ] {
+            c.execute_batch(sql).unwrap();
+        }
+        for (name, level, projects) in [
+            ("mod", 3, r#"["app","lib"]"#),
+            ("hook", 2, r#"["app"]"#),
+            ("root", 5, r#"["app"]"#),
+            ("lonely", 1, "[]"),
+            ("broken", 4, "not json"),
+        ] {
+            c.execute(
+                "INSERT INTO users (name, password_hash, level, projects, created_at, \
+                 password_changed_at) VALUES (?, 'h', ?, ?, 0, 0)",
+                rusqlite::params![name, level, projects],
+            )
+            .unwrap();
+        }
+    }
+    let s = Store::open(&path).await.unwrap();
+    let grant = |name: &'static str| {
+        let s = &s;
+        async move { s.user(name).await.unwrap().unwrap().grant }
+    };
+    assert_eq!(
+        grant("mod").await.projects,
+        [
+            ("app".to_string(), Level::Moderator),
+            ("lib".to_string(), Level::Moderator)
+        ]
+        .into()
+    );
+    assert_eq!(
+        grant("hook").await.projects,
+        [("app".to_string(), Level::Webhook)].into()
+    );
+    assert_eq!(grant("root").await, Grant::server_admin());
+    assert_eq!(grant("lonely").await, Grant::default());
+    assert!(!grant("broken").await.can_log_in());
+    // The rows themselves are in the new shape.
+    let raw: (i64, String) = s
+        .read(|c| {
+            Ok(c.query_row(
+                "SELECT level, projects FROM users WHERE name = 'mod'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(raw, (0, r#"{"app":3,"lib":3}"#.to_string()));
+    // A row still in the old shape (written by another tool) reads the old way.
+    s.write(|c| {
+        c.execute(
+            "UPDATE users SET level = 1, projects = '[\"lib\"]' WHERE name = 'lonely'",
+            [],
+        )?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        grant("lonely").await.projects,
+        [("lib".to_string(), Level::User)].into()
+    );
+}
+
+/// Grant changes are compare-and-set: a change computed from a stale read is recomputed.
+#[tokio::test]
+async fn grant_changes_never_undo_a_concurrent_change() {
+    use ams_core::access::Level;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let mut u = user("u");
+    u.grant = Grant::uniform(1, &["a".into(), "b".into()]);
+    s.create_user(&u).await.unwrap();
+    // The first attempt's read goes stale: another manager raises `b` in between.
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    let got = s
+        .update_grant("u", |g| {
+            if tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let s = s.clone();
+                std::thread::scope(|t| {
+                    t.spawn(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap()
+                            .block_on(s.update_grant("u", |g| {
+                                let mut g = g.clone();
+                                g.projects.insert("b".into(), Level::Moderator);
+                                Ok(g)
+                            }))
+                            .unwrap();
+                    });
+                });
+            }
+            let mut g = g.clone();
+            g.projects.insert("a".into(), Level::Moderator);
+            Ok(g)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(tries.into_inner(), 2, "recomputed once");
+    assert_eq!(got, Grant::uniform(3, &["a".into(), "b".into()]));
+    assert_eq!(s.user("u").await.unwrap().unwrap().grant, got);
+    // A refusal changes nothing; an unknown user is None.
+    assert!(matches!(
+        s.update_grant("u", |_| Err("no".into())).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(s
+        .update_grant("ghost", |g| Ok(g.clone()))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.remove_user_if("u", |_| Err("no".into())).await.is_err());
+    assert!(s.user("u").await.unwrap().is_some());
+    assert!(s.remove_user_if("u", |_| Ok(())).await.unwrap());
+    assert!(!s.remove_user("u").await.unwrap());
+}
+
+#[tokio::test]
+async fn a_failed_naming_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    assert!(s
+        .create_build(&nb("p"), |_| Err("bad".into()))
+        .await
+        .is_err());
+    let a = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    assert_eq!(a.build_index, 1);
+}
