@@ -13,6 +13,11 @@ use std::time::Duration;
 
 static NEXT: AtomicU32 = AtomicU32::new(1);
 
+/// 10.100.x.x to 10.199.x.x by process id (bench.py uses 10.232).
+fn subnet_octet() -> u32 {
+    100 + std::process::id() % 100
+}
+
 fn run(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)
         .args(args)
@@ -92,8 +97,10 @@ impl ExtraEngine {
             netns: format!("amse{tag}"),
             veth: format!("amsh{tag}"),
             peer: format!("amsp{tag}"),
-            host_ip: format!("10.231.{n}.1"),
-            ip: format!("10.231.{n}.2"),
+            // The second octet follows the process, so two test runs at once (a helper's
+            // beside CI's) never route one subnet to two namespaces.
+            host_ip: format!("10.{}.{n}.1", subnet_octet()),
+            ip: format!("10.{}.{n}.2", subnet_octet()),
             dir: tempfile::Builder::new().prefix("amse").tempdir().unwrap(),
             child: None,
         };
