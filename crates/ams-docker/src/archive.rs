@@ -249,21 +249,33 @@ pub fn extract(reader: impl Read, dest: &Path, max_bytes: u64) -> Result<Extract
                 if out.bytes.saturating_add(size) > max_bytes {
                     return Err(ExtractError::TooLarge(max_bytes));
                 }
-                clear(&path).and_then(|_| {
-                    let mut f = fs::OpenOptions::new()
+                match clear(&path).and_then(|_| {
+                    fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .custom_flags(libc::O_NOFOLLOW)
                         .mode(0o600)
                         .open(&path)
-                        .map_err(|_| "cannot create the file")?;
-                    let n = io::copy(&mut (&mut entry).take(size), &mut f)
-                        .map_err(|_| "cannot write the file")?;
-                    out.bytes += n;
-                    out.files += 1;
-                    f.set_permissions(fs::Permissions::from_mode(mode))
-                        .map_err(|_| "cannot set its mode")
-                })
+                        .map_err(|_| "cannot create the file")
+                }) {
+                    Err(why) => Err(why),
+                    Ok(mut f) => {
+                        // A failed read (the engine stopped sending, the connection dropped)
+                        // or write (the disk is full) ends the whole copy: the output is not
+                        // whole, which a refused entry would hide.
+                        let n = io::copy(&mut (&mut entry).take(size), &mut f)?;
+                        if n < size {
+                            return Err(ExtractError::Io(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("the tar ends inside {name}"),
+                            )));
+                        }
+                        out.bytes += n;
+                        out.files += 1;
+                        f.set_permissions(fs::Permissions::from_mode(mode))
+                            .map_err(|_| "cannot set its mode")
+                    }
+                }
             }
             tar::EntryType::Symlink => match entry.link_name_bytes() {
                 Some(target) => {

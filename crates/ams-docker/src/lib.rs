@@ -557,13 +557,16 @@ impl DockerExecutor {
         docker: &Docker,
         name: &str,
         out: &CopyOut,
+        stop: &CancellationToken,
     ) -> Result<archive::Extracted, ExecError> {
         let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
             .path(&out.container)
             .build();
-        let stream = docker
-            .download_from_container(name, Some(opts))
-            .map(|r| r.map_err(std::io::Error::other));
+        let stream = Box::pin(guarded(
+            docker.download_from_container(name, Some(opts)),
+            stop.clone(),
+            &out.container,
+        ));
         let reader = tokio_util::io::StreamReader::new(stream);
         let sync = tokio_util::io::SyncIoBridge::new(reader);
         let (dest, max, replace) = (out.host.clone(), out.max_bytes, out.replace);
@@ -586,7 +589,9 @@ impl DockerExecutor {
         .map_err(|e| ExecError::Docker(format!("reading the output failed: {e}")))?;
         done.map_err(|e| {
             let m = e.to_string();
-            if m.contains("No such container") || m.contains("404") {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                ExecError::Unreachable(m)
+            } else if m.contains("No such container") || m.contains("404") {
                 ExecError::Docker(format!(
                     "the output folder {} is missing: {m}",
                     out.container
@@ -750,7 +755,7 @@ impl DockerExecutor {
             None => -1,
         };
         for out in &spec.copy_out {
-            let r = self.copy_out(&docker, &spec.name, out).await;
+            let r = self.copy_out(&docker, &spec.name, out, &stop).await;
             if let Err(ExecError::Unreachable(e)) = &r {
                 return Err(ExecError::Unreachable(e.clone()));
             }
@@ -913,6 +918,56 @@ impl Executor for DockerExecutor {
 /// How often a running build's engine is pinged, and how many missed pings end the build.
 const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
 const WATCHDOG_MISSES: u32 = 3;
+
+/// Longest an engine may go without sending a byte of a folder it is sending back.
+pub const COPY_STALL: Duration = Duration::from_secs(30);
+/// Longest a folder is still read back once the build is stopped (canceled, timed out): its
+/// output is kept but neither read nor archived, so a slow engine does not hold the slot.
+pub const COPY_AFTER_STOP: Duration = Duration::from_secs(30);
+
+/// The engine's answer to `GET …/archive` as a byte stream that fails instead of waiting for
+/// ever: with [`std::io::ErrorKind::TimedOut`] when the engine sends nothing for
+/// [`COPY_STALL`] (stopped, cut off, hung), and with [`std::io::ErrorKind::Interrupted`]
+/// [`COPY_AFTER_STOP`] after `stop` fires (at once if it had fired before).
+fn guarded(
+    answer: impl futures_util::Stream<Item = Result<Bytes, BollardError>> + Send + 'static,
+    stop: CancellationToken,
+    what: &str,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let what = what.to_string();
+    let give_up: BoxFuture<'static, ()> = Box::pin(async move {
+        stop.cancelled().await;
+        tokio::time::sleep(COPY_AFTER_STOP).await;
+    });
+    let state = (Box::pin(answer), give_up, what, false);
+    futures_util::stream::unfold(state, |(mut answer, mut give_up, what, done)| async move {
+        if done {
+            return None;
+        }
+        let item = tokio::select! {
+            _ = &mut give_up => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                format!(
+                    "the build was stopped and the engine had not sent {what} {} s later",
+                    COPY_AFTER_STOP.as_secs()
+                ),
+            ))),
+            r = tokio::time::timeout(COPY_STALL, answer.next()) => match r {
+                Err(_) => Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the engine stopped sending {what} (nothing for {} s)",
+                        COPY_STALL.as_secs()
+                    ),
+                ))),
+                Ok(Some(r)) => Some(r.map_err(std::io::Error::other)),
+                Ok(None) => None,
+            },
+        };
+        let failed = matches!(item, Some(Err(_)));
+        item.map(|i| (i, (answer, give_up, what, failed)))
+    })
+}
 
 /// A stream over a channel's items.
 fn tokio_stream_of<T: Send + 'static>(

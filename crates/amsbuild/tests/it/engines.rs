@@ -800,3 +800,140 @@ fn wait_for_opt<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+impl ExtraEngine {
+    /// Slows what the engine sends to the host to `rate` (tc on its end of the veth).
+    fn throttle(&self, rate: &str) {
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                &self.peer,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "16kb",
+                "latency",
+                "10s",
+            ],
+        );
+    }
+
+    fn unthrottle(&self) {
+        let _ = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                &self.peer,
+                "root",
+            ],
+        );
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`) to its `dockerd`: a stopped one keeps its connections
+    /// open and sends nothing, as a hung engine does.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("dockerd runs").id().to_string();
+        must("kill", &[sig, &pid]);
+    }
+}
+
+/// Waits until the host's copy of the build's output holds `file` (a part of it, as it comes
+/// back from the engine).
+fn wait_output_arriving(h: &TestHost, project: &str, name: &str, file: &str) {
+    let path = h.build_dir(project).join(name).join("build").join(file);
+    wait_for(
+        "the output to start coming back",
+        Duration::from_secs(120),
+        || {
+            std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.len() > 0)
+                .map(|_| ())
+        },
+    );
+}
+
+/// The output comes back through the archive endpoint after the container ended, outside the
+/// run's engine watchdog: an engine that goes quiet then (here its dockerd stopped mid-copy)
+/// must not hold the build and its slot for ever, and a cancel while a slow engine sends the
+/// output must end the build without waiting for all of it.
+#[test]
+fn a_quiet_engine_or_a_cancel_while_the_output_comes_back_ends_the_build_in_bounded_time() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    // 8 MiB that do not compress, sent back at 512 kbit/s: over two minutes.
+    h.project(
+        "slow",
+        &pipeline(json!([stage(
+            "s",
+            &["dd if=/dev/urandom of=Builds/big bs=1024 count=8192 2>/dev/null"]
+        )])),
+    );
+    h.project("quick", &pipeline(json!([stage("s", &["true"])])));
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    b1.throttle("512kbit");
+
+    // A cancel while the output comes back: the build ends CANCELED, not two minutes later.
+    let name = h.build("slow");
+    wait_output_arriving(&h, "slow", &name, "big");
+    let a = h.req(json!({"cmd": "cancel", "build": name}));
+    assert_eq!(a["ok"], true, "{a}");
+    let t0 = std::time::Instant::now();
+    let r = h.wait_status("slow", &name, Duration::from_secs(100));
+    let log = h.log("slow", &name);
+    assert_eq!(r["status"], "cancel", "{r}\n{log}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert!(log.contains("could not be read back"), "{log}");
+
+    // An engine that stops sending mid-copy: ERROR within bounded time, the engine is taken
+    // out of placement, and once it answers again the container is removed and the slot
+    // takes builds.
+    let name = h.build("slow");
+    wait_output_arriving(&h, "slow", &name, "big");
+    b1.signal("-STOP");
+    let t0 = std::time::Instant::now();
+    let r = wait_for_opt(Duration::from_secs(100), || {
+        let r = h.record("slow", &name);
+        (r["status"] != "pending" && r["status"] != "running").then_some(r)
+    });
+    b1.signal("-CONT");
+    let log = h.log("slow", &name);
+    let r = r.unwrap_or_else(|| panic!("the build never ended:\n{log}"));
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(t0.elapsed() < Duration::from_secs(80), "{:?}", t0.elapsed());
+    assert!(log.contains("stopped sending"), "{log}");
+    b1.unthrottle();
+    wait_for("b1 up again", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let id = h.host_id();
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    let q = h.build("quick");
+    let r = h.wait_status("quick", &q, Duration::from_secs(60));
+    assert_eq!(r["status"], "pass", "{r}\n{}", h.log("quick", &q));
+    h.term();
+}
