@@ -937,3 +937,86 @@ fn a_quiet_engine_or_a_cancel_while_the_output_comes_back_ends_the_build_in_boun
     assert_eq!(r["status"], "pass", "{r}\n{}", h.log("quick", &q));
     h.term();
 }
+
+/// What a hostile build can leave in its output on an engine elsewhere, read back through the
+/// archive endpoint: names that are not UTF-8 (short, in a GNU long name, beside one that reads
+/// the same once made UTF-8), a long UTF-8 name (a PAX path), a newline in a name, hard links,
+/// a fifo, a set-uid file, a read-only folder and a tree deeper than the copy takes. Every name
+/// comes back byte for byte, nothing else is written, and what is refused is said.
+#[test]
+fn odd_names_and_special_files_in_a_remote_output_come_back_exactly_or_are_refused() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let (_b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    let script = r#"set -e
+o=Builds
+printf one > "$o/a$(printf '\377')"
+printf two > "$o/a$(printf '\376')"
+printf three > "$o/a$(printf '\357\277\275')"
+l=llllllllll; l=$l$l$l$l$l$l$l$l$l$l$l$l$l$l$l
+printf four > "$o/$l$(printf '\372')"
+printf five > "$o/$l$(printf '\303\251')"
+printf six > "$o/$(printf 'nl\nx')"
+echo hl > $o/h1 && ln $o/h1 $o/h2
+mkfifo $o/fifo
+echo s > $o/suid && chmod 4755 $o/suid
+mkdir $o/ro && echo r > $o/ro/f && chmod 555 $o/ro
+d=$o/deep; i=0; while [ $i -lt 300 ]; do d=$d/d; i=$((i+1)); done
+mkdir -p $d && echo bottom > $d/f
+"#;
+    h.project(
+        "odd",
+        &pipeline_with(
+            json!([stage("s", &["sh make.sh"])]),
+            json!({"cleanup": {"remove_build_source": true, "7z_build": false}}),
+        ),
+    );
+    std::fs::write(h.source("odd").join("make.sh"), script).unwrap();
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let name = h.build("odd");
+    let r = h.wait_status("odd", &name, Duration::from_secs(120));
+    let log = h.log("odd", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert!(log.contains("output read back from the engine"), "{log}");
+    let out = h.build_dir("odd").join(&name).join("build");
+    let read = |n: &[u8]| {
+        std::fs::read(out.join(OsStr::from_bytes(n)))
+            .unwrap_or_else(|e| panic!("{:?}: {e}\n{log}", String::from_utf8_lossy(n)))
+    };
+    let l = [b'l'; 150];
+    assert_eq!(read(b"a\xff"), b"one");
+    assert_eq!(read(b"a\xfe"), b"two");
+    assert_eq!(read("a\u{fffd}".as_bytes()), b"three");
+    assert_eq!(read(&[&l[..], b"\xfa"].concat()), b"four");
+    assert_eq!(read(&[&l[..], "é".as_bytes()].concat()), b"five");
+    assert_eq!(read(b"nl\nx"), b"six");
+    assert_eq!(read(b"h2"), b"hl\n");
+    let ino = |n: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(out.join(n)).unwrap().ino()
+    };
+    assert_eq!(ino("h1"), ino("h2"), "the hard link stays one file");
+    assert!(std::fs::symlink_metadata(out.join("fifo")).is_err());
+    let mode = |n: &str| std::fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid"), 0o755);
+    assert_eq!(
+        mode("ro"),
+        0o755,
+        "the host keeps the right to write and remove"
+    );
+    assert_eq!(read(b"ro/f"), b"r\n");
+    assert!(log.contains("fifo") && log.contains("too deep"), "{log}");
+    // Everything that came back is one of these (the deep tree stops where the copy stopped).
+    let names: Vec<Vec<u8>> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    assert_eq!(names.len(), 11, "{names:?}");
+    h.term();
+}
