@@ -626,13 +626,25 @@ impl DockerExecutor {
             // The folders go in as one tar at the root, each under its own path, streamed as
             // the engine reads it.
             let rx = archive::tar_stream(spec.copy_in.clone());
-            let body = bollard::body_try_stream(tokio_stream_of(rx));
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = sent.clone();
+            let body = bollard::body_try_stream(tokio_stream_of(rx).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    counted.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                chunk
+            }));
             let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::new()
                 .path("/")
                 .build();
+            // The whole upload is one request, which bollard's request timeout would cut at
+            // two minutes however well it goes (a large source over a slow link): it has no
+            // deadline of its own here, and the engine's pings say whether it is still there.
+            let uploading = docker.clone().with_timeout(NO_DEADLINE);
+            let upload = uploading.upload_to_container(&spec.name, Some(opts), body);
             tokio::select! {
-                r = docker.upload_to_container(&spec.name, Some(opts), body) => {
-                    r.map_err(|e| match docker_err(e) {
+                r = watched(&docker, "the build's folders were sent to it", Some(&sent), upload) => {
+                    r?.map_err(|e| match docker_err(e) {
                         ExecError::Unreachable(m) => ExecError::Unreachable(m),
                         other => ExecError::Docker(format!(
                             "cannot send the build's folders into the container: {other}"
@@ -805,26 +817,32 @@ impl Executor for DockerExecutor {
                 .tag(tag)
                 .build();
             let mut stream = docker.create_image(Some(opts), None, None);
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(info) => {
-                        if let Some(status) = info.status {
-                            progress(status);
+            // A pull's stream has no deadline (a large image takes long); an engine that stops
+            // answering its pings meanwhile ends it.
+            let pulled = watched(&docker, "it pulled the image", None, async {
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(info) => {
+                            if let Some(status) = info.status {
+                                progress(status);
+                            }
+                        }
+                        Err(e) => {
+                            let message = match e {
+                                BollardError::DockerResponseServerError { message, .. } => message,
+                                BollardError::DockerStreamError { error } => error,
+                                other => other.to_string(),
+                            };
+                            return Err(ExecError::ImagePull {
+                                image: image.to_string(),
+                                message,
+                            });
                         }
                     }
-                    Err(e) => {
-                        let message = match e {
-                            BollardError::DockerResponseServerError { message, .. } => message,
-                            BollardError::DockerStreamError { error } => error,
-                            other => other.to_string(),
-                        };
-                        return Err(ExecError::ImagePull {
-                            image: image.to_string(),
-                            message,
-                        });
-                    }
                 }
-            }
+                Ok(())
+            });
+            pulled.await??;
             match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => Ok(()),
                 Err(e) => Err(ExecError::ImagePull {
@@ -967,6 +985,52 @@ fn guarded(
         let failed = matches!(item, Some(Err(_)));
         item.map(|i| (i, (answer, give_up, what, failed)))
     })
+}
+
+/// The request timeout of a call whose length is bounded otherwise (by pings and the stop).
+const NO_DEADLINE: Duration = Duration::from_secs(366 * 86_400);
+
+/// Runs `call` while the engine is pinged every [`WATCHDOG_EVERY`]: [`WATCHDOG_MISSES`]
+/// missed pings in a row end it with [`ExecError::Unreachable`], naming `what` it was doing.
+/// When `progress` (bytes the engine took) moved since the last ping, the engine counts as
+/// answering whatever the ping did: a link full of the upload may delay pings past their time.
+async fn watched<T>(
+    docker: &Docker,
+    what: &str,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, ExecError> {
+    let moved = || progress.map(|p| p.load(std::sync::atomic::Ordering::Relaxed));
+    let mut last = moved();
+    tokio::pin!(call);
+    let mut watchdog =
+        tokio::time::interval_at(tokio::time::Instant::now() + WATCHDOG_EVERY, WATCHDOG_EVERY);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missed = 0u32;
+    loop {
+        tokio::select! {
+            r = &mut call => return Ok(r),
+            _ = watchdog.tick() => {
+                let now = moved();
+                let advanced = now != last;
+                last = now;
+                match tokio::time::timeout(WATCHDOG_EVERY, docker.ping()).await {
+                    Ok(Ok(_)) => missed = 0,
+                    _ if advanced => missed = 0,
+                    _ => {
+                        missed += 1;
+                        if missed >= WATCHDOG_MISSES {
+                            return Err(ExecError::Unreachable(format!(
+                                "the engine stopped answering while {what} (no answer to \
+                                 {WATCHDOG_MISSES} pings {} s apart)",
+                                WATCHDOG_EVERY.as_secs()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A stream over a channel's items.

@@ -1020,3 +1020,84 @@ mkdir -p $d && echo bottom > $d/f
     assert_eq!(names.len(), 11, "{names:?}");
     h.term();
 }
+
+/// The source goes to an engine elsewhere in one request, which bollard's two-minute request
+/// timeout once cut however well it went (a large source over a slow link ended ERROR and took
+/// the engine out of placement). Here it takes over two minutes and the build passes; then an
+/// engine that stops answering mid-upload ends its build within the watchdog's time.
+#[test]
+fn a_source_that_takes_over_two_minutes_to_send_still_runs_and_a_hung_engine_mid_upload_errors() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    // 4.5 MiB that do not compress, at 256 kbit/s: about 150 s.
+    let size = 9 << 19;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let blob: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    h.project(
+        "big",
+        &pipeline(json!([stage(
+            "s",
+            &[&format!("test \"$(wc -c < blob)\" -eq {size}")]
+        )])),
+    );
+    std::fs::write(h.source("big").join("blob"), &blob).unwrap();
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    must(
+        "tc",
+        &[
+            "qdisc", "replace", "dev", &b1.veth, "root", "tbf", "rate", "256kbit", "burst", "16kb",
+            "latency", "10s",
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let name = h.build("big");
+    let r = h.wait_status("big", &name, Duration::from_secs(300));
+    let log = h.log("big", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert!(
+        t0.elapsed() > Duration::from_secs(125),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(engine_up(&h, "b1"), Some(true));
+
+    // Mid-upload (its container made), the engine hangs: ERROR within the watchdog's time,
+    // not the request's two minutes.
+    let name = h.build("big");
+    let id = h.host_id();
+    wait_for("the container made", Duration::from_secs(60), || {
+        (!b1.containers(&id).is_empty()).then_some(())
+    });
+    b1.signal("-STOP");
+    let t0 = std::time::Instant::now();
+    let r = wait_for_opt(Duration::from_secs(150), || {
+        let r = h.record("big", &name);
+        (r["status"] != "pending" && r["status"] != "running").then_some(r)
+    });
+    b1.signal("-CONT");
+    let log = h.log("big", &name);
+    let r = r.unwrap_or_else(|| panic!("the build never ended:\n{log}"));
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(log.contains("stopped answering while"), "{log}");
+    // The engine's socket buffers take what was in flight first; then three missed pings.
+    assert!(t0.elapsed() < Duration::from_secs(90), "{:?}", t0.elapsed());
+    let _ = run("tc", &["qdisc", "del", "dev", &b1.veth, "root"]);
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    h.term();
+}
