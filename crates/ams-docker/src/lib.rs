@@ -557,13 +557,16 @@ impl DockerExecutor {
         docker: &Docker,
         name: &str,
         out: &CopyOut,
+        stop: &CancellationToken,
     ) -> Result<archive::Extracted, ExecError> {
         let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
             .path(&out.container)
             .build();
-        let stream = docker
-            .download_from_container(name, Some(opts))
-            .map(|r| r.map_err(std::io::Error::other));
+        let stream = Box::pin(guarded(
+            docker.download_from_container(name, Some(opts)),
+            stop.clone(),
+            &out.container,
+        ));
         let reader = tokio_util::io::StreamReader::new(stream);
         let sync = tokio_util::io::SyncIoBridge::new(reader);
         let (dest, max, replace) = (out.host.clone(), out.max_bytes, out.replace);
@@ -586,7 +589,9 @@ impl DockerExecutor {
         .map_err(|e| ExecError::Docker(format!("reading the output failed: {e}")))?;
         done.map_err(|e| {
             let m = e.to_string();
-            if m.contains("No such container") || m.contains("404") {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                ExecError::Unreachable(m)
+            } else if m.contains("No such container") || m.contains("404") {
                 ExecError::Docker(format!(
                     "the output folder {} is missing: {m}",
                     out.container
@@ -621,13 +626,25 @@ impl DockerExecutor {
             // The folders go in as one tar at the root, each under its own path, streamed as
             // the engine reads it.
             let rx = archive::tar_stream(spec.copy_in.clone());
-            let body = bollard::body_try_stream(tokio_stream_of(rx));
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = sent.clone();
+            let body = bollard::body_try_stream(tokio_stream_of(rx).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    counted.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                chunk
+            }));
             let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::new()
                 .path("/")
                 .build();
+            // The whole upload is one request, which bollard's request timeout would cut at
+            // two minutes however well it goes (a large source over a slow link): it has no
+            // deadline of its own here, and the engine's pings say whether it is still there.
+            let uploading = docker.clone().with_timeout(NO_DEADLINE);
+            let upload = uploading.upload_to_container(&spec.name, Some(opts), body);
             tokio::select! {
-                r = docker.upload_to_container(&spec.name, Some(opts), body) => {
-                    r.map_err(|e| match docker_err(e) {
+                r = watched(&docker, "the build's folders were sent to it", Some(&sent), upload) => {
+                    r?.map_err(|e| match docker_err(e) {
                         ExecError::Unreachable(m) => ExecError::Unreachable(m),
                         other => ExecError::Docker(format!(
                             "cannot send the build's folders into the container: {other}"
@@ -750,7 +767,7 @@ impl DockerExecutor {
             None => -1,
         };
         for out in &spec.copy_out {
-            let r = self.copy_out(&docker, &spec.name, out).await;
+            let r = self.copy_out(&docker, &spec.name, out, &stop).await;
             if let Err(ExecError::Unreachable(e)) = &r {
                 return Err(ExecError::Unreachable(e.clone()));
             }
@@ -800,26 +817,32 @@ impl Executor for DockerExecutor {
                 .tag(tag)
                 .build();
             let mut stream = docker.create_image(Some(opts), None, None);
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(info) => {
-                        if let Some(status) = info.status {
-                            progress(status);
+            // A pull's stream has no deadline (a large image takes long); an engine that stops
+            // answering its pings meanwhile ends it.
+            let pulled = watched(&docker, "it pulled the image", None, async {
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(info) => {
+                            if let Some(status) = info.status {
+                                progress(status);
+                            }
+                        }
+                        Err(e) => {
+                            let message = match e {
+                                BollardError::DockerResponseServerError { message, .. } => message,
+                                BollardError::DockerStreamError { error } => error,
+                                other => other.to_string(),
+                            };
+                            return Err(ExecError::ImagePull {
+                                image: image.to_string(),
+                                message,
+                            });
                         }
                     }
-                    Err(e) => {
-                        let message = match e {
-                            BollardError::DockerResponseServerError { message, .. } => message,
-                            BollardError::DockerStreamError { error } => error,
-                            other => other.to_string(),
-                        };
-                        return Err(ExecError::ImagePull {
-                            image: image.to_string(),
-                            message,
-                        });
-                    }
                 }
-            }
+                Ok(())
+            });
+            pulled.await??;
             match timed("inspect image", CALL_TIMEOUT, docker.inspect_image(image)).await? {
                 Ok(_) => Ok(()),
                 Err(e) => Err(ExecError::ImagePull {
@@ -913,6 +936,102 @@ impl Executor for DockerExecutor {
 /// How often a running build's engine is pinged, and how many missed pings end the build.
 const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
 const WATCHDOG_MISSES: u32 = 3;
+
+/// Longest an engine may go without sending a byte of a folder it is sending back.
+pub const COPY_STALL: Duration = Duration::from_secs(30);
+/// Longest a folder is still read back once the build is stopped (canceled, timed out): its
+/// output is kept but neither read nor archived, so a slow engine does not hold the slot.
+pub const COPY_AFTER_STOP: Duration = Duration::from_secs(30);
+
+/// The engine's answer to `GET …/archive` as a byte stream that fails instead of waiting for
+/// ever: with [`std::io::ErrorKind::TimedOut`] when the engine sends nothing for
+/// [`COPY_STALL`] (stopped, cut off, hung), and with [`std::io::ErrorKind::Interrupted`]
+/// [`COPY_AFTER_STOP`] after `stop` fires (at once if it had fired before).
+fn guarded(
+    answer: impl futures_util::Stream<Item = Result<Bytes, BollardError>> + Send + 'static,
+    stop: CancellationToken,
+    what: &str,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let what = what.to_string();
+    let give_up: BoxFuture<'static, ()> = Box::pin(async move {
+        stop.cancelled().await;
+        tokio::time::sleep(COPY_AFTER_STOP).await;
+    });
+    let state = (Box::pin(answer), give_up, what, false);
+    futures_util::stream::unfold(state, |(mut answer, mut give_up, what, done)| async move {
+        if done {
+            return None;
+        }
+        let item = tokio::select! {
+            _ = &mut give_up => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                format!(
+                    "the build was stopped and the engine had not sent {what} {} s later",
+                    COPY_AFTER_STOP.as_secs()
+                ),
+            ))),
+            r = tokio::time::timeout(COPY_STALL, answer.next()) => match r {
+                Err(_) => Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the engine stopped sending {what} (nothing for {} s)",
+                        COPY_STALL.as_secs()
+                    ),
+                ))),
+                Ok(Some(r)) => Some(r.map_err(std::io::Error::other)),
+                Ok(None) => None,
+            },
+        };
+        let failed = matches!(item, Some(Err(_)));
+        item.map(|i| (i, (answer, give_up, what, failed)))
+    })
+}
+
+/// The request timeout of a call whose length is bounded otherwise (by pings and the stop).
+const NO_DEADLINE: Duration = Duration::from_secs(366 * 86_400);
+
+/// Runs `call` while the engine is pinged every [`WATCHDOG_EVERY`]: [`WATCHDOG_MISSES`]
+/// missed pings in a row end it with [`ExecError::Unreachable`], naming `what` it was doing.
+/// When `progress` (bytes the engine took) moved since the last ping, the engine counts as
+/// answering whatever the ping did: a link full of the upload may delay pings past their time.
+async fn watched<T>(
+    docker: &Docker,
+    what: &str,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, ExecError> {
+    let moved = || progress.map(|p| p.load(std::sync::atomic::Ordering::Relaxed));
+    let mut last = moved();
+    tokio::pin!(call);
+    let mut watchdog =
+        tokio::time::interval_at(tokio::time::Instant::now() + WATCHDOG_EVERY, WATCHDOG_EVERY);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missed = 0u32;
+    loop {
+        tokio::select! {
+            r = &mut call => return Ok(r),
+            _ = watchdog.tick() => {
+                let now = moved();
+                let advanced = now != last;
+                last = now;
+                match tokio::time::timeout(WATCHDOG_EVERY, docker.ping()).await {
+                    Ok(Ok(_)) => missed = 0,
+                    _ if advanced => missed = 0,
+                    _ => {
+                        missed += 1;
+                        if missed >= WATCHDOG_MISSES {
+                            return Err(ExecError::Unreachable(format!(
+                                "the engine stopped answering while {what} (no answer to \
+                                 {WATCHDOG_MISSES} pings {} s apart)",
+                                WATCHDOG_EVERY.as_secs()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// A stream over a channel's items.
 fn tokio_stream_of<T: Send + 'static>(

@@ -702,6 +702,10 @@ pub async fn execute(
         Some(Err(e)) => {
             let msg = format!("the build's output could not be read back from the engine: {e}");
             log.line(&msg);
+            if stop.reason().is_some() {
+                // Canceled or timed out while it came back: that is the build's end.
+                return stopped(stop, stages, log);
+            }
             let status = if e.contains("archive_max_bytes") {
                 BuildStatus::Fail
             } else {

@@ -807,3 +807,304 @@ fn wait_for_opt<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+impl ExtraEngine {
+    /// Slows what the engine sends to the host to `rate` (tc on its end of the veth).
+    fn throttle(&self, rate: &str) {
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                &self.peer,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "16kb",
+                "latency",
+                "10s",
+            ],
+        );
+    }
+
+    fn unthrottle(&self) {
+        let _ = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                &self.peer,
+                "root",
+            ],
+        );
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`) to its `dockerd`: a stopped one keeps its connections
+    /// open and sends nothing, as a hung engine does.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("dockerd runs").id().to_string();
+        must("kill", &[sig, &pid]);
+    }
+}
+
+/// Waits until the host's copy of the build's output holds `file` (a part of it, as it comes
+/// back from the engine).
+fn wait_output_arriving(h: &TestHost, project: &str, name: &str, file: &str) {
+    let path = h.build_dir(project).join(name).join("build").join(file);
+    wait_for(
+        "the output to start coming back",
+        Duration::from_secs(120),
+        || {
+            std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.len() > 0)
+                .map(|_| ())
+        },
+    );
+}
+
+/// The output comes back through the archive endpoint after the container ended, outside the
+/// run's engine watchdog: an engine that goes quiet then (here its dockerd stopped mid-copy)
+/// must not hold the build and its slot for ever, and a cancel while a slow engine sends the
+/// output must end the build without waiting for all of it.
+#[test]
+fn a_quiet_engine_or_a_cancel_while_the_output_comes_back_ends_the_build_in_bounded_time() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    // 8 MiB that do not compress, sent back at 512 kbit/s: over two minutes.
+    h.project(
+        "slow",
+        &pipeline(json!([stage(
+            "s",
+            &["dd if=/dev/urandom of=Builds/big bs=1024 count=8192 2>/dev/null"]
+        )])),
+    );
+    h.project("quick", &pipeline(json!([stage("s", &["true"])])));
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    b1.throttle("512kbit");
+
+    // A cancel while the output comes back: the build ends CANCELED, not two minutes later.
+    let name = h.build("slow");
+    wait_output_arriving(&h, "slow", &name, "big");
+    let a = h.req(json!({"cmd": "cancel", "build": name}));
+    assert_eq!(a["ok"], true, "{a}");
+    let t0 = std::time::Instant::now();
+    let r = h.wait_status("slow", &name, Duration::from_secs(100));
+    let log = h.log("slow", &name);
+    assert_eq!(r["status"], "cancel", "{r}\n{log}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert!(log.contains("could not be read back"), "{log}");
+
+    // An engine that stops sending mid-copy: ERROR within bounded time, the engine is taken
+    // out of placement, and once it answers again the container is removed and the slot
+    // takes builds.
+    let name = h.build("slow");
+    wait_output_arriving(&h, "slow", &name, "big");
+    b1.signal("-STOP");
+    let t0 = std::time::Instant::now();
+    let r = wait_for_opt(Duration::from_secs(100), || {
+        let r = h.record("slow", &name);
+        (r["status"] != "pending" && r["status"] != "running").then_some(r)
+    });
+    b1.signal("-CONT");
+    let log = h.log("slow", &name);
+    let r = r.unwrap_or_else(|| panic!("the build never ended:\n{log}"));
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(t0.elapsed() < Duration::from_secs(80), "{:?}", t0.elapsed());
+    assert!(log.contains("stopped sending"), "{log}");
+    b1.unthrottle();
+    wait_for("b1 up again", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let id = h.host_id();
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    let q = h.build("quick");
+    let r = h.wait_status("quick", &q, Duration::from_secs(60));
+    assert_eq!(r["status"], "pass", "{r}\n{}", h.log("quick", &q));
+    h.term();
+}
+
+/// What a hostile build can leave in its output on an engine elsewhere, read back through the
+/// archive endpoint: names that are not UTF-8 (short, in a GNU long name, beside one that reads
+/// the same once made UTF-8), a long UTF-8 name (a PAX path), a newline in a name, hard links,
+/// a fifo, a set-uid file, a read-only folder and a tree deeper than the copy takes. Every name
+/// comes back byte for byte, nothing else is written, and what is refused is said.
+#[test]
+fn odd_names_and_special_files_in_a_remote_output_come_back_exactly_or_are_refused() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let (_b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    let script = r#"set -e
+o=Builds
+printf one > "$o/a$(printf '\377')"
+printf two > "$o/a$(printf '\376')"
+printf three > "$o/a$(printf '\357\277\275')"
+l=llllllllll; l=$l$l$l$l$l$l$l$l$l$l$l$l$l$l$l
+printf four > "$o/$l$(printf '\372')"
+printf five > "$o/$l$(printf '\303\251')"
+printf six > "$o/$(printf 'nl\nx')"
+echo hl > $o/h1 && ln $o/h1 $o/h2
+mkfifo $o/fifo
+echo s > $o/suid && chmod 4755 $o/suid
+mkdir $o/ro && echo r > $o/ro/f && chmod 555 $o/ro
+d=$o/deep; i=0; while [ $i -lt 300 ]; do d=$d/d; i=$((i+1)); done
+mkdir -p $d && echo bottom > $d/f
+"#;
+    h.project(
+        "odd",
+        &pipeline_with(
+            json!([stage("s", &["sh make.sh"])]),
+            json!({"cleanup": {"remove_build_source": true, "7z_build": false}}),
+        ),
+    );
+    std::fs::write(h.source("odd").join("make.sh"), script).unwrap();
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    let name = h.build("odd");
+    let r = h.wait_status("odd", &name, Duration::from_secs(120));
+    let log = h.log("odd", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert!(log.contains("output read back from the engine"), "{log}");
+    let out = h.build_dir("odd").join(&name).join("build");
+    let read = |n: &[u8]| {
+        std::fs::read(out.join(OsStr::from_bytes(n)))
+            .unwrap_or_else(|e| panic!("{:?}: {e}\n{log}", String::from_utf8_lossy(n)))
+    };
+    let l = [b'l'; 150];
+    assert_eq!(read(b"a\xff"), b"one");
+    assert_eq!(read(b"a\xfe"), b"two");
+    assert_eq!(read("a\u{fffd}".as_bytes()), b"three");
+    assert_eq!(read(&[&l[..], b"\xfa"].concat()), b"four");
+    assert_eq!(read(&[&l[..], "é".as_bytes()].concat()), b"five");
+    assert_eq!(read(b"nl\nx"), b"six");
+    assert_eq!(read(b"h2"), b"hl\n");
+    let ino = |n: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(out.join(n)).unwrap().ino()
+    };
+    assert_eq!(ino("h1"), ino("h2"), "the hard link stays one file");
+    assert!(std::fs::symlink_metadata(out.join("fifo")).is_err());
+    let mode = |n: &str| std::fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid"), 0o755);
+    assert_eq!(
+        mode("ro"),
+        0o755,
+        "the host keeps the right to write and remove"
+    );
+    assert_eq!(read(b"ro/f"), b"r\n");
+    assert!(log.contains("fifo") && log.contains("too deep"), "{log}");
+    // Everything that came back is one of these (the deep tree stops where the copy stopped).
+    let names: Vec<Vec<u8>> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    assert_eq!(names.len(), 11, "{names:?}");
+    h.term();
+}
+
+/// The source goes to an engine elsewhere in one request, which bollard's two-minute request
+/// timeout once cut however well it went (a large source over a slow link ended ERROR and took
+/// the engine out of placement). Here it takes over two minutes and the build passes; then an
+/// engine that stops answering mid-upload ends its build within the watchdog's time.
+#[test]
+fn a_source_that_takes_over_two_minutes_to_send_still_runs_and_a_hung_engine_mid_upload_errors() {
+    let (b1, _b2, mut h) = pool(
+        json!([{"name": "b1", "host": "{b1}", "slots": 1}]),
+        json!({}),
+    );
+    // 4.5 MiB that do not compress, at 256 kbit/s: about 150 s.
+    let size = 9 << 19;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let blob: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    h.project(
+        "big",
+        &pipeline(json!([stage(
+            "s",
+            &[&format!("test \"$(wc -c < blob)\" -eq {size}")]
+        )])),
+    );
+    std::fs::write(h.source("big").join("blob"), &blob).unwrap();
+    h.start();
+    wait_for("b1 up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true)).then_some(())
+    });
+    must(
+        "tc",
+        &[
+            "qdisc", "replace", "dev", &b1.veth, "root", "tbf", "rate", "256kbit", "burst", "16kb",
+            "latency", "10s",
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let name = h.build("big");
+    let r = h.wait_status("big", &name, Duration::from_secs(300));
+    let log = h.log("big", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert!(
+        t0.elapsed() > Duration::from_secs(125),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(engine_up(&h, "b1"), Some(true));
+
+    // Mid-upload (its container made), the engine hangs: ERROR within the watchdog's time,
+    // not the request's two minutes.
+    let name = h.build("big");
+    let id = h.host_id();
+    wait_for("the container made", Duration::from_secs(60), || {
+        (!b1.containers(&id).is_empty()).then_some(())
+    });
+    b1.signal("-STOP");
+    let t0 = std::time::Instant::now();
+    let r = wait_for_opt(Duration::from_secs(150), || {
+        let r = h.record("big", &name);
+        (r["status"] != "pending" && r["status"] != "running").then_some(r)
+    });
+    b1.signal("-CONT");
+    let log = h.log("big", &name);
+    let r = r.unwrap_or_else(|| panic!("the build never ended:\n{log}"));
+    assert_eq!(r["status"], "error", "{r}\n{log}");
+    assert!(log.contains("stopped answering while"), "{log}");
+    // The engine's socket buffers take what was in flight first; then three missed pings.
+    assert!(t0.elapsed() < Duration::from_secs(90), "{:?}", t0.elapsed());
+    let _ = run("tc", &["qdisc", "del", "dev", &b1.veth, "root"]);
+    wait_for(
+        "the left container removed",
+        Duration::from_secs(60),
+        || b1.containers(&id).is_empty().then_some(()),
+    );
+    h.term();
+}
