@@ -428,22 +428,35 @@ pub fn check_pattern(p: &str) -> Result<(), String> {
     if p.split('/').any(|s| s == ".." || s == ".") {
         return Err("must not hold `.` or `..` segments; patterns match inside the output".into());
     }
-    globset::Glob::new(p)
+    glob::Pattern::new(p)
         .map(|_| ())
         .map_err(|e| format!("is not a valid glob pattern: {e}"))
 }
 
-/// The matcher of a build's (already checked) patterns. `*` does not cross `/`; `**` does.
-pub fn matcher(patterns: &[String]) -> Result<globset::GlobSet, String> {
-    let mut b = globset::GlobSetBuilder::new();
-    for p in patterns {
-        let g = globset::GlobBuilder::new(p)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| format!("{p}: {e}"))?;
-        b.add(g);
+/// A build's (already checked) patterns. `*` does not cross `/`; `**` (a whole segment) does,
+/// and also matches no folder at all.
+#[derive(Debug, Clone)]
+pub struct Matcher(Vec<glob::Pattern>);
+
+impl Matcher {
+    /// Whether a path relative to the output (with `/` between its parts) matches a pattern.
+    pub fn is_match(&self, path: &str) -> bool {
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        self.0.iter().any(|p| p.matches_with(path, opts))
     }
-    b.build().map_err(|e| e.to_string())
+}
+
+/// The matcher of a build's patterns.
+pub fn matcher(patterns: &[String]) -> Result<Matcher, String> {
+    patterns
+        .iter()
+        .map(|p| glob::Pattern::new(p).map_err(|e| format!("{p}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Matcher)
 }
 
 #[cfg(test)]
