@@ -272,6 +272,8 @@ pub enum Command {
         finish: Box<Finish>,
         /// The engine failed under the build (its container may be left).
         engine_failed: bool,
+        /// Its engine did not answer before its container existed: it may be queued again.
+        requeue: bool,
     },
     /// A verified webhook delivery: queue its builds unless its id was accepted before, and
     /// record it. Serial in the loop, so two copies of one delivery cannot both build.
@@ -510,7 +512,13 @@ struct Active {
     stop: Arc<StopSignal>,
     project: String,
     started_at: f64,
+    /// How it was queued, to queue it again (see [`Host::requeue`]).
+    queued: Queued,
 }
+
+/// How often a build may go back to the queue because its engine failed before its container
+/// existed; after that it ends ERROR as its worker said.
+const MAX_REQUEUES: u32 = 3;
 
 /// The host loop and its state.
 pub struct Host {
@@ -519,6 +527,8 @@ pub struct Host {
     /// Whether the host opened the store (and so closes it when it stops); a shared one stays
     /// open for the others (the notifier's last deliveries).
     owns_store: bool,
+    /// How often each running build was queued again (see [`Host::requeue`]).
+    requeues: HashMap<i64, u32>,
     hub: LogHub,
     queue: Queue,
     active: HashMap<i64, Active>,
@@ -774,6 +784,7 @@ impl Host {
             ctx,
             store: store.clone(),
             owns_store,
+            requeues: HashMap::new(),
             hub: hub.clone(),
             active: HashMap::new(),
             workers: JoinSet::new(),
@@ -1016,15 +1027,18 @@ impl Host {
                     id,
                     finish,
                     engine_failed,
+                    requeue,
                 } => {
-                    if engine_failed && self.ctx.conf.engines.is_some() {
+                    if (engine_failed || requeue) && self.ctx.conf.engines.is_some() {
                         // No new build goes there until its monitor hears it answer again.
                         if let Some(e) = self.queue.engine_of(id) {
                             self.queue.set_healthy(e, false);
                             self.nudges[e].notify_one();
                         }
                     }
-                    self.complete(id, &finish).await;
+                    if !(requeue && self.requeue(id).await) {
+                        self.complete(id, &finish).await;
+                    }
                     self.start_ready().await;
                 }
                 Command::Retry { of, settings } => {
@@ -1404,6 +1418,7 @@ impl Host {
                     stop: stop.clone(),
                     project: record.project.clone(),
                     started_at: record.started_at.unwrap_or(now),
+                    queued: q.clone(),
                 },
             );
             let ctx = self.ctx.clone();
@@ -1414,13 +1429,14 @@ impl Host {
             }
             let task = self.workers.spawn(async move {
                 tracing::info!("build {} started", record.name);
-                let (fin, container_left) =
+                let (fin, container_left, requeue) =
                     worker::run_build(&ctx, &engine, &record, &stop, log_tx).await;
                 let _ = tx
                     .send(Command::Complete {
                         id: record.id,
                         finish: Box::new(fin),
                         engine_failed: container_left,
+                        requeue,
                     })
                     .await;
                 if container_left {
@@ -1433,7 +1449,40 @@ impl Host {
         }
     }
 
+    /// Puts a build whose engine failed before its container existed back in the queue, first
+    /// in line, to run on another engine (that one is out of placement until it answers). At
+    /// most [`MAX_REQUEUES`] times per build; false when it is not queued again (it ends as its
+    /// worker said).
+    async fn requeue(&mut self, id: i64) -> bool {
+        let n = self.requeues.entry(id).or_default();
+        *n += 1;
+        if *n > MAX_REQUEUES {
+            return false;
+        }
+        let Some(queued) = self.active.get(&id).map(|a| a.queued.clone()) else {
+            return false;
+        };
+        match self.store.mark_pending_again(id).await {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::error!("cannot queue build {id} again: {e}");
+                return false;
+            }
+        }
+        self.active.remove(&id);
+        self.queue.put_back(queued);
+        if let Some(r) = self.live.get_mut(&id) {
+            r.status = BuildStatus::Pending;
+            r.started_at = None;
+        }
+        self.hub.queued(id);
+        tracing::info!("build {id} queued again: its engine did not answer before it started");
+        true
+    }
+
     async fn complete(&mut self, id: i64, fin: &Finish) {
+        self.requeues.remove(&id);
         self.queue.finish(id);
         let active = self.active.remove(&id);
         let name = self

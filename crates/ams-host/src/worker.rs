@@ -154,6 +154,9 @@ pub struct ExecOutcome {
     /// False when the engine failed while the container may still exist (it may still be
     /// writing to the build's folders).
     pub container_gone: bool,
+    /// The build's engine did not answer before its container existed, in a pool with other
+    /// engines: the build may go back to the queue for another one.
+    pub requeue: bool,
 }
 
 impl ExecOutcome {
@@ -161,6 +164,7 @@ impl ExecOutcome {
     fn fail(reason: impl Into<String>) -> Self {
         ExecOutcome {
             container_gone: true,
+            requeue: false,
             status: BuildStatus::Fail,
             reason: Some(reason.into()),
             stages: Vec::new(),
@@ -317,6 +321,8 @@ pub async fn execute(
     };
     // An engine that does not answer is waited for (up to engine_wait_secs), not a failure.
     let wait_until = Instant::now() + Duration::from_secs(req.conf.engine_wait_secs);
+    // In a pool of engines a build is not held by one that is down: others may take it.
+    let in_pool = req.conf.engines.as_ref().is_some_and(|e| e.len() > 1);
     let mut waiting = false;
     let ensured = loop {
         let r = tokio::select! {
@@ -328,6 +334,17 @@ pub async fn execute(
             }
         };
         match r {
+            Err(ams_docker::ExecError::Unreachable(e)) if in_pool => {
+                let msg = format!(
+                    "the engine did not answer before the build's container existed ({e}); the \
+                     build goes back to the queue for another engine"
+                );
+                log.line(&msg);
+                return ExecOutcome {
+                    requeue: true,
+                    ..ExecOutcome::error(msg)
+                };
+            }
             Err(ams_docker::ExecError::Unreachable(e)) if Instant::now() < wait_until => {
                 if !waiting {
                     log.line(&format!(
@@ -641,6 +658,7 @@ pub async fn execute(
             };
             return ExecOutcome {
                 container_gone: false,
+                requeue: false,
                 status,
                 reason: Some(msg),
                 stages,
@@ -713,6 +731,7 @@ pub async fn execute(
             };
             return ExecOutcome {
                 container_gone: true,
+                requeue: false,
                 status,
                 reason: Some(msg),
                 stages,
@@ -752,6 +771,7 @@ pub async fn execute(
             log.line(&msg);
             ExecOutcome {
                 container_gone: true,
+                requeue: false,
                 status: BuildStatus::Fail,
                 reason: Some(msg),
                 stages,
@@ -763,6 +783,7 @@ pub async fn execute(
             if p.fail_fast && stages.len() == p.stages.len() {
                 return ExecOutcome {
                     container_gone: true,
+                    requeue: false,
                     status: fail_fast_status(p, &stages),
                     reason,
                     stages,
@@ -787,6 +808,7 @@ pub async fn execute(
             }
             ExecOutcome {
                 container_gone: true,
+                requeue: false,
                 status: BuildStatus::from_stage_results(&passed),
                 reason,
                 stages,
@@ -827,6 +849,7 @@ fn stopped(stop: &StopSignal, stages: Vec<StageResult>, log: &mut BuildLog) -> E
     log.line(&reason);
     ExecOutcome {
         container_gone: true,
+        requeue: false,
         status,
         reason: Some(reason),
         stages,
@@ -1513,15 +1536,16 @@ async fn save_caches(
     }
 }
 
-/// Runs a whole build and returns its final record, and whether its container may have been
-/// left on an engine that failed. `log_tx` publishes the live log.
+/// Runs a whole build and returns its final record, whether its container may have been left
+/// on an engine that failed, and whether it may go back to the queue (see
+/// [`ExecOutcome::requeue`]). `log_tx` publishes the live log.
 pub async fn run_build(
     ctx: &WorkerContext,
     engine: &crate::host::Engine,
     b: &BuildRecord,
     stop: &StopSignal,
     log_tx: broadcast::Sender<LogMsg>,
-) -> (Finish, bool) {
+) -> (Finish, bool, bool) {
     let started = Instant::now();
     let pd = ctx.data.project(&b.project);
     let bd = pd.build(&b.name);
@@ -1533,14 +1557,14 @@ pub async fn run_build(
     if let Err(e) = std::fs::create_dir_all(&bd.root) {
         fin.reason = Some(format!("cannot create {}: {e}", bd.root.display()));
         fin.finished_at = timefmt::now();
-        return (fin, false);
+        return (fin, false, false);
     }
     let mut log = match BuildLog::open(&bd.log(), ctx.conf.log_max_bytes, Some(log_tx)) {
         Ok(l) => l,
         Err(e) => {
             fin.reason = Some(format!("cannot write {}: {e}", bd.log().display()));
             fin.finished_at = timefmt::now();
-            return (fin, false);
+            return (fin, false, false);
         }
     };
     log.line(&format!(
@@ -1578,6 +1602,7 @@ pub async fn run_build(
             log.line(&r);
             ExecOutcome {
                 container_gone: true,
+                requeue: false,
                 status: s,
                 reason: Some(r),
                 stages: Vec::new(),
@@ -1591,6 +1616,7 @@ pub async fn run_build(
             log.line(&format!("build failed before its stages: {reason}"));
             ExecOutcome {
                 container_gone: true,
+                requeue: false,
                 status,
                 reason: Some(reason),
                 stages: Vec::new(),
@@ -1610,6 +1636,7 @@ pub async fn run_build(
                 log.line("dummy build: no container is run");
                 ExecOutcome {
                     container_gone: true,
+                    requeue: false,
                     status: BuildStatus::Dummy,
                     reason: None,
                     stages: Vec::new(),
@@ -1678,6 +1705,7 @@ pub async fn run_build(
         }
     };
     let container_left = !outcome.container_gone;
+    let requeue = outcome.requeue;
     fin.status = Some(outcome.status);
     fin.reason = outcome.reason;
     fin.stages = outcome.stages;
@@ -1794,7 +1822,7 @@ pub async fn run_build(
             .unwrap_or_default(),
         started.elapsed().as_secs_f64()
     ));
-    (fin, container_left)
+    (fin, container_left, requeue)
 }
 
 /// What packing reported: (files, symlinks, bytes) and the hash as (method, hex).

@@ -575,6 +575,22 @@ impl Store {
         .await
     }
 
+    /// Puts a running build back to pending (its engine failed before its container existed;
+    /// it waits for another). Returns false when it was not running.
+    pub async fn mark_pending_again(&self, id: i64) -> Result<bool> {
+        let _touch = self.touch();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE builds SET status = 'pending', started_at = NULL \
+                     WHERE id = ? AND status = 'running'",
+                )?
+                .execute(params![id])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     pub async fn mark_running(&self, id: i64, at: f64) -> Result<()> {
         let _touch = self.touch();
         self.write(move |c| {

@@ -1108,3 +1108,56 @@ fn a_source_that_takes_over_two_minutes_to_send_still_runs_and_a_hung_engine_mid
     );
     h.term();
 }
+
+/// A build whose engine stops answering before its container exists goes back to the queue
+/// and runs on another engine at once, as the same build: it neither waits `engine_wait_secs`
+/// for the dead engine nor ends ERROR.
+#[test]
+fn a_build_whose_engine_dies_before_its_container_runs_on_another() {
+    let (mut b1, _b2, mut h) = pool(
+        json!([
+            {"name": "b1", "host": "{b1}", "slots": 1},
+            {"name": "b2", "host": "{b2}", "slots": 1}
+        ]),
+        json!({"engine_wait_secs": 300}),
+    );
+    // The preparation waits for a file (90 s at most, so a failed run leaves no shell behind),
+    // and the engine dies while the build holds it.
+    let p = pipeline_with(
+        json!([stage("s", &["echo ran"])]),
+        json!({"prepare-build": {"master-dir-commands": ["i=0; while [ ! -f go ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done"],
+                                 "build-dir-commands": []}}),
+    );
+    h.project("gated", &p);
+    h.private_config("gated", json!({"trust-host-commands": true}));
+    h.start();
+    wait_for("both extra engines up", Duration::from_secs(60), || {
+        (engine_up(&h, "b1") == Some(true) && engine_up(&h, "b2") == Some(true)).then_some(())
+    });
+    let name = h.build("gated");
+    wait_for("the build to be running", Duration::from_secs(30), || {
+        (h.record("gated", &name)["status"] == "running").then_some(())
+    });
+    b1.kill();
+    wait_for("b1 to show down", Duration::from_secs(30), || {
+        (engine_up(&h, "b1") == Some(false)).then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    std::fs::write(h.source("gated").join("go"), "").unwrap();
+    let r = h.wait_status("gated", &name, Duration::from_secs(120));
+    let log = h.log("gated", &name);
+    assert_eq!(r["status"], "pass", "{r}\n{log}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let first = log.find("runs on engine b1").expect("placed on b1 first");
+    let back = log
+        .find("goes back to the queue for another engine")
+        .expect("queued again");
+    let second = log.find("runs on engine b2").expect("then on b2");
+    assert!(first < back && back < second, "{log}");
+    assert!(log.contains("ran"), "{log}");
+    let builds = h.req(json!({"cmd": "builds", "project": "gated", "limit": 10}))["builds"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(builds, 1, "the same build, not a retry");
+}
