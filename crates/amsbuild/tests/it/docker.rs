@@ -552,27 +552,24 @@ fn builds_queued_before_a_fetch_share_it_and_a_later_push_is_fetched() {
     std::fs::write(repo.join("version.txt"), "two").unwrap();
     git(&repo, &["commit", "-q", "-am", "two"]);
     let c2 = git(&repo, &["rev-parse", "HEAD"]);
-    let n = h.build("g");
-    let r = h.wait_status("g", &n, T);
-    let log = h.log("g", &n);
-    assert_eq!(r["git_hash"], c2.as_str(), "{log}");
-    assert!(
-        log.contains("version=two") && !log.contains(shared),
-        "{log}"
-    );
+    // A head build now fetches and builds c2.
+    let fetches_c2 = || {
+        let n = h.build("g");
+        let r = h.wait_status("g", &n, T);
+        let log = h.log("g", &n);
+        assert_eq!(r["git_hash"], c2.as_str(), "{log}");
+        assert!(
+            log.contains("version=two") && !log.contains(shared),
+            "{log}"
+        );
+    };
+    fetches_c2();
 
     // Master moved to an older commit: the next head build fetches again.
     let b = h.build_with("g", json!({"commit": c1}));
     let old = b["name"].as_str().unwrap().to_string();
     assert_eq!(h.wait_status("g", &old, T)["git_hash"], c1.as_str());
-    let n = h.build("g");
-    let r = h.wait_status("g", &n, T);
-    let log = h.log("g", &n);
-    assert_eq!(r["git_hash"], c2.as_str(), "{log}");
-    assert!(
-        log.contains("version=two") && !log.contains(shared),
-        "{log}"
-    );
+    fetches_c2();
 }
 
 #[test]
