@@ -467,19 +467,31 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// The shortest time between two walks for projects whose builds ended (see [`watch_disk`]).
+const DIRTY_SPACING: Duration = Duration::from_secs(5);
+
 /// Measures the disk use of each project: all of them at once, then every [`DISK_REFRESH`],
-/// and a project again whenever its name arrives on `dirty` (sent, without waiting, when one
-/// of its builds ends). The walks run on a blocking thread, one at a time.
+/// and a project again when its name arrives on `dirty` (sent, without waiting, when one of its
+/// builds ends), at most every [`DIRTY_SPACING`]. The walks run on a blocking thread, one at a
+/// time.
 pub async fn watch_disk(metrics: Arc<Metrics>, data: DataDir, mut dirty: mpsc::Receiver<String>) {
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let mut known: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(DISK_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_dirty_walk: Option<tokio::time::Instant> = None;
     loop {
         let only: Option<BTreeSet<String>> = tokio::select! {
             _ = tick.tick() => None,
             p = dirty.recv() => match p {
                 Some(p) => {
+                    // A project's walk costs as much as its builds are many: while builds end
+                    // one after another, walk at most every DIRTY_SPACING (the names that came
+                    // meanwhile are walked together).
+                    if let Some(t) = last_dirty_walk {
+                        tokio::time::sleep_until(t + DIRTY_SPACING).await;
+                    }
+                    last_dirty_walk = Some(tokio::time::Instant::now());
                     let mut set = BTreeSet::from([p]);
                     while let Ok(p) = dirty.try_recv() {
                         set.insert(p);
