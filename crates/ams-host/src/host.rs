@@ -1037,6 +1037,16 @@ impl Host {
                         }
                     }
                     if !(requeue && self.requeue(id).await) {
+                        let mut finish = finish;
+                        let exhausted = self.requeues.get(&id).is_some_and(|n| *n > MAX_REQUEUES);
+                        if requeue && exhausted {
+                            finish.reason =
+                                Some(format!(
+                                "{}; it was queued again {MAX_REQUEUES} times already, so it ends \
+                                 here",
+                                finish.reason.as_deref().unwrap_or("its engine did not answer")
+                            ));
+                        }
                         self.complete(id, &finish).await;
                     }
                     self.start_ready().await;
