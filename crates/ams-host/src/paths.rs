@@ -6,6 +6,7 @@
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Writes `bytes` to `path` as a file only the host's user may read or write (0600), also
 /// when the file existed with a looser mode.
@@ -44,11 +45,16 @@ fn loose(path: &Path) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// The last scan of `projects/`, shared by the clones (see [`crate::project::list`]).
+    pub(crate) listing: Arc<Mutex<crate::project::Listing>>,
 }
 
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        DataDir { root: root.into() }
+        DataDir {
+            root: root.into(),
+            listing: Arc::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {

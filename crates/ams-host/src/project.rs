@@ -9,6 +9,7 @@ use ams_core::private_config::{KeyChoice, PrivateConfig};
 use ams_core::ssh::{self, KeyProblem};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The pipeline.json written by `project init`: a runnable example to edit.
 pub const TEMPLATE_PIPELINE: &str = r#"{
@@ -318,18 +319,82 @@ pub fn ssh_startup_warnings(data: &DataDir) -> Vec<String> {
     out
 }
 
-/// Names of the projects in the data directory, sorted.
+/// What the last scan of `projects/` found, so that [`list`] (every dashboard and API request)
+/// does not look into every project folder again.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// `projects/`'s modification time and inode when scanned, if a later change is sure to
+    /// show in them; `None` scans again.
+    stamp: Option<(SystemTime, u64)>,
+    scanned_at: Option<Instant>,
+    /// Valid names with a `master/` folder, sorted.
+    projects: Vec<String>,
+    /// Valid names whose `master/` folder was missing (a project being created by hand).
+    incomplete: Vec<String>,
+}
+
+/// How long a scan is trusted even when `projects/` has not changed: a `master/` folder
+/// removed by hand inside a project shows within this.
+const LISTING_TRUSTED: Duration = Duration::from_secs(2);
+
+/// Names of the projects in the data directory, sorted. A project is a folder of `projects/`
+/// with a valid name and a `master/` folder.
+///
+/// The answer comes from the last scan while `projects/` is unchanged (folders added, removed
+/// or renamed change its modification time) and the scan is under [`LISTING_TRUSTED`] old;
+/// folders that had no `master/` yet are looked at again on every call. A modification time
+/// within a second of its scan is not trusted (two changes within the file system's clock tick
+/// can share one), so such a scan is repeated on the next call.
 pub fn list(data: &DataDir) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(data.projects())
+    use std::os::unix::fs::MetadataExt;
+    let dir = data.projects();
+    let stamp = fs::metadata(&dir)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.ino())));
+    let Ok(mut l) = data.listing.lock() else {
+        return scan(&dir).0;
+    };
+    let fresh = l.scanned_at.is_some_and(|t| t.elapsed() < LISTING_TRUSTED);
+    if fresh && stamp.is_some() && l.stamp == stamp {
+        if !l.incomplete.is_empty() {
+            let (done, still): (Vec<String>, Vec<String>) = std::mem::take(&mut l.incomplete)
+                .into_iter()
+                .partition(|n| dir.join(n).join("master").is_dir());
+            l.incomplete = still;
+            if !done.is_empty() {
+                l.projects.extend(done);
+                l.projects.sort();
+            }
+        }
+        return l.projects.clone();
+    }
+    let started = SystemTime::now();
+    let (projects, incomplete) = scan(&dir);
+    let settled = stamp.filter(|(m, _)| {
+        started
+            .duration_since(*m)
+            .is_ok_and(|age| age >= Duration::from_secs(1))
+    });
+    *l = Listing {
+        stamp: settled,
+        scanned_at: Some(Instant::now()),
+        projects: projects.clone(),
+        incomplete,
+    };
+    projects
+}
+
+/// Reads `projects/`: the valid names with a `master/` folder (sorted) and those without.
+fn scan(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut projects, incomplete): (Vec<String>, Vec<String>) = fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().join("master").is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| validate_project_name(n).is_ok())
-        .collect();
-    names.sort();
-    names
+        .partition(|n| dir.join(n).join("master").is_dir());
+    projects.sort();
+    (projects, incomplete)
 }
 
 /// Whether `name` is a valid, existing project.
@@ -392,6 +457,44 @@ pub fn webhooks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets `projects/`'s modification time to `at`.
+    fn stamp_projects(d: &DataDir, at: SystemTime) {
+        let f = fs::File::open(d.projects()).unwrap();
+        f.set_modified(at).unwrap();
+    }
+
+    #[test]
+    fn the_project_list_sees_projects_come_and_go_between_scans() {
+        let t = tempfile::tempdir().unwrap();
+        let d = DataDir::new(t.path());
+        d.create().unwrap();
+        init(&d, "a").unwrap();
+        // A project made by hand: its folder first, `master/` later; and a folder that is
+        // not a project name.
+        fs::create_dir(d.projects().join("b")).unwrap();
+        fs::create_dir_all(d.projects().join("bad name/master")).unwrap();
+        stamp_projects(&d, SystemTime::now() - Duration::from_secs(10));
+        assert_eq!(list(&d), ["a"]);
+        // `master/` inside a project does not change `projects/`: still seen at once.
+        fs::create_dir(d.projects().join("b/master")).unwrap();
+        assert_eq!(list(&d), ["a", "b"]);
+        // A clone of the data directory shares the scan and sees the same.
+        assert_eq!(list(&d.clone()), ["a", "b"]);
+        // A project created or removed just now changes `projects/`.
+        init(&d, "c").unwrap();
+        assert_eq!(list(&d), ["a", "b", "c"]);
+        fs::remove_dir_all(d.projects().join("a")).unwrap();
+        assert_eq!(list(&d), ["b", "c"]);
+        // Two changes within one tick of the file system's clock share a modification time:
+        // a scan right after a change is not trusted, so the second change shows too.
+        let tick = SystemTime::now() - Duration::from_millis(300);
+        stamp_projects(&d, tick);
+        assert_eq!(list(&d), ["b", "c"]);
+        fs::create_dir_all(d.projects().join("e/master")).unwrap();
+        stamp_projects(&d, tick);
+        assert_eq!(list(&d), ["b", "c", "e"]);
+    }
 
     #[test]
     fn init_makes_the_documented_layout() {

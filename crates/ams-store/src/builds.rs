@@ -388,6 +388,11 @@ fn newest_final(
 }
 
 /// The project's builds whose columns equal the given values, newest first.
+/// The newest build of each branch of a project: bound to the project and the count.
+pub(crate) const LATEST_PER_BRANCH: &str = "SELECT * FROM builds WHERE id IN \
+     (SELECT MAX(id) FROM builds WHERE project = ? GROUP BY branch) \
+     ORDER BY id DESC LIMIT ?";
+
 fn filtered(
     c: &Connection,
     project: &str,
@@ -395,6 +400,20 @@ fn filtered(
     limit: i64,
     offset: i64,
 ) -> Result<Vec<BuildRecord>> {
+    let sql = filtered_sql(filters)?;
+    let mut args: Vec<&dyn ToSql> = vec![&project];
+    for (_, v) in filters {
+        args.push(v);
+        args.push(v);
+    }
+    args.push(&limit);
+    args.push(&offset);
+    query(c, &sql, &args)
+}
+
+/// A page of a project's builds whose `filters` columns equal values: bound to the project,
+/// each filter's value twice, the count and the offset.
+pub(crate) fn filtered_sql(filters: &[(String, String)]) -> Result<String> {
     let mut sql = String::from("SELECT * FROM builds WHERE project = ?");
     for (col, _) in filters {
         if !BUILD_FILTER_COLUMNS.iter().any(|(_, c)| c == col) {
@@ -405,14 +424,7 @@ fn filtered(
         ));
     }
     sql.push_str(" ORDER BY id DESC LIMIT ? OFFSET ?");
-    let mut args: Vec<&dyn ToSql> = vec![&project];
-    for (_, v) in filters {
-        args.push(v);
-        args.push(v);
-    }
-    args.push(&limit);
-    args.push(&offset);
-    query(c, &sql, &args)
+    Ok(sql)
 }
 
 impl Store {
@@ -430,14 +442,14 @@ impl Store {
     }
 
     pub async fn build_by_id(&self, id: i64) -> Result<Option<BuildRecord>> {
-        self.read(move |c| query_one(c, "SELECT * FROM builds WHERE id = ?", &[&id]))
+        self.read_now(move |c| query_one(c, "SELECT * FROM builds WHERE id = ?", &[&id]))
             .await
     }
 
     /// The build of `project` named `name` (names are unique per project).
     pub async fn build_by_name(&self, project: &str, name: &str) -> Result<Option<BuildRecord>> {
         let (project, name) = (project.to_owned(), name.to_owned());
-        self.read(move |c| {
+        self.read_now(move |c| {
             query_one(
                 c,
                 "SELECT * FROM builds WHERE project = ? AND name = ?",
@@ -450,7 +462,7 @@ impl Store {
     /// The build of `project` with index `index` (1 for its first build; unique per project).
     pub async fn build_by_index(&self, project: &str, index: i64) -> Result<Option<BuildRecord>> {
         let project = project.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             query_one(
                 c,
                 "SELECT * FROM builds WHERE project = ? AND build_index = ?",
@@ -471,7 +483,7 @@ impl Store {
         default_branch: bool,
     ) -> Result<Option<BuildRecord>> {
         let (project, branch) = (project.to_owned(), branch.map(str::to_owned));
-        self.read(move |c| match branch.as_deref() {
+        self.read_now(move |c| match branch.as_deref() {
             None => newest_final(c, &project, None),
             Some(b) => {
                 let named = newest_final(c, &project, Some(Some(b)))?;
@@ -490,7 +502,7 @@ impl Store {
     /// be ambiguous, so the caller picks among the projects it may act on.
     pub async fn builds_named(&self, name: &str) -> Result<Vec<BuildRecord>> {
         let name = name.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             query(
                 c,
                 "SELECT * FROM builds WHERE name = ? ORDER BY id LIMIT 16",
@@ -524,28 +536,27 @@ impl Store {
             .iter()
             .map(|(c, v)| (c.to_string(), v.to_string()))
             .collect();
-        self.read(move |c| filtered(c, &project, &filters, limit, offset))
-            .await
+        // A page near the start walks few rows; a filter or a far offset may walk them all.
+        let short = filters.is_empty() && limit.saturating_add(offset) <= 1000;
+        let job = move |c: &Connection| filtered(c, &project, &filters, limit, offset);
+        if short {
+            self.read_now(job).await
+        } else {
+            self.read(job).await
+        }
     }
 
     /// The newest build of each branch of `project` (builds that named no branch count as one
     /// branch), newest first, at most `limit`.
     pub async fn latest_per_branch(&self, project: &str, limit: i64) -> Result<Vec<BuildRecord>> {
         let project = project.to_owned();
-        self.read(move |c| {
-            query(
-                c,
-                "SELECT * FROM builds WHERE id IN (SELECT MAX(id) FROM builds WHERE project = ? \
-                 GROUP BY branch) ORDER BY id DESC LIMIT ?",
-                &[&project, &limit],
-            )
-        })
-        .await
+        self.read_now(move |c| query(c, LATEST_PER_BRANCH, &[&project, &limit]))
+            .await
     }
 
     /// Each project's newest build: project → (build id, name, status), in one query.
     pub async fn latest_builds(&self) -> Result<HashMap<String, (i64, String, String)>> {
-        self.read(|c| {
+        self.read_now(|c| {
             // Through projects.latest_build_key: one index lookup per project, however many
             // builds there are.
             let mut st = c.prepare_cached(
@@ -635,7 +646,7 @@ impl Store {
 
     /// The test report of a build, when it read any.
     pub async fn test_report(&self, build_id: i64) -> Result<Option<ams_core::junit::TestReport>> {
-        self.read(move |c| {
+        self.read_now(move |c| {
             let text: Option<String> = c
                 .prepare_cached("SELECT report FROM test_reports WHERE build_id = ?")?
                 .query_row([build_id], |r| r.get(0))
@@ -731,7 +742,7 @@ impl Store {
 
     pub async fn project_info(&self, name: &str) -> Result<Option<ProjectInfo>> {
         let name = name.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             Ok(c.prepare_cached("SELECT * FROM projects WHERE name = ?")?
                 .query_row([&name], ProjectInfo::from_row)
                 .optional()?)
@@ -759,7 +770,7 @@ impl Store {
     /// How many times build `id`'s work has run: 1, plus one for each build it retries
     /// (following `retry_of` back to the first).
     pub async fn attempts(&self, id: i64) -> Result<i64> {
-        self.read(move |c| {
+        self.read_now(move |c| {
             Ok(c.prepare_cached(
                 "WITH RECURSIVE chain(id, retry_of, n) AS ( \
                    SELECT id, retry_of, 1 FROM builds WHERE id = ? \
@@ -777,7 +788,7 @@ impl Store {
     /// before build `b` (for build-fixed).
     pub async fn previous_status(&self, b: &BuildRecord) -> Result<Option<BuildStatus>> {
         let (project, branch, id) = (b.project.clone(), b.branch.clone(), b.id);
-        self.read(move |c| {
+        self.read_now(move |c| {
             let s: Option<String> = c
                 .prepare_cached(
                     "SELECT status FROM builds WHERE project = ? AND branch IS ? AND id < ? \

@@ -183,6 +183,14 @@ fn accept(
     Ok(outcomes)
 }
 
+/// A project's newest deliveries: bound to the project and the count.
+pub(crate) fn deliveries_of_sql() -> String {
+    format!(
+        "SELECT {} FROM deliveries WHERE project = ? ORDER BY id DESC LIMIT ?",
+        Delivery::COLUMNS
+    )
+}
+
 impl Store {
     /// Records a batch of webhook deliveries and creates their builds, all in one transaction
     /// (group commit): duplicates by delivery id are detected against the database and within
@@ -234,11 +242,7 @@ impl Store {
     pub async fn deliveries_of(&self, project: &str, limit: i64) -> Result<Vec<Delivery>> {
         let project = project.to_owned();
         self.read(move |c| {
-            let sql = format!(
-                "SELECT {} FROM deliveries WHERE project = ? ORDER BY id DESC LIMIT ?",
-                Delivery::COLUMNS
-            );
-            let mut st = c.prepare_cached(&sql)?;
+            let mut st = c.prepare_cached(&deliveries_of_sql())?;
             let rows = st.query_map(params![project, limit], Delivery::from_row)?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })

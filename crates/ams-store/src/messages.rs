@@ -33,6 +33,10 @@ impl Message {
 /// Messages kept per user; older ones are dropped.
 pub const MESSAGES_KEPT: i64 = 100;
 
+/// A user's newest messages: bound to the user and the count.
+pub(crate) const MESSAGES_OF: &str =
+    "SELECT * FROM messages WHERE user = ? ORDER BY id DESC LIMIT ?";
+
 impl Store {
     /// Adds a message to a user's panel (and drops the oldest beyond [`MESSAGES_KEPT`]).
     pub async fn add_message(
@@ -65,9 +69,8 @@ impl Store {
     /// A user's messages, newest first.
     pub async fn messages_of(&self, user: &str, limit: i64) -> Result<Vec<Message>> {
         let user = user.to_owned();
-        self.read(move |c| {
-            let mut st =
-                c.prepare_cached("SELECT * FROM messages WHERE user = ? ORDER BY id DESC LIMIT ?")?;
+        self.read_now(move |c| {
+            let mut st = c.prepare_cached(MESSAGES_OF)?;
             let rows = st.query_map(params![user, limit], Message::from_row)?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })

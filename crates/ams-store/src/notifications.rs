@@ -50,6 +50,10 @@ impl Notification {
     }
 }
 
+/// A project's newest notifications: bound to the project and the count.
+pub(crate) const NOTIFICATIONS_OF: &str =
+    "SELECT * FROM notifications WHERE project = ? ORDER BY id DESC LIMIT ?";
+
 impl Store {
     pub async fn record_notification(&self, n: &Notification) -> Result<i64> {
         let n = n.clone();
@@ -82,9 +86,7 @@ impl Store {
     pub async fn notifications_of(&self, project: &str, limit: i64) -> Result<Vec<Notification>> {
         let project = project.to_owned();
         self.read(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT * FROM notifications WHERE project = ? ORDER BY id DESC LIMIT ?",
-            )?;
+            let mut st = c.prepare_cached(NOTIFICATIONS_OF)?;
             let rows = st.query_map(params![project, limit], Notification::from_row)?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })

@@ -847,3 +847,48 @@ async fn a_failed_naming_allocates_nothing() {
         .unwrap();
     assert_eq!(a.build_index, 1);
 }
+
+/// Cached statements are compiled once per connection, not on every use. SQLite compiled a
+/// statement with `LIMIT ?`, or `project = ?` before an `ORDER BY`, again whenever a value was
+/// bound anew, and the statement cache clears the bindings each time: every page of builds was
+/// parsed and planned anew.
+#[tokio::test]
+async fn cached_statements_are_not_compiled_again_on_each_use() {
+    use rusqlite::types::ToSql;
+    use rusqlite::StatementStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ams.db");
+    let s = Store::open(&path).await.unwrap();
+    s.create_build(&nb("p"), |i| Ok(format!("p_b{i}")))
+        .await
+        .unwrap();
+    s.close().await;
+    let c = crate::conn::open(&path, false, true).unwrap().conn;
+    let filtered =
+        crate::builds::filtered_sql(&[("status".to_string(), "pending".to_string())]).unwrap();
+    let plain = crate::builds::filtered_sql(&[]).unwrap();
+    let deliveries = crate::deliveries::deliveries_of_sql();
+    // Each statement with the arguments before its count, and whether an offset follows.
+    let cases: [(&str, Vec<&dyn ToSql>, bool); 6] = [
+        (&plain, vec![&"p"], true),
+        (&filtered, vec![&"p", &"pending", &"pending"], true),
+        (crate::builds::LATEST_PER_BRANCH, vec![&"p"], false),
+        (&deliveries, vec![&"p"], false),
+        (crate::messages::MESSAGES_OF, vec![&"alice"], false),
+        (crate::notifications::NOTIFICATIONS_OF, vec![&"p"], false),
+    ];
+    for (sql, before, offset) in &cases {
+        for count in [1i64, 2, 3] {
+            let mut args = before.clone();
+            args.push(&count);
+            if *offset {
+                args.push(&count);
+            }
+            let mut st = c.prepare_cached(sql).unwrap();
+            let mut rows = st.query(args.as_slice()).unwrap();
+            while rows.next().unwrap().is_some() {}
+        }
+        let st = c.prepare_cached(sql).unwrap();
+        assert_eq!(st.get_status(StatementStatus::RePrepare), 0, "{sql}");
+    }
+}

@@ -127,7 +127,7 @@ impl Store {
 
     pub async fn user(&self, name: &str) -> Result<Option<User>> {
         let name = name.to_owned();
-        self.read(move |c| {
+        self.read_now(move |c| {
             Ok(c.prepare_cached("SELECT * FROM users WHERE name = ?")?
                 .query_row([&name], User::from_row)
                 .optional()?)
@@ -285,7 +285,7 @@ impl Store {
     ) -> Result<Option<(User, String)>> {
         let id = id_hash.to_owned();
         let found = self
-            .read(move |c| {
+            .read_now(move |c| {
                 Ok(c.prepare_cached(
                     "SELECT u.*, s.csrf AS s_csrf, s.created_at AS s_created, \
                      s.last_seen AS s_last \
@@ -365,7 +365,7 @@ impl Store {
     pub async fn token_user(&self, token_hash: &str, at: f64) -> Result<Option<User>> {
         let hash = token_hash.to_owned();
         let found = self
-            .read(move |c| {
+            .read_now(move |c| {
                 Ok(c.prepare_cached(
                     "SELECT u.*, t.id AS token_id, t.last_used AS token_last_used \
                      FROM api_tokens t JOIN users u ON u.name = t.user WHERE t.token_hash = ?",
