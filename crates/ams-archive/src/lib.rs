@@ -189,6 +189,14 @@ pub fn pack_dir_with(
                 .open(&tmp)
                 .map_err(io_err(&tmp))?
         };
+        if items.is_empty() {
+            // No entries: the signature header alone. The writer would build an LZMA encoder
+            // (tens of megabytes of tables) to compress an empty header.
+            use std::io::Write;
+            let mut file = file;
+            file.write_all(&empty_archive()).map_err(io_err(&tmp))?;
+            return Ok(summary);
+        }
         let mut w = ArchiveWriter::new(file).map_err(|e| ArchiveError::SevenZ(e.to_string()))?;
         write_items(&mut w, items, opts, &mut summary)?;
         w.finish().map_err(io_err(&tmp))?;
@@ -204,6 +212,22 @@ pub fn pack_dir_with(
             Err(e)
         }
     }
+}
+
+/// A 7z archive with no entries: the 32-byte signature header (signature, format version 0.4,
+/// the CRC of the rest) pointing at an empty next header.
+fn empty_archive() -> [u8; 32] {
+    let mut a = [0u8; 32];
+    a[..8].copy_from_slice(b"7z\xbc\xaf\x27\x1c\x00\x04");
+    // Next header offset, size (both 0) and CRC (0): the 20 bytes after the start header CRC.
+    let crc = crc32fast::hash(&a[12..32]);
+    a[8..12].copy_from_slice(&crc.to_le_bytes());
+    a
+}
+
+/// Whether `dir` has no entries (or cannot be read: packing it then reports why).
+pub fn is_empty_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// One entry found by the walk.
@@ -684,10 +708,29 @@ fn read_err(path: &Path) -> impl FnOnce(sevenz_rust2::Error) -> ArchiveError + '
 
 /// The entries of an archive, in stored order, from its header alone (no content is
 /// decompressed).
-pub fn list(archive: &Path) -> Result<Vec<ArchivedFile>, ArchiveError> {
+/// Opens `archive` and reads its header; `None` for the empty archive (no entries), which the
+/// reader does not take.
+fn open_archive(archive: &Path) -> Result<Option<(File, sevenz_rust2::Archive)>, ArchiveError> {
+    use std::io::Seek;
     let mut f = File::open(archive).map_err(io_err(archive))?;
+    let len = f.metadata().map_err(io_err(archive))?.len();
+    if len == 32 {
+        let mut head = [0u8; 32];
+        f.read_exact(&mut head).map_err(io_err(archive))?;
+        if head == empty_archive() {
+            return Ok(None);
+        }
+        f.rewind().map_err(io_err(archive))?;
+    }
     let a = sevenz_rust2::Archive::read(&mut f, &sevenz_rust2::Password::empty())
         .map_err(read_err(archive))?;
+    Ok(Some((f, a)))
+}
+
+pub fn list(archive: &Path) -> Result<Vec<ArchivedFile>, ArchiveError> {
+    let Some((_, a)) = open_archive(archive)? else {
+        return Ok(Vec::new());
+    };
     Ok(a.files
         .iter()
         .map(|e| ArchivedFile {
@@ -725,9 +768,9 @@ pub fn extract_one(
     found: &mut dyn FnMut(u64),
     out: &mut dyn io::Write,
 ) -> Result<u64, ExtractError> {
-    let mut f = File::open(archive).map_err(io_err(archive))?;
-    let a = sevenz_rust2::Archive::read(&mut f, &sevenz_rust2::Password::empty())
-        .map_err(read_err(archive))?;
+    let Some((mut f, a)) = open_archive(archive)? else {
+        return Err(ExtractError::NotFound(name.to_string()));
+    };
     let index = a
         .files
         .iter()
@@ -808,6 +851,28 @@ mod tests {
         let mut both = vec![get("z%FF.txt"), get("z%FF.txt~1")];
         both.sort();
         assert_eq!(both, [b"invalid".to_vec(), b"literal".to_vec()]);
+    }
+
+    /// An empty output is the 32-byte empty archive, which 7-Zip tests and lists as empty
+    /// and which our own listing reads.
+    #[test]
+    fn an_empty_output_is_the_empty_archive() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("out");
+        fs::create_dir_all(&src).unwrap();
+        assert!(is_empty_dir(&src));
+        let dest = t.path().join("a.7z");
+        let s = pack_dir(&src, &dest).unwrap();
+        assert_eq!((s.files, s.bytes), (0, 0));
+        assert_eq!(fs::metadata(&dest).unwrap().len(), 32);
+        let dest_s = dest.to_str().unwrap();
+        assert!(sevenz(&["t", dest_s]).contains("Everything is Ok"));
+        assert!(sevenz(&["l", dest_s]).contains("0 files"));
+        assert!(list(&dest).unwrap().is_empty());
+        let e = extract_one(&dest, "x", &mut |_| {}, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, ExtractError::NotFound(_)), "{e}");
+        fs::create_dir(src.join("d")).unwrap();
+        assert!(!is_empty_dir(&src));
     }
 
     #[test]

@@ -1077,12 +1077,17 @@ impl Host {
                             Err(_) => break,
                         }
                     }
-                    let answers = self.webhook_batch(batch).await;
-                    self.start_ready().await;
+                    // Answered once the deliveries and their builds are committed; superseding
+                    // older builds and starting new ones follow (each its own write), so a
+                    // sender does not wait for them.
+                    let (answers, superseded) = self.webhook_batch(batch).await;
                     self.publish();
                     for (reply, answer) in answers {
                         let _ = reply.send(answer);
                     }
+                    self.skip_superseded(superseded).await;
+                    self.start_ready().await;
+                    self.publish();
                 }
                 Command::EngineHealth { engine, up } => {
                     // Without `engines` in web_conf.json the one engine is waited for by each
@@ -1257,10 +1262,14 @@ impl Host {
 
     /// Records a batch of verified deliveries and queues their builds, in one transaction.
     /// Each sender is answered only after the commit, so an answered delivery is never lost.
+    /// Also returns the older builds the new ones supersede (only-build-latest), to be skipped.
     async fn webhook_batch(
         &mut self,
         batch: Vec<(NewDelivery, Vec<CheckedRequest>, Reply<WebhookOutcome>)>,
-    ) -> Vec<(Reply<WebhookOutcome>, Result<WebhookOutcome, HostError>)> {
+    ) -> (
+        Vec<(Reply<WebhookOutcome>, Result<WebhookOutcome, HostError>)>,
+        Vec<(i64, String)>,
+    ) {
         let created = timefmt::now();
         let mut settings_of: HashMap<String, Arc<QueueSettings>> = HashMap::new();
         let mut items = Vec::with_capacity(batch.len());
@@ -1324,10 +1333,11 @@ impl Host {
             Err(e) => {
                 tracing::error!("cannot record webhook deliveries: {e}");
                 let e = HostError::store(e);
-                return replies
+                let answers = replies
                     .into_iter()
                     .map(|(reply, _)| (reply, Err(e.clone())))
                     .collect();
+                return (answers, Vec::new());
             }
         };
         let mut answers = Vec::with_capacity(replies.len());
@@ -1363,19 +1373,24 @@ impl Host {
             };
             answers.push((reply, answer));
         }
-        if !skipped.is_empty() {
-            if let Err(e) = self.store.skip_builds(&skipped, timefmt::now()).await {
-                tracing::error!("cannot record superseded builds: {e}");
-            }
-            for (id, _) in skipped {
-                if let Some(b) = self.live.remove(&id) {
-                    self.metrics
-                        .build_finished(&b.project, BuildStatus::Skip, None, []);
-                }
-                self.hub.end(id, "skip");
-            }
+        (answers, skipped)
+    }
+
+    /// Records builds that newer ones superseded (only-build-latest) as skipped.
+    async fn skip_superseded(&mut self, skipped: Vec<(i64, String)>) {
+        if skipped.is_empty() {
+            return;
         }
-        answers
+        if let Err(e) = self.store.skip_builds(&skipped, timefmt::now()).await {
+            tracing::error!("cannot record superseded builds: {e}");
+        }
+        for (id, _) in skipped {
+            if let Some(b) = self.live.remove(&id) {
+                self.metrics
+                    .build_finished(&b.project, BuildStatus::Skip, None, []);
+            }
+            self.hub.end(id, "skip");
+        }
     }
 
     async fn start_ready(&mut self) {

@@ -1828,15 +1828,16 @@ pub async fn run_build(
 /// What packing reported: (files, symlinks, bytes) and the hash as (method, hex).
 type Packed = ((u64, u64, u64), Option<(String, String)>);
 
-/// Packs `out` into `archive` and hashes it, in a child process when `packer` is set. Even an
-/// empty output goes there: the 7z writer compresses the archive's header with an LZMA encoder
-/// whose tables take tens of megabytes, which the host's heap would keep.
+/// Packs `out` into `archive` and hashes it, in a child process when `packer` is set: the 7z
+/// writer's LZMA encoders take tens of megabytes, which the host's heap would keep. An empty
+/// output is packed here: its archive is a fixed 32-byte header, with no encoder.
 pub async fn pack(
     packer: Option<&Path>,
     out: PathBuf,
     archive: PathBuf,
     hash: Option<ams_core::pipeline::HashKind>,
 ) -> Result<Packed, String> {
+    let packer = packer.filter(|_| !ams_archive::is_empty_dir(&out));
     if let Some(exe) = packer {
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("__pack").arg(&out).arg(&archive);

@@ -892,3 +892,47 @@ async fn cached_statements_are_not_compiled_again_on_each_use() {
         assert_eq!(st.get_status(StatementStatus::RePrepare), 0, "{sql}");
     }
 }
+
+/// The write-ahead log is copied back into the database by the checkpointer beside the
+/// writer, long before the writer's own threshold (10,000 pages): the database file grows
+/// while the writes go on, and the log's pages are all copied back soon after they stop.
+#[tokio::test]
+async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
+    use ams_core::webhooks::Verdict;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ams.db");
+    let s = Store::open(&path).await.unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    // About 400 pages of bodies, far below the writer's own threshold.
+    for i in 0..200 {
+        s.record_delivery(&NewDelivery {
+            delivery_id: Some(format!("d{i}")),
+            project: "p".into(),
+            webhook: "gh".into(),
+            received_at: 1.0,
+            sender: "s".into(),
+            event: "push".into(),
+            verdict: Verdict::Accepted,
+            reason: None,
+            builds: vec![],
+            headers: "{}".into(),
+            body: vec![b'x'; 6000],
+        })
+        .await
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = std::fs::metadata(&path).unwrap().len();
+        // Each 6,000-byte body takes two pages of the database once copied back.
+        if now >= before + 200 * 6000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file is still {now} bytes (from {before}): no checkpoint ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.close().await;
+}
