@@ -387,12 +387,12 @@ fn newest_final(
     }
 }
 
-/// The project's builds whose columns equal the given values, newest first.
 /// The newest build of each branch of a project: bound to the project and the count.
 pub(crate) const LATEST_PER_BRANCH: &str = "SELECT * FROM builds WHERE id IN \
      (SELECT MAX(id) FROM builds WHERE project = ? GROUP BY branch) \
      ORDER BY id DESC LIMIT ?";
 
+/// The project's builds whose columns equal the given values, newest first.
 fn filtered(
     c: &Connection,
     project: &str,
@@ -483,7 +483,7 @@ impl Store {
         default_branch: bool,
     ) -> Result<Option<BuildRecord>> {
         let (project, branch) = (project.to_owned(), branch.map(str::to_owned));
-        self.read_now(move |c| match branch.as_deref() {
+        self.read(move |c| match branch.as_deref() {
             None => newest_final(c, &project, None),
             Some(b) => {
                 let named = newest_final(c, &project, Some(Some(b)))?;
@@ -788,7 +788,7 @@ impl Store {
     /// before build `b` (for build-fixed).
     pub async fn previous_status(&self, b: &BuildRecord) -> Result<Option<BuildStatus>> {
         let (project, branch, id) = (b.project.clone(), b.branch.clone(), b.id);
-        self.read_now(move |c| {
+        self.read(move |c| {
             let s: Option<String> = c
                 .prepare_cached(
                     "SELECT status FROM builds WHERE project = ? AND branch IS ? AND id < ? \

@@ -12,9 +12,10 @@
 //! the others' writes stay. A job is answered only after the COMMIT that holds it succeeded
 //! ("acknowledged means stored"); a failed COMMIT fails every job it held. When SQLite ends
 //! the whole transaction itself (a full disk or an I/O error in a statement), every job of the
-//! group so far is answered with that error: none of them is stored. The savepoints' journal
-//! is kept in memory (`temp_store = MEMORY`): as a temporary file it cost a `pwrite` per page
-//! a job touched, 15 % of the host's CPU under a webhook burst.
+//! group so far is answered with that error: none of them is stored. The writer keeps its
+//! savepoints' journal in memory (`temp_store = MEMORY`): as a temporary file it cost a
+//! `pwrite` per page a job touched, 15 % of the host's CPU under a webhook burst. A thread of
+//! its own checkpoints the write-ahead log beside the writer (see [`checkpointer`]).
 //!
 //! **The readers.** At most `readers` connections, each used by one task at a time, each with
 //! its prepared statements cached; they are `query_only`. Long reads run on tokio's blocking
@@ -75,11 +76,14 @@ pub(crate) fn open(path: &Path, read_only: bool, reader: bool) -> Result<Opened>
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-         PRAGMA journal_size_limit = 67108864; PRAGMA temp_store = MEMORY; \
-         PRAGMA wal_autocheckpoint = 10000;",
+         PRAGMA journal_size_limit = 67108864; PRAGMA wal_autocheckpoint = 10000;",
     )?;
     if reader {
         conn.execute_batch("PRAGMA query_only = ON;")?;
+    } else {
+        // The writer's savepoint journals in memory (bounded: one job's pages). Not on the
+        // readers: there it would also keep every sort in memory, however large.
+        conn.execute_batch("PRAGMA temp_store = MEMORY;")?;
     }
     // Plans that do not depend on the values bound. Without this SQLite marks a statement to
     // be compiled again whenever a new value is bound to a parameter that might change its
@@ -136,6 +140,10 @@ struct Writer {
     checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
 }
 
+/// The write-ahead log's size past which [`checkpointer`] checkpoints it whole and truncates
+/// it (the `journal_size_limit` it is cut back to on a restart).
+const WAL_TRUNCATE_BYTES: u64 = 64 << 20;
+
 /// How often [`checkpointer`] copies the write-ahead log back while commits go on.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -148,16 +156,31 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>) {
     let mut conn: Option<Opened> = None;
     let mut last: Option<Instant> = None;
+    let mut failing = false;
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
     while rx.recv().is_ok() {
         if let Some(wait) = last.and_then(|t| CHECKPOINT_EVERY.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
         }
         while rx.try_recv().is_ok() {}
-        let done = connection(&mut conn, &path, false)
-            .and_then(|c| Ok(c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?));
-        if let Err(e) = done {
-            tracing::debug!("a checkpoint of the write-ahead log failed: {e}");
-            conn = None;
+        let done = connection(&mut conn, &path, false).and_then(|c| {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            // Readers that never let the log restart make it grow; past the limit it is
+            // checkpointed whole and cut back here, where no other checkpoint competes.
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES) {
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            }
+            Ok(())
+        });
+        match done {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("a checkpoint of the write-ahead log failed: {e}");
+                }
+                failing = true;
+                conn = None;
+            }
         }
         last = Some(Instant::now());
     }
@@ -560,7 +583,10 @@ impl Store {
         if let Ok(permit) = self.shared.readers.clone().try_acquire_owned() {
             let idle = self.shared.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
             if let Some(o) = idle {
-                let r = f(&o.conn);
+                // A panic is this read's error, as on a blocking thread; the connection is
+                // dropped, not reused.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&o.conn)))
+                    .map_err(|_| StoreError::Invalid("a database read failed".into()))?;
                 if !self.shared.closed.load(Ordering::SeqCst) && o.reusable() {
                     if let Ok(mut v) = self.shared.idle.lock() {
                         v.push(o);

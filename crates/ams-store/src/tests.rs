@@ -936,3 +936,48 @@ async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
     }
     s.close().await;
 }
+
+/// A read that panics on the calling thread is that read's error, as on a blocking thread,
+/// and the next read works; only the writer keeps temporary data in memory (a reader's large
+/// sort may still spill to a file).
+#[tokio::test]
+async fn a_panicking_quick_read_is_an_error_and_readers_sort_as_usual() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    // A first read leaves an idle connection, so the next one runs on this thread.
+    s.ping().await.unwrap();
+    let r: Result<()> = s.read_now(|_| panic!("hostile row")).await;
+    assert!(r.is_err());
+    let t: i64 = s
+        .read_now(|c| Ok(c.query_row("PRAGMA temp_store", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(t, 0, "readers use the default temporary store");
+    let t: i64 = s
+        .write_alone(|c| Ok(c.query_row("PRAGMA temp_store", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(t, 2, "the writer keeps its savepoint journals in memory");
+    s.close().await;
+}
+
+/// The bundled SQLite is built as .cargo/config.toml says: no SQL can load a library into the
+/// host, and the unused extensions are left out.
+#[tokio::test]
+async fn sqlite_is_built_without_extension_loading_or_unused_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let opts: Vec<String> = s
+        .read(|c| {
+            let mut st = c.prepare("PRAGMA compile_options")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+        .unwrap();
+    assert!(opts.iter().any(|o| o == "OMIT_LOAD_EXTENSION"), "{opts:?}");
+    for gone in ["ENABLE_FTS5", "ENABLE_FTS3", "ENABLE_RTREE", "ENABLE_STAT4"] {
+        assert!(!opts.iter().any(|o| o == gone), "{gone} in {opts:?}");
+    }
+    s.close().await;
+}
