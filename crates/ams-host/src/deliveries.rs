@@ -1,8 +1,8 @@
 //! Upkeep of the delivery log: drops the bodies of deliveries older than
 //! `delivery_body_max_age_days` and keeps SQLite's write-ahead log from growing under a steady
 //! stream of deliveries (a checkpoint can be starved by overlapping readers; the log is then
-//! checkpointed whole and truncated once it passes [`WAL_MAX_PAGES`]). Runs beside the loop,
-//! never in it.
+//! checkpointed whole and truncated once it passes [`WAL_MAX_PAGES`]; the store's own
+//! checkpointer does the everyday copying back). Runs beside the loop, never in it.
 
 use crate::timefmt;
 use ams_core::retention::DAY_SECS;
@@ -41,8 +41,12 @@ pub async fn upkeep(store: Store, max_age_days: Option<f64>) {
                 Err(e) => result = Err(e),
             }
         }
-        if let Err(e) = store.checkpoint(WAL_MAX_PAGES).await {
-            result = Err(e);
+        // The store's checkpointer copies the log back after commits; here only a log that
+        // readers kept from restarting, grown past the limit, is checkpointed on the writer.
+        if store.wal_bytes() > WAL_MAX_PAGES as u64 * 4096 {
+            if let Err(e) = store.checkpoint(WAL_MAX_PAGES).await {
+                result = Err(e);
+            }
         }
         match result {
             Err(e) if !failing => {

@@ -657,6 +657,12 @@ impl Store {
             .await
     }
 
+    /// The size of the write-ahead log's file (0 when there is none).
+    pub fn wal_bytes(&self) -> u64 {
+        let wal = PathBuf::from(format!("{}-wal", self.shared.path.display()));
+        std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    }
+
     /// Copies the write-ahead log into the database (never waiting); when the log holds more
     /// than `max_frames` pages, checkpoints it whole and truncates the file. Returns the log's
     /// pages before.

@@ -363,6 +363,17 @@ impl Drop for TestHost {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A host killed mid-build leaves its builds' overlay mounts (its next start would sweep
+        // them); the test's folder goes away instead, so they are detached here, or they pile
+        // up in the machine's mount table and slow every mount after them.
+        let root = self.tmp.path().to_string_lossy().to_string();
+        if let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for point in table.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if point.starts_with(&format!("{root}/")) {
+                    let _ = Command::new("umount").args(["-l", point]).output();
+                }
+            }
+        }
         let id = self.host_id();
         if !id.is_empty() {
             let out = Command::new("docker")
