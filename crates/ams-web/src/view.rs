@@ -103,14 +103,16 @@ impl Ts {
 
 /// Writes `s` escaped for HTML text and attribute values: `& < > " '` become entities.
 pub fn escape_into<W: std::fmt::Write>(mut dest: W, s: &str) -> std::fmt::Result {
+    // By bytes: the five are ASCII, and no byte of a multi-byte character equals one of them,
+    // so every cut falls between characters.
     let mut last = 0;
-    for (i, c) in s.char_indices() {
-        let rep = match c {
-            '&' => "&amp;",
-            '<' => "&lt;",
-            '>' => "&gt;",
-            '"' => "&quot;",
-            '\'' => "&#39;",
+    for (i, b) in s.bytes().enumerate() {
+        let rep = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\'' => "&#39;",
             _ => continue,
         };
         dest.write_str(&s[last..i])?;
@@ -184,6 +186,16 @@ pub struct LoginT<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaping_cuts_between_characters() {
+        let mut out = String::new();
+        escape_into(&mut out, "é<ü>&'\"日本").unwrap();
+        assert_eq!(out, "é&lt;ü&gt;&amp;&#39;&quot;日本");
+        let mut out = String::new();
+        escape_into(&mut out, "plain").unwrap();
+        assert_eq!(out, "plain");
+    }
 
     #[test]
     fn templates_escape_with_the_one_escaper() {
