@@ -981,3 +981,54 @@ async fn sqlite_is_built_without_extension_loading_or_unused_extensions() {
     }
     s.close().await;
 }
+
+/// A log that a long reader kept from restarting grows past 64 MiB; once the reader is gone,
+/// the checkpointer copies it back whole and truncates the file, without the upkeep.
+#[tokio::test]
+async fn a_log_grown_past_its_limit_is_truncated_by_the_checkpointer() {
+    use ams_core::webhooks::Verdict;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ams.db");
+    let s = Store::open(&path).await.unwrap();
+    let delivery = |i: usize| NewDelivery {
+        delivery_id: Some(format!("d{i}")),
+        project: "p".into(),
+        webhook: "gh".into(),
+        received_at: 1.0,
+        sender: "s".into(),
+        event: "push".into(),
+        verdict: Verdict::Accepted,
+        reason: None,
+        builds: vec![],
+        headers: "{}".into(),
+        body: vec![b'x'; 1 << 20],
+    };
+    s.record_delivery(&delivery(0)).await.unwrap();
+    // A reader in the middle of a read holds its snapshot: no checkpoint gets past it.
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    for i in 1..=70 {
+        s.record_delivery(&delivery(i)).await.unwrap();
+    }
+    assert!(
+        s.wal_bytes() > 64 << 20,
+        "the log is {} bytes",
+        s.wal_bytes()
+    );
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    s.record_delivery(&delivery(71)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.wal_bytes() > 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log is still {} bytes",
+            s.wal_bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.close().await;
+}
