@@ -29,6 +29,23 @@ fn user(name: &str) -> User {
     }
 }
 
+/// An accepted delivery with a body of `body` bytes.
+fn delivery(i: usize, body: usize) -> NewDelivery {
+    NewDelivery {
+        delivery_id: Some(format!("d{i}")),
+        project: "p".into(),
+        webhook: "gh".into(),
+        received_at: 1.0,
+        sender: "s".into(),
+        event: "push".into(),
+        verdict: ams_core::webhooks::Verdict::Accepted,
+        reason: None,
+        builds: vec![],
+        headers: "{}".into(),
+        body: vec![b'x'; body],
+    }
+}
+
 #[tokio::test]
 async fn secrets_are_listed_by_name_and_kept_within_the_limits() {
     let dir = tempfile::tempdir().unwrap();
@@ -898,28 +915,13 @@ async fn cached_statements_are_not_compiled_again_on_each_use() {
 /// while the writes go on, and the log's pages are all copied back soon after they stop.
 #[tokio::test]
 async fn the_write_ahead_log_is_checkpointed_beside_the_writer() {
-    use ams_core::webhooks::Verdict;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ams.db");
     let s = Store::open(&path).await.unwrap();
     let before = std::fs::metadata(&path).unwrap().len();
     // About 400 pages of bodies, far below the writer's own threshold.
     for i in 0..200 {
-        s.record_delivery(&NewDelivery {
-            delivery_id: Some(format!("d{i}")),
-            project: "p".into(),
-            webhook: "gh".into(),
-            received_at: 1.0,
-            sender: "s".into(),
-            event: "push".into(),
-            verdict: Verdict::Accepted,
-            reason: None,
-            builds: vec![],
-            headers: "{}".into(),
-            body: vec![b'x'; 6000],
-        })
-        .await
-        .unwrap();
+        s.record_delivery(&delivery(i, 6000)).await.unwrap();
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -986,23 +988,10 @@ async fn sqlite_is_built_without_extension_loading_or_unused_extensions() {
 /// the checkpointer copies it back whole and truncates the file, without the upkeep.
 #[tokio::test]
 async fn a_log_grown_past_its_limit_is_truncated_by_the_checkpointer() {
-    use ams_core::webhooks::Verdict;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ams.db");
     let s = Store::open(&path).await.unwrap();
-    let delivery = |i: usize| NewDelivery {
-        delivery_id: Some(format!("d{i}")),
-        project: "p".into(),
-        webhook: "gh".into(),
-        received_at: 1.0,
-        sender: "s".into(),
-        event: "push".into(),
-        verdict: Verdict::Accepted,
-        reason: None,
-        builds: vec![],
-        headers: "{}".into(),
-        body: vec![b'x'; 1 << 20],
-    };
+    let delivery = |i: usize| delivery(i, 1 << 20);
     s.record_delivery(&delivery(0)).await.unwrap();
     // A reader in the middle of a read holds its snapshot: no checkpoint gets past it.
     let reader = rusqlite::Connection::open(&path).unwrap();
