@@ -668,9 +668,31 @@ impl Store {
     /// pages before.
     pub async fn checkpoint(&self, max_frames: i64) -> Result<i64> {
         self.write_alone(move |c| {
-            let log: i64 = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+            // SQLite answers "busy" at once, without waiting, while another checkpoint runs
+            // (the checkpointer's, a few milliseconds): asked again then, for up to a second.
+            // A busy answer that took long is readers the busy timeout already waited for.
+            let once = |sql: &str| -> Result<Option<i64>> {
+                for _ in 0..200 {
+                    let asked = Instant::now();
+                    let (busy, log): (i64, i64) =
+                        c.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    if busy == 0 {
+                        return Ok(Some(log));
+                    }
+                    if asked.elapsed() > Duration::from_millis(50) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None)
+            };
+            let Some(log) = once("PRAGMA wal_checkpoint(PASSIVE)")? else {
+                return Err(StoreError::Invalid(
+                    "the write-ahead log stayed busy for a second".into(),
+                ));
+            };
             if log > max_frames {
-                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                once("PRAGMA wal_checkpoint(TRUNCATE)")?;
             }
             Ok(log)
         })
