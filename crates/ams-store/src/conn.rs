@@ -140,6 +140,13 @@ struct Writer {
     checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
 }
 
+/// The write-ahead log's file beside the database `db` (`ams.db-wal`).
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
 /// The write-ahead log's size past which [`checkpointer`] checkpoints it whole and truncates
 /// it (the `journal_size_limit` it is cut back to on a restart).
 const WAL_TRUNCATE_BYTES: u64 = 64 << 20;
@@ -157,7 +164,7 @@ fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>) {
     let mut conn: Option<Opened> = None;
     let mut last: Option<Instant> = None;
     let mut failing = false;
-    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let wal = wal_path(&path);
     while rx.recv().is_ok() {
         if let Some(wait) = last.and_then(|t| CHECKPOINT_EVERY.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
@@ -399,7 +406,7 @@ impl Drop for Touch<'_> {
 }
 
 /// The schema migrations, in order; the database's `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_builds.sql"),
     include_str!("../migrations/0002_deliveries.sql"),
     include_str!("../migrations/0003_notifications.sql"),
@@ -659,8 +666,9 @@ impl Store {
 
     /// The size of the write-ahead log's file (0 when there is none).
     pub fn wal_bytes(&self) -> u64 {
-        let wal = PathBuf::from(format!("{}-wal", self.shared.path.display()));
-        std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(wal_path(&self.shared.path))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     /// Copies the write-ahead log into the database (never waiting); when the log holds more

@@ -720,17 +720,10 @@ async fn migration_7_gives_each_listed_project_the_old_level() {
     let path = dir.path().join("ams.db");
     {
         let c = rusqlite::Connection::open(&path).unwrap();
-        for sql in [
-            include_str!("../migrations/0001_builds.sql"),
-            include_str!("../migrations/0002_deliveries.sql"),
-            include_str!("../migrations/0003_notifications.sql"),
-            include_str!("../migrations/0004_users.sql"),
-            include_str!("../migrations/0005_messages.sql"),
-            include_str!("../migrations/0006_commit_message.sql"),
-            "PRAGMA user_version = 6",
-        ] {
+        for sql in &crate::conn::MIGRATIONS[..6] {
             c.execute_batch(sql).unwrap();
         }
+        c.execute_batch("PRAGMA user_version = 6").unwrap();
         for (name, level, projects) in [
             ("mod", 3, r#"["app","lib"]"#),
             ("hook", 2, r#"["app"]"#),
