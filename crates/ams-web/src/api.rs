@@ -65,10 +65,16 @@ impl ListCache {
                 ..Default::default()
             };
         }
-        if c.entries.len() >= Self::MAX_ENTRIES || c.bytes + body.len() > Self::MAX_BYTES {
+        // Requests that missed together all store the same page: a page stored again takes
+        // the place (and the bytes) of the one before, or those requests would fill the
+        // bound and keep every other page out until the generation moves.
+        let old = c.entries.get(&key).map(|b| b.len());
+        let entries = c.entries.len() + usize::from(old.is_none());
+        let bytes = c.bytes - old.unwrap_or(0) + body.len();
+        if entries > Self::MAX_ENTRIES || bytes > Self::MAX_BYTES {
             return;
         }
-        c.bytes += body.len();
+        c.bytes = bytes;
         c.entries.insert(key, body);
     }
 }
@@ -1502,6 +1508,33 @@ mod tests {
             axum::body::Bytes::from(vec![0u8; ListCache::MAX_BYTES + 1]),
         );
         assert!(c.get(4, "big").is_none());
+    }
+
+    #[test]
+    fn a_page_stored_again_does_not_fill_the_list_cache() {
+        // Fifty requests that missed at once store the same page fifty times; a page stored
+        // later must still fit.
+        let c = ListCache::default();
+        let page = axum::body::Bytes::from(vec![b'x'; ListCache::MAX_BYTES / 8]);
+        for _ in 0..50 {
+            c.put(1, "builds".into(), page.clone());
+        }
+        c.put(1, "filtered".into(), axum::body::Bytes::from_static(b"[]"));
+        assert_eq!(
+            c.get(1, "filtered"),
+            Some(axum::body::Bytes::from_static(b"[]"))
+        );
+        assert_eq!(c.get(1, "builds"), Some(page));
+        // A page that grows in place is still held to the bound.
+        c.put(
+            1,
+            "builds".into(),
+            axum::body::Bytes::from(vec![0u8; ListCache::MAX_BYTES]),
+        );
+        assert_eq!(
+            c.get(1, "builds").map(|b| b.len()),
+            Some(ListCache::MAX_BYTES / 8)
+        );
     }
 
     use super::*;
