@@ -732,6 +732,9 @@ fn split_filters<'a>(pairs: &[&'a str]) -> Result<(ColumnFilters<'a>, Vec<&'a st
     Ok((sql, rest))
 }
 
+/// Room for one build's JSON in a list (a build of the benchmark's is about 1 KB).
+const BUILD_JSON_BYTES: usize = 1280;
+
 /// The common case of a build list, all fields and column filters only: from [`ListCache`], or
 /// serialized straight from the records. `None` when the general path is needed.
 async fn builds_direct(
@@ -763,8 +766,14 @@ async fn builds_direct(
         Err(_) => return Some(Err(ApiError::Internal)),
     };
     let out: Vec<BuildJson> = list.iter().map(BuildJson::from).collect();
-    Some(match serde_json::to_vec(&out) {
-        Ok(bytes) => {
+    // One allocation for the page: a build is about 1 KB of JSON, and growing the buffer from
+    // serde_json's default by doubling copied each page several times (a sixth of the
+    // uncached list's CPU).
+    let mut bytes = Vec::with_capacity(64 + out.len() * BUILD_JSON_BYTES);
+    Some(match serde_json::to_writer(&mut bytes, &out) {
+        Ok(()) => {
+            // The cache counts a page's length, so it keeps no spare capacity.
+            bytes.shrink_to_fit();
             let body = axum::body::Bytes::from(bytes);
             st.lists.put(generation, key, body.clone());
             Ok((json, body).into_response())
