@@ -702,7 +702,10 @@ impl DockerExecutor {
         tokio::pin!(given_up);
         // An engine that stops answering (killed, network cut) may leave the stream open
         // without data: pinged every 5 s, three failed pings in a row end the run.
-        let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
+        // The first ping one period in: the engine has just answered the create and the start
+        // (a ping at once cost every build a round trip before its wait).
+        let mut watchdog =
+            tokio::time::interval_at(tokio::time::Instant::now() + WATCHDOG_EVERY, WATCHDOG_EVERY);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut missed = 0u32;
         loop {

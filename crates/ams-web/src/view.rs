@@ -3,9 +3,9 @@
 
 use crate::pages::{Viewer, CSP};
 use askama::Template;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What the frame of every page needs: the web root, the signed-in user (none on the login
 /// page), the page title, the top bar's current section and the favicon's status.
