@@ -7,8 +7,10 @@ it is idle and stopped, which the linker places side by side (crates/amsbuild/bu
 It links the release binary in the compiler's own order with a linker map, records a host that has 200 dummy builds in its
 database under `valgrind --tool=callgrind` from its start, through two seconds of idling, to its
 stop, and turns every instruction address the host ran into the name of the function section
-that holds it. Run it again after a compiler or dependency update: names the binary no longer
-has are skipped at link time, so a stale list loosens the layout without breaking the build.
+that holds it. Run it again after a compiler or dependency update: Rust symbol names carry a
+hash of the compiler version, so another compiler matches only the C (SQLite) names of the
+list. Names the binary lacks are skipped at link time: a stale list loosens the layout without
+breaking the build.
 Needs valgrind (`apt-get install valgrind`); no Docker engine is needed.
 """
 
@@ -49,8 +51,11 @@ def text_sections(map_path):
             m = line.match(row)
             if m:
                 start, size = int(m.group(1), 16), int(m.group(2), 16)
+                # The compiler puts cold, start-up and exit code in `.text.unlikely.NAME`
+                # and the like: the symbol is the NAME.
+                name = re.sub(r"^(unlikely|hot|startup|exit|split)\.", "", m.group(3))
                 if size:
-                    out.append((start, start + size, m.group(3)))
+                    out.append((start, start + size, name))
     out.sort()
     return out
 
@@ -127,11 +132,14 @@ def main():
     if placed < 0.9 * len(addrs):
         raise SystemExit(f"{len(addrs) - placed} of {len(addrs)} addresses are outside the map's code")
     if len(names) < 500:
-        raise SystemExit(f"only {len(names)} functions recorded: is the binary stripped of its map?")
+        raise SystemExit(f"only {len(names)} functions recorded: did the host start and run?")
+    rustc = subprocess.run(["rustc", "-V"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
     size = sum(sections[i][1] - sections[i][0] for i in ran)
     with open(OUT, "w") as f:
         f.write("# Written by scripts/symbol-order.py: the functions a release host runs from its\n"
-                "# start until it is idle and stopped, placed first by the linker (build.rs).\n")
+                "# start until it is idle and stopped, placed first by the linker (build.rs).\n"
+                f"# Recorded with {rustc}; the Rust names change with the compiler.\n")
         for name in names:
             f.write(name + "\n")
     print(f"{len(names)} functions, {size / 1e6:.2f} MB of {sum(e - s for s, e, _ in sections) / 1e6:.2f} MB"

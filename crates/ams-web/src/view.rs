@@ -5,7 +5,8 @@ use crate::pages::{Viewer, CSP};
 use askama::Template;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 /// What the frame of every page needs: the web root, the signed-in user (none on the login
 /// page), the page title, the top bar's current section and the favicon's status.
@@ -133,30 +134,23 @@ impl askama::filters::Escaper for Html {
     }
 }
 
-/// The length each kind of page had when last rendered, in slots chosen by its type, so the
-/// next one is written into one allocation: askama's own estimate is the template's text, a
-/// few KB, and a 66 KB dashboard grew its buffer five times, copying it each time. A slot two
-/// types share only gives one of them a worse guess.
-static PAGE_LENGTHS: [AtomicUsize; 64] = [const { AtomicUsize::new(0) }; 64];
+/// The length each kind of page had when last rendered, by its template's type, so the next
+/// one is written into one allocation: askama's own estimate is the template's text, a few
+/// KB, and a 66 KB dashboard grew its buffer five times, copying it each time.
+static PAGE_LENGTHS: Mutex<BTreeMap<&'static str, usize>> = Mutex::new(BTreeMap::new());
 
 /// At most this much is reserved from an earlier page's length.
 const MAX_RESERVE: usize = 512 << 10;
 
-fn page_length<T>() -> &'static AtomicUsize {
-    // The address of the type's name is fixed for the process, and differs between types in
-    // practice; a collision is harmless.
-    let key = std::any::type_name::<T>().as_ptr() as usize;
-    &PAGE_LENGTHS[(key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) % PAGE_LENGTHS.len()]
-}
-
 /// Renders a template into a buffer sized from the last page of its kind.
 pub fn render_sized<T: Template>(t: &T) -> askama::Result<String> {
-    let last = page_length::<T>();
-    let want = last.load(Ordering::Relaxed).min(MAX_RESERVE);
+    let kind = std::any::type_name::<T>();
+    let lengths = || PAGE_LENGTHS.lock().unwrap_or_else(|p| p.into_inner());
+    let want = lengths().get(kind).copied().unwrap_or(0).min(MAX_RESERVE);
     let mut buf = String::with_capacity(want.max(T::SIZE_HINT));
     t.render_into(&mut buf)?;
     // A little over the length, so a page that grows by a few rows fits too.
-    last.store(buf.len() + buf.len() / 8, Ordering::Relaxed);
+    lengths().insert(kind, buf.len() + buf.len() / 8);
     Ok(buf)
 }
 
