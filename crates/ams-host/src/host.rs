@@ -1449,7 +1449,13 @@ impl Host {
             let ctx = self.ctx.clone();
             let tx = self.tx.clone();
             let log_tx = self.hub.sender(q.id);
-            if let Some(e) = &self.events {
+            // A build queued again after its engine failed before its container existed
+            // (`requeue`) starts once for its listeners: a second "started" is noise.
+            if let Some(e) = self
+                .events
+                .as_ref()
+                .filter(|_| !self.requeues.contains_key(&q.id))
+            {
                 e.event(q.id, EventKind::Started);
             }
             let task = self.workers.spawn(async move {

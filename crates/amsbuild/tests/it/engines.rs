@@ -1111,7 +1111,7 @@ fn a_source_that_takes_over_two_minutes_to_send_still_runs_and_a_hung_engine_mid
 
 /// A build whose engine stops answering before its container exists goes back to the queue
 /// and runs on another engine at once, as the same build: it neither waits `engine_wait_secs`
-/// for the dead engine nor ends ERROR.
+/// for the dead engine nor ends ERROR, and its listeners hear it start once.
 #[test]
 fn a_build_whose_engine_dies_before_its_container_runs_on_another() {
     let (mut b1, _b2, mut h) = pool(
@@ -1119,8 +1119,10 @@ fn a_build_whose_engine_dies_before_its_container_runs_on_another() {
             {"name": "b1", "host": "{b1}", "slots": 1},
             {"name": "b2", "host": "{b2}", "slots": 1}
         ]),
-        json!({"engine_wait_secs": 300}),
+        json!({"engine_wait_secs": 300, "notify_allow_private": true}),
     );
+    let (started_at, started) = body_receiver();
+    let (finished_at, finished) = body_receiver();
     // The preparation waits for a file (90 s at most, so a failed run leaves no shell behind),
     // and the engine dies while the build holds it.
     let p = pipeline_with(
@@ -1130,6 +1132,19 @@ fn a_build_whose_engine_dies_before_its_container_runs_on_another() {
     );
     h.project("gated", &p);
     h.private_config("gated", json!({"trust-host-commands": true}));
+    let hook = |name: &str, trigger: &str, addr: &str| {
+        json!({"hook-name": name, "type": "discord", "trigger": trigger,
+               "url": format!("http://{addr}/{name}/1/t"), "data": {}})
+    };
+    std::fs::write(
+        h.data.join("projects/gated/master/config/webhooks.json"),
+        json!({"in-webhooks": [], "out-webhooks": [
+            hook("started", "build-started", &started_at),
+            hook("finished", "build-complete", &finished_at),
+        ]})
+        .to_string(),
+    )
+    .unwrap();
     h.start();
     wait_for("both extra engines up", Duration::from_secs(60), || {
         (engine_up(&h, "b1") == Some(true) && engine_up(&h, "b2") == Some(true)).then_some(())
@@ -1160,4 +1175,14 @@ fn a_build_whose_engine_dies_before_its_container_runs_on_another() {
         .unwrap()
         .len();
     assert_eq!(builds, 1, "the same build, not a retry");
+    // Events leave the notifier's queue in order and the receiver answers at once: a second
+    // start would be out before the end.
+    wait_for("the build's end announced", Duration::from_secs(30), || {
+        (!finished.lock().unwrap().is_empty()).then_some(())
+    });
+    assert_eq!(
+        started.lock().unwrap().len(),
+        1,
+        "one start announced for a build that went back to the queue once"
+    );
 }
