@@ -339,6 +339,18 @@ impl WebConf {
                     format!("`{}` names two engines; give each its own name", e.name),
                 );
             }
+            // The same engine twice would take twice its slots of builds at once.
+            if let Some(o) = engines[..i].iter().find(|o| o.host == e.host) {
+                return bad(
+                    at("host"),
+                    format!(
+                        "`{}` is engine `{}` already; list each engine once and give it all \
+                         its slots",
+                        crate::error::clip(&e.host, 200),
+                        o.name
+                    ),
+                );
+            }
             if e.slots == 0 || e.slots > 256 {
                 return bad(at("slots"), "must be from 1 to 256".into());
             }
@@ -523,6 +535,12 @@ mod tests {
                                 {"name": "a", "host": "unix:///t", "slots": 1}]}"#,
                 "engines[1].name",
                 "its own name",
+            ),
+            (
+                r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 1},
+                                {"name": "b", "host": "unix:///s", "slots": 1}]}"#,
+                "engines[1].host",
+                "is engine `a` already",
             ),
             (
                 r#"{"engines": [{"name": "a", "host": "unix:///s", "slots": 1, "labels": ["b c"]}]}"#,
