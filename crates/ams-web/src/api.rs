@@ -22,7 +22,8 @@ use std::collections::HashMap;
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub host: HostHandle,
+    /// Shared: axum clones the state for every request, and a handle is a dozen channels.
+    pub host: std::sync::Arc<HostHandle>,
     pub conf: std::sync::Arc<ams_core::webconf::WebConf>,
     pub guard: std::sync::Arc<crate::session::LoginGuard>,
     pub lists: std::sync::Arc<ListCache>,

@@ -52,14 +52,15 @@ pub struct WebhookState {
 /// The listener's own state: the host, and the memory its bodies may take (in KiB).
 #[derive(Clone)]
 struct Listener {
-    host: HostHandle,
+    /// Shared: axum clones the state for every request.
+    host: Arc<HostHandle>,
     bodies: Arc<Semaphore>,
 }
 
 /// The router for the listener, under `/{web_root}/request`.
 pub fn router(state: WebhookState, web_root: &str) -> Router {
     let listener = Listener {
-        host: state.host,
+        host: Arc::new(state.host),
         bodies: Arc::new(Semaphore::new(BODIES_IN_FLIGHT / 1024)),
     };
     Router::new()

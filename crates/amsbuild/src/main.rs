@@ -1607,7 +1607,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         &conf.web_root,
     );
     let api_state = ams_web::api::ApiState {
-        host: handle.clone(),
+        host: Arc::new(handle.clone()),
         conf: Arc::new(conf.clone()),
         guard: Arc::default(),
         lists: Arc::default(),
