@@ -83,7 +83,14 @@ pub fn router(state: ApiState, root: &str) -> Router {
             &format!("/{root}/admin/{{project}}/secrets/{{name}}/remove"),
             post(secret_remove_form),
         )
+        // Any other address: the styled "not found" page, not an empty answer. (The API's
+        // own addresses answer JSON from its router.)
+        .fallback(unknown_address)
         .with_state(state)
+}
+
+async fn unknown_address(State(st): State<ApiState>) -> Response {
+    not_found(&st.conf.web_root)
 }
 
 /// `/` and `/{web_root}` lead to the dashboard (which leads to the login page when needed).

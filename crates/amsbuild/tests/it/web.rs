@@ -817,6 +817,26 @@ fn the_project_page_shows_history_schedules_webhooks_and_filtered_builds() {
     assert!(nobody.contains("No builds."));
     // A project that is not there, or not visible, is the same 404.
     assert_eq!(w.get("/ams-build/project/nope", &cookie).0, 404);
+    // An address the interface does not serve is the styled page too, not an empty answer;
+    // the API's stay JSON.
+    for path in [
+        "/ams-build/nonesuch",
+        "/elsewhere/x",
+        "/ams-build/project/mine/extra",
+    ] {
+        let (st, head, page) = w.get(path, &cookie);
+        assert_eq!(st, 404, "{path}");
+        assert!(
+            head.to_ascii_lowercase().contains("text/html"),
+            "{path}: {head}"
+        );
+        assert!(page.contains("<h1>Not found</h1>"), "{path}: {page}");
+        assert!(page.contains("/ams-build/static/app.css"), "{path}: {page}");
+    }
+    let (st, head, body) = w.get("/ams-build/api/nonesuch", &cookie);
+    assert_eq!(st, 404);
+    assert!(head.contains("application/json"), "{head}");
+    assert!(body.contains("\"error\""), "{body}");
     // The projects page lists it.
     let (_, _, list) = w.get("/ams-build/projects", &cookie);
     assert!(list.contains("/ams-build/project/mine\""));
