@@ -48,8 +48,8 @@ pub struct SettingsCache {
 }
 
 impl SettingsCache {
-    /// The settings of `project`, or why it cannot take builds. Blocking file-system work: call
-    /// it from a blocking thread (or at start-up), never from the host loop.
+    /// The settings of `project`, or why it cannot take builds. Small file-system work (three
+    /// `stat`s, and a read of the two files when one changed): never from the host loop.
     pub fn get(&self, data: &DataDir, name: &str) -> Result<Arc<QueueSettings>, String> {
         if !project::exists(data, name) {
             return Err(format!("no project named `{name}`"));
