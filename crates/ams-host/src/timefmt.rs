@@ -42,12 +42,17 @@ pub fn legacy(secs: f64) -> String {
     s.push('/');
     push_num(&mut s, t.year(), 4);
     s.push_str(" @ ");
-    push_num(&mut s, t.hour().into(), 2);
-    s.push(':');
-    push_num(&mut s, t.minute().into(), 2);
-    s.push(':');
-    push_num(&mut s, t.second().into(), 2);
+    push_clock(&mut s, t);
     s
+}
+
+/// `01:50:05`, the time of day both formats end with.
+fn push_clock(s: &mut String, t: OffsetDateTime) {
+    push_num(s, t.hour().into(), 2);
+    s.push(':');
+    push_num(s, t.minute().into(), 2);
+    s.push(':');
+    push_num(s, t.second().into(), 2);
 }
 
 /// `2020-08-19T01:50:05Z`.
@@ -60,11 +65,7 @@ pub fn iso(secs: f64) -> String {
     s.push('-');
     push_num(&mut s, t.day().into(), 2);
     s.push('T');
-    push_num(&mut s, t.hour().into(), 2);
-    s.push(':');
-    push_num(&mut s, t.minute().into(), 2);
-    s.push(':');
-    push_num(&mut s, t.second().into(), 2);
+    push_clock(&mut s, t);
     s.push('Z');
     s
 }
