@@ -370,6 +370,12 @@ impl HostHandle {
             .map_err(HostError::NotFound)
     }
 
+    /// A project's webhook configuration, read again only when its files changed (see
+    /// [`SettingsCache::webhooks`]). The caller checked the project's name.
+    pub fn webhooks(&self, project: &str) -> Result<Arc<crate::settings::ProjectWebhooks>, String> {
+        self.settings.webhooks(&self.data, project)
+    }
+
     /// Cancels a build. The caller resolved and authorized `build` (see [`HostHandle::resolve`]).
     pub async fn cancel(&self, build: BuildId, by: &str) -> Result<BuildRecord, HostError> {
         let by = by.to_string();
@@ -1082,7 +1088,7 @@ impl Host {
                     for (reply, answer) in answers {
                         let _ = reply.send(answer);
                     }
-                    self.skip_superseded(superseded).await;
+                    self.skip_superseded(superseded);
                     self.start_ready().await;
                     self.publish();
                 }
@@ -1374,13 +1380,18 @@ impl Host {
     }
 
     /// Records builds that newer ones superseded (only-build-latest) as skipped.
-    async fn skip_superseded(&mut self, skipped: Vec<(i64, String)>) {
+    fn skip_superseded(&mut self, skipped: Vec<(i64, String)>) {
         if skipped.is_empty() {
             return;
         }
-        if let Err(e) = self.store.skip_builds(&skipped, timefmt::now()).await {
-            tracing::error!("cannot record superseded builds: {e}");
-        }
+        // The loop does not wait for this commit: it goes on to the next deliveries, whose
+        // write comes after this one in the writer's queue (often in the same transaction).
+        let recorded = self.store.skip_builds(&skipped, timefmt::now());
+        self.workers.spawn(async move {
+            if let Err(e) = recorded.await {
+                tracing::error!("cannot record superseded builds: {e}");
+            }
+        });
         for (id, _) in skipped {
             if let Some(b) = self.live.remove(&id) {
                 self.metrics

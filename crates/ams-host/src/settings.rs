@@ -2,6 +2,8 @@
 //! master's pipeline.json and `only-build-latest` from the private config — read and parsed
 //! outside the loop, by the client that sends the command, and cached by the files' stamps
 //! (inode, size, modification time), so a request costs two `stat`s when nothing changed.
+//! A project's webhook configuration is cached the same way for the webhook listener, which
+//! otherwise read and parsed it for every delivery.
 
 use crate::paths::DataDir;
 use crate::project;
@@ -9,9 +11,10 @@ use crate::source::read_checkout_file;
 use crate::worker::PIPELINE_MAX_BYTES;
 use ams_core::pipeline::{self, DEFAULT_NAME_FORMAT};
 use ams_core::private_config::PrivateConfig;
+use ams_core::webhooks::{WebhookFields, WebhooksConfig};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A project's settings that decide how its builds are queued.
@@ -32,19 +35,67 @@ pub struct QueueSettings {
 
 type Stamp = Option<(u64, u64, i64, i64)>;
 
-/// Both files' stamps and the settings read from them.
-type Entry = ([Stamp; 2], Arc<QueueSettings>);
-
 fn stamp(p: &Path) -> Stamp {
     std::fs::symlink_metadata(p)
         .ok()
         .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-/// The cache; cheap to share.
+/// A value and the stamps of the files it was read from.
+type Kept<T, const N: usize> = ([Stamp; N], Arc<T>);
+
+/// Values read from `N` files of each project, kept while none of the files' stamps changes.
+/// A read that fails is not kept: it is tried again, and its error given again, next time.
+#[derive(Debug)]
+struct ByStamps<T, const N: usize> {
+    map: Mutex<HashMap<String, Kept<T, N>>>,
+}
+
+impl<T, const N: usize> Default for ByStamps<T, N> {
+    fn default() -> Self {
+        ByStamps {
+            map: Mutex::default(),
+        }
+    }
+}
+
+impl<T, const N: usize> ByStamps<T, N> {
+    /// The value for `project`, read by `read` when a file in `files` changed since it was
+    /// kept. The stamps are taken before the read, so a file changed during it is read again.
+    fn get(
+        &self,
+        project: &str,
+        files: [PathBuf; N],
+        read: impl FnOnce() -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        let stamps = files.map(|p| stamp(&p));
+        if let Some((s, v)) = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(project)
+        {
+            if *s == stamps {
+                return Ok(v.clone());
+            }
+        }
+        let v = Arc::new(read()?);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(project.to_string(), (stamps, v.clone()));
+        Ok(v)
+    }
+}
+
+/// A project's webhook configuration: webhooks.json and its optional webhook_fields.json.
+pub type ProjectWebhooks = (WebhooksConfig, Option<WebhookFields>);
+
+/// The caches; cheap to share.
 #[derive(Debug, Default)]
 pub struct SettingsCache {
-    map: Mutex<HashMap<String, Entry>>,
+    queue: ByStamps<QueueSettings, 2>,
+    webhooks: ByStamps<ProjectWebhooks, 2>,
 }
 
 impl SettingsCache {
@@ -55,37 +106,40 @@ impl SettingsCache {
             return Err(format!("no project named `{name}`"));
         }
         let pd = data.project(name);
-        let (pipeline_path, config_path) = (
+        let files = [
             pd.master_source().join("pipeline.json"),
             pd.config().join(PrivateConfig::FILE),
-        );
-        let stamps = [stamp(&pipeline_path), stamp(&config_path)];
-        if let Some((s, v)) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
-            if *s == stamps {
-                return Ok(v.clone());
-            }
-        }
-        let parsed = read_checkout_file(&pd.master_source(), "pipeline.json", PIPELINE_MAX_BYTES)
-            .ok()
-            .and_then(|t| String::from_utf8(t).ok())
-            .and_then(|t| pipeline::parse(&t).ok());
-        let (name_format, parameters, labels) = match parsed {
-            Some(p) => (p.build_name_format, p.parameters, p.docker.labels),
-            None => (DEFAULT_NAME_FORMAT.to_string(), Vec::new(), Vec::new()),
-        };
-        let private = project::private_config(&pd).ok();
-        let v = Arc::new(QueueSettings {
-            name_format,
-            only_latest: private.as_ref().is_some_and(|c| c.only_build_latest),
-            retry_on_error: private.as_ref().map_or(0, |c| c.retry_on_error),
-            parameters,
-            labels,
-        });
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), (stamps, v.clone()));
-        Ok(v)
+        ];
+        self.queue.get(name, files, || {
+            let parsed =
+                read_checkout_file(&pd.master_source(), "pipeline.json", PIPELINE_MAX_BYTES)
+                    .ok()
+                    .and_then(|t| String::from_utf8(t).ok())
+                    .and_then(|t| pipeline::parse(&t).ok());
+            let (name_format, parameters, labels) = match parsed {
+                Some(p) => (p.build_name_format, p.parameters, p.docker.labels),
+                None => (DEFAULT_NAME_FORMAT.to_string(), Vec::new(), Vec::new()),
+            };
+            let private = project::private_config(&pd).ok();
+            Ok(QueueSettings {
+                name_format,
+                only_latest: private.as_ref().is_some_and(|c| c.only_build_latest),
+                retry_on_error: private.as_ref().map_or(0, |c| c.retry_on_error),
+                parameters,
+                labels,
+            })
+        })
+    }
+
+    /// The webhook configuration of `project` (see [`project::webhooks`] for the errors),
+    /// read again only when one of its two files changed. The caller checked the name.
+    pub fn webhooks(&self, data: &DataDir, name: &str) -> Result<Arc<ProjectWebhooks>, String> {
+        let pd = data.project(name);
+        let files = [
+            pd.config().join(WebhooksConfig::FILE),
+            pd.config().join(WebhookFields::FILE),
+        ];
+        self.webhooks.get(name, files, || project::webhooks(&pd))
     }
 }
 
@@ -121,5 +175,54 @@ mod tests {
         assert_eq!(second.name_format, "{project}-{build_index}");
         assert!(second.only_latest);
         assert!(cache.get(&data, "nope").unwrap_err().contains("no project"));
+    }
+
+    #[test]
+    fn webhook_configs_are_read_again_only_when_their_files_change() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path());
+        let pd = project::init(&data, "p").unwrap();
+        let cache = SettingsCache::default();
+        let file = pd.config().join(WebhooksConfig::FILE);
+        let hook = |name: &str| {
+            format!(
+                r#"{{"in-webhooks": [{{"name": "{name}", "secret": "s", "authorized-actors": ["a"]}}]}}"#
+            )
+        };
+        assert!(cache.webhooks(&data, "p").unwrap().0.in_webhooks.is_empty());
+        std::fs::write(&file, hook("one")).unwrap();
+        let first = cache.webhooks(&data, "p").unwrap();
+        assert!(first.0.in_webhook("one").is_some());
+        assert!(
+            Arc::ptr_eq(&first, &cache.webhooks(&data, "p").unwrap()),
+            "kept while the files stay the same"
+        );
+        // A new file (new inode), then a broken one: its error every time, until it is mended.
+        std::fs::write(t.path().join("next"), hook("two")).unwrap();
+        std::fs::rename(t.path().join("next"), &file).unwrap();
+        let second = cache.webhooks(&data, "p").unwrap();
+        assert!(second.0.in_webhook("two").is_some() && second.0.in_webhook("one").is_none());
+        std::fs::write(&file, "{ not json").unwrap();
+        for _ in 0..2 {
+            let e = cache.webhooks(&data, "p").unwrap_err();
+            assert!(e.contains(WebhooksConfig::FILE), "{e}");
+        }
+        std::fs::write(&file, hook("three")).unwrap();
+        assert!(cache
+            .webhooks(&data, "p")
+            .unwrap()
+            .0
+            .in_webhook("three")
+            .is_some());
+        // webhook_fields.json is the second file watched.
+        std::fs::write(pd.config().join(WebhookFields::FILE), "{}").unwrap();
+        let with_fields = cache.webhooks(&data, "p").unwrap();
+        assert!(with_fields.1.is_some());
+        std::fs::remove_file(&file).unwrap();
+        let gone = cache.webhooks(&data, "p").unwrap_err();
+        assert!(
+            gone.ends_with(project::NO_WEBHOOKS),
+            "not served from memory: {gone}"
+        );
     }
 }

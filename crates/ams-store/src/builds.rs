@@ -750,11 +750,16 @@ impl Store {
         .await
     }
 
-    /// Ends pending builds as SKIP, each with its reason, in one transaction.
-    pub async fn skip_builds(&self, skipped: &[(i64, String)], at: f64) -> Result<()> {
-        let _touch = self.touch();
+    /// Ends pending builds as SKIP, each with its reason, in one transaction. The write is
+    /// queued at the call, so the caller may go on and await the result later (see
+    /// [`Store::write_queued`]); it still comes before the caller's later writes.
+    pub fn skip_builds(
+        &self,
+        skipped: &[(i64, String)],
+        at: f64,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let skipped = skipped.to_vec();
-        self.write(move |c| {
+        self.write_queued(move |c| {
             let mut st = c.prepare_cached(
                 "UPDATE builds SET status = 'skip', reason = ?, finished_at = ? \
                  WHERE id = ? AND status = 'pending'",
@@ -764,7 +769,6 @@ impl Store {
             }
             Ok(())
         })
-        .await
     }
 
     /// How many times build `id`'s work has run: 1, plus one for each build it retries

@@ -138,6 +138,8 @@ struct Writer {
     commits: Arc<AtomicU64>,
     /// Told of each COMMIT (see [`checkpointer`]), and joined when the writer closes.
     checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+    /// Raised by [`checkpointer`] when the writer should finish its checkpoint.
+    finish: Arc<AtomicBool>,
 }
 
 /// The write-ahead log's file beside the database `db` (`ams.db-wal`).
@@ -154,13 +156,24 @@ const WAL_TRUNCATE_BYTES: u64 = 64 << 20;
 /// How often [`checkpointer`] copies the write-ahead log back while commits go on.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// Past this many pages in the write-ahead log, the writer finishes a checkpoint itself after
+/// [`checkpointer`] did most of it (see [`Writer::finish_checkpoint`]).
+const RESTART_FRAMES: i64 = 4096;
+
 /// Copies the write-ahead log back into the database from a connection of its own, at most
 /// every [`CHECKPOINT_EVERY`] while the writer commits and once after its last commit; ends
 /// when the writer drops its sender. SQLite's own checkpoint runs inside the COMMIT that
 /// crosses its threshold, and so held up every write waiting behind it (the p99 of a webhook
-/// burst); here it runs beside the writer, which SQLite's write-ahead log allows. The writer's
-/// own checkpoint (at 10,000 pages) stays as a backstop.
-fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>) {
+/// burst); here it runs beside the writer, which SQLite's write-ahead log allows.
+///
+/// Under steady writes this checkpoint never copies the whole log: the writer adds pages while
+/// it runs. The log only starts over from its beginning after a checkpoint that left no page
+/// behind, so it grew until the writer's own checkpoint (SQLite's, at 10,000 pages) did the
+/// whole job, writing back and syncing 40 MB inside one COMMIT (10 to 17 ms). So when a run
+/// here leaves more than [`RESTART_FRAMES`] pages in the log, it raises `finish`, and the
+/// writer, after its next commit, checkpoints the few pages added since: a short sync, after
+/// which its next transaction starts the log over. SQLite's checkpoint stays as a backstop.
+fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>, finish: Arc<AtomicBool>) {
     let mut conn: Option<Opened> = None;
     let mut last: Option<Instant> = None;
     let mut failing = false;
@@ -171,7 +184,10 @@ fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>) {
         }
         while rx.try_recv().is_ok() {}
         let done = connection(&mut conn, &path, false).and_then(|c| {
-            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            let log: i64 = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+            if log > RESTART_FRAMES {
+                finish.store(true, Ordering::Relaxed);
+            }
             // Readers that never let the log restart make it grow; past the limit it is
             // checkpointed whole and cut back here, where no other checkpoint competes.
             if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_BYTES) {
@@ -311,6 +327,23 @@ impl Writer {
     }
 
     /// Commits the group's transaction, if one is open, and answers its jobs.
+    /// Copies the pages [`checkpointer`] left in the log (asked through `finish`), after the
+    /// answers of a commit went out: nothing is added meanwhile, so the log is then copied
+    /// whole and the next transaction starts it over.
+    fn finish_checkpoint(&mut self) {
+        if !self.finish.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(o) = &self.conn {
+            if let Err(e) = o
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::warn!("a checkpoint of the write-ahead log failed: {e}");
+            }
+        }
+    }
+
     fn commit(&mut self) {
         let Some(answers) = self.group.take() else {
             return;
@@ -322,10 +355,11 @@ impl Writer {
         match committed {
             Ok(()) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
+                answers.into_iter().for_each(|a| a(None));
+                self.finish_checkpoint();
                 if let Some((tx, _)) = &self.checkpoints {
                     let _ = tx.try_send(());
                 }
-                answers.into_iter().for_each(|a| a(None));
             }
             Err(e) => {
                 self.group = Some(answers);
@@ -363,6 +397,16 @@ fn run(job: Job, conn: std::result::Result<&Connection, StoreError>) -> Done {
             }
         }
     }
+}
+
+/// Where a queued write's result arrives (see [`Store::write_queued`]).
+type Queued<T> = tokio::sync::oneshot::Receiver<Result<T>>;
+
+/// Waits for a queued write's result.
+async fn answer<T>(queued: Result<Queued<T>>) -> Result<T> {
+    queued?
+        .await
+        .map_err(|_| StoreError::Invalid("the database write failed (it was rolled back)".into()))?
 }
 
 /// The state every clone of a [`Store`] shares.
@@ -489,14 +533,16 @@ impl Store {
         .map_err(|e| StoreError::Invalid(format!("opening the database: {e}")))??;
         let (tx, rx) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
+        let finish = Arc::new(AtomicBool::new(false));
         let checkpoints = if read_only {
             None
         } else {
             let (tx, rx) = mpsc::sync_channel(1);
             let at = path.to_path_buf();
+            let finish = finish.clone();
             let thread = std::thread::Builder::new()
                 .name("ams-store-ckpt".into())
-                .spawn(move || checkpointer(at, rx))
+                .spawn(move || checkpointer(at, rx, finish))
                 .map_err(|e| {
                     StoreError::Invalid(format!("cannot start the database checkpointer: {e}"))
                 })?;
@@ -509,6 +555,7 @@ impl Store {
             group: None,
             commits: commits.clone(),
             checkpoints,
+            finish,
         };
         std::thread::Builder::new()
             .name("ams-store-writer".into())
@@ -630,6 +677,36 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        answer(self.enqueue(grouped, f)).await
+    }
+
+    /// Runs `f` as [`Store::write`] does, but puts it in the writer's queue now, before the
+    /// returned future is first polled: writes a caller queues later come after it. For a
+    /// caller that must not wait for the commit (the host's loop) but keeps the order of its
+    /// writes. The generation rises when the future ends, so await it (or spawn it).
+    pub(crate) fn write_queued<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let queued = self.enqueue(true, f);
+        let store = self.clone();
+        async move {
+            let _touch = store.touch();
+            answer(queued).await
+        }
+    }
+
+    /// Hands a job to the writer thread; its answer comes on the returned receiver after
+    /// the commit.
+    fn enqueue<T, F>(&self, grouped: bool, f: F) -> Result<Queued<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (reply, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let r = conn.and_then(f);
@@ -653,9 +730,7 @@ impl Store {
         sender
             .send(Msg::Write { grouped, job })
             .map_err(|_| StoreError::closed())?;
-        answered.await.map_err(|_| {
-            StoreError::Invalid("the database write failed (it was rolled back)".into())
-        })?
+        Ok(answered)
     }
 
     /// Whether the database answers a trivial query.

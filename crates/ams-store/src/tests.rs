@@ -1014,3 +1014,27 @@ async fn a_log_grown_past_its_limit_is_truncated_by_the_checkpointer() {
     }
     s.close().await;
 }
+
+/// Under steady writes the checkpointer's copy never catches up with the log, so the log only
+/// started over when SQLite's own checkpoint, at 10,000 pages (40 MB), did the whole job inside
+/// a COMMIT. The writer now finishes the checkpointer's copy after a commit once the log passes
+/// 4,096 pages, and the log starts over well before SQLite's threshold.
+#[tokio::test]
+async fn a_log_under_steady_writes_starts_over_before_sqlites_own_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let mut peak = 0;
+    // A steady stream of writes, as a burst of webhooks makes: 1,600 deliveries of 40 KB,
+    // a millisecond apart (the pause shapes the load; nothing waits on it), 64 MB in all.
+    for i in 0..1600 {
+        s.record_delivery(&delivery(i, 40_000)).await.unwrap();
+        peak = peak.max(s.wal_bytes());
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert!(
+        peak < 32 << 20,
+        "the log's file reached {peak} bytes: it did not start over before SQLite's own \
+         checkpoint at 40 MB"
+    );
+    s.close().await;
+}

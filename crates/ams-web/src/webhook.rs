@@ -19,6 +19,7 @@ use ams_core::webhooks::{decide, Decision, Sender, WebhookFields, WebhooksConfig
 use ams_host::error::HostError;
 use ams_host::host::{build_requests, WebhookOutcome};
 use ams_host::metrics::DeliveryVerdict;
+use ams_host::settings::ProjectWebhooks;
 use ams_host::{timefmt, HostHandle};
 use ams_store::NewDelivery;
 use axum::body::Body;
@@ -167,13 +168,14 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Loads a project's webhook configuration; `None` when the project or file does not exist
-/// or is broken (logged), and the caller must not tell which.
-fn load(host: &HostHandle, project: &str) -> Option<(WebhooksConfig, Option<WebhookFields>)> {
-    if validate_project_name(project).is_err() || !ams_host::project::exists(&host.data, project) {
+/// A project's webhook configuration; `None` when the project or file does not exist or is
+/// broken (logged), and the caller must not tell which. Cached by the files' stamps: a
+/// delivery costs two `stat`s here, not a read and a parse.
+fn load(host: &HostHandle, project: &str) -> Option<Arc<ProjectWebhooks>> {
+    if validate_project_name(project).is_err() {
         return None;
     }
-    match ams_host::project::webhooks(&host.data.project(project)) {
+    match host.webhooks(project) {
         Ok(x) => Some(x),
         Err(e) => {
             if !e.ends_with(ams_host::project::NO_WEBHOOKS) {
@@ -247,9 +249,10 @@ async fn receive(
             refuse_unread(StatusCode::NOT_FOUND, "unknown webhook"),
         )
     };
-    let Some((cfg, fields)) = load(&st.host, project) else {
+    let Some(loaded) = load(&st.host, project) else {
         return unknown();
     };
+    let (cfg, fields) = &*loaded;
     let Some(hook) = cfg.in_webhook(name) else {
         return unknown();
     };
