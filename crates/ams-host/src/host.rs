@@ -1386,11 +1386,14 @@ impl Host {
         }
         // The loop does not wait for this commit: it goes on to the next deliveries, whose
         // write comes after this one in the writer's queue (often in the same transaction).
+        // Live views hear of the change once it is in the database, where they read it.
         let recorded = self.store.skip_builds(&skipped, timefmt::now());
+        let changes = self.changes.clone();
         self.workers.spawn(async move {
             if let Err(e) = recorded.await {
                 tracing::error!("cannot record superseded builds: {e}");
             }
+            let _ = changes.send(());
         });
         for (id, _) in skipped {
             if let Some(b) = self.live.remove(&id) {

@@ -33,12 +33,39 @@ pub struct QueueSettings {
     pub labels: Vec<String>,
 }
 
-type Stamp = Option<(u64, u64, i64, i64)>;
+/// A file's identity and change times: device, inode, size, modification and change time.
+/// The change time catches a repair that only touches the mode or owner.
+type Stamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
 
-fn stamp(p: &Path) -> Stamp {
-    std::fs::symlink_metadata(p)
-        .ok()
-        .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+/// A value read from a file modified this recently is not kept: on a filesystem whose clock
+/// ticks coarsely, a rewrite of the same size within the same tick would keep the stamp.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The stamp of `p`, following links (the private config files are read through them), and
+/// whether it is too recent to trust (see [`RACY`]).
+fn stamp(p: &Path) -> (Stamp, bool) {
+    match std::fs::metadata(p) {
+        Ok(m) => {
+            let racy = m.modified().map_or(true, |t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .map_or(true, |age| age < RACY)
+            });
+            (
+                Some((
+                    m.dev(),
+                    m.ino(),
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )),
+                racy,
+            )
+        }
+        Err(_) => (None, false),
+    }
 }
 
 /// A value and the stamps of the files it was read from.
@@ -46,7 +73,6 @@ type Kept<T, const N: usize> = ([Stamp; N], Arc<T>);
 
 /// Values read from `N` files of each project, kept while none of the files' stamps changes.
 /// A read that fails is not kept: it is tried again, and its error given again, next time.
-#[derive(Debug)]
 struct ByStamps<T, const N: usize> {
     map: Mutex<HashMap<String, Kept<T, N>>>,
 }
@@ -68,7 +94,9 @@ impl<T, const N: usize> ByStamps<T, N> {
         files: [PathBuf; N],
         read: impl FnOnce() -> Result<T, String>,
     ) -> Result<Arc<T>, String> {
-        let stamps = files.map(|p| stamp(&p));
+        let taken = files.map(|p| stamp(&p));
+        let racy = taken.iter().any(|(_, racy)| *racy);
+        let stamps = taken.map(|(s, _)| s);
         if let Some((s, v)) = self
             .map
             .lock()
@@ -80,10 +108,12 @@ impl<T, const N: usize> ByStamps<T, N> {
             }
         }
         let v = Arc::new(read()?);
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(project.to_string(), (stamps, v.clone()));
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if racy {
+            map.remove(project);
+        } else {
+            map.insert(project.to_string(), (stamps, v.clone()));
+        }
         Ok(v)
     }
 }
@@ -92,10 +122,17 @@ impl<T, const N: usize> ByStamps<T, N> {
 pub type ProjectWebhooks = (WebhooksConfig, Option<WebhookFields>);
 
 /// The caches; cheap to share.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SettingsCache {
     queue: ByStamps<QueueSettings, 2>,
     webhooks: ByStamps<ProjectWebhooks, 2>,
+}
+
+/// Says nothing of what is kept: the webhook configurations hold secrets.
+impl std::fmt::Debug for SettingsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SettingsCache").finish_non_exhaustive()
+    }
 }
 
 impl SettingsCache {
@@ -131,15 +168,25 @@ impl SettingsCache {
         })
     }
 
-    /// The webhook configuration of `project` (see [`project::webhooks`] for the errors),
-    /// read again only when one of its two files changed. The caller checked the name.
+    /// The webhook configuration of `project` (see [`project::webhooks`] for the errors; a
+    /// project that does not exist, or a name that cannot be one, answers as a project without
+    /// webhooks does), read again only when one of its two files changed.
     pub fn webhooks(&self, data: &DataDir, name: &str) -> Result<Arc<ProjectWebhooks>, String> {
+        let none = || format!("{name}: {}", project::NO_WEBHOOKS);
+        if ams_core::names::validate_project_name(name).is_err() {
+            return Err(none());
+        }
         let pd = data.project(name);
         let files = [
             pd.config().join(WebhooksConfig::FILE),
             pd.config().join(WebhookFields::FILE),
         ];
-        self.webhooks.get(name, files, || project::webhooks(&pd))
+        self.webhooks.get(name, files, || {
+            if !project::exists(data, name) {
+                return Err(none());
+            }
+            project::webhooks(&pd)
+        })
     }
 }
 
@@ -147,11 +194,28 @@ impl SettingsCache {
 mod tests {
     use super::*;
 
+    /// Moves a file's modification time a minute back, past the [`RACY`] window.
+    fn age(p: &Path) {
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
     #[test]
     fn settings_follow_the_files() {
         let t = tempfile::tempdir().unwrap();
         let data = DataDir::new(t.path());
         let pd = project::init(&data, "p").unwrap();
+        let (pipeline_file, config_file) = (
+            pd.master_source().join("pipeline.json"),
+            pd.config().join(PrivateConfig::FILE),
+        );
+        age(&pipeline_file);
+        age(&config_file);
         let cache = SettingsCache::default();
         let first = cache.get(&data, "p").unwrap();
         assert!(!first.only_latest);
@@ -160,20 +224,20 @@ mod tests {
             "cached"
         );
         std::fs::write(
-            pd.master_source().join("pipeline.json"),
+            &pipeline_file,
             r#"{"build-name-format": "{project}-{build_index}",
                 "docker": {"image": "i", "project-dest": "/p", "build-output-dest": "/o"},
                 "pipeline": [{"name": "s", "commands": ["true"]}]}"#,
         )
         .unwrap();
-        std::fs::write(
-            pd.config().join(PrivateConfig::FILE),
-            r#"{"only-build-latest": true}"#,
-        )
-        .unwrap();
+        std::fs::write(&config_file, r#"{"only-build-latest": true}"#).unwrap();
         let second = cache.get(&data, "p").unwrap();
         assert_eq!(second.name_format, "{project}-{build_index}");
         assert!(second.only_latest);
+        assert!(
+            !Arc::ptr_eq(&second, &cache.get(&data, "p").unwrap()),
+            "files written just now are read again"
+        );
         assert!(cache.get(&data, "nope").unwrap_err().contains("no project"));
     }
 
@@ -191,17 +255,26 @@ mod tests {
         };
         assert!(cache.webhooks(&data, "p").unwrap().0.in_webhooks.is_empty());
         std::fs::write(&file, hook("one")).unwrap();
+        age(&file);
         let first = cache.webhooks(&data, "p").unwrap();
         assert!(first.0.in_webhook("one").is_some());
         assert!(
             Arc::ptr_eq(&first, &cache.webhooks(&data, "p").unwrap()),
             "kept while the files stay the same"
         );
-        // A new file (new inode), then a broken one: its error every time, until it is mended.
-        std::fs::write(t.path().join("next"), hook("two")).unwrap();
-        std::fs::rename(t.path().join("next"), &file).unwrap();
+        // Rewritten in place with the same size: the modification time tells.
+        std::fs::write(&file, hook("two")).unwrap();
         let second = cache.webhooks(&data, "p").unwrap();
         assert!(second.0.in_webhook("two").is_some() && second.0.in_webhook("one").is_none());
+        // A new file (new inode), then a broken one: its error every time, until it is mended.
+        std::fs::write(t.path().join("next"), hook("six")).unwrap();
+        std::fs::rename(t.path().join("next"), &file).unwrap();
+        assert!(cache
+            .webhooks(&data, "p")
+            .unwrap()
+            .0
+            .in_webhook("six")
+            .is_some());
         std::fs::write(&file, "{ not json").unwrap();
         for _ in 0..2 {
             let e = cache.webhooks(&data, "p").unwrap_err();
@@ -214,6 +287,26 @@ mod tests {
             .0
             .in_webhook("three")
             .is_some());
+        // Through a link: an edit of the file it points to is seen, although the link is not
+        // touched.
+        let target = t.path().join("hooks.json");
+        std::fs::write(&target, hook("four")).unwrap();
+        age(&target);
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&target, &file).unwrap();
+        assert!(cache
+            .webhooks(&data, "p")
+            .unwrap()
+            .0
+            .in_webhook("four")
+            .is_some());
+        std::fs::write(&target, hook("five")).unwrap();
+        assert!(cache
+            .webhooks(&data, "p")
+            .unwrap()
+            .0
+            .in_webhook("five")
+            .is_some());
         // webhook_fields.json is the second file watched.
         std::fs::write(pd.config().join(WebhookFields::FILE), "{}").unwrap();
         let with_fields = cache.webhooks(&data, "p").unwrap();
@@ -223,6 +316,15 @@ mod tests {
         assert!(
             gone.ends_with(project::NO_WEBHOOKS),
             "not served from memory: {gone}"
+        );
+        // No project, or a name that cannot be one: the same answer as no webhooks.
+        for name in ["nope", "../p"] {
+            let e = cache.webhooks(&data, name).unwrap_err();
+            assert!(e.ends_with(project::NO_WEBHOOKS), "{e}");
+        }
+        assert!(
+            !format!("{cache:?}").contains("\"s\""),
+            "the cache's Debug shows no secret"
         );
     }
 }

@@ -140,6 +140,8 @@ struct Writer {
     checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
     /// Raised by [`checkpointer`] when the writer should finish its checkpoint.
     finish: Arc<AtomicBool>,
+    /// The last finishing checkpoint failed (logged once until one succeeds).
+    finish_failing: bool,
 }
 
 /// The write-ahead log's file beside the database `db` (`ams.db-wal`).
@@ -153,15 +155,27 @@ fn wal_path(db: &Path) -> PathBuf {
 /// it (the `journal_size_limit` it is cut back to on a restart).
 const WAL_TRUNCATE_BYTES: u64 = 64 << 20;
 
-/// How often [`checkpointer`] copies the write-ahead log back while commits go on.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// When [`checkpointer`] runs and when it asks the writer to finish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Checkpoints {
+    /// How often it copies the write-ahead log back while commits go on (100 ms).
+    pub every: Duration,
+    /// Past this many pages in the log, the writer finishes a checkpoint itself after the
+    /// checkpointer did most of it (see [`Writer::finish_checkpoint`]; 4,096 pages, 16 MiB).
+    pub restart_frames: i64,
+}
 
-/// Past this many pages in the write-ahead log, the writer finishes a checkpoint itself after
-/// [`checkpointer`] did most of it (see [`Writer::finish_checkpoint`]).
-const RESTART_FRAMES: i64 = 4096;
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Checkpoints {
+            every: Duration::from_millis(100),
+            restart_frames: 4096,
+        }
+    }
+}
 
 /// Copies the write-ahead log back into the database from a connection of its own, at most
-/// every [`CHECKPOINT_EVERY`] while the writer commits and once after its last commit; ends
+/// every [`Checkpoints::every`] while the writer commits and once after its last commit; ends
 /// when the writer drops its sender. SQLite's own checkpoint runs inside the COMMIT that
 /// crosses its threshold, and so held up every write waiting behind it (the p99 of a webhook
 /// burst); here it runs beside the writer, which SQLite's write-ahead log allows.
@@ -170,22 +184,23 @@ const RESTART_FRAMES: i64 = 4096;
 /// it runs. The log only starts over from its beginning after a checkpoint that left no page
 /// behind, so it grew until the writer's own checkpoint (SQLite's, at 10,000 pages) did the
 /// whole job, writing back and syncing 40 MB inside one COMMIT (10 to 17 ms). So when a run
-/// here leaves more than [`RESTART_FRAMES`] pages in the log, it raises `finish`, and the
-/// writer, after its next commit, checkpoints the few pages added since: a short sync, after
-/// which its next transaction starts the log over. SQLite's checkpoint stays as a backstop.
-fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>, finish: Arc<AtomicBool>) {
+/// here finds more than [`Checkpoints::restart_frames`] pages in the log, it raises `finish`,
+/// and the writer, after its next commit, checkpoints the pages added since (two syncs of a
+/// fraction of the log), after which its next transaction starts the log over. SQLite's
+/// checkpoint stays as a backstop.
+fn checkpointer(path: PathBuf, rx: mpsc::Receiver<()>, finish: Arc<AtomicBool>, tune: Checkpoints) {
     let mut conn: Option<Opened> = None;
     let mut last: Option<Instant> = None;
     let mut failing = false;
     let wal = wal_path(&path);
     while rx.recv().is_ok() {
-        if let Some(wait) = last.and_then(|t| CHECKPOINT_EVERY.checked_sub(t.elapsed())) {
+        if let Some(wait) = last.and_then(|t| tune.every.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
         }
         while rx.try_recv().is_ok() {}
         let done = connection(&mut conn, &path, false).and_then(|c| {
             let log: i64 = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
-            if log > RESTART_FRAMES {
+            if log > tune.restart_frames {
                 finish.store(true, Ordering::Relaxed);
             }
             // Readers that never let the log restart make it grow; past the limit it is
@@ -326,24 +341,35 @@ impl Writer {
         }
     }
 
-    /// Commits the group's transaction, if one is open, and answers its jobs.
     /// Copies the pages [`checkpointer`] left in the log (asked through `finish`), after the
-    /// answers of a commit went out: nothing is added meanwhile, so the log is then copied
-    /// whole and the next transaction starts it over.
+    /// answers of a commit went out: nothing is added meanwhile, so unless a reader is mid-read
+    /// or the checkpointer itself runs (SQLite then answers "busy" at once, without waiting,
+    /// and the checkpointer asks again after its next run), the log is copied whole and the
+    /// next transaction starts it over. Its two syncs hold up the writes queued meanwhile.
     fn finish_checkpoint(&mut self) {
         if !self.finish.swap(false, Ordering::Relaxed) {
             return;
         }
-        if let Some(o) = &self.conn {
-            if let Err(e) = o
-                .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            {
-                tracing::warn!("a checkpoint of the write-ahead log failed: {e}");
+        let Some(o) = &self.conn else {
+            return;
+        };
+        match o
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(StoreError::from)
+        {
+            Ok(()) => self.finish_failing = false,
+            Err(e) => {
+                if !self.finish_failing {
+                    tracing::warn!("a checkpoint of the write-ahead log failed: {e}");
+                }
+                self.finish_failing = true;
+                self.check();
             }
         }
     }
 
+    /// Commits the group's transaction, if one is open, and answers its jobs.
     fn commit(&mut self) {
         let Some(answers) = self.group.take() else {
             return;
@@ -508,6 +534,16 @@ impl Store {
 
     /// [`Store::open`] with at most `readers` reader connections, read-only if asked (tests).
     pub(crate) async fn open_with(path: &Path, readers: usize, read_only: bool) -> Result<Store> {
+        Store::open_tuned(path, readers, read_only, Checkpoints::default()).await
+    }
+
+    /// [`Store::open_with`] with the checkpointer's timing given (tests).
+    pub(crate) async fn open_tuned(
+        path: &Path,
+        readers: usize,
+        read_only: bool,
+        tune: Checkpoints,
+    ) -> Result<Store> {
         // Created by us with mode 0600 first: SQLite gives its WAL and SHM files the database
         // file's mode, so none of the three is ever readable by other users.
         {
@@ -542,7 +578,7 @@ impl Store {
             let finish = finish.clone();
             let thread = std::thread::Builder::new()
                 .name("ams-store-ckpt".into())
-                .spawn(move || checkpointer(at, rx, finish))
+                .spawn(move || checkpointer(at, rx, finish, tune))
                 .map_err(|e| {
                     StoreError::Invalid(format!("cannot start the database checkpointer: {e}"))
                 })?;
@@ -556,6 +592,7 @@ impl Store {
             commits: commits.clone(),
             checkpoints,
             finish,
+            finish_failing: false,
         };
         std::thread::Builder::new()
             .name("ams-store-writer".into())
@@ -677,13 +714,14 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        answer(self.enqueue(grouped, f)).await
+        answer(self.enqueue(grouped, false, f)).await
     }
 
     /// Runs `f` as [`Store::write`] does, but puts it in the writer's queue now, before the
     /// returned future is first polled: writes a caller queues later come after it. For a
     /// caller that must not wait for the commit (the host's loop) but keeps the order of its
-    /// writes. The generation rises when the future ends, so await it (or spawn it).
+    /// writes. The write is done whether or not the future is awaited; the generation rises
+    /// on the writer thread once its group's COMMIT is through.
     pub(crate) fn write_queued<T, F>(
         &self,
         f: F,
@@ -692,27 +730,26 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let queued = self.enqueue(true, f);
-        let store = self.clone();
-        async move {
-            let _touch = store.touch();
-            answer(queued).await
-        }
+        answer(self.enqueue(true, true, f))
     }
 
     /// Hands a job to the writer thread; its answer comes on the returned receiver after
-    /// the commit.
-    fn enqueue<T, F>(&self, grouped: bool, f: F) -> Result<Queued<T>>
+    /// the commit. With `touch`, the generation rises then too, before the answer.
+    fn enqueue<T, F>(&self, grouped: bool, touch: bool, f: F) -> Result<Queued<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (reply, answered) = tokio::sync::oneshot::channel();
+        let shared = touch.then(|| self.shared.clone());
         let job: Job = Box::new(move |conn| {
             let r = conn.and_then(f);
             Done {
                 failed: r.as_ref().err().map(StoreError::copy),
                 answer: Box::new(move |ended| {
+                    if let Some(s) = shared {
+                        s.generation.fetch_add(1, Ordering::SeqCst);
+                    }
                     let _ = reply.send(match ended {
                         None => r,
                         Some(e) => Err(e),
