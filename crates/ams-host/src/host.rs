@@ -371,7 +371,8 @@ impl HostHandle {
     }
 
     /// A project's webhook configuration, read again only when its files changed (see
-    /// [`SettingsCache::webhooks`]). The caller checked the project's name.
+    /// [`SettingsCache::webhooks`]). A name that cannot be a project answers as a project
+    /// without webhooks does.
     pub fn webhooks(&self, project: &str) -> Result<Arc<crate::settings::ProjectWebhooks>, String> {
         self.settings.webhooks(&self.data, project)
     }

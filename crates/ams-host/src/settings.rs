@@ -1,7 +1,8 @@
 //! What the host loop needs of a project to queue its builds — the build-name format from
 //! master's pipeline.json and `only-build-latest` from the private config — read and parsed
 //! outside the loop, by the client that sends the command, and cached by the files' stamps
-//! (inode, size, modification time), so a request costs two `stat`s when nothing changed.
+//! (device, inode, size, modification and change times), so a request costs two `stat`s
+//! when nothing changed.
 //! A project's webhook configuration is cached the same way for the webhook listener, which
 //! otherwise read and parsed it for every delivery.
 
@@ -37,20 +38,30 @@ pub struct QueueSettings {
 /// The change time catches a repair that only touches the mode or owner.
 type Stamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
 
-/// A value read from a file modified this recently is not kept: on a filesystem whose clock
-/// ticks coarsely, a rewrite of the same size within the same tick would keep the stamp.
+/// A value read from a file modified or changed this recently is not kept: on a filesystem
+/// whose clock ticks coarsely, a rewrite of the same size within the same tick would keep the
+/// stamp. The change time counts too, since a copy may set the modification time back.
 const RACY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The stamp of `p`, following links (the private config files are read through them), and
-/// whether it is too recent to trust (see [`RACY`]).
-fn stamp(p: &Path) -> (Stamp, bool) {
-    match std::fs::metadata(p) {
+/// The stamp of `p` and whether it is too recent to trust (see [`ByStamps::racy`]). `follow`:
+/// through a link, as the private config files are read; without it, the link itself, for a
+/// file of the checkout, which is never read through one (and whose links a pusher chooses).
+fn stamp(p: &Path, follow: bool, racy: std::time::Duration) -> (Stamp, bool) {
+    let m = if follow {
+        std::fs::metadata(p)
+    } else {
+        std::fs::symlink_metadata(p)
+    };
+    match m {
         Ok(m) => {
-            let racy = m.modified().map_or(true, |t| {
-                std::time::SystemTime::now()
-                    .duration_since(t)
-                    .map_or(true, |age| age < RACY)
-            });
+            let now = std::time::SystemTime::now();
+            let changed = std::time::UNIX_EPOCH
+                + std::time::Duration::new(
+                    u64::try_from(m.ctime()).unwrap_or(0),
+                    u32::try_from(m.ctime_nsec()).unwrap_or(0),
+                );
+            let latest = m.modified().map_or(changed, |t| t.max(changed));
+            let recent = now.duration_since(latest).map_or(true, |age| age < racy);
             (
                 Some((
                     m.dev(),
@@ -61,7 +72,7 @@ fn stamp(p: &Path) -> (Stamp, bool) {
                     m.ctime(),
                     m.ctime_nsec(),
                 )),
-                racy,
+                recent,
             )
         }
         Err(_) => (None, false),
@@ -75,26 +86,30 @@ type Kept<T, const N: usize> = ([Stamp; N], Arc<T>);
 /// A read that fails is not kept: it is tried again, and its error given again, next time.
 struct ByStamps<T, const N: usize> {
     map: Mutex<HashMap<String, Kept<T, N>>>,
+    /// [`RACY`], shorter in tests.
+    racy: std::time::Duration,
 }
 
 impl<T, const N: usize> Default for ByStamps<T, N> {
     fn default() -> Self {
         ByStamps {
             map: Mutex::default(),
+            racy: RACY,
         }
     }
 }
 
 impl<T, const N: usize> ByStamps<T, N> {
-    /// The value for `project`, read by `read` when a file in `files` changed since it was
-    /// kept. The stamps are taken before the read, so a file changed during it is read again.
+    /// The value for `project`, read by `read` when a file in `files` (each with whether it is
+    /// read through a link) changed since it was kept. The stamps are taken before the read,
+    /// so a file changed during it is read again.
     fn get(
         &self,
         project: &str,
-        files: [PathBuf; N],
+        files: [(PathBuf, bool); N],
         read: impl FnOnce() -> Result<T, String>,
     ) -> Result<Arc<T>, String> {
-        let taken = files.map(|p| stamp(&p));
+        let taken = files.map(|(p, follow)| stamp(&p, follow, self.racy));
         let racy = taken.iter().any(|(_, racy)| *racy);
         let stamps = taken.map(|(s, _)| s);
         if let Some((s, v)) = self
@@ -136,6 +151,15 @@ impl std::fmt::Debug for SettingsCache {
 }
 
 impl SettingsCache {
+    /// A cache that trusts stamps however recent (tests of the stamps themselves).
+    #[cfg(test)]
+    fn trusting() -> SettingsCache {
+        let mut c = SettingsCache::default();
+        c.queue.racy = std::time::Duration::ZERO;
+        c.webhooks.racy = std::time::Duration::ZERO;
+        c
+    }
+
     /// The settings of `project`, or why it cannot take builds. Small file-system work (three
     /// `stat`s, and a read of the two files when one changed): never from the host loop.
     pub fn get(&self, data: &DataDir, name: &str) -> Result<Arc<QueueSettings>, String> {
@@ -144,8 +168,8 @@ impl SettingsCache {
         }
         let pd = data.project(name);
         let files = [
-            pd.master_source().join("pipeline.json"),
-            pd.config().join(PrivateConfig::FILE),
+            (pd.master_source().join("pipeline.json"), false),
+            (pd.config().join(PrivateConfig::FILE), true),
         ];
         self.queue.get(name, files, || {
             let parsed =
@@ -178,8 +202,8 @@ impl SettingsCache {
         }
         let pd = data.project(name);
         let files = [
-            pd.config().join(WebhooksConfig::FILE),
-            pd.config().join(WebhookFields::FILE),
+            (pd.config().join(WebhooksConfig::FILE), true),
+            (pd.config().join(WebhookFields::FILE), true),
         ];
         self.webhooks.get(name, files, || {
             if !project::exists(data, name) {
@@ -194,17 +218,6 @@ impl SettingsCache {
 mod tests {
     use super::*;
 
-    /// Moves a file's modification time a minute back, past the [`RACY`] window.
-    fn age(p: &Path) {
-        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_modified(then)
-            .unwrap();
-    }
-
     #[test]
     fn settings_follow_the_files() {
         let t = tempfile::tempdir().unwrap();
@@ -214,9 +227,7 @@ mod tests {
             pd.master_source().join("pipeline.json"),
             pd.config().join(PrivateConfig::FILE),
         );
-        age(&pipeline_file);
-        age(&config_file);
-        let cache = SettingsCache::default();
+        let cache = SettingsCache::trusting();
         let first = cache.get(&data, "p").unwrap();
         assert!(!first.only_latest);
         assert!(
@@ -234,11 +245,27 @@ mod tests {
         let second = cache.get(&data, "p").unwrap();
         assert_eq!(second.name_format, "{project}-{build_index}");
         assert!(second.only_latest);
-        assert!(
-            !Arc::ptr_eq(&second, &cache.get(&data, "p").unwrap()),
-            "files written just now are read again"
-        );
         assert!(cache.get(&data, "nope").unwrap_err().contains("no project"));
+    }
+
+    #[test]
+    fn values_read_from_files_changed_just_now_are_not_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path());
+        project::init(&data, "p").unwrap();
+        let cache = SettingsCache::default();
+        for _ in 0..2 {
+            let (a, b) = (
+                cache.get(&data, "p").unwrap(),
+                cache.get(&data, "p").unwrap(),
+            );
+            assert!(!Arc::ptr_eq(&a, &b), "settings read again");
+            let (a, b) = (
+                cache.webhooks(&data, "p").unwrap(),
+                cache.webhooks(&data, "p").unwrap(),
+            );
+            assert!(!Arc::ptr_eq(&a, &b), "webhooks read again");
+        }
     }
 
     #[test]
@@ -246,71 +273,55 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let data = DataDir::new(t.path());
         let pd = project::init(&data, "p").unwrap();
-        let cache = SettingsCache::default();
+        let cache = SettingsCache::trusting();
         let file = pd.config().join(WebhooksConfig::FILE);
         let hook = |name: &str| {
             format!(
                 r#"{{"in-webhooks": [{{"name": "{name}", "secret": "s", "authorized-actors": ["a"]}}]}}"#
             )
         };
+        let kept = |name: &str| {
+            let a = cache.webhooks(&data, "p").unwrap();
+            assert!(a.0.in_webhook(name).is_some(), "{name} expected");
+            assert!(
+                Arc::ptr_eq(&a, &cache.webhooks(&data, "p").unwrap()),
+                "{name} kept"
+            );
+            a
+        };
         assert!(cache.webhooks(&data, "p").unwrap().0.in_webhooks.is_empty());
         std::fs::write(&file, hook("one")).unwrap();
-        age(&file);
-        let first = cache.webhooks(&data, "p").unwrap();
-        assert!(first.0.in_webhook("one").is_some());
+        kept("one");
         assert!(
-            Arc::ptr_eq(&first, &cache.webhooks(&data, "p").unwrap()),
-            "kept while the files stay the same"
+            !format!("{cache:?}").contains("\"s\""),
+            "the cache's Debug shows no secret"
         );
         // Rewritten in place with the same size: the modification time tells.
         std::fs::write(&file, hook("two")).unwrap();
-        let second = cache.webhooks(&data, "p").unwrap();
-        assert!(second.0.in_webhook("two").is_some() && second.0.in_webhook("one").is_none());
+        assert!(kept("two").0.in_webhook("one").is_none());
         // A new file (new inode), then a broken one: its error every time, until it is mended.
         std::fs::write(t.path().join("next"), hook("six")).unwrap();
         std::fs::rename(t.path().join("next"), &file).unwrap();
-        assert!(cache
-            .webhooks(&data, "p")
-            .unwrap()
-            .0
-            .in_webhook("six")
-            .is_some());
+        kept("six");
         std::fs::write(&file, "{ not json").unwrap();
         for _ in 0..2 {
             let e = cache.webhooks(&data, "p").unwrap_err();
             assert!(e.contains(WebhooksConfig::FILE), "{e}");
         }
         std::fs::write(&file, hook("three")).unwrap();
-        assert!(cache
-            .webhooks(&data, "p")
-            .unwrap()
-            .0
-            .in_webhook("three")
-            .is_some());
+        kept("three");
         // Through a link: an edit of the file it points to is seen, although the link is not
         // touched.
         let target = t.path().join("hooks.json");
         std::fs::write(&target, hook("four")).unwrap();
-        age(&target);
         std::fs::remove_file(&file).unwrap();
         std::os::unix::fs::symlink(&target, &file).unwrap();
-        assert!(cache
-            .webhooks(&data, "p")
-            .unwrap()
-            .0
-            .in_webhook("four")
-            .is_some());
+        kept("four");
         std::fs::write(&target, hook("five")).unwrap();
-        assert!(cache
-            .webhooks(&data, "p")
-            .unwrap()
-            .0
-            .in_webhook("five")
-            .is_some());
+        kept("five");
         // webhook_fields.json is the second file watched.
         std::fs::write(pd.config().join(WebhookFields::FILE), "{}").unwrap();
-        let with_fields = cache.webhooks(&data, "p").unwrap();
-        assert!(with_fields.1.is_some());
+        assert!(cache.webhooks(&data, "p").unwrap().1.is_some());
         std::fs::remove_file(&file).unwrap();
         let gone = cache.webhooks(&data, "p").unwrap_err();
         assert!(
@@ -322,9 +333,23 @@ mod tests {
             let e = cache.webhooks(&data, name).unwrap_err();
             assert!(e.ends_with(project::NO_WEBHOOKS), "{e}");
         }
-        assert!(
-            !format!("{cache:?}").contains("\"s\""),
-            "the cache's Debug shows no secret"
-        );
+    }
+
+    #[test]
+    fn a_linked_pipeline_json_is_stamped_as_the_link() {
+        // pipeline.json is never read through a link, so its stamp must not leave the
+        // checkout: an edit of what the link names is not a change.
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path());
+        let pd = project::init(&data, "p").unwrap();
+        let elsewhere = t.path().join("elsewhere.json");
+        std::fs::write(&elsewhere, "{}").unwrap();
+        let file = pd.master_source().join("pipeline.json");
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+        let cache = SettingsCache::trusting();
+        let first = cache.get(&data, "p").unwrap();
+        std::fs::write(&elsewhere, "{\"changed\": true}").unwrap();
+        assert!(Arc::ptr_eq(&first, &cache.get(&data, "p").unwrap()));
     }
 }

@@ -1018,24 +1018,28 @@ async fn a_log_grown_past_its_limit_is_truncated_by_the_checkpointer() {
 /// Under steady writes the checkpointer's copy never catches up with the log, so the log only
 /// started over when SQLite's own checkpoint, at 10,000 pages (40 MB), did the whole job inside
 /// a COMMIT. The writer now finishes the checkpointer's copy after a commit once the log has
-/// passed a threshold (4,096 pages; 256 here, so that the checkpointer's run 100 ms in asks
-/// for it), and the log starts over long before SQLite's own. (A checkpointer run every 20 ms
-/// would make the test pass without the feature: such small copies can finish between two
-/// commits.)
-#[tokio::test]
+/// passed a threshold (4,096 pages with a run every 100 ms; here 256 pages every 20 ms, so that
+/// a fast disk cannot fill 40 MB before the checkpointer asks), and the log starts over long
+/// before SQLite's own. Without the writer's part the log reaches 41 MB first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_under_steady_writes_starts_over_before_sqlites_own_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ams.db");
     let tune = crate::conn::Checkpoints {
+        every: std::time::Duration::from_millis(20),
         restart_frames: 256,
-        ..Default::default()
     };
     let s = Store::open_tuned(&path, 4, false, tune).await.unwrap();
     // The log's header counts its restarts ("checkpoint sequence", bytes 12 to 15); a restart
     // shows there once the next page is written.
     let wal = dir.path().join("ams.db-wal");
     let restarts = || {
-        let b = std::fs::read(&wal).unwrap();
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        std::fs::File::open(&wal)
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
         u32::from_be_bytes([b[12], b[13], b[14], b[15]])
     };
     s.record_delivery(&delivery(0, 160_000)).await.unwrap();
@@ -1058,7 +1062,9 @@ async fn a_log_under_steady_writes_starts_over_before_sqlites_own_checkpoint() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let started_over = loop {
         if restarts() != before {
-            break true;
+            // SQLite's own restart comes with a file of 10,000 pages or more (it is only cut
+            // back past 64 MiB): a smaller file means the restart came before it.
+            break s.wal_bytes() < 10_000 * 4096;
         }
         // SQLite's own checkpoint restarts the log at 10,000 pages: too late.
         if s.wal_bytes() >= 10_000 * 4096 || std::time::Instant::now() > deadline {
@@ -1074,6 +1080,29 @@ async fn a_log_under_steady_writes_starts_over_before_sqlites_own_checkpoint() {
         started_over,
         "the log grew to {} bytes without starting over",
         s.wal_bytes()
+    );
+    s.close().await;
+}
+
+/// A write queued for later (`write_queued`) is done, and the generation that the response
+/// caches key on rises with its commit, even when nobody awaits it (a host shutting down
+/// drops the future).
+#[tokio::test]
+async fn a_queued_write_commits_and_raises_the_generation_unawaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let b = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let before = s.generation();
+    drop(s.skip_builds(&[(b.id, "superseded".into())], 5.0));
+    // Any later write is answered after the dropped one's commit.
+    s.write(|_| Ok(())).await.unwrap();
+    assert!(s.generation() > before);
+    assert_eq!(
+        s.build_by_id(b.id).await.unwrap().unwrap().status,
+        BuildStatus::Skip
     );
     s.close().await;
 }
