@@ -117,41 +117,166 @@ impl BuildColumns {
     }
 
     pub(crate) fn read(&self, r: &Row) -> rusqlite::Result<BuildRecord> {
+        Ok(self.view(r)?.to_record())
+    }
+
+    /// The row's columns, borrowed from SQLite for as long as the row is current.
+    pub(crate) fn view<'r>(&self, r: &'r Row) -> rusqlite::Result<RawBuild<'r>> {
         let c = &self.0;
-        let status: String = r.get(c[7])?;
-        let stages: String = r.get(c[22])?;
-        let params: Option<String> = r.get(c[24])?;
-        let tests: Option<String> = r.get(c[25])?;
-        Ok(BuildRecord {
-            id: r.get(c[0])?,
-            project: r.get(c[1])?,
-            build_index: r.get(c[2])?,
-            name: r.get(c[3])?,
-            hash: r.get(c[4])?,
-            git_hash: r.get(c[5])?,
-            commit_message: r.get(c[6])?,
-            status: BuildStatus::from_str(&status).map_err(|e| bad_column("status", e))?,
-            reason: r.get(c[8])?,
-            trigger: r.get(c[9])?,
-            branch: r.get(c[10])?,
-            commit: r.get(c[11])?,
-            created_by: r.get(c[12])?,
-            created_at: r.get(c[13])?,
-            started_at: r.get(c[14])?,
-            finished_at: r.get(c[15])?,
-            canceled_by: r.get(c[16])?,
-            canceled_at: r.get(c[17])?,
-            archive_name: r.get(c[18])?,
-            archive_hash: r.get(c[19])?,
-            archive_hash_kind: r.get(c[20])?,
-            output_deleted_at: r.get(c[21])?,
-            stages: serde_json::from_str(&stages).unwrap_or_default(),
-            retry_of: r.get(c[23])?,
-            params: params
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default(),
-            tests: tests.and_then(|t| serde_json::from_str(&t).ok()),
+        let text = |i: usize| -> rusqlite::Result<&'r str> { Ok(r.get_ref(c[i])?.as_str()?) };
+        let opt = |i: usize| -> rusqlite::Result<Option<&'r str>> {
+            Ok(r.get_ref(c[i])?.as_str_or_null()?)
+        };
+        let status = text(7)?;
+        Ok(RawBuild {
+            row: BuildRow {
+                id: r.get(c[0])?,
+                project: text(1)?,
+                build_index: r.get(c[2])?,
+                name: text(3)?,
+                hash: text(4)?,
+                git_hash: opt(5)?,
+                commit_message: opt(6)?,
+                status: BuildStatus::from_str(status).map_err(|e| bad_column("status", e))?,
+                reason: opt(8)?,
+                trigger: text(9)?,
+                branch: opt(10)?,
+                commit: opt(11)?,
+                created_by: text(12)?,
+                created_at: r.get(c[13])?,
+                started_at: r.get(c[14])?,
+                finished_at: r.get(c[15])?,
+                canceled_by: opt(16)?,
+                canceled_at: r.get(c[17])?,
+                archive_name: opt(18)?,
+                archive_hash: opt(19)?,
+                archive_hash_kind: opt(20)?,
+                output_deleted_at: r.get(c[21])?,
+                retry_of: r.get(c[23])?,
+            },
+            stages: text(22)?,
+            params: opt(24)?,
+            tests: opt(25)?,
         })
+    }
+}
+
+/// The plain columns of a build, borrowed: from SQLite's row while a page is read
+/// ([`Store::builds_where_fold`]), or from a [`BuildRecord`] ([`BuildRecord::row`]). Its
+/// fields are [`BuildRecord`]'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildRow<'r> {
+    pub id: i64,
+    pub project: &'r str,
+    pub build_index: i64,
+    pub name: &'r str,
+    pub hash: &'r str,
+    pub git_hash: Option<&'r str>,
+    pub commit_message: Option<&'r str>,
+    pub status: BuildStatus,
+    pub reason: Option<&'r str>,
+    pub trigger: &'r str,
+    pub branch: Option<&'r str>,
+    pub commit: Option<&'r str>,
+    pub created_by: &'r str,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub canceled_by: Option<&'r str>,
+    pub canceled_at: Option<f64>,
+    pub archive_name: Option<&'r str>,
+    pub archive_hash: Option<&'r str>,
+    pub archive_hash_kind: Option<&'r str>,
+    pub output_deleted_at: Option<f64>,
+    pub retry_of: Option<i64>,
+}
+
+/// A row of `builds` as SQLite holds it: the plain columns and the JSON columns' text.
+#[derive(Debug, Clone, Copy)]
+pub struct RawBuild<'r> {
+    pub row: BuildRow<'r>,
+    stages: &'r str,
+    params: Option<&'r str>,
+    tests: Option<&'r str>,
+}
+
+impl RawBuild<'_> {
+    /// The stages, parsed (none if the column does not parse).
+    pub fn stages(&self) -> Vec<StageResult> {
+        serde_json::from_str(self.stages).unwrap_or_default()
+    }
+
+    /// The test totals, parsed.
+    pub fn tests(&self) -> Option<ams_core::junit::TestTotals> {
+        self.tests.and_then(|t| serde_json::from_str(t).ok())
+    }
+
+    /// The row, owned.
+    pub fn to_record(&self) -> BuildRecord {
+        let b = &self.row;
+        let own = |s: Option<&str>| s.map(str::to_owned);
+        BuildRecord {
+            id: b.id,
+            project: b.project.to_owned(),
+            build_index: b.build_index,
+            name: b.name.to_owned(),
+            hash: b.hash.to_owned(),
+            git_hash: own(b.git_hash),
+            commit_message: own(b.commit_message),
+            status: b.status,
+            reason: own(b.reason),
+            trigger: b.trigger.to_owned(),
+            branch: own(b.branch),
+            commit: own(b.commit),
+            created_by: b.created_by.to_owned(),
+            created_at: b.created_at,
+            started_at: b.started_at,
+            finished_at: b.finished_at,
+            canceled_by: own(b.canceled_by),
+            canceled_at: b.canceled_at,
+            archive_name: own(b.archive_name),
+            archive_hash: own(b.archive_hash),
+            archive_hash_kind: own(b.archive_hash_kind),
+            output_deleted_at: b.output_deleted_at,
+            stages: self.stages(),
+            retry_of: b.retry_of,
+            params: self
+                .params
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default(),
+            tests: self.tests(),
+        }
+    }
+}
+
+impl BuildRecord {
+    /// Its plain columns, borrowed.
+    pub fn row(&self) -> BuildRow<'_> {
+        BuildRow {
+            id: self.id,
+            project: &self.project,
+            build_index: self.build_index,
+            name: &self.name,
+            hash: &self.hash,
+            git_hash: self.git_hash.as_deref(),
+            commit_message: self.commit_message.as_deref(),
+            status: self.status,
+            reason: self.reason.as_deref(),
+            trigger: &self.trigger,
+            branch: self.branch.as_deref(),
+            commit: self.commit.as_deref(),
+            created_by: &self.created_by,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            canceled_by: self.canceled_by.as_deref(),
+            canceled_at: self.canceled_at,
+            archive_name: self.archive_name.as_deref(),
+            archive_hash: self.archive_hash.as_deref(),
+            archive_hash_kind: self.archive_hash_kind.as_deref(),
+            output_deleted_at: self.output_deleted_at,
+            retry_of: self.retry_of,
+        }
     }
 }
 
@@ -392,14 +517,16 @@ pub(crate) const LATEST_PER_BRANCH: &str = "SELECT * FROM builds WHERE id IN \
      (SELECT MAX(id) FROM builds WHERE project = ? GROUP BY branch) \
      ORDER BY id DESC LIMIT ?";
 
-/// The project's builds whose columns equal the given values, newest first.
-fn filtered(
+/// A page of `project`'s builds whose `filters` columns equal values, newest first, each row
+/// handed to `f` as SQLite holds it.
+fn filtered_fold(
     c: &Connection,
     project: &str,
     filters: &[(String, String)],
     limit: i64,
     offset: i64,
-) -> Result<Vec<BuildRecord>> {
+    mut f: impl FnMut(&RawBuild<'_>),
+) -> Result<()> {
     let sql = filtered_sql(filters)?;
     let mut args: Vec<&dyn ToSql> = vec![&project];
     for (_, v) in filters {
@@ -408,7 +535,13 @@ fn filtered(
     }
     args.push(&limit);
     args.push(&offset);
-    query(c, &sql, &args)
+    let mut st = c.prepare_cached(&sql)?;
+    let columns = BuildColumns::of(&st)?;
+    let mut rows = st.query(args.as_slice())?;
+    while let Some(r) = rows.next()? {
+        f(&columns.view(r)?);
+    }
+    Ok(())
 }
 
 /// A page of a project's builds whose `filters` columns equal values: bound to the project,
@@ -531,6 +664,28 @@ impl Store {
         limit: i64,
         offset: i64,
     ) -> Result<Vec<BuildRecord>> {
+        self.builds_where_fold(project, filters, limit, offset, Vec::new(), |out, b| {
+            out.push(b.to_record())
+        })
+        .await
+    }
+
+    /// [`Store::builds_where`]'s page, handed row by row to `f` while SQLite holds it, with
+    /// `acc`: nothing is copied out of SQLite that `f` does not copy (the API writes its JSON
+    /// straight from the rows).
+    pub async fn builds_where_fold<A, F>(
+        &self,
+        project: &str,
+        filters: &[(&str, &str)],
+        limit: i64,
+        offset: i64,
+        acc: A,
+        mut f: F,
+    ) -> Result<A>
+    where
+        A: Send + 'static,
+        F: FnMut(&mut A, &RawBuild<'_>) + Send + 'static,
+    {
         let project = project.to_owned();
         let filters: Vec<(String, String)> = filters
             .iter()
@@ -538,7 +693,11 @@ impl Store {
             .collect();
         // A page near the start walks few rows; a filter or a far offset may walk them all.
         let short = filters.is_empty() && limit.saturating_add(offset) <= 1000;
-        let job = move |c: &Connection| filtered(c, &project, &filters, limit, offset);
+        let job = move |c: &Connection| {
+            let mut acc = acc;
+            filtered_fold(c, &project, &filters, limit, offset, |b| f(&mut acc, b))?;
+            Ok(acc)
+        };
         if short {
             self.read_now(job).await
         } else {

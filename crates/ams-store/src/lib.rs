@@ -21,7 +21,8 @@ mod users;
 
 pub use backup::{backup, BackupInfo};
 pub use builds::{
-    BuildRecord, Expired, Finish, NewBuild, ProjectInfo, StageResult, BUILD_FILTER_COLUMNS,
+    BuildRecord, BuildRow, Expired, Finish, NewBuild, ProjectInfo, RawBuild, StageResult,
+    BUILD_FILTER_COLUMNS,
 };
 pub use conn::Store;
 pub use deliveries::{Delivery, DeliveryBatchItem, DeliveryOutcome, NewDelivery};

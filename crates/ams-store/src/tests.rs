@@ -1106,3 +1106,91 @@ async fn a_queued_write_commits_and_raises_the_generation_unawaited() {
     );
     s.close().await;
 }
+
+#[tokio::test]
+async fn a_page_read_in_place_holds_what_its_records_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("ams.db")).await.unwrap();
+    let mut plain = nb("p");
+    plain.branch = None;
+    plain.created_by = "bob \"quoted\"\n".into();
+    s.create_build(&plain, |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let b = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    s.mark_running(b.id, 1001.0).await.unwrap();
+    let report = ams_core::junit::TestReport {
+        totals: ams_core::junit::TestTotals {
+            tests: 3,
+            passed: 2,
+            failed: 1,
+            errors: 0,
+            skipped: 0,
+            time_secs: 0.5,
+            files: 1,
+        },
+        ..Default::default()
+    };
+    let fin = Finish {
+        status: Some(BuildStatus::Fail),
+        reason: Some("stage `s` failed".into()),
+        finished_at: 1002.5,
+        git_hash: Some("g".repeat(40)),
+        commit_message: Some("message ü".into()),
+        stages: vec![StageResult {
+            name: "s".into(),
+            exit_code: Some(1),
+            passed: false,
+            started_at: 1001.5,
+            duration_secs: 1.0,
+        }],
+        archive_name: Some("p_2.7z".into()),
+        archive_hash: Some("ab".into()),
+        archive_hash_kind: Some("SHA1".into()),
+        tests: Some(report),
+    };
+    s.finish(b.id, &fin).await.unwrap();
+    s.mark_output_deleted(b.id, 1003.0).await.unwrap();
+    let records = s.builds_where("p", &[], 10, 0).await.unwrap();
+    assert_eq!(records.len(), 2);
+    let done = &records[0];
+    assert_eq!(done.stages, fin.stages);
+    assert_eq!(done.tests.map(|t| t.tests), Some(3));
+    assert_eq!(done.commit_message.as_deref(), Some("message ü"));
+    assert_eq!(done.output_deleted_at, Some(1003.0));
+    assert_eq!(records[1].created_by, "bob \"quoted\"\n");
+    // The rows as SQLite holds them agree, field by field, with the records made from them.
+    let rows = s
+        .builds_where_fold("p", &[], 10, 0, Vec::new(), |v, raw| {
+            v.push((
+                raw.row.project.to_owned(),
+                raw.row.name.to_owned(),
+                raw.stages(),
+                raw.tests(),
+                raw.to_record(),
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for ((project, name, stages, tests, again), r) in rows.iter().zip(&records) {
+        assert_eq!((project, name), (&r.project, &r.name));
+        assert_eq!((stages, tests), (&r.stages, &r.tests));
+        assert_eq!(again.row(), r.row());
+        assert_eq!(again, r);
+    }
+    // A filter and an offset cut the same page both ways.
+    let failed = s
+        .builds_where_fold("p", &[("status", "fail")], 10, 0, 0, |n, _| *n += 1)
+        .await
+        .unwrap();
+    assert_eq!(failed, 1);
+    let past = s
+        .builds_where_fold("p", &[], 10, 2, 0, |n, _| *n += 1)
+        .await
+        .unwrap();
+    assert_eq!(past, 0);
+}

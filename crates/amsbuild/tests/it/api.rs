@@ -188,6 +188,10 @@ fn shapes_filters_pages_and_fields() {
     assert_eq!(b["created_by"], "u_mod");
     assert_eq!(b["output_log"], format!("output/mine/{}", names[2]));
     assert!(b["created_at"].as_str().unwrap().contains(" @ "));
+    // The list written straight from the rows is the list made from the records.
+    let (st, list) = a.call(Some("u_user"), "GET", "/projects/name/mine/builds");
+    assert_eq!(st, 200);
+    assert_eq!(list, p["builds"]);
     assert!(p["tasks"]["active"].is_array() && p["tasks"]["pending"].is_array());
     let (_, t) = a.call(Some("u_user"), "GET", "/tasks");
     assert!(t["active"].is_array() && t["pending"].is_array());
