@@ -60,7 +60,10 @@ fi
 
 if ! docker info >/dev/null 2>&1; then
   echo "setup: starting dockerd (log in /tmp/amsbuild-dockerd.log)"
-  $SUDO sh -c 'nohup dockerd >/tmp/amsbuild-dockerd.log 2>&1 &'
+  # Containers on the default bridge may not reach each other (--icc=false, as Docker's
+  # security guide advises): builds then join that bridge, which skips the embedded DNS set-up
+  # every container of a user-defined network pays (docs/containers.md).
+  $SUDO sh -c 'nohup dockerd --icc=false >/tmp/amsbuild-dockerd.log 2>&1 &'
   for _ in $(seq 1 120); do
     docker info >/dev/null 2>&1 && break
     sleep 0.5

@@ -41,8 +41,17 @@ pub const LABEL_PROJECT: &str = "io.ams-build.project";
 
 /// The network builds join unless docker.args says otherwise: a bridge whose containers reach
 /// the outside but not each other (inter-container traffic off), so one project's build
-/// cannot talk to another's services.
+/// cannot talk to another's services. On an engine whose default bridge already has
+/// inter-container traffic off (dockerd's `icc` set to false), builds join that one instead
+/// ([`DEFAULT_BRIDGE`]): Docker sets up its embedded DNS in every container of any other
+/// network, a re-exec and a dozen `iptables` runs that cost 30–50 ms per container.
 pub const BUILD_NETWORK: &str = "ams-build";
+
+/// The engine's default network.
+pub const DEFAULT_BRIDGE: &str = "bridge";
+
+/// The bridge driver's option that says whether containers may reach each other.
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -306,7 +315,7 @@ fn tls_config(
 pub struct DockerExecutor {
     target: EngineTarget,
     cell: tokio::sync::Mutex<Option<Docker>>,
-    /// Whether [`BUILD_NETWORK`] is known to exist.
+    /// Whether [`BUILD_NETWORK`] is known to exist (made, or checked to keep containers apart).
     network_ready: tokio::sync::Mutex<bool>,
 }
 
@@ -364,6 +373,28 @@ impl DockerExecutor {
         Ok(docker)
     }
 
+    /// The network a build joins when docker.args names none. The default bridge is asked
+    /// for every build (one short call), so an engine restarted with containers allowed to
+    /// reach each other is never trusted from an earlier answer.
+    async fn default_network(&self) -> Result<&'static str, ExecError> {
+        let docker = self.docker().await?;
+        match timed(
+            "inspect network",
+            CALL_TIMEOUT,
+            docker.inspect_network(DEFAULT_BRIDGE, None),
+        )
+        .await?
+        {
+            Ok(n) if keeps_containers_apart(&n) => return Ok(DEFAULT_BRIDGE),
+            Ok(_) => {}
+            // An engine without a default bridge (dockerd --bridge=none).
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(docker_err(e)),
+        }
+        self.ensure_network().await?;
+        Ok(BUILD_NETWORK)
+    }
+
     /// Creates [`BUILD_NETWORK`] the first time a build needs it.
     async fn ensure_network(&self) -> Result<(), ExecError> {
         let mut ready = self.network_ready.lock().await;
@@ -379,12 +410,7 @@ impl DockerExecutor {
         .await?
         {
             Ok(n) => {
-                let icc = n
-                    .options
-                    .as_ref()
-                    .and_then(|o| o.get("com.docker.network.bridge.enable_icc"))
-                    .map(String::as_str);
-                if icc != Some("false") {
+                if !keeps_containers_apart(&n) {
                     return Err(ExecError::Docker(format!(
                         "the network `{BUILD_NETWORK}` exists but lets containers talk to each \
                          other; remove it (docker network rm {BUILD_NETWORK}) and AMS-Build \
@@ -394,10 +420,7 @@ impl DockerExecutor {
             }
             Err(e) if is_not_found(&e) => {
                 let mut options = HashMap::new();
-                options.insert(
-                    "com.docker.network.bridge.enable_icc".to_string(),
-                    "false".to_string(),
-                );
+                options.insert(ICC_OPTION.to_string(), "false".to_string());
                 let mut labels = HashMap::new();
                 labels.insert("io.ams-build.network".to_string(), "builds".to_string());
                 let req = bollard::models::NetworkCreateRequest {
@@ -446,7 +469,8 @@ impl DockerExecutor {
         }
     }
 
-    fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    /// The container's settings; it joins `network`.
+    fn create_body(spec: &ContainerSpec, network: &str) -> ContainerCreateBody {
         let o = &spec.options;
         let mut binds = o.binds.clone();
         binds.extend(o.volumes.iter().cloned());
@@ -514,7 +538,7 @@ impl DockerExecutor {
             memory_swap: o.memory,
             nano_cpus: o.nano_cpus,
             pids_limit: o.pids_limit,
-            network_mode: Some(build_network(o.network.as_deref()).to_string()),
+            network_mode: Some(network.to_string()),
             shm_size: o.shm_size,
             privileged: Some(o.privileged),
             cap_add: (!o.cap_add.is_empty()).then(|| o.cap_add.clone()),
@@ -608,9 +632,11 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         stop: CancellationToken,
     ) -> Result<RunEnd, ExecError> {
-        if build_network(spec.options.network.as_deref()) == BUILD_NETWORK {
-            self.ensure_network().await?;
-        }
+        let network = match spec.options.network.as_deref() {
+            None | Some("bridge") | Some("default") => self.default_network().await?,
+            // Named by the (trusted) docker.args.
+            Some(n) => n,
+        };
         let create = CreateContainerOptionsBuilder::new()
             .name(&spec.name)
             .build();
@@ -618,7 +644,7 @@ impl DockerExecutor {
         timed(
             "create",
             CALL_TIMEOUT,
-            docker.create_container(Some(create), Self::create_body(spec)),
+            docker.create_container(Some(create), Self::create_body(spec, network)),
         )
         .await?
         .map_err(docker_err)?;
@@ -1043,13 +1069,12 @@ fn tokio_stream_of<T: Send + 'static>(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
-/// The network a build joins: ours for the default (`bridge`, `default` or none given),
-/// else what the (trusted) docker.args named.
-fn build_network(asked: Option<&str>) -> &str {
-    match asked {
-        None | Some("bridge") | Some("default") => BUILD_NETWORK,
-        Some(n) => n,
-    }
+/// Whether a bridge network keeps its containers from reaching each other.
+fn keeps_containers_apart(n: &bollard::models::NetworkInspect) -> bool {
+    n.options
+        .as_ref()
+        .and_then(|o| o.get(ICC_OPTION))
+        .is_some_and(|v| v == "false")
 }
 
 /// Splits `repo[:tag][@digest]` into the repository and the tag (`latest` when none).
@@ -1132,7 +1157,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let body = DockerExecutor::create_body(&spec);
+        let body = DockerExecutor::create_body(&spec, BUILD_NETWORK);
         let h = body.host_config.unwrap();
         assert_eq!(h.memory, Some(1 << 20));
         assert_eq!(h.pids_limit, Some(10));

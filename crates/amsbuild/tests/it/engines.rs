@@ -378,6 +378,7 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
                     "cp -a run.sh sub inner outer Builds/",
                     "echo made-in-container > Builds/new.txt",
                     &escape,
+                    "echo GATEWAY=$(ip route | awk '/^default/ {print $3}')",
                 ]
             )]),
             json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
@@ -450,6 +451,24 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     let log = h.log("big", &name);
     assert_eq!(r["status"], "pass", "{r}\n{log}");
     assert_eq!(engine_in_log(&log).as_deref(), Some("b1"), "{log}");
+    // This engine's default bridge lets containers reach each other (dockerd's default), so
+    // the build joined the network AMS-Build made there, which does not.
+    let gateway = |net: &str| {
+        let o = b1
+            .docker()
+            .args(["network", "inspect", net, "--format"])
+            .arg("{{(index .IPAM.Config 0).Gateway}} {{index .Options \"com.docker.network.bridge.enable_icc\"}}")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let (ours, default) = (gateway("ams-build"), gateway("bridge"));
+    assert!(
+        ours.ends_with(" false") && default.ends_with("true"),
+        "{ours} / {default}"
+    );
+    let joined = log.lines().find_map(|l| l.strip_prefix("GATEWAY="));
+    assert_eq!(joined, ours.split(' ').next(), "{log}");
     // Through the archive endpoint, not a bind mount (the test engines share this machine's
     // disk, so a mount would work here and hide a broken copy).
     assert!(log.contains("output read back from the engine: "), "{log}");

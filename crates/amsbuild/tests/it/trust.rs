@@ -633,6 +633,49 @@ fn builds_of_different_projects_cannot_reach_each_other() {
     h.wait_status("vic", &vic, T);
 }
 
+/// A build joins a bridge that keeps containers apart: the engine's default bridge when it
+/// does (dockerd `--icc=false`, as scripts/setup.sh starts it), else `ams-build`. The build
+/// names its gateway, which tells the networks apart.
+#[test]
+fn a_build_joins_the_default_bridge_only_when_it_keeps_containers_apart() {
+    require_docker();
+    let inspect = |net: &str| {
+        let o = std::process::Command::new("docker")
+            .args(["network", "inspect", net, "--format"])
+            .arg("{{(index .IPAM.Config 0).Gateway}} {{index .Options \"com.docker.network.bridge.enable_icc\"}}")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let mut h = TestHost::new();
+    h.project(
+        "gw",
+        &pipeline(json!([stage(
+            "s",
+            &["echo GATEWAY=$(ip route | awk '/^default/ {print $3}')"]
+        )])),
+    );
+    h.start();
+    let (r, log) = finished(&h, "gw", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    let joined = log
+        .lines()
+        .find_map(|l| l.strip_prefix("GATEWAY="))
+        .unwrap_or_default();
+    let default = inspect("bridge");
+    let expected = match default.split_once(' ') {
+        Some((gw, "false")) => gw.to_string(),
+        // The engine lets containers on its default bridge reach each other: ours, made by
+        // the build if need be, which does not.
+        _ => {
+            let ours = inspect("ams-build");
+            assert!(ours.ends_with(" false"), "{ours}");
+            ours.split(' ').next().unwrap().to_string()
+        }
+    };
+    assert_eq!(joined, expected, "bridge: {default}\n{log}");
+}
+
 /// A repository cannot make a cancel or a timeout wait for an hour: docker.stop-timeout is
 /// capped by the host.
 #[test]
