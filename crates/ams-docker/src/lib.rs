@@ -641,13 +641,31 @@ impl DockerExecutor {
             .name(&spec.name)
             .build();
         let docker = self.docker().await?;
-        timed(
+        let body = Self::create_body(spec, network);
+        let made = timed(
             "create",
             CALL_TIMEOUT,
-            docker.create_container(Some(create), Self::create_body(spec, network)),
+            docker.create_container(Some(create.clone()), body.clone()),
         )
-        .await?
-        .map_err(docker_err)?;
+        .await?;
+        match made {
+            Ok(_) => {}
+            // A container of the same name can only be a leftover of this very build (a host
+            // that stopped mid-build): removed, and made anew.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                self.force_remove(&spec.name).await?;
+                timed(
+                    "create",
+                    CALL_TIMEOUT,
+                    docker.create_container(Some(create), body),
+                )
+                .await?
+                .map_err(docker_err)?;
+            }
+            Err(e) => return Err(docker_err(e)),
+        }
         if !spec.copy_in.is_empty() {
             // The folders go in as one tar at the root, each under its own path, streamed as
             // the engine reads it.
@@ -889,8 +907,6 @@ impl Executor for DockerExecutor {
         stop: CancellationToken,
     ) -> BoxFuture<'a, Result<RunEnd, ExecError>> {
         Box::pin(async move {
-            // A container of the same name can only be a leftover of this very build.
-            self.force_remove(&spec.name).await?;
             let result = self.run_inner(&spec, output, stop).await;
             let removed = self.force_remove(&spec.name).await;
             match (result, removed) {

@@ -1048,3 +1048,60 @@ fn a_multibyte_docker_arg_fails_its_build_and_the_next_one_runs() {
     let r = h.wait_status("good", &good, T);
     assert_eq!(r["status"], "pass", "{}", h.log("good", &good));
 }
+
+/// A container of a build's name left on the engine (a host that stopped mid-build) is removed
+/// and the build's own is made in its place: the engine's name conflict is the sign.
+#[test]
+fn a_leftover_container_of_the_same_name_is_replaced_by_the_builds() {
+    use ams_docker::{ContainerSpec, DockerExecutor, Executor, RunEnd};
+    require_docker();
+    let name = format!("ams-leftover-{}", std::process::id());
+    let made = Command::new("docker")
+        .args([
+            "create",
+            "--name",
+            &name,
+            "--label",
+            "ams-test=leftover",
+            IMAGE,
+        ])
+        .args(["sh", "-c", "echo stale"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (end, out) = rt.block_on(async {
+        let ex = DockerExecutor::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: IMAGE.into(),
+            cmd: vec!["sh".into(), "-c".into(), "echo fresh".into()],
+            stop_timeout_secs: 2,
+            ..Default::default()
+        };
+        let reading = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while let Some(b) = rx.recv().await {
+                out.extend_from_slice(&b);
+            }
+            out
+        });
+        let end = ex
+            .run(spec, tx, tokio_util::sync::CancellationToken::new())
+            .await;
+        (end, reading.await.unwrap())
+    });
+    let out = String::from_utf8_lossy(&out).to_string();
+    assert!(matches!(end, Ok(RunEnd::Exited(0))), "{end:?} {out}");
+    assert!(out.contains("fresh") && !out.contains("stale"), "{out}");
+    // Neither is left.
+    let left = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name=^{name}$")])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "{left:?}");
+}
