@@ -8,7 +8,7 @@ use crate::manage::note;
 use crate::session::{self, esc, secrets_equal};
 use crate::view::{self, Chrome};
 use ams_core::access::{Action, Grant};
-use ams_store::{BuildRecord, User};
+use ams_store::{BuildRecord, BuildRow, User};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -403,7 +403,7 @@ pub struct BuildRowV {
     pub trigger: String,
     pub name: String,
     pub index: i64,
-    pub status: String,
+    pub status: &'static str,
     pub by: String,
     pub at: view::Ts,
     pub duration: Option<String>,
@@ -421,42 +421,42 @@ pub struct BuildRowV {
 
 impl BuildRowV {
     pub fn of(b: &BuildRecord) -> BuildRowV {
+        BuildRowV::of_row(b.row(), b.tests.as_ref())
+    }
+
+    /// From the row as the store holds it (a page of builds is read without records).
+    pub fn of_row(b: BuildRow<'_>, tests: Option<&ams_core::junit::TestTotals>) -> BuildRowV {
         let first = b
             .commit_message
-            .as_deref()
             .and_then(|m| m.lines().next())
             .unwrap_or("");
         let short: String = first.chars().take(60).collect();
         let more = if short.len() < first.len() { "…" } else { "" };
-        let git = b.git_hash.clone().unwrap_or_default();
+        let git = b.git_hash.unwrap_or_default();
         BuildRowV {
-            project: b.project.clone(),
-            trigger: b.trigger.clone(),
-            name: b.name.clone(),
+            project: b.project.to_owned(),
+            trigger: b.trigger.to_owned(),
+            name: b.name.to_owned(),
             index: b.build_index,
-            status: b.status.as_str().to_string(),
-            by: b.created_by.clone(),
+            status: b.status.as_str(),
+            by: b.created_by.to_owned(),
             at: view::Ts::at(b.created_at),
             duration: match (b.started_at, b.finished_at) {
                 (Some(s), Some(f)) if f >= s => Some(human_secs(f - s)),
                 _ => None,
             },
-            branch: b.branch.clone().unwrap_or_default(),
+            branch: b.branch.unwrap_or_default().to_owned(),
             git_short: git.chars().take(10).collect(),
-            git,
-            commit_line: format!("{short}{more}"),
+            git: git.to_owned(),
+            commit_line: short + more,
             commit_tip: b
                 .commit_message
-                .as_deref()
                 .map(|m| m.chars().take(300).collect())
                 .unwrap_or_default(),
             archive: b.archive_name.is_some(),
             deleted: b.output_deleted_at.is_some(),
-            hash: b.archive_hash.clone().unwrap_or_default(),
-            tests: b
-                .tests
-                .as_ref()
-                .map(|t| format!("{}/{} tests failed", t.failing(), t.tests)),
+            hash: b.archive_hash.unwrap_or_default().to_owned(),
+            tests: tests.map(|t| format!("{}/{} tests failed", t.failing(), t.tests)),
         }
     }
 }
@@ -584,31 +584,29 @@ pub async fn build_list(
     filter: Option<&BuildFilter>,
 ) -> BuildListV {
     let page = page.clamp(1, crate::api::MAX_PAGE);
-    // One more than shown tells whether an older page exists.
-    let mut builds = match filter {
-        None => st
-            .host
-            .store
-            .builds_of(project, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
-            .await
-            .unwrap_or_default(),
-        Some(f) => {
-            let sql = f.sql();
-            let pairs: Vec<(&str, &str)> = sql.iter().map(|(c, v)| (*c, v.as_str())).collect();
-            st.host
-                .store
-                .builds_where(project, &pairs, DASH_BUILDS + 1, (page - 1) * DASH_BUILDS)
-                .await
-                .unwrap_or_default()
-        }
-    };
+    // One more than shown tells whether an older page exists. The rows are read in place.
+    let sql = filter.map(BuildFilter::sql).unwrap_or_default();
+    let pairs: Vec<(&str, &str)> = sql.iter().map(|(c, v)| (*c, v.as_str())).collect();
+    let mut builds = st
+        .host
+        .store
+        .builds_where_fold(
+            project,
+            &pairs,
+            DASH_BUILDS + 1,
+            (page - 1) * DASH_BUILDS,
+            Vec::new(),
+            |rows, b| rows.push(BuildRowV::of_row(b.row, b.tests().as_ref())),
+        )
+        .await
+        .unwrap_or_default();
     let older = builds.len() as i64 > DASH_BUILDS;
     builds.truncate(DASH_BUILDS as usize);
     BuildListV {
         root: st.conf.web_root.clone(),
         project: project.to_string(),
         query: query_value(project),
-        builds: builds.iter().map(BuildRowV::of).collect(),
+        builds,
         newer: (page > 1).then_some(page - 1),
         older: older.then_some(page + 1),
     }
@@ -648,17 +646,16 @@ impl BuildFilter {
     }
 }
 
+/// Kept as they are in a query value: RFC 3986's unreserved characters.
+const QUERY_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// A value for a URL query, percent-encoded (and then safe inside an HTML attribute).
 fn query_value(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(v, QUERY_KEEP).to_string()
 }
 
 async fn dashboard(
@@ -1675,6 +1672,14 @@ async fn replay_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Query values keep RFC 3986's unreserved characters and encode every other byte.
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(query_value("other-00_a.b~"), "other-00_a.b~");
+        assert_eq!(query_value("a b&c=d/é\"<"), "a%20b%26c%3Dd%2F%C3%A9%22%3C");
+        assert_eq!(query_value(""), "");
+    }
 
     /// Sizes in whole-number arithmetic read as `{:.1}` of the float quotient did, ties
     /// included.
