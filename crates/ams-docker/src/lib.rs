@@ -641,11 +641,10 @@ impl DockerExecutor {
             .name(&spec.name)
             .build();
         let docker = self.docker().await?;
-        let body = Self::create_body(spec, network);
         let made = timed(
             "create",
             CALL_TIMEOUT,
-            docker.create_container(Some(create.clone()), body.clone()),
+            docker.create_container(Some(create.clone()), Self::create_body(spec, network)),
         )
         .await?;
         match made {
@@ -659,7 +658,7 @@ impl DockerExecutor {
                 timed(
                     "create",
                     CALL_TIMEOUT,
-                    docker.create_container(Some(create), body),
+                    docker.create_container(Some(create), Self::create_body(spec, network)),
                 )
                 .await?
                 .map_err(docker_err)?;
