@@ -53,6 +53,9 @@ pub const DEFAULT_BRIDGE: &str = "bridge";
 /// The bridge driver's option that says whether containers may reach each other.
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 
+/// Capabilities of Docker's default set that builds do not get (see `create_body`).
+const DROPPED_CAPS: [&str; 2] = ["MKNOD", "NET_RAW"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("the Docker engine is not reachable ({0}); start dockerd or check DOCKER_HOST")]
@@ -385,7 +388,9 @@ impl DockerExecutor {
         )
         .await?
         {
-            Ok(n) if keeps_containers_apart(&n) => return Ok(DEFAULT_BRIDGE),
+            Ok(n) if keeps_containers_apart(&n) && is_engines_own_ipv4_bridge(&n) => {
+                return Ok(DEFAULT_BRIDGE)
+            }
             Ok(_) => {}
             // An engine without a default bridge (dockerd --bridge=none).
             Err(e) if is_not_found(&e) => {}
@@ -500,16 +505,19 @@ impl DockerExecutor {
             })
             .collect();
         // Device nodes made in a mounted folder would land on the host's filesystem: no
-        // CAP_MKNOD unless the private config trusts `--cap-add MKNOD`.
+        // CAP_MKNOD. Raw sockets would let a build forge ARP and take over the traffic of
+        // other containers on its bridge (inter-container traffic off filters IP only): no
+        // CAP_NET_RAW (ping still works through ICMP datagram sockets, which Docker allows).
+        // Either comes back only if the private config trusts `--cap-add`.
         let mut cap_drop = o.cap_drop.clone();
-        if !o.privileged
-            && !o.cap_add.iter().any(|c| {
-                c.eq_ignore_ascii_case("MKNOD")
-                    || c.eq_ignore_ascii_case("CAP_MKNOD")
-                    || c.eq_ignore_ascii_case("ALL")
-            })
-        {
-            cap_drop.push("MKNOD".into());
+        for cap in DROPPED_CAPS {
+            let added = o.cap_add.iter().any(|c| {
+                let c = c.to_ascii_uppercase();
+                c == cap || c.strip_prefix("CAP_") == Some(cap) || c == "ALL"
+            });
+            if !o.privileged && !added {
+                cap_drop.push(cap.to_string());
+            }
         }
         let mut security_opt = o.security_opt.clone();
         if !o.privileged
@@ -634,7 +642,11 @@ impl DockerExecutor {
     ) -> Result<RunEnd, ExecError> {
         let network = match spec.options.network.as_deref() {
             None | Some("bridge") | Some("default") => self.default_network().await?,
-            // Named by the (trusted) docker.args.
+            // Named by the (trusted) docker.args: made, or checked, like the default.
+            Some(BUILD_NETWORK) => {
+                self.ensure_network().await?;
+                BUILD_NETWORK
+            }
             Some(n) => n,
         };
         let create = CreateContainerOptionsBuilder::new()
@@ -1092,6 +1104,23 @@ fn keeps_containers_apart(n: &bollard::models::NetworkInspect) -> bool {
         .is_some_and(|v| v == "false")
 }
 
+/// Whether the default network is the bridge the engine made itself (`docker0`, not one given
+/// with `dockerd --bridge`, which may join other machines or VMs) and carries no IPv6: the
+/// engine keeps containers apart with `iptables`, and with `ip6tables` only where that is
+/// switched on, so over IPv6 they could reach each other. `ams-build` never has IPv6.
+fn is_engines_own_ipv4_bridge(n: &bollard::models::NetworkInspect) -> bool {
+    let option = |k: &str| {
+        n.options
+            .as_ref()
+            .and_then(|o| o.get(k))
+            .map(String::as_str)
+    };
+    n.driver.as_deref() == Some("bridge")
+        && n.enable_ipv6 != Some(true)
+        && option("com.docker.network.bridge.name") == Some("docker0")
+        && option("com.docker.network.bridge.default_bridge") == Some("true")
+}
+
 /// Splits `repo[:tag][@digest]` into the repository and the tag (`latest` when none).
 pub fn split_image(image: &str) -> (&str, &str) {
     if image.contains('@') {
@@ -1177,7 +1206,10 @@ mod tests {
         assert_eq!(h.memory, Some(1 << 20));
         assert_eq!(h.pids_limit, Some(10));
         assert_eq!(h.privileged, Some(false));
-        assert_eq!(h.cap_drop, Some(vec!["MKNOD".to_string()]));
+        assert_eq!(
+            h.cap_drop,
+            Some(vec!["MKNOD".to_string(), "NET_RAW".to_string()])
+        );
         assert_eq!(h.network_mode.as_deref(), Some(BUILD_NETWORK));
         assert!(h
             .security_opt
@@ -1186,5 +1218,45 @@ mod tests {
         let m = &h.mounts.unwrap()[0];
         assert_eq!(m.source.as_deref(), Some("/a"));
         assert_eq!(m.read_only, Some(true));
+        // A capability the private config trusts back is not dropped.
+        let mut trusted = spec.clone();
+        trusted.options.cap_add = vec!["cap_net_raw".into()];
+        let h = DockerExecutor::create_body(&trusted, BUILD_NETWORK)
+            .host_config
+            .unwrap();
+        assert_eq!(h.cap_drop, Some(vec!["MKNOD".to_string()]));
+    }
+
+    /// Builds join the default bridge only when it is the engine's own `docker0`, keeps
+    /// containers apart and has no IPv6 (which `iptables` alone does not filter).
+    #[test]
+    fn the_default_bridge_is_taken_only_when_it_keeps_containers_apart_over_ipv4_alone() {
+        let bridge = |icc: &str, name: &str, ipv6: bool| bollard::models::NetworkInspect {
+            name: Some("bridge".into()),
+            driver: Some("bridge".into()),
+            enable_ipv6: Some(ipv6),
+            options: Some(
+                [
+                    (ICC_OPTION, icc),
+                    ("com.docker.network.bridge.name", name),
+                    ("com.docker.network.bridge.default_bridge", "true"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        let taken = |n: &bollard::models::NetworkInspect| {
+            keeps_containers_apart(n) && is_engines_own_ipv4_bridge(n)
+        };
+        assert!(taken(&bridge("false", "docker0", false)));
+        assert!(!taken(&bridge("true", "docker0", false)));
+        assert!(!taken(&bridge("false", "docker0", true)), "IPv6 on");
+        assert!(
+            !taken(&bridge("false", "br0", false)),
+            "dockerd --bridge br0"
+        );
+        assert!(!taken(&bollard::models::NetworkInspect::default()));
     }
 }

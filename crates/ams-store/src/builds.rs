@@ -123,9 +123,20 @@ impl BuildColumns {
     /// The row's columns, borrowed from SQLite for as long as the row is current.
     pub(crate) fn view<'r>(&self, r: &'r Row) -> rusqlite::Result<RawBuild<'r>> {
         let c = &self.0;
-        let text = |i: usize| -> rusqlite::Result<&'r str> { Ok(r.get_ref(c[i])?.as_str()?) };
+        // A value of the wrong type names its column, as `Row::get` does.
+        let named = |i: usize, v: rusqlite::types::ValueRef<'_>, e| match e {
+            rusqlite::types::FromSqlError::InvalidType => {
+                rusqlite::Error::InvalidColumnType(c[i], Self::NAMES[i].into(), v.data_type())
+            }
+            other => bad_column(Self::NAMES[i], other.to_string()),
+        };
+        let text = |i: usize| -> rusqlite::Result<&'r str> {
+            let v = r.get_ref(c[i])?;
+            v.as_str().map_err(|e| named(i, v, e))
+        };
         let opt = |i: usize| -> rusqlite::Result<Option<&'r str>> {
-            Ok(r.get_ref(c[i])?.as_str_or_null()?)
+            let v = r.get_ref(c[i])?;
+            v.as_str_or_null().map_err(|e| named(i, v, e))
         };
         let status = text(7)?;
         Ok(RawBuild {

@@ -1194,3 +1194,27 @@ async fn a_page_read_in_place_holds_what_its_records_hold() {
         .unwrap();
     assert_eq!(past, 0);
 }
+
+#[tokio::test]
+async fn a_build_row_of_the_wrong_type_names_its_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ams.db");
+    let s = Store::open(&path).await.unwrap();
+    let b = s
+        .create_build(&nb("p"), |i| Ok(format!("p_{i}")))
+        .await
+        .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    for (value, says) in [
+        ("x'ff00'", "name: reason"),
+        ("CAST(x'ff00' AS TEXT)", "column `reason`"),
+    ] {
+        raw.execute(
+            &format!("UPDATE builds SET reason = {value} WHERE id = ?"),
+            [b.id],
+        )
+        .unwrap();
+        let e = s.builds_where("p", &[], 10, 0).await.unwrap_err();
+        assert!(e.to_string().contains(says), "{value}: {e}");
+    }
+}

@@ -676,6 +676,36 @@ fn a_build_joins_the_default_bridge_only_when_it_keeps_containers_apart() {
     assert_eq!(joined, expected, "bridge: {default}\n{log}");
 }
 
+/// A build cannot forge link-layer packets: with a raw socket it could send ARP replies that
+/// take over the traffic of another container on its bridge (inter-container traffic off
+/// filters IP, not ARP). Builds have no CAP_NET_RAW.
+#[test]
+fn a_build_cannot_forge_arp_on_its_bridge() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.project(
+        "arp",
+        &pipeline(json!([stage(
+            "s",
+            &[
+                "gw=$(ip route | awk '/^default/ {print $3}')",
+                "if arping -U -c 1 -w 1 -I eth0 \"$gw\"; then echo FORGED; else echo REFUSED; fi",
+                "grep CapEff /proc/self/status"
+            ]
+        )])),
+    );
+    h.start();
+    let (r, log) = finished(&h, "arp", json!({}));
+    assert_eq!(r["status"], "pass", "{log}");
+    // Lines of their own: the trace of the command holds both words.
+    let said = |w: &str| log.lines().any(|l| l.trim() == w);
+    assert!(
+        said("REFUSED") && !said("FORGED"),
+        "a build sent ARP: {log}"
+    );
+    assert!(log.contains("Operation not permitted"), "{log}");
+}
+
 /// A repository cannot make a cancel or a timeout wait for an hour: docker.stop-timeout is
 /// capped by the host.
 #[test]
