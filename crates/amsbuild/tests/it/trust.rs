@@ -647,31 +647,51 @@ fn a_build_joins_the_default_bridge_only_when_it_keeps_containers_apart() {
             .unwrap();
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
+    let default = inspect("bridge");
+    if default.ends_with(" false") {
+        // No build uses `ams-build` on this engine: gone, a trusted build below makes it anew.
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", "ams-build"])
+            .output();
+    }
     let mut h = TestHost::new();
+    let gateway = ["echo GATEWAY=$(ip route | awk '/^default/ {print $3}')"];
+    h.project("gw", &pipeline(json!([stage("s", &gateway)])));
     h.project(
-        "gw",
-        &pipeline(json!([stage(
-            "s",
-            &["echo GATEWAY=$(ip route | awk '/^default/ {print $3}')"]
-        )])),
+        "named",
+        &pipeline_with(
+            json!([stage("s", &gateway)]),
+            json!({"docker": {"image": IMAGE, "project-dest": "/root/project",
+                              "build-output-dest": "/root/project/Builds",
+                              "args": "--network ams-build"}}),
+        ),
+    );
+    h.private_config(
+        "named",
+        json!({"allow-docker-args": ["--network ams-build"]}),
     );
     h.start();
-    let (r, log) = finished(&h, "gw", json!({}));
-    assert_eq!(r["status"], "pass", "{log}");
-    let joined = log
-        .lines()
-        .find_map(|l| l.strip_prefix("GATEWAY="))
-        .unwrap_or_default();
-    let default = inspect("bridge");
+    let gateway_of = |project: &str| {
+        let (r, log) = finished(&h, project, json!({}));
+        assert_eq!(r["status"], "pass", "{log}");
+        let gw = log
+            .lines()
+            .find_map(|l| l.strip_prefix("GATEWAY="))
+            .unwrap_or_default()
+            .to_string();
+        (gw, log)
+    };
+    // Named by trusted docker.args, `ams-build` is made (and checked) as for the default.
+    let (named, log) = gateway_of("named");
+    let ours = inspect("ams-build");
+    assert!(ours.ends_with(" false"), "{ours}");
+    assert_eq!(Some(named.as_str()), ours.split(' ').next(), "{log}");
+    let (joined, log) = gateway_of("gw");
     let expected = match default.split_once(' ') {
         Some((gw, "false")) => gw.to_string(),
         // The engine lets containers on its default bridge reach each other: ours, made by
         // the build if need be, which does not.
-        _ => {
-            let ours = inspect("ams-build");
-            assert!(ours.ends_with(" false"), "{ours}");
-            ours.split(' ').next().unwrap().to_string()
-        }
+        _ => ours.split(' ').next().unwrap().to_string(),
     };
     assert_eq!(joined, expected, "bridge: {default}\n{log}");
 }
