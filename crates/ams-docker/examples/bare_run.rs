@@ -2,8 +2,9 @@
 //! baseline of `scripts/bench.py` section (a): create, start, wait, remove. Prints the seconds
 //! each run took, one per line, measured inside (no process start counted).
 //! `bare_run IMAGE RUNS [NETWORK] [--as-build]`: with `--as-build`, the container has what a
-//! build's has (three bind mounts, the memory, CPU and process limits, no `CAP_MKNOD`,
-//! `no-new-privileges`, no engine log, labels), so only the host's own work is left over.
+//! build's has (three bind mounts, the memory, CPU and process limits, no `CAP_MKNOD` or
+//! `CAP_NET_RAW`, `no-new-privileges`, no engine log, labels), so only the host's own work
+//! is left over.
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptions,
 };
@@ -65,7 +66,7 @@ async fn main() {
                     bind(&out, "/root/project/Builds", false),
                     bind(&ci, "/.ams-ci", true),
                 ]),
-                cap_drop: Some(vec!["MKNOD".into()]),
+                cap_drop: Some(vec!["MKNOD".into(), "NET_RAW".into()]),
                 privileged: Some(false),
                 readonly_rootfs: Some(false),
                 security_opt: Some(vec!["no-new-privileges:true".into()]),
