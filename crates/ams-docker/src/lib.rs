@@ -388,9 +388,7 @@ impl DockerExecutor {
         )
         .await?
         {
-            Ok(n) if keeps_containers_apart(&n) && is_engines_own_ipv4_bridge(&n) => {
-                return Ok(DEFAULT_BRIDGE)
-            }
+            Ok(n) if default_bridge_usable(&n) => return Ok(DEFAULT_BRIDGE),
             Ok(_) => {}
             // An engine without a default bridge (dockerd --bridge=none).
             Err(e) if is_not_found(&e) => {}
@@ -415,11 +413,11 @@ impl DockerExecutor {
         .await?
         {
             Ok(n) => {
-                if !keeps_containers_apart(&n) {
+                if !is_ipv4_bridge_apart(&n) {
                     return Err(ExecError::Docker(format!(
-                        "the network `{BUILD_NETWORK}` exists but lets containers talk to each \
-                         other; remove it (docker network rm {BUILD_NETWORK}) and AMS-Build \
-                         makes it anew"
+                        "the network `{BUILD_NETWORK}` exists but is not an IPv4 bridge that \
+                         keeps containers apart; remove it (docker network rm {BUILD_NETWORK}) \
+                         and AMS-Build makes it anew"
                     )));
                 }
             }
@@ -431,6 +429,7 @@ impl DockerExecutor {
                 let req = bollard::models::NetworkCreateRequest {
                     name: BUILD_NETWORK.to_string(),
                     driver: Some("bridge".into()),
+                    enable_ipv6: Some(false),
                     options: Some(options),
                     labels: Some(labels),
                     ..Default::default()
@@ -641,6 +640,10 @@ impl DockerExecutor {
         stop: CancellationToken,
     ) -> Result<RunEnd, ExecError> {
         let network = match spec.options.network.as_deref() {
+            None | Some("bridge") | Some("default") if can_forge_traffic(&spec.options) => {
+                self.ensure_network().await?;
+                BUILD_NETWORK
+            }
             None | Some("bridge") | Some("default") => self.default_network().await?,
             // Named by the (trusted) docker.args: made, or checked, like the default.
             Some(BUILD_NETWORK) => {
@@ -1104,21 +1107,41 @@ fn keeps_containers_apart(n: &bollard::models::NetworkInspect) -> bool {
         .is_some_and(|v| v == "false")
 }
 
-/// Whether the default network is the bridge the engine made itself (`docker0`, not one given
-/// with `dockerd --bridge`, which may join other machines or VMs) and carries no IPv6: the
-/// engine keeps containers apart with `iptables`, and with `ip6tables` only where that is
-/// switched on, so over IPv6 they could reach each other. `ams-build` never has IPv6.
-fn is_engines_own_ipv4_bridge(n: &bollard::models::NetworkInspect) -> bool {
+/// Whether builds may join the engine's default network: a bridge that keeps containers
+/// apart, named `docker0` (a bridge given with `dockerd --bridge` may join other machines or
+/// VMs) and without IPv6 (the engine keeps containers apart with `iptables`, and with
+/// `ip6tables` only where that is switched on, so over IPv6 they could reach each other).
+fn default_bridge_usable(n: &bollard::models::NetworkInspect) -> bool {
     let option = |k: &str| {
         n.options
             .as_ref()
             .and_then(|o| o.get(k))
             .map(String::as_str)
     };
-    n.driver.as_deref() == Some("bridge")
-        && n.enable_ipv6 != Some(true)
+    is_ipv4_bridge_apart(n)
         && option("com.docker.network.bridge.name") == Some("docker0")
         && option("com.docker.network.bridge.default_bridge") == Some("true")
+}
+
+/// A bridge network without IPv6 whose containers cannot reach each other: what every network
+/// builds join by default is.
+fn is_ipv4_bridge_apart(n: &bollard::models::NetworkInspect) -> bool {
+    n.driver.as_deref() == Some("bridge")
+        && n.enable_ipv6 != Some(true)
+        && keeps_containers_apart(n)
+}
+
+/// Whether a build keeps a capability that lets it forge traffic on its bridge (raw sockets,
+/// or another container's address on its own interface): such a build, which only the private
+/// config can allow, never joins the default bridge, where other containers of the engine may
+/// be.
+fn can_forge_traffic(o: &DockerOptions) -> bool {
+    o.privileged
+        || o.cap_add.iter().any(|c| {
+            let c = c.to_ascii_uppercase();
+            let c = c.strip_prefix("CAP_").unwrap_or(&c);
+            matches!(c, "NET_RAW" | "NET_ADMIN" | "ALL")
+        })
 }
 
 /// Splits `repo[:tag][@digest]` into the repository and the tag (`latest` when none).
@@ -1247,9 +1270,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        let taken = |n: &bollard::models::NetworkInspect| {
-            keeps_containers_apart(n) && is_engines_own_ipv4_bridge(n)
-        };
+        let taken = default_bridge_usable;
         assert!(taken(&bridge("false", "docker0", false)));
         assert!(!taken(&bridge("true", "docker0", false)));
         assert!(!taken(&bridge("false", "docker0", true)), "IPv6 on");
@@ -1258,5 +1279,20 @@ mod tests {
             "dockerd --bridge br0"
         );
         assert!(!taken(&bollard::models::NetworkInspect::default()));
+        let mut not_bridge = bridge("false", "docker0", false);
+        not_bridge.driver = Some("macvlan".into());
+        assert!(!taken(&not_bridge));
+        // A build that may forge traffic never joins it.
+        let with = |caps: &[&str], privileged: bool| DockerOptions {
+            cap_add: caps.iter().map(|c| c.to_string()).collect(),
+            privileged,
+            ..Default::default()
+        };
+        assert!(!can_forge_traffic(&with(&[], false)));
+        assert!(!can_forge_traffic(&with(&["SYS_PTRACE"], false)));
+        for caps in [&["net_raw"][..], &["CAP_NET_ADMIN"], &["all"]] {
+            assert!(can_forge_traffic(&with(caps, false)), "{caps:?}");
+        }
+        assert!(can_forge_traffic(&with(&[], true)));
     }
 }
