@@ -318,8 +318,8 @@ fn tls_config(
 pub struct DockerExecutor {
     target: EngineTarget,
     cell: tokio::sync::Mutex<Option<Docker>>,
-    /// Whether [`BUILD_NETWORK`] is known to exist (made, or checked to keep containers apart).
-    network_ready: tokio::sync::Mutex<bool>,
+    /// Held while [`BUILD_NETWORK`] is checked or made, so that one build makes it.
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl DockerExecutor {
@@ -398,12 +398,11 @@ impl DockerExecutor {
         Ok(BUILD_NETWORK)
     }
 
-    /// Creates [`BUILD_NETWORK`] the first time a build needs it.
+    /// Checks [`BUILD_NETWORK`], or makes it, for every build that joins it (one short call):
+    /// a `docker network prune` takes it whenever no build is on it, and a network of that name
+    /// made otherwise is refused.
     async fn ensure_network(&self) -> Result<(), ExecError> {
-        let mut ready = self.network_ready.lock().await;
-        if *ready {
-            return Ok(());
-        }
+        let _one = self.network_lock.lock().await;
         let docker = self.docker().await?;
         match timed(
             "inspect network",
@@ -445,7 +444,6 @@ impl DockerExecutor {
             }
             Err(e) => return Err(docker_err(e)),
         }
-        *ready = true;
         Ok(())
     }
 

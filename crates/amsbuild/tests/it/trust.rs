@@ -707,8 +707,17 @@ fn a_build_joins_the_default_bridge_only_when_it_keeps_containers_apart() {
         "{ours:?}"
     );
     assert_eq!(Some(&named), ours.first(), "{log}");
+    if usable {
+        // Removed while the host runs (as `docker network prune` would): made anew.
+        let rm = std::process::Command::new("docker")
+            .args(["network", "rm", "ams-build"])
+            .output()
+            .unwrap();
+        assert!(rm.status.success(), "{rm:?}");
+    }
     // A build that keeps raw sockets never shares the default bridge with other containers.
     let (raw, log) = gateway_of("raw");
+    let ours = inspect("ams-build");
     assert_eq!(Some(&raw), ours.first(), "{log}");
     let (joined, log) = gateway_of("gw");
     let expected = if usable { &default[0] } else { &ours[0] };
