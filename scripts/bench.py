@@ -134,7 +134,7 @@ def ensure_build_network():
 
 
 def bare_run_bin():
-    """The bollard-only baseline (crates/ams-docker/examples/bare_run.rs), built if missing."""
+    """The bollard-only baseline (crates/ams-docker/examples/bare_run.rs), built if out of date."""
     path = os.path.join(ROOT, "target", "release", "examples", "bare_run")
     subprocess.run(["cargo", "build", "-q", "--release", "--example", "bare_run", "-p", "ams-docker"],
                    cwd=ROOT, check=True)
