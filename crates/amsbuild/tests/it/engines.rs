@@ -1106,6 +1106,20 @@ fn a_source_that_takes_over_two_minutes_to_send_still_runs_and_a_hung_engine_mid
     wait_for("the container made", Duration::from_secs(60), || {
         (!b1.containers(&id).is_empty()).then_some(())
     });
+    // The container is listed before the engine's answer to `create` leaves it; stopped in
+    // that gap, the engine would hang the create, not the upload. The upload begins only
+    // after that answer: 128 KiB sent to the engine (4 s at this rate) say it is under way.
+    let sent = || -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{}/statistics/tx_bytes", b1.veth))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = sent();
+    wait_for("the upload under way", Duration::from_secs(60), || {
+        (sent() > before + (128 << 10)).then_some(())
+    });
     b1.signal("-STOP");
     let t0 = std::time::Instant::now();
     let r = wait_for_opt(Duration::from_secs(150), || {
