@@ -1,7 +1,7 @@
 # The AMS-Build server as an image: `amsbuild serve`, talking to the host's Docker engine.
 #
 #   docker build -t amsbuild .
-#   docker run -d --name amsbuild --restart unless-stopped --stop-timeout 90 \
+#   docker run -d --name amsbuild --restart unless-stopped --stop-timeout 120 \
 #     -v /var/run/docker.sock:/var/run/docker.sock \
 #     -v /var/lib/amsbuild:/var/lib/amsbuild \
 #     -p 8080:8080 -p 8081:8081 amsbuild

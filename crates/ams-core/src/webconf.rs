@@ -39,6 +39,9 @@ pub struct WebConf {
     /// A build that needs the engine while it is not answering waits this long for it, then
     /// fails with the reason.
     pub engine_wait_secs: u64,
+    /// On SIGTERM or SIGINT, running builds get this long to finish (no new build starts, the
+    /// queue is kept); those still running after it are stopped and end ERROR.
+    pub shutdown_grace_secs: u64,
     /// Container limits applied unless docker.args sets them.
     pub container_memory: String,
     pub container_cpus: f64,
@@ -145,6 +148,7 @@ impl Default for WebConf {
             archive_max_bytes: 8 << 30,
             cache_max_bytes: 5 << 30,
             engine_wait_secs: 300,
+            shutdown_grace_secs: 30,
             container_memory: "2g".into(),
             container_cpus: 2.0,
             container_pids_limit: 4096,
@@ -186,6 +190,9 @@ fn web_root_problem(root: &str) -> Option<&'static str> {
     }
 }
 
+/// The longest `shutdown_grace_secs` taken.
+pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 86_400;
+
 /// The shortest `metrics_token` taken.
 pub const METRICS_TOKEN_MIN: usize = 16;
 
@@ -222,6 +229,14 @@ impl WebConf {
         }
         if self.build_timeout_secs == 0 {
             return bad("build_timeout_secs", "must be at least 1");
+        }
+        if self.shutdown_grace_secs > MAX_SHUTDOWN_GRACE_SECS {
+            return bad(
+                "shutdown_grace_secs",
+                &format!(
+                    "must be at most {MAX_SHUTDOWN_GRACE_SECS} (a day); 0 stops running builds at once"
+                ),
+            );
         }
         if self.log_max_bytes < 4096 {
             return bad("log_max_bytes", "must be at least 4096");
@@ -601,6 +616,13 @@ mod tests {
         let e = WebConf::parse(r#"{"container_memory": "4m"}"#, "w").unwrap_err();
         assert!(e.to_string().contains("6m"), "{e}");
         assert!(WebConf::parse(r#"{"container_memory": "6m"}"#, "w").is_ok());
+        let e = WebConf::parse(r#"{"shutdown_grace_secs": 86401}"#, "w").unwrap_err();
+        assert_eq!(e.field, "shutdown_grace_secs");
+        assert!(e.to_string().contains("at most 86400"), "{e}");
+        for ok in [0, 86_400] {
+            let text = format!(r#"{{"shutdown_grace_secs": {ok}}}"#);
+            assert_eq!(WebConf::parse(&text, "w").unwrap().shutdown_grace_secs, ok);
+        }
         for (text, field) in [
             (r#"{"retention_keep_builds": 0}"#, "retention_keep_builds"),
             (

@@ -293,6 +293,8 @@ pub enum Command {
         engine: usize,
         up: bool,
     },
+    /// Start no more builds; answer once none runs (see [`HostHandle::drain`]).
+    Drain(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -502,6 +504,15 @@ impl HostHandle {
         Ok(self.snap.borrow().clone())
     }
 
+    /// The first step of a graceful stop: from now on no queued build starts (builds still
+    /// queue), and the answer comes once no build runs. [`HostHandle::shutdown`] is the second.
+    pub async fn drain(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Drain(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Stops the host: active builds are stopped and recorded as interrupted, pending builds
     /// stay queued in the database for the next start.
     pub async fn shutdown(&self) {
@@ -558,6 +569,8 @@ pub struct Host {
     nudges: Vec<Arc<tokio::sync::Notify>>,
     /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
     disk_dirty: mpsc::Sender<String>,
+    /// Set by [`Command::Drain`]: no build starts any more; these hear when none runs.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 /// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
@@ -801,6 +814,7 @@ impl Host {
             removing: Arc::default(),
             metrics: cfg.metrics.clone(),
             disk_dirty,
+            draining: None,
         };
         host.workers.spawn(crate::metrics::watch_disk(
             cfg.metrics.clone(),
@@ -1005,6 +1019,7 @@ impl Host {
                     },
                     Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
                         self.reap(joined).await;
+                        self.answer_drained();
                         continue;
                     }
                 },
@@ -1101,12 +1116,16 @@ impl Host {
                         self.start_ready().await;
                     }
                 }
+                Command::Drain(done) => {
+                    self.draining.get_or_insert_with(Vec::new).push(done);
+                }
                 Command::Shutdown(done) => {
                     self.shutdown().await;
                     let _ = done.send(());
                     return;
                 }
             }
+            self.answer_drained();
             self.publish();
             let _ = self.changes.send(());
         }
@@ -1406,6 +1425,9 @@ impl Host {
     }
 
     async fn start_ready(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
         while let Some(next) = self.queue.decide() {
             let (q, engine_index) = match next {
                 ams_core::queue::Next::Start(q, e) => (q, e),
@@ -1851,6 +1873,15 @@ impl Host {
             }
             let _ = reply.send(Ok(out));
         });
+    }
+
+    /// Tells those waiting for the drain (see [`Command::Drain`]) once no build runs.
+    fn answer_drained(&mut self) {
+        if self.active.is_empty() {
+            for done in self.draining.iter_mut().flat_map(|w| w.drain(..)) {
+                let _ = done.send(());
+            }
+        }
     }
 
     async fn shutdown(&mut self) {

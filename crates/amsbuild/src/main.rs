@@ -1715,6 +1715,32 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
             },
         }
     }
+    // First step: the running builds get the grace to finish while no queued build starts and
+    // everything else goes on serving and queueing; a second signal ends it early. The drain
+    // is asked even when nothing seems to run, so no build starts after this point.
+    let grace = Duration::from_secs(conf.shutdown_grace_secs);
+    if !grace.is_zero() {
+        let running = handle.snapshot().await.map(|s| s.active.len()).unwrap_or(0);
+        if running > 0 {
+            tracing::info!(
+                "waiting up to {} s for {running} running build(s) to finish; no queued build \
+                 starts; send SIGTERM again to stop them now (shutdown_grace_secs in {})",
+                grace.as_secs(),
+                data.web_conf().display()
+            );
+        }
+        tokio::select! {
+            _ = handle.drain() => if running > 0 {
+                tracing::info!("no build runs any more: stopping");
+            },
+            _ = tokio::time::sleep(grace) => tracing::warn!(
+                "shutdown_grace_secs ({} s) is over: stopping the builds still running",
+                grace.as_secs()
+            ),
+            _ = term.recv() => tracing::warn!("SIGTERM again: stopping the running builds now"),
+            _ = int.recv() => tracing::warn!("interrupt again: stopping the running builds now"),
+        }
+    }
     shutdown.cancel();
     handle.shutdown().await;
     let _ = host_task.await;

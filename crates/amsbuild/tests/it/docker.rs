@@ -802,6 +802,80 @@ fn restart_recovery(kill: bool) {
     assert!(st["active"].as_array().unwrap().is_empty(), "{st}");
 }
 
+/// A SIGTERM lets the running build finish: the host keeps serving and queueing meanwhile, no
+/// queued build starts, and it stops by itself once none runs; the queue runs after the next
+/// start. A second SIGTERM stops a running build at once.
+#[test]
+fn a_sigterm_lets_running_builds_finish_and_a_second_one_stops_them() {
+    require_docker();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 1, "shutdown_grace_secs": 300}));
+    h.start();
+    h.project(
+        "g",
+        &pipeline(json!([stage(
+            "s",
+            &["while [ ! -f Builds/go ]; do sleep 0.1; done", "echo released"]
+        )])),
+    );
+    let running = h.build("g");
+    h.wait_running("g", &running);
+    let queued = h.build("g");
+    h.send("-TERM");
+    wait_for("the host to wait for the build", T, || {
+        h.host_log()
+            .contains("waiting up to 300 s for 1 running build(s) to finish")
+            .then_some(())
+    });
+    // Still serving and queueing; nothing new starts.
+    let during = h.build("g");
+    assert!(!h.exited(), "{}", h.host_log());
+    assert_eq!(h.record("g", &queued)["status"], "pending");
+    assert_eq!(h.record("g", &during)["status"], "pending");
+    // Let the build go: it passes, and then the host stops by itself.
+    std::fs::write(h.build_dir("g").join(&running).join("build/go"), "").unwrap();
+    wait_for("the host to stop once the build ended", T, || {
+        h.exited().then_some(())
+    });
+    assert!(h.host_log().contains("no build runs any more: stopping"));
+
+    // The next start runs the two queued builds; each is let go at once.
+    std::fs::write(
+        h.source("g").join("pipeline.json"),
+        pipeline(json!([stage("s", &["echo quick"])])),
+    )
+    .unwrap();
+    h.start();
+    assert_eq!(h.wait_status("g", &running, T)["status"], "pass");
+    assert!(h.log("g", &running).contains("released"));
+    for name in [&queued, &during] {
+        let r = h.wait_status("g", name, T);
+        assert_eq!(r["status"], "pass", "{r}\n{}", h.log("g", name));
+    }
+
+    // A second SIGTERM does not wait for the grace.
+    std::fs::write(
+        h.source("g").join("pipeline.json"),
+        pipeline(json!([stage("s", &["echo started", "sleep 600"])])),
+    )
+    .unwrap();
+    let long = h.build("g");
+    h.wait_running("g", &long);
+    h.send("-TERM");
+    wait_for("the host to wait for the build", T, || {
+        (h.host_log().matches("waiting up to 300 s").count() == 2).then_some(())
+    });
+    let t0 = Instant::now();
+    h.send("-TERM");
+    wait_for("the host to stop", T, || h.exited().then_some(()));
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert!(h.host_log().contains("SIGTERM again: stopping the running builds now"));
+    h.start();
+    let r = h.wait_status("g", &long, T);
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["reason"], "interrupted by host restart");
+    assert!(h.containers().is_empty(), "a container was left behind");
+}
+
 #[test]
 fn restart_after_sigkill_mid_build() {
     restart_recovery(true);

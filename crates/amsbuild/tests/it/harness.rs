@@ -104,8 +104,11 @@ impl TestHost {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         // Loopback and a port of the system's choosing, so hosts of parallel tests never clash.
+        // A stop stops running builds at once unless a test asks for the grace (its own test
+        // in docker.rs): a test ending with builds running does not wait for them.
         let mut full = json!({"webhook_ip": "127.0.0.1", "webhook_port": 0,
-                              "web_interface_ip": "127.0.0.1", "web_interface_port": 0});
+                              "web_interface_ip": "127.0.0.1", "web_interface_port": 0,
+                              "shutdown_grace_secs": 0});
         for (k, v) in conf.as_object().unwrap() {
             full[k] = v.clone();
         }
@@ -226,6 +229,28 @@ impl TestHost {
                 assert!(Instant::now() < deadline, "host did not exit after {sig}");
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    /// Sends `sig` to the host without waiting for it to exit.
+    pub fn send(&self, sig: &str) {
+        let pid = self.pid().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Whether the host process has exited (it is reaped then).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait().unwrap()) {
+            Some(Some(_)) => {
+                self.child = None;
+                true
+            }
+            Some(None) => false,
+            None => true,
         }
     }
 
