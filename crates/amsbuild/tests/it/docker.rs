@@ -804,9 +804,9 @@ fn restart_recovery(kill: bool) {
 
 /// A SIGTERM lets the running build finish: the host keeps serving and queueing meanwhile, no
 /// queued build starts, and it stops by itself once none runs; the queue runs after the next
-/// start. A second SIGTERM stops a running build at once.
+/// start. A second SIGTERM stops a running build at once, and so does the end of the grace.
 #[test]
-fn a_sigterm_lets_running_builds_finish_and_a_second_one_stops_them() {
+fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them() {
     require_docker();
     let mut h = TestHost::with_conf(json!({"max_active_builds": 1, "shutdown_grace_secs": 300}));
     h.start();
@@ -814,7 +814,10 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_stops_them() {
         "g",
         &pipeline(json!([stage(
             "s",
-            &["while [ ! -f Builds/go ]; do sleep 0.1; done", "echo released"]
+            &[
+                "while [ ! -f Builds/go ]; do sleep 0.1; done",
+                "echo released"
+            ]
         )])),
     );
     let running = h.build("g");
@@ -868,9 +871,27 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_stops_them() {
     h.send("-TERM");
     wait_for("the host to stop", T, || h.exited().then_some(()));
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
-    assert!(h.host_log().contains("SIGTERM again: stopping the running builds now"));
+    assert!(h
+        .host_log()
+        .contains("SIGTERM again: stopping the running builds now"));
+    // And the end of the grace stops it too.
+    let conf = h.data.join("web_conf.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+    c["shutdown_grace_secs"] = json!(2);
+    std::fs::write(&conf, c.to_string()).unwrap();
     h.start();
     let r = h.wait_status("g", &long, T);
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["reason"], "interrupted by host restart");
+    let over = h.build("g");
+    h.wait_running("g", &over);
+    h.send("-TERM");
+    wait_for("the host to stop", T, || h.exited().then_some(()));
+    assert!(h
+        .host_log()
+        .contains("shutdown_grace_secs (2 s) is over: stopping the builds still running"));
+    h.start();
+    let r = h.wait_status("g", &over, T);
     assert_eq!(r["status"], "error");
     assert_eq!(r["reason"], "interrupted by host restart");
     assert!(h.containers().is_empty(), "a container was left behind");
