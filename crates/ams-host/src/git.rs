@@ -136,7 +136,10 @@ async fn git(
     for c in HARDENING {
         cmd.args(["-c", c]);
     }
+    // Its own process group: a Ctrl-C in the host's terminal is the host's to handle (a
+    // graceful stop lets this build go on), not git's.
     cmd.args(args)
+        .process_group(0)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "true")

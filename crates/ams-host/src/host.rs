@@ -283,10 +283,11 @@ pub enum Command {
         requests: Vec<CheckedRequest>,
         reply: Reply<WebhookOutcome>,
     },
-    /// Queue build `of`, which ended ERROR, again (its project's settings read by the sender).
+    /// Whether build `of`, which ended ERROR, is queued again: with the project's settings
+    /// (read by the sender) when it is, `None` when not. Every ERROR build sends one.
     Retry {
         of: i64,
-        settings: Arc<QueueSettings>,
+        settings: Option<Arc<QueueSettings>>,
     },
     /// An engine's monitor saw it start or stop answering.
     EngineHealth {
@@ -337,6 +338,8 @@ pub struct HostHandle {
     gc: Arc<crate::retention::Gc>,
     /// The host's metrics, for the edges that record events and serve them.
     pub metrics: Arc<Metrics>,
+    /// Set by [`HostHandle::drain`]: the loop starts no build once it reads it.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for HostHandle {
@@ -504,18 +507,27 @@ impl HostHandle {
         Ok(self.snap.borrow().clone())
     }
 
-    /// The first step of a graceful stop: from now on no queued build starts (builds still
-    /// queue), and the answer comes once no build runs. [`HostHandle::shutdown`] is the second.
-    pub async fn drain(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Drain(tx)).await.is_ok() {
-            let _ = rx.await;
+    /// The first step of a graceful stop: from this call on no queued build starts (builds
+    /// still queue); the future it returns ends once no build runs and no retry is being
+    /// decided. [`HostHandle::shutdown`] is the second step.
+    pub fn drain(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        // The flag at once: the loop checks it before each start, even one it makes before it
+        // reads the command (at start-up, or with commands already in its channel).
+        self.stopping.send_replace(true);
+        let tx = self.tx.clone();
+        async move {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Command::Drain(done)).await.is_ok() {
+                let _ = rx.await;
+            }
         }
     }
 
     /// Stops the host: active builds are stopped and recorded as interrupted, pending builds
     /// stay queued in the database for the next start.
     pub async fn shutdown(&self) {
+        // Retries waiting to be queued are queued now (see `Host::consider_retry`).
+        self.stopping.send_replace(true);
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
@@ -569,8 +581,15 @@ pub struct Host {
     nudges: Vec<Arc<tokio::sync::Notify>>,
     /// Projects whose disk use changed (a build ended), for [`crate::metrics::watch_disk`].
     disk_dirty: mpsc::Sender<String>,
-    /// Set by [`Command::Drain`]: no build starts any more; these hear when none runs.
+    /// Those waiting for the drain (see [`Command::Drain`]): they hear when no build runs and
+    /// no retry is being decided.
     draining: Option<Vec<oneshot::Sender<()>>>,
+    /// Set once a stop began ([`HostHandle::drain`]): no build starts any more.
+    stopping: Arc<watch::Sender<bool>>,
+    /// ERROR builds whose retry is being decided off the loop (see [`Host::consider_retry`]).
+    retries_pending: usize,
+    /// In [`Host::shutdown`]: the builds it stops are not retried.
+    shutting_down: bool,
 }
 
 /// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
@@ -786,6 +805,7 @@ impl Host {
         let (snap_tx, snap_rx) = watch::channel(Arc::new(QueueSnapshot::default()));
         let settings = Arc::new(SettingsCache::default());
         let (disk_dirty, dirty_rx) = mpsc::channel(64);
+        let stopping = Arc::new(watch::Sender::new(false));
         let mut host = Host {
             queue: Queue::with_engines(
                 engines
@@ -815,6 +835,9 @@ impl Host {
             metrics: cfg.metrics.clone(),
             disk_dirty,
             draining: None,
+            stopping: stopping.clone(),
+            retries_pending: 0,
+            shutting_down: false,
         };
         host.workers.spawn(crate::metrics::watch_disk(
             cfg.metrics.clone(),
@@ -873,6 +896,7 @@ impl Host {
             data: cfg.data,
             changes,
             metrics: cfg.metrics,
+            stopping,
         };
         Ok((host, handle))
     }
@@ -1009,6 +1033,7 @@ impl Host {
     /// Runs the loop until shutdown.
     pub async fn run(mut self) {
         self.start_ready().await;
+        self.publish();
         loop {
             let cmd = match self.deferred.take() {
                 Some(c) => c,
@@ -1071,7 +1096,10 @@ impl Host {
                     self.start_ready().await;
                 }
                 Command::Retry { of, settings } => {
-                    self.retry(of, &settings).await;
+                    self.retries_pending = self.retries_pending.saturating_sub(1);
+                    if let Some(settings) = settings {
+                        self.retry(of, &settings).await;
+                    }
                     self.start_ready().await;
                     self.publish();
                 }
@@ -1425,7 +1453,7 @@ impl Host {
     }
 
     async fn start_ready(&mut self) {
-        if self.draining.is_some() {
+        if *self.stopping.borrow() {
             return;
         }
         while let Some(next) = self.queue.decide() {
@@ -1571,7 +1599,8 @@ impl Host {
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);
         }
-        if status == BuildStatus::Error {
+        if status == BuildStatus::Error && !self.shutting_down {
+            self.retries_pending += 1;
             self.consider_retry(id);
         }
     }
@@ -1580,71 +1609,93 @@ impl Host {
     /// run, and asks the loop to queue it again when retries are left (saying so in the ended
     /// build's log).
     fn consider_retry(&self, id: i64) {
-        let (tx, store, cache, data) = (
+        let (tx, store, cache, data, mut stopping) = (
             self.tx.clone(),
             self.store.clone(),
             self.settings.clone(),
             self.ctx.data.clone(),
+            self.stopping.subscribe(),
         );
         tokio::spawn(async move {
-            let Ok(Some(b)) = store.build_by_id(id).await else {
-                return;
-            };
-            let (project, d) = (b.project.clone(), data.clone());
-            let read = tokio::task::spawn_blocking(move || cache.get(&d, &project)).await;
-            let Ok(Ok(settings)) = read else {
-                return;
-            };
-            if settings.retry_on_error == 0 {
-                return;
-            }
-            let Ok(attempts) = store.attempts(id).await else {
-                return;
-            };
-            let allowed = i64::from(settings.retry_on_error) + 1;
-            // With only-build-latest, an older commit never runs after a newer build of its
-            // branch: the retry would supersede (SKIP) that build.
-            let newer = if settings.only_latest {
-                let branch = b.branch.clone().unwrap_or_else(|| "null".into());
-                store
-                    .builds_where(&b.project, &[("branch", branch.as_str())], 1, 0)
-                    .await
-                    .ok()
-                    .and_then(|v| v.into_iter().next())
-                    .filter(|n| n.id > id)
-            } else {
-                None
-            };
-            let line = if let Some(n) = &newer {
-                format!(
-                    "retry-on-error: not queued again: build {} of the same branch is newer \
-                     (only-build-latest)",
-                    n.name
-                )
-            } else if attempts < allowed {
-                format!(
-                    "retry-on-error: queued again (attempt {} of {allowed})",
-                    attempts + 1
-                )
-            } else {
-                format!("retry-on-error: no retries left ({attempts} of {allowed} attempts ran)")
-            };
-            tracing::info!("build {}: {line}", b.name);
-            let path = data.project(&b.project).build(&b.name).log();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Ok(mut log) = crate::log::BuildLog::open(&path, u64::MAX, None) {
-                    log.line(&line);
+            let settings = Self::decide_retry(id, store, cache, data).await;
+            if let Some((_, wait)) = &settings {
+                // A little longer after each attempt: a failure that is over in a moment does
+                // not become a burst of builds and notifications. A stop cuts the wait short,
+                // so the retry is queued before the host stops.
+                tokio::select! {
+                    _ = tokio::time::sleep(*wait) => {}
+                    _ = stopping.wait_for(|s| *s) => {}
                 }
-            })
-            .await;
-            if attempts < allowed && newer.is_none() {
-                // A little longer after each attempt: a failure that is over in a moment
-                // does not become a burst of builds and notifications.
-                let wait = Duration::from_secs(2 * attempts.clamp(1, 30) as u64);
-                tokio::time::sleep(wait).await;
-                let _ = tx.send(Command::Retry { of: id, settings }).await;
             }
+            let settings = settings.map(|(s, _)| s);
+            let _ = tx.send(Command::Retry { of: id, settings }).await;
         });
+    }
+
+    /// Whether ERROR build `id` runs again, with its settings and the wait before it (the
+    /// ended build's log says which).
+    async fn decide_retry(
+        id: i64,
+        store: Store,
+        cache: Arc<SettingsCache>,
+        data: DataDir,
+    ) -> Option<(Arc<QueueSettings>, Duration)> {
+        let Ok(Some(b)) = store.build_by_id(id).await else {
+            return None;
+        };
+        let (project, d) = (b.project.clone(), data.clone());
+        let read = tokio::task::spawn_blocking(move || cache.get(&d, &project)).await;
+        let Ok(Ok(settings)) = read else {
+            return None;
+        };
+        if settings.retry_on_error == 0 {
+            return None;
+        }
+        let Ok(attempts) = store.attempts(id).await else {
+            return None;
+        };
+        let allowed = i64::from(settings.retry_on_error) + 1;
+        // With only-build-latest, an older commit never runs after a newer build of its
+        // branch: the retry would supersede (SKIP) that build.
+        let newer = if settings.only_latest {
+            let branch = b.branch.clone().unwrap_or_else(|| "null".into());
+            store
+                .builds_where(&b.project, &[("branch", branch.as_str())], 1, 0)
+                .await
+                .ok()
+                .and_then(|v| v.into_iter().next())
+                .filter(|n| n.id > id)
+        } else {
+            None
+        };
+        let line = if let Some(n) = &newer {
+            format!(
+                "retry-on-error: not queued again: build {} of the same branch is newer \
+                 (only-build-latest)",
+                n.name
+            )
+        } else if attempts < allowed {
+            format!(
+                "retry-on-error: queued again (attempt {} of {allowed})",
+                attempts + 1
+            )
+        } else {
+            format!("retry-on-error: no retries left ({attempts} of {allowed} attempts ran)")
+        };
+        tracing::info!("build {}: {line}", b.name);
+        let path = data.project(&b.project).build(&b.name).log();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut log) = crate::log::BuildLog::open(&path, u64::MAX, None) {
+                log.line(&line);
+            }
+        })
+        .await;
+        (attempts < allowed && newer.is_none()).then(|| {
+            (
+                settings,
+                Duration::from_secs(2 * attempts.clamp(1, 30) as u64),
+            )
+        })
     }
 
     /// Records how a build ended. While the database cannot take it (a full disk, say) a
@@ -1877,7 +1928,7 @@ impl Host {
 
     /// Tells those waiting for the drain (see [`Command::Drain`]) once no build runs.
     fn answer_drained(&mut self) {
-        if self.active.is_empty() {
+        if self.active.is_empty() && self.retries_pending == 0 {
             for done in self.draining.iter_mut().flat_map(|w| w.drain(..)) {
                 let _ = done.send(());
             }
@@ -1885,14 +1936,23 @@ impl Host {
     }
 
     async fn shutdown(&mut self) {
+        self.shutting_down = true;
         for a in self.active.values() {
             a.stop.stop(StopReason::Shutdown);
         }
         // Wait for the workers to report; each stops its container within its stop timeout.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while !self.active.is_empty() {
+        // Retries decided before the stop come at once (their wait is cut short).
+        while !self.active.is_empty() || self.retries_pending > 0 {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(Command::Complete { id, finish, .. })) => self.complete(id, &finish).await,
+                // Queued for the next start, as the ended build's log says.
+                Ok(Some(Command::Retry { of, settings })) => {
+                    self.retries_pending = self.retries_pending.saturating_sub(1);
+                    if let Some(settings) = settings {
+                        self.retry(of, &settings).await;
+                    }
+                }
                 Ok(Some(Command::Build(_, _, r))) => {
                     let _ = r.send(Err(HostError::ShuttingDown));
                 }
@@ -1948,8 +2008,13 @@ mod tests {
         }
     }
 
-    /// An engine whose `run` panics for the image `panic` and otherwise ends at once.
+    /// An engine whose `run` panics for the image `panic`, waits to be stopped for `block`,
+    /// fails (an ERROR build) when [`GATE`] is opened for `gate-error`, and otherwise ends at
+    /// once.
     struct FakeExecutor;
+
+    /// Opened by the one test whose builds use the image `gate-error`.
+    static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
     impl Executor for FakeExecutor {
         fn ensure_image<'a>(
@@ -1973,6 +2038,10 @@ mod tests {
                 if spec.image == "block" {
                     _stop.cancelled().await;
                     return Ok(RunEnd::Stopped(143));
+                }
+                if spec.image == "gate-error" {
+                    GATE.notified().await;
+                    return Err(ExecError::Docker("the fake engine failed".into()));
                 }
                 Ok(RunEnd::Exited(0))
             })
@@ -2044,6 +2113,48 @@ mod tests {
         };
         let (host, h) = Host::start(cfg, Arc::new(FakeExecutor)).await.unwrap();
         (h, tokio::spawn(host.run()))
+    }
+
+    /// A build that ends ERROR during a graceful stop has its retry queued before the drain
+    /// ends (its wait cut short), and nothing starts it: it waits, pending, for the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_decided_during_the_drain_is_queued_before_the_drain_ends() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::new(t.path().join("data"));
+        fake_project(&data, "p", "gate-error");
+        std::fs::write(
+            data.project("p")
+                .config()
+                .join(ams_core::private_config::PrivateConfig::FILE),
+            r#"{"retry-on-error": 1}"#,
+        )
+        .unwrap();
+        let (h, looped) = fake_host(&data).await;
+        let first = h.build(request("p")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while h.store.build_by_id(first.id).await.unwrap().unwrap().status != BuildStatus::Running {
+            assert!(tokio::time::Instant::now() < deadline, "it never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drained = h.drain();
+        tokio::pin!(drained);
+        // Still running: the drain waits.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut drained)
+                .await
+                .is_err()
+        );
+        GATE.notify_one();
+        tokio::time::timeout(Duration::from_secs(30), drained)
+            .await
+            .expect("the drain ended");
+        assert_eq!(wait_final(&h, first.id).await.status, BuildStatus::Error);
+        let all = h.store.builds_of("p", 10, 0).await.unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].retry_of, Some(first.id));
+        assert_eq!(all[0].status, BuildStatus::Pending, "a retry started");
+        h.shutdown().await;
+        looped.await.unwrap();
     }
 
     /// The published snapshot lists at most SNAPSHOT_PENDING pending builds, with the total.

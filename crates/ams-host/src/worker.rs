@@ -942,7 +942,9 @@ async fn run_host_commands(
     for (i, c) in commands.iter().enumerate() {
         let cmd = expand(&format!("prepare-build.{what}[{i}]"), c, values)?;
         log.line(&format!("host $ {cmd}"));
+        // Its own process group, as git's (see `git::git`).
         let mut child = tokio::process::Command::new("sh")
+            .process_group(0)
             .arg("-c")
             .arg(format!("exec 2>&1\n{cmd}"))
             .env("GIT_SSH_COMMAND", ssh_command)
@@ -1845,6 +1847,7 @@ pub async fn pack(
             cmd.arg(k.name());
         }
         let o = cmd
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output()

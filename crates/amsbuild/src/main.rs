@@ -1502,12 +1502,14 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         .await
         .context("cannot open the database")?;
     let metrics = Arc::new(ams_host::metrics::Metrics::new());
+    // The notifier stops after the host, so the last builds' events still go out.
+    let notify_stop = CancellationToken::new();
     let (notifier, notify_task) = ams_notify::start(
         data.clone(),
         Arc::new(conf.clone()),
         store.clone(),
         metrics.clone(),
-        shutdown.clone(),
+        notify_stop.clone(),
     );
     for p in ams_notify::startup_problems(&data) {
         tracing::error!("{p}");
@@ -1701,18 +1703,19 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     let host_task = tokio::spawn(host.run());
     let schedule_task = tokio::spawn(ams_host::schedule::run(handle.clone(), shutdown.clone()));
 
+    // A renewed certificate is taken up without a restart.
+    let reload = || match &certs {
+        Some(c) => match c.reload() {
+            Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
+            Err(e) => tracing::error!("SIGHUP: kept the old TLS certificate: {e}"),
+        },
+        None => tracing::info!("SIGHUP: nothing to reload (use_ssl is false)"),
+    };
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("interrupt: stopping"); break; }
-            _ = hup.recv() => match &certs {
-                // A renewed certificate is taken up without a restart.
-                Some(c) => match c.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate"),
-                    Err(e) => tracing::error!("SIGHUP: kept the old TLS certificate: {e}"),
-                },
-                None => tracing::info!("SIGHUP: nothing to reload (use_ssl is false)"),
-            },
+            _ = hup.recv() => reload(),
         }
     }
     // First step: the running builds get the grace to finish while no queued build starts and
@@ -1720,6 +1723,8 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
     // is asked even when nothing seems to run, so no build starts after this point.
     let grace = Duration::from_secs(conf.shutdown_grace_secs);
     if !grace.is_zero() {
+        let drained = handle.drain();
+        tokio::pin!(drained);
         let running = handle.snapshot().await.map(|s| s.active.len()).unwrap_or(0);
         if running > 0 {
             tracing::info!(
@@ -1729,16 +1734,32 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
                 data.web_conf().display()
             );
         }
-        tokio::select! {
-            _ = handle.drain() => if running > 0 {
-                tracing::info!("no build runs any more: stopping");
-            },
-            _ = tokio::time::sleep(grace) => tracing::warn!(
-                "shutdown_grace_secs ({} s) is over: stopping the builds still running",
-                grace.as_secs()
-            ),
-            _ = term.recv() => tracing::warn!("SIGTERM again: stopping the running builds now"),
-            _ = int.recv() => tracing::warn!("interrupt again: stopping the running builds now"),
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            tokio::select! {
+                _ = &mut drained => {
+                    if running > 0 {
+                        tracing::info!("no build runs any more: stopping");
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep_until(until) => {
+                    tracing::warn!(
+                        "shutdown_grace_secs ({} s) is over: stopping the builds still running",
+                        grace.as_secs()
+                    );
+                    break;
+                }
+                _ = term.recv() => {
+                    tracing::warn!("SIGTERM again: stopping the running builds now");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::warn!("interrupt again: stopping the running builds now");
+                    break;
+                }
+                _ = hup.recv() => reload(),
+            }
         }
     }
     shutdown.cancel();
@@ -1750,6 +1771,7 @@ async fn serve(data: DataDir) -> Result<ExitCode> {
         let _ = t.await;
     }
     // Notifications still queued get 10 s; a slow receiver never holds the stop longer.
+    notify_stop.cancel();
     let notify_abort = notify_task.abort_handle();
     if tokio::time::timeout(Duration::from_secs(10), notify_task)
         .await

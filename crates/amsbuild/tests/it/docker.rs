@@ -803,12 +803,15 @@ fn restart_recovery(kill: bool) {
 }
 
 /// A SIGTERM lets the running build finish: the host keeps serving and queueing meanwhile, no
-/// queued build starts, and it stops by itself once none runs; the queue runs after the next
-/// start. A second SIGTERM stops a running build at once, and so does the end of the grace.
+/// queued build starts though a slot is free, the finished build's notification goes out, and
+/// the host stops by itself once none runs; the queue runs after the next start. A second
+/// SIGTERM stops a running build at once, and so does the end of the grace.
 #[test]
 fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them() {
     require_docker();
-    let mut h = TestHost::with_conf(json!({"max_active_builds": 1, "shutdown_grace_secs": 300}));
+    let (hook_at, hooked) = body_receiver();
+    let mut h = TestHost::with_conf(json!({"max_active_builds": 2, "shutdown_grace_secs": 300,
+                                           "notify_allow_private": true}));
     h.start();
     h.project(
         "g",
@@ -820,26 +823,46 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
             ]
         )])),
     );
+    std::fs::write(
+        h.data.join("projects/g/master/config/webhooks.json"),
+        json!({"in-webhooks": [], "out-webhooks": [
+            {"hook-name": "done", "type": "discord", "trigger": "build-complete",
+             "url": format!("http://{hook_at}/done/1/t"),
+             "data": {"default": {"content": "{build_name} {status}"}}}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
     let running = h.build("g");
     h.wait_running("g", &running);
-    let queued = h.build("g");
     h.send("-TERM");
     wait_for("the host to wait for the build", T, || {
         h.host_log()
             .contains("waiting up to 300 s for 1 running build(s) to finish")
             .then_some(())
     });
-    // Still serving and queueing; nothing new starts.
+    // Still serving and queueing; nothing starts, though a slot is free (the answer comes
+    // after the loop tried to start what it queued).
+    let queued = h.build("g");
     let during = h.build("g");
     assert!(!h.exited(), "{}", h.host_log());
     assert_eq!(h.record("g", &queued)["status"], "pending");
     assert_eq!(h.record("g", &during)["status"], "pending");
-    // Let the build go: it passes, and then the host stops by itself.
+    // Let the build go: it passes, and then the host stops by itself, once its notification
+    // went out.
     std::fs::write(h.build_dir("g").join(&running).join("build/go"), "").unwrap();
     wait_for("the host to stop once the build ended", T, || {
         h.exited().then_some(())
     });
     assert!(h.host_log().contains("no build runs any more: stopping"));
+    let sent: Vec<String> = hooked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(sent[0].contains(&format!("{running} PASS")), "{sent:?}");
 
     // The next start runs the two queued builds; each is let go at once.
     std::fs::write(
