@@ -588,8 +588,6 @@ pub struct Host {
     stopping: Arc<watch::Sender<bool>>,
     /// ERROR builds whose retry is being decided off the loop (see [`Host::consider_retry`]).
     retries_pending: usize,
-    /// In [`Host::shutdown`]: the builds it stops are not retried.
-    shutting_down: bool,
 }
 
 /// Takes builds out of [`Host::removing`] when their removal task ends, however it ends.
@@ -837,7 +835,6 @@ impl Host {
             draining: None,
             stopping: stopping.clone(),
             retries_pending: 0,
-            shutting_down: false,
         };
         host.workers.spawn(crate::metrics::watch_disk(
             cfg.metrics.clone(),
@@ -1453,10 +1450,11 @@ impl Host {
     }
 
     async fn start_ready(&mut self) {
-        if *self.stopping.borrow() {
-            return;
-        }
-        while let Some(next) = self.queue.decide() {
+        // Checked before each start: a stop may begin while one is being recorded.
+        while !self.is_stopping() {
+            let Some(next) = self.queue.decide() else {
+                break;
+            };
             let (q, engine_index) = match next {
                 ams_core::queue::Next::Start(q, e) => (q, e),
                 ams_core::queue::Next::Impossible(q, why) => {
@@ -1578,6 +1576,10 @@ impl Host {
         self.requeues.remove(&id);
         self.queue.finish(id);
         let active = self.active.remove(&id);
+        // A build the host's stop interrupted is not retried (docs/pipeline-config.md).
+        let interrupted = active
+            .as_ref()
+            .is_some_and(|a| a.stop.reason() == Some(StopReason::Shutdown));
         let name = self
             .live
             .remove(&id)
@@ -1599,7 +1601,7 @@ impl Host {
         if let Some(e) = &self.events {
             e.event(id, EventKind::Finished);
         }
-        if status == BuildStatus::Error && !self.shutting_down {
+        if status == BuildStatus::Error && !interrupted {
             self.retries_pending += 1;
             self.consider_retry(id);
         }
@@ -1616,7 +1618,7 @@ impl Host {
             self.ctx.data.clone(),
             self.stopping.subscribe(),
         );
-        tokio::spawn(async move {
+        let decided = tokio::spawn(async move {
             let settings = Self::decide_retry(id, store, cache, data).await;
             if let Some((_, wait)) = &settings {
                 // A little longer after each attempt: a failure that is over in a moment does
@@ -1627,7 +1629,11 @@ impl Host {
                     _ = stopping.wait_for(|s| *s) => {}
                 }
             }
-            let settings = settings.map(|(s, _)| s);
+            settings.map(|(s, _)| s)
+        });
+        // The loop hears of every decision, a panicked one as "no retry": a stop waits for it.
+        tokio::spawn(async move {
+            let settings = decided.await.ok().flatten();
             let _ = tx.send(Command::Retry { of: id, settings }).await;
         });
     }
@@ -1926,6 +1932,10 @@ impl Host {
         });
     }
 
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Tells those waiting for the drain (see [`Command::Drain`]) once no build runs.
     fn answer_drained(&mut self) {
         if self.active.is_empty() && self.retries_pending == 0 {
@@ -1936,7 +1946,6 @@ impl Host {
     }
 
     async fn shutdown(&mut self) {
-        self.shutting_down = true;
         for a in self.active.values() {
             a.stop.stop(StopReason::Shutdown);
         }

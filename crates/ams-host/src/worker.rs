@@ -954,6 +954,9 @@ async fn run_host_commands(
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run host command: {e}"))?;
+        let group = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32));
         let mut out = child.stdout.take().ok_or("no stdout")?;
         let mut buf = vec![0u8; 32 * 1024];
         loop {
@@ -963,7 +966,13 @@ async fn run_host_commands(
                     Ok(0) | Err(_) => break,
                     Ok(n) => log.write(&buf[..n]),
                 },
-                _ = stop.token().cancelled() => return Err("stopped".into()),
+                _ = stop.token().cancelled() => {
+                    // The command's whole group, so what it started (`a | b`, `a &`) goes too.
+                    if let Some(g) = group {
+                        let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
+                    }
+                    return Err("stopped".into());
+                }
             }
         }
         let status = child

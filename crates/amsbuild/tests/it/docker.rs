@@ -920,6 +920,49 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
     assert!(h.containers().is_empty(), "a container was left behind");
 }
 
+/// The processes a trusted host command started, with the ages in their command lines.
+fn sleeps(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| c == format!("sleep\0{marker}\0").as_bytes())
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// A cancel kills a host command's whole process group: what it started in a pipe or in the
+/// background goes with it, not only its shell.
+#[test]
+fn a_canceled_host_command_takes_what_it_started_with_it() {
+    require_docker();
+    let mut h = TestHost::new();
+    h.start();
+    // Ages no other test uses, to find these processes.
+    let (a, b) = ("6123", "6124");
+    h.project(
+        "hc",
+        &pipeline_with(
+            json!([stage("s", &["true"])]),
+            json!({"prepare-build": {
+                "master-dir-commands": [format!("sleep {a} & sleep {b} | cat")],
+                "build-dir-commands": []}}),
+        ),
+    );
+    h.private_config("hc", json!({"trust-host-commands": true}));
+    let name = h.build("hc");
+    wait_for("the host command to run", T, || {
+        (sleeps(a) == 1 && sleeps(b) == 1).then_some(())
+    });
+    h.req(json!({"cmd": "cancel", "build": name}));
+    assert_eq!(h.wait_status("hc", &name, T)["status"], "cancel");
+    wait_for("the host command's processes to end", T, || {
+        (sleeps(a) == 0 && sleeps(b) == 0).then_some(())
+    });
+}
+
 #[test]
 fn restart_after_sigkill_mid_build() {
     restart_recovery(true);
