@@ -1432,11 +1432,31 @@ impl Host {
         // The loop does not wait for this commit: it goes on to the next deliveries, whose
         // write comes after this one in the writer's queue (often in the same transaction).
         // Live views hear of the change once it is in the database, where they read it.
-        let recorded = self.store.skip_builds(&skipped, timefmt::now());
-        let changes = self.changes.clone();
+        let at = timefmt::now();
+        let recorded = self.store.skip_builds(&skipped, at);
+        let (changes, store, again) = (self.changes.clone(), self.store.clone(), skipped.clone());
         self.workers.spawn(async move {
             if let Err(e) = recorded.await {
-                tracing::error!("cannot record superseded builds: {e}");
+                // They left the queue: while the database cannot take it (a full disk), keep
+                // trying, so that they do not stay "pending" in the records (a restart
+                // would queue them again, and supersede them again).
+                tracing::error!("cannot record superseded builds now, trying again: {e}");
+                let mut e = e;
+                let mut wait = Duration::from_millis(250);
+                while e.is_unavailable() {
+                    tokio::time::sleep(wait).await;
+                    match store.skip_builds(&again, at).await {
+                        Ok(()) => {
+                            tracing::info!("recorded {} superseded build(s)", again.len());
+                            break;
+                        }
+                        Err(next) => e = next,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                if !e.is_unavailable() {
+                    tracing::error!("cannot record superseded builds: {e}");
+                }
             }
             let _ = changes.send(());
         });

@@ -335,6 +335,32 @@ impl Trial {
         );
         let h = &mut self.h;
 
+        // The records agree with the queue again: a build they call pending or running is in
+        // it (a superseded build whose skip could not be written during the fault is written
+        // once the fault is gone, not left "pending" until a restart).
+        wait_for(
+            "the records to agree with the queue",
+            Duration::from_secs(60),
+            || {
+                let st = h.req(json!({"cmd": "status"}));
+                let queued: HashSet<&str> = ["active", "pending"]
+                    .iter()
+                    .flat_map(|k| st[*k].as_array().unwrap().iter())
+                    .map(|b| b["name"].as_str().unwrap())
+                    .collect();
+                let builds = h.req(json!({"cmd": "builds", "project": "p", "limit": 1000}));
+                let stray: Vec<String> = builds["builds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|b| b["status"] == "pending" || b["status"] == "running")
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .filter(|n| !queued.contains(n.as_str()))
+                    .collect();
+                stray.is_empty().then_some(())
+            },
+        );
+
         // A crash, then the same data directory again.
         h.kill();
         h.start();
