@@ -82,6 +82,8 @@ pub struct QueueSnapshot {
     pub pending: Vec<BuildRecord>,
     /// How many builds are pending in all.
     pub pending_total: usize,
+    /// A stop has begun: running builds may finish, queued ones wait for the next start.
+    pub stopping: bool,
 }
 
 /// What the host last learnt of the Docker engine (checked every few seconds).
@@ -991,6 +993,7 @@ impl Host {
                 .filter_map(|q| rec(&q.id))
                 .collect(),
             pending_total: self.queue.pending().count(),
+            stopping: self.is_stopping(),
         };
         self.metrics
             .queue(snap.pending_total, self.queue.active_count());

@@ -350,6 +350,8 @@ pub struct PanelsV {
     pub root: String,
     pub csrf: String,
     pub engine_down: bool,
+    /// The host is stopping (see docs/web_conf.md, "Stopping the host").
+    pub stopping: bool,
     pub messages: Vec<MessageV>,
     pub tasks: Vec<TaskListV>,
     pub projects: Vec<ProjectRowV>,
@@ -568,6 +570,7 @@ async fn panels_view(st: &ApiState, v: &Viewer, q: &DashQuery) -> PanelsV {
         root,
         csrf: v.csrf.clone(),
         engine_down: st.host.engine.borrow().up == Some(false),
+        stopping: snap.stopping,
         messages,
         tasks,
         projects: rows,

@@ -812,7 +812,6 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
     let (hook_at, hooked) = body_receiver();
     let mut h = TestHost::with_conf(json!({"max_active_builds": 2, "shutdown_grace_secs": 300,
                                            "notify_allow_private": true}));
-    h.start();
     h.project(
         "g",
         &pipeline(json!([stage(
@@ -833,6 +832,30 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
         .to_string(),
     )
     .unwrap();
+    add_user(&h, "watcher", "3", "g", "correct horse battery");
+    h.start();
+    let web = h.web_addr();
+    let (_, head, _) = http_full(
+        &web,
+        "POST",
+        "/ams-build/login",
+        &[(
+            "Content-Type",
+            "application/x-www-form-urlencoded".to_string(),
+        )],
+        &form(&[
+            ("username", "watcher"),
+            ("password", "correct horse battery"),
+        ]),
+    );
+    let cookie = set_cookie(&head);
+    let dashboard = || {
+        let (st, _, body) = http_raw(&web, "/ams-build/", &[("Cookie", cookie.clone())]);
+        assert_eq!(st, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    const STOPPING: &str = "The server is stopping: running builds may finish";
+    assert!(!dashboard().contains(STOPPING));
     let running = h.build("g");
     h.wait_running("g", &running);
     h.send("-TERM");
@@ -846,6 +869,10 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
     let queued = h.build("g");
     let during = h.build("g");
     assert!(!h.exited(), "{}", h.host_log());
+    assert!(
+        dashboard().contains(STOPPING),
+        "the dashboard says nothing of the stop"
+    );
     assert_eq!(h.record("g", &queued)["status"], "pending");
     assert_eq!(h.record("g", &during)["status"], "pending");
     // Let the build go: it passes, and then the host stops by itself, once its notification
