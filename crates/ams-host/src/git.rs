@@ -160,6 +160,8 @@ async fn git(
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot run git: {e}; install git"))?;
+    // A cancel or a timeout takes git's whole group: ssh, a remote helper, a gc it runs.
+    let mut group = crate::group::GroupKill::new(child.id());
     let out = tokio::select! {
         r = tokio::time::timeout(GIT_TIMEOUT, child.wait_with_output()) => match r {
             Ok(r) => r.map_err(|e| format!("git {}: {e}", args.join(" ")))?,
@@ -167,6 +169,7 @@ async fn git(
         },
         _ = cancel.cancelled() => return Err("canceled".into()),
     };
+    group.reaped();
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {

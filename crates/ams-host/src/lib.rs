@@ -8,6 +8,7 @@ pub mod copy;
 pub mod deliveries;
 pub mod error;
 pub mod git;
+pub mod group;
 pub mod host;
 pub mod log;
 pub mod metrics;

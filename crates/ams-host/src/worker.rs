@@ -954,9 +954,9 @@ async fn run_host_commands(
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run host command: {e}"))?;
-        let group = child
-            .id()
-            .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+        // Dropped first on any way out (a stop here, or the build's future dropped at any
+        // await): the command's whole group goes, so what it started goes too.
+        let mut group = crate::group::GroupKill::new(child.id());
         let mut out = child.stdout.take().ok_or("no stdout")?;
         let mut buf = vec![0u8; 32 * 1024];
         loop {
@@ -966,19 +966,14 @@ async fn run_host_commands(
                     Ok(0) | Err(_) => break,
                     Ok(n) => log.write(&buf[..n]),
                 },
-                _ = stop.token().cancelled() => {
-                    // The command's whole group, so what it started (`a | b`, `a &`) goes too.
-                    if let Some(g) = group {
-                        let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
-                    }
-                    return Err("stopped".into());
-                }
+                _ = stop.token().cancelled() => return Err("stopped".into()),
             }
         }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| format!("host command: {e}"))?;
+        let status = tokio::select! {
+            s = child.wait() => s.map_err(|e| format!("host command: {e}"))?,
+            _ = stop.token().cancelled() => return Err("stopped".into()),
+        };
+        group.reaped();
         if !status.success() {
             return Err(format!("prepare-build.{what}[{i}] failed with {status}"));
         }

@@ -988,6 +988,32 @@ fn a_canceled_host_command_takes_what_it_started_with_it() {
     wait_for("the host command's processes to end", T, || {
         (sleeps(a) == 0 && sleeps(b) == 0).then_some(())
     });
+    // A timeout likewise (the build's future is dropped there, not told to stop): the
+    // preparation is bounded by web_conf.json's build_timeout_secs.
+    h.term();
+    let conf = h.data.join("web_conf.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+    c["build_timeout_secs"] = json!(3);
+    std::fs::write(&conf, c.to_string()).unwrap();
+    h.start();
+    let (a, b) = ("6125", "6126");
+    std::fs::write(
+        h.source("hc").join("pipeline.json"),
+        pipeline_with(
+            json!([stage("s", &["true"])]),
+            json!({"prepare-build": {
+                "master-dir-commands": [format!("sleep {a} & sleep {b} | cat")],
+                "build-dir-commands": []}}),
+        ),
+    )
+    .unwrap();
+    let name = h.build("hc");
+    let r = h.wait_status("hc", &name, T);
+    assert_eq!(r["status"], "fail", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("timed out"), "{r}");
+    wait_for("the timed-out host command's processes to end", T, || {
+        (sleeps(a) == 0 && sleeps(b) == 0).then_some(())
+    });
 }
 
 #[test]
