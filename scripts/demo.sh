@@ -26,11 +26,22 @@ PORT=$(sed -n 's/.*"web_interface_port": *\([0-9]*\).*/\1/p' "$AMSBUILD_HOME/web
 URL="http://localhost:${PORT:-8080}/ams-build/"
 
 step "starting the host (a few seconds; on the first start it prints the admin password once)"
-"$AMS" serve &
+# In a session of its own, so that Ctrl-C reaches only this script, which stops the host as below.
+setsid "$AMS" serve &
 HOST=$!
-trap 'kill -TERM $HOST 2>/dev/null; wait $HOST' EXIT
+# Stopping: the host lets a running build finish (shutdown_grace_secs, 30 s); a second Ctrl-C
+# (or TERM) is passed on and stops it at once. The script waits for the host either way.
+stop_host() {
+  trap 'kill -TERM $HOST 2>/dev/null' INT TERM HUP
+  if kill -TERM "$HOST" 2>/dev/null; then
+    echo "demo: stopping the host (a running build gets up to 30 s to finish; Ctrl-C again stops it now)" >&2
+  fi
+  while kill -0 "$HOST" 2>/dev/null; do wait "$HOST" 2>/dev/null || true; done
+}
+trap stop_host EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 for _ in $(seq 1 300); do
   "$AMS" status >/dev/null 2>&1 && break
   kill -0 "$HOST" 2>/dev/null || { echo "demo: the host stopped at start; its reason is above" >&2; trap - EXIT; exit 1; }
