@@ -26,15 +26,15 @@ PORT=$(sed -n 's/.*"web_interface_port": *\([0-9]*\).*/\1/p' "$AMSBUILD_HOME/web
 URL="http://localhost:${PORT:-8080}/ams-build/"
 
 step "starting the host (a few seconds; on the first start it prints the admin password once)"
-# In a session of its own, so that Ctrl-C reaches only this script, which stops the host as below.
-setsid "$AMS" serve &
-HOST=$!
-# Stopping: the host lets a running build finish (shutdown_grace_secs, 30 s); a second Ctrl-C
-# (or TERM) is passed on and stops it at once. The script waits for the host either way.
+# Stopping: the host lets a running build finish (shutdown_grace_secs in web_conf.json, 30 s by
+# default); a second Ctrl-C (or TERM, or a hang-up) is passed on and stops it at once. The
+# script waits for the host either way. The traps come first, so no signal leaves it running.
+HOST=
 stop_host() {
   trap 'kill -TERM $HOST 2>/dev/null' INT TERM HUP
+  [ -n "$HOST" ] || return 0
   if kill -TERM "$HOST" 2>/dev/null; then
-    echo "demo: stopping the host (a running build gets up to 30 s to finish; Ctrl-C again stops it now)" >&2
+    echo "demo: stopping the host (a running build gets shutdown_grace_secs to finish; Ctrl-C again stops it now)" >&2 || true
   fi
   while kill -0 "$HOST" 2>/dev/null; do wait "$HOST" 2>/dev/null || true; done
 }
@@ -42,6 +42,11 @@ trap stop_host EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
+# In a session of its own, so that Ctrl-C reaches only this script, which stops the host as
+# above. Without job control setsid does not fork, so $! is the host itself.
+set +m
+setsid "$AMS" serve &
+HOST=$!
 for _ in $(seq 1 300); do
   "$AMS" status >/dev/null 2>&1 && break
   kill -0 "$HOST" 2>/dev/null || { echo "demo: the host stopped at start; its reason is above" >&2; trap - EXIT; exit 1; }
@@ -73,7 +78,7 @@ if wait "$HOST"; then
 else
   code=$?
   trap - EXIT
-  # 130/143: Ctrl-C or kill -TERM of this script, whose trap stopped the host; else it died.
+  # The host ended by itself (a Ctrl-C or a TERM of this script leaves through its traps).
   echo "demo: the host stopped (exit $code); its reason is above" >&2
   exit "$code"
 fi

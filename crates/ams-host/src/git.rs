@@ -157,13 +157,41 @@ async fn git(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run git: {e}; install git"))?;
-    // A cancel or a timeout takes git's whole group: ssh, a remote helper, a gc it runs.
+    // A cancel or a timeout takes git's whole group: ssh, a remote helper, a gc it runs. The
+    // child stays here, unreaped until `wait` below, so the guard (dropped before it) never
+    // names a group number that was freed.
     let mut group = crate::group::GroupKill::new(child.id());
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        use tokio::io::AsyncReadExt;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let read_out = async {
+            match stdout {
+                Some(mut s) => s.read_to_end(&mut out).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let read_err = async {
+            match stderr {
+                Some(mut s) => s.read_to_end(&mut err).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let (a, b) = tokio::join!(read_out, read_err);
+        a?;
+        b?;
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>(std::process::Output {
+            status,
+            stdout: out,
+            stderr: err,
+        })
+    };
     let out = tokio::select! {
-        r = tokio::time::timeout(GIT_TIMEOUT, child.wait_with_output()) => match r {
+        r = tokio::time::timeout(GIT_TIMEOUT, run) => match r {
             Ok(r) => r.map_err(|e| format!("git {}: {e}", args.join(" ")))?,
             Err(_) => return Err(format!("git {} timed out after {}s", args.join(" "), GIT_TIMEOUT.as_secs())),
         },
