@@ -1016,6 +1016,61 @@ fn a_canceled_host_command_takes_what_it_started_with_it() {
     });
 }
 
+/// A git update hung on a remote that never answers (ssh waits for its banner) is canceled
+/// with its whole process group: git and the ssh it started both end.
+#[test]
+fn a_canceled_git_update_takes_its_ssh_with_it() {
+    require_docker();
+    let mut h = TestHost::new();
+    let repo = h.tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        repo.join("pipeline.json"),
+        pipeline(json!([stage("s", &["true"])])),
+    )
+    .unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    add_git_project(&h, "hung", &repo);
+    // A listener that takes connections and says nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    let master = h.data.join("projects/hung/master/project_source");
+    git(
+        &master,
+        &[
+            "remote",
+            "set-url",
+            "origin",
+            &format!("ssh://git@127.0.0.1:{port}/repo"),
+        ],
+    );
+    h.start();
+    let name = h.build("hung");
+    let ssh_running = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c).into_owned();
+                        c.starts_with("ssh\0") && c.contains(&format!("\0{port}\0"))
+                    })
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    wait_for("git's ssh to connect", T, || {
+        (ssh_running() == 1).then_some(())
+    });
+    h.req(json!({"cmd": "cancel", "build": name}));
+    assert_eq!(h.wait_status("hung", &name, T)["status"], "cancel");
+    wait_for("git's ssh to end", T, || (ssh_running() == 0).then_some(()));
+    drop(silent);
+}
+
 #[test]
 fn restart_after_sigkill_mid_build() {
     restart_recovery(true);
