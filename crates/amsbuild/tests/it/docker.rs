@@ -517,17 +517,16 @@ fn builds_queued_before_a_fetch_share_it_and_a_later_push_is_fetched() {
     require_docker();
     let mut h = TestHost::with_conf(json!({"max_active_builds": 1}));
     let repo = h.tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        repo.join("pipeline.json"),
-        pipeline(json!([stage("show", &["echo version=$(cat version.txt)"])])),
-    )
-    .unwrap();
-    std::fs::write(repo.join("version.txt"), "one").unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
-    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    let c1 = git_repo(
+        &repo,
+        &[
+            (
+                "pipeline.json",
+                &pipeline(json!([stage("show", &["echo version=$(cat version.txt)"])])),
+            ),
+            ("version.txt", "one"),
+        ],
+    );
     add_git_project(&h, "g", &repo);
     h.project("blocker", &pipeline(json!([stage("s", &["sleep 600"])])));
     h.start();
@@ -577,20 +576,19 @@ fn git_sources_build_the_exact_commit_or_branch_head() {
     require_docker();
     let mut h = TestHost::new();
     let repo = h.tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        repo.join("pipeline.json"),
-        pipeline(json!([stage(
-            "show",
-            &["echo version=$(cat version.txt) git={git_hash}"]
-        )])),
-    )
-    .unwrap();
-    std::fs::write(repo.join("version.txt"), "one").unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
-    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    let c1 = git_repo(
+        &repo,
+        &[
+            (
+                "pipeline.json",
+                &pipeline(json!([stage(
+                    "show",
+                    &["echo version=$(cat version.txt) git={git_hash}"]
+                )])),
+            ),
+            ("version.txt", "one"),
+        ],
+    );
     std::fs::write(repo.join("version.txt"), "two").unwrap();
     git(&repo, &["commit", "-q", "-am", "two"]);
     let c2 = git(&repo, &["rev-parse", "HEAD"]);
@@ -835,20 +833,7 @@ fn a_sigterm_lets_running_builds_finish_and_a_second_one_or_the_grace_stops_them
     add_user(&h, "watcher", "3", "g", "correct horse battery");
     h.start();
     let web = h.web_addr();
-    let (_, head, _) = http_full(
-        &web,
-        "POST",
-        "/ams-build/login",
-        &[(
-            "Content-Type",
-            "application/x-www-form-urlencoded".to_string(),
-        )],
-        &form(&[
-            ("username", "watcher"),
-            ("password", "correct horse battery"),
-        ]),
-    );
-    let cookie = set_cookie(&head);
+    let cookie = web_login(&web, "watcher", "correct horse battery");
     let dashboard = || {
         let (st, _, body) = http_raw(&web, "/ams-build/", &[("Cookie", cookie.clone())]);
         assert_eq!(st, 200);
@@ -1023,15 +1008,10 @@ fn a_canceled_git_update_takes_its_ssh_with_it() {
     require_docker();
     let mut h = TestHost::new();
     let repo = h.tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        repo.join("pipeline.json"),
-        pipeline(json!([stage("s", &["true"])])),
-    )
-    .unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
+    git_repo(
+        &repo,
+        &[("pipeline.json", &pipeline(json!([stage("s", &["true"])])))],
+    );
     add_git_project(&h, "hung", &repo);
     // A listener that takes connections and says nothing.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -532,18 +532,8 @@ fn builds_are_placed_by_labels_and_source_and_output_travel_byte_for_byte() {
     // The admin page: SERVER ADMIN sees every engine; anyone else gets the 404 of no page.
     let web = h.web_addr();
     let page = |user: &str| {
-        let (st, head, _) = http_full(
-            &web,
-            "POST",
-            "/ams-build/login",
-            &[(
-                "Content-Type",
-                "application/x-www-form-urlencoded".to_string(),
-            )],
-            &form(&[("username", user), ("password", "a long password")]),
-        );
-        assert_eq!(st, 303, "{head}");
-        let (st, _, body) = http_raw(&web, "/ams-build/engines", &[("Cookie", set_cookie(&head))]);
+        let cookie = web_login(&web, user, "a long password");
+        let (st, _, body) = http_raw(&web, "/ams-build/engines", &[("Cookie", cookie)]);
         (st, String::from_utf8_lossy(&body).to_string())
     };
     let (st, body) = page("boss");

@@ -605,6 +605,22 @@ pub fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// The `name=value` of a response's first Set-Cookie.
+/// Logs `user` in on the web interface at `addr`; the session cookie (`name=value`).
+pub fn web_login(addr: &str, user: &str, pw: &str) -> String {
+    let (st, head, _) = http_full(
+        addr,
+        "POST",
+        "/ams-build/login",
+        &[(
+            "Content-Type",
+            "application/x-www-form-urlencoded".to_string(),
+        )],
+        &form(&[("username", user), ("password", pw)]),
+    );
+    assert_eq!(st, 303, "login of {user}: {head}");
+    set_cookie(&head)
+}
+
 pub fn set_cookie(head: &str) -> String {
     let line = head
         .lines()
@@ -689,6 +705,19 @@ pub fn body_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>
 }
 
 /// Adds project `name` from the git repository at `repo`, building its `main` branch.
+/// A git repository made at `repo` on branch `main` with `files` (name, content) in one first
+/// commit, "one"; returns that commit.
+pub fn git_repo(repo: &std::path::Path, files: &[(&str, &str)]) -> String {
+    std::fs::create_dir_all(repo).unwrap();
+    git(repo, &["init", "-q", "-b", "main"]);
+    for (name, content) in files {
+        std::fs::write(repo.join(name), content).unwrap();
+    }
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-q", "-m", "one"]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
 pub fn add_git_project(h: &TestHost, name: &str, repo: &std::path::Path) {
     let o = h.cli(&[
         "project",

@@ -155,26 +155,8 @@ fn builds_deliveries_notifications_and_requests_move_the_metrics() {
     assert!(count(&t, disk) >= 4096.0, "{t}");
     // The dashboard's projects panel shows the same measure to the project's users.
     add_user(&h, "viewer", "1", "app", "correct horse battery");
-    let (st, head, _) = http_full(
-        &h.web_addr(),
-        "POST",
-        "/ams-build/login",
-        &[(
-            "Content-Type",
-            "application/x-www-form-urlencoded".to_string(),
-        )],
-        &form(&[
-            ("username", "viewer"),
-            ("password", "correct horse battery"),
-            ("page_redirect", ""),
-        ]),
-    );
-    assert_eq!(st, 303, "{head}");
-    let (_, _, page) = http_raw(
-        &h.web_addr(),
-        "/ams-build/panels",
-        &[("Cookie", set_cookie(&head))],
-    );
+    let cookie = web_login(&h.web_addr(), "viewer", "correct horse battery");
+    let (_, _, page) = http_raw(&h.web_addr(), "/ams-build/panels", &[("Cookie", cookie)]);
     let page = String::from_utf8_lossy(&page);
     let cell = page
         .split("<td class=\"disk\"")

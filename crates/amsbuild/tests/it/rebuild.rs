@@ -12,17 +12,16 @@ fn a_rebuild_builds_the_same_commit_again_from_the_cli_and_the_api() {
     require_docker();
     let mut h = TestHost::new();
     let repo = h.tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        repo.join("pipeline.json"),
-        pipeline(json!([stage("s", &["cat version"])])),
-    )
-    .unwrap();
-    std::fs::write(repo.join("version"), "first-commit").unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
-    let first = git(&repo, &["rev-parse", "HEAD"]);
+    let first = git_repo(
+        &repo,
+        &[
+            (
+                "pipeline.json",
+                &pipeline(json!([stage("s", &["cat version"])])),
+            ),
+            ("version", "first-commit"),
+        ],
+    );
     add_git_project(&h, "app", &repo);
     add_user(&h, "mod", "3", "app", "a long password");
     add_user(&h, "user", "1", "app", "a long password");

@@ -19,12 +19,13 @@ fn finished(h: &TestHost, project: &str, extra: Value) -> (Value, String) {
 /// A git repository with a pipeline.json and a tracked file, added as project `name`.
 fn git_project(h: &TestHost, name: &str, pipeline_json: &str, private: Value) -> String {
     let repo = h.tmp.path().join(format!("repo-{name}"));
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("pipeline.json"), pipeline_json).unwrap();
-    std::fs::write(repo.join("tracked.txt"), "original-content").unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
+    git_repo(
+        &repo,
+        &[
+            ("pipeline.json", pipeline_json),
+            ("tracked.txt", "original-content"),
+        ],
+    );
     add_git_project(h, name, &repo);
     h.private_config(name, private);
     git(&repo, &["rev-parse", "HEAD"])

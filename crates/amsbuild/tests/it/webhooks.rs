@@ -437,17 +437,16 @@ fn a_webhook_build_checks_out_the_pushed_commit_and_never_runs_the_branch_name()
     require_docker();
     let mut h = TestHost::new();
     let repo = h.tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        repo.join("pipeline.json"),
-        pipeline(json!([stage("show", &["echo version=$(cat v.txt)"])])),
-    )
-    .unwrap();
-    std::fs::write(repo.join("v.txt"), "one").unwrap();
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
-    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    let c1 = git_repo(
+        &repo,
+        &[
+            (
+                "pipeline.json",
+                &pipeline(json!([stage("show", &["echo version=$(cat v.txt)"])])),
+            ),
+            ("v.txt", "one"),
+        ],
+    );
     std::fs::write(repo.join("v.txt"), "two").unwrap();
     git(&repo, &["commit", "-q", "-am", "two"]);
     let evil = "$(touch${IFS}/tmp/ams-pwned-by-webhook)";
