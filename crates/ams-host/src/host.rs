@@ -585,7 +585,7 @@ pub struct Host {
     disk_dirty: mpsc::Sender<String>,
     /// Those waiting for the drain (see [`Command::Drain`]): they hear when no build runs and
     /// no retry is being decided.
-    draining: Option<Vec<oneshot::Sender<()>>>,
+    draining: Vec<oneshot::Sender<()>>,
     /// Set once a stop began ([`HostHandle::drain`]): no build starts any more.
     stopping: Arc<watch::Sender<bool>>,
     /// ERROR builds whose retry is being decided off the loop (see [`Host::consider_retry`]).
@@ -834,7 +834,7 @@ impl Host {
             removing: Arc::default(),
             metrics: cfg.metrics.clone(),
             disk_dirty,
-            draining: None,
+            draining: Vec::new(),
             stopping: stopping.clone(),
             retries_pending: 0,
         };
@@ -1145,7 +1145,7 @@ impl Host {
                     }
                 }
                 Command::Drain(done) => {
-                    self.draining.get_or_insert_with(Vec::new).push(done);
+                    self.draining.push(done);
                 }
                 Command::Shutdown(done) => {
                     self.shutdown().await;
@@ -1962,7 +1962,7 @@ impl Host {
     /// Tells those waiting for the drain (see [`Command::Drain`]) once no build runs.
     fn answer_drained(&mut self) {
         if self.active.is_empty() && self.retries_pending == 0 {
-            for done in self.draining.iter_mut().flat_map(|w| w.drain(..)) {
+            for done in self.draining.drain(..) {
                 let _ = done.send(());
             }
         }

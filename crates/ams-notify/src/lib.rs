@@ -87,48 +87,32 @@ pub fn start(
         // A build's events go out in order (a late "started" must never follow "finished"
         // to a forge): each job of a build waits for the one before it to end.
         let mut started: HashMap<i64, oneshot::Receiver<()>> = HashMap::new();
-        let mut spawn = |jobs: &mut JoinSet<()>, id: i64, kind: EventKind, permit| {
-            let ctx = ctx.clone();
-            let before = started.remove(&id);
-            let (done, after) = oneshot::channel::<()>();
-            if kind == EventKind::Started {
-                started.insert(id, after);
-            }
-            jobs.spawn(async move {
-                let _permit: tokio::sync::OwnedSemaphorePermit = permit;
-                if let Some(b) = before {
-                    let _ = b.await;
-                }
-                handle(&ctx, id, kind).await;
-                drop(done);
-            });
-        };
+        let mut closed = false;
         loop {
             tokio::select! {
+                // After the stop, what was queued by then still comes, then `None`.
                 ev = rx.recv() => {
                     let Some((id, kind)) = ev else { break };
                     let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                    spawn(&mut jobs, id, kind, permit);
+                    let ctx = ctx.clone();
+                    let before = started.remove(&id);
+                    let (done, after) = oneshot::channel::<()>();
+                    if kind == EventKind::Started {
+                        started.insert(id, after);
+                    }
+                    jobs.spawn(async move {
+                        let _permit = permit;
+                        if let Some(b) = before {
+                            let _ = b.await;
+                        }
+                        handle(&ctx, id, kind).await;
+                        drop(done);
+                    });
                 }
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
-                _ = shutdown.cancelled() => {
-                    // What is queued now goes out, in order, a few at a time as before.
-                    while let Ok((id, kind)) = rx.try_recv() {
-                        let permit = loop {
-                            match slots.clone().try_acquire_owned() {
-                                Ok(p) => break Some(p),
-                                Err(tokio::sync::TryAcquireError::Closed) => break None,
-                                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                                    if jobs.join_next().await.is_none() {
-                                        break None;
-                                    }
-                                }
-                            }
-                        };
-                        let Some(permit) = permit else { break };
-                        spawn(&mut jobs, id, kind, permit);
-                    }
-                    break;
+                _ = shutdown.cancelled(), if !closed => {
+                    rx.close();
+                    closed = true;
                 }
             }
         }
